@@ -1,0 +1,27 @@
+//! tt-host: launch single-purpose unikernels on KVM.
+//!
+//! A guest is a static x86-64 ELF image that speaks Solo5's hvt ABI: it
+//! starts in long mode with a pointer to a boot-info struct in `rdi`, talks
+//! to the host by writing the 32-bit guest-physical address of an argument
+//! struct to I/O port `0x500 + n` (hypercall `n`), and declares the devices
+//! it needs in an ELF note, the manifest. Real Solo5/MirageOS images run
+//! unmodified, and `tt-host run` takes solo5-hvt's options.
+//!
+//! One launch flows through these modules, in order:
+//! - [`cli`]: parse the `tt-host run` command line;
+//! - [`loader`]: validate the ELF image, its ABI note and its manifest
+//!   (pure functions over bytes; the fuzzer drives them);
+//! - [`launch`]: match the manifest against the devices given, attach them;
+//! - [`vmm`]: create the KVM VM and vCPU, lay out guest memory and page
+//!   tables (W^X from the ELF segment flags), run the vCPU;
+//! - [`modules`]: the hypercall handlers, one module per device kind
+//!   (console and time, block, net), in the spirit of Solo5's tender modules.
+//!
+//! [`abi`] holds the shared layouts. docs/ABI.md says what a guest may rely on.
+
+pub mod abi;
+pub mod cli;
+pub mod launch;
+pub mod loader;
+pub mod modules;
+pub mod vmm;

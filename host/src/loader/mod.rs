@@ -1,0 +1,371 @@
+//! Image loader: validates an hvt ELF image and describes how to load it.
+//!
+//! [`parse_image`] is pure: it takes the image bytes and the guest memory
+//! size and returns an [`Image`] (entry point, loadable segments with their
+//! protections, the end of the kernel, and the manifest), or a [`LoadError`]
+//! naming what is wrong. Nothing here touches KVM, so the fuzzer drives it
+//! directly.
+//!
+//! What is checked, following Solo5's tender and the boot issue:
+//! - ELF64, little-endian, x86-64, `ET_EXEC`, program headers inside the file;
+//! - every `PT_LOAD` lies at or above 1 MiB, inside guest memory, with
+//!   `p_filesz <= p_memsz`, its file bytes inside the file, no overlap with
+//!   another segment, and never both writable and executable;
+//! - the entry point is inside an executable segment;
+//! - a Solo5 ABI note (`ABI1`) for target hvt, ABI version 2;
+//! - a Solo5 manifest note (`MFT1`), see [`manifest`].
+
+pub mod manifest;
+
+use crate::abi;
+pub use manifest::{DeviceKind, Manifest, ManifestEntry};
+
+const PAGE: u64 = 4096;
+
+/// Why an image was refused. Each message names the problem.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LoadError {
+    #[error("not an ELF file (bad magic)")]
+    NotElf,
+    #[error("truncated ELF: {0}")]
+    Truncated(&'static str),
+    #[error("unsupported ELF: {0}")]
+    Unsupported(String),
+    #[error("invalid ELF: {0}")]
+    Invalid(String),
+    #[error("segment {index}: {what}")]
+    Segment { index: usize, what: String },
+    #[error("missing Solo5 ABI note (.note.solo5.abi): not an hvt unikernel image")]
+    MissingAbiNote,
+    #[error("bad Solo5 ABI note: {0}")]
+    BadAbiNote(String),
+    #[error("missing Solo5 manifest note (.note.solo5.manifest)")]
+    MissingManifest,
+    #[error("bad Solo5 manifest: {0}")]
+    BadManifest(String),
+}
+
+/// Page protections of a loaded segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prot {
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+}
+
+/// One `PT_LOAD` segment, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    /// Guest-physical (= virtual) address of the first byte.
+    pub vaddr: u64,
+    /// Bytes copied from the file.
+    pub filesz: u64,
+    /// Bytes in memory (the rest after `filesz` is zeroed).
+    pub memsz: u64,
+    /// Offset of the segment's bytes in the file.
+    pub offset: u64,
+    pub prot: Prot,
+}
+
+impl Segment {
+    /// First page of the segment.
+    pub fn page_start(&self) -> u64 {
+        self.vaddr & !(PAGE - 1)
+    }
+    /// End of the segment's last page (exclusive).
+    pub fn page_end(&self) -> u64 {
+        (self.vaddr + self.memsz).div_ceil(PAGE) * PAGE
+    }
+}
+
+/// A validated image.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub entry: u64,
+    pub segments: Vec<Segment>,
+    /// First page-aligned address after every segment.
+    pub kernel_end: u64,
+    pub manifest: Manifest,
+}
+
+impl Image {
+    /// The bytes of `seg` in `file` (checked at parse time).
+    pub fn segment_bytes<'a>(&self, file: &'a [u8], seg: &Segment) -> &'a [u8] {
+        &file[seg.offset as usize..(seg.offset + seg.filesz) as usize]
+    }
+}
+
+fn u16_at(b: &[u8], off: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
+}
+fn u32_at(b: &[u8], off: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
+}
+fn u64_at(b: &[u8], off: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
+}
+
+const PT_LOAD: u32 = 1;
+const PT_NOTE: u32 = 4;
+const PF_X: u32 = 1;
+const PF_W: u32 = 2;
+const PF_R: u32 = 4;
+const EHDR_SIZE: usize = 64;
+const PHDR_SIZE: usize = 56;
+/// Far more than any real image has; bounds the work done on hostile input.
+const MAX_PHDRS: usize = 256;
+
+struct Phdr {
+    p_type: u32,
+    flags: u32,
+    offset: u64,
+    vaddr: u64,
+    filesz: u64,
+    memsz: u64,
+}
+
+/// Validate `file` as an hvt image for a guest with `mem_size` bytes.
+pub fn parse_image(file: &[u8], mem_size: u64) -> Result<Image, LoadError> {
+    if file.len() < 4 || &file[..4] != b"\x7fELF" {
+        return Err(LoadError::NotElf);
+    }
+    if file.len() < EHDR_SIZE {
+        return Err(LoadError::Truncated("file ends inside the ELF header"));
+    }
+    if file[4] != 2 {
+        return Err(LoadError::Unsupported("not a 64-bit ELF (EI_CLASS)".into()));
+    }
+    if file[5] != 1 {
+        return Err(LoadError::Unsupported("not little-endian (EI_DATA)".into()));
+    }
+    let e_type = u16_at(file, 16).unwrap();
+    let e_machine = u16_at(file, 18).unwrap();
+    let e_entry = u64_at(file, 24).unwrap();
+    let e_phoff = u64_at(file, 32).unwrap();
+    let e_phentsize = u16_at(file, 54).unwrap() as usize;
+    let e_phnum = u16_at(file, 56).unwrap() as usize;
+    if e_machine != 62 {
+        return Err(LoadError::Unsupported(format!(
+            "machine {e_machine} is not x86-64 (62)"
+        )));
+    }
+    if e_type != 2 {
+        return Err(LoadError::Unsupported(format!(
+            "type {e_type} is not an executable (ET_EXEC); position-independent images are not supported"
+        )));
+    }
+    if e_phentsize != PHDR_SIZE {
+        return Err(LoadError::Invalid(format!(
+            "program header entry size {e_phentsize}, expected {PHDR_SIZE}"
+        )));
+    }
+    if e_phnum == 0 || e_phnum > MAX_PHDRS {
+        return Err(LoadError::Invalid(format!(
+            "{e_phnum} program headers (expected 1 to {MAX_PHDRS})"
+        )));
+    }
+    let ph_end = e_phoff
+        .checked_add((e_phnum * PHDR_SIZE) as u64)
+        .filter(|&end| end <= file.len() as u64)
+        .ok_or(LoadError::Truncated(
+            "program headers extend past the end of the file",
+        ))?;
+    let phdrs: Vec<Phdr> = (0..e_phnum)
+        .map(|i| {
+            let o = e_phoff as usize + i * PHDR_SIZE;
+            debug_assert!((o + PHDR_SIZE) as u64 <= ph_end);
+            Phdr {
+                p_type: u32_at(file, o).unwrap(),
+                flags: u32_at(file, o + 4).unwrap(),
+                offset: u64_at(file, o + 8).unwrap(),
+                vaddr: u64_at(file, o + 16).unwrap(),
+                filesz: u64_at(file, o + 32).unwrap(),
+                memsz: u64_at(file, o + 40).unwrap(),
+            }
+        })
+        .collect();
+
+    let segments = load_segments(file, &phdrs, mem_size)?;
+    let kernel_end = segments.iter().map(Segment::page_end).max().unwrap_or(0);
+    if !segments
+        .iter()
+        .any(|s| s.prot.exec && e_entry >= s.vaddr && e_entry < s.vaddr + s.memsz)
+    {
+        return Err(LoadError::Invalid(format!(
+            "entry point {e_entry:#x} is not inside an executable segment"
+        )));
+    }
+
+    let abi = find_note(file, &phdrs, abi::NOTE_TYPE_ABI1, 4)?.ok_or(LoadError::MissingAbiNote)?;
+    check_abi_note(abi)?;
+    let mft = find_note(file, &phdrs, abi::NOTE_TYPE_MFT1, abi::MFT_NOTE_ALIGN)?
+        .ok_or(LoadError::MissingManifest)?;
+    let manifest = Manifest::parse(mft).map_err(LoadError::BadManifest)?;
+
+    Ok(Image {
+        entry: e_entry,
+        segments,
+        kernel_end,
+        manifest,
+    })
+}
+
+fn load_segments(file: &[u8], phdrs: &[Phdr], mem_size: u64) -> Result<Vec<Segment>, LoadError> {
+    let mut segments: Vec<Segment> = Vec::new();
+    for (index, ph) in phdrs.iter().enumerate() {
+        if ph.p_type != PT_LOAD || ph.memsz == 0 {
+            continue;
+        }
+        let bad = |what: String| LoadError::Segment { index, what };
+        if ph.filesz > ph.memsz {
+            return Err(bad(format!(
+                "file size {:#x} exceeds memory size {:#x}",
+                ph.filesz, ph.memsz
+            )));
+        }
+        if ph
+            .offset
+            .checked_add(ph.filesz)
+            .is_none_or(|e| e > file.len() as u64)
+        {
+            return Err(LoadError::Truncated(
+                "a loadable segment extends past the end of the file",
+            ));
+        }
+        if ph.vaddr < abi::GUEST_MIN_BASE {
+            return Err(bad(format!(
+                "address {:#x} is below the 1 MiB minimum load address",
+                ph.vaddr
+            )));
+        }
+        let end = ph
+            .vaddr
+            .checked_add(ph.memsz)
+            .ok_or_else(|| bad("address overflows".into()))?;
+        if end > mem_size {
+            return Err(bad(format!(
+                "ends at {end:#x}, beyond guest memory ({mem_size:#x} bytes); try a larger --mem"
+            )));
+        }
+        let prot = Prot {
+            read: ph.flags & PF_R != 0,
+            write: ph.flags & PF_W != 0,
+            exec: ph.flags & PF_X != 0,
+        };
+        if prot.write && prot.exec {
+            return Err(bad("is both writable and executable (W^X)".into()));
+        }
+        let seg = Segment {
+            vaddr: ph.vaddr,
+            filesz: ph.filesz,
+            memsz: ph.memsz,
+            offset: ph.offset,
+            prot,
+        };
+        if let Some(other) = segments
+            .iter()
+            .find(|o| seg.page_start() < o.page_end() && o.page_start() < seg.page_end())
+        {
+            return Err(bad(format!(
+                "pages {:#x}..{:#x} overlap another segment's pages {:#x}..{:#x}",
+                seg.page_start(),
+                seg.page_end(),
+                other.page_start(),
+                other.page_end()
+            )));
+        }
+        segments.push(seg);
+    }
+    if segments.is_empty() {
+        return Err(LoadError::Invalid("no loadable segments".into()));
+    }
+    Ok(segments)
+}
+
+/// Find the Solo5 note of `note_type` among the `PT_NOTE` segments and
+/// return its descriptor with the internal alignment padding removed (the
+/// descriptor proper starts at the header size rounded up to `desc_align`).
+fn find_note<'a>(
+    file: &'a [u8],
+    phdrs: &[Phdr],
+    note_type: u32,
+    desc_align: usize,
+) -> Result<Option<&'a [u8]>, LoadError> {
+    for ph in phdrs.iter().filter(|p| p.p_type == PT_NOTE) {
+        let seg = ph
+            .offset
+            .checked_add(ph.filesz)
+            .filter(|&e| e <= file.len() as u64)
+            .map(|e| &file[ph.offset as usize..e as usize])
+            .ok_or(LoadError::Truncated(
+                "a note segment extends past the end of the file",
+            ))?;
+        // Walk every note in the segment (Solo5 looks at the first only;
+        // accepting several per segment is a superset).
+        let mut pos = 0usize;
+        while pos + 12 <= seg.len() {
+            let namesz = u32_at(seg, pos).unwrap() as usize;
+            let descsz = u32_at(seg, pos + 4).unwrap() as usize;
+            let ntype = u32_at(seg, pos + 8).unwrap();
+            let name_end = pos + 12 + namesz;
+            let desc_start = pos + 12 + namesz.div_ceil(4) * 4;
+            let Some(desc_end) = desc_start.checked_add(descsz) else {
+                break;
+            };
+            if desc_end > seg.len() || name_end > seg.len() {
+                if seg.get(pos + 12..pos + 18) == Some(abi::NOTE_NAME) && ntype == note_type {
+                    return Err(LoadError::Truncated(
+                        "a Solo5 note extends past its segment",
+                    ));
+                }
+                break;
+            }
+            if &seg[pos + 12..name_end] == abi::NOTE_NAME && ntype == note_type {
+                let header = abi::NOTE_HEADER_SIZE;
+                let pad = header.div_ceil(desc_align) * desc_align - header;
+                if descsz < pad {
+                    return Err(LoadError::Invalid(
+                        "Solo5 note descriptor is too short".into(),
+                    ));
+                }
+                return Ok(Some(&seg[desc_start + pad..desc_end]));
+            }
+            pos = desc_start + descsz.div_ceil(4) * 4;
+        }
+    }
+    Ok(None)
+}
+
+fn check_abi_note(desc: &[u8]) -> Result<(), LoadError> {
+    if desc.len() != abi::ABI1_DESC_SIZE {
+        return Err(LoadError::BadAbiNote(format!(
+            "descriptor is {} bytes, expected {}",
+            desc.len(),
+            abi::ABI1_DESC_SIZE
+        )));
+    }
+    let target = u32_at(desc, 0).unwrap();
+    let version = u32_at(desc, 4).unwrap();
+    if target != abi::ABI_TARGET_HVT {
+        return Err(LoadError::BadAbiNote(format!(
+            "image is built for Solo5 target {target} ({}), not hvt",
+            match target {
+                2 => "spt",
+                3 => "virtio",
+                4 => "muen",
+                5 => "genode",
+                _ => "unknown",
+            }
+        )));
+    }
+    if version != abi::ABI_VERSION {
+        return Err(LoadError::BadAbiNote(format!(
+            "image uses hvt ABI version {version}, tt-host implements version {}",
+            abi::ABI_VERSION
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

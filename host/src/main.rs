@@ -1,0 +1,90 @@
+//! The `tt-host` command.
+
+use std::process::ExitCode;
+use tt_host::cli::{self, Parsed};
+
+const USAGE: &str = "\
+tt-host: launch Solo5 hvt unikernels on KVM
+
+usage:
+  tt-host run [OPTIONS] IMAGE [--] [GUEST ARGS...]   boot a unikernel (see 'tt-host run --help')
+  tt-host demo                                      build and boot the bundled hello unikernel
+  tt-host --help | --version";
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tt-host: {msg}");
+    ExitCode::from(1)
+}
+
+fn run(args: &[String]) -> ExitCode {
+    let run_args = match cli::parse_run(args) {
+        Ok(Parsed::Run(r)) => r,
+        Ok(Parsed::Help) => {
+            println!("{}", cli::RUN_USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return fail(e),
+    };
+    match tt_host::launch::run(&run_args) {
+        Ok(status) => ExitCode::from((status & 0xff) as u8),
+        Err(e) => fail(e),
+    }
+}
+
+/// Build the hello example with the guest SDK from this source tree and boot it.
+fn demo() -> ExitCode {
+    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk");
+    if !sdk.join("Cargo.toml").exists() {
+        return fail(format!(
+            "demo needs the tt-host source tree (guest SDK not found at {})",
+            sdk.display()
+        ));
+    }
+    eprintln!("tt-host: building the hello unikernel in {}", sdk.display());
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "-p", "tt-example-hello"])
+        .current_dir(&sdk)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => return fail(format!("building the hello unikernel failed ({s})")),
+        Err(e) => return fail(format!("cannot run cargo: {e}")),
+    }
+    let image = sdk.join("target/release/hello");
+    eprintln!(
+        "tt-host: tt-host run {} -- from tt-host demo",
+        image.display()
+    );
+    run(&[
+        "--mem=32".into(),
+        image.display().to_string(),
+        "--".into(),
+        "from".into(),
+        "tt-host".into(),
+        "demo".into(),
+    ])
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("run") => run(&args[1..]),
+        Some("demo") => demo(),
+        Some("-h" | "--help" | "help") | None => {
+            println!("{USAGE}");
+            if args.is_empty() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Some("-V" | "--version") => {
+            println!("tt-host {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Some(other) => fail(format!("unknown command '{other}'\n{USAGE}")),
+    }
+}

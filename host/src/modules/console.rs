@@ -1,0 +1,72 @@
+//! Console and time: WALLTIME, PUTS and HALT.
+
+use super::{check_range, read_arg, Action, GuestError, Module, CHUNK};
+use crate::abi::{layout, Hypercall};
+use std::io::Write;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Writes guest console output to a host writer (stdout for `tt-host run`).
+pub struct Console<W: Write> {
+    out: W,
+}
+
+impl<W: Write> Console<W> {
+    pub fn new(out: W) -> Self {
+        Console { out }
+    }
+}
+
+impl<W: Write> Module for Console<W> {
+    fn name(&self) -> &'static str {
+        "console"
+    }
+
+    fn hypercalls(&self) -> &'static [Hypercall] {
+        &[Hypercall::Walltime, Hypercall::Puts, Hypercall::Halt]
+    }
+
+    fn handle(
+        &mut self,
+        call: Hypercall,
+        arg: u64,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Action, GuestError> {
+        match call {
+            Hypercall::Walltime => {
+                let a = read_arg::<8>(mem, arg)?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0);
+                a.set_u64(mem, 0, now);
+                Ok(Action::Continue)
+            }
+            Hypercall::Puts => {
+                let a = read_arg::<{ layout::PUTS_SIZE }>(mem, arg)?;
+                let (data, len) = (a.u64(0), a.u64(8));
+                check_range(mem, "console output", data, len)?;
+                let mut buf = vec![0u8; (len as usize).min(CHUNK)];
+                let mut done = 0u64;
+                while done < len {
+                    let n = ((len - done) as usize).min(CHUNK);
+                    // In range: checked above.
+                    let _ = mem.read_slice(&mut buf[..n], GuestAddress(data + done));
+                    // A closed stdout must not stop the guest.
+                    let _ = self.out.write_all(&buf[..n]);
+                    done += n as u64;
+                }
+                let _ = self.out.flush();
+                Ok(Action::Continue)
+            }
+            Hypercall::Halt => {
+                let a = read_arg::<{ layout::HALT_SIZE }>(mem, arg)?;
+                Ok(Action::Exit(a.i32(8)))
+            }
+            _ => unreachable!("console registered only its own hypercalls"),
+        }
+    }
+
+    fn shutdown(&mut self) {
+        let _ = self.out.flush();
+    }
+}

@@ -1,0 +1,183 @@
+//! Guest low-memory layout and the initial page tables.
+//!
+//! ```text
+//! 0x0000_0000  unmapped page (a null dereference faults)
+//! 0x0000_1000  GDT: null, code (0x08), data (0x10)
+//! 0x0000_2000  PML4
+//! 0x0000_3000  PDPT
+//! 0x0000_4000  4 page directories (up to 4 GiB of guest memory)
+//! 0x0000_8000  page tables for 4 KiB mappings of [0, align_up(kernel_end, 2 MiB))
+//! 0x0008_0000  struct hvt_boot_info, then the manifest
+//! 0x0008_2000  command line (8192 bytes)
+//! 0x0010_0000  the image (PT_LOAD segments), then heap ... stack at the top
+//! ```
+//!
+//! Memory is identity-mapped. Pages of the image get the protections of
+//! their ELF segment (text R+X, rodata R, data R+W; never W+X). Everything
+//! else is R+W and not executable. Above the image, 2 MiB pages are used.
+
+use crate::loader::Image;
+
+pub const PAGE: u64 = 0x1000;
+pub const HUGE: u64 = 0x20_0000;
+pub const GDT_BASE: u64 = 0x1000;
+pub const PML4_BASE: u64 = 0x2000;
+pub const PDPT_BASE: u64 = 0x3000;
+pub const PD_BASE: u64 = 0x4000;
+pub const PD_COUNT: u64 = 4;
+pub const PT_BASE: u64 = 0x8000;
+pub const PT_LIMIT: u64 = 0x8_0000;
+pub const BOOT_INFO_BASE: u64 = 0x8_0000;
+pub const MFT_BASE: u64 = BOOT_INFO_BASE + 64;
+pub const CMDLINE_BASE: u64 = 0x8_2000;
+/// Largest guest memory: hypercall arguments are 32-bit addresses.
+pub const MAX_MEM: u64 = PD_COUNT << 30;
+/// Smallest guest memory we accept.
+pub const MIN_MEM: u64 = 2 * HUGE;
+
+pub const PTE_P: u64 = 1;
+pub const PTE_RW: u64 = 1 << 1;
+pub const PTE_PS: u64 = 1 << 7;
+pub const PTE_NX: u64 = 1 << 63;
+
+/// Selectors of the flat code and data segments in our GDT.
+pub const SEL_CODE: u16 = 0x08;
+pub const SEL_DATA: u16 = 0x10;
+
+/// Low memory to copy into the guest: `bytes` go at `GDT_BASE`.
+pub struct LowMem {
+    pub bytes: Vec<u8>,
+}
+
+/// Why the page tables could not be built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LayoutError {
+    #[error("the image ends at {end:#x}; tt-host maps images up to {max:#x} with 4 KiB pages")]
+    ImageTooLarge { end: u64, max: u64 },
+}
+
+/// Build the GDT and page tables for `image` in `mem_size` bytes.
+///
+/// `mem_size` must be a multiple of 2 MiB between [`MIN_MEM`] and
+/// [`MAX_MEM`] (the caller rounds and checks it).
+pub fn build(image: &Image, mem_size: u64) -> Result<LowMem, LayoutError> {
+    assert!(mem_size % HUGE == 0 && (MIN_MEM..=MAX_MEM).contains(&mem_size));
+    let small_end = image.kernel_end.div_ceil(HUGE) * HUGE;
+    let pt_pages = small_end / HUGE;
+    let max = (PT_LIMIT - PT_BASE) / PAGE * HUGE;
+    if small_end > max {
+        return Err(LayoutError::ImageTooLarge {
+            end: image.kernel_end,
+            max,
+        });
+    }
+    let mut low = vec![0u8; (PT_BASE + pt_pages * PAGE - GDT_BASE) as usize];
+    let mut put = |gpa: u64, val: u64| {
+        let o = (gpa - GDT_BASE) as usize;
+        low[o..o + 8].copy_from_slice(&val.to_le_bytes());
+    };
+
+    // GDT: null, 64-bit code (type exec/read, accessed; L=1, G=1), data.
+    put(GDT_BASE, 0);
+    put(GDT_BASE + 8, 0x00af_9b00_0000_ffff);
+    put(GDT_BASE + 16, 0x00cf_9300_0000_ffff);
+
+    put(PML4_BASE, PDPT_BASE | PTE_P | PTE_RW);
+    for i in 0..PD_COUNT {
+        put(PDPT_BASE + i * 8, (PD_BASE + i * PAGE) | PTE_P | PTE_RW);
+    }
+    // Page directories: 4 KiB tables below small_end, 2 MiB pages above.
+    for i in 0..mem_size / HUGE {
+        let pde = if i < pt_pages {
+            (PT_BASE + i * PAGE) | PTE_P | PTE_RW
+        } else {
+            (i * HUGE) | PTE_P | PTE_RW | PTE_PS | PTE_NX
+        };
+        put(PD_BASE + i * 8, pde);
+    }
+    // Page tables: page 0 absent; W^X from the segments; the rest R+W, NX.
+    for page in 1..small_end / PAGE {
+        let addr = page * PAGE;
+        let flags = match image
+            .segments
+            .iter()
+            .find(|s| addr >= s.page_start() && addr < s.page_end())
+        {
+            Some(s) => {
+                let mut f = PTE_P;
+                if s.prot.write {
+                    f |= PTE_RW;
+                }
+                if !s.prot.exec {
+                    f |= PTE_NX;
+                }
+                f
+            }
+            None => PTE_P | PTE_RW | PTE_NX,
+        };
+        put(PT_BASE + page * 8, addr | flags);
+    }
+    Ok(LowMem { bytes: low })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::{Manifest, Prot, Segment};
+
+    fn image() -> Image {
+        let seg = |vaddr, memsz, read, write, exec| Segment {
+            vaddr,
+            filesz: 0,
+            memsz,
+            offset: 0,
+            prot: Prot { read, write, exec },
+        };
+        Image {
+            entry: 0x10_0000,
+            segments: vec![
+                seg(0x10_0000, 0x1800, true, false, true),
+                seg(0x10_2000, 0x10, true, false, false),
+                seg(0x10_3000, 0x2000, true, true, false),
+            ],
+            kernel_end: 0x10_5000,
+            manifest: Manifest::default(),
+        }
+    }
+
+    fn pte(low: &LowMem, addr: u64) -> u64 {
+        let o = (PT_BASE + addr / PAGE * 8 - GDT_BASE) as usize;
+        u64::from_le_bytes(low.bytes[o..o + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn segment_flags_become_page_protections() {
+        let low = build(&image(), 64 << 20).unwrap();
+        assert_eq!(pte(&low, 0), 0, "page 0 must be unmapped");
+        // text: present, read-only, executable
+        assert_eq!(pte(&low, 0x10_1000), 0x10_1000 | PTE_P);
+        // rodata: read-only, no execute
+        assert_eq!(pte(&low, 0x10_2000), 0x10_2000 | PTE_P | PTE_NX);
+        // data: writable, no execute
+        assert_eq!(pte(&low, 0x10_4000), 0x10_4000 | PTE_P | PTE_RW | PTE_NX);
+        // heap after the image: writable, no execute
+        assert_eq!(pte(&low, 0x1f_f000), 0x1f_f000 | PTE_P | PTE_RW | PTE_NX);
+    }
+
+    #[test]
+    fn no_page_is_writable_and_executable() {
+        let low = build(&image(), 64 << 20).unwrap();
+        for page in 0..HUGE / PAGE {
+            let e = pte(&low, page * PAGE);
+            assert!(e & PTE_RW == 0 || e & PTE_NX != 0, "page {page:#x} is W+X");
+        }
+    }
+
+    #[test]
+    fn memory_above_the_image_uses_huge_non_executable_pages() {
+        let low = build(&image(), 64 << 20).unwrap();
+        let o = (PD_BASE + 8 * 5 - GDT_BASE) as usize;
+        let pde = u64::from_le_bytes(low.bytes[o..o + 8].try_into().unwrap());
+        assert_eq!(pde, 5 * HUGE | PTE_P | PTE_RW | PTE_PS | PTE_NX);
+    }
+}
