@@ -16,6 +16,7 @@
 //! - a Solo5 manifest note (`MFT1`), see [`manifest`].
 
 pub mod manifest;
+pub mod synth;
 
 use crate::abi;
 pub use manifest::{DeviceKind, Manifest, ManifestEntry};
