@@ -85,6 +85,6 @@ fn main() -> ExitCode {
             println!("tt-host {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Some(other) => fail(format!("unknown command '{other}'\n{USAGE}")),
+        Some(other) => fail(format!("unknown command '{other}' (see 'tt-host --help')")),
     }
 }
