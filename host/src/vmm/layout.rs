@@ -178,6 +178,6 @@ mod tests {
         let low = build(&image(), 64 << 20).unwrap();
         let o = (PD_BASE + 8 * 5 - GDT_BASE) as usize;
         let pde = u64::from_le_bytes(low.bytes[o..o + 8].try_into().unwrap());
-        assert_eq!(pde, 5 * HUGE | PTE_P | PTE_RW | PTE_PS | PTE_NX);
+        assert_eq!(pde, (5 * HUGE) | PTE_P | PTE_RW | PTE_PS | PTE_NX);
     }
 }
