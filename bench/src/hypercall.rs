@@ -1,0 +1,99 @@
+//! `tt-bench hypercall`: what one guest-to-host round trip costs.
+//!
+//! Always measured: the raw KVM exit round trip at CPL 0, with a real-mode
+//! guest looping `out dx, eax` to port 0x501 (see [`crate::rawvm`]), minus
+//! the same loop without the `out`. That is the floor any hvt hypercall
+//! pays on this host.
+//!
+//! If the guest SDK's `hcall` example is built (it makes ITERS WALLTIME
+//! hypercalls: `tt-host run hcall -- ITERS`), also the full tt-host
+//! hypercall: (wall time with ITERS - wall time with 0) / ITERS.
+
+use crate::child;
+use crate::launch::tt_host_command;
+use crate::rawvm;
+use crate::stats::{fmt, summarize};
+use crate::{Opts, Verdict};
+use std::time::Duration;
+
+const DEFAULT_ITERS: u64 = 20_000;
+const DEFAULT_RUNS: usize = 5;
+
+fn per(d: Duration, n: u64) -> f64 {
+    d.as_nanos() as f64 / n as f64
+}
+
+pub fn run(o: &Opts) -> Result<Verdict, String> {
+    let iters = o.iters.unwrap_or(DEFAULT_ITERS);
+    let runs = o.runs.unwrap_or(DEFAULT_RUNS).max(1);
+    let raw_iters = u32::try_from(iters)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or("--iters must be between 1 and 2^32-1")?;
+
+    println!("== hypercall: guest-to-host round trip, {iters} per run ==");
+    let (mut outs, mut nops) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let s = rawvm::exit_round_trip(raw_iters)?;
+        outs.push(s.out_loop);
+        nops.push(s.nop_loop);
+    }
+    let (out, nop) = (summarize(&outs).median, summarize(&nops).median);
+    let raw = per(out.saturating_sub(nop), iters);
+    println!(
+        "{:<52} {:>12} {:>12}",
+        "measurement (medians)", "loop", "per iter"
+    );
+    println!(
+        "{:<52} {:>12} {:>10.0} ns",
+        "raw KVM: real-mode CPL-0 loop with out to 0x501",
+        fmt(out),
+        per(out, iters)
+    );
+    println!(
+        "{:<52} {:>12} {:>10.0} ns",
+        "raw KVM: same loop without the out (3 instr.)",
+        fmt(nop),
+        per(nop, iters)
+    );
+    println!(
+        "{:<52} {:>12} {:>10.0} ns",
+        "=> raw KVM exit round trip at CPL 0 (difference)", "", raw
+    );
+
+    let hcall = o
+        .image
+        .clone()
+        .unwrap_or_else(|| crate::default_image("hcall"));
+    if !hcall.is_file() {
+        println!(
+            "(no tt guest hypercall figure: {} is not built; it needs the guest SDK's \
+             hcall example)",
+            hcall.display()
+        );
+        return Ok(Verdict::Reported);
+    }
+    let tt_host = crate::tt_host(o)?;
+    let (mut full, mut empty) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let r = child::run(&mut tt_host_command(&tt_host, &hcall, &["0".into()]))?;
+        r.check_status("hcall guest (0 iterations)", 0)?;
+        empty.push(r.wall);
+        let r = child::run(&mut tt_host_command(&tt_host, &hcall, &[iters.to_string()]))?;
+        r.check_status("hcall guest", 0)?;
+        full.push(r.wall);
+    }
+    let (f, e) = (summarize(&full).median, summarize(&empty).median);
+    let tt = per(f.saturating_sub(e), iters);
+    println!(
+        "{:<52} {:>12} {:>10.0} ns",
+        "tt-host run hcall -- ITERS, minus -- 0 (WALLTIME)",
+        fmt(f.saturating_sub(e)),
+        tt
+    );
+    println!(
+        "tt-host WALLTIME hypercall = {:.2} x the raw CPL-0 exit round trip",
+        tt / raw
+    );
+    Ok(Verdict::Reported)
+}

@@ -1,0 +1,92 @@
+//! `tt-bench launch`: launch-to-exit wall time of `tt-host run --mem=32
+//! hello`, against the floor: `tt-bench floor-guest`, the smallest KVM
+//! program, run as a whole process the same number of times. Runs are
+//! interleaved (floor, tt-host, floor, ...) so drift hits both alike.
+
+use crate::child;
+use crate::stats::{fmt, summarize};
+use crate::{judge, Opts, Verdict};
+use std::path::Path;
+use std::process::Command;
+
+/// Target: median(tt-host) / median(floor).
+const TARGET_RATIO: f64 = 2.0;
+const DEFAULT_RUNS: usize = 30;
+const MIN_RUNS: usize = 20;
+
+/// The floor: this binary's hidden `floor-guest` subcommand.
+pub fn floor_command() -> Result<Command, String> {
+    let me = std::env::current_exe().map_err(|e| format!("cannot find tt-bench itself: {e}"))?;
+    let mut c = Command::new(me);
+    c.arg("floor-guest");
+    Ok(c)
+}
+
+/// `tt-host run --mem=32 IMAGE [-- ARGS]`.
+pub fn tt_host_command(tt_host: &Path, image: &Path, guest_args: &[String]) -> Command {
+    let mut c = Command::new(tt_host);
+    c.arg("run").arg("--mem=32").arg(image);
+    if !guest_args.is_empty() {
+        c.arg("--").args(guest_args);
+    }
+    c
+}
+
+pub fn run(o: &Opts) -> Result<Verdict, String> {
+    let tt_host = crate::tt_host(o)?;
+    let image = crate::image(o, "hello")?;
+    let expect = o.expect_status.unwrap_or(0);
+    let runs = o.runs.unwrap_or(DEFAULT_RUNS);
+    if runs < MIN_RUNS {
+        return Err(format!(
+            "--runs {runs} is too few for a p90; use at least {MIN_RUNS}"
+        ));
+    }
+
+    println!("== launch: tt-host run --mem=32 {} ==", image.display());
+    // One untimed run of each warms the page cache and checks both work.
+    for _ in 0..2 {
+        child::run(&mut floor_command()?)?.check_status("floor-guest", 0)?;
+        child::run(&mut tt_host_command(&tt_host, &image, &[]))?
+            .check_status("tt-host run", expect)?;
+    }
+    let (mut floor, mut host) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let f = child::run(&mut floor_command()?)?;
+        f.check_status("floor-guest", 0)?;
+        floor.push(f.wall);
+        let h = child::run(&mut tt_host_command(&tt_host, &image, &[]))?;
+        h.check_status("tt-host run", expect)?;
+        host.push(h.wall);
+    }
+    let (f, h) = (summarize(&floor), summarize(&host));
+    println!(
+        "{:<34} {:>5} {:>10} {:>10} {:>10} {:>10}",
+        "process (spawn to wait4)", "runs", "median", "p90", "min", "max"
+    );
+    for (name, s) in [
+        ("floor: KVM VM + 1 vCPU + hlt", f),
+        ("tt-host run hello", h),
+    ] {
+        println!(
+            "{:<34} {:>5} {:>10} {:>10} {:>10} {:>10}",
+            name,
+            s.n,
+            fmt(s.median),
+            fmt(s.p90),
+            fmt(s.min),
+            fmt(s.max)
+        );
+    }
+    let ratio = h.median.as_secs_f64() / f.median.as_secs_f64();
+    println!(
+        "tt-host costs {} over the floor at the median",
+        fmt(h.median.saturating_sub(f.median))
+    );
+    Ok(judge(
+        "median(tt-host) / median(floor) =",
+        ratio,
+        TARGET_RATIO,
+        "",
+    ))
+}

@@ -1,0 +1,232 @@
+//! tt-bench: performance benchmarks of tt-host.
+//!
+//! Every benchmark compares tt-host against a baseline measured in the same
+//! run, so the ratio means something on any machine:
+//!
+//! - `launch`: launch-to-exit wall time of `tt-host run` for the hello
+//!   guest, against the smallest possible KVM program (`floor-guest`, a
+//!   hidden subcommand of this binary that boots a lone `hlt`), both run as
+//!   whole processes, interleaved. Target: ratio of medians <= 2.0.
+//! - `compute`: guest CPU speed, the `compute` example's loop against the
+//!   same loop run natively here. Target: ratio <= 1.5.
+//! - `hypercall`: the raw KVM exit round trip at CPL 0 (a real-mode guest
+//!   looping on `out`), and, if a guest SDK `hcall` example is built, the
+//!   cost of one tt-host hypercall from a tt guest. Reported, no target.
+//! - `rss`: peak RSS of `tt-host run` for hello (`wait4`'s `ru_maxrss`).
+//!   Target: <= 16 MiB.
+//!
+//! Each prints a table and its verdict. Only with `--check` does a missed
+//! target make the exit status non-zero (2); errors always exit 1.
+//! docs/BENCHMARKS.md records the figures and how to reproduce them.
+
+mod child;
+mod compute;
+mod hypercall;
+mod launch;
+mod rawvm;
+mod rss;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+tt-bench: performance benchmarks of tt-host, each against a same-run baseline
+
+usage:
+  tt-bench launch    [--runs N] [--tt-host PATH] [--image PATH] [--expect-status S] [--check]
+  tt-bench compute   [--iters N] [--runs N] [--tt-host PATH] [--image PATH] [--check]
+  tt-bench hypercall [--iters N] [--runs N] [--tt-host PATH] [--image PATH]
+  tt-bench rss       [--runs N] [--tt-host PATH] [--image PATH] [--expect-status S] [--check]
+  tt-bench all       [--check]
+
+defaults (relative to the workspace root):
+  --tt-host target/release/tt-host
+  --image   guest-sdk/target/release/{hello,compute,hcall}
+  --expect-status 0 (the guest's exit status; a run that ends otherwise is an error)
+
+--check: exit with status 2 if a target is missed (default: only report).";
+
+/// Command-line options; which ones a subcommand takes is checked by `parse`.
+#[derive(Default)]
+pub struct Opts {
+    pub runs: Option<usize>,
+    pub iters: Option<u64>,
+    pub tt_host: Option<PathBuf>,
+    pub image: Option<PathBuf>,
+    pub expect_status: Option<i32>,
+    pub check: bool,
+}
+
+fn parse(args: &[String], allowed: &[&str]) -> Result<Opts, String> {
+    let mut o = Opts::default();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        if !allowed.contains(&name) {
+            return Err(format!("unexpected argument '{arg}'\n\n{USAGE}"));
+        }
+        if name == "--check" {
+            o.check = true;
+            continue;
+        }
+        let value = match inline {
+            Some(v) => v,
+            None => it
+                .next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))?,
+        };
+        let num = |what: &str| format!("{name} takes {what}, not '{value}'");
+        match name {
+            "--runs" => o.runs = Some(value.parse().map_err(|_| num("a count"))?),
+            "--iters" => o.iters = Some(value.parse().map_err(|_| num("a count"))?),
+            "--expect-status" => {
+                o.expect_status = Some(value.parse().map_err(|_| num("an exit status"))?)
+            }
+            "--tt-host" => o.tt_host = Some(value.into()),
+            "--image" => o.image = Some(value.into()),
+            _ => unreachable!("every allowed option is handled"),
+        }
+    }
+    Ok(o)
+}
+
+/// The workspace root: this crate's parent directory.
+fn root() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    p.canonicalize().unwrap_or(p)
+}
+
+/// The tt-host binary: `--tt-host`, or the workspace's release build.
+pub fn tt_host(o: &Opts) -> Result<PathBuf, String> {
+    let p = o
+        .tt_host
+        .clone()
+        .unwrap_or_else(|| root().join("target/release/tt-host"));
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "tt-host binary not found at {}\n  build it with: cargo build --release -p tt-host\n  \
+             (or point --tt-host at one)",
+            p.display()
+        ))
+    }
+}
+
+/// Path of the guest SDK example `name` as built by `cargo build --release`.
+pub fn default_image(name: &str) -> PathBuf {
+    root().join("guest-sdk/target/release").join(name)
+}
+
+/// The guest image: `--image`, or the guest SDK example `name`.
+pub fn image(o: &Opts, name: &str) -> Result<PathBuf, String> {
+    let p = o.image.clone().unwrap_or_else(|| default_image(name));
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "guest image '{name}' not found at {}\n  build the guest SDK examples with: \
+             cd guest-sdk && cargo build --release\n  (or point --image at an hvt image)",
+            p.display()
+        ))
+    }
+}
+
+/// The result of one benchmark against its target.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Met,
+    Missed,
+    /// The benchmark has no target.
+    Reported,
+}
+
+/// Print "target: VALUE <= LIMIT: met|MISSED by X%" and return the verdict.
+pub fn judge(what: &str, value: f64, limit: f64, unit: &str) -> Verdict {
+    if value <= limit {
+        println!("target: {what} {value:.2}{unit} <= {limit}{unit}: met");
+        Verdict::Met
+    } else {
+        let over = (value / limit - 1.0) * 100.0;
+        println!("target: {what} {value:.2}{unit} <= {limit}{unit}: MISSED by {over:.0}%");
+        Verdict::Missed
+    }
+}
+
+fn dispatch(args: &[String]) -> Result<Vec<Verdict>, String> {
+    const PATHS: [&str; 2] = ["--tt-host", "--image"];
+    let cmd = args.first().map(String::as_str);
+    let rest = args.get(1..).unwrap_or_default();
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        let mut v = PATHS.to_vec();
+        v.extend_from_slice(extra);
+        v
+    };
+    let (verdicts, check) = match cmd {
+        Some("launch") => {
+            let o = parse(rest, &with(&["--runs", "--expect-status", "--check"]))?;
+            (vec![launch::run(&o)?], o.check)
+        }
+        Some("compute") => {
+            let o = parse(rest, &with(&["--iters", "--runs", "--check"]))?;
+            (vec![compute::run(&o)?], o.check)
+        }
+        Some("hypercall") => {
+            let o = parse(rest, &with(&["--iters", "--runs"]))?;
+            (vec![hypercall::run(&o)?], o.check)
+        }
+        Some("rss") => {
+            let o = parse(rest, &with(&["--runs", "--expect-status", "--check"]))?;
+            (vec![rss::run(&o)?], o.check)
+        }
+        Some("all") => {
+            let o = parse(rest, &["--check"])?;
+            // Fail before spending minutes if something is not built.
+            tt_host(&o)?;
+            for name in ["hello", "compute"] {
+                image(&o, name)?;
+            }
+            let mut v = Vec::new();
+            v.push(launch::run(&o)?);
+            println!();
+            v.push(compute::run(&o)?);
+            println!();
+            v.push(hypercall::run(&o)?);
+            println!();
+            v.push(rss::run(&o)?);
+            (v, o.check)
+        }
+        Some("floor-guest") => {
+            parse(rest, &[])?;
+            rawvm::floor_guest()?;
+            (vec![], false)
+        }
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            (vec![], false)
+        }
+        None => return Err(USAGE.to_string()),
+        Some(other) => return Err(format!("unknown command '{other}'\n\n{USAGE}")),
+    };
+    Ok(if check { verdicts } else { vec![] })
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match dispatch(&args) {
+        Ok(v) if v.contains(&Verdict::Missed) => {
+            eprintln!("tt-bench: a target was missed (--check)");
+            ExitCode::from(2)
+        }
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tt-bench: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
