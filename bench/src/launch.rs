@@ -4,10 +4,12 @@
 //! interleaved (floor, tt-host, floor, ...) so drift hits both alike.
 
 use crate::child;
+use crate::rawvm;
 use crate::stats::{fmt, summarize};
 use crate::{judge, Opts, Verdict};
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 /// Target: median(tt-host) / median(floor).
 const TARGET_RATIO: f64 = 2.0;
@@ -19,6 +21,14 @@ pub fn floor_command() -> Result<Command, String> {
     let me = std::env::current_exe().map_err(|e| format!("cannot find tt-bench itself: {e}"))?;
     let mut c = Command::new(me);
     c.arg("floor-guest");
+    Ok(c)
+}
+
+/// A process that does nothing: this binary's hidden `nop` subcommand.
+fn nop_command() -> Result<Command, String> {
+    let me = std::env::current_exe().map_err(|e| format!("cannot find tt-bench itself: {e}"))?;
+    let mut c = Command::new(me);
+    c.arg("nop");
     Ok(c)
 }
 
@@ -50,8 +60,11 @@ pub fn run(o: &Opts) -> Result<Verdict, String> {
         child::run(&mut tt_host_command(&tt_host, &image, &[]))?
             .check_status("tt-host run", expect)?;
     }
-    let (mut floor, mut host) = (Vec::new(), Vec::new());
+    let (mut nop, mut floor, mut host) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
+        let n = child::run(&mut nop_command()?)?;
+        n.check_status("tt-bench nop", 0)?;
+        nop.push(n.wall);
         let f = child::run(&mut floor_command()?)?;
         f.check_status("floor-guest", 0)?;
         floor.push(f.wall);
@@ -59,12 +72,13 @@ pub fn run(o: &Opts) -> Result<Verdict, String> {
         h.check_status("tt-host run", expect)?;
         host.push(h.wall);
     }
-    let (f, h) = (summarize(&floor), summarize(&host));
+    let (n, f, h) = (summarize(&nop), summarize(&floor), summarize(&host));
     println!(
         "{:<34} {:>5} {:>10} {:>10} {:>10} {:>10}",
         "process (spawn to wait4)", "runs", "median", "p90", "min", "max"
     );
     for (name, s) in [
+        ("process only: tt-bench nop", n),
         ("floor: KVM VM + 1 vCPU + hlt", f),
         ("tt-host run hello", h),
     ] {
@@ -78,6 +92,7 @@ pub fn run(o: &Opts) -> Result<Verdict, String> {
             fmt(s.max)
         );
     }
+    breakdown(runs)?;
     let ratio = h.median.as_secs_f64() / f.median.as_secs_f64();
     println!(
         "tt-host costs {} over the floor at the median",
@@ -89,4 +104,22 @@ pub fn run(o: &Opts) -> Result<Verdict, String> {
         TARGET_RATIO,
         "",
     ))
+}
+
+/// Where the floor's time goes inside KVM: its steps timed in this process.
+fn breakdown(runs: usize) -> Result<(), String> {
+    let mut steps: Vec<(&'static str, Vec<Duration>)> = Vec::new();
+    for _ in 0..runs {
+        for (i, (name, d)) in rawvm::floor_breakdown()?.into_iter().enumerate() {
+            match steps.get_mut(i) {
+                Some((_, v)) => v.push(d),
+                None => steps.push((name, vec![d])),
+            }
+        }
+    }
+    println!("floor's KVM steps, in-process (medians of {runs}):");
+    for (name, v) in &steps {
+        println!("  {:<44} {:>10}", name, fmt(summarize(v).median));
+    }
+    Ok(())
 }

@@ -99,9 +99,20 @@ impl RealModeVm {
     /// Create the VM, copy `code` to 0x1000, point `cs:ip` at it and set the
     /// general registers with `regs` (`rip`/`rflags` already set).
     pub fn new(code: &[u8], regs: impl FnOnce(&mut kvm_regs)) -> Result<RealModeVm, String> {
+        RealModeVm::new_timed(code, regs, &mut |_| {})
+    }
+
+    /// As [`RealModeVm::new`], calling `lap` after each step with its name.
+    fn new_timed(
+        code: &[u8],
+        regs: impl FnOnce(&mut kvm_regs),
+        lap: &mut dyn FnMut(&'static str),
+    ) -> Result<RealModeVm, String> {
         let kvm = Kvm::new()
             .map_err(|e| format!("cannot open /dev/kvm: {e} (is KVM available to this user?)"))?;
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        lap("open /dev/kvm + KVM_CREATE_VM");
+
         let mut mem = Mem::new(MEM_SIZE)?;
         mem.write(CODE_ADDR, code);
         let region = kvm_userspace_memory_region {
@@ -114,6 +125,7 @@ impl RealModeVm {
         // SAFETY: the region is a live mapping owned by `mem`, which the
         // returned RealModeVm keeps until after the VM fd is closed.
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("set memory region"))?;
+        lap("mmap 2 MiB + KVM_SET_USER_MEMORY_REGION");
 
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU"))?;
         let mut sregs = vcpu.get_sregs().map_err(kvm_err("get sregs"))?;
@@ -128,6 +140,7 @@ impl RealModeVm {
         };
         regs(&mut r);
         vcpu.set_regs(&r).map_err(kvm_err("set regs"))?;
+        lap("KVM_CREATE_VCPU + set registers");
         Ok(RealModeVm {
             vcpu,
             _vm: vm,
@@ -157,6 +170,24 @@ pub fn floor_guest() -> Result<(), String> {
         0 => Ok(()),
         n => Err(format!("floor guest made {n} port exits; expected none")),
     }
+}
+
+/// The floor guest's steps, timed in this process: what a whole
+/// `floor-guest` process spends inside KVM.
+pub fn floor_breakdown() -> Result<Vec<(&'static str, Duration)>, String> {
+    let mut laps = Vec::new();
+    let mut last = Instant::now();
+    let mut lap = |name: &'static str| {
+        let now = Instant::now();
+        laps.push((name, now - last));
+        last = now;
+    };
+    let mut vm = RealModeVm::new_timed(&HLT, |_| {}, &mut lap)?;
+    vm.run_to_hlt()?;
+    lap("KVM_RUN to hlt");
+    drop(vm);
+    lap("close vCPU + VM, munmap");
+    Ok(laps)
 }
 
 /// Time of one guest loop of `iters` iterations, from the first `KVM_RUN`
