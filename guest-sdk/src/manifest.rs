@@ -1,0 +1,314 @@
+//! The Solo5 application manifest.
+//!
+//! A guest declares the devices it uses in an ELF note
+//! (`.note.solo5.manifest`, name "Solo5", type "MFT1"); [`crate::main!`]
+//! builds it at compile time with [`MftNote::new`]. At launch the tender
+//! copies the `struct mft` part into guest memory, fills in each device's
+//! properties (capacity, MAC, ...) and the `attached` flag, and passes its
+//! address in the boot info. Device handles are entry indices.
+//! [`find`] looks entries up in that host-filled copy.
+
+use core::mem::size_of;
+
+/// Manifest format version.
+pub const MFT_VERSION: u32 = 1;
+/// Most entries a manifest may have (including the reserved entry 0).
+pub const MFT_MAX_ENTRIES: usize = 64;
+/// Size of an entry's name field; names are at most 67 bytes + NUL.
+pub const MFT_NAME_SIZE: usize = 68;
+/// Note type "MFT1".
+pub const NOTE_TYPE_MFT1: u32 = 0x3154_464d;
+/// Note type "ABI1".
+pub const NOTE_TYPE_ABI1: u32 = 0x3149_4241;
+
+/// Device type of a manifest entry.
+pub const MFT_DEV_BLOCK_BASIC: u32 = 1;
+/// Device type of a manifest entry.
+pub const MFT_DEV_NET_BASIC: u32 = 2;
+/// Type of the mandatory first entry.
+pub const MFT_RESERVED_FIRST: u32 = 1 << 30;
+
+/// `struct mft_entry` (104 bytes).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MftEntry {
+    /// NUL-terminated name.
+    pub name: [u8; MFT_NAME_SIZE],
+    /// One of the `MFT_DEV_*` / `MFT_RESERVED_FIRST` types.
+    pub kind: u32,
+    /// Device properties filled in by the host: for block devices
+    /// `capacity: u64` then `block_size: u16`; for network devices
+    /// `mac: [u8; 6]` then `mtu: u16`.
+    pub props: [u64; 2],
+    /// Host-private (solo5-hvt stores the host file descriptor here).
+    pub hostfd: u64,
+    /// Non-zero once the host attached a backend to this device.
+    pub attached: u8,
+    _pad: [u8; 7],
+}
+
+const _: () = assert!(size_of::<MftEntry>() == 104);
+const _: () = assert!(core::mem::align_of::<MftEntry>() == 8);
+
+impl MftEntry {
+    const fn named(name: &str, kind: u32) -> MftEntry {
+        let b = name.as_bytes();
+        assert!(!b.is_empty(), "manifest: device name must not be empty");
+        assert!(
+            b.len() < MFT_NAME_SIZE,
+            "manifest: device name longer than 67 bytes"
+        );
+        let mut out = [0u8; MFT_NAME_SIZE];
+        let mut i = 0;
+        while i < b.len() {
+            assert!(b[i] != 0, "manifest: device name contains NUL");
+            out[i] = b[i];
+            i += 1;
+        }
+        MftEntry {
+            name: out,
+            kind,
+            props: [0; 2],
+            hostfd: 0,
+            attached: 0,
+            _pad: [0; 7],
+        }
+    }
+
+    /// The mandatory entry 0.
+    pub const fn reserved_first() -> MftEntry {
+        MftEntry {
+            name: [0; MFT_NAME_SIZE],
+            kind: MFT_RESERVED_FIRST,
+            props: [0; 2],
+            hostfd: 0,
+            attached: 0,
+            _pad: [0; 7],
+        }
+    }
+
+    /// A block device entry (`BLOCK_BASIC`). Panics at compile time if the
+    /// name is empty, contains NUL or is longer than 67 bytes.
+    pub const fn block(name: &str) -> MftEntry {
+        MftEntry::named(name, MFT_DEV_BLOCK_BASIC)
+    }
+
+    /// A network device entry (`NET_BASIC`). Same name rules as
+    /// [`MftEntry::block`].
+    pub const fn net(name: &str) -> MftEntry {
+        MftEntry::named(name, MFT_DEV_NET_BASIC)
+    }
+
+    /// The name, up to the first NUL (empty if not UTF-8).
+    pub fn name(&self) -> &str {
+        let n = self.name.iter().position(|&c| c == 0).unwrap_or(MFT_NAME_SIZE);
+        core::str::from_utf8(&self.name[..n]).unwrap_or("")
+    }
+
+    /// Block device capacity in bytes (host-filled).
+    pub fn block_capacity(&self) -> u64 {
+        self.props[0]
+    }
+
+    /// Block size in bytes (host-filled).
+    pub fn block_size(&self) -> u16 {
+        self.props[1] as u16
+    }
+
+    /// MAC address (host-filled).
+    pub fn net_mac(&self) -> [u8; 6] {
+        let b = self.props[0].to_le_bytes();
+        [b[0], b[1], b[2], b[3], b[4], b[5]]
+    }
+
+    /// MTU (host-filled).
+    pub fn net_mtu(&self) -> u16 {
+        (self.props[0] >> 48) as u16
+    }
+}
+
+/// The complete manifest note with `N` entries (entry 0 included), laid
+/// out exactly as solo5-hvt expects: 20-byte note header, 4 bytes of
+/// padding, then `struct mft`.
+#[repr(C, align(8))]
+pub struct MftNote<const N: usize> {
+    namesz: u32,
+    descsz: u32,
+    ntype: u32,
+    name: [u8; 8],
+    _pad: u32,
+    version: u32,
+    entries: u32,
+    e: [MftEntry; N],
+}
+
+impl<const N: usize> MftNote<N> {
+    /// Build the note. Panics (at compile time, in a static) if there are
+    /// more than 64 entries, entry 0 is not `RESERVED_FIRST`, or two names
+    /// are equal.
+    pub const fn new(e: [MftEntry; N]) -> Self {
+        assert!(N >= 1 && N <= MFT_MAX_ENTRIES, "manifest: 1 to 64 entries");
+        assert!(
+            e[0].kind == MFT_RESERVED_FIRST,
+            "manifest: entry 0 must be RESERVED_FIRST"
+        );
+        let mut i = 1;
+        while i < N {
+            let mut j = i + 1;
+            while j < N {
+                let mut k = 0;
+                let mut same = true;
+                while k < MFT_NAME_SIZE {
+                    if e[i].name[k] != e[j].name[k] {
+                        same = false;
+                    }
+                    k += 1;
+                }
+                assert!(!same, "manifest: duplicate device name");
+                j += 1;
+            }
+            i += 1;
+        }
+        MftNote {
+            namesz: 6,
+            descsz: (4 + 8 + N * size_of::<MftEntry>()) as u32,
+            ntype: NOTE_TYPE_MFT1,
+            name: *b"Solo5\0\0\0",
+            _pad: 0,
+            version: MFT_VERSION,
+            entries: N as u32,
+            e,
+        }
+    }
+}
+
+const _: () = assert!(size_of::<MftNote<1>>() == 32 + 104);
+
+/// The host-filled manifest entries (empty if the tender passed none or
+/// it is malformed).
+pub fn entries() -> &'static [MftEntry] {
+    let addr = crate::boot::boot_info().mft as usize;
+    if addr == 0 || addr % 8 != 0 {
+        return &[];
+    }
+    let p = addr as *const u32;
+    // SAFETY: the tender passes the address of its `struct mft` copy,
+    // which is readable and unchanged for the guest's lifetime; we checked
+    // alignment. The entry count is bounded by MFT_MAX_ENTRIES before
+    // building the slice, and every bit pattern is a valid MftEntry.
+    unsafe {
+        let version = p.read_volatile();
+        let n = p.add(1).read_volatile() as usize;
+        if version != MFT_VERSION || n > MFT_MAX_ENTRIES {
+            return &[];
+        }
+        core::slice::from_raw_parts(p.add(2) as *const MftEntry, n)
+    }
+}
+
+/// Why a device could not be acquired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcquireError {
+    /// No manifest entry has this name: declare it in `main!`.
+    NotFound,
+    /// The entry exists but is a different kind of device.
+    WrongType,
+    /// The entry exists but the host attached no backend to it (e.g. no
+    /// `--block:NAME=...` / `--net:NAME=...` option was given).
+    NotAttached,
+}
+
+impl core::fmt::Display for AcquireError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            AcquireError::NotFound => "no such device in the manifest",
+            AcquireError::WrongType => "device has another type",
+            AcquireError::NotAttached => "device not attached by the host",
+        })
+    }
+}
+
+/// Find the entry called `name` of type `kind`; returns its handle
+/// (index) and the entry.
+pub fn find(name: &str, kind: u32) -> Result<(u64, &'static MftEntry), AcquireError> {
+    find_in(entries(), name, kind)
+}
+
+/// [`find`] over an explicit entry list.
+pub fn find_in<'a>(
+    entries: &'a [MftEntry],
+    name: &str,
+    kind: u32,
+) -> Result<(u64, &'a MftEntry), AcquireError> {
+    let (i, e) = entries
+        .iter()
+        .enumerate()
+        .skip(1)
+        .find(|(_, e)| e.name() == name)
+        .ok_or(AcquireError::NotFound)?;
+    if e.kind != kind {
+        return Err(AcquireError::WrongType);
+    }
+    if e.attached == 0 {
+        return Err(AcquireError::NotAttached);
+    }
+    Ok((i as u64, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn note_layout_matches_solo5() {
+        let n = MftNote::new([
+            MftEntry::reserved_first(),
+            MftEntry::block("storage"),
+            MftEntry::net("service0"),
+        ]);
+        assert_eq!(size_of::<MftNote<3>>(), 32 + 3 * 104);
+        // SAFETY: MftNote is repr(C) plain data without padding holes that
+        // matter for this comparison (all fields initialised).
+        let bytes = unsafe {
+            core::slice::from_raw_parts(&n as *const _ as *const u8, size_of::<MftNote<3>>())
+        };
+        assert_eq!(&bytes[0..4], &6u32.to_le_bytes());
+        assert_eq!(&bytes[4..8], &(4 + 8 + 3 * 104u32).to_le_bytes());
+        assert_eq!(&bytes[8..12], b"MFT1");
+        assert_eq!(&bytes[12..20], b"Solo5\0\0\0");
+        assert_eq!(&bytes[24..28], &1u32.to_le_bytes());
+        assert_eq!(&bytes[28..32], &3u32.to_le_bytes());
+        assert_eq!(&bytes[32 + 68..32 + 72], &MFT_RESERVED_FIRST.to_le_bytes());
+        assert_eq!(&bytes[32 + 104..32 + 104 + 8], b"storage\0");
+        assert_eq!(&bytes[32 + 104 + 68..32 + 104 + 72], &1u32.to_le_bytes());
+        assert_eq!(&bytes[32 + 208 + 68..32 + 208 + 72], &2u32.to_le_bytes());
+    }
+
+    #[test]
+    fn find_checks_name_type_and_attachment() {
+        let mut e = [
+            MftEntry::reserved_first(),
+            MftEntry::block("storage"),
+            MftEntry::net("service0"),
+        ];
+        assert_eq!(
+            find_in(&e, "storage", MFT_DEV_BLOCK_BASIC).err(),
+            Some(AcquireError::NotAttached)
+        );
+        e[1].attached = 1;
+        e[1].props = [1 << 20, 512];
+        let (h, b) = find_in(&e, "storage", MFT_DEV_BLOCK_BASIC).unwrap();
+        assert_eq!((h, b.block_capacity(), b.block_size()), (1, 1 << 20, 512));
+        assert_eq!(
+            find_in(&e, "service0", MFT_DEV_BLOCK_BASIC).err(),
+            Some(AcquireError::WrongType)
+        );
+        assert_eq!(
+            find_in(&e, "", MFT_RESERVED_FIRST).err(),
+            Some(AcquireError::NotFound)
+        );
+        e[2].props[0] = u64::from_le_bytes([2, 0, 0, 0, 0, 1, 0xdc, 0x05]);
+        assert_eq!(e[2].net_mac(), [2, 0, 0, 0, 0, 1]);
+        assert_eq!(e[2].net_mtu(), 1500);
+    }
+}
