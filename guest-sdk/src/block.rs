@@ -7,11 +7,13 @@
 //! disk.read(0, &mut buf)?;
 //! ```
 //!
-//! Requests are passed to the host unchanged; the host validates them.
-//! Portable guests (that must also run under solo5-hvt) should transfer
-//! exactly one block per call, at an offset that is a multiple of the block
-//! size and within the capacity; anything else may be refused with
-//! [`BlockError::Invalid`].
+//! [`Block::read`] and [`Block::write`] check requests the way Solo5's
+//! own bindings do before making the hypercall: the offset must be a
+//! multiple of the block size, the length a non-zero multiple of it, and
+//! the range must end inside the device; otherwise they return
+//! [`BlockError::Invalid`] without an exit. A request may span several
+//! blocks (tt-host and solo5-hvt serve that). [`Block::read_raw`] and
+//! [`Block::write_raw`] skip the guest-side checks, to test a host.
 
 use crate::hypercall::{self, RET_AGAIN, RET_EINVAL, RET_EUNSPEC, RET_OK};
 pub use crate::manifest::AcquireError;
@@ -105,14 +107,48 @@ impl Block {
         }
     }
 
+    /// Is `[offset, offset + len)` a valid request (aligned, non-empty,
+    /// whole blocks, inside the device)?
+    pub fn valid_request(&self, offset: u64, len: usize) -> bool {
+        let bs = self.block_size;
+        let len = len as u64;
+        bs != 0
+            && len != 0
+            && offset % bs == 0
+            && len % bs == 0
+            && offset
+                .checked_add(len)
+                .is_some_and(|end| end <= self.capacity)
+    }
+
     /// Write `data` at byte `offset`. `Ok` means the host accepted and
-    /// performed the write (tt-host: it is durable); see [`BlockError`].
+    /// performed the write (tt-host: it is durable). `Err(Invalid)` means
+    /// the request was malformed (see [`Block::valid_request`]) and
+    /// nothing was written; see [`BlockError`] for the rest.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), BlockError> {
+        if !self.valid_request(offset, data.len()) {
+            return Err(BlockError::Invalid);
+        }
+        self.write_raw(offset, data)
+    }
+
+    /// Fill `buf` from byte `offset`. `Ok` means all of `buf` was read;
+    /// errors as for [`Block::write`].
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        if !self.valid_request(offset, buf.len()) {
+            return Err(BlockError::Invalid);
+        }
+        self.read_raw(offset, buf)
+    }
+
+    /// [`Block::write`] without the guest-side checks: the host alone
+    /// decides (for testing hosts).
+    pub fn write_raw(&self, offset: u64, data: &[u8]) -> Result<(), BlockError> {
         check(hypercall::block_write(self.handle, offset, data))
     }
 
-    /// Fill `buf` from byte `offset`. `Ok` means all of `buf` was read.
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+    /// [`Block::read`] without the guest-side checks.
+    pub fn read_raw(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
         let (ret, n) = hypercall::block_read(self.handle, offset, buf);
         check(ret)?;
         if n < buf.len() as u64 {

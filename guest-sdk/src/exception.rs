@@ -118,15 +118,15 @@ pub fn report(s: &FaultState) {
     }
     for row in 0..4 {
         let mut w = crate::console::LineWriter::new();
-        let _ = core::fmt::Write::write_str(&mut w, "tt-guest: ");
+        let _ = core::fmt::Write::write_str(&mut w, "tt-guest:");
         for i in row * 4..(row * 4 + 4).min(15) {
             let _ = core::fmt::write(
                 &mut w,
-                format_args!("{}={:#018x} ", GPR_NAMES[i], s.gpr[i]),
+                format_args!(" {}={:#018x}", GPR_NAMES[i], s.gpr[i]),
             );
         }
         if row == 3 {
-            let _ = core::fmt::write(&mut w, format_args!("rsp={:#018x}", s.rsp));
+            let _ = core::fmt::write(&mut w, format_args!(" rsp={:#018x}", s.rsp));
         }
         let _ = core::fmt::Write::write_str(&mut w, "\n");
     }
