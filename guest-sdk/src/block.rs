@@ -100,11 +100,7 @@ impl Block {
 
     /// Number of whole blocks.
     pub fn blocks(&self) -> u64 {
-        if self.block_size == 0 {
-            0
-        } else {
-            self.capacity / self.block_size
-        }
+        self.capacity.checked_div(self.block_size).unwrap_or(0)
     }
 
     /// Is `[offset, offset + len)` a valid request (aligned, non-empty,

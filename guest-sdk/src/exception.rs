@@ -33,8 +33,8 @@ pub struct FaultState {
 const _: () = assert!(core::mem::size_of::<FaultState>() == 184);
 
 const GPR_NAMES: [&str; 15] = [
-    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13",
-    "r14", "r15",
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
+    "r15",
 ];
 
 /// Mnemonic and description of exception `vector`.
@@ -119,11 +119,8 @@ pub fn report(s: &FaultState) {
     for row in 0..4 {
         let mut w = crate::console::LineWriter::new();
         let _ = core::fmt::Write::write_str(&mut w, "tt-guest:");
-        for i in row * 4..(row * 4 + 4).min(15) {
-            let _ = core::fmt::write(
-                &mut w,
-                format_args!(" {}={:#018x}", GPR_NAMES[i], s.gpr[i]),
-            );
+        for (name, value) in GPR_NAMES.iter().zip(s.gpr.iter()).skip(row * 4).take(4) {
+            let _ = core::fmt::write(&mut w, format_args!(" {}={:#018x}", name, value));
         }
         if row == 3 {
             let _ = core::fmt::write(&mut w, format_args!(" rsp={:#018x}", s.rsp));

@@ -350,9 +350,6 @@ pub(crate) fn init() {
 }
 
 #[cfg(test)]
-pub(crate) fn init() {}
-
-#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -101,7 +101,11 @@ impl MftEntry {
 
     /// The name, up to the first NUL (empty if not UTF-8).
     pub fn name(&self) -> &str {
-        let n = self.name.iter().position(|&c| c == 0).unwrap_or(MFT_NAME_SIZE);
+        let n = self
+            .name
+            .iter()
+            .position(|&c| c == 0)
+            .unwrap_or(MFT_NAME_SIZE);
         core::str::from_utf8(&self.name[..n]).unwrap_or("")
     }
 

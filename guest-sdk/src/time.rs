@@ -80,9 +80,13 @@ impl Instant {
     pub fn duration_since(self, earlier: Instant) -> Duration {
         Duration::from_nanos(self.0.saturating_sub(earlier.0))
     }
+}
+
+impl core::ops::Add<Duration> for Instant {
+    type Output = Instant;
 
     /// `self + d`, saturating.
-    pub fn add(self, d: Duration) -> Instant {
+    fn add(self, d: Duration) -> Instant {
         Instant(
             self.0
                 .saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
@@ -94,7 +98,7 @@ impl Instant {
 /// instead of spinning; network input arriving meanwhile does not cut the
 /// sleep short.
 pub fn sleep(d: Duration) {
-    let deadline = Instant::now().add(d);
+    let deadline = Instant::now() + d;
     loop {
         let now = Instant::now();
         if now >= deadline {
@@ -113,6 +117,9 @@ mod tests {
         assert_eq!(cycles_to_ns(3_000_000_000, 3_000_000_000), 1_000_000_000);
         // 100 years at 5 GHz.
         let c = 5_000_000_000u64 * 3600 * 24 * 365 * 100;
-        assert_eq!(cycles_to_ns(c, 5_000_000_000), 3600 * 24 * 365 * 100 * 1_000_000_000);
+        assert_eq!(
+            cycles_to_ns(c, 5_000_000_000),
+            3600 * 24 * 365 * 100 * 1_000_000_000
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! `x86_64-unknown-linux-gnu` target that depends on `tt-guest`. Its
 //! `build.rs` is one line:
 //!
-//! ```no_run
+//! ```text
 //! fn main() {
 //!     tt_guest_build::link();
 //! }
@@ -48,7 +48,8 @@ pub fn link_args(script: &str) -> Vec<String> {
 /// `OUT_DIR` is not set, i.e. when not run by cargo, or if the linker
 /// script cannot be written.
 pub fn link() {
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR not set: call link() from build.rs"));
+    let out =
+        PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR not set: call link() from build.rs"));
     let script = out.join(LINKER_SCRIPT_NAME);
     fs::write(&script, LINKER_SCRIPT)
         .unwrap_or_else(|e| panic!("cannot write {}: {e}", script.display()));

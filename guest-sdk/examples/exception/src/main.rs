@@ -50,7 +50,10 @@ fn app_main() -> i32 {
             println!("exception: 42 / 0 = {}", q);
         }
         other => {
-            println!("exception: unknown argument {:?} (use null, ud or div0)", other);
+            println!(
+                "exception: unknown argument {:?} (use null, ud or div0)",
+                other
+            );
             return 2;
         }
     }

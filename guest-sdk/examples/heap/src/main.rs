@@ -48,10 +48,7 @@ impl Obj {
             0 => {
                 let len = (v >> 8) as usize % 4096 + 1;
                 let tag = (v >> 32) as u8;
-                Obj::Bytes(
-                    (0..len).map(|i| tag.wrapping_add(i as u8)).collect(),
-                    tag,
-                )
+                Obj::Bytes((0..len).map(|i| tag.wrapping_add(i as u8)).collect(), tag)
             }
             1 => {
                 let len = (v >> 8) as usize % 512 + 1;
@@ -89,7 +86,7 @@ fn churn(r: &mut Rng, rounds: usize, max_live: usize) -> Result<(), &'static str
     let mut live: Vec<Obj> = Vec::new();
     for _ in 0..rounds {
         let v = r.next();
-        if live.len() < max_live && (v % 3 != 0 || live.is_empty()) {
+        if live.len() < max_live && (!v.is_multiple_of(3) || live.is_empty()) {
             live.push(Obj::make(r));
         } else {
             let i = (v >> 16) as usize % live.len();
@@ -126,7 +123,10 @@ fn fragment(r: &mut Rng) -> Result<(), &'static str> {
             return Err("fragment: large block corrupted");
         }
     }
-    println!("heap: fragmentation phase ok ({} free blocks at peak)", frags);
+    println!(
+        "heap: fragmentation phase ok ({} free blocks at peak)",
+        frags
+    );
     Ok(())
 }
 
@@ -166,11 +166,14 @@ fn large() -> Result<usize, &'static str> {
     Ok(size)
 }
 
+/// One verified phase of the test.
+type Step = fn(&mut Rng) -> Result<(), &'static str>;
+
 fn app_main() -> i32 {
     let (free0, total, _) = HEAP.stats();
     println!("heap: {} MiB managed, {} bytes free", total >> 20, free0);
     let mut r = Rng(0x9E37_79B9_7F4A_7C15);
-    let steps: [(&str, fn(&mut Rng) -> Result<(), &'static str>); 3] = [
+    let steps: [(&str, Step); 3] = [
         ("churn", |r| churn(r, 200_000, 2000)),
         ("fragment", fragment),
         ("grow", |_| grow()),

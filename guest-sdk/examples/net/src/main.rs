@@ -63,8 +63,7 @@ fn checksum(data: &[u8]) -> u16 {
 /// Turn an ARP request for `ip` into a reply in place; returns its length.
 fn arp_reply(f: &mut [u8], n: usize, mac: [u8; 6], ip: [u8; 4]) -> Option<usize> {
     let a = f.get(ETH_HDR..ETH_HDR + 28)?;
-    if n < ETH_HDR + 28 || be16(&a[0..]) != 1 || be16(&a[2..]) != 0x0800 || a[4] != 6 || a[5] != 4
-    {
+    if n < ETH_HDR + 28 || be16(&a[0..]) != 1 || be16(&a[2..]) != 0x0800 || a[4] != 6 || a[5] != 4 {
         return None;
     }
     if be16(&a[6..]) != 1 || a[24..28] != ip {
@@ -139,7 +138,10 @@ fn app_main() -> i32 {
             match parse_ip(arg.strip_prefix("ip=").unwrap_or(arg)) {
                 Some(a) => ip = a,
                 None => {
-                    println!("net: FAIL bad argument {:?} (use A.B.C.D, ip=A.B.C.D or limit=N)", arg);
+                    println!(
+                        "net: FAIL bad argument {:?} (use A.B.C.D, ip=A.B.C.D or limit=N)",
+                        arg
+                    );
                     return 1;
                 }
             }
@@ -188,9 +190,11 @@ fn app_main() -> i32 {
             continue;
         }
         let reply = match be16(&frame[12..]) {
-            ETHERTYPE_ARP => arp_reply(&mut frame, n, mac, ip).map(|len| {
-                println!("net: arp reply to {}", Ip([frame[38], frame[39], frame[40], frame[41]]));
-                len
+            ETHERTYPE_ARP => arp_reply(&mut frame, n, mac, ip).inspect(|_| {
+                println!(
+                    "net: arp reply to {}",
+                    Ip([frame[38], frame[39], frame[40], frame[41]])
+                );
             }),
             ETHERTYPE_IPV4 => echo_reply(&mut frame, n, mac, ip).map(|(len, src)| {
                 replies += 1;

@@ -27,12 +27,18 @@ fn app_main() -> i32 {
         }
     }
     if b <= a {
-        println!("time: FAIL monotonic clock does not advance ({} -> {})", a, b);
+        println!(
+            "time: FAIL monotonic clock does not advance ({} -> {})",
+            a, b
+        );
         return 1;
     }
     println!("time: monotonic ok");
     let wall = wallclock_ns();
-    println!("time: wall clock {} s since the epoch", wall / 1_000_000_000);
+    println!(
+        "time: wall clock {} s since the epoch",
+        wall / 1_000_000_000
+    );
     if wall < Y2020_NS {
         println!("time: FAIL wall clock is before 2020");
         return 1;
@@ -48,13 +54,21 @@ fn app_main() -> i32 {
             ok = false;
         }
         if took < ms || took > ms + 100 {
-            println!("time: FAIL slept {} ms, expected {}..={} ms", took, ms, ms + 100);
+            println!(
+                "time: FAIL slept {} ms, expected {}..={} ms",
+                took,
+                ms,
+                ms + 100
+            );
             ok = false;
         }
     }
     let mono = monotonic_ns() / 1_000_000;
     let wall2 = (wallclock_ns() - wall) / 1_000_000;
-    println!("time: {} ms since boot, wall clock advanced {} ms", mono, wall2);
+    println!(
+        "time: {} ms since boot, wall clock advanced {} ms",
+        mono, wall2
+    );
     if ok {
         println!("time: OK");
         0
