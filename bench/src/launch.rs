@@ -2,8 +2,13 @@
 //! hello`, against the floor: `tt-bench floor-guest`, the smallest KVM
 //! program, run as a whole process the same number of times. Runs are
 //! interleaved (floor, tt-host, floor, ...) so drift hits both alike.
+//!
+//! To show where the time goes, the same loop also runs a process that
+//! does nothing (`tt-bench nop`) and tt-host with a 4-instruction image
+//! ([`crate::minimal`]), and the floor's KVM steps are timed in-process.
 
 use crate::child;
+use crate::minimal::TempImage;
 use crate::rawvm;
 use crate::stats::{fmt, summarize};
 use crate::{judge, Opts, Verdict};
@@ -60,11 +65,17 @@ pub fn run(o: &Opts) -> Result<Verdict, String> {
         child::run(&mut tt_host_command(&tt_host, &image, &[]))?
             .check_status("tt-host run", expect)?;
     }
-    let (mut nop, mut floor, mut host) = (Vec::new(), Vec::new(), Vec::new());
+    let minimal = TempImage::new()?;
+    child::run(&mut tt_host_command(&tt_host, minimal.path(), &[]))?
+        .check_status("tt-host run (minimal image)", 0)?;
+    let (mut nop, mut floor, mut host, mut min) = (vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
         let n = child::run(&mut nop_command()?)?;
         n.check_status("tt-bench nop", 0)?;
         nop.push(n.wall);
+        let m = child::run(&mut tt_host_command(&tt_host, minimal.path(), &[]))?;
+        m.check_status("tt-host run (minimal image)", 0)?;
+        min.push(m.wall);
         let f = child::run(&mut floor_command()?)?;
         f.check_status("floor-guest", 0)?;
         floor.push(f.wall);
@@ -73,6 +84,7 @@ pub fn run(o: &Opts) -> Result<Verdict, String> {
         host.push(h.wall);
     }
     let (n, f, h) = (summarize(&nop), summarize(&floor), summarize(&host));
+    let m = summarize(&min);
     println!(
         "{:<34} {:>5} {:>10} {:>10} {:>10} {:>10}",
         "process (spawn to wait4)", "runs", "median", "p90", "min", "max"
@@ -80,6 +92,7 @@ pub fn run(o: &Opts) -> Result<Verdict, String> {
     for (name, s) in [
         ("process only: tt-bench nop", n),
         ("floor: KVM VM + 1 vCPU + hlt", f),
+        ("tt-host run minimal (4 instr.)", m),
         ("tt-host run hello", h),
     ] {
         println!(
@@ -95,8 +108,11 @@ pub fn run(o: &Opts) -> Result<Verdict, String> {
     breakdown(runs)?;
     let ratio = h.median.as_secs_f64() / f.median.as_secs_f64();
     println!(
-        "tt-host costs {} over the floor at the median",
-        fmt(h.median.saturating_sub(f.median))
+        "tt-host hello costs {} over the floor at the median: {} is tt-host's own work \
+         (minimal image - floor), {} the guest's boot (hello - minimal image)",
+        fmt(h.median.saturating_sub(f.median)),
+        fmt(m.median.saturating_sub(f.median)),
+        fmt(h.median.saturating_sub(m.median))
     );
     Ok(judge(
         "median(tt-host) / median(floor) =",

@@ -23,6 +23,7 @@ mod child;
 mod compute;
 mod hypercall;
 mod launch;
+mod minimal;
 mod rawvm;
 mod rss;
 mod stats;
