@@ -126,3 +126,17 @@ impl Drop for TempImage {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_is_an_x86_64_executable_entering_its_text() {
+        let f = image();
+        assert_eq!(&f[0..4], b"\x7fELF");
+        assert_eq!(u16::from_le_bytes([f[18], f[19]]), 62);
+        assert_eq!(u64::from_le_bytes(f[24..32].try_into().unwrap()), TEXT);
+        assert_eq!(&f[0x1000..0x1000 + code().len()], &code()[..]);
+    }
+}

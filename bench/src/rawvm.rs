@@ -227,3 +227,37 @@ pub fn exit_round_trip(iters: u32) -> Result<ExitSample, String> {
         out_loop: time_loop(&OUT_LOOP, iters, iters.into())?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether KVM tests may run; as in the `tests` crate, a missing
+    /// /dev/kvm fails them unless TT_SKIP_KVM=1 says to skip, loudly.
+    fn kvm() -> bool {
+        if std::path::Path::new("/dev/kvm").exists() {
+            return true;
+        }
+        if std::env::var("TT_SKIP_KVM").as_deref() == Ok("1") {
+            eprintln!("SKIPPED: /dev/kvm is missing and TT_SKIP_KVM=1 is set");
+            return false;
+        }
+        panic!("/dev/kvm is missing: KVM tests fail without it (set TT_SKIP_KVM=1 to skip them)");
+    }
+
+    #[test]
+    fn floor_guest_halts_without_exits() {
+        if kvm() {
+            floor_guest().unwrap();
+        }
+    }
+
+    #[test]
+    fn exit_loop_makes_one_exit_per_iteration() {
+        if kvm() {
+            // time_loop checks the exit count; the no-op loop makes none.
+            let s = exit_round_trip(50).unwrap();
+            assert!(s.out_loop > Duration::ZERO && s.nop_loop > Duration::ZERO);
+        }
+    }
+}
