@@ -15,7 +15,10 @@
 //! Memory is identity-mapped. Pages of the image get the protections of
 //! their ELF segment (text R+X, rodata R, data R+W; never W+X). Everything
 //! else is R+W and not executable. Above the image, 2 MiB pages are used.
+//! Pages from 1 MiB up are user-accessible (U=1), low memory is not, so a
+//! guest can run its code at CPL 3 without building page tables of its own.
 
+use crate::abi;
 use crate::loader::Image;
 
 pub const PAGE: u64 = 0x1000;
@@ -37,6 +40,11 @@ pub const MIN_MEM: u64 = 2 * HUGE;
 
 pub const PTE_P: u64 = 1;
 pub const PTE_RW: u64 = 1 << 1;
+/// User-accessible. tt-host sets it on every page from 1 MiB up (image,
+/// heap, stack) and on all upper-level entries; low memory stays
+/// supervisor-only. `PML4[0].U = 1` tells a guest it may run at CPL 3 on
+/// these tables (see docs/ABI.md, "CPL 3 on the host's page tables").
+pub const PTE_US: u64 = 1 << 2;
 pub const PTE_PS: u64 = 1 << 7;
 pub const PTE_NX: u64 = 1 << 63;
 
@@ -82,16 +90,19 @@ pub fn build(image: &Image, mem_size: u64) -> Result<LowMem, LayoutError> {
     put(GDT_BASE + 8, 0x00af_9b00_0000_ffff);
     put(GDT_BASE + 16, 0x00cf_9300_0000_ffff);
 
-    put(PML4_BASE, PDPT_BASE | PTE_P | PTE_RW);
+    put(PML4_BASE, PDPT_BASE | PTE_P | PTE_RW | PTE_US);
     for i in 0..PD_COUNT {
-        put(PDPT_BASE + i * 8, (PD_BASE + i * PAGE) | PTE_P | PTE_RW);
+        put(
+            PDPT_BASE + i * 8,
+            (PD_BASE + i * PAGE) | PTE_P | PTE_RW | PTE_US,
+        );
     }
     // Page directories: 4 KiB tables below small_end, 2 MiB pages above.
     for i in 0..mem_size / HUGE {
         let pde = if i < pt_pages {
-            (PT_BASE + i * PAGE) | PTE_P | PTE_RW
+            (PT_BASE + i * PAGE) | PTE_P | PTE_RW | PTE_US
         } else {
-            (i * HUGE) | PTE_P | PTE_RW | PTE_PS | PTE_NX
+            (i * HUGE) | PTE_P | PTE_RW | PTE_US | PTE_PS | PTE_NX
         };
         put(PD_BASE + i * 8, pde);
     }
@@ -115,7 +126,12 @@ pub fn build(image: &Image, mem_size: u64) -> Result<LowMem, LayoutError> {
             }
             None => PTE_P | PTE_RW | PTE_NX,
         };
-        put(PT_BASE + page * 8, addr | flags);
+        let user = if addr >= abi::GUEST_MIN_BASE {
+            PTE_US
+        } else {
+            0
+        };
+        put(PT_BASE + page * 8, addr | flags | user);
     }
     Ok(LowMem { bytes: low })
 }
@@ -154,14 +170,22 @@ mod tests {
     fn segment_flags_become_page_protections() {
         let low = build(&image(), 64 << 20).unwrap();
         assert_eq!(pte(&low, 0), 0, "page 0 must be unmapped");
-        // text: present, read-only, executable
-        assert_eq!(pte(&low, 0x10_1000), 0x10_1000 | PTE_P);
+        // low memory: writable, no execute, supervisor-only
+        assert_eq!(pte(&low, 0x8_0000), 0x8_0000 | PTE_P | PTE_RW | PTE_NX);
+        // text: present, read-only, executable, user
+        assert_eq!(pte(&low, 0x10_1000), 0x10_1000 | PTE_P | PTE_US);
         // rodata: read-only, no execute
-        assert_eq!(pte(&low, 0x10_2000), 0x10_2000 | PTE_P | PTE_NX);
+        assert_eq!(pte(&low, 0x10_2000), 0x10_2000 | PTE_P | PTE_US | PTE_NX);
         // data: writable, no execute
-        assert_eq!(pte(&low, 0x10_4000), 0x10_4000 | PTE_P | PTE_RW | PTE_NX);
+        assert_eq!(
+            pte(&low, 0x10_4000),
+            0x10_4000 | PTE_P | PTE_RW | PTE_US | PTE_NX
+        );
         // heap after the image: writable, no execute
-        assert_eq!(pte(&low, 0x1f_f000), 0x1f_f000 | PTE_P | PTE_RW | PTE_NX);
+        assert_eq!(
+            pte(&low, 0x1f_f000),
+            0x1f_f000 | PTE_P | PTE_RW | PTE_US | PTE_NX
+        );
     }
 
     #[test]
@@ -174,10 +198,18 @@ mod tests {
     }
 
     #[test]
+    fn pml4_advertises_user_mode_pages() {
+        let low = build(&image(), 64 << 20).unwrap();
+        let o = (PML4_BASE - GDT_BASE) as usize;
+        let pml4e = u64::from_le_bytes(low.bytes[o..o + 8].try_into().unwrap());
+        assert_ne!(pml4e & PTE_US, 0);
+    }
+
+    #[test]
     fn memory_above_the_image_uses_huge_non_executable_pages() {
         let low = build(&image(), 64 << 20).unwrap();
         let o = (PD_BASE + 8 * 5 - GDT_BASE) as usize;
         let pde = u64::from_le_bytes(low.bytes[o..o + 8].try_into().unwrap());
-        assert_eq!(pde, (5 * HUGE) | PTE_P | PTE_RW | PTE_PS | PTE_NX);
+        assert_eq!(pde, (5 * HUGE) | PTE_P | PTE_RW | PTE_US | PTE_PS | PTE_NX);
     }
 }
