@@ -1,0 +1,159 @@
+//! The tt-guest example unikernels, each through `tt-host run` on real KVM.
+//! They run their application code at CPL 3 (see docs/ABI.md).
+
+use tt_tests::*;
+
+fn run(args: &[&str]) -> Run {
+    let mut a = vec!["run"];
+    a.extend_from_slice(args);
+    tt(&a)
+}
+
+fn img(name: &str) -> String {
+    guest(name).display().to_string()
+}
+
+#[test]
+fn hello_prints_its_arguments() {
+    if !kvm() {
+        return;
+    }
+    let r = run(&["--mem=16", &img("hello"), "--", "one", "two"]);
+    assert_eq!(r.status, 0, "{r:?}");
+    assert!(r.stdout.contains("Hello, world"), "{r:?}");
+    assert!(r.stdout.contains("arg[1]: one"), "{r:?}");
+    assert!(r.stdout.contains("arg[2]: two"), "{r:?}");
+}
+
+#[test]
+fn hello_exit_status_reaches_the_host() {
+    if !kvm() {
+        return;
+    }
+    let r = run(&["--mem=16", &img("hello"), "exit=42"]);
+    assert_eq!(r.status, 42, "{r:?}");
+}
+
+#[test]
+fn time_clocks_advance_and_poll_sleeps_as_asked() {
+    if !kvm() {
+        return;
+    }
+    let r = run(&["--mem=16", &img("time")]);
+    assert_eq!(r.status, 0, "{r:?}");
+    assert!(r.stdout.contains("slept 100 ms"), "{r:?}");
+    assert!(r.stdout.contains("slept 300 ms"), "{r:?}");
+}
+
+fn blk(sector: u64, blocks: u64) -> Run {
+    let dir = Scratch::new("blk");
+    let disk = dir.path("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(sector * blocks)
+        .unwrap();
+    let r = run(&[
+        "--mem=32",
+        &format!("--block:storage={}", disk.display()),
+        &format!("--block-sector-size:storage={sector}"),
+        &img("blk"),
+    ]);
+    // What the guest wrote is in the file: block i starts with its index.
+    if r.status == 0 {
+        let data = std::fs::read(&disk).unwrap();
+        assert_eq!(data.len() as u64, sector * blocks);
+        assert!(
+            data.iter().any(|&b| b != 0),
+            "nothing reached the disk file"
+        );
+    }
+    r
+}
+
+#[test]
+fn blk_verifies_every_block_and_rejects_bad_requests() {
+    if !kvm() {
+        return;
+    }
+    for (sector, blocks) in [(512, 2048), (4096, 64)] {
+        let r = blk(sector, blocks);
+        assert_eq!(r.status, 0, "sector {sector}: {r:?}");
+        assert!(
+            r.stdout
+                .contains(&format!("{blocks} blocks of {sector} bytes verified")),
+            "{r:?}"
+        );
+        assert!(r.stdout.contains("blk: OK"), "{r:?}");
+    }
+}
+
+#[test]
+fn exceptions_are_reported_and_abort() {
+    if !kvm() {
+        return;
+    }
+    for (arg, needle) in [("null", "#PF"), ("ud", "#UD"), ("div0", "#DE")] {
+        let r = run(&["--mem=16", &img("exception"), arg]);
+        assert_eq!(r.status, 255, "{arg}: {r:?}");
+        let all = format!("{}{}", r.stdout, r.stderr);
+        assert!(
+            all.contains(needle),
+            "{arg}: report should name {needle}: {r:?}"
+        );
+        assert!(all.contains("rip="), "{arg}: report should give rip: {r:?}");
+    }
+}
+
+#[test]
+fn wx_violations_are_stopped() {
+    if !kvm() {
+        return;
+    }
+    for arg in [
+        "write-text",
+        "write-rodata",
+        "exec-data",
+        "exec-rodata",
+        "exec-stack",
+    ] {
+        let r = run(&["--mem=16", &img("wx"), arg]);
+        let all = format!("{}{}", r.stdout, r.stderr);
+        assert!(!all.contains("violation not caught"), "{arg}: {r:?}");
+        assert_eq!(r.status, 255, "{arg}: {r:?}");
+        assert!(all.contains("#PF"), "{arg}: {r:?}");
+    }
+}
+
+#[test]
+fn fpu_sse_and_avx_work() {
+    if !kvm() {
+        return;
+    }
+    let r = run(&["--mem=16", &img("fpu")]);
+    assert_eq!(r.status, 0, "{r:?}");
+    assert!(r.stdout.contains("fpu: sse ok"), "{r:?}");
+    assert!(
+        r.stdout.contains("fpu: avx ok") || r.stdout.contains("avx not supported"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn heap_survives_allocation_stress() {
+    if !kvm() {
+        return;
+    }
+    let r = run(&["--mem=256", &img("heap")]);
+    assert_eq!(r.status, 0, "{r:?}");
+    assert!(r.stdout.contains("heap: OK"), "{r:?}");
+}
+
+#[test]
+fn compute_runs() {
+    if !kvm() {
+        return;
+    }
+    let r = run(&["--mem=16", &img("compute"), "1000000"]);
+    assert_eq!(r.status, 0, "{r:?}");
+    assert!(!r.stdout.is_empty(), "{r:?}");
+}
