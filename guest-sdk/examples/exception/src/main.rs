@@ -3,10 +3,15 @@
 //! Argument: `null` (read from address 0: #PF), `ud` (ud2: #UD) or `div0`
 //! (integer division by zero: #DE). Prints `exception: triggering <arg>`
 //! first; the run must end with the SDK's `tt-guest: exception ...` report
-//! and exit status 255. Without a valid argument it prints a usage line and
+//! and exit status 255. Also `panic` (a Rust panic: `tt-guest: panic at
+//! <file>:<line>:<col>: requested panic`) and `oom` (allocating more than
+//! memory: `tt-guest: panic at ...: memory allocation of N bytes failed`),
+//! both status 255. Without a valid argument it prints a usage line and
 //! exits 2; if the exception does not stop the guest it exits 1.
 #![no_std]
 #![no_main]
+
+extern crate alloc;
 
 use core::arch::asm;
 use core::hint::black_box;
@@ -17,7 +22,7 @@ tt_guest::main!(app_main);
 
 fn app_main() -> i32 {
     let Some(what) = tt_guest::boot::args().next() else {
-        println!("exception: usage: exception null|ud|div0");
+        println!("exception: usage: exception null|ud|div0|panic|oom");
         return 2;
     };
     println!("exception: triggering {}", what);
@@ -49,9 +54,15 @@ fn app_main() -> i32 {
             };
             println!("exception: 42 / 0 = {}", q);
         }
+        "panic" => panic!("requested panic"),
+        "oom" => {
+            let n = black_box(usize::MAX / 4);
+            let v: alloc::vec::Vec<u8> = black_box(alloc::vec::Vec::with_capacity(n));
+            println!("exception: allocated {} bytes", v.capacity());
+        }
         other => {
             println!(
-                "exception: unknown argument {:?} (use null, ud or div0)",
+                "exception: unknown argument {:?} (use null, ud, div0, panic or oom)",
                 other
             );
             return 2;
