@@ -18,8 +18,9 @@
 //!    4 KiB pages for `[0, _tt_low_end)` with page 0 absent, the tender's
 //!    area below 1 MiB read-only NX, text user R+X, rodata user R NX,
 //!    data/bss user RW NX, `.tt_kernel` supervisor RW NX, and 2 MiB user RW
-//!    NX pages for the rest of memory. Every count comes from the linker
-//!    script, so each region is one 3-instruction loop.
+//!    NX pages for the rest of memory, except a 2 MiB stack guard page (see
+//!    [`crate::heap::layout`]). Every count comes from the linker script,
+//!    so each region is one 3-instruction loop.
 //! 3. GDT (null, kcode 0x08, kdata 0x10, ucode 0x1b, udata 0x23, TSS 0x28),
 //!    IDT (built at assembly time: the stubs sit at a fixed address), TSS
 //!    (RSP0 = kernel stack, IST1 = double-fault stack).
@@ -144,6 +145,19 @@ _start:
     stosq
     add rax, rsi
     loop 5b
+4:
+    /* Stack guard: unmap the 2 MiB page g = (mem_size >> 21) - 2 just below
+     * the stack's (at least) 2 MiB, if it lies in the 2 MiB-page region.
+     * Must match heap::layout(). */
+    mov rcx, qword ptr [r15]
+    shr rcx, 21
+    sub rcx, 2
+    jb 4f
+    cmp rcx, offset _tt_npt
+    jb 4f
+    cmp rcx, 2048
+    jae 4f
+    mov qword ptr [tt_pd + rcx * 8], 0
 4:
 
     /* 4 KiB pages of the low window, region by region (PT[0] stays 0). */

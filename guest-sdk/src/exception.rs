@@ -93,11 +93,25 @@ fn has_error_code(vector: u64) -> bool {
 
 /// Print the report for `s`.
 pub fn report(s: &FaultState) {
+    #[cfg(not(test))]
+    let guard = crate::heap::current_layout().guard;
+    #[cfg(test)]
+    let guard: Option<(u64, u64)> = None;
+    report_with_guard(s, guard)
+}
+
+fn report_with_guard(s: &FaultState, guard: Option<(u64, u64)>) {
     use crate::println;
     let (mn, desc) = name(s.vector);
     let mode = if s.cs & 3 == 3 { "user" } else { "kernel" };
     if s.vector == 14 {
-        let null = if s.cr2 < 4096 { ", null pointer?" } else { "" };
+        let hint = if s.cr2 < 4096 {
+            ", null pointer?"
+        } else if guard.is_some_and(|(a, b)| (a..b).contains(&s.cr2)) {
+            ", stack overflow?"
+        } else {
+            ""
+        };
         println!(
             "tt-guest: exception {} ({}) at rip={:#x} addr={:#x} error={:#x} ({}{})",
             mn,
@@ -106,7 +120,7 @@ pub fn report(s: &FaultState) {
             s.cr2,
             s.error,
             page_fault_reason(s.error),
-            null
+            hint
         );
     } else if has_error_code(s.vector) {
         println!(

@@ -1,7 +1,7 @@
 //! The global allocator.
 //!
-//! The heap is `[align_up(max(_end, kernel_end), 4 KiB), mem_size -
-//! STACK_SIZE)`: everything between the image and the stack. It is a
+//! The heap is everything between the end of the image and the stack
+//! guard (see [`layout`]). It is a
 //! first-fit free list kept sorted by address, with neighbours coalesced
 //! on free. Blocks carry no header: `dealloc` gets the size from the
 //! `Layout`, and sizes are rounded up to 16 bytes, so every free block
@@ -17,7 +17,8 @@ use core::cell::UnsafeCell;
 use core::ptr;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-/// Bytes reserved for the stack at the top of memory.
+/// Bytes reserved for the stack at the top of memory when memory is too
+/// small for a guarded 2 MiB stack.
 pub const STACK_SIZE: u64 = 1 << 20;
 
 /// Allocation granule and minimum alignment.
@@ -333,19 +334,74 @@ pub static HEAP: Heap = Heap::new();
 #[cfg(not(test))]
 extern "C" {
     static _end: u8;
+    static _tt_npt: u8;
+}
+
+/// Where the heap, the stack guard and the stack are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryLayout {
+    /// First heap byte (end of the image, page aligned).
+    pub heap_start: u64,
+    /// End of the heap.
+    pub heap_end: u64,
+    /// The unmapped 2 MiB stack guard `[start, end)`, if there is one.
+    pub guard: Option<(u64, u64)>,
+    /// Lowest stack address (the stack grows down from `mem_size`).
+    pub stack_bottom: u64,
+}
+
+/// Compute the memory layout for `mem_size` bytes of memory, an image
+/// ending at `image_end`, and an image window of `npt` 2 MiB pages mapped
+/// with 4 KiB pages.
+///
+/// With enough memory, the stack is the top 2 MiB page(s) of memory
+/// (`[g + 2 MiB, mem_size)` where `g = (mem_size / 2 MiB - 2) * 2 MiB`),
+/// `[g, g + 2 MiB)` is left unmapped by the boot code so that a stack
+/// overflow faults instead of corrupting the heap, and the heap ends at
+/// `g`. Small guests (where `g` would fall in the image's window) get no
+/// guard and a [`STACK_SIZE`] stack. The boot code in `arch.rs` makes
+/// the same decision.
+pub fn layout(mem_size: u64, image_end: u64, npt: u64) -> MemoryLayout {
+    let heap_start = image_end.div_ceil(4096) * 4096;
+    let g = (mem_size >> 21).checked_sub(2);
+    match g {
+        Some(g) if g >= npt && g < 2048 => MemoryLayout {
+            heap_start,
+            heap_end: (g << 21).max(heap_start),
+            guard: Some((g << 21, (g + 1) << 21)),
+            stack_bottom: (g + 1) << 21,
+        },
+        _ => {
+            let bottom = mem_size.saturating_sub(STACK_SIZE) & !4095;
+            MemoryLayout {
+                heap_start,
+                heap_end: bottom.max(heap_start),
+                guard: None,
+                stack_bottom: bottom,
+            }
+        }
+    }
+}
+
+/// This guest's memory layout.
+#[cfg(not(test))]
+pub fn current_layout() -> MemoryLayout {
+    let bi = crate::boot::boot_info();
+    // Linker-script symbols: only their addresses are used (`_tt_npt` is an
+    // absolute symbol whose "address" is the page-table count).
+    let image_end = core::ptr::addr_of!(_end) as u64;
+    let npt = core::ptr::addr_of!(_tt_npt) as u64;
+    layout(bi.mem_size, image_end.max(bi.kernel_end), npt)
 }
 
 #[cfg(not(test))]
 pub(crate) fn init() {
-    let bi = crate::boot::boot_info();
-    // `_end` is defined by the linker script; only its address is taken.
-    let image_end = core::ptr::addr_of!(_end) as u64;
-    let start = image_end.max(bi.kernel_end).div_ceil(4096) * 4096;
-    let end = bi.mem_size.saturating_sub(STACK_SIZE) & !4095;
-    if end > start {
-        // SAFETY: [start, end) lies between the image and the stack, is
-        // mapped RW, and is used by nothing else; init runs once.
-        HEAP.with(|h| unsafe { h.init(start as usize, end as usize) });
+    let l = current_layout();
+    if l.heap_end > l.heap_start {
+        // SAFETY: [heap_start, heap_end) lies between the image and the
+        // stack guard/stack, is mapped RW, and is used by nothing else;
+        // init runs once.
+        HEAP.with(|h| unsafe { h.init(l.heap_start as usize, l.heap_end as usize) });
     }
 }
 
@@ -365,6 +421,18 @@ mod tests {
         // SAFETY: the buffer is ours and outlives the heap (same struct).
         unsafe { heap.init(s, s + bytes) };
         Region { buf, heap }
+    }
+
+    #[test]
+    fn layout_puts_a_guard_below_the_stack() {
+        let l = layout(512 << 20, 0x123456, 1);
+        assert_eq!(l.guard, Some((508 << 20, 510 << 20)));
+        assert_eq!((l.heap_start, l.heap_end), (0x124000, 508 << 20));
+        assert_eq!(l.stack_bottom, 510 << 20);
+        // Too small for a guard outside the image window.
+        let s = layout(4 << 20, 0x123456, 1);
+        assert_eq!(s.guard, None);
+        assert_eq!((s.heap_end, s.stack_bottom), (3 << 20, 3 << 20));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! and exit status 255. Also `panic` (a Rust panic: `tt-guest: panic at
 //! <file>:<line>:<col>: requested panic`) and `oom` (allocating more than
 //! memory: `tt-guest: panic at ...: memory allocation of N bytes failed`),
-//! both status 255. Without a valid argument it prints a usage line and
+//! both status 255, and `stack` (unbounded recursion: `#PF ... (write to
+//! unmapped page, stack overflow?)`, status 255). Without a valid argument it prints a usage line and
 //! exits 2; if the exception does not stop the guest it exits 1.
 #![no_std]
 #![no_main]
@@ -20,9 +21,19 @@ use tt_guest::println;
 
 tt_guest::main!(app_main);
 
+/// Recurse forever, with a 4 KiB frame per level (the point of `stack`).
+#[inline(never)]
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    let mut frame = [0u8; 4096];
+    frame[(depth % 4096) as usize] = depth as u8;
+    black_box(&mut frame);
+    recurse(depth + 1) + frame[0] as u64
+}
+
 fn app_main() -> i32 {
     let Some(what) = tt_guest::boot::args().next() else {
-        println!("exception: usage: exception null|ud|div0|panic|oom");
+        println!("exception: usage: exception null|ud|div0|panic|oom|stack");
         return 2;
     };
     println!("exception: triggering {}", what);
@@ -55,6 +66,10 @@ fn app_main() -> i32 {
             println!("exception: 42 / 0 = {}", q);
         }
         "panic" => panic!("requested panic"),
+        "stack" => {
+            let n = recurse(black_box(1));
+            println!("exception: recursion returned {}", n);
+        }
         "oom" => {
             let n = black_box(usize::MAX / 4);
             let v: alloc::vec::Vec<u8> = black_box(alloc::vec::Vec::with_capacity(n));
@@ -62,7 +77,7 @@ fn app_main() -> i32 {
         }
         other => {
             println!(
-                "exception: unknown argument {:?} (use null, ud, div0, panic or oom)",
+                "exception: unknown argument {:?} (use null, ud, div0, panic, oom or stack)",
                 other
             );
             return 2;
