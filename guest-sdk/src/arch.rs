@@ -24,6 +24,9 @@
 //! 3. GDT (null, kcode 0x08, kdata 0x10, ucode 0x1b, udata 0x23, TSS 0x28),
 //!    IDT (built at assembly time: the stubs sit at a fixed address), TSS
 //!    (RSP0 = kernel stack, IST1 = double-fault stack).
+//!    On tt-host, which marks its own W^X page tables user-accessible and
+//!    says so with PML4[0].U = 1, step 2 is skipped except for the stack
+//!    guard page: the tender's tables are kept (see docs/ABI.md).
 //! 4. `iretq` to CPL 3 at `tt_user_start` on the boot stack, interrupts
 //!    off. Hypercalls (`out` to ports 0x500-0x5ff) work from user mode
 //!    through the TSS I/O permission bitmap. (RFLAGS.IOPL 3 would do on
@@ -104,6 +107,38 @@ _start:
 1:
     mov cr4, rax
 2:
+
+    /* On tt-host, PML4[0].U = 1 says the tender's page tables already map
+     * the image W^X from its ELF segments with user pages (docs/ABI.md):
+     * keep them, and only unmap the 2 MiB stack guard page (if it is a
+     * 2 MiB page there), which saves ~2000 emulated instructions. */
+    mov rax, cr3
+    and rax, -4096
+    mov rbx, qword ptr [rax]
+    test bl, 4
+    jz 23f
+    mov rdx, 0x000FFFFFFFFFF000
+    mov rcx, qword ptr [r15]
+    shr rcx, 21
+    sub rcx, 2
+    jb 21f
+    and rbx, rdx
+    mov rsi, rcx
+    shr rsi, 9
+    mov rbx, qword ptr [rbx + rsi * 8]
+    test bl, 1
+    jz 21f
+    and rbx, rdx
+    and ecx, 511
+    lea rbx, [rbx + rcx * 8]
+    test byte ptr [rbx], 0x80
+    jz 21f
+    mov qword ptr [rbx], 0
+21:
+    mov rax, cr3
+    mov cr3, rax
+    jmp 22f
+23:
 
     /* Page tables. rdx = NX bit, rsi = stride. */
     mov eax, offset tt_pdpt + 7
@@ -217,6 +252,7 @@ _start:
 8:
     mov eax, offset tt_pml4
     mov cr3, rax
+22:
 
     /* GDT: constant descriptors, then the TSS descriptor (base = tt_tss). */
     mov rax, 0x00AF9A000000FFFF

@@ -15,8 +15,9 @@
 //! Memory is identity-mapped. Pages of the image get the protections of
 //! their ELF segment (text R+X, rodata R, data R+W; never W+X). Everything
 //! else is R+W and not executable. Above the image, 2 MiB pages are used.
-//! Pages from 1 MiB up are user-accessible (U=1), low memory is not, so a
-//! guest can run its code at CPL 3 without building page tables of its own.
+//! Pages from 1 MiB up and the boot info, manifest and command line are
+//! user-accessible (U=1); the GDT and page tables are not. So a guest can
+//! run its code at CPL 3 without building page tables of its own.
 
 use crate::abi;
 use crate::loader::Image;
@@ -126,7 +127,8 @@ pub fn build(image: &Image, mem_size: u64) -> Result<LowMem, LayoutError> {
             }
             None => PTE_P | PTE_RW | PTE_NX,
         };
-        let user = if addr >= abi::GUEST_MIN_BASE {
+        let boot_data = (BOOT_INFO_BASE..CMDLINE_BASE + abi::CMDLINE_SIZE as u64).contains(&addr);
+        let user = if addr >= abi::GUEST_MIN_BASE || boot_data {
             PTE_US
         } else {
             0
@@ -170,8 +172,18 @@ mod tests {
     fn segment_flags_become_page_protections() {
         let low = build(&image(), 64 << 20).unwrap();
         assert_eq!(pte(&low, 0), 0, "page 0 must be unmapped");
-        // low memory: writable, no execute, supervisor-only
-        assert_eq!(pte(&low, 0x8_0000), 0x8_0000 | PTE_P | PTE_RW | PTE_NX);
+        // page tables: writable, no execute, supervisor-only
+        assert_eq!(pte(&low, 0x2000), 0x2000 | PTE_P | PTE_RW | PTE_NX);
+        // boot info, manifest, command line: readable from user mode
+        assert_eq!(
+            pte(&low, 0x8_0000),
+            0x8_0000 | PTE_P | PTE_RW | PTE_US | PTE_NX
+        );
+        assert_eq!(
+            pte(&low, 0x8_3000),
+            0x8_3000 | PTE_P | PTE_RW | PTE_US | PTE_NX
+        );
+        assert_eq!(pte(&low, 0x8_4000), 0x8_4000 | PTE_P | PTE_RW | PTE_NX);
         // text: present, read-only, executable, user
         assert_eq!(pte(&low, 0x10_1000), 0x10_1000 | PTE_P | PTE_US);
         // rodata: read-only, no execute
