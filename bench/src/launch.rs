@@ -37,10 +37,10 @@ fn nop_command() -> Result<Command, String> {
     Ok(c)
 }
 
-/// `tt-host run --mem=32 IMAGE [-- ARGS]`.
+/// `tt-host run IMAGE [-- ARGS]`.
 pub fn tt_host_command(tt_host: &Path, image: &Path, guest_args: &[String]) -> Command {
     let mut c = Command::new(tt_host);
-    c.arg("run").arg("--mem=32").arg(image);
+    c.arg("run").arg(image);
     if !guest_args.is_empty() {
         c.arg("--").args(guest_args);
     }
@@ -58,7 +58,7 @@ pub fn run(o: &Opts) -> Result<Verdict, String> {
         ));
     }
 
-    println!("== launch: tt-host run --mem=32 {} ==", image.display());
+    println!("== launch: tt-host run {} ==", image.display());
     // One untimed run of each warms the page cache and checks both work.
     for _ in 0..2 {
         child::run(&mut floor_command()?)?.check_status("floor-guest", 0)?;

@@ -1,4 +1,4 @@
-//! `tt-bench rss`: peak resident set size of `tt-host run --mem=32 hello`,
+//! `tt-bench rss`: peak resident set size of `tt-host run hello`,
 //! beside the floor program's.
 //!
 //! Two figures per process: `ru_maxrss` from `wait4`, which by Linux's
@@ -41,10 +41,7 @@ pub fn run(o: &Opts) -> Result<Verdict, String> {
     let expect = o.expect_status.unwrap_or(0);
     let runs = o.runs.unwrap_or(DEFAULT_RUNS).max(1);
 
-    println!(
-        "== rss: peak RSS of tt-host run --mem=32 {} ==",
-        image.display()
-    );
+    println!("== rss: peak RSS of tt-host run {} ==", image.display());
     let (mut floor, mut host) = (Peak::default(), Peak::default());
     for _ in 0..runs {
         for trace in [false, true] {
@@ -63,7 +60,7 @@ pub fn run(o: &Opts) -> Result<Verdict, String> {
     );
     for (name, p) in [
         ("floor: KVM VM + 1 vCPU + hlt", &floor),
-        ("tt-host run hello (32 MiB guest)", &host),
+        ("tt-host run hello (512 MiB guest)", &host),
     ] {
         println!(
             "{:<34} {:>5} {:>12} KiB {:>12} KiB",
