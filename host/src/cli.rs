@@ -30,6 +30,12 @@ options (solo5-hvt spellings):
                                 (default: a random locally administered one)
   -h, --help                    show this help
 
+developer options:
+  --x-solo5-hvt-boot            start the guest in solo5-hvt's boot state
+                                (2 MiB read-write pages over all memory, no
+                                NX, no CR0.WP) instead of tt-host's W^X one,
+                                to check that an image is portable to it
+
 Every device in the image's manifest must be given, and every device given
 must be in the manifest.";
 
@@ -43,6 +49,7 @@ pub struct RunArgs {
     pub macs: Vec<(String, String)>,
     pub image: PathBuf,
     pub guest_args: Vec<String>,
+    pub solo5_hvt_boot: bool,
 }
 
 /// Result of parsing: run, or print help.
@@ -78,6 +85,7 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
     let (mut blocks, mut sector_sizes, mut nets, mut macs) = (vec![], vec![], vec![], vec![]);
     let mut i = 0;
     let mut dashdash = false;
+    let mut solo5_hvt_boot = false;
     while i < args.len() {
         let a = args[i].as_str();
         if a == "--" {
@@ -111,6 +119,8 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
                 .ok_or_else(|| {
                     CliError(format!("--mem={v}: expected a size in MiB from 4 to 4096"))
                 })?;
+        } else if a == "--x-solo5-hvt-boot" {
+            solo5_hvt_boot = true;
         } else if let Some(rest) = a.strip_prefix("--block:") {
             let (name, path) = named("--block:", rest)?;
             let paths: Vec<(String, String)> = blocks
@@ -158,6 +168,7 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
         macs,
         image: PathBuf::from(image),
         guest_args: rest.to_vec(),
+        solo5_hvt_boot,
     }))
 }
 
@@ -206,7 +217,16 @@ mod tests {
 
     #[test]
     fn solo5_order_with_dashdash_before_image() {
-        let r = run(&["--mem=8", "--", "app.hvt", "x", "--", "y"]);
+        let r = run(&[
+            "--mem=8",
+            "--x-solo5-hvt-boot",
+            "--",
+            "app.hvt",
+            "x",
+            "--",
+            "y",
+        ]);
+        assert!(r.solo5_hvt_boot);
         assert_eq!(r.image, PathBuf::from("app.hvt"));
         assert_eq!(r.guest_args, vec!["x", "--", "y"]);
     }

@@ -134,6 +134,7 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
         mem_size,
         cmdline: &cmdline,
         manifest: &manifest,
+        solo5_hvt_boot: args.solo5_hvt_boot,
     };
     let modules: Vec<Box<dyn Module>> = vec![
         Box::new(Console::new(std::io::stdout())),

@@ -157,3 +157,51 @@ fn compute_runs() {
     assert_eq!(r.status, 0, "{r:?}");
     assert!(!r.stdout.is_empty(), "{r:?}");
 }
+
+/// solo5-hvt itself cannot be installed here, so tt-host reproduces its
+/// boot state (2 MiB read-write supervisor pages over all memory, no NX, no
+/// CR0.WP): the SDK must then build its own page tables and still give the
+/// same CPL 3, W^X and exception behaviour.
+#[test]
+fn sdk_images_behave_the_same_from_solo5_hvt_boot_state() {
+    if !kvm() {
+        return;
+    }
+    let solo5 = |args: &[&str]| {
+        let mut a = vec!["--x-solo5-hvt-boot", "--mem=64"];
+        a.extend_from_slice(args);
+        run(&a)
+    };
+    let r = solo5(&[&img("hello"), "x", "exit=3"]);
+    assert_eq!(r.status, 3, "{r:?}");
+    assert!(r.stdout.contains("arg[1]: x"), "{r:?}");
+    for arg in [
+        "write-text",
+        "write-rodata",
+        "exec-data",
+        "exec-rodata",
+        "exec-stack",
+    ] {
+        let r = solo5(&[&img("wx"), arg]);
+        assert_eq!(r.status, 255, "{arg}: {r:?}");
+        assert!(
+            r.stdout.contains("#PF") || r.stderr.contains("#PF"),
+            "{arg}: {r:?}"
+        );
+    }
+    for (arg, needle) in [
+        ("null", "null pointer"),
+        ("stack", "stack overflow"),
+        ("ud", "#UD"),
+    ] {
+        let r = solo5(&[&img("exception"), arg]);
+        assert_eq!(r.status, 255, "{arg}: {r:?}");
+        assert!(
+            format!("{}{}", r.stdout, r.stderr).contains(needle),
+            "{arg}: {r:?}"
+        );
+    }
+    let r = solo5(&[&img("fpu")]);
+    assert_eq!(r.status, 0, "{r:?}");
+    assert!(r.stdout.contains("fpu: sse ok"), "{r:?}");
+}

@@ -138,6 +138,30 @@ pub fn build(image: &Image, mem_size: u64) -> Result<LowMem, LayoutError> {
     Ok(LowMem { bytes: low })
 }
 
+/// Solo5's hvt tender's page tables instead of ours: all of memory,
+/// page 0 included, identity-mapped with 2 MiB pages that are present and
+/// writable, nothing else (no NX, no user bit). `tt-host run
+/// --x-solo5-hvt-boot` uses them to check that a guest also boots the way
+/// solo5-hvt starts it.
+pub fn build_solo5_hvt(mem_size: u64) -> LowMem {
+    assert!(mem_size % HUGE == 0 && (MIN_MEM..=MAX_MEM).contains(&mem_size));
+    let mut low = vec![0u8; (PT_BASE - GDT_BASE) as usize];
+    let mut put = |gpa: u64, val: u64| {
+        let o = (gpa - GDT_BASE) as usize;
+        low[o..o + 8].copy_from_slice(&val.to_le_bytes());
+    };
+    put(GDT_BASE + 8, 0x00af_9b00_0000_ffff);
+    put(GDT_BASE + 16, 0x00cf_9300_0000_ffff);
+    put(PML4_BASE, PDPT_BASE | PTE_P | PTE_RW);
+    for i in 0..PD_COUNT {
+        put(PDPT_BASE + i * 8, (PD_BASE + i * PAGE) | PTE_P | PTE_RW);
+    }
+    for i in 0..mem_size / HUGE {
+        put(PD_BASE + i * 8, (i * HUGE) | PTE_P | PTE_RW | PTE_PS);
+    }
+    LowMem { bytes: low }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

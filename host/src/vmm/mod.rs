@@ -50,6 +50,9 @@ pub struct BootParams<'a> {
     pub cmdline: &'a str,
     /// The manifest as the guest sees it (device fields filled in).
     pub manifest: &'a [u8],
+    /// Start the guest in solo5-hvt's boot state instead of tt-host's
+    /// (see [`layout::build_solo5_hvt`]); for portability tests.
+    pub solo5_hvt_boot: bool,
 }
 
 /// A created, ready-to-run VM.
@@ -113,7 +116,11 @@ impl Vm {
             mem.write_slice(p.image.segment_bytes(p.file, seg), GuestAddress(seg.vaddr))
                 .expect("segment inside guest memory: checked by the loader");
         }
-        let low = layout::build(p.image, p.mem_size)?;
+        let low = if p.solo5_hvt_boot {
+            layout::build_solo5_hvt(p.mem_size)
+        } else {
+            layout::build(p.image, p.mem_size)?
+        };
         mem.write_slice(&low.bytes, GuestAddress(layout::GDT_BASE))
             .expect("low memory fits");
 
@@ -164,6 +171,11 @@ impl Vm {
         sregs.cr3 = layout::PML4_BASE;
         sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
         sregs.efer = EFER_LME | EFER_LMA | EFER_NXE;
+        if p.solo5_hvt_boot {
+            // solo5-hvt's values (tenders/hvt/hvt_cpu_x86_64.h).
+            sregs.cr0 = CR0_PE | CR0_NE | CR0_PG;
+            sregs.efer = EFER_LME | EFER_LMA;
+        }
         let code = segment(layout::SEL_CODE, 0xb, 1, 0);
         let data = segment(layout::SEL_DATA, 0x3, 0, 1);
         sregs.cs = code;
