@@ -34,6 +34,7 @@ fn run(args: &[String]) -> ExitCode {
 /// Build the hello example with the guest SDK from this source tree and boot it.
 fn demo() -> ExitCode {
     let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk");
+    let sdk = sdk.canonicalize().unwrap_or(sdk);
     if !sdk.join("Cargo.toml").exists() {
         return fail(format!(
             "demo needs the tt-host source tree (guest SDK not found at {})",

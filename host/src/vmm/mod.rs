@@ -11,7 +11,7 @@ pub mod layout;
 
 use crate::abi::{self, Hypercall};
 use crate::loader::Image;
-use crate::modules::{Action, GuestError, Module};
+use crate::modules::{Action, Module};
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -32,8 +32,6 @@ pub enum VmError {
     Layout(#[from] layout::LayoutError),
     #[error("guest command line is {0} bytes; at most {max} are allowed", max = abi::CMDLINE_SIZE - 1)]
     CmdlineTooLong(usize),
-    #[error("guest fault: {0}")]
-    Guest(#[from] GuestError),
     #[error("guest fault: {0}")]
     Fault(String),
 }
