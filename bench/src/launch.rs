@@ -1,7 +1,8 @@
-//! `tt-bench launch`: launch-to-exit wall time of `tt-host run --mem=32
-//! hello`, against the floor: `tt-bench floor-guest`, the smallest KVM
-//! program, run as a whole process the same number of times. Runs are
-//! interleaved (floor, tt-host, floor, ...) so drift hits both alike.
+//! `tt-bench launch`: launch-to-exit wall time of `tt-host run hello`
+//! (default guest memory, 512 MiB), against the floor: `tt-bench
+//! floor-guest`, the smallest KVM program, run as a whole process the same
+//! number of times. Runs are interleaved (floor, tt-host, floor, ...) so
+//! drift hits both alike.
 //!
 //! To show where the time goes, the same loop also runs a process that
 //! does nothing (`tt-bench nop`) and tt-host with a 4-instruction image
