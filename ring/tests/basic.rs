@@ -1,0 +1,102 @@
+//! Basic behaviour of producer and consumer on one device.
+
+use std::sync::Arc;
+use tt_ring::{Consumer, Error, MemDevice, Producer, State};
+
+fn ring(size: u64) -> Arc<MemDevice> {
+    let d = Arc::new(MemDevice::new(size, 512));
+    Producer::create(&d).unwrap();
+    d
+}
+
+#[test]
+fn pushed_items_are_invisible_until_advance_then_delivered_in_order() {
+    let d = ring(64 << 10);
+    let mut p = Producer::attach(d.clone()).unwrap();
+    let mut c = Consumer::attach(d.clone()).unwrap();
+    p.push(b"one").unwrap();
+    p.push(b"").unwrap();
+    assert!(matches!(c.pop(), Err(Error::Retry)));
+    p.advance().unwrap();
+    let a = c.pop().unwrap();
+    let b = c.pop().unwrap();
+    assert_eq!(
+        (a.data.as_slice(), b.data.as_slice()),
+        (&b"one"[..], &b""[..])
+    );
+    assert!(matches!(c.pop(), Err(Error::Retry)));
+    c.advance(b.next).unwrap();
+}
+
+#[test]
+fn full_ring_says_retry_and_frees_space_on_consumer_advance() {
+    let d = ring(8 * 512); // 3 data sectors
+    let mut p = Producer::attach(d.clone()).unwrap();
+    let mut c = Consumer::attach(d.clone()).unwrap();
+    let item = [7u8; 500];
+    p.push(&item).unwrap();
+    p.advance().unwrap();
+    p.push(&item).unwrap();
+    p.advance().unwrap();
+    p.push(&item).unwrap();
+    p.advance().unwrap();
+    assert!(matches!(p.push(&item), Err(Error::Retry)));
+    let (n, next) = c
+        .fold(0, |n, it| {
+            assert_eq!(it.data, item);
+            n + 1
+        })
+        .unwrap();
+    assert_eq!(n, 3);
+    c.advance(next).unwrap();
+    // Wraps around.
+    for _ in 0..10 {
+        p.push(&item).unwrap();
+        p.advance().unwrap();
+        let it = c.pop().unwrap();
+        assert_eq!(it.data, item);
+        c.advance(it.next).unwrap();
+    }
+}
+
+#[test]
+fn an_item_that_can_never_fit_is_refused() {
+    let d = ring(8 * 512);
+    let mut p = Producer::attach(d).unwrap();
+    let max = p.max_item();
+    assert!(matches!(
+        p.push(&vec![0; max as usize + 1]),
+        Err(Error::TooBig { .. })
+    ));
+    p.push(&vec![1; max as usize]).unwrap();
+    p.advance().unwrap();
+}
+
+#[test]
+fn suspend_handshake() {
+    let d = ring(64 << 10);
+    let mut p = Producer::attach(d.clone()).unwrap();
+    let mut c = Consumer::attach(d.clone()).unwrap();
+    c.suspend().unwrap();
+    assert_eq!(c.state().unwrap(), State::Running, "not yet acknowledged");
+    assert!(matches!(c.resume(), Err(Error::Retry)));
+    assert!(matches!(p.push(b"x"), Err(Error::Suspended)));
+    assert_eq!(c.state().unwrap(), State::Suspended);
+    c.resume().unwrap();
+    assert!(
+        matches!(c.suspend(), Err(Error::Retry)),
+        "resume not yet acknowledged"
+    );
+    p.push(b"x").unwrap();
+    assert_eq!(c.state().unwrap(), State::Running);
+}
+
+#[test]
+fn attach_rejects_what_is_not_a_ring() {
+    let zero = MemDevice::new(64 << 10, 512);
+    assert!(matches!(Consumer::attach(&zero), Err(Error::NotARing(_))));
+    let junk = MemDevice::from_bytes((0..65536u32).map(|i| (i * 7919 % 251) as u8).collect(), 512);
+    assert!(matches!(Producer::attach(&junk), Err(Error::NotARing(_))));
+    let short = MemDevice::new(0, 512);
+    assert!(matches!(Consumer::attach(&short), Err(Error::NotARing(_))));
+}
