@@ -68,7 +68,7 @@ pub fn run(o: &Opts) -> Result<Verdict, String> {
         );
     }
     println!(
-        "(ru_maxrss is at least the spawner's RSS, here tt-bench's {} KiB)",
+        "(for scale: tt-bench's own peak RSS, not part of the figures above, is {} KiB)",
         self_maxrss_kib()
     );
     Ok(judge(
