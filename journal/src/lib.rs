@@ -1,0 +1,621 @@
+//! tt-journal: a crash-safe journal of operations, on a tt-ring.
+//!
+//! # The model
+//!
+//! A [`Journal`] owns a ring (both its producer and its consumer) and a
+//! `perform` function that applies operations to whatever the journal
+//! protects (for tt-host: a guest's disk image).
+//!
+//! - [`Journal::start`] first replays everything left in the ring by an
+//!   earlier run (crash recovery), then starts a background applier thread.
+//! - [`Journal::push`] appends one operation and returns once it is
+//!   durable. Concurrent pushers share syncs (group commit): the first
+//!   pusher to find no commit in progress becomes the leader, writes every
+//!   queued operation to the ring and advances it (one data sync plus one
+//!   control-block sync); the others wait for the commit that carries
+//!   their operation. No pusher waits for more than one commit after its
+//!   operation was queued, besides one already in flight.
+//! - The applier reads durable operations in push order, calls `perform`
+//!   with batches of them, and frees their ring space only after `perform`
+//!   returned `Ok`. A `perform` that fails or panics is retried after
+//!   `retry_interval`. So every acknowledged operation is performed at
+//!   least once, in order, even across crashes; after a crash the last
+//!   batch may be performed again, so `perform` must be idempotent.
+//! - [`Waiter::sync`] waits until `perform` has run for the operation.
+//! - When the ring is full, pushers wait for the applier to free space, up
+//!   to `full_timeout`, then fail with [`Error::Full`]; nothing is ever
+//!   dropped or overwritten.
+//!
+//! Operations are any serde type, encoded with postcard. Each ring record
+//! is a `u64` sequence number followed by the encoded operation.
+
+use serde::{de::DeserializeOwned, Serialize};
+use std::marker::PhantomData;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tt_ring::{BlockDevice, Consumer, Producer};
+
+/// Why a journal operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The ring stayed full for longer than `full_timeout`: the applier is
+    /// not keeping up (or `perform` keeps failing). Nothing was written.
+    #[error("journal full: no space freed within {0:?}")]
+    Full(Duration),
+    /// The operation can never fit in the ring.
+    #[error("operation of {len} bytes can never fit in the journal (max {max})")]
+    TooBig { len: u64, max: u64 },
+    /// [`Journal::shutdown`] was called.
+    #[error("journal is shut down")]
+    ShutDown,
+    /// A record in the ring does not decode as an operation.
+    #[error("journal record at position {position} does not decode: {err}")]
+    Decode { position: u64, err: postcard::Error },
+    /// Encoding the operation failed.
+    #[error("cannot encode operation: {0}")]
+    Encode(postcard::Error),
+    /// The ring failed (I/O error, corruption). A failed commit is never
+    /// acknowledged; the journal refuses further pushes.
+    #[error("ring: {0}")]
+    Ring(#[from] tt_ring::Error),
+}
+
+/// Tuning knobs.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// How long the applier waits for more operations before performing a
+    /// batch (0: perform as soon as anything is durable).
+    pub flush_interval: Duration,
+    /// How long to wait before retrying a failed `perform`.
+    pub retry_interval: Duration,
+    /// How long a push waits for space in a full ring.
+    pub full_timeout: Duration,
+    /// Most operations handed to one `perform` call.
+    pub max_batch: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            flush_interval: Duration::ZERO,
+            retry_interval: Duration::from_millis(100),
+            full_timeout: Duration::from_secs(30),
+            max_batch: 1024,
+        }
+    }
+}
+
+/// Counters, for monitoring.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Metrics {
+    /// Operations durable but not yet performed.
+    pub pending_ops: u64,
+    /// Encoded bytes of those operations.
+    pub pending_bytes: u64,
+    /// Commits (ring advances) done.
+    pub syncs: u64,
+    /// Duration of the last commit.
+    pub last_sync_latency: Duration,
+    /// Batches handed to `perform` (including retries).
+    pub performs: u64,
+    /// `perform` calls that failed or panicked.
+    pub perform_failures: u64,
+}
+
+struct State {
+    /// Next sequence number to hand out.
+    next_seq: u64,
+    /// Encoded records queued for the next commit.
+    queue: Vec<(u64, Vec<u8>)>,
+    /// Every operation with a smaller sequence number is durable.
+    durable: u64,
+    /// Every operation with a smaller sequence number is performed.
+    performed: u64,
+    committing: bool,
+    flush_requested: bool,
+    accepting: bool,
+    stopping: bool,
+    /// A commit failed: the journal no longer accepts pushes.
+    broken: Option<String>,
+    /// Sizes of durable, unperformed ops, for metrics: (seq, bytes).
+    pending: std::collections::VecDeque<(u64, u64)>,
+    metrics: Metrics,
+}
+
+struct Shared<D: BlockDevice> {
+    state: Mutex<State>,
+    /// Signalled when `durable`, `performed`, space or flags change.
+    changed: Condvar,
+    producer: Mutex<Producer<D>>,
+    config: Config,
+}
+
+/// A running journal of operations of type `Op`.
+pub struct Journal<Op, D: BlockDevice> {
+    shared: Arc<Shared<D>>,
+    applier: Mutex<Option<JoinHandle<()>>>,
+    _op: PhantomData<fn(Op)>,
+}
+
+/// Returned by [`Journal::push`]: the operation is durable.
+#[must_use = "the operation is durable; call sync() to wait until it is performed"]
+pub struct Waiter<D: BlockDevice> {
+    shared: Arc<Shared<D>>,
+    seq: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking perform is caught; a poisoned lock only means another
+    // thread panicked while holding it, and the state stays consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<D: BlockDevice> Waiter<D> {
+    /// The operation's sequence number (push order).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Wait until `perform` has completed for this operation. Returns
+    /// [`Error::ShutDown`] if the journal stopped (without draining) first.
+    pub fn sync(&self) -> Result<(), Error> {
+        let mut st = lock(&self.shared.state);
+        st.flush_requested = true;
+        self.shared.changed.notify_all();
+        while st.performed <= self.seq {
+            if st.stopping {
+                return Err(Error::ShutDown);
+            }
+            st = self
+                .shared
+                .changed
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        Ok(())
+    }
+
+    /// Ask the applier to perform what is pending now, without waiting
+    /// for `flush_interval`.
+    pub fn flush(&self) {
+        lock(&self.shared.state).flush_requested = true;
+        self.shared.changed.notify_all();
+    }
+}
+
+impl<Op, D> Journal<Op, D>
+where
+    Op: Serialize + DeserializeOwned + Send + 'static,
+    D: BlockDevice + Clone + Send + Sync + 'static,
+{
+    /// Replay what an earlier run left in the ring on `dev` (which must
+    /// already be a ring: see [`tt_ring::Producer::create`]), then start
+    /// the applier. `perform` receives batches of operations in push order.
+    ///
+    /// Replay calls `perform` until it succeeds for everything pending
+    /// (retrying after `retry_interval`), so `start` returns only once the
+    /// protected state has caught up with the journal.
+    pub fn start<F, E>(dev: D, config: Config, perform: F) -> Result<Journal<Op, D>, Error>
+    where
+        F: FnMut(&[Op]) -> Result<(), E> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let mut consumer = Consumer::attach(dev.clone())?;
+        let producer = Producer::attach(dev)?;
+        let mut applier = Applier {
+            consumer: &mut consumer,
+            perform,
+            config,
+            _op: PhantomData::<fn() -> Op>,
+        };
+        // Replay: perform everything pending before accepting pushes.
+        let mut last_seq = None;
+        loop {
+            let batch = applier.read_batch()?;
+            if batch.ops.is_empty() {
+                break;
+            }
+            last_seq = batch.last_seq.or(last_seq);
+            applier.perform_until_ok(&batch, None::<&Shared<D>>)?;
+        }
+        let next_seq = last_seq.map_or(0, |s| s + 1);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                next_seq,
+                queue: Vec::new(),
+                durable: next_seq,
+                performed: next_seq,
+                committing: false,
+                flush_requested: false,
+                accepting: true,
+                stopping: false,
+                broken: None,
+                pending: Default::default(),
+                metrics: Metrics::default(),
+            }),
+            changed: Condvar::new(),
+            producer: Mutex::new(producer),
+            config,
+        });
+        let Applier { perform, .. } = applier;
+        let s2 = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("tt-journal-applier".into())
+            .spawn(move || {
+                let mut applier = Applier {
+                    consumer: &mut consumer,
+                    perform,
+                    config,
+                    _op: PhantomData::<fn() -> Op>,
+                };
+                applier.run(&s2);
+            })
+            .expect("spawn applier thread");
+        Ok(Journal {
+            shared,
+            applier: Mutex::new(Some(handle)),
+            _op: PhantomData,
+        })
+    }
+
+    /// Append `op`; returns once it is durable (synced to the ring).
+    ///
+    /// Outcomes: `Ok(waiter)`; [`Error::Full`] after waiting
+    /// `full_timeout` for space; [`Error::TooBig`]; [`Error::ShutDown`];
+    /// [`Error::Ring`] if the commit failed (the op is not acknowledged and
+    /// the journal accepts no more pushes).
+    pub fn push(&self, op: &Op) -> Result<Waiter<D>, Error> {
+        let body = postcard::to_stdvec(op).map_err(Error::Encode)?;
+        let mut st = lock(&self.shared.state);
+        if !st.accepting {
+            return Err(Error::ShutDown);
+        }
+        if let Some(why) = &st.broken {
+            return Err(Error::Ring(tt_ring::Error::Invalid(format!(
+                "an earlier commit failed: {why}"
+            ))));
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let mut rec = seq.to_le_bytes().to_vec();
+        rec.extend_from_slice(&body);
+        st.queue.push((seq, rec));
+        loop {
+            if st.durable > seq {
+                return Ok(Waiter {
+                    shared: self.shared.clone(),
+                    seq,
+                });
+            }
+            if let Some(why) = &st.broken {
+                return Err(Error::Ring(tt_ring::Error::Invalid(format!(
+                    "commit failed: {why}"
+                ))));
+            }
+            if !st.committing {
+                // Become the leader for everything queued so far.
+                st.committing = true;
+                let batch = std::mem::take(&mut st.queue);
+                drop(st);
+                let result = self.commit(&batch);
+                st = lock(&self.shared.state);
+                st.committing = false;
+                match result {
+                    Ok(latency) => {
+                        let last = batch.last().map(|(s, _)| *s).unwrap_or(seq);
+                        st.durable = st.durable.max(last + 1);
+                        st.metrics.syncs += 1;
+                        st.metrics.last_sync_latency = latency;
+                        for (s, rec) in &batch {
+                            st.pending.push_back((*s, rec.len() as u64));
+                        }
+                    }
+                    Err(CommitError::Full) => {
+                        // Nothing of this batch was committed: put it back
+                        // and fail only our own op.
+                        let mut back = batch;
+                        back.retain(|(s, _)| *s != seq);
+                        back.append(&mut st.queue);
+                        st.queue = back;
+                        self.shared.changed.notify_all();
+                        return Err(Error::Full(self.shared.config.full_timeout));
+                    }
+                    Err(CommitError::TooBig { len, max }) => {
+                        let mut back = batch;
+                        back.retain(|(s, _)| *s != seq);
+                        back.append(&mut st.queue);
+                        st.queue = back;
+                        self.shared.changed.notify_all();
+                        return Err(Error::TooBig { len, max });
+                    }
+                    Err(CommitError::Ring(e)) => {
+                        st.broken = Some(e.to_string());
+                        self.shared.changed.notify_all();
+                        return Err(Error::Ring(e));
+                    }
+                }
+                self.shared.changed.notify_all();
+                continue;
+            }
+            st = self
+                .shared
+                .changed
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Write `batch` to the ring and advance. Waits for space when full.
+    fn commit(&self, batch: &[(u64, Vec<u8>)]) -> Result<Duration, CommitError> {
+        let start = Instant::now();
+        let mut p = lock(&self.shared.producer);
+        let deadline = start + self.shared.config.full_timeout;
+        let mut staged = 0;
+        while staged < batch.len() {
+            match p.push(&batch[staged].1) {
+                Ok(_) => staged += 1,
+                Err(tt_ring::Error::Retry) => {
+                    if staged > 0 {
+                        // Commit what fits, then wait for space for the rest.
+                        p.advance().map_err(CommitError::Ring)?;
+                    }
+                    if Instant::now() > deadline {
+                        return Err(if staged == 0 {
+                            CommitError::Full
+                        } else {
+                            CommitError::Ring(tt_ring::Error::Invalid(
+                                "ring full in the middle of a commit".into(),
+                            ))
+                        });
+                    }
+                    // Wake the applier and wait for it to free space.
+                    let mut st = lock(&self.shared.state);
+                    st.flush_requested = true;
+                    self.shared.changed.notify_all();
+                    let (g, _) = self
+                        .shared
+                        .changed
+                        .wait_timeout(st, Duration::from_millis(5))
+                        .unwrap_or_else(|e| e.into_inner());
+                    drop(g);
+                }
+                Err(tt_ring::Error::TooBig { len, max }) => {
+                    return Err(CommitError::TooBig {
+                        len: len.saturating_sub(8),
+                        max: max.saturating_sub(8),
+                    })
+                }
+                Err(e) => return Err(CommitError::Ring(e)),
+            }
+        }
+        p.advance().map_err(CommitError::Ring)?;
+        Ok(start.elapsed())
+    }
+
+    /// Current counters.
+    pub fn metrics(&self) -> Metrics {
+        let st = lock(&self.shared.state);
+        let mut m = st.metrics;
+        m.pending_ops = st.pending.len() as u64;
+        m.pending_bytes = st.pending.iter().map(|(_, b)| b).sum();
+        m
+    }
+
+    /// Stop accepting pushes (later pushes fail with [`Error::ShutDown`]),
+    /// wait for in-flight pushes to commit, and, if `drain`, wait until
+    /// everything durable is performed; then stop the applier. Whatever is
+    /// not performed stays in the ring and is replayed by the next
+    /// [`start`](Self::start).
+    ///
+    /// Takes `&self` so that it can run while other threads are pushing;
+    /// calling it again does nothing.
+    pub fn shutdown(&self, drain: bool) {
+        let Some(handle) = lock(&self.applier).take() else {
+            return;
+        };
+        {
+            let mut st = lock(&self.shared.state);
+            st.accepting = false;
+            while st.committing || !st.queue.is_empty() && st.broken.is_none() {
+                st = self
+                    .shared
+                    .changed
+                    .wait(st)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            if drain {
+                while st.performed < st.durable && st.broken.is_none() {
+                    st.flush_requested = true;
+                    self.shared.changed.notify_all();
+                    st = self
+                        .shared
+                        .changed
+                        .wait(st)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            st.stopping = true;
+            self.shared.changed.notify_all();
+        }
+        let _ = handle.join();
+    }
+}
+
+impl<Op, D: BlockDevice> Drop for Journal<Op, D> {
+    fn drop(&mut self) {
+        if let Some(handle) = lock(&self.applier).take() {
+            {
+                let mut st = lock(&self.shared.state);
+                st.accepting = false;
+                st.stopping = true;
+                self.shared.changed.notify_all();
+            }
+            let _ = handle.join();
+        }
+    }
+}
+
+enum CommitError {
+    Full,
+    TooBig { len: u64, max: u64 },
+    Ring(tt_ring::Error),
+}
+
+/// A batch read from the ring.
+struct Batch<Op> {
+    ops: Vec<Op>,
+    last_seq: Option<u64>,
+    /// Ring position after the batch (free up to here once performed).
+    next: u64,
+}
+
+struct Applier<'a, Op, D: BlockDevice, F> {
+    consumer: &'a mut Consumer<D>,
+    perform: F,
+    config: Config,
+    _op: PhantomData<fn() -> Op>,
+}
+
+impl<Op, D, F, E> Applier<'_, Op, D, F>
+where
+    Op: DeserializeOwned,
+    D: BlockDevice,
+    F: FnMut(&[Op]) -> Result<(), E>,
+    E: std::fmt::Display,
+{
+    /// Read up to `max_batch` durable ops from the freed position.
+    fn read_batch(&mut self) -> Result<Batch<Op>, Error> {
+        self.consumer.seek(self.consumer.position())?;
+        let mut batch = Batch {
+            ops: Vec::new(),
+            last_seq: None,
+            next: self.consumer.position(),
+        };
+        while batch.ops.len() < self.config.max_batch {
+            let item = match self.consumer.pop() {
+                Ok(item) => item,
+                Err(tt_ring::Error::Retry) => break,
+                Err(e) => return Err(e.into()),
+            };
+            let decode_err = |err| Error::Decode {
+                position: item.position,
+                err,
+            };
+            if item.data.len() < 8 {
+                return Err(decode_err(postcard::Error::DeserializeUnexpectedEnd));
+            }
+            let seq = u64::from_le_bytes(item.data[..8].try_into().unwrap());
+            let op = postcard::from_bytes(&item.data[8..]).map_err(decode_err)?;
+            batch.ops.push(op);
+            batch.last_seq = Some(seq);
+            batch.next = item.next;
+        }
+        Ok(batch)
+    }
+
+    /// Call perform until it succeeds (or the journal stops), then free
+    /// the batch's ring space. Returns false if stopped first.
+    fn perform_until_ok<D2: BlockDevice>(
+        &mut self,
+        batch: &Batch<Op>,
+        shared: Option<&Shared<D2>>,
+    ) -> Result<bool, Error> {
+        loop {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                (self.perform)(&batch.ops)
+            }));
+            if let Some(sh) = shared {
+                lock(&sh.state).metrics.performs += 1;
+            }
+            match outcome {
+                Ok(Ok(())) => {
+                    self.consumer.advance(batch.next)?;
+                    return Ok(true);
+                }
+                Ok(Err(e)) => eprintln!(
+                    "tt-journal: perform failed (retrying in {:?}): {e}",
+                    self.config.retry_interval
+                ),
+                Err(_) => eprintln!(
+                    "tt-journal: perform panicked (retrying in {:?})",
+                    self.config.retry_interval
+                ),
+            }
+            if let Some(sh) = shared {
+                let mut st = lock(&sh.state);
+                st.metrics.perform_failures += 1;
+                let (st, _) = sh
+                    .changed
+                    .wait_timeout_while(st, self.config.retry_interval, |st| !st.stopping)
+                    .unwrap_or_else(|e| e.into_inner());
+                if st.stopping {
+                    return Ok(false);
+                }
+            } else {
+                std::thread::sleep(self.config.retry_interval);
+            }
+        }
+    }
+
+    fn run<D2: BlockDevice>(&mut self, sh: &Shared<D2>) {
+        loop {
+            // Wait for something durable and unperformed (or a stop).
+            {
+                let mut st = lock(&sh.state);
+                while st.performed >= st.durable && !st.stopping {
+                    st = sh.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                if st.stopping {
+                    return;
+                }
+                if !sh.config.flush_interval.is_zero() && !st.flush_requested {
+                    let (g, _) = sh
+                        .changed
+                        .wait_timeout_while(st, sh.config.flush_interval, |st| {
+                            !st.flush_requested && !st.stopping
+                        })
+                        .unwrap_or_else(|e| e.into_inner());
+                    st = g;
+                }
+                st.flush_requested = false;
+            }
+            let batch = match self.read_batch() {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("tt-journal: applier cannot read the ring: {e}");
+                    let mut st = lock(&sh.state);
+                    st.broken = Some(e.to_string());
+                    st.stopping = true;
+                    sh.changed.notify_all();
+                    return;
+                }
+            };
+            let Some(last) = batch.last_seq else {
+                // Durable per the state but not yet visible: cannot happen
+                // (commits finish before `durable` moves); avoid spinning.
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            };
+            match self.perform_until_ok(&batch, Some(sh)) {
+                Ok(true) => {
+                    let mut st = lock(&sh.state);
+                    st.performed = st.performed.max(last + 1);
+                    while st.pending.front().is_some_and(|(s, _)| *s <= last) {
+                        st.pending.pop_front();
+                    }
+                    sh.changed.notify_all();
+                }
+                Ok(false) => return,
+                Err(e) => {
+                    eprintln!("tt-journal: applier cannot free ring space: {e}");
+                    let mut st = lock(&sh.state);
+                    st.broken = Some(e.to_string());
+                    st.stopping = true;
+                    sh.changed.notify_all();
+                    return;
+                }
+            }
+        }
+    }
+}

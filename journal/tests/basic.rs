@@ -1,0 +1,219 @@
+//! Journal behaviour on a memory ring: durability, order, replay, group
+//! commit, retries, shutdown, back-pressure.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tt_journal::{Config, Error, Journal};
+use tt_ring::{MemDevice, Producer};
+
+type Log = Arc<Mutex<Vec<u64>>>;
+
+fn ring(size: u64) -> Arc<MemDevice> {
+    let d = Arc::new(MemDevice::new(size, 512));
+    Producer::create(&d).unwrap();
+    d
+}
+
+fn recorder(log: &Log) -> impl FnMut(&[u64]) -> Result<(), String> + Send + 'static {
+    let log = log.clone();
+    move |ops| {
+        log.lock().unwrap().extend_from_slice(ops);
+        Ok(())
+    }
+}
+
+#[test]
+fn pushed_ops_are_performed_in_order() {
+    let log = Log::default();
+    let j = Journal::start(ring(1 << 20), Config::default(), recorder(&log)).unwrap();
+    let mut last = None;
+    for i in 0..100u64 {
+        last = Some(j.push(&i).unwrap());
+    }
+    last.unwrap().sync().unwrap();
+    assert_eq!(*log.lock().unwrap(), (0..100).collect::<Vec<_>>());
+    j.shutdown(true);
+}
+
+#[test]
+fn unperformed_ops_are_replayed_by_the_next_start() {
+    let dev = ring(1 << 20);
+    let first = Log::default();
+    // perform always fails: nothing gets applied in the first run.
+    let j = Journal::start(
+        dev.clone(),
+        Config {
+            retry_interval: Duration::from_millis(1),
+            ..Config::default()
+        },
+        |_: &[u64]| Err("disk unplugged"),
+    )
+    .unwrap();
+    for i in 0..10u64 {
+        let _ = j.push(&i).unwrap();
+    }
+    j.shutdown(false);
+    assert!(first.lock().unwrap().is_empty());
+    let second = Log::default();
+    let j = Journal::start(dev, Config::default(), recorder(&second)).unwrap();
+    assert_eq!(
+        *second.lock().unwrap(),
+        (0..10).collect::<Vec<_>>(),
+        "replayed in start"
+    );
+    // Sequence numbers continue after the replayed ones.
+    let w = j.push(&10u64).unwrap();
+    assert_eq!(w.seq(), 10);
+    w.sync().unwrap();
+    j.shutdown(true);
+}
+
+#[test]
+fn perform_failing_then_succeeding_is_retried() {
+    let log = Log::default();
+    let failures = Arc::new(Mutex::new(3));
+    let (l, f) = (log.clone(), failures.clone());
+    let j = Journal::start(
+        ring(1 << 20),
+        Config {
+            retry_interval: Duration::from_millis(2),
+            ..Config::default()
+        },
+        move |ops: &[u64]| {
+            let mut left = f.lock().unwrap_or_else(|e| e.into_inner());
+            if *left > 0 {
+                *left -= 1;
+                if *left == 1 {
+                    panic!("perform panics once");
+                }
+                return Err("transient");
+            }
+            l.lock().unwrap().extend_from_slice(ops);
+            Ok(())
+        },
+    )
+    .unwrap();
+    j.push(&7u64).unwrap().sync().unwrap();
+    assert_eq!(*log.lock().unwrap(), vec![7]);
+    let m = j.metrics();
+    assert_eq!(m.perform_failures, 3);
+    assert_eq!(m.pending_ops, 0);
+    j.shutdown(true);
+}
+
+#[test]
+fn concurrent_pushers_share_syncs() {
+    let log = Log::default();
+    let j = Arc::new(Journal::start(ring(4 << 20), Config::default(), recorder(&log)).unwrap());
+    let threads: Vec<_> = (0..16u64)
+        .map(|t| {
+            let j = j.clone();
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    let _ = j.push(&(t * 1000 + i)).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let syncs = j.metrics().syncs;
+    assert!(
+        syncs < 800,
+        "{syncs} commits for 800 pushes: no group commit"
+    );
+    j.push(&u64::MAX).unwrap().sync().unwrap();
+    let performed = log.lock().unwrap().clone();
+    assert_eq!(performed.len(), 801);
+    // Each thread's ops are performed in its push order.
+    for t in 0..16 {
+        let mine: Vec<_> = performed
+            .iter()
+            .filter(|&&x| x / 1000 == t && x != u64::MAX)
+            .collect();
+        assert!(mine.windows(2).all(|w| w[0] < w[1]));
+    }
+    Arc::try_unwrap(j).ok().unwrap().shutdown(true);
+}
+
+#[test]
+fn shutdown_while_pushing_keeps_every_acknowledged_op() {
+    let log = Log::default();
+    let dev = ring(1 << 20);
+    let j = Arc::new(Journal::start(dev.clone(), Config::default(), recorder(&log)).unwrap());
+    let pushers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let j = j.clone();
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                for i in 0.. {
+                    match j.push(&(t * 1_000_000 + i)) {
+                        Ok(w) => acked.push(w.seq()),
+                        Err(Error::ShutDown) => break,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                acked.len()
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(20));
+    j.shutdown(true);
+    let acked: usize = pushers.into_iter().map(|p| p.join().unwrap()).sum();
+    assert!(acked > 0);
+    assert!(
+        matches!(j.push(&0), Err(Error::ShutDown)),
+        "push after shutdown"
+    );
+    assert_eq!(
+        log.lock().unwrap().len(),
+        acked,
+        "drained: every acknowledged op performed"
+    );
+    drop(j);
+    // Nothing is left to replay.
+    let again = Log::default();
+    let j = Journal::<u64, _>::start(dev, Config::default(), recorder(&again)).unwrap();
+    assert!(again.lock().unwrap().is_empty());
+    j.shutdown(false);
+}
+
+#[test]
+fn a_full_ring_makes_pushers_wait_then_time_out() {
+    let log = Log::default();
+    let gate = Arc::new(Mutex::new(false));
+    let (l, g) = (log.clone(), gate.clone());
+    let j = Journal::start(
+        ring(16 * 512),
+        Config {
+            full_timeout: Duration::from_millis(100),
+            retry_interval: Duration::from_millis(1),
+            ..Config::default()
+        },
+        move |ops: &[Vec<u8>]| {
+            if !*g.lock().unwrap() {
+                return Err("blocked");
+            }
+            l.lock().unwrap().extend(ops.iter().map(|o| o.len() as u64));
+            Ok(())
+        },
+    )
+    .unwrap();
+    let op = vec![1u8; 1000];
+    let mut acked = 0;
+    let err = loop {
+        match j.push(&op) {
+            Ok(_) => acked += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, Error::Full(_)), "{err}");
+    assert!(acked > 0);
+    *gate.lock().unwrap() = true;
+    j.push(&op).unwrap().sync().unwrap();
+    assert_eq!(log.lock().unwrap().len(), acked + 1, "nothing dropped");
+    let too_big = vec![0u8; 64 << 10];
+    assert!(matches!(j.push(&too_big), Err(Error::TooBig { .. })));
+    j.shutdown(true);
+}
