@@ -439,12 +439,12 @@ struct Clean {
     syncs: u64,
 }
 
-fn clean_run(ss: u32, data_sectors: u64, seed: u64, len: usize) -> Clean {
+fn clean_run(ss: u32, data_sectors: u64, script: Script) -> Clean {
     let max = {
         let d = fresh(ss, data_sectors);
         Producer::attach(d).unwrap().max_item()
     };
-    let steps = script(seed, len, max);
+    let steps = script.steps(max);
     let dev = fresh(ss, data_sectors);
     dev.set_faults(Faults::default()); // count from here, as run_with does
     let rec = Arc::new(Recorder {
@@ -462,12 +462,15 @@ fn clean_run(ss: u32, data_sectors: u64, seed: u64, len: usize) -> Clean {
     );
     let cap = data_sectors * ss as u64;
     assert!(
-        t.committed_pos > 2 * cap,
-        "the script should wrap around the ring several times (committed {}, capacity {cap})",
+        t.committed_pos > cap + data_sectors / 2 * ss as u64,
+        "the script should wrap around the ring (committed {}, capacity {cap})",
         t.committed_pos
     );
     assert!(
-        t.commits >= 10 && t.consumer_advances >= 10 && t.next_id >= 25,
+        match script {
+            Script::LargeItems => t.commits == 3 && t.consumer_advances == 3 && t.next_id == 5,
+            Script::Random(..) => t.commits >= 10 && t.consumer_advances >= 10 && t.next_id >= 25,
+        },
         "the script should commit and free often: {} records in {} commits, {} consumer advances",
         t.next_id,
         t.commits,
@@ -484,27 +487,76 @@ fn clean_run(ss: u32, data_sectors: u64, seed: u64, len: usize) -> Clean {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Script {
+    /// `script(seed, len, max_item)`.
+    Random(u64, usize),
+    /// Items of hundreds of KiB in a ring larger than the producer's 1 MiB
+    /// write-behind buffer: a push writes staged sectors before the
+    /// commit, and a batch wraps around the end of the data area.
+    LargeItems,
+}
+
+impl Script {
+    fn steps(self, max: u64) -> Vec<Step> {
+        use Step::*;
+        match self {
+            Script::Random(seed, len) => script(seed, len, max),
+            Script::LargeItems => vec![
+                Push(max / 2 + 4096 * 20),
+                Push(max / 2 - 4096 * 30),
+                ProducerAdvance,
+                Pop,
+                ConsumerAdvance,
+                Push(20),
+                ProducerAdvance,
+                Fold,
+                ConsumerAdvance,
+                Push(max * 3 / 4),
+                Push(max / 5),
+                ProducerAdvance,
+                Pop,
+                Pop,
+                ConsumerAdvance,
+            ],
+        }
+    }
+}
+
 /// The geometries and scripts of the crash tests: 512-byte sectors with a
-/// roomy and a minimal ring, and 4096-byte sectors.
-const CASES: &[(u32, u64, u64, usize)] = &[
-    (512, 16, 1, 220),
-    (512, 2, 2, 240),
-    (4096, 3, 3, 160),
-    (512, 9, 4, 220),
+/// roomy and a minimal ring, 4096-byte sectors, and large items.
+const CASES: &[(u32, u64, Script)] = &[
+    (512, 16, Script::Random(1, 220)),
+    (512, 2, Script::Random(2, 240)),
+    (4096, 3, Script::Random(3, 160)),
+    (512, 9, Script::Random(4, 220)),
+    (4096, 300, Script::LargeItems),
 ];
+
+/// How many sectors of an `n`-sector write to let through when tearing it:
+/// every count for short writes, the edges and the middle for long ones.
+fn tear_points(n: u64) -> Vec<u64> {
+    if n <= 16 {
+        (0..=n).collect()
+    } else {
+        let mut v = vec![0, 1, 2, n / 2, n - 2, n - 1, n];
+        v.dedup();
+        v
+    }
+}
 
 #[test]
 fn power_loss_before_any_write_keeps_every_committed_record() {
     let mut runs = 0;
-    for &(ss, n, seed, len) in CASES {
-        let clean = clean_run(ss, n, seed, len);
+    for &(ss, n, script) in CASES {
+        let clean = clean_run(ss, n, script);
         for k in 0..clean.writes.len() as u64 {
             let faults = Faults {
                 crash_before_write: Some(k),
                 ..Faults::default()
             };
             let (dev, t, stopped) = run_with(ss, n, &clean.steps, faults);
-            let what = format!("{ss}x{n} seed {seed}: crash before write {k}");
+            let what = format!("{ss}x{n} {script:?}: crash before write {k}");
             assert!(
                 stopped.is_some() && dev.is_dead(),
                 "{what}: run did not stop"
@@ -520,19 +572,19 @@ fn power_loss_before_any_write_keeps_every_committed_record() {
 #[test]
 fn torn_writes_keep_every_committed_record() {
     let mut runs = 0;
-    for &(ss, n, seed, len) in CASES {
-        let clean = clean_run(ss, n, seed, len);
+    for &(ss, n, script) in CASES {
+        let clean = clean_run(ss, n, script);
         for (k, &sectors) in clean.writes.iter().enumerate() {
             // 0..sectors tear the write; `sectors` lets it land whole but
             // lose power before the caller hears of it.
-            for kept in 0..=sectors {
+            for kept in tear_points(sectors) {
                 let faults = Faults {
                     tear_write: Some((k as u64, kept)),
                     ..Faults::default()
                 };
                 let (dev, t, stopped) = run_with(ss, n, &clean.steps, faults);
                 let what =
-                    format!("{ss}x{n} seed {seed}: write {k} torn after {kept}/{sectors} sectors");
+                    format!("{ss}x{n} {script:?}: write {k} torn after {kept}/{sectors} sectors");
                 assert!(
                     stopped.is_some() && dev.is_dead(),
                     "{what}: run did not stop"
@@ -549,15 +601,15 @@ fn torn_writes_keep_every_committed_record() {
 #[test]
 fn a_failed_write_poisons_the_producer_and_loses_nothing_committed() {
     let mut runs = 0;
-    for &(ss, n, seed, len) in CASES {
-        let clean = clean_run(ss, n, seed, len);
+    for &(ss, n, script) in CASES {
+        let clean = clean_run(ss, n, script);
         for k in 0..clean.writes.len() as u64 {
             let faults = Faults {
                 fail_write: Some(k),
                 ..Faults::default()
             };
             let (dev, t, stopped) = run_with(ss, n, &clean.steps, faults);
-            let what = format!("{ss}x{n} seed {seed}: write {k} fails");
+            let what = format!("{ss}x{n} {script:?}: write {k} fails");
             let (_, e) = stopped.unwrap_or_else(|| panic!("{what}: run did not stop"));
             assert!(matches!(e, Error::Io(_)), "{what}: {e}");
             // Without power loss, then after it.
@@ -574,15 +626,15 @@ fn a_failed_write_poisons_the_producer_and_loses_nothing_committed() {
 fn a_failed_sync_poisons_the_producer_and_loses_nothing_committed() {
     let mut runs = 0;
     let mut in_advance = 0;
-    for &(ss, n, seed, len) in CASES {
-        let clean = clean_run(ss, n, seed, len);
+    for &(ss, n, script) in CASES {
+        let clean = clean_run(ss, n, script);
         for k in 0..clean.syncs {
             let faults = Faults {
                 fail_sync: Some(k),
                 ..Faults::default()
             };
             let (dev, t, stopped) = run_with(ss, n, &clean.steps, faults);
-            let what = format!("{ss}x{n} seed {seed}: sync {k} fails");
+            let what = format!("{ss}x{n} {script:?}: sync {k} fails");
             let (side, e) = stopped.unwrap_or_else(|| panic!("{what}: run did not stop"));
             assert!(matches!(e, Error::Io(_)), "{what}: {e}");
             if side == Side::Producer && t.in_flight.is_some() {

@@ -79,9 +79,14 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
+    op_with(6)
+}
+
+/// Operations with pushes of any size weighted `any_weight` (small: 12).
+fn op_with(any_weight: u32) -> impl Strategy<Value = Op> {
     let len = prop_oneof![
         12 => (0u64..80).prop_map(Len::Small),
-        6 => any::<u64>().prop_map(Len::Any),
+        any_weight => any::<u64>().prop_map(Len::Any),
         1 => Just(Len::Max),
         1 => (0u64..20).prop_map(Len::TooBig),
         2 => Just(Len::FitsNow),
@@ -453,5 +458,21 @@ proptest! {
         ops in prop::collection::vec(op(), 500..1500),
     ) {
         run(ss, data_sectors, &ops);
+    }
+}
+
+// Rings larger than the producer's 1 MiB write-behind buffer and the
+// consumer's 256 KiB read-ahead, with items up to the largest: pushes
+// that write staged sectors before the commit, reads that refill the
+// read-ahead window mid-record.
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    #[test]
+    fn large_rings_behave_like_their_model(
+        data_sectors in 300u64..=700,
+        ops in prop::collection::vec(op_with(30), 20..120),
+    ) {
+        run(4096, data_sectors, &ops);
     }
 }
