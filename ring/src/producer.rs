@@ -147,6 +147,8 @@ impl<D: BlockDevice> Producer<D> {
     ///   first push after an advance); push again after it resumes.
     /// - [`Error::TooBig`]: the item can never fit; do not retry.
     /// - [`Error::Poisoned`], [`Error::Io`], [`Error::Corrupt`]: attach again.
+    ///   (`Corrupt` also when the ring has used up its u64 range of stream
+    ///   positions, after carrying ~16 EiB; then it must be created anew.)
     pub fn push(&mut self, item: &[u8]) -> Result<u64, Error> {
         self.guard()?;
         let len = item.len() as u64;
@@ -162,6 +164,12 @@ impl<D: BlockDevice> Producer<D> {
         let size = format::record_size(len);
         let ss = self.h.sector_size as u64;
         let cap = self.h.capacity();
+        if align_up(self.end() + size, ss) > position_limit(&self.h) {
+            return Err(Error::Corrupt {
+                position: None,
+                what: "the ring has used up its range of stream positions".into(),
+            });
+        }
         let fits =
             |consumer: u64, end: u64| align_up(end + size, ss) <= align_down(consumer, ss) + cap;
         if !fits(self.consumer, self.end()) {
@@ -300,6 +308,14 @@ impl<D: BlockDevice> Producer<D> {
     }
 }
 
+/// The largest producer position: position arithmetic (a record's end, a
+/// read-ahead window) must not overflow u64, so positions stay three
+/// capacities and 1 MiB short of its end. A ring reaches this only after
+/// carrying ~16 EiB.
+fn position_limit(h: &Header) -> u64 {
+    u64::MAX.saturating_sub(h.capacity().saturating_mul(3).saturating_add(1 << 20))
+}
+
 /// Positions read from disk must describe a possible ring.
 pub(crate) fn check_positions(h: &Header, producer: u64, consumer: u64) -> Result<(), Error> {
     let bad = |what: String| {
@@ -321,6 +337,11 @@ pub(crate) fn check_positions(h: &Header, producer: u64, consumer: u64) -> Resul
     if consumer > producer {
         return bad(format!(
             "consumer position {consumer} is past producer position {producer}"
+        ));
+    }
+    if producer > position_limit(h) {
+        return bad(format!(
+            "producer position {producer} is too close to the end of the position range"
         ));
     }
     if producer - consumer > h.capacity() {

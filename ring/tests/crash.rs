@@ -880,3 +880,72 @@ fn a_record_moved_or_from_another_ring_is_reported_as_corrupt() {
     img[at(0)..at(recs[2].next)].copy_from_slice(&other[at(0)..at(recs[2].next)]);
     expect_corrupt_at(img, &recs, 0, 0, "records from another ring");
 }
+
+/// Control blocks that pass their checksum but hold positions at the very
+/// end of the u64 range are refused as corrupt; they must not make
+/// position arithmetic overflow (a panic, or wrapped positions).
+#[test]
+fn positions_at_the_end_of_the_range_are_refused_not_overflowed() {
+    use tt_ring::format::{Control, Header, Side};
+    let (ss, n) = (512u64, 8u64);
+    let cap = ss * n;
+    let set = |d: &MemDevice, position: u64| {
+        let h = Header::read(d).unwrap();
+        for side in [Side::Producer, Side::Consumer] {
+            Control {
+                seq: 2,
+                position,
+                flag: false,
+            }
+            .write(d, &h, side)
+            .unwrap();
+        }
+    };
+    for position in [
+        u64::MAX - (ss - 1),
+        u64::MAX - (cap - 1),
+        u64::MAX / ss * ss - cap,
+    ] {
+        let d = MemDevice::new((HEADER_SECTORS + n) * ss, ss as u32);
+        Producer::create(&d).unwrap();
+        set(&d, position);
+        assert!(
+            matches!(
+                Producer::attach(&d),
+                Err(Error::Corrupt { position: None, .. })
+            ),
+            "producer attach at {position}"
+        );
+        assert!(
+            matches!(
+                Consumer::attach(&d),
+                Err(Error::Corrupt { position: None, .. })
+            ),
+            "consumer attach at {position}"
+        );
+    }
+
+    // A ring a few laps before the limit works as usual up to it, then
+    // refuses to go on (Corrupt, not a panic or a wrapped position).
+    let d = MemDevice::new((HEADER_SECTORS + n) * ss, ss as u32);
+    Producer::create(&d).unwrap();
+    let start = (u64::MAX - 3 * cap - (1 << 20)) / ss * ss - 4 * cap;
+    set(&d, start);
+    let mut p = Producer::attach(&d).unwrap();
+    let mut c = Consumer::attach(&d).unwrap();
+    let mut laps = 0;
+    loop {
+        let data = payload(laps, p.max_item() - laps * 100);
+        let pos = match p.push(&data) {
+            Ok(pos) => pos,
+            Err(Error::Corrupt { position: None, .. }) => break,
+            Err(e) => panic!("push at {}: {e}", p.position()),
+        };
+        p.advance().unwrap();
+        let it = c.pop().unwrap();
+        assert_eq!((it.position, it.data), (pos, data));
+        c.advance(it.next).unwrap();
+        laps += 1;
+    }
+    assert!(laps >= 4, "stopped after {laps} laps");
+}
