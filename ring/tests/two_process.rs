@@ -50,8 +50,10 @@ fn producer_and_consumer_in_two_processes() {
             }
         }
         if Instant::now() > deadline {
-            let _ = producer.kill();
-            let _ = consumer.kill();
+            for child in [&mut producer, &mut consumer] {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
             panic!("the two processes did not finish in 300 s");
         }
         std::thread::sleep(Duration::from_millis(20));
