@@ -26,6 +26,10 @@ fn ring_path() -> PathBuf {
 }
 
 #[test]
+#[allow(
+    clippy::zombie_processes,
+    reason = "both children are reaped: by try_wait when they exit, by wait after kill on timeout"
+)]
 fn producer_and_consumer_in_two_processes() {
     let path = ring_path();
     let dev = FileDevice::create(&path, 1 << 20, SECTOR).unwrap();
