@@ -46,15 +46,11 @@ type Dev = Arc<FaultyDevice>;
 /// Operations per input, at most.
 const MAX_OPS: usize = 512;
 
-/// Attaching again after a failed `advance` without a power loss reads
-/// the control blocks through the device's cache: if the failure was the
-/// sync after the producer's control write, `attach` reports (and a
-/// consumer can pop) records that are not durable, and a later power loss
-/// takes them back (see README.md, "Known issues"). Until `attach` makes
-/// what it reads durable, the harness syncs the device before attaching
-/// again in that case; set this to `true` to check the ring alone (the
-/// fuzzer then finds the issue in seconds).
-const STRICT_REATTACH: bool = false;
+/// Attaching again after a failed sync without a power loss must report
+/// only durable state (`attach` syncs the device first). `true` checks
+/// exactly that; `false` would make the harness sync before re-attaching,
+/// hiding a regression.
+const STRICT_REATTACH: bool = true;
 
 #[derive(Debug, Clone, Copy)]
 enum Len {

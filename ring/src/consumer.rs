@@ -41,6 +41,9 @@ impl<D: BlockDevice> Consumer<D> {
     ///
     /// Errors: [`Error::NotARing`], [`Error::Corrupt`], [`Error::Io`].
     pub fn attach(dev: D) -> Result<Consumer<D>, Error> {
+        // Sync first: what attach reports must be durable, even if an
+        // earlier handle's write reached the device but its sync failed.
+        dev.sync()?;
         let h = Header::read(&dev)?;
         let ctl = Control::read(&dev, &h, Side::Consumer)?;
         let producer = Control::read(&dev, &h, Side::Producer)?;

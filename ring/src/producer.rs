@@ -91,6 +91,9 @@ impl<D: BlockDevice> Producer<D> {
     /// sector size), [`Error::Corrupt`] (header or control blocks fail their
     /// checks), [`Error::Io`].
     pub fn attach(dev: D) -> Result<Producer<D>, Error> {
+        // Sync first: what attach reports must be durable, even if an
+        // earlier handle's write reached the device but its sync failed.
+        dev.sync()?;
         let h = Header::read(&dev)?;
         let ctl = Control::read(&dev, &h, Side::Producer)?;
         let cons = Control::read(&dev, &h, Side::Consumer)?;

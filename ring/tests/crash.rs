@@ -147,9 +147,17 @@ struct Outcome<D: BlockDevice> {
 }
 
 /// Run `steps` against the ring on `dev`, stopping at the first error.
-fn run<D: BlockDevice + Clone>(dev: &D, steps: &[Step], t: &mut Track) -> Outcome<D> {
+/// `arm` runs once both sides are attached (attach syncs the device), so
+/// that fault counters count the steps' writes and syncs only.
+fn run<D: BlockDevice + Clone>(
+    dev: &D,
+    steps: &[Step],
+    t: &mut Track,
+    arm: &dyn Fn(),
+) -> Outcome<D> {
     let mut p = Producer::attach(dev.clone()).unwrap();
     let mut c = Consumer::attach(dev.clone()).unwrap();
+    arm();
     macro_rules! fail {
         ($side:expr, $e:expr) => {
             return Outcome {
@@ -250,7 +258,15 @@ fn run<D: BlockDevice + Clone>(dev: &D, steps: &[Step], t: &mut Track) -> Outcom
                 Err(e) => fail!(Side::Consumer, e),
             },
             Step::ConsumerReattach => {
-                c = Consumer::attach(c.detach()).unwrap();
+                // attach syncs the device, so a failing sync can land here.
+                let dev = c.detach();
+                match Consumer::attach(dev.clone()) {
+                    Ok(fresh) => c = fresh,
+                    Err(e) => {
+                        c = Consumer::attach(dev).expect("re-attach after a failed sync");
+                        fail!(Side::Consumer, e)
+                    }
+                }
                 t.last_next = None;
             }
         }
@@ -396,7 +412,6 @@ fn run_with(
     faults: Faults,
 ) -> (Arc<FaultyDevice>, Track, Option<(Side, Error)>) {
     let dev = fresh(ss, data_sectors);
-    dev.set_faults(faults);
     let mut t = Track {
         sector: ss as u64,
         ..Track::default()
@@ -405,7 +420,7 @@ fn run_with(
         mut p,
         mut c,
         failure,
-    } = run(&dev, steps, &mut t);
+    } = run(&dev, steps, &mut t, &|| dev.set_faults(faults));
     let stopped = match failure {
         None => None,
         Some((side, e)) => {
@@ -457,7 +472,12 @@ fn clean_run(ss: u32, data_sectors: u64, script: Script) -> Clean {
         ..Track::default()
     };
     assert!(
-        run(&rec, &steps, &mut t).failure.is_none(),
+        run(&rec, &steps, &mut t, &|| {
+            rec.writes.lock().unwrap().clear();
+            rec.syncs.store(0, Ordering::Relaxed);
+        })
+        .failure
+        .is_none(),
         "the clean run fails"
     );
     let cap = data_sectors * ss as u64;
