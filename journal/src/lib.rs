@@ -128,6 +128,8 @@ struct Shared<D: BlockDevice> {
     /// Signalled when `durable`, `performed`, space or flags change.
     changed: Condvar,
     producer: Mutex<Producer<D>>,
+    /// Largest record the ring takes (fixed for its lifetime).
+    max_record: u64,
     config: Config,
 }
 
@@ -235,6 +237,7 @@ where
                 metrics: Metrics::default(),
             }),
             changed: Condvar::new(),
+            max_record: producer.max_item(),
             producer: Mutex::new(producer),
             config,
         });
@@ -267,6 +270,17 @@ where
     /// the journal accepts no more pushes).
     pub fn push(&self, op: &Op) -> Result<Waiter<D>, Error> {
         let body = postcard::to_stdvec(op).map_err(Error::Encode)?;
+        // Refuse a too-big op before queueing it: once queued it would
+        // share a commit with other pushers' ops, and the ring's TooBig
+        // would fail whichever pusher leads that commit (leaving the ops
+        // staged before it in the producer, to be written twice).
+        let max = self.shared.max_record;
+        if body.len() as u64 + 8 > max {
+            return Err(Error::TooBig {
+                len: body.len() as u64,
+                max: max.saturating_sub(8),
+            });
+        }
         let mut st = lock(&self.shared.state);
         if !st.accepting {
             return Err(Error::ShutDown);
