@@ -1,0 +1,500 @@
+//! tt-journal benchmarks on a real file with `fdatasync` (docs/BENCHMARKS.md,
+//! section "tt-journal", says what each one measures and records figures).
+//!
+//! - `durable_4KiB/journal_x<N>`: N threads push 4 KiB operations (a
+//!   `Vec<u8>` of 4096 bytes; 4106 bytes encoded, 4114 with the sequence
+//!   number) into one journal on a 256 MiB ring file; each push returns
+//!   when its operation is durable. Time per operation = wall time of the
+//!   whole batch / operations, so criterion's `elem/s` is durable ops/s.
+//!   `perform` only counts the operations.
+//! - `durable_4KiB/pwrite_fdatasync`: the same-run baseline: one thread,
+//!   one 4 KiB `pwrite` at the next offset of a file, then `fdatasync`.
+//! - `durable_4KiB/journal_memdevice_x64`: 64 pushers on a ring in memory
+//!   (`MemDevice`: no system calls, `sync` does nothing): the journal's own
+//!   CPU ceiling on this machine.
+//! - After criterion, a separate pass times every push (and every baseline
+//!   write) for `LATENCY_SECS` per configuration and prints p50 / p99 /
+//!   p99.9 / max latency, ops/s and commits (`metrics().syncs`) per op,
+//!   with the baseline timed before and after the journal runs.
+//!
+//! Files go to `$TT_JOURNAL_BENCH_DIR`, default
+//! `<cargo target dir>/tt-journal-bench` (the repository's file system;
+//! `/tmp` may be a tmpfs, whose `fdatasync` does nothing). Both files are
+//! written with zeros and synced first, so that ring and baseline overwrite
+//! allocated blocks (steady state, no block allocation in the timings).
+
+use criterion::{Criterion, SamplingMode, Throughput};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant, SystemTime};
+use tt_journal::{Config, Journal};
+use tt_ring::{BlockDevice, FileDevice, MemDevice, Producer};
+
+const OP_BYTES: usize = 4096;
+const RING_BYTES: u64 = 256 << 20;
+const BASE_BYTES: u64 = 64 << 20;
+const SECTOR: u32 = 4096;
+const PUSHERS: [usize; 4] = [1, 4, 16, 64];
+const GROUP: &str = "durable_4KiB";
+const BASE: &str = "pwrite_fdatasync";
+const MEM64: &str = "journal_memdevice_x64";
+/// Seconds of the latency pass per configuration.
+const LATENCY_SECS: f64 = 3.0;
+/// Target: journal ops/s with 64 pushers >= TARGET x baseline ops/s.
+const TARGET: f64 = 20.0;
+
+type Op = Vec<u8>;
+type Dev = Arc<FileDevice>;
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+fn bench_dir() -> PathBuf {
+    std::env::var_os("TT_JOURNAL_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("tt-journal-bench"))
+}
+
+/// Where criterion writes its estimates (its default rule).
+fn criterion_dir() -> PathBuf {
+    std::env::var_os("CRITERION_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("criterion"))
+}
+
+/// File system type of `dir`, from the longest matching mount point in
+/// /proc/self/mountinfo.
+fn fs_type(dir: &Path) -> String {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut best: Option<(usize, String)> = None;
+    for line in info.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = f.iter().position(|&x| x == "-") else {
+            continue;
+        };
+        let (Some(mnt), Some(fs)) = (f.get(4), f.get(sep + 1)) else {
+            continue;
+        };
+        if dir.starts_with(mnt) && best.as_ref().is_none_or(|(n, _)| mnt.len() >= *n) {
+            best = Some((mnt.len(), fs.to_string()));
+        }
+    }
+    best.map_or_else(|| "unknown".into(), |(_, fs)| fs)
+}
+
+/// A file of `size` zero bytes, allocated and synced.
+fn zeroed_file(path: &Path, size: u64) -> File {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    let chunk = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(chunk.len() as u64) as usize;
+        f.write_all_at(&chunk[..n], off).unwrap();
+        off += n as u64;
+    }
+    f.sync_all().unwrap();
+    f
+}
+
+fn payload() -> Op {
+    (0..OP_BYTES).map(|i| (i * 31 + 7) as u8).collect()
+}
+
+/// A journal on a freshly formatted ring in the (zeroed) file `path`;
+/// `perform` counts operations into `performed`.
+fn journal(path: &Path, performed: &Arc<AtomicU64>) -> Journal<Op, Dev> {
+    journal_on(Arc::new(FileDevice::open(path, SECTOR).unwrap()), performed)
+}
+
+fn journal_on<D>(dev: D, performed: &Arc<AtomicU64>) -> Journal<Op, D>
+where
+    D: BlockDevice + Clone + Send + Sync + 'static,
+{
+    Producer::create(&dev).unwrap();
+    let count = performed.clone();
+    Journal::start(dev, Config::default(), move |ops: &[Op]| {
+        count.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        Ok::<(), String>(())
+    })
+    .unwrap()
+}
+
+/// `ops` pushes of `op` spread over `threads` threads (each takes the next
+/// operation from a shared counter, so all stay busy to the end). Returns
+/// the wall time from the common start to the last push's return.
+fn push_all<D>(j: &Journal<Op, D>, op: &Op, threads: usize, ops: u64) -> Duration
+where
+    D: BlockDevice + Clone + Send + Sync + 'static,
+{
+    let left = AtomicU64::new(ops);
+    let start = Barrier::new(threads + 1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    start.wait();
+                    while left
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                        .is_ok()
+                    {
+                        let _ = j.push(op).expect("push");
+                    }
+                })
+            })
+            .collect();
+        start.wait();
+        let t = Instant::now();
+        for h in handles {
+            h.join().unwrap();
+        }
+        t.elapsed()
+    })
+}
+
+/// The baseline: 4 KiB written at the next offset of `file` (wrapping),
+/// then `fdatasync`.
+struct PlainWriter<'a> {
+    file: &'a File,
+    buf: Op,
+    off: u64,
+}
+
+impl PlainWriter<'_> {
+    fn new(file: &File) -> PlainWriter<'_> {
+        PlainWriter {
+            file,
+            buf: payload(),
+            off: 0,
+        }
+    }
+    fn write(&mut self) {
+        if self.off + OP_BYTES as u64 > BASE_BYTES {
+            self.off = 0;
+        }
+        self.file.write_all_at(&self.buf, self.off).unwrap();
+        self.file.sync_data().unwrap();
+        self.off += OP_BYTES as u64;
+    }
+}
+
+/// Commits and operations counted during the criterion runs, per
+/// configuration (warm-up included).
+#[derive(Default, Clone, Copy)]
+struct Counted {
+    ops: u64,
+    syncs: u64,
+}
+
+fn durable(c: &mut Criterion, dir: &Path) -> Vec<(usize, Counted)> {
+    let ring_path = dir.join("ring");
+    zeroed_file(&ring_path, RING_BYTES);
+    let base = zeroed_file(&dir.join("baseline"), BASE_BYTES);
+    let op = payload();
+    let mut g = c.benchmark_group(GROUP);
+    g.sampling_mode(SamplingMode::Flat);
+    g.throughput(Throughput::Elements(1));
+    let mut w = PlainWriter::new(&base);
+    g.bench_function(BASE, |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                w.write();
+            }
+            t.elapsed()
+        })
+    });
+    let mut counted = Vec::new();
+    for n in PUSHERS {
+        let performed = Arc::new(AtomicU64::new(0));
+        let j = journal(&ring_path, &performed);
+        let mut cnt = Counted::default();
+        g.bench_function(format!("journal_x{n}"), |b| {
+            b.iter_custom(|iters| {
+                let before = j.metrics().syncs;
+                let t = push_all(&j, &op, n, iters);
+                cnt.syncs += j.metrics().syncs - before;
+                cnt.ops += iters;
+                t
+            })
+        });
+        j.shutdown(true);
+        assert_eq!(performed.load(Ordering::Relaxed), cnt.ops, "all performed");
+        counted.push((n, cnt));
+    }
+    // The journal's CPU ceiling: 64 pushers on a ring in memory (no
+    // system calls, sync does nothing).
+    let performed = Arc::new(AtomicU64::new(0));
+    let j = journal_on(Arc::new(MemDevice::new(RING_BYTES, SECTOR)), &performed);
+    g.bench_function(MEM64, |b| {
+        b.iter_custom(|iters| push_all(&j, &op, 64, iters))
+    });
+    j.shutdown(true);
+    g.finish();
+    counted
+}
+
+/// What the latency pass measured for one configuration.
+struct Pass {
+    name: String,
+    ops: u64,
+    secs: f64,
+    /// Sorted push (or write + fdatasync) durations, in µs.
+    lat: Vec<f64>,
+    syncs: Option<u64>,
+}
+
+impl Pass {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+    /// Nearest-rank percentile.
+    fn pct(&self, p: f64) -> f64 {
+        let n = self.lat.len();
+        let rank = ((p / 100.0) * n as f64).ceil() as usize;
+        self.lat[rank.clamp(1, n) - 1]
+    }
+}
+
+fn latency_journal(ring_path: &Path, op: &Op, n: usize) -> Pass {
+    let performed = Arc::new(AtomicU64::new(0));
+    let j = journal(ring_path, &performed);
+    // Warm-up: fill the pipeline, touch the file.
+    push_all(&j, op, n, 20 * n as u64);
+    let stop = AtomicBool::new(false);
+    let start = Barrier::new(n + 1);
+    let syncs0 = j.metrics().syncs;
+    let (lat, secs) = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut lat = Vec::with_capacity(1 << 16);
+                    start.wait();
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = Instant::now();
+                        let _ = j.push(op).expect("push");
+                        lat.push(t.elapsed().as_secs_f64() * 1e6);
+                    }
+                    lat
+                })
+            })
+            .collect();
+        start.wait();
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_secs_f64(LATENCY_SECS));
+        stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for h in handles {
+            all.extend(h.join().unwrap());
+        }
+        (all, t.elapsed().as_secs_f64())
+    });
+    let syncs = j.metrics().syncs - syncs0;
+    j.shutdown(true);
+    let mut lat = lat;
+    lat.sort_by(f64::total_cmp);
+    Pass {
+        name: format!("journal_x{n}"),
+        ops: lat.len() as u64,
+        secs,
+        lat,
+        syncs: Some(syncs),
+    }
+}
+
+fn latency_baseline(base: &File) -> Pass {
+    let mut w = PlainWriter::new(base);
+    for _ in 0..20 {
+        w.write();
+    }
+    let mut lat = Vec::new();
+    let t = Instant::now();
+    while t.elapsed().as_secs_f64() < LATENCY_SECS {
+        let t1 = Instant::now();
+        w.write();
+        lat.push(t1.elapsed().as_secs_f64() * 1e6);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    Pass {
+        name: BASE.into(),
+        ops: lat.len() as u64,
+        secs,
+        lat,
+        syncs: None,
+    }
+}
+
+fn latency_pass(dir: &Path) -> Vec<Pass> {
+    let ring_path = dir.join("ring");
+    zeroed_file(&ring_path, RING_BYTES);
+    let base = zeroed_file(&dir.join("baseline"), BASE_BYTES);
+    let op = payload();
+    let mut out = vec![latency_baseline(&base)];
+    for n in PUSHERS {
+        out.push(latency_journal(&ring_path, &op, n));
+    }
+    // Again at the end: shows how much the disk drifted meanwhile.
+    let mut again = latency_baseline(&base);
+    again.name = format!("{BASE} (again)");
+    out.push(again);
+    out
+}
+
+/// Median time per iteration (ns) of one benchmark (the median of its
+/// samples' means), from criterion's estimates if this run wrote them.
+fn median_ns(function: &str, since: SystemTime) -> Option<f64> {
+    let path = criterion_dir()
+        .join(GROUP)
+        .join(function)
+        .join("new/estimates.json");
+    if std::fs::metadata(&path).ok()?.modified().ok()? < since {
+        return None;
+    }
+    let text = std::fs::read_to_string(path).ok()?;
+    let rest = &text[text.find("\"median\"")?..];
+    let key = "\"point_estimate\":";
+    let rest = &rest[rest.find(key)? + key.len()..];
+    let end = rest.find([',', '}'])?;
+    rest[..end].trim().parse().ok()
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+fn summary(since: SystemTime, counted: &[(usize, Counted)], passes: &[Pass]) {
+    println!("\ntt-journal summary: 4 KiB ops, each push returns once durable");
+    println!(
+        "{:<26} {:>10} {:>9} {:>12} {:>8}",
+        "criterion", "µs/op", "ops/s", "x baseline", "syncs/op"
+    );
+    let base = median_ns(BASE, since).map(|ns| 1e9 / ns);
+    let mut rate64 = None;
+    let names = std::iter::once((BASE.to_string(), None))
+        .chain(
+            counted
+                .iter()
+                .map(|(n, c)| (format!("journal_x{n}"), Some((*n, *c)))),
+        )
+        .chain(std::iter::once((MEM64.to_string(), None)));
+    for (name, c) in names {
+        let Some(ns) = median_ns(&name, since) else {
+            println!("{name:<26} (not measured in this run)");
+            continue;
+        };
+        let rate = 1e9 / ns;
+        if c.is_some_and(|(n, _)| n == 64) {
+            rate64 = Some(rate);
+        }
+        let spo = c.map_or("-".into(), |(_, c)| {
+            format!("{:.3}", c.syncs as f64 / c.ops.max(1) as f64)
+        });
+        println!(
+            "{name:<26} {:>10.1} {:>9.0} {:>12} {:>8}",
+            ns / 1e3,
+            rate,
+            base.map_or("-".into(), |b| format!("{:.2}", rate / b)),
+            spo
+        );
+    }
+    if !passes.is_empty() {
+        println!(
+            "{:<26} {:>9} {:>9} {:>12} {:>8} {:>9} {:>9} {:>9} {:>9}",
+            "latency pass",
+            "ops",
+            "ops/s",
+            "x baseline",
+            "syncs/op",
+            "p50 µs",
+            "p99 µs",
+            "p99.9 µs",
+            "max µs"
+        );
+        let b = passes[0].rate();
+        for p in passes {
+            println!(
+                "{:<26} {:>9} {:>9.0} {:>12.2} {:>8} {:>9.0} {:>9.0} {:>9.0} {:>9.0}",
+                p.name,
+                p.ops,
+                p.rate(),
+                p.rate() / b,
+                p.syncs
+                    .map_or("-".into(), |s| format!("{:.3}", s as f64 / p.ops as f64)),
+                p.pct(50.0),
+                p.pct(99.0),
+                p.pct(99.9),
+                p.lat[p.lat.len() - 1],
+            );
+        }
+    }
+    if let (Some(r), Some(b)) = (rate64, base) {
+        let x = r / b;
+        let check = passes
+            .iter()
+            .find(|p| p.name == "journal_x64")
+            .map_or(String::new(), |p| {
+                format!(" (latency pass {:.1}x)", p.rate() / passes[0].rate())
+            });
+        println!(
+            "target: journal_x64 ops/s >= {TARGET} x {BASE} ops/s: {x:.1}x{check}: {}",
+            verdict(x >= TARGET)
+        );
+    }
+}
+
+fn main() {
+    let since = SystemTime::now() - Duration::from_secs(1);
+    let args: Vec<String> = std::env::args().collect();
+    let measuring = !args.iter().any(|a| a == "--test" || a == "--list");
+    let dir = bench_dir();
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    if measuring {
+        let fs = fs_type(&dir);
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        println!(
+            "tt-journal benches in {} ({fs}); {} cores; load average {}",
+            dir.display(),
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            load.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        if fs == "tmpfs" || fs == "ramfs" {
+            println!(
+                "WARNING: {fs} does not make fdatasync wait for a disk; set TT_JOURNAL_BENCH_DIR"
+            );
+        }
+    }
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .without_plots()
+        .configure_from_args();
+    let counted = durable(&mut c, &dir);
+    c.final_summary();
+    if measuring {
+        println!("latency pass: every push timed, {LATENCY_SECS} s per configuration");
+        let passes = latency_pass(&dir);
+        summary(since, &counted, &passes);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
