@@ -2,7 +2,7 @@
 //! section "tt-journal", says what each one measures and records figures).
 //!
 //! - `durable_4KiB/journal_x<N>`: N threads push 4 KiB operations (a
-//!   `Vec<u8>` of 4096 bytes; 4106 bytes encoded, 4114 with the sequence
+//!   `serde_bytes::ByteBuf` of 4096 bytes; 4106 bytes encoded, 4114 with the sequence
 //!   number) into one journal on a 256 MiB ring file; each push returns
 //!   when its operation is durable. Time per operation = wall time of the
 //!   whole batch / operations, so criterion's `elem/s` is durable ops/s.
@@ -46,7 +46,9 @@ const LATENCY_SECS: f64 = 3.0;
 /// Target: journal ops/s with 64 pushers >= TARGET x baseline ops/s.
 const TARGET: f64 = 20.0;
 
-type Op = Vec<u8>;
+/// Bytes serialized as one byte string, not a sequence of u8 (the way
+/// a journal of block writes should carry its data).
+type Op = serde_bytes::ByteBuf;
 type Dev = Arc<FileDevice>;
 
 fn target_dir() -> PathBuf {
@@ -110,7 +112,11 @@ fn zeroed_file(path: &Path, size: u64) -> File {
 }
 
 fn payload() -> Op {
-    (0..OP_BYTES).map(|i| (i * 31 + 7) as u8).collect()
+    serde_bytes::ByteBuf::from(
+        (0..OP_BYTES)
+            .map(|i| (i * 31 + 7) as u8)
+            .collect::<Vec<u8>>(),
+    )
 }
 
 /// A journal on a freshly formatted ring in the (zeroed) file `path`;

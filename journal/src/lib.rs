@@ -18,9 +18,12 @@
 //! - The applier reads durable operations in push order, calls `perform`
 //!   with batches of them, and frees their ring space only after `perform`
 //!   returned `Ok`. A `perform` that fails or panics is retried after
-//!   `retry_interval`. So every acknowledged operation is performed at
-//!   least once, in order, even across crashes; after a crash the last
-//!   batch may be performed again, so `perform` must be idempotent.
+//!   `retry_interval`. Performed space is freed in batches (each free is a
+//!   sync): when a quarter of the ring is performed, every 50 ms, when a
+//!   pusher waits for space, and at shutdown. So every acknowledged
+//!   operation is performed at least once, in order, even across crashes;
+//!   after a crash, what was performed since the last free is performed
+//!   again, so `perform` must be idempotent.
 //! - [`Waiter::sync`] waits until `perform` has run for the operation.
 //! - When the ring is full, pushers wait for the applier to free space, up
 //!   to `full_timeout`, then fail with [`Error::Full`]; nothing is ever
@@ -205,10 +208,13 @@ where
     {
         let mut consumer = Consumer::attach(dev.clone())?;
         let producer = Producer::attach(dev)?;
+        let performed_to = consumer.position();
         let mut applier = Applier {
             consumer: &mut consumer,
             perform,
             config,
+            performed_to,
+            last_free: Instant::now(),
             _op: PhantomData::<fn() -> Op>,
         };
         // Replay: perform everything pending before accepting pushes.
@@ -220,6 +226,7 @@ where
             }
             last_seq = batch.last_seq.or(last_seq);
             applier.perform_until_ok(&batch, None::<&Shared<D>>)?;
+            applier.free()?;
         }
         let next_seq = last_seq.map_or(0, |s| s + 1);
         let shared = Arc::new(Shared {
@@ -241,7 +248,11 @@ where
             producer: Mutex::new(producer),
             config,
         });
-        let Applier { perform, .. } = applier;
+        let Applier {
+            perform,
+            performed_to,
+            ..
+        } = applier;
         let s2 = shared.clone();
         let handle = std::thread::Builder::new()
             .name("tt-journal-applier".into())
@@ -250,6 +261,8 @@ where
                     consumer: &mut consumer,
                     perform,
                     config,
+                    performed_to,
+                    last_free: Instant::now(),
                     _op: PhantomData::<fn() -> Op>,
                 };
                 applier.run(&s2);
@@ -488,8 +501,16 @@ struct Applier<'a, Op, D: BlockDevice, F> {
     consumer: &'a mut Consumer<D>,
     perform: F,
     config: Config,
+    /// Ring position up to which every op has been performed. Space is
+    /// freed up to here in batches (see `free_due`), not after every perform:
+    /// each free costs a sync.
+    performed_to: u64,
+    last_free: Instant,
     _op: PhantomData<fn() -> Op>,
 }
+
+/// Free performed ring space at least this often.
+const FREE_INTERVAL: Duration = Duration::from_millis(50);
 
 impl<Op, D, F, E> Applier<'_, Op, D, F>
 where
@@ -500,11 +521,11 @@ where
 {
     /// Read up to `max_batch` durable ops from the freed position.
     fn read_batch(&mut self) -> Result<Batch<Op>, Error> {
-        self.consumer.seek(self.consumer.position())?;
+        self.consumer.seek(self.performed_to)?;
         let mut batch = Batch {
             ops: Vec::new(),
             last_seq: None,
-            next: self.consumer.position(),
+            next: self.performed_to,
         };
         while batch.ops.len() < self.config.max_batch {
             let item = match self.consumer.pop() {
@@ -544,7 +565,7 @@ where
             }
             match outcome {
                 Ok(Ok(())) => {
-                    self.consumer.advance(batch.next)?;
+                    self.performed_to = batch.next;
                     return Ok(true);
                 }
                 Ok(Err(e)) => eprintln!(
@@ -572,18 +593,65 @@ where
         }
     }
 
+    /// Bytes performed but not yet freed.
+    fn unfreed(&self) -> u64 {
+        self.performed_to - self.consumer.position()
+    }
+
+    /// Is it time to free performed space: a quarter of the ring, or
+    /// `FREE_INTERVAL` since the last free?
+    fn free_due(&self) -> bool {
+        self.unfreed() > 0
+            && (self.unfreed() >= self.consumer.debug_info().capacity / 4
+                || self.last_free.elapsed() >= FREE_INTERVAL)
+    }
+
+    /// Free the ring up to what has been performed (one sync).
+    fn free(&mut self) -> Result<(), Error> {
+        if self.unfreed() > 0 {
+            self.consumer.advance(self.performed_to)?;
+        }
+        self.last_free = Instant::now();
+        Ok(())
+    }
+
+    fn fail<D2: BlockDevice>(sh: &Shared<D2>, what: &str, e: Error) {
+        eprintln!("tt-journal: applier {what}: {e}");
+        let mut st = lock(&sh.state);
+        st.broken = Some(e.to_string());
+        st.stopping = true;
+        sh.changed.notify_all();
+    }
+
     fn run<D2: BlockDevice>(&mut self, sh: &Shared<D2>) {
         loop {
-            // Wait for something durable and unperformed (or a stop).
+            // Wait for something durable and unperformed, space to free, or
+            // a stop. Pushers waiting for space set `flush_requested`.
+            let force_free;
             {
                 let mut st = lock(&sh.state);
-                while st.performed >= st.durable && !st.stopping {
-                    st = sh.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if st.stopping {
+                        drop(st);
+                        if let Err(e) = self.free() {
+                            Self::fail(sh, "cannot free ring space", e);
+                        }
+                        return;
+                    }
+                    let want_free = self.unfreed() > 0 && (st.flush_requested || self.free_due());
+                    if st.performed < st.durable || want_free {
+                        break;
+                    }
+                    st = sh
+                        .changed
+                        .wait_timeout(st, FREE_INTERVAL)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
                 }
-                if st.stopping {
-                    return;
-                }
-                if !sh.config.flush_interval.is_zero() && !st.flush_requested {
+                if st.performed < st.durable
+                    && !sh.config.flush_interval.is_zero()
+                    && !st.flush_requested
+                {
                     let (g, _) = sh
                         .changed
                         .wait_timeout_while(st, sh.config.flush_interval, |st| {
@@ -592,18 +660,25 @@ where
                         .unwrap_or_else(|e| e.into_inner());
                     st = g;
                 }
+                force_free = st.flush_requested;
                 st.flush_requested = false;
+            }
+            if (force_free && self.unfreed() > 0) || self.free_due() {
+                if let Err(e) = self.free() {
+                    return Self::fail(sh, "cannot free ring space", e);
+                }
+                sh.changed.notify_all();
+            }
+            let idle = {
+                let st = lock(&sh.state);
+                st.performed >= st.durable
+            };
+            if idle {
+                continue;
             }
             let batch = match self.read_batch() {
                 Ok(b) => b,
-                Err(e) => {
-                    eprintln!("tt-journal: applier cannot read the ring: {e}");
-                    let mut st = lock(&sh.state);
-                    st.broken = Some(e.to_string());
-                    st.stopping = true;
-                    sh.changed.notify_all();
-                    return;
-                }
+                Err(e) => return Self::fail(sh, "cannot read the ring", e),
             };
             let Some(last) = batch.last_seq else {
                 // Durable per the state but not yet visible: cannot happen
@@ -620,15 +695,13 @@ where
                     }
                     sh.changed.notify_all();
                 }
-                Ok(false) => return,
-                Err(e) => {
-                    eprintln!("tt-journal: applier cannot free ring space: {e}");
-                    let mut st = lock(&sh.state);
-                    st.broken = Some(e.to_string());
-                    st.stopping = true;
-                    sh.changed.notify_all();
+                Ok(false) => {
+                    if let Err(e) = self.free() {
+                        Self::fail(sh, "cannot free ring space", e);
+                    }
                     return;
                 }
+                Err(e) => return Self::fail(sh, "cannot free ring space", e),
             }
         }
     }
