@@ -111,6 +111,9 @@ struct State {
     next_seq: u64,
     /// Encoded records queued for the next commit.
     queue: Vec<(u64, Vec<u8>)>,
+    /// Queued ops that did not fit before `full_timeout`: their pushers
+    /// get [`Error::Full`].
+    failed: std::collections::HashSet<u64>,
     /// Every operation with a smaller sequence number is durable.
     durable: u64,
     /// Every operation with a smaller sequence number is performed.
@@ -233,6 +236,7 @@ where
             state: Mutex::new(State {
                 next_seq,
                 queue: Vec::new(),
+                failed: Default::default(),
                 durable: next_seq,
                 performed: next_seq,
                 committing: false,
@@ -309,6 +313,9 @@ where
         rec.extend_from_slice(&body);
         st.queue.push((seq, rec));
         loop {
+            if st.failed.remove(&seq) {
+                return Err(Error::Full(self.shared.config.full_timeout));
+            }
             if st.durable > seq {
                 return Ok(Waiter {
                     shared: self.shared.clone(),
@@ -329,34 +336,23 @@ where
                 st = lock(&self.shared.state);
                 st.committing = false;
                 match result {
-                    Ok(latency) => {
-                        let last = batch.last().map(|(s, _)| *s).unwrap_or(seq);
-                        st.durable = st.durable.max(last + 1);
-                        st.metrics.syncs += 1;
-                        st.metrics.last_sync_latency = latency;
-                        for (s, rec) in &batch {
-                            st.pending.push_back((*s, rec.len() as u64));
+                    Ok((latency, committed)) => {
+                        if committed > 0 {
+                            let last = batch[committed - 1].0;
+                            st.durable = st.durable.max(last + 1);
+                            st.metrics.syncs += 1;
+                            st.metrics.last_sync_latency = latency;
+                            for (s, rec) in &batch[..committed] {
+                                st.pending.push_back((*s, rec.len() as u64));
+                            }
+                        }
+                        // The ring stayed full past full_timeout: the ops
+                        // that did not fit fail; nothing was written for them.
+                        for (s, _) in &batch[committed..] {
+                            st.failed.insert(*s);
                         }
                     }
-                    Err(CommitError::Full) => {
-                        // Nothing of this batch was committed: put it back
-                        // and fail only our own op.
-                        let mut back = batch;
-                        back.retain(|(s, _)| *s != seq);
-                        back.append(&mut st.queue);
-                        st.queue = back;
-                        self.shared.changed.notify_all();
-                        return Err(Error::Full(self.shared.config.full_timeout));
-                    }
-                    Err(CommitError::TooBig { len, max }) => {
-                        let mut back = batch;
-                        back.retain(|(s, _)| *s != seq);
-                        back.append(&mut st.queue);
-                        st.queue = back;
-                        self.shared.changed.notify_all();
-                        return Err(Error::TooBig { len, max });
-                    }
-                    Err(CommitError::Ring(e)) => {
+                    Err(e) => {
                         st.broken = Some(e.to_string());
                         self.shared.changed.notify_all();
                         return Err(Error::Ring(e));
@@ -373,8 +369,11 @@ where
         }
     }
 
-    /// Write `batch` to the ring and advance. Waits for space when full.
-    fn commit(&self, batch: &[(u64, Vec<u8>)]) -> Result<Duration, CommitError> {
+    /// Write `batch` to the ring and advance; returns how many of its ops
+    /// (a prefix) are committed. When the ring is full, commits what is
+    /// staged and waits for the applier to free space, up to
+    /// `full_timeout`; the ops still unwritten then are left out.
+    fn commit(&self, batch: &[(u64, Vec<u8>)]) -> Result<(Duration, usize), tt_ring::Error> {
         let start = Instant::now();
         let mut p = lock(&self.shared.producer);
         let deadline = start + self.shared.config.full_timeout;
@@ -383,18 +382,10 @@ where
             match p.push(&batch[staged].1) {
                 Ok(_) => staged += 1,
                 Err(tt_ring::Error::Retry) => {
-                    if staged > 0 {
-                        // Commit what fits, then wait for space for the rest.
-                        p.advance().map_err(CommitError::Ring)?;
-                    }
+                    // Commit what fits (a no-op if nothing new is staged).
+                    p.advance()?;
                     if Instant::now() > deadline {
-                        return Err(if staged == 0 {
-                            CommitError::Full
-                        } else {
-                            CommitError::Ring(tt_ring::Error::Invalid(
-                                "ring full in the middle of a commit".into(),
-                            ))
-                        });
+                        return Ok((start.elapsed(), staged));
                     }
                     // Wake the applier and wait for it to free space.
                     let mut st = lock(&self.shared.state);
@@ -407,17 +398,11 @@ where
                         .unwrap_or_else(|e| e.into_inner());
                     drop(g);
                 }
-                Err(tt_ring::Error::TooBig { len, max }) => {
-                    return Err(CommitError::TooBig {
-                        len: len.saturating_sub(8),
-                        max: max.saturating_sub(8),
-                    })
-                }
-                Err(e) => return Err(CommitError::Ring(e)),
+                Err(e) => return Err(e),
             }
         }
-        p.advance().map_err(CommitError::Ring)?;
-        Ok(start.elapsed())
+        p.advance()?;
+        Ok((start.elapsed(), staged))
     }
 
     /// Current counters.
@@ -481,12 +466,6 @@ impl<Op, D: BlockDevice> Drop for Journal<Op, D> {
             let _ = handle.join();
         }
     }
-}
-
-enum CommitError {
-    Full,
-    TooBig { len: u64, max: u64 },
-    Ring(tt_ring::Error),
 }
 
 /// A batch read from the ring.
