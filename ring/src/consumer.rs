@@ -35,9 +35,11 @@ pub struct Consumer<D: BlockDevice> {
 }
 
 impl<D: BlockDevice> Consumer<D> {
-    /// Attach to the ring on `dev` as its consumer. The read cursor starts
-    /// at the freed position (so records popped but not advanced past
-    /// before a crash are delivered again).
+    /// Attach to the ring on `dev` as its consumer. It syncs the device
+    /// first, so the state it reports is durable even if an earlier
+    /// handle's write reached the device but its sync failed. The read
+    /// cursor starts at the freed position (so records popped but not
+    /// advanced past before a crash are delivered again).
     ///
     /// Errors: [`Error::NotARing`], [`Error::Corrupt`], [`Error::Io`].
     pub fn attach(dev: D) -> Result<Consumer<D>, Error> {

@@ -86,6 +86,8 @@ impl<D: BlockDevice> Producer<D> {
     }
 
     /// Attach to the ring on `dev` as its producer.
+    /// It syncs the device first, so the state it reports is durable even
+    /// if an earlier handle's write reached the device but its sync failed.
     ///
     /// Errors: [`Error::NotARing`] (unformatted, foreign, other version or
     /// sector size), [`Error::Corrupt`] (header or control blocks fail their
