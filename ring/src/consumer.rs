@@ -47,8 +47,8 @@ impl<D: BlockDevice> Consumer<D> {
         // earlier handle's write reached the device but its sync failed.
         dev.sync()?;
         let h = Header::read(&dev)?;
-        let ctl = Control::read(&dev, &h, Side::Consumer)?;
-        let producer = Control::read(&dev, &h, Side::Producer)?;
+        let ctl = Control::read_consumer(&dev, &h)?;
+        let producer = Control::read_producer(&dev, &h, ctl.position, 0)?;
         check_positions(&h, producer.position, ctl.position)?;
         Ok(Consumer {
             dev,
@@ -77,7 +77,13 @@ impl<D: BlockDevice> Consumer<D> {
     }
 
     fn refresh_producer(&mut self) -> Result<(), Error> {
-        let p = Control::read(&self.dev, &self.h, Side::Producer)?;
+        // Commits up to the position already read were validated then.
+        let p = Control::read_producer(
+            &self.dev,
+            &self.h,
+            self.ctl.position,
+            self.producer.position,
+        )?;
         check_positions(&self.h, p.position, self.ctl.position)?;
         if p.position < self.producer.position {
             return Err(Error::Corrupt {
@@ -234,6 +240,7 @@ impl<D: BlockDevice> Consumer<D> {
             seq: self.ctl.seq + 1,
             position,
             flag,
+            ..Control::default()
         };
         ctl.write(&self.dev, &self.h, Side::Consumer)?;
         self.ctl = ctl;

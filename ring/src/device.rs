@@ -319,6 +319,34 @@ impl FaultyDevice {
         s.syncs = 0;
     }
 
+    /// Simulate power loss in which the sectors written since the last
+    /// successful sync reach the device or not, as `survives` says for
+    /// each (by sector index): a disk's write cache may persist any subset
+    /// of what it holds, in any order. Then reboot, as [`crash`](Self::crash).
+    pub fn crash_keeping(&self, survives: impl Fn(u64) -> bool) {
+        let mut s = self.st.lock().unwrap();
+        let ss = self.sector as usize;
+        for i in 0..s.volatile.len() / ss {
+            let r = i * ss..(i + 1) * ss;
+            if s.volatile[r.clone()] != s.durable[r.clone()] && survives(i as u64) {
+                let v = s.volatile[r.clone()].to_vec();
+                s.durable[r].copy_from_slice(&v);
+            }
+        }
+        drop(s);
+        self.crash();
+    }
+
+    /// Indices of the sectors whose contents are written but not durable.
+    pub fn unsynced_sectors(&self) -> Vec<u64> {
+        let s = self.st.lock().unwrap();
+        let ss = self.sector as usize;
+        (0..s.volatile.len() / ss)
+            .filter(|&i| s.volatile[i * ss..(i + 1) * ss] != s.durable[i * ss..(i + 1) * ss])
+            .map(|i| i as u64)
+            .collect()
+    }
+
     /// Number of writes since the last `set_faults` or `crash`.
     pub fn writes(&self) -> u64 {
         self.st.lock().unwrap().writes

@@ -8,7 +8,7 @@ use crate::Error;
 /// Magic at the start of sector 0.
 pub const MAGIC: [u8; 8] = *b"tt-ring\0";
 /// Format version this code reads and writes.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Sector index of the first producer control slot (two slots: 1, 2).
 pub const PRODUCER_SLOT: u64 = 1;
 /// Sector index of the first consumer control slot (two slots: 3, 4).
@@ -124,8 +124,14 @@ pub struct Control {
     pub position: u64,
     /// Producer: suspend acknowledged. Consumer: suspend requested.
     pub flag: bool,
+    /// Producer: where the data of the commit this block ends begins (the
+    /// previous block's position); equal to `position` when the block
+    /// commits no data. Consumer: zero.
+    pub start: u64,
+    /// Producer: [`commit_crc`] of the stream bytes `[start, position)`.
+    /// Consumer: zero.
+    pub data_crc: u32,
 }
-
 /// Which control block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -146,12 +152,6 @@ impl Side {
             Side::Consumer => CONSUMER_SLOT,
         }
     }
-    fn name(self) -> &'static str {
-        match self {
-            Side::Producer => "producer",
-            Side::Consumer => "consumer",
-        }
-    }
 }
 
 fn control_crc(uuid: &[u8; 16], body: &[u8]) -> u32 {
@@ -168,8 +168,10 @@ impl Control {
         s[8..16].copy_from_slice(&self.seq.to_le_bytes());
         s[16..24].copy_from_slice(&self.position.to_le_bytes());
         s[24] = self.flag as u8;
-        let crc = control_crc(&h.uuid, &s[0..32]);
-        s[32..36].copy_from_slice(&crc.to_le_bytes());
+        s[32..40].copy_from_slice(&self.start.to_le_bytes());
+        s[40..44].copy_from_slice(&self.data_crc.to_le_bytes());
+        let crc = control_crc(&h.uuid, &s[0..48]);
+        s[48..52].copy_from_slice(&crc.to_le_bytes());
         s
     }
 
@@ -177,39 +179,142 @@ impl Control {
         if s[0..4] != side.magic() || s[24] > 1 {
             return None;
         }
-        let crc = u32::from_le_bytes(s[32..36].try_into().unwrap());
-        (crc == control_crc(&h.uuid, &s[0..32])).then(|| Control {
+        let crc = u32::from_le_bytes(s[48..52].try_into().unwrap());
+        (crc == control_crc(&h.uuid, &s[0..48])).then(|| Control {
             seq: u64::from_le_bytes(s[8..16].try_into().unwrap()),
             position: u64::from_le_bytes(s[16..24].try_into().unwrap()),
             flag: s[24] == 1,
+            start: u64::from_le_bytes(s[32..40].try_into().unwrap()),
+            data_crc: u32::from_le_bytes(s[40..44].try_into().unwrap()),
         })
     }
 
-    /// Read both slots of `side` and return the valid one with the larger
-    /// sequence number. Neither valid is corruption.
-    pub fn read(dev: &dyn BlockDevice, h: &Header, side: Side) -> Result<Control, Error> {
+    /// Both slots of `side`, decoded: (newer, older), each `None` if it
+    /// fails its checks.
+    fn slots(
+        dev: &dyn BlockDevice,
+        h: &Header,
+        side: Side,
+    ) -> Result<(Option<Control>, Option<Control>), Error> {
         let ss = h.sector_size as usize;
         let mut buf = vec![0u8; 2 * ss];
         dev.read_at(&mut buf, side.first_slot() * ss as u64)?;
         let a = Control::decode(&buf[..ss], side, h);
         let b = Control::decode(&buf[ss..], side, h);
-        match (a, b) {
-            (Some(a), Some(b)) => Ok(if a.seq >= b.seq { a } else { b }),
-            (Some(c), None) | (None, Some(c)) => Ok(c),
-            (None, None) => Err(Error::Corrupt {
+        Ok(match (a, b) {
+            (Some(a), Some(b)) if b.seq > a.seq => (Some(b), Some(a)),
+            (Some(a), b) => (Some(a), b),
+            (None, b) => (b, None),
+        })
+    }
+
+    /// Read the consumer's two slots and return the valid one with the
+    /// larger sequence number. Neither valid is corruption.
+    pub fn read_consumer(dev: &dyn BlockDevice, h: &Header) -> Result<Control, Error> {
+        match Control::slots(dev, h, Side::Consumer)? {
+            (Some(c), _) => Ok(c),
+            (None, _) => Err(Error::Corrupt {
                 position: None,
-                what: format!("both {} control slots fail their checksum", side.name()),
+                what: "both consumer control slots fail their checksum".into(),
             }),
+        }
+    }
+
+    /// Read the producer's committed state (FORMAT.md, "Reading the
+    /// producer's control block"): the newer valid slot, unless the data of
+    /// the commit it ends fails its checksum (its single sync did not
+    /// finish), in which case the older slot, which must be its
+    /// predecessor.
+    ///
+    /// A commit needs no check when it carries no data, when it ends at or
+    /// before `trusted` (a position this handle has already validated), or
+    /// when the consumer position `consumer` is past its start: the
+    /// consumer read it, and its own synced advance made it durable (and
+    /// the space before `consumer` may since have been rewritten).
+    pub fn read_producer(
+        dev: &dyn BlockDevice,
+        h: &Header,
+        consumer: u64,
+        trusted: u64,
+    ) -> Result<Control, Error> {
+        let corrupt = |what: String| Error::Corrupt {
+            position: None,
+            what,
+        };
+        let (newer, older) = Control::slots(dev, h, Side::Producer)?;
+        let Some(n) = newer else {
+            return Err(corrupt(
+                "both producer control slots fail their checksum".into(),
+            ));
+        };
+        if n.start == n.position || n.position <= trusted || consumer > n.start {
+            return Ok(n);
+        }
+        if n.start > n.position || n.position - n.start > h.capacity() {
+            return Err(corrupt(format!(
+                "producer control block says its commit spans [{}, {}), not a possible commit",
+                n.start, n.position
+            )));
+        }
+        let mut data = vec![0u8; (n.position - n.start) as usize];
+        read_stream(dev, h, n.start, &mut data)?;
+        let mut crc = CommitCrc::new(h, n.start);
+        crc.update(&data);
+        if crc.finish() == n.data_crc {
+            return Ok(n);
+        }
+        // The last commit's sync did not finish: some of its sectors, or
+        // its control block alone, reached the device. It was never
+        // acknowledged; its predecessor is the committed state.
+        match older {
+            Some(o) if o.position == n.start && o.seq.checked_add(1) == Some(n.seq) => Ok(o),
+            _ => Err(corrupt(format!(
+                "the producer's last commit [{}, {}) fails its data checksum and the other \
+                 control slot is not its predecessor",
+                n.start, n.position
+            ))),
         }
     }
 
     /// Write this control block into the slot its `seq` selects (the one
     /// not holding the previous block) and sync.
     pub fn write(&self, dev: &dyn BlockDevice, h: &Header, side: Side) -> Result<(), Error> {
-        let slot = side.first_slot() + self.seq % 2;
-        dev.write_at(&self.encode(side, h), slot * h.sector_size as u64)?;
+        self.write_unsynced(dev, h, side)?;
         dev.sync()?;
         Ok(())
+    }
+
+    /// [`write`](Self::write) without the sync: for a producer commit,
+    /// whose one sync covers its data and this block.
+    pub fn write_unsynced(
+        &self,
+        dev: &dyn BlockDevice,
+        h: &Header,
+        side: Side,
+    ) -> Result<(), Error> {
+        let slot = side.first_slot() + self.seq % 2;
+        dev.write_at(&self.encode(side, h), slot * h.sector_size as u64)?;
+        Ok(())
+    }
+}
+
+/// The checksum of one commit's data, as a producer control block holds
+/// it: CRC32 of the ring's uuid, the commit's start position (u64) and the
+/// stream bytes from there to the commit's end.
+pub struct CommitCrc(crc32fast::Hasher);
+
+impl CommitCrc {
+    pub fn new(h: &Header, start: u64) -> CommitCrc {
+        let mut c = crc32fast::Hasher::new();
+        c.update(&h.uuid);
+        c.update(&start.to_le_bytes());
+        CommitCrc(c)
+    }
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+    pub fn finish(self) -> u32 {
+        self.0.finalize()
     }
 }
 

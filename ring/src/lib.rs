@@ -7,9 +7,11 @@
 //! positions; the data area holds a window of `capacity` bytes of it. The
 //! [`Producer`] appends: [`push`](Producer::push) stages a record (not yet
 //! visible), and [`advance`](Producer::advance) is the commit point: it
-//! writes the staged records, syncs them, then writes and syncs its control
-//! block. Only then can the consumer see them. The [`Consumer`] reads
-//! records in order ([`pop`](Consumer::pop), [`fold`](Consumer::fold)) and
+//! writes the staged records and its control block (which holds their
+//! checksum), then syncs once. Only then is the commit acknowledged; a
+//! reader checks the last commit against its control block, so one
+//! interrupted before its sync finished is whole or absent. The
+//! [`Consumer`] reads records in order ([`pop`](Consumer::pop), [`fold`](Consumer::fold)) and
 //! frees space with [`advance`](Consumer::advance), which durably records
 //! how far it has consumed. Producer and consumer may live in different
 //! processes sharing a file; each learns the other's progress by reading

@@ -1,7 +1,7 @@
 //! The producer side.
 
 use crate::device::BlockDevice;
-use crate::format::{self, Control, Header, Side};
+use crate::format::{self, CommitCrc, Control, Header, Side};
 use crate::{align_down, align_up, DebugInfo, Error, State};
 
 /// Staged bytes are written out in whole sectors once this much piles up,
@@ -19,7 +19,11 @@ pub struct Producer<D: BlockDevice> {
     written: u64,
     /// Staged bytes from `written` on.
     staged: Vec<u8>,
-    /// Consumer position, as last read.
+    /// Checksum of the uncommitted bytes already written, from the
+    /// committed position to `written`; the commit's control block holds it.
+    crc: CommitCrc,
+    /// Consumer position, as last read and made durable: the producer
+    /// writes only into space freed before it.
     consumer: u64,
     poisoned: bool,
 }
@@ -74,8 +78,7 @@ impl<D: BlockDevice> Producer<D> {
             for seq in 0..2 {
                 Control {
                     seq,
-                    position: 0,
-                    flag: false,
+                    ..Control::default()
                 }
                 .write(dev, &h, side)?;
             }
@@ -97,10 +100,11 @@ impl<D: BlockDevice> Producer<D> {
         // earlier handle's write reached the device but its sync failed.
         dev.sync()?;
         let h = Header::read(&dev)?;
-        let ctl = Control::read(&dev, &h, Side::Producer)?;
-        let cons = Control::read(&dev, &h, Side::Consumer)?;
+        let cons = Control::read_consumer(&dev, &h)?;
+        let ctl = Control::read_producer(&dev, &h, cons.position, 0)?;
         check_positions(&h, ctl.position, cons.position)?;
         Ok(Producer {
+            crc: CommitCrc::new(&h, ctl.position),
             dev,
             h,
             ctl,
@@ -178,10 +182,20 @@ impl<D: BlockDevice> Producer<D> {
         let fits =
             |consumer: u64, end: u64| align_up(end + size, ss) <= align_down(consumer, ss) + cap;
         if !fits(self.consumer, self.end()) {
-            self.consumer = self.read_consumer()?.position;
-            if !fits(self.consumer, self.end()) {
+            let consumer = self.read_consumer()?.position;
+            if !fits(consumer, self.end()) {
+                self.consumer = consumer;
                 return Err(Error::Retry);
             }
+            // The consumer's advance may be written but not yet synced:
+            // make it durable before overwriting the space it freed, or a
+            // power loss could bring back a consumer position whose
+            // records are gone.
+            if let Err(e) = self.dev.sync() {
+                self.poisoned = true;
+                return Err(e.into());
+            }
+            self.consumer = consumer;
         }
         let pos = self.end();
         let crc = format::record_crc(&self.h.uuid, pos, len as u32, item);
@@ -208,15 +222,19 @@ impl<D: BlockDevice> Producer<D> {
                 self.poisoned = true;
                 return Err(e);
             }
+            self.crc.update(&self.staged[..whole]);
             self.staged.drain(..whole);
             self.written += whole as u64;
         }
         Ok(())
     }
 
-    /// Commit every staged record: pad to a sector boundary, write, sync,
-    /// then write and sync the control block. Returns the new committed
-    /// position (the consumer can read everything before it).
+    /// Commit every staged record: pad to a sector boundary, write the
+    /// records and then the control block (which holds the checksum of
+    /// everything this commit wrote), and sync once. Returns the new
+    /// committed position (the consumer can read everything before it).
+    /// A crash before the sync finishes leaves the commit whole or absent:
+    /// readers check the last commit's data against its control block.
     ///
     /// Outcomes: `Ok(position)`; [`Error::Io`] (the records may or may not
     /// have become visible; this handle is poisoned: attach again and read
@@ -236,15 +254,19 @@ impl<D: BlockDevice> Producer<D> {
             self.staged.extend_from_slice(&crc.to_le_bytes());
             self.staged.resize((padded - self.written) as usize, 0);
         }
+        let mut crc = std::mem::replace(&mut self.crc, CommitCrc::new(&self.h, padded));
+        crc.update(&self.staged);
+        let ctl = Control {
+            seq: self.ctl.seq + 1,
+            position: padded,
+            flag: self.ctl.flag,
+            start: self.ctl.position,
+            data_crc: crc.finish(),
+        };
         let result = (|| {
             format::write_stream(&self.dev, &self.h, self.written, &self.staged)?;
+            ctl.write_unsynced(&self.dev, &self.h, Side::Producer)?;
             self.dev.sync()?;
-            let ctl = Control {
-                seq: self.ctl.seq + 1,
-                position: padded,
-                flag: self.ctl.flag,
-            };
-            ctl.write(&self.dev, &self.h, Side::Producer)?;
             Ok(ctl)
         })();
         match result {
@@ -262,20 +284,23 @@ impl<D: BlockDevice> Producer<D> {
     }
 
     fn read_consumer(&mut self) -> Result<Control, Error> {
-        let c = Control::read(&self.dev, &self.h, Side::Consumer)?;
+        let c = Control::read_consumer(&self.dev, &self.h)?;
         check_positions(&self.h, self.ctl.position, c.position)?;
         Ok(c)
     }
 
     /// Answer the consumer's suspend/resume request, if it changed.
     fn poll_suspend(&mut self) -> Result<State, Error> {
+        // The consumer position read here is not taken for free space:
+        // push does that, after making it durable.
         let c = self.read_consumer()?;
-        self.consumer = c.position;
         if c.flag != self.ctl.flag {
             let ctl = Control {
                 seq: self.ctl.seq + 1,
                 position: self.ctl.position,
                 flag: c.flag,
+                start: self.ctl.position,
+                data_crc: 0,
             };
             if let Err(e) = ctl.write(&self.dev, &self.h, Side::Producer) {
                 self.poisoned = true;

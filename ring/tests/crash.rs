@@ -767,8 +767,8 @@ fn a_crash_while_recreating_a_used_ring_never_mixes_old_and_new() {
 // Damaged records.
 
 /// A 512 x 32 ring in memory holding records of 20, 1200 and 30 bytes
-/// (the second spans three sectors), committed as one batch; returns the
-/// device image and the records.
+/// (the second spans three sectors), committed as one batch and followed
+/// by a second commit; returns the device image and the three records.
 fn committed_image() -> (Vec<u8>, Vec<Rec>) {
     let d = MemDevice::new((HEADER_SECTORS + 32) * 512, 512);
     Producer::create(&d).unwrap();
@@ -783,6 +783,13 @@ fn committed_image() -> (Vec<u8>, Vec<Rec>) {
             data,
         });
     }
+    p.advance().unwrap();
+    // A second commit after it, so the damage below lies in a commit that
+    // is not the last one: a reader checks the last commit as a whole
+    // against its control block and takes a damaged one for an
+    // interrupted commit (see the single-sync tests), but reports damage
+    // to any earlier commit record by record.
+    p.push(&payload(99, 10)).unwrap();
     p.advance().unwrap();
     drop(p);
     (d.contents(), recs)
@@ -915,7 +922,8 @@ fn positions_at_the_end_of_the_range_are_refused_not_overflowed() {
             Control {
                 seq: 2,
                 position,
-                flag: false,
+                start: position,
+                ..Control::default()
             }
             .write(d, &h, side)
             .unwrap();
