@@ -9,12 +9,12 @@
 //! - [`Journal::start`] first replays everything left in the ring by an
 //!   earlier run (crash recovery), then starts a background applier thread.
 //! - [`Journal::push`] appends one operation and returns once it is
-//!   durable. Concurrent pushers share syncs (group commit): the first
-//!   pusher to find no commit in progress becomes the leader, writes every
-//!   queued operation to the ring and advances it (one data sync plus one
-//!   control-block sync); the others wait for the commit that carries
-//!   their operation. No pusher waits for more than one commit after its
-//!   operation was queued, besides one already in flight.
+//!   durable. Concurrent pushers share syncs (group commit): a committer
+//!   thread takes every operation queued so far as one batch, writes it to
+//!   the ring and advances it (one sync: tt-ring commits with a single
+//!   sync), then wakes exactly the pushers of that batch. An operation
+//!   queued while a commit is in flight goes into the next one, so no
+//!   pusher waits for more than the commit in flight and its own.
 //! - The applier reads durable operations in push order, calls `perform`
 //!   with batches of them, and frees their ring space only after `perform`
 //!   returned `Ok`. A `perform` that fails or panics is retried after
@@ -118,6 +118,9 @@ struct State {
     durable: u64,
     /// Every operation with a smaller sequence number is performed.
     performed: u64,
+    /// Number of the batch now accumulating in `queue`; its pushers wait
+    /// on `Shared::batch_done[batch % 2]`.
+    batch: u64,
     committing: bool,
     flush_requested: bool,
     accepting: bool,
@@ -129,10 +132,27 @@ struct State {
     metrics: Metrics,
 }
 
+/// Who waits for what. Each wait has its own condition variable, so a
+/// change wakes only the threads it concerns: with 64 pushers, waking all
+/// of them on every commit and every perform costs more CPU than the
+/// journal's own work.
 struct Shared<D: BlockDevice> {
     state: Mutex<State>,
-    /// Signalled when `durable`, `performed`, space or flags change.
-    changed: Condvar,
+    /// The committer waits here for queued operations (or a stop).
+    work: Condvar,
+    /// Pushers of batch `b` wait on `batch_done[b % 2]` for its commit (or
+    /// a failure). Batch `b + 2` cannot start before batch `b` is done, so
+    /// two suffice.
+    batch_done: [Condvar; 2],
+    /// The applier waits here for durable operations, flush requests,
+    /// space to free, or a stop.
+    applier: Condvar,
+    /// Signalled when `performed` moves, the committer finishes a batch,
+    /// or the journal stops: `Waiter::sync` and `shutdown` wait here.
+    progress: Condvar,
+    /// Signalled when the applier frees ring space: a commit waiting in a
+    /// full ring waits here.
+    space: Condvar,
     producer: Mutex<Producer<D>>,
     /// Largest record the ring takes (fixed for its lifetime).
     max_record: u64,
@@ -142,7 +162,8 @@ struct Shared<D: BlockDevice> {
 /// A running journal of operations of type `Op`.
 pub struct Journal<Op, D: BlockDevice> {
     shared: Arc<Shared<D>>,
-    applier: Mutex<Option<JoinHandle<()>>>,
+    /// The applier and committer threads, until shutdown.
+    threads: Mutex<Option<(JoinHandle<()>, JoinHandle<()>)>>,
     _op: PhantomData<fn(Op)>,
 }
 
@@ -151,6 +172,22 @@ pub struct Journal<Op, D: BlockDevice> {
 pub struct Waiter<D: BlockDevice> {
     shared: Arc<Shared<D>>,
     seq: u64,
+}
+
+impl<D: BlockDevice> Shared<D> {
+    /// Wake every waiter (a failure or a stop concerns them all).
+    fn wake_all(&self) {
+        self.work.notify_all();
+        self.batch_done[0].notify_all();
+        self.batch_done[1].notify_all();
+        self.applier.notify_all();
+        self.progress.notify_all();
+        self.space.notify_all();
+    }
+}
+
+fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    cv.wait(g).unwrap_or_else(|e| e.into_inner())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -170,16 +207,12 @@ impl<D: BlockDevice> Waiter<D> {
     pub fn sync(&self) -> Result<(), Error> {
         let mut st = lock(&self.shared.state);
         st.flush_requested = true;
-        self.shared.changed.notify_all();
+        self.shared.applier.notify_one();
         while st.performed <= self.seq {
             if st.stopping {
                 return Err(Error::ShutDown);
             }
-            st = self
-                .shared
-                .changed
-                .wait(st)
-                .unwrap_or_else(|e| e.into_inner());
+            st = wait(&self.shared.progress, st);
         }
         Ok(())
     }
@@ -188,7 +221,7 @@ impl<D: BlockDevice> Waiter<D> {
     /// for `flush_interval`.
     pub fn flush(&self) {
         lock(&self.shared.state).flush_requested = true;
-        self.shared.changed.notify_all();
+        self.shared.applier.notify_one();
     }
 }
 
@@ -239,6 +272,7 @@ where
                 failed: Default::default(),
                 durable: next_seq,
                 performed: next_seq,
+                batch: 0,
                 committing: false,
                 flush_requested: false,
                 accepting: true,
@@ -247,7 +281,11 @@ where
                 pending: Default::default(),
                 metrics: Metrics::default(),
             }),
-            changed: Condvar::new(),
+            work: Condvar::new(),
+            batch_done: [Condvar::new(), Condvar::new()],
+            applier: Condvar::new(),
+            progress: Condvar::new(),
+            space: Condvar::new(),
             max_record: producer.max_item(),
             producer: Mutex::new(producer),
             config,
@@ -258,6 +296,13 @@ where
             ..
         } = applier;
         let s2 = shared.clone();
+        let committer = std::thread::Builder::new()
+            .name("tt-journal-committer".into())
+            .spawn({
+                let shared = shared.clone();
+                move || committer(&shared)
+            })
+            .expect("spawn committer thread");
         let handle = std::thread::Builder::new()
             .name("tt-journal-applier".into())
             .spawn(move || {
@@ -274,7 +319,7 @@ where
             .expect("spawn applier thread");
         Ok(Journal {
             shared,
-            applier: Mutex::new(Some(handle)),
+            threads: Mutex::new(Some((handle, committer))),
             _op: PhantomData,
         })
     }
@@ -309,9 +354,15 @@ where
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        let mut rec = seq.to_le_bytes().to_vec();
+        let mut rec = Vec::with_capacity(8 + body.len());
+        rec.extend_from_slice(&seq.to_le_bytes());
         rec.extend_from_slice(&body);
+        drop(body);
         st.queue.push((seq, rec));
+        let batch = st.batch;
+        if st.queue.len() == 1 || !st.committing {
+            self.shared.work.notify_one();
+        }
         loop {
             if st.failed.remove(&seq) {
                 return Err(Error::Full(self.shared.config.full_timeout));
@@ -327,82 +378,8 @@ where
                     "commit failed: {why}"
                 ))));
             }
-            if !st.committing {
-                // Become the leader for everything queued so far.
-                st.committing = true;
-                let batch = std::mem::take(&mut st.queue);
-                drop(st);
-                let result = self.commit(&batch);
-                st = lock(&self.shared.state);
-                st.committing = false;
-                match result {
-                    Ok((latency, committed)) => {
-                        if committed > 0 {
-                            let last = batch[committed - 1].0;
-                            st.durable = st.durable.max(last + 1);
-                            st.metrics.syncs += 1;
-                            st.metrics.last_sync_latency = latency;
-                            for (s, rec) in &batch[..committed] {
-                                st.pending.push_back((*s, rec.len() as u64));
-                            }
-                        }
-                        // The ring stayed full past full_timeout: the ops
-                        // that did not fit fail; nothing was written for them.
-                        for (s, _) in &batch[committed..] {
-                            st.failed.insert(*s);
-                        }
-                    }
-                    Err(e) => {
-                        st.broken = Some(e.to_string());
-                        self.shared.changed.notify_all();
-                        return Err(Error::Ring(e));
-                    }
-                }
-                self.shared.changed.notify_all();
-                continue;
-            }
-            st = self
-                .shared
-                .changed
-                .wait(st)
-                .unwrap_or_else(|e| e.into_inner());
+            st = wait(&self.shared.batch_done[(batch % 2) as usize], st);
         }
-    }
-
-    /// Write `batch` to the ring and advance; returns how many of its ops
-    /// (a prefix) are committed. When the ring is full, commits what is
-    /// staged and waits for the applier to free space, up to
-    /// `full_timeout`; the ops still unwritten then are left out.
-    fn commit(&self, batch: &[(u64, Vec<u8>)]) -> Result<(Duration, usize), tt_ring::Error> {
-        let start = Instant::now();
-        let mut p = lock(&self.shared.producer);
-        let deadline = start + self.shared.config.full_timeout;
-        let mut staged = 0;
-        while staged < batch.len() {
-            match p.push(&batch[staged].1) {
-                Ok(_) => staged += 1,
-                Err(tt_ring::Error::Retry) => {
-                    // Commit what fits (a no-op if nothing new is staged).
-                    p.advance()?;
-                    if Instant::now() > deadline {
-                        return Ok((start.elapsed(), staged));
-                    }
-                    // Wake the applier and wait for it to free space.
-                    let mut st = lock(&self.shared.state);
-                    st.flush_requested = true;
-                    self.shared.changed.notify_all();
-                    let (g, _) = self
-                        .shared
-                        .changed
-                        .wait_timeout(st, Duration::from_millis(5))
-                        .unwrap_or_else(|e| e.into_inner());
-                    drop(g);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        p.advance()?;
-        Ok((start.elapsed(), staged))
     }
 
     /// Current counters.
@@ -423,49 +400,159 @@ where
     /// Takes `&self` so that it can run while other threads are pushing;
     /// calling it again does nothing.
     pub fn shutdown(&self, drain: bool) {
-        let Some(handle) = lock(&self.applier).take() else {
+        let Some((applier, committer)) = lock(&self.threads).take() else {
             return;
         };
         {
-            let mut st = lock(&self.shared.state);
+            let sh = &self.shared;
+            let mut st = lock(&sh.state);
             st.accepting = false;
-            while st.committing || !st.queue.is_empty() && st.broken.is_none() {
-                st = self
-                    .shared
-                    .changed
-                    .wait(st)
-                    .unwrap_or_else(|e| e.into_inner());
+            while (st.committing || !st.queue.is_empty()) && st.broken.is_none() {
+                st = wait(&sh.progress, st);
             }
             if drain {
                 while st.performed < st.durable && st.broken.is_none() {
                     st.flush_requested = true;
-                    self.shared.changed.notify_all();
-                    st = self
-                        .shared
-                        .changed
-                        .wait(st)
-                        .unwrap_or_else(|e| e.into_inner());
+                    sh.applier.notify_one();
+                    st = wait(&sh.progress, st);
                 }
             }
             st.stopping = true;
-            self.shared.changed.notify_all();
+            sh.wake_all();
         }
-        let _ = handle.join();
+        let _ = applier.join();
+        let _ = committer.join();
     }
 }
 
 impl<Op, D: BlockDevice> Drop for Journal<Op, D> {
     fn drop(&mut self) {
-        if let Some(handle) = lock(&self.applier).take() {
+        if let Some((applier, committer)) = lock(&self.threads).take() {
             {
                 let mut st = lock(&self.shared.state);
                 st.accepting = false;
                 st.stopping = true;
-                self.shared.changed.notify_all();
+                self.shared.wake_all();
             }
-            let _ = handle.join();
+            let _ = applier.join();
+            let _ = committer.join();
         }
     }
+}
+
+/// Longest the committer waits to gather a batch.
+const MAX_GATHER: Duration = Duration::from_micros(500);
+
+/// The committer thread: commit whatever is queued, batch after batch,
+/// until the journal stops (or a commit fails).
+fn committer<D: BlockDevice>(sh: &Shared<D>) {
+    let mut st = lock(&sh.state);
+    // Ops in flight when the last commit finished: its batch plus what
+    // was queued meanwhile.
+    let mut in_flight = 0;
+    loop {
+        if st.broken.is_some() || (st.stopping && st.queue.is_empty()) {
+            return;
+        }
+        if st.queue.is_empty() {
+            st = wait(&sh.work, st);
+            continue;
+        }
+        // Gather: the pushers woken by the last commit are about to push
+        // again; wait briefly for as many ops as were in flight then, so
+        // that concurrent pushers share one commit instead of alternating
+        // between two half-size ones (the same idea as PostgreSQL's
+        // commit_delay). Bounded by a quarter of the last sync's latency,
+        // so it never costs more than a fraction of a commit.
+        if st.queue.len() < in_flight && !st.stopping {
+            let limit = (st.metrics.last_sync_latency / 4).min(MAX_GATHER);
+            let deadline = Instant::now() + limit;
+            while st.queue.len() < in_flight && !st.stopping {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                st = sh
+                    .work
+                    .wait_timeout(st, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+        let batch = std::mem::take(&mut st.queue);
+        let number = st.batch;
+        st.batch += 1;
+        st.committing = true;
+        drop(st);
+        let result = commit(sh, &batch);
+        st = lock(&sh.state);
+        st.committing = false;
+        in_flight = batch.len() + st.queue.len();
+        match result {
+            Ok((latency, committed)) => {
+                if committed > 0 {
+                    let last = batch[committed - 1].0;
+                    st.durable = st.durable.max(last + 1);
+                    st.metrics.syncs += 1;
+                    st.metrics.last_sync_latency = latency;
+                    for (s, rec) in &batch[..committed] {
+                        st.pending.push_back((*s, rec.len() as u64));
+                    }
+                    sh.applier.notify_one();
+                }
+                // The ring stayed full past full_timeout: the ops that did
+                // not fit fail; nothing was written for them.
+                for (s, _) in &batch[committed..] {
+                    st.failed.insert(*s);
+                }
+                sh.batch_done[(number % 2) as usize].notify_all();
+                sh.progress.notify_all();
+            }
+            Err(e) => {
+                st.broken = Some(e.to_string());
+                sh.wake_all();
+                return;
+            }
+        }
+    }
+}
+
+/// Write `batch` to the ring and advance; returns how many of its ops (a
+/// prefix) are committed. When the ring is full, commits what is staged
+/// and waits for the applier to free space, up to `full_timeout`; the ops
+/// still unwritten then are left out.
+fn commit<D: BlockDevice>(
+    sh: &Shared<D>,
+    batch: &[(u64, Vec<u8>)],
+) -> Result<(Duration, usize), tt_ring::Error> {
+    let start = Instant::now();
+    let mut p = lock(&sh.producer);
+    let deadline = start + sh.config.full_timeout;
+    let mut staged = 0;
+    while staged < batch.len() {
+        match p.push(&batch[staged].1) {
+            Ok(_) => staged += 1,
+            Err(tt_ring::Error::Retry) => {
+                // Commit what fits (a no-op if nothing new is staged).
+                p.advance()?;
+                if Instant::now() > deadline {
+                    return Ok((start.elapsed(), staged));
+                }
+                // Wake the applier and wait for it to free space.
+                let mut st = lock(&sh.state);
+                st.flush_requested = true;
+                sh.applier.notify_one();
+                let (g, _) = sh
+                    .space
+                    .wait_timeout(st, Duration::from_millis(5))
+                    .unwrap_or_else(|e| e.into_inner());
+                drop(g);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    p.advance()?;
+    Ok((start.elapsed(), staged))
 }
 
 /// A batch read from the ring.
@@ -560,7 +647,7 @@ where
                 let mut st = lock(&sh.state);
                 st.metrics.perform_failures += 1;
                 let (st, _) = sh
-                    .changed
+                    .applier
                     .wait_timeout_while(st, self.config.retry_interval, |st| !st.stopping)
                     .unwrap_or_else(|e| e.into_inner());
                 if st.stopping {
@@ -599,7 +686,7 @@ where
         let mut st = lock(&sh.state);
         st.broken = Some(e.to_string());
         st.stopping = true;
-        sh.changed.notify_all();
+        sh.wake_all();
     }
 
     fn run<D2: BlockDevice>(&mut self, sh: &Shared<D2>) {
@@ -622,7 +709,7 @@ where
                         break;
                     }
                     st = sh
-                        .changed
+                        .applier
                         .wait_timeout(st, FREE_INTERVAL)
                         .unwrap_or_else(|e| e.into_inner())
                         .0;
@@ -632,7 +719,7 @@ where
                     && !st.flush_requested
                 {
                     let (g, _) = sh
-                        .changed
+                        .applier
                         .wait_timeout_while(st, sh.config.flush_interval, |st| {
                             !st.flush_requested && !st.stopping
                         })
@@ -646,7 +733,7 @@ where
                 if let Err(e) = self.free() {
                     return Self::fail(sh, "cannot free ring space", e);
                 }
-                sh.changed.notify_all();
+                sh.space.notify_all();
             }
             let idle = {
                 let st = lock(&sh.state);
@@ -672,7 +759,7 @@ where
                     while st.pending.front().is_some_and(|(s, _)| *s <= last) {
                         st.pending.pop_front();
                     }
-                    sh.changed.notify_all();
+                    sh.progress.notify_all();
                 }
                 Ok(false) => {
                     if let Err(e) = self.free() {
