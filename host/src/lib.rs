@@ -15,7 +15,10 @@
 //! - [`vmm`]: create the KVM VM and vCPU, lay out guest memory and page
 //!   tables (W^X from the ELF segment flags), run the vCPU;
 //! - [`modules`]: the hypercall handlers, one module per device kind
-//!   (console and time, block, net), in the spirit of Solo5's tender modules.
+//!   (console and time, block, net), in the spirit of Solo5's tender modules;
+//! - [`resources`]: the admission model, not yet wired into the flow: the
+//!   tree of delegated resource policies that decides whether a unikernel
+//!   may start (pure bookkeeping).
 //!
 //! [`abi`] holds the shared layouts. docs/ABI.md says what a guest may rely on.
 
@@ -24,4 +27,5 @@ pub mod cli;
 pub mod launch;
 pub mod loader;
 pub mod modules;
+pub mod resources;
 pub mod vmm;

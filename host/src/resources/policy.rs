@@ -1,0 +1,311 @@
+//! Policies (what a path may use), running unikernels' resources, usage
+//! sums, and how they are compared and displayed.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::fmt;
+
+/// The resources delegated to a path: a ceiling on everything running
+/// below it, all together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// How many unikernels may run below the path.
+    pub unikernels: u32,
+    /// Guest memory, in MB, of all unikernels below the path together.
+    pub memory_mb: u64,
+    /// CPUs a unikernel below the path may run on.
+    pub cpus: BTreeSet<u16>,
+    /// Block storage, in MB, of all unikernels below the path together;
+    /// `None`: no block storage allowed (`Some(0)` allows devices of 0 MB).
+    pub block_mb: Option<u64>,
+    /// Bridges a unikernel below the path may attach to.
+    pub bridges: BTreeSet<String>,
+}
+
+/// The resources a running (or to be launched) unikernel takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unikernel {
+    /// Guest memory in MB.
+    pub memory_mb: u64,
+    /// CPUs it may run on: `{N}` when pinned with `--cpu N`, all host CPUs
+    /// otherwise.
+    pub cpus: BTreeSet<u16>,
+    /// Sum of its block devices' sizes, in MB rounded up; 0 = none.
+    pub block_mb: u64,
+    /// Bridges its network devices attach to.
+    pub bridges: BTreeSet<String>,
+}
+
+/// What the unikernels running below a path use, summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub unikernels: u64,
+    pub memory_mb: u64,
+    pub block_mb: u64,
+}
+
+impl Usage {
+    /// `self` plus one unikernel `uk` (saturating; the admission check keeps
+    /// real sums below the root policy's limits).
+    pub(crate) fn add(&mut self, uk: &Unikernel) {
+        self.unikernels = self.unikernels.saturating_add(1);
+        self.memory_mb = self.memory_mb.saturating_add(uk.memory_mb);
+        self.block_mb = self.block_mb.saturating_add(uk.block_mb);
+    }
+
+    /// `self` minus one unikernel `uk` that was added before.
+    pub(crate) fn sub(&mut self, uk: &Unikernel) {
+        self.unikernels = self.unikernels.saturating_sub(1);
+        self.memory_mb = self.memory_mb.saturating_sub(uk.memory_mb);
+        self.block_mb = self.block_mb.saturating_sub(uk.block_mb);
+    }
+}
+
+/// A kind of resource a policy limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Resource {
+    Unikernels,
+    Memory,
+    Block,
+    Cpus,
+    Bridges,
+}
+
+impl Resource {
+    /// Unit suffix for amounts of this resource (`" MB"` or nothing).
+    pub fn unit(self) -> &'static str {
+        match self {
+            Resource::Memory | Resource::Block => " MB",
+            _ => "",
+        }
+    }
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Resource::Unikernels => "unikernels",
+            Resource::Memory => "memory",
+            Resource::Block => "block",
+            Resource::Cpus => "cpus",
+            Resource::Bridges => "bridges",
+        })
+    }
+}
+
+/// Why a policy does not fit inside another (see [`Policy::fits_in`]).
+/// "inner" is the policy that should fit, "outer" the one it should fit in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FitError {
+    #[error("unikernels {inner} exceeds {outer}")]
+    Unikernels { inner: u32, outer: u32 },
+    #[error("memory {inner} MB exceeds {outer} MB")]
+    Memory { inner: u64, outer: u64 },
+    #[error("block {inner} MB exceeds {outer} MB")]
+    Block { inner: u64, outer: u64 },
+    /// The inner policy allows block storage, the outer one none.
+    #[error("block {inner} MB where no block storage is allowed")]
+    NoBlock { inner: u64 },
+    /// The smallest CPU of the inner policy missing from the outer one.
+    #[error("cpu {cpu} not in cpus {}", CpuList(.outer))]
+    Cpu { cpu: u16, outer: BTreeSet<u16> },
+    /// The first bridge of the inner policy missing from the outer one.
+    #[error("bridge {bridge} not in bridges {}", BridgeList(.outer))]
+    Bridge {
+        bridge: String,
+        outer: BTreeSet<String>,
+    },
+}
+
+impl FitError {
+    pub fn resource(&self) -> Resource {
+        match self {
+            FitError::Unikernels { .. } => Resource::Unikernels,
+            FitError::Memory { .. } => Resource::Memory,
+            FitError::Block { .. } | FitError::NoBlock { .. } => Resource::Block,
+            FitError::Cpu { .. } => Resource::Cpus,
+            FitError::Bridge { .. } => Resource::Bridges,
+        }
+    }
+}
+
+impl Policy {
+    /// Whether everything `self` allows, `outer` allows too: counts, memory
+    /// and block no larger, cpus and bridges subsets, and no block storage
+    /// where `outer` allows none (`Some(_)` does not fit in `None`). The
+    /// error names the first resource that does not fit, in the order
+    /// unikernels, memory, block, cpus, bridges.
+    pub fn fits_in(&self, outer: &Policy) -> Result<(), FitError> {
+        if self.unikernels > outer.unikernels {
+            return Err(FitError::Unikernels {
+                inner: self.unikernels,
+                outer: outer.unikernels,
+            });
+        }
+        if self.memory_mb > outer.memory_mb {
+            return Err(FitError::Memory {
+                inner: self.memory_mb,
+                outer: outer.memory_mb,
+            });
+        }
+        match (self.block_mb, outer.block_mb) {
+            (Some(inner), None) => return Err(FitError::NoBlock { inner }),
+            (Some(inner), Some(o)) if inner > o => return Err(FitError::Block { inner, outer: o }),
+            _ => {}
+        }
+        if let Some(&cpu) = self.cpus.difference(&outer.cpus).next() {
+            return Err(FitError::Cpu {
+                cpu,
+                outer: outer.cpus.clone(),
+            });
+        }
+        if let Some(bridge) = self.bridges.difference(&outer.bridges).next() {
+            return Err(FitError::Bridge {
+                bridge: bridge.clone(),
+                outer: outer.bridges.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Displays a CPU set compactly: `0-3,6,8-9`; the empty set is `none`.
+pub struct CpuList<'a>(pub &'a BTreeSet<u16>);
+
+impl fmt::Display for CpuList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut it = self.0.iter().copied().peekable();
+        if it.peek().is_none() {
+            return f.write_str("none");
+        }
+        let mut first = true;
+        while let Some(start) = it.next() {
+            let mut end = start;
+            while it.peek().is_some_and(|&n| Some(n) == end.checked_add(1)) {
+                end = it.next().expect("peeked");
+            }
+            if !first {
+                f.write_str(",")?;
+            }
+            first = false;
+            if start == end {
+                write!(f, "{start}")?;
+            } else {
+                write!(f, "{start}-{end}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Displays a bridge set joined by `,`; the empty set is `none`.
+pub struct BridgeList<'a>(pub &'a BTreeSet<String>);
+
+impl fmt::Display for BridgeList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("none");
+        }
+        for (i, b) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(b)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpus(c: &[u16]) -> BTreeSet<u16> {
+        c.iter().copied().collect()
+    }
+
+    fn bridges(b: &[&str]) -> BTreeSet<String> {
+        b.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn policy(unikernels: u32, memory_mb: u64, block_mb: Option<u64>) -> Policy {
+        Policy {
+            unikernels,
+            memory_mb,
+            cpus: cpus(&[0, 1]),
+            block_mb,
+            bridges: bridges(&["br0"]),
+        }
+    }
+
+    #[test]
+    fn fits_in_compares_every_resource() {
+        let outer = policy(2, 1024, Some(100));
+        assert_eq!(policy(2, 1024, Some(100)).fits_in(&outer), Ok(()));
+        assert_eq!(policy(1, 10, None).fits_in(&outer), Ok(()));
+        assert_eq!(
+            policy(3, 10, None).fits_in(&outer),
+            Err(FitError::Unikernels { inner: 3, outer: 2 })
+        );
+        assert_eq!(
+            policy(1, 2048, None).fits_in(&outer),
+            Err(FitError::Memory {
+                inner: 2048,
+                outer: 1024
+            })
+        );
+        assert_eq!(
+            policy(1, 10, Some(101)).fits_in(&outer),
+            Err(FitError::Block {
+                inner: 101,
+                outer: 100
+            })
+        );
+        assert_eq!(
+            policy(1, 10, Some(0)).fits_in(&policy(2, 1024, None)),
+            Err(FitError::NoBlock { inner: 0 })
+        );
+        let mut p = policy(1, 10, None);
+        p.cpus = cpus(&[1, 3]);
+        let e = p.fits_in(&outer).unwrap_err();
+        assert_eq!(e.to_string(), "cpu 3 not in cpus 0-1");
+        assert_eq!(e.resource(), Resource::Cpus);
+        let mut p = policy(1, 10, None);
+        p.bridges = bridges(&["br0", "br9"]);
+        assert_eq!(
+            p.fits_in(&outer).unwrap_err().to_string(),
+            "bridge br9 not in bridges br0"
+        );
+    }
+
+    #[test]
+    fn lists_display_compactly() {
+        assert_eq!(CpuList(&cpus(&[])).to_string(), "none");
+        assert_eq!(CpuList(&cpus(&[0])).to_string(), "0");
+        assert_eq!(
+            CpuList(&cpus(&[0, 1, 2, 3, 6, 8, 9])).to_string(),
+            "0-3,6,8-9"
+        );
+        assert_eq!(CpuList(&cpus(&[65534, 65535])).to_string(), "65534-65535");
+        assert_eq!(BridgeList(&bridges(&[])).to_string(), "none");
+        assert_eq!(BridgeList(&bridges(&["br1", "br0"])).to_string(), "br0,br1");
+    }
+
+    #[test]
+    fn usage_saturates() {
+        let huge = Unikernel {
+            memory_mb: u64::MAX,
+            cpus: cpus(&[0]),
+            block_mb: u64::MAX,
+            bridges: bridges(&[]),
+        };
+        let mut u = Usage::default();
+        u.add(&huge);
+        u.add(&huge);
+        assert_eq!(u.memory_mb, u64::MAX);
+        u.sub(&huge);
+        u.sub(&huge);
+        u.sub(&huge);
+        assert_eq!(u, Usage::default());
+    }
+}

@@ -1,0 +1,613 @@
+//! Property tests: [`Resources`] against a brute-force model.
+//!
+//! The model keeps a plain map of policies (labels -> policy) and a plain
+//! list of running unikernels, and decides every launch and policy change
+//! by scanning them: for each ancestor with a policy it sums over all
+//! running unikernels whose name is below that path. Random sequences of
+//! set_policy / remove_policy / launch / exit over a three-letter alphabet
+//! (so paths and names collide) must get the same decision, the same
+//! refusal, and the same usage at every path after every step.
+
+use super::*;
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::{Config, TestRunner};
+use std::collections::{BTreeMap, BTreeSet};
+
+type Labels = Vec<String>;
+
+const ALPHABET: [&str; 3] = ["a", "b", "c"];
+/// Deepest path generated for a policy or a unikernel's path.
+const MAX_GEN_DEPTH: usize = 3;
+
+fn to_path(labels: &[String]) -> Path {
+    labels
+        .join(":")
+        .parse()
+        .expect("generated labels are valid")
+}
+
+fn to_name(path: &[String], label: &str) -> Name {
+    Name::new(to_path(path), Label::new(label).expect("valid label"))
+}
+
+/// The independent model: lists and brute-force sums.
+struct Model {
+    policies: BTreeMap<Labels, Policy>,
+    /// (path, label, resources) of each running unikernel.
+    running: Vec<(Labels, String, Unikernel)>,
+}
+
+fn full(path: &[String], label: &str) -> Labels {
+    let mut f = path.to_vec();
+    f.push(label.to_string());
+    f
+}
+
+/// `a` is a strict prefix of `b`.
+fn strictly_above(a: &[String], b: &[String]) -> bool {
+    a.len() < b.len() && b.starts_with(a)
+}
+
+fn model_fits(inner: &Policy, outer: &Policy) -> Result<(), FitError> {
+    if inner.unikernels > outer.unikernels {
+        return Err(FitError::Unikernels {
+            inner: inner.unikernels,
+            outer: outer.unikernels,
+        });
+    }
+    if inner.memory_mb > outer.memory_mb {
+        return Err(FitError::Memory {
+            inner: inner.memory_mb,
+            outer: outer.memory_mb,
+        });
+    }
+    if let Some(i) = inner.block_mb {
+        match outer.block_mb {
+            None => return Err(FitError::NoBlock { inner: i }),
+            Some(o) if i > o => return Err(FitError::Block { inner: i, outer: o }),
+            Some(_) => {}
+        }
+    }
+    if let Some(cpu) = inner.cpus.iter().find(|c| !outer.cpus.contains(c)) {
+        return Err(FitError::Cpu {
+            cpu: *cpu,
+            outer: outer.cpus.clone(),
+        });
+    }
+    if let Some(b) = inner.bridges.iter().find(|b| !outer.bridges.contains(*b)) {
+        return Err(FitError::Bridge {
+            bridge: b.clone(),
+            outer: outer.bridges.clone(),
+        });
+    }
+    Ok(())
+}
+
+impl Model {
+    fn new(root: Policy) -> Model {
+        Model {
+            policies: BTreeMap::from([(Vec::new(), root)]),
+            running: Vec::new(),
+        }
+    }
+
+    fn below<'a>(&'a self, path: &'a [String]) -> impl Iterator<Item = &'a Unikernel> + 'a {
+        self.running
+            .iter()
+            .filter(move |(p, _, _)| p.starts_with(path))
+            .map(|(_, _, uk)| uk)
+    }
+
+    /// Sums as u128, so they cannot overflow.
+    fn sums(&self, path: &[String]) -> (u128, u128, u128) {
+        self.below(path).fold((0, 0, 0), |(n, m, b), uk| {
+            (
+                n + 1,
+                m + u128::from(uk.memory_mb),
+                b + u128::from(uk.block_mb),
+            )
+        })
+    }
+
+    fn usage(&self, path: &[String]) -> Usage {
+        let (n, m, b) = self.sums(path);
+        Usage {
+            unikernels: n as u64,
+            memory_mb: m as u64,
+            block_mb: b as u64,
+        }
+    }
+
+    fn occupied_by_unikernel(&self, at: &[String]) -> Option<Name> {
+        self.running
+            .iter()
+            .find(|(p, l, _)| at.starts_with(&full(p, l)))
+            .map(|(p, l, _)| to_name(p, l))
+    }
+
+    fn launch(&mut self, path: &[String], label: &str, uk: &Unikernel) -> Result<(), Refusal> {
+        let me = full(path, label);
+        if let Some((p, l, _)) = self
+            .running
+            .iter()
+            .find(|(p, l, _)| path.starts_with(&full(p, l)))
+        {
+            return Err(Refusal::BelowUnikernel {
+                unikernel: to_name(p, l),
+            });
+        }
+        if self.running.iter().any(|(p, l, _)| full(p, l) == me) {
+            return Err(Refusal::AlreadyRunning {
+                name: to_name(path, label),
+            });
+        }
+        let path_like = self.policies.contains_key(&me)
+            || self.policies.keys().any(|k| strictly_above(&me, k))
+            || self
+                .running
+                .iter()
+                .any(|(p, l, _)| strictly_above(&me, &full(p, l)));
+        if path_like {
+            return Err(Refusal::NameIsPath {
+                name: to_name(path, label),
+            });
+        }
+        for depth in 0..=path.len() {
+            let anc = &path[..depth];
+            let Some(p) = self.policies.get(anc) else {
+                continue;
+            };
+            let at = to_path(anc);
+            let (n, m, b) = self.sums(anc);
+            if n + 1 > u128::from(p.unikernels) {
+                return Err(Refusal::Exceeded {
+                    path: at,
+                    resource: Resource::Unikernels,
+                    limit: u64::from(p.unikernels),
+                    in_use: n as u64,
+                    requested: 1,
+                });
+            }
+            if m + u128::from(uk.memory_mb) > u128::from(p.memory_mb) {
+                return Err(Refusal::Exceeded {
+                    path: at,
+                    resource: Resource::Memory,
+                    limit: p.memory_mb,
+                    in_use: m as u64,
+                    requested: uk.memory_mb,
+                });
+            }
+            if uk.block_mb > 0 {
+                match p.block_mb {
+                    None => {
+                        return Err(Refusal::NoBlockAllowed {
+                            path: at,
+                            requested: uk.block_mb,
+                        })
+                    }
+                    Some(limit) if b + u128::from(uk.block_mb) > u128::from(limit) => {
+                        return Err(Refusal::Exceeded {
+                            path: at,
+                            resource: Resource::Block,
+                            limit,
+                            in_use: b as u64,
+                            requested: uk.block_mb,
+                        })
+                    }
+                    Some(_) => {}
+                }
+            }
+            if let Some(cpu) = uk.cpus.iter().find(|c| !p.cpus.contains(c)) {
+                return Err(Refusal::CpuNotAllowed {
+                    path: at,
+                    cpu: *cpu,
+                    allowed: p.cpus.clone(),
+                });
+            }
+            if let Some(b) = uk.bridges.iter().find(|b| !p.bridges.contains(*b)) {
+                return Err(Refusal::BridgeNotAllowed {
+                    path: at,
+                    bridge: b.clone(),
+                    allowed: p.bridges.clone(),
+                });
+            }
+        }
+        self.running
+            .push((path.to_vec(), label.to_string(), uk.clone()));
+        Ok(())
+    }
+
+    fn set_policy(&mut self, path: &[String], policy: &Policy) -> Result<(), Refusal> {
+        let at = to_path(path);
+        if let Some(uk) = self.occupied_by_unikernel(path) {
+            return Err(if uk.to_path() == at {
+                Refusal::PathIsUnikernel { path: at }
+            } else {
+                Refusal::BelowUnikernel { unikernel: uk }
+            });
+        }
+        for depth in 0..path.len() {
+            if let Some(outer) = self.policies.get(&path[..depth]) {
+                model_fits(policy, outer).map_err(|reason| Refusal::ExceedsAncestor {
+                    path: at.clone(),
+                    ancestor: to_path(&path[..depth]),
+                    reason,
+                })?;
+            }
+        }
+        for (k, inner) in &self.policies {
+            if strictly_above(path, k) {
+                model_fits(inner, policy).map_err(|reason| Refusal::NarrowerThanDescendant {
+                    path: at.clone(),
+                    descendant: to_path(k),
+                    reason,
+                })?;
+            }
+        }
+        let (n, m, b) = self.sums(path);
+        let over = |resource, limit: u64, in_use: u128| {
+            (in_use > u128::from(limit)).then(|| Refusal::UsageExceeds {
+                path: at.clone(),
+                resource,
+                limit,
+                in_use: in_use as u64,
+            })
+        };
+        if let Some(r) = over(Resource::Unikernels, u64::from(policy.unikernels), n) {
+            return Err(r);
+        }
+        if let Some(r) = over(Resource::Memory, policy.memory_mb, m) {
+            return Err(r);
+        }
+        match policy.block_mb {
+            None if b > 0 => {
+                return Err(Refusal::BlockInUse {
+                    path: at,
+                    in_use: b as u64,
+                })
+            }
+            Some(limit) => {
+                if let Some(r) = over(Resource::Block, limit, b) {
+                    return Err(r);
+                }
+            }
+            None => {}
+        }
+        let cpus: BTreeSet<u16> = self.below(path).flat_map(|uk| uk.cpus.clone()).collect();
+        if let Some(cpu) = cpus.iter().find(|c| !policy.cpus.contains(c)) {
+            return Err(Refusal::CpuInUse {
+                path: at,
+                cpu: *cpu,
+                allowed: policy.cpus.clone(),
+            });
+        }
+        let bridges: BTreeSet<String> =
+            self.below(path).flat_map(|uk| uk.bridges.clone()).collect();
+        if let Some(b) = bridges.iter().find(|b| !policy.bridges.contains(*b)) {
+            return Err(Refusal::BridgeInUse {
+                path: at,
+                bridge: b.clone(),
+                allowed: policy.bridges.clone(),
+            });
+        }
+        self.policies.insert(path.to_vec(), policy.clone());
+        Ok(())
+    }
+
+    fn remove_policy(&mut self, path: &[String]) -> Result<Policy, RemovePolicyError> {
+        if path.is_empty() {
+            return Err(RemovePolicyError::Root);
+        }
+        self.policies
+            .remove(path)
+            .ok_or_else(|| RemovePolicyError::NoPolicy {
+                path: to_path(path),
+            })
+    }
+
+    fn exit(&mut self, path: &[String], label: &str) -> Option<Unikernel> {
+        let i = self
+            .running
+            .iter()
+            .position(|(p, l, _)| p == path && l == label)?;
+        Some(self.running.remove(i).2)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    SetPolicy(Labels, Policy),
+    RemovePolicy(Labels),
+    Launch(Labels, String, Unikernel),
+    /// Exit the `n`th running unikernel (mod their number), or, when none
+    /// runs or `n` is odd, the given name, which may run or not.
+    Exit(usize, Labels, String),
+}
+
+fn label() -> impl Strategy<Value = String> {
+    proptest::sample::select(&ALPHABET[..]).prop_map(str::to_string)
+}
+
+fn labels() -> impl Strategy<Value = Labels> {
+    proptest::collection::vec(label(), 0..=MAX_GEN_DEPTH)
+}
+
+fn cpus(mask: u8) -> BTreeSet<u16> {
+    (0..5).filter(|i| mask >> i & 1 == 1).collect()
+}
+
+fn bridge_set(mask: u8) -> BTreeSet<String> {
+    ["br0", "br1", "br2"]
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| mask >> i & 1 == 1)
+        .map(|(_, b)| b.to_string())
+        .collect()
+}
+
+/// Policies over cpus 0-3 and bridges br0, br1, mostly wide enough that
+/// launches under them succeed, sometimes narrow.
+fn policy() -> impl Strategy<Value = Policy> {
+    (
+        prop_oneof![1 => 0u32..=1, 3 => 2u32..=5],
+        proptest::sample::select(vec![0u64, 64, 128, 256, 512, 1024]),
+        prop_oneof![3 => Just(0b1111u8), 1 => 0u8..16],
+        prop_oneof![
+            1 => Just(None),
+            1 => Just(Some(0)),
+            2 => proptest::sample::select(vec![50u64, 100, 300]).prop_map(Some),
+        ],
+        prop_oneof![3 => Just(0b11u8), 1 => 0u8..4],
+    )
+        .prop_map(
+            |(unikernels, memory_mb, cpu_mask, block_mb, bridge_mask)| Policy {
+                unikernels,
+                memory_mb,
+                cpus: cpus(cpu_mask),
+                block_mb,
+                bridges: bridge_set(bridge_mask),
+            },
+        )
+}
+
+/// A generous root: every other generated policy may fit in it.
+fn root_policy() -> impl Strategy<Value = Policy> {
+    (
+        4u32..=8,
+        proptest::sample::select(vec![512u64, 1024, 2048]),
+        prop_oneof![Just(None), Just(Some(300u64)), Just(Some(1000u64))],
+    )
+        .prop_map(|(unikernels, memory_mb, block_mb)| Policy {
+            unikernels,
+            memory_mb,
+            cpus: cpus(0b1111),
+            block_mb,
+            bridges: bridge_set(0b11),
+        })
+}
+
+/// Unikernels: pinned to one of cpus 0-4 (4 is in no policy) or unpinned
+/// (cpus 0-3), on bridges br0-br2 (br2 is in no policy), mostly without
+/// block storage.
+fn unikernel() -> impl Strategy<Value = Unikernel> {
+    (
+        proptest::sample::select(vec![16u64, 32, 64, 128]),
+        prop_oneof![6 => (0u16..4).prop_map(|c| BTreeSet::from([c])), 2 => Just(cpus(0b1111)), 1 => Just(BTreeSet::from([4]))],
+        proptest::sample::select(vec![0u64, 0, 0, 10, 60]),
+        prop_oneof![4 => Just(0u8), 4 => Just(1u8), 1 => 0u8..8],
+    )
+        .prop_map(|(memory_mb, cpus, block_mb, bridge_mask)| Unikernel {
+            memory_mb,
+            cpus,
+            block_mb,
+            bridges: bridge_set(bridge_mask),
+        })
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (labels(), label(), unikernel()).prop_map(|(p, l, u)| Op::Launch(p, l, u)),
+        3 => (labels(), policy()).prop_map(|(p, pol)| Op::SetPolicy(p, pol)),
+        1 => labels().prop_map(Op::RemovePolicy),
+        2 => (any::<usize>(), labels(), label()).prop_map(|(n, p, l)| Op::Exit(n, p, l)),
+    ]
+}
+
+fn scenario() -> impl Strategy<Value = (Policy, Vec<Op>)> {
+    (root_policy(), proptest::collection::vec(op(), 1..80))
+}
+
+/// Every path of up to `MAX_GEN_DEPTH + 1` labels over the alphabet.
+fn all_paths() -> Vec<Labels> {
+    let mut out = vec![Vec::new()];
+    let mut level = vec![Vec::new()];
+    for _ in 0..=MAX_GEN_DEPTH {
+        level = level
+            .iter()
+            .flat_map(|p: &Labels| {
+                ALPHABET.iter().map(move |l| {
+                    let mut q = p.clone();
+                    q.push(l.to_string());
+                    q
+                })
+            })
+            .collect();
+        out.extend(level.iter().cloned());
+    }
+    out
+}
+
+/// Decisions seen over a run.
+#[derive(Debug, Default)]
+struct Stats {
+    launched: usize,
+    launch_refused: usize,
+    policy_set: usize,
+    policy_refused: usize,
+    /// Distinct refusal kinds seen (by resource or shape).
+    kinds: BTreeSet<String>,
+}
+
+fn kind(r: &Refusal) -> String {
+    let dbg = format!("{r:?}");
+    let variant = dbg.split([' ', '{', '(']).next().unwrap_or("").to_string();
+    match r.resource() {
+        Some(res) => format!("{variant}/{res}"),
+        None => variant,
+    }
+}
+
+/// Run `ops` on a tree and on the model, comparing after every step.
+fn run(root: Policy, ops: &[Op], paths: &[Labels], stats: &mut Stats) -> Result<(), TestCaseError> {
+    let mut tree = Resources::new(root.clone());
+    let mut model = Model::new(root);
+    for op in ops {
+        match op {
+            Op::Launch(p, l, uk) => {
+                let name = to_name(p, l);
+                let dry = tree.check(&name, uk);
+                let got = tree.insert_unikernel(&name, uk.clone());
+                prop_assert_eq!(&dry, &got, "check and insert disagree on {}", name);
+                let want = model.launch(p, l, uk);
+                prop_assert_eq!(&got, &want, "launch {} {:?}", name, uk);
+                match got {
+                    Ok(()) => stats.launched += 1,
+                    Err(r) => {
+                        stats.launch_refused += 1;
+                        stats.kinds.insert(kind(&r));
+                    }
+                }
+            }
+            Op::SetPolicy(p, pol) => {
+                let got = tree.set_policy(&to_path(p), pol.clone());
+                let want = model.set_policy(p, pol);
+                prop_assert_eq!(&got, &want, "set_policy {} {:?}", to_path(p), pol);
+                match got {
+                    Ok(()) => stats.policy_set += 1,
+                    Err(r) => {
+                        stats.policy_refused += 1;
+                        stats.kinds.insert(kind(&r));
+                    }
+                }
+            }
+            Op::RemovePolicy(p) => {
+                let got = tree.remove_policy(&to_path(p));
+                prop_assert_eq!(got, model.remove_policy(p), "remove_policy {}", to_path(p));
+            }
+            Op::Exit(n, p, l) => {
+                let (p, l) = match model.running.len() {
+                    len if len > 0 && n % 2 == 0 => {
+                        let (p, l, _) = &model.running[n / 2 % len];
+                        (p.clone(), l.clone())
+                    }
+                    _ => (p.clone(), l.clone()),
+                };
+                let got = tree.remove_unikernel(&to_name(&p, &l));
+                prop_assert_eq!(got, model.exit(&p, &l), "exit {}", to_name(&p, &l));
+            }
+        }
+
+        for p in paths {
+            let path = to_path(p);
+            prop_assert_eq!(tree.usage(&path), model.usage(p), "usage at {}", path);
+            prop_assert_eq!(
+                tree.find_policy(&path),
+                model.policies.get(p),
+                "policy at {}",
+                path
+            );
+        }
+        let policies: Vec<(Path, Policy)> = tree
+            .iter_policies()
+            .map(|(p, pol)| (p, pol.clone()))
+            .collect();
+        let want: Vec<(Path, Policy)> = model
+            .policies
+            .iter()
+            .map(|(k, pol)| (to_path(k), pol.clone()))
+            .collect();
+        prop_assert_eq!(policies, want);
+        let mut running: Vec<(Name, Unikernel)> = model
+            .running
+            .iter()
+            .map(|(p, l, uk)| (to_name(p, l), uk.clone()))
+            .collect();
+        running.sort_by_key(|a| a.0.to_path());
+        let got: Vec<(Name, Unikernel)> = tree
+            .iter_unikernels()
+            .map(|(n, uk)| (n, uk.clone()))
+            .collect();
+        prop_assert_eq!(got, running);
+        for (p, l, uk) in &model.running {
+            prop_assert_eq!(tree.find_unikernel(&to_name(p, l)), Some(uk));
+        }
+        // The printout shows one line per node at least for each policy
+        // and unikernel.
+        let lines = tree.to_string().lines().count();
+        prop_assert!(lines >= model.policies.len() + model.running.len());
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(Config { cases: 300, ..Config::default() })]
+
+    #[test]
+    fn tree_decides_like_the_brute_force_model((root, ops) in scenario()) {
+        let paths = all_paths();
+        run(root, &ops, &paths, &mut Stats::default())?;
+    }
+}
+
+/// The generator must exercise both outcomes of launches and policy
+/// changes, and most kinds of refusal, or the property above proves little.
+#[test]
+fn generated_scenarios_mix_admissions_and_refusals() {
+    let mut runner = TestRunner::deterministic();
+    let strategy = scenario();
+    let paths = all_paths();
+    let mut stats = Stats::default();
+    for _ in 0..200 {
+        let (root, ops) = strategy
+            .new_tree(&mut runner)
+            .expect("strategy generates")
+            .current();
+        run(root, &ops, &paths, &mut stats).expect("tree agrees with the model");
+    }
+    eprintln!("{stats:?}");
+    let launches = stats.launched + stats.launch_refused;
+    let policies = stats.policy_set + stats.policy_refused;
+    assert!(
+        stats.launched * 5 >= launches && stats.launch_refused * 5 >= launches,
+        "launches need both outcomes, at least 20% each: {stats:?}"
+    );
+    assert!(
+        stats.policy_set * 5 >= policies && stats.policy_refused * 5 >= policies,
+        "set_policy needs both outcomes, at least 20% each: {stats:?}"
+    );
+    for k in [
+        "Exceeded/unikernels",
+        "Exceeded/memory",
+        "Exceeded/block",
+        "NoBlockAllowed/block",
+        "CpuNotAllowed/cpus",
+        "BridgeNotAllowed/bridges",
+        "AlreadyRunning",
+        "NameIsPath",
+        "BelowUnikernel",
+        "PathIsUnikernel",
+        "ExceedsAncestor/unikernels",
+        "NarrowerThanDescendant/unikernels",
+        "UsageExceeds/unikernels",
+        "UsageExceeds/memory",
+        "BlockInUse/block",
+        "CpuInUse/cpus",
+        "BridgeInUse/bridges",
+    ] {
+        assert!(
+            stats.kinds.contains(k),
+            "no {k} refusal generated: {stats:?}"
+        );
+    }
+}
