@@ -30,6 +30,16 @@ options (solo5-hvt spellings):
                                 (default: a random locally administered one)
   -h, --help                    show this help
 
+admission (see 'tt-host policy --help'):
+  --name=PATH:NAME              admit the unikernel as NAME under PATH
+                                (default: the image's file name, at the
+                                root, with .2, .3, ... if that is running)
+  --cpu=N                       pin the guest to host CPU N; it must be in
+                                the cpus of every policy above the name
+                                (default: not pinned, which needs all CPUs)
+  --state-dir=DIR               policies and running unikernels (default
+                                $TT_HOST_STATE_DIR, else /var/lib/tt-host)
+
 developer options:
   --x-solo5-hvt-boot            start the guest in solo5-hvt's boot state
                                 (2 MiB read-write pages over all memory, no
@@ -50,12 +60,18 @@ pub struct RunArgs {
     pub image: PathBuf,
     pub guest_args: Vec<String>,
     pub solo5_hvt_boot: bool,
+    /// `--name`: the unikernel's name in the policy tree.
+    pub name: Option<crate::resources::Name>,
+    /// `--cpu`: the host CPU to pin the guest to.
+    pub cpu: Option<u16>,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Result of parsing: run, or print help.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     Help,
 }
 
@@ -86,6 +102,7 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
     let mut i = 0;
     let mut dashdash = false;
     let mut solo5_hvt_boot = false;
+    let (mut name, mut cpu, mut state_dir) = (None, None, None);
     while i < args.len() {
         let a = args[i].as_str();
         if a == "--" {
@@ -119,6 +136,21 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
                 .ok_or_else(|| {
                     CliError(format!("--mem={v}: expected a size in MiB from 4 to 4096"))
                 })?;
+        } else if let Some(v) = value_of(args, &mut i, "--name") {
+            let n: crate::resources::Name = v
+                .parse()
+                .map_err(|e| CliError(format!("--name={v}: {e}")))?;
+            name = Some(n);
+        } else if let Some(v) = value_of(args, &mut i, "--cpu") {
+            cpu = Some(
+                v.parse::<u16>()
+                    .map_err(|_| CliError(format!("--cpu={v}: expected a host CPU number")))?,
+            );
+        } else if let Some(v) = value_of(args, &mut i, "--state-dir") {
+            if v.is_empty() {
+                return Err(CliError("--state-dir needs a directory".into()));
+            }
+            state_dir = Some(PathBuf::from(v));
         } else if a == "--x-solo5-hvt-boot" {
             solo5_hvt_boot = true;
         } else if let Some(rest) = a.strip_prefix("--block:") {
@@ -160,7 +192,7 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
     if !dashdash && rest.first().map(String::as_str) == Some("--") {
         rest = &rest[1..];
     }
-    Ok(Parsed::Run(RunArgs {
+    Ok(Parsed::Run(Box::new(RunArgs {
         mem_mb,
         blocks,
         sector_sizes,
@@ -169,7 +201,194 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
         image: PathBuf::from(image),
         guest_args: rest.to_vec(),
         solo5_hvt_boot,
-    }))
+        name,
+        cpu,
+        state_dir,
+    })))
+}
+
+/// The value of option `opt` at `args[*i]`, spelled `--opt=V` or
+/// `--opt V` (then `*i` moves past `V`); `None` if it is another option.
+pub fn value_of<'a>(args: &'a [String], i: &mut usize, opt: &str) -> Option<&'a str> {
+    let a = args[*i].as_str();
+    if let Some(v) = a.strip_prefix(opt).and_then(|r| r.strip_prefix('=')) {
+        return Some(v);
+    }
+    if a == opt {
+        *i += 1;
+        return Some(args.get(*i).map(String::as_str).unwrap_or(""));
+    }
+    None
+}
+
+pub const POLICY_USAGE: &str = "\
+usage: tt-host policy set PATH [--unikernels N] [--mem MB] [--cpus LIST]
+                              [--block MB|none] [--bridges LIST]
+       tt-host policy remove PATH
+       tt-host policy show [PATH]
+options of all three: --state-dir=DIR (default $TT_HOST_STATE_DIR, else
+/var/lib/tt-host)
+
+Resources are delegated down a tree of paths: labels joined by ':'
+(alice:bob), the root written ':'. A policy caps everything that runs
+below its path, all together, and every launch is checked against the
+policy of every path above its name ('tt-host run --name alice:bob:web').
+
+set     set the policy at PATH. An option left out keeps the value of the
+        policy there, or of the nearest policy above for a new one. The
+        policy must fit in every policy above, every policy below must fit
+        in it, and what runs below must fit in it.
+          --unikernels N    how many unikernels may run below PATH
+          --mem MB          their guest memory together
+          --cpus LIST       CPUs they may be pinned to (0-3,6; 'none')
+          --block MB|none   their block devices' sizes together, or none
+                            allowed at all
+          --bridges LIST    networks (bridges, or TAPs in no bridge) they
+                            may attach to (br0,br1; 'none')
+remove  remove the policy at PATH (what runs below stays bounded by the
+        policies above; at the root: go back to the host's resources)
+show    the tree below PATH (default: all), with usage against limits";
+
+/// A parsed `tt-host policy` command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyCmd {
+    Set {
+        path: crate::resources::Path,
+        change: crate::admission::PolicyChange,
+        state_dir: Option<PathBuf>,
+    },
+    Remove {
+        path: crate::resources::Path,
+        state_dir: Option<PathBuf>,
+    },
+    Show {
+        path: crate::resources::Path,
+        state_dir: Option<PathBuf>,
+    },
+    Help,
+}
+
+fn policy_err(msg: String) -> CliError {
+    CliError(msg.replace("'tt-host run --help'", "'tt-host policy --help'"))
+}
+
+/// A CPU list: `0-3,6`, or `none`.
+pub fn parse_cpu_list(s: &str) -> Result<std::collections::BTreeSet<u16>, String> {
+    let mut out = std::collections::BTreeSet::new();
+    if s == "none" || s.is_empty() {
+        return Ok(out);
+    }
+    for part in s.split(',') {
+        let num = |x: &str| {
+            x.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("'{x}' is not a CPU number"))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(format!("range '{part}' runs backwards"));
+                }
+                out.extend(a..=b);
+            }
+            None => {
+                out.insert(num(part)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Parse the arguments after `policy`.
+pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
+    use crate::admission::PolicyChange;
+    let Some(verb) = args.first().map(String::as_str) else {
+        return Err(CliError(
+            "policy: expected set, remove or show (see 'tt-host policy --help')".into(),
+        ));
+    };
+    if verb == "-h" || verb == "--help" || verb == "help" {
+        return Ok(PolicyCmd::Help);
+    }
+    let mut change = PolicyChange::default();
+    let mut state_dir = None;
+    let mut path: Option<crate::resources::Path> = None;
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].as_str();
+        let bad = |opt: &str, v: &str, why: &str| policy_err(format!("{opt}={v}: {why}"));
+        if a == "-h" || a == "--help" {
+            return Ok(PolicyCmd::Help);
+        } else if let Some(v) = value_of(args, &mut i, "--state-dir") {
+            state_dir = Some(PathBuf::from(v));
+        } else if !a.starts_with("--") {
+            if path.is_some() {
+                return Err(policy_err(format!(
+                    "policy {verb}: unexpected argument '{a}'"
+                )));
+            }
+            path = Some(
+                a.parse()
+                    .map_err(|e| policy_err(format!("policy {verb}: path '{a}': {e}")))?,
+            );
+        } else if verb != "set" {
+            return Err(policy_err(format!("policy {verb}: unknown option '{a}'")));
+        } else if let Some(v) = value_of(args, &mut i, "--unikernels") {
+            change.unikernels = Some(
+                v.parse()
+                    .map_err(|_| bad("--unikernels", v, "not a count"))?,
+            );
+        } else if let Some(v) = value_of(args, &mut i, "--mem") {
+            change.memory_mb = Some(v.parse().map_err(|_| bad("--mem", v, "not a size in MB"))?);
+        } else if let Some(v) = value_of(args, &mut i, "--cpus") {
+            change.cpus = Some(parse_cpu_list(v).map_err(|e| bad("--cpus", v, &e))?);
+        } else if let Some(v) = value_of(args, &mut i, "--block") {
+            change.block_mb = Some(if v == "none" {
+                None
+            } else {
+                Some(
+                    v.parse()
+                        .map_err(|_| bad("--block", v, "not a size in MB or 'none'"))?,
+                )
+            });
+        } else if let Some(v) = value_of(args, &mut i, "--bridges") {
+            let set = if v == "none" || v.is_empty() {
+                Default::default()
+            } else {
+                v.split(',').map(|b| b.trim().to_string()).collect()
+            };
+            change.bridges = Some(set);
+        } else {
+            return Err(policy_err(format!("policy set: unknown option '{a}'")));
+        }
+        i += 1;
+    }
+    let need_path = || {
+        path.clone().ok_or_else(|| {
+            policy_err(format!(
+                "policy {verb}: missing PATH (':' for the root; see 'tt-host policy --help')"
+            ))
+        })
+    };
+    match verb {
+        "set" => Ok(PolicyCmd::Set {
+            path: need_path()?,
+            change,
+            state_dir,
+        }),
+        "remove" => Ok(PolicyCmd::Remove {
+            path: need_path()?,
+            state_dir,
+        }),
+        "show" => Ok(PolicyCmd::Show {
+            path: path.unwrap_or_else(crate::resources::Path::root),
+            state_dir,
+        }),
+        other => Err(policy_err(format!(
+            "policy: unknown command '{other}' (expected set, remove or show)"
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -182,7 +401,7 @@ mod tests {
 
     fn run(args: &[&str]) -> RunArgs {
         match p(args).unwrap() {
-            Parsed::Run(r) => r,
+            Parsed::Run(r) => *r,
             Parsed::Help => panic!("help"),
         }
     }
@@ -262,5 +481,80 @@ mod tests {
     fn help() {
         assert_eq!(p(&["--help"]).unwrap(), Parsed::Help);
         assert!(RUN_USAGE.contains("--block-sector-size:NAME=BYTES"));
+    }
+    fn pol(args: &[&str]) -> Result<PolicyCmd, CliError> {
+        parse_policy(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn policy_set_parses_every_option() {
+        let PolicyCmd::Set {
+            path,
+            change,
+            state_dir,
+        } = pol(&[
+            "set",
+            "alice:bob",
+            "--unikernels",
+            "2",
+            "--mem=512",
+            "--cpus",
+            "0-2,5",
+            "--block=none",
+            "--bridges",
+            "br0,br1",
+            "--state-dir=/tmp/s",
+        ])
+        .unwrap()
+        else {
+            panic!("not set")
+        };
+        assert_eq!(path.to_string(), "alice:bob");
+        assert_eq!(change.unikernels, Some(2));
+        assert_eq!(change.memory_mb, Some(512));
+        assert_eq!(change.cpus, Some([0, 1, 2, 5].into()));
+        assert_eq!(change.block_mb, Some(None));
+        assert_eq!(
+            change.bridges,
+            Some(["br0".to_string(), "br1".to_string()].into())
+        );
+        assert_eq!(state_dir, Some(PathBuf::from("/tmp/s")));
+    }
+
+    #[test]
+    fn policy_errors_name_the_problem() {
+        for (args, needle) in [
+            (
+                &["set", "alice", "--mem=lots"][..],
+                "--mem=lots: not a size",
+            ),
+            (&["set", "alice", "--cpus=3-1"][..], "runs backwards"),
+            (&["set", "al/ce"][..], "path 'al/ce'"),
+            (&["set"][..], "missing PATH"),
+            (&["frob", "x"][..], "unknown command 'frob'"),
+            (&["show", "--mem=1"][..], "unknown option '--mem=1'"),
+        ] {
+            let e = pol(args).unwrap_err();
+            assert!(e.0.contains(needle), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn run_takes_name_cpu_and_state_dir() {
+        let r = run(&[
+            "--name=alice:web",
+            "--cpu",
+            "1",
+            "--state-dir=/s",
+            "app.hvt",
+        ]);
+        assert_eq!(r.name.unwrap().to_string(), "alice:web");
+        assert_eq!(r.cpu, Some(1));
+        assert_eq!(r.state_dir, Some(PathBuf::from("/s")));
+        assert!(p(&["--name=a::b", "x"])
+            .unwrap_err()
+            .0
+            .contains("--name=a::b"));
+        assert!(p(&["--cpu=x", "x"]).unwrap_err().0.contains("--cpu=x"));
     }
 }

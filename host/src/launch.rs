@@ -1,11 +1,13 @@
 //! One launch: image + command line -> attached devices -> VM -> exit status.
 
+use crate::admission::{self, AdmitError, StateDir};
 use crate::cli::RunArgs;
 use crate::loader::{self, manifest::DeviceInfo, DeviceKind, Image};
 use crate::modules::block::{Block, BlockDevice, BlockError};
 use crate::modules::console::Console;
 use crate::modules::net::{self, Net, NetDevice, NetError};
 use crate::modules::Module;
+use crate::resources::Unikernel;
 use crate::vmm::{layout, BootParams, Vm, VmError};
 
 /// Why a launch failed before or while running the guest.
@@ -26,6 +28,34 @@ pub enum LaunchError {
     Net(#[from] NetError),
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error(transparent)]
+    Admission(#[from] AdmitError),
+}
+
+/// What the launch takes from the policy tree: its memory, its CPUs, its
+/// block devices' sizes (MB, rounded up) and the networks its TAPs are on.
+pub fn unikernel_resources(args: &RunArgs) -> Result<Unikernel, LaunchError> {
+    let mut block_bytes = 0u64;
+    for (name, p) in &args.blocks {
+        use std::io::{Seek, SeekFrom};
+        let size = std::fs::File::open(p)
+            .and_then(|mut f| f.seek(SeekFrom::End(0)))
+            .map_err(|e| LaunchError::Devices(format!("--block:{name}={}: {e}", p.display())))?;
+        block_bytes = block_bytes.saturating_add(size);
+    }
+    Ok(Unikernel {
+        memory_mb: args.mem_mb,
+        cpus: match args.cpu {
+            Some(c) => [c].into(),
+            None => admission::host_cpus(),
+        },
+        block_mb: block_bytes.div_ceil(1 << 20),
+        bridges: args
+            .nets
+            .iter()
+            .map(|(_, tap)| admission::network_of_tap(tap))
+            .collect(),
+    })
 }
 
 /// Check that the command line's devices and the manifest agree exactly.
@@ -86,6 +116,20 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     let image =
         loader::parse_image(&file, mem_size).map_err(|err| LaunchError::Image { path, err })?;
     match_devices(&image, args)?;
+
+    // Admission, before any device is attached or the VM is created; the
+    // reservation is released when `_admitted` drops, as run returns.
+    let uk = unikernel_resources(args)?;
+    if let Some(cpu) = args.cpu {
+        admission::pin_to_cpu(cpu)?;
+    }
+    let fallback = args
+        .image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let _admitted =
+        StateDir::resolve(args.state_dir.as_deref()).admit(args.name.as_ref(), &fallback, uk)?;
 
     let mut blocks = Vec::new();
     for (name, p) in &args.blocks {

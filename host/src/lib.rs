@@ -23,6 +23,7 @@
 //! [`abi`] holds the shared layouts. docs/ABI.md says what a guest may rely on.
 
 pub mod abi;
+pub mod admission;
 pub mod cli;
 pub mod launch;
 pub mod loader;

@@ -8,6 +8,7 @@ tt-host: launch Solo5 hvt unikernels on KVM
 
 usage:
   tt-host run [OPTIONS] IMAGE [--] [GUEST ARGS...]   boot a unikernel (see 'tt-host run --help')
+  tt-host policy set|remove|show ...                delegate resources (see 'tt-host policy --help')
   tt-host demo                                      build and boot the bundled hello unikernel
   tt-host --help | --version";
 
@@ -27,6 +28,33 @@ fn run(args: &[String]) -> ExitCode {
     };
     match tt_host::launch::run(&run_args) {
         Ok(status) => ExitCode::from((status & 0xff) as u8),
+        Err(e) => fail(e),
+    }
+}
+
+fn policy(args: &[String]) -> ExitCode {
+    use tt_host::admission::StateDir;
+    use tt_host::cli::PolicyCmd;
+    let cmd = match cli::parse_policy(args) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let dir = |d: &Option<std::path::PathBuf>| StateDir::resolve(d.as_deref());
+    let result = match cmd {
+        PolicyCmd::Help => {
+            println!("{}", cli::POLICY_USAGE);
+            return ExitCode::SUCCESS;
+        }
+        PolicyCmd::Set {
+            path,
+            change,
+            state_dir,
+        } => dir(&state_dir).set_policy(&path, &change).map(|_| ()),
+        PolicyCmd::Remove { path, state_dir } => dir(&state_dir).remove_policy(&path),
+        PolicyCmd::Show { path, state_dir } => dir(&state_dir).show(&path).map(|t| print!("{t}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
 }
@@ -73,6 +101,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
+        Some("policy") => policy(&args[1..]),
         Some("demo") => demo(),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");

@@ -1,0 +1,707 @@
+//! Admission across processes: the policy tree of [`crate::resources`] and
+//! the running unikernels, kept in a state directory shared by every
+//! `tt-host` process on the host.
+//!
+//! The directory (`--state-dir`, else `$TT_HOST_STATE_DIR`, else
+//! `/var/lib/tt-host`) holds `state.json`, with the policies and the
+//! running unikernels, and `lock`. Every change takes an exclusive `flock`
+//! on `lock`, reads the state, changes it and writes it back crash-safely
+//! (a temporary file, `fdatasync`, `rename`, then `fsync` of the
+//! directory: a reader sees the old state or the new one, never half of
+//! one). So the check of a launch and its registration are one atomic step
+//! across processes: twenty `tt-host run` at once under a policy of five
+//! admit exactly five.
+//!
+//! Each running unikernel is recorded with its process id and the start
+//! time the kernel gives that process (`/proc/PID/stat`), so a `tt-host
+//! run` killed with SIGKILL, whose [`Admission`] never ran its release,
+//! does not keep its reservation: the next change under the lock reaps
+//! every entry whose process is gone (or is a zombie, or is another
+//! process that reused the id).
+//!
+//! The root policy is the host's resources unless it was set: all online
+//! CPUs, the physical memory, the free disk in the state directory plus
+//! what running unikernels' block devices already take, and every bridge
+//! and TAP interface. A stored policy or running unikernel beyond that
+//! (the host changed since) widens the default, so the stored tree stays
+//! consistent.
+
+use crate::resources::{Name, Path, Policy, Refusal, Resources, Unikernel};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path as FsPath, PathBuf};
+
+/// Version of `state.json`'s layout.
+const STATE_VERSION: u32 = 1;
+const STATE_FILE: &str = "state.json";
+const LOCK_FILE: &str = "lock";
+/// The default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tt-host";
+/// Environment variable naming the state directory.
+pub const STATE_DIR_ENV: &str = "TT_HOST_STATE_DIR";
+
+/// What went wrong with admission or the state directory.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    /// A policy refuses the launch or the policy change.
+    #[error("refused: {0}")]
+    Refused(#[from] Refusal),
+    #[error("state directory {dir}: {what}: {err}")]
+    Io {
+        dir: String,
+        what: String,
+        err: std::io::Error,
+    },
+    /// `state.json` does not parse or describes an impossible tree.
+    #[error("state directory {dir}: {what}")]
+    BadState { dir: String, what: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One running unikernel, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct Running {
+    name: String,
+    pid: u32,
+    /// The process's start time in clock ticks since boot.
+    start: u64,
+    resources: Unikernel,
+}
+
+/// `state.json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Stored {
+    version: u32,
+    /// The root policy, if set; `None`: the host's resources.
+    root: Option<Policy>,
+    /// Every other policy, by path.
+    policies: Vec<(String, Policy)>,
+    running: Vec<Running>,
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+/// The state, read under the exclusive lock (held until this is dropped).
+struct Locked<'a> {
+    sd: &'a StateDir,
+    _lock: File,
+    stored: Stored,
+}
+
+impl StateDir {
+    /// The directory given, else `$TT_HOST_STATE_DIR`, else the default.
+    pub fn resolve(given: Option<&FsPath>) -> StateDir {
+        let dir = given
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os(STATE_DIR_ENV).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        StateDir { dir }
+    }
+
+    pub fn path(&self) -> &FsPath {
+        &self.dir
+    }
+
+    fn io(&self, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AdmitError + '_ {
+        let what = what.into();
+        move |err| AdmitError::Io {
+            dir: self.dir.display().to_string(),
+            what,
+            err,
+        }
+    }
+
+    fn bad(&self, what: impl Into<String>) -> AdmitError {
+        AdmitError::BadState {
+            dir: self.dir.display().to_string(),
+            what: what.into(),
+        }
+    }
+
+    /// Take the lock and read the state (an absent file is the empty state).
+    fn lock(&self) -> Result<Locked<'_>, AdmitError> {
+        std::fs::create_dir_all(&self.dir).map_err(self.io("cannot create it"))?;
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.dir.join(LOCK_FILE))
+            .map_err(self.io("cannot open its lock file"))?;
+        loop {
+            // SAFETY: flock on a file descriptor we own; no memory involved.
+            let r = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+            if r == 0 {
+                break;
+            }
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                return Err(self.io("cannot lock it")(err));
+            }
+        }
+        let stored = match std::fs::read(self.dir.join(STATE_FILE)) {
+            Ok(bytes) => {
+                let s: Stored = serde_json::from_slice(&bytes)
+                    .map_err(|e| self.bad(format!("{STATE_FILE} does not parse: {e}")))?;
+                if s.version != STATE_VERSION {
+                    return Err(self.bad(format!(
+                        "{STATE_FILE} has version {}; this tt-host reads version {STATE_VERSION}",
+                        s.version
+                    )));
+                }
+                s
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Stored {
+                version: STATE_VERSION,
+                ..Stored::default()
+            },
+            Err(e) => return Err(self.io(format!("cannot read {STATE_FILE}"))(e)),
+        };
+        Ok(Locked {
+            sd: self,
+            _lock: lock,
+            stored,
+        })
+    }
+
+    /// Admit the unikernel `name` (or, without a name, one named after
+    /// `fallback`, made unique with a `.N` suffix) with resources `uk` for
+    /// this process. The reservation lasts until the returned
+    /// [`Admission`] is dropped or the process dies.
+    pub fn admit(
+        &self,
+        name: Option<&Name>,
+        fallback: &str,
+        uk: Unikernel,
+    ) -> Result<Admission, AdmitError> {
+        let mut st = self.lock()?;
+        st.reap();
+        let mut tree = st.tree()?;
+        let name = match name {
+            Some(n) => n.clone(),
+            None => unique_name(&tree, fallback)?,
+        };
+        tree.insert_unikernel(&name, uk.clone())?;
+        let (pid, start) = (std::process::id(), own_start_time());
+        st.stored.running.push(Running {
+            name: name.to_string(),
+            pid,
+            start,
+            resources: uk,
+        });
+        st.save()?;
+        Ok(Admission {
+            sd: self.clone(),
+            name,
+            pid,
+            start,
+        })
+    }
+
+    /// Set the policy at `path`: the fields given in `change`, the others
+    /// copied from the nearest policy above (so an option left out gives as
+    /// much as the parent has). Returns the policy set.
+    pub fn set_policy(&self, path: &Path, change: &PolicyChange) -> Result<Policy, AdmitError> {
+        let mut st = self.lock()?;
+        st.reap();
+        let mut tree = st.tree()?;
+        let mut base = tree.find_policy(path).cloned().unwrap_or_else(|| {
+            path.ancestors()
+                .rev()
+                .find_map(|a| tree.find_policy(&a).cloned())
+                .expect("the root has a policy")
+        });
+        change.apply(&mut base);
+        tree.set_policy(path, base.clone())?;
+        if path.is_root() {
+            st.stored.root = Some(base.clone());
+        } else {
+            let key = path.to_string();
+            st.stored.policies.retain(|(p, _)| *p != key);
+            st.stored.policies.push((key, base.clone()));
+        }
+        st.save()?;
+        Ok(base)
+    }
+
+    /// Remove the policy at `path` (the root's: go back to the host's
+    /// resources, if everything set and running fits in them).
+    pub fn remove_policy(&self, path: &Path) -> Result<(), AdmitError> {
+        let mut st = self.lock()?;
+        st.reap();
+        if path.is_root() {
+            if st.stored.root.is_none() {
+                return Err(AdmitError::Invalid(
+                    "the root has no policy set (it is the host's resources)".into(),
+                ));
+            }
+            st.stored.root = None;
+            // The widened host default always holds what is stored.
+            st.tree()?;
+        } else {
+            let mut tree = st.tree()?;
+            tree.remove_policy(path)
+                .map_err(|e| AdmitError::Invalid(e.to_string()))?;
+            let key = path.to_string();
+            st.stored.policies.retain(|(p, _)| *p != key);
+        }
+        st.save()
+    }
+
+    /// The tree below `path`, with usage against limits, after reaping.
+    pub fn show(&self, path: &Path) -> Result<String, AdmitError> {
+        let mut st = self.lock()?;
+        if st.reap() > 0 {
+            st.save()?;
+        }
+        let tree = st.tree()?;
+        let root_note = if st.stored.root.is_none() {
+            "(root policy: the host's resources)\n"
+        } else {
+            ""
+        };
+        Ok(format!("{root_note}{}", tree.render(path)))
+    }
+}
+
+impl Locked<'_> {
+    /// Drop every running entry whose process is gone. Returns how many.
+    fn reap(&mut self) -> usize {
+        let before = self.stored.running.len();
+        self.stored.running.retain(|r| alive(r.pid, r.start));
+        before - self.stored.running.len()
+    }
+
+    /// The tree the stored state describes.
+    fn tree(&self) -> Result<Resources, AdmitError> {
+        let sd = self.sd;
+        let mut policies = Vec::new();
+        for (p, pol) in &self.stored.policies {
+            let path: Path = p
+                .parse()
+                .map_err(|e| sd.bad(format!("stored policy path '{p}': {e}")))?;
+            policies.push((path, pol));
+        }
+        let mut running = Vec::new();
+        for r in &self.stored.running {
+            let name: Name = r
+                .name
+                .parse()
+                .map_err(|e| sd.bad(format!("stored unikernel name '{}': {e}", r.name)))?;
+            running.push((name, &r.resources));
+        }
+        let root = match &self.stored.root {
+            Some(p) => p.clone(),
+            None => {
+                let used: u64 = running.iter().map(|(_, u)| u.block_mb).sum();
+                let mut host = host_policy(&sd.dir, used);
+                // Widen the host default to what is stored, in case the host
+                // changed since (less free disk, a CPU offline).
+                for (_, p) in &policies {
+                    widen(&mut host, p);
+                }
+                let (mut n, mut mem) = (0u64, 0u64);
+                for (_, u) in &running {
+                    n += 1;
+                    mem = mem.saturating_add(u.memory_mb);
+                    host.cpus.extend(u.cpus.iter().copied());
+                    host.bridges.extend(u.bridges.iter().cloned());
+                }
+                host.unikernels = host.unikernels.max(n.min(u32::MAX as u64) as u32);
+                host.memory_mb = host.memory_mb.max(mem);
+                host.block_mb = Some(host.block_mb.unwrap_or(0).max(used));
+                host
+            }
+        };
+        let mut tree = Resources::new(root);
+        // Parents before children, so each fits when it is set.
+        policies.sort_by_key(|(p, _)| p.depth());
+        for (path, pol) in policies {
+            tree.set_policy(&path, pol.clone())
+                .map_err(|e| sd.bad(format!("stored policy at {path} is inconsistent: {e}")))?;
+        }
+        for (name, uk) in running {
+            tree.insert_unikernel(&name, uk.clone())
+                .map_err(|e| sd.bad(format!("stored unikernel {name} is inconsistent: {e}")))?;
+        }
+        Ok(tree)
+    }
+
+    /// Write the state crash-safely: temporary file, fdatasync, rename,
+    /// fsync of the directory.
+    fn save(&self) -> Result<(), AdmitError> {
+        let sd = self.sd;
+        let bytes = serde_json::to_vec_pretty(&self.stored)
+            .map_err(|e| sd.bad(format!("cannot encode the state: {e}")))?;
+        let tmp = sd.dir.join(format!("{STATE_FILE}.tmp"));
+        let mut f = File::create(&tmp).map_err(sd.io(format!("cannot create {STATE_FILE}.tmp")))?;
+        f.write_all(&bytes)
+            .and_then(|_| f.sync_data())
+            .map_err(sd.io(format!("cannot write {STATE_FILE}.tmp")))?;
+        drop(f);
+        std::fs::rename(&tmp, sd.dir.join(STATE_FILE))
+            .map_err(sd.io(format!("cannot replace {STATE_FILE}")))?;
+        File::open(&sd.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(sd.io("cannot sync the directory"))?;
+        Ok(())
+    }
+}
+
+/// A launch's reservation: released (under the lock) when dropped. A
+/// process that dies without dropping it is reaped instead.
+#[derive(Debug)]
+pub struct Admission {
+    sd: StateDir,
+    name: Name,
+    pid: u32,
+    start: u64,
+}
+
+impl Admission {
+    /// The name the unikernel was admitted under.
+    pub fn name(&self) -> &Name {
+        &self.name
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let release = || -> Result<(), AdmitError> {
+            let mut st = self.sd.lock()?;
+            let name = self.name.to_string();
+            st.stored
+                .running
+                .retain(|r| !(r.name == name && r.pid == self.pid && r.start == self.start));
+            st.reap();
+            st.save()
+        };
+        if let Err(e) = release() {
+            // The entry is reaped at the next admission once this process
+            // is gone; nothing is over-admitted meanwhile.
+            eprintln!("tt-host: cannot release {}: {e}", self.name);
+        }
+    }
+}
+
+/// Which fields `tt-host policy set` changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyChange {
+    pub unikernels: Option<u32>,
+    pub memory_mb: Option<u64>,
+    pub cpus: Option<BTreeSet<u16>>,
+    /// `Some(None)`: no block storage allowed.
+    pub block_mb: Option<Option<u64>>,
+    pub bridges: Option<BTreeSet<String>>,
+}
+
+impl PolicyChange {
+    fn apply(&self, p: &mut Policy) {
+        if let Some(n) = self.unikernels {
+            p.unikernels = n;
+        }
+        if let Some(m) = self.memory_mb {
+            p.memory_mb = m;
+        }
+        if let Some(c) = &self.cpus {
+            p.cpus = c.clone();
+        }
+        if let Some(b) = self.block_mb {
+            p.block_mb = b;
+        }
+        if let Some(b) = &self.bridges {
+            p.bridges = b.clone();
+        }
+    }
+}
+
+/// Grow `host` so that `p` fits in it.
+fn widen(host: &mut Policy, p: &Policy) {
+    host.unikernels = host.unikernels.max(p.unikernels);
+    host.memory_mb = host.memory_mb.max(p.memory_mb);
+    host.cpus.extend(p.cpus.iter().copied());
+    host.bridges.extend(p.bridges.iter().cloned());
+    if let Some(b) = p.block_mb {
+        host.block_mb = Some(host.block_mb.unwrap_or(0).max(b));
+    }
+}
+
+/// `base`, or the first of `base.2`, `base.3`, ... not running, at the root.
+fn unique_name(tree: &Resources, base: &str) -> Result<Name, AdmitError> {
+    let label = sanitize_label(base);
+    for i in 1u32.. {
+        let candidate = if i == 1 {
+            label.clone()
+        } else {
+            let suffix = format!(".{i}");
+            let keep = label.len().min(63 - suffix.len());
+            format!("{}{suffix}", &label[..keep])
+        };
+        let name: Name = candidate
+            .parse()
+            .map_err(|e| AdmitError::Invalid(format!("cannot name the unikernel: {e}")))?;
+        if tree.find_unikernel(&name).is_none() && !taken_as_path(tree, &name) {
+            return Ok(name);
+        }
+    }
+    unreachable!("u32 suffixes run out")
+}
+
+/// Is `name` a path with a policy or with something below it?
+fn taken_as_path(tree: &Resources, name: &Name) -> bool {
+    let p = name.to_path();
+    tree.iter_policies().any(|(q, _)| p.is_prefix_of(&q))
+        || tree
+            .iter_unikernels()
+            .any(|(n, _)| p.is_prefix_of(n.path()))
+}
+
+/// A file name made into a label: letters, digits, '-' and '.', at most
+/// 63 characters.
+fn sanitize_label(s: &str) -> String {
+    let mut l: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    if l.is_empty() {
+        l.push_str("unikernel");
+    }
+    l
+}
+
+/// The host's resources, the default root policy; `block_in_use` MB of
+/// running unikernels' block devices count as available (they are already
+/// allocated on disk).
+pub fn host_policy(state_dir: &FsPath, block_in_use: u64) -> Policy {
+    Policy {
+        unikernels: u32::MAX,
+        memory_mb: physical_memory_mb(),
+        cpus: host_cpus(),
+        block_mb: Some(free_disk_mb(state_dir).saturating_add(block_in_use)),
+        bridges: host_bridges(),
+    }
+}
+
+fn physical_memory_mb() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || size <= 0 {
+        return 0;
+    }
+    (pages as u64).saturating_mul(size as u64) >> 20
+}
+
+/// The CPUs this process may run on.
+pub fn host_cpus() -> BTreeSet<u16> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most
+    // size_of::<cpu_set_t>() bytes into it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return BTreeSet::from([0]);
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: i < CPU_SETSIZE, the bound CPU_ISSET requires.
+        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+        .map(|i| i as u16)
+        .collect()
+}
+
+/// Pin this process to `cpu`.
+pub fn pin_to_cpu(cpu: u16) -> Result<(), AdmitError> {
+    if !host_cpus().contains(&cpu) {
+        return Err(AdmitError::Invalid(format!(
+            "--cpu {cpu}: not a CPU this process may run on (available: {})",
+            crate::resources::CpuList(&host_cpus())
+        )));
+    }
+    // SAFETY: as in host_cpus; cpu < CPU_SETSIZE since it was in the set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        return Err(AdmitError::Invalid(format!(
+            "--cpu {cpu}: cannot pin to it: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+fn free_disk_mb(dir: &FsPath) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    // SAFETY: statvfs is plain data, and statvfs() writes only into it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) >> 20
+}
+
+/// Every bridge and TAP/TUN interface on the host (the networks a
+/// unikernel can be attached to).
+fn host_bridges() -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    if let Ok(rd) = std::fs::read_dir("/sys/class/net") {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.join("bridge").exists() || p.join("tun_flags").exists() {
+                out.insert(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out
+}
+
+/// The network a TAP interface connects a unikernel to: the bridge it is
+/// a port of, or the TAP itself when it is in no bridge.
+pub fn network_of_tap(tap: &str) -> String {
+    std::fs::read_link(format!("/sys/class/net/{tap}/master"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| tap.to_string())
+}
+
+/// Start time (clock ticks since boot) of process `pid`, and whether it is
+/// a zombie, from /proc/PID/stat.
+fn proc_start(pid: u32) -> Option<(u64, bool)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may
+    // itself contain spaces and parentheses.
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest's fields start at field 3 (state); starttime is field 22.
+    let state = f.first()?;
+    let start = f.get(19)?.parse().ok()?;
+    Some((start, *state == "Z" || *state == "X"))
+}
+
+fn own_start_time() -> u64 {
+    proc_start(std::process::id()).map_or(0, |(s, _)| s)
+}
+
+/// Is the process that registered an entry still running?
+fn alive(pid: u32, start: u64) -> bool {
+    matches!(proc_start(pid), Some((s, false)) if s == start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> StateDir {
+        let d = std::env::temp_dir().join(format!("tt-admission-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        StateDir::resolve(Some(&d))
+    }
+
+    fn uk(mem: u64) -> Unikernel {
+        Unikernel {
+            memory_mb: mem,
+            cpus: host_cpus(),
+            block_mb: 0,
+            bridges: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn admissions_persist_and_release_on_drop() {
+        let sd = scratch("persist");
+        let alice: Path = "alice".parse().unwrap();
+        sd.set_policy(
+            &alice,
+            &PolicyChange {
+                unikernels: Some(1),
+                ..PolicyChange::default()
+            },
+        )
+        .unwrap();
+        let name: Name = "alice:a".parse().unwrap();
+        let a = sd.admit(Some(&name), "x", uk(8)).unwrap();
+        let other: Name = "alice:b".parse().unwrap();
+        let e = sd.admit(Some(&other), "x", uk(8)).unwrap_err();
+        assert!(e.to_string().contains("alice: unikernels: limit 1"), "{e}");
+        drop(a);
+        let b = sd.admit(Some(&other), "x", uk(8)).unwrap();
+        let shown = sd.show(&Path::root()).unwrap();
+        assert!(shown.contains('b') && !shown.contains(" a "), "{shown}");
+        drop(b);
+        std::fs::remove_dir_all(sd.path()).unwrap();
+    }
+
+    #[test]
+    fn unnamed_launches_get_unique_names() {
+        let sd = scratch("unique");
+        let a = sd.admit(None, "hello.hvt", uk(8)).unwrap();
+        let b = sd.admit(None, "hello.hvt", uk(8)).unwrap();
+        assert_eq!(a.name().to_string(), "hello.hvt");
+        assert_eq!(b.name().to_string(), "hello.hvt.2");
+        let weird = sd.admit(None, "my image!", uk(8)).unwrap();
+        assert_eq!(weird.name().to_string(), "my-image-");
+        drop((a, b, weird));
+        std::fs::remove_dir_all(sd.path()).unwrap();
+    }
+
+    #[test]
+    fn entries_of_dead_processes_are_reaped() {
+        let sd = scratch("reap");
+        let root = Path::root();
+        sd.set_policy(
+            &root,
+            &PolicyChange {
+                unikernels: Some(1),
+                ..PolicyChange::default()
+            },
+        )
+        .unwrap();
+        // An entry left by a process that is gone (a pid that cannot be
+        // running: above the kernel's pid_max).
+        {
+            let mut st = sd.lock().unwrap();
+            st.stored.running.push(Running {
+                name: "ghost".into(),
+                pid: 1 << 23,
+                start: 1,
+                resources: uk(8),
+            });
+            st.save().unwrap();
+        }
+        let a = sd.admit(None, "live", uk(8)).unwrap();
+        assert!(!sd.show(&root).unwrap().contains("ghost"));
+        drop(a);
+        std::fs::remove_dir_all(sd.path()).unwrap();
+    }
+
+    #[test]
+    fn a_garbled_state_file_is_an_error_naming_it() {
+        let sd = scratch("garbled");
+        std::fs::create_dir_all(sd.path()).unwrap();
+        std::fs::write(sd.path().join(STATE_FILE), b"{\"version\": 1, \"root\": 7").unwrap();
+        let e = sd.admit(None, "x", uk(8)).unwrap_err();
+        assert!(e.to_string().contains("state.json does not parse"), "{e}");
+        std::fs::remove_dir_all(sd.path()).unwrap();
+    }
+}
