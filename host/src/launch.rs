@@ -40,8 +40,25 @@ pub fn unikernel_resources(args: &RunArgs) -> Result<Unikernel, LaunchError> {
         use std::io::{Seek, SeekFrom};
         let size = std::fs::File::open(p)
             .and_then(|mut f| f.seek(SeekFrom::End(0)))
-            .map_err(|e| LaunchError::Devices(format!("--block:{name}={}: {e}", p.display())))?;
+            .map_err(|e| {
+                LaunchError::Devices(format!(
+                    "block device '{name}': cannot open {}: {e}",
+                    p.display()
+                ))
+            })?;
         block_bytes = block_bytes.saturating_add(size);
+    }
+    for (name, tap) in &args.nets {
+        // A TAP that does not exist is no network to admit: say so as
+        // attaching it would.
+        let plain = !tap.is_empty() && !tap.contains(['/', ':', ' ', '\0']) && tap != "..";
+        if plain && !std::path::Path::new("/sys/class/net").join(tap).exists() {
+            return Err(NetError::NoSuchTap {
+                name: name.clone(),
+                tap: tap.clone(),
+            }
+            .into());
+        }
     }
     Ok(Unikernel {
         memory_mb: args.mem_mb,

@@ -11,15 +11,17 @@
 //! - [`cli`]: parse the `tt-host run` command line;
 //! - [`loader`]: validate the ELF image, its ABI note and its manifest
 //!   (pure functions over bytes; the fuzzer drives them);
-//! - [`launch`]: match the manifest against the devices given, attach them;
+//! - [`launch`]: match the manifest against the devices given, then admit
+//!   the launch ([`admission`]: the policy tree of [`resources`], kept in a
+//!   state directory shared by all `tt-host` processes, checked against
+//!   every ancestor's policy before any device or VM exists), attach the
+//!   devices;
 //! - [`vmm`]: create the KVM VM and vCPU, lay out guest memory and page
 //!   tables (W^X from the ELF segment flags), run the vCPU;
 //! - [`modules`]: the hypercall handlers, one module per device kind
-//!   (console and time, block, net), in the spirit of Solo5's tender modules;
-//! - [`resources`]: the admission model, not yet wired into the flow: the
-//!   tree of delegated resource policies that decides whether a unikernel
-//!   may start (pure bookkeeping).
+//!   (console and time, block, net), in the spirit of Solo5's tender modules.
 //!
+//! The admission's reservation is released when the launch ends.
 //! [`abi`] holds the shared layouts. docs/ABI.md says what a guest may rely on.
 
 pub mod abi;

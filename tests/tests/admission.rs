@@ -209,3 +209,45 @@ fn policy_commands_refuse_what_does_not_fit_with_the_reason() {
     assert!(!tt_in(&sd, &["policy", "show"]).stdout.contains("bob"));
     assert_error(&tt_in(&sd, &["policy", "set", "a/b"]), "path 'a/b'");
 }
+
+#[test]
+fn block_devices_count_their_size_in_mb_rounded_up() {
+    if !kvm() {
+        return;
+    }
+    let sd = Scratch::new("blocklimit");
+    let disk = sd.path("disk.img");
+    // 1 MiB and one sector: 2 MB once rounded up.
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len((1 << 20) + 512)
+        .unwrap();
+    let blk = guest("blk");
+    let block = format!("--block:storage={}", disk.display());
+    let args = [
+        "run",
+        "--name=store:a",
+        "--mem=32",
+        &block,
+        blk.to_str().unwrap(),
+    ];
+    assert_eq!(
+        tt_in(&sd, &["policy", "set", "store", "--block=1"]).status,
+        0
+    );
+    assert_error(
+        &tt_in(&sd, &args),
+        "refused: store: block: limit 1 MB, in use 0 MB, requested 2 MB",
+    );
+    assert_eq!(
+        tt_in(&sd, &["policy", "set", "store", "--block=none"]).status,
+        0
+    );
+    assert_error(&tt_in(&sd, &args), "store");
+    assert_eq!(
+        tt_in(&sd, &["policy", "set", "store", "--block=2"]).status,
+        0
+    );
+    let r = tt_in(&sd, &args);
+    assert_eq!(r.status, 0, "{r:?}");
+}
