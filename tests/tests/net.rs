@@ -72,9 +72,12 @@ fn net_guest_answers_ping_inside_a_namespace() {
         .spawn()
         .unwrap();
 
+    // `-w`: keep sending until 3 echo requests are answered (the guest may
+    // still be booting when the first one goes out; tt-host admits it
+    // first, which takes a few synced writes), for at most 20 s.
     let ping = ns
         .exec("ping")
-        .args(["-c", "3", "-i", "0.2", "-W", "5", "10.0.0.2"])
+        .args(["-c", "3", "-i", "0.2", "-W", "5", "-w", "20", "10.0.0.2"])
         .output()
         .expect("run ping (install iputils-ping)");
     let ping_out = String::from_utf8_lossy(&ping.stdout).into_owned();
