@@ -32,8 +32,12 @@
 //! Operations are any serde type, encoded with postcard. Each ring record
 //! is a `u64` sequence number followed by the encoded operation.
 
+mod event;
+
+use event::Event;
 use serde::{de::DeserializeOwned, Serialize};
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -122,6 +126,11 @@ struct State {
     /// on `Shared::batch_done[batch % 2]`.
     batch: u64,
     committing: bool,
+    /// A push that makes the queue this long wakes the committer (then
+    /// sets it to `usize::MAX`): 1 while the committer idles, the size it
+    /// gathers for while it gathers, `usize::MAX` while it commits. So the
+    /// committer wakes once per batch, not once per push.
+    wake_at: usize,
     flush_requested: bool,
     accepting: bool,
     stopping: bool,
@@ -132,18 +141,21 @@ struct State {
     metrics: Metrics,
 }
 
-/// Who waits for what. Each wait has its own condition variable, so a
-/// change wakes only the threads it concerns: with 64 pushers, waking all
-/// of them on every commit and every perform costs more CPU than the
-/// journal's own work.
+/// Who waits for what. Each wait has its own condition variable (or, for
+/// pushers, futex word), so a change wakes only the threads it concerns:
+/// with 64 pushers, waking all of them on every commit and every perform
+/// costs more CPU than the journal's own work.
 struct Shared<D: BlockDevice> {
     state: Mutex<State>,
     /// The committer waits here for queued operations (or a stop).
     work: Condvar,
-    /// Pushers of batch `b` wait on `batch_done[b % 2]` for its commit (or
-    /// a failure). Batch `b + 2` cannot start before batch `b` is done, so
+    /// Pushers of batch `b` sleep on `batch_done[b % 2]` until its commit
+    /// (or a failure), without the state mutex: on waking they read
+    /// `durable`. Batch `b + 2` cannot start before batch `b` is done, so
     /// two suffice.
-    batch_done: [Condvar; 2],
+    batch_done: [Event; 2],
+    /// `State::durable`, readable without the lock.
+    durable: AtomicU64,
     /// The applier waits here for durable operations, flush requests,
     /// space to free, or a stop.
     applier: Condvar,
@@ -178,8 +190,8 @@ impl<D: BlockDevice> Shared<D> {
     /// Wake every waiter (a failure or a stop concerns them all).
     fn wake_all(&self) {
         self.work.notify_all();
-        self.batch_done[0].notify_all();
-        self.batch_done[1].notify_all();
+        self.batch_done[0].notify();
+        self.batch_done[1].notify();
         self.applier.notify_all();
         self.progress.notify_all();
         self.space.notify_all();
@@ -274,6 +286,7 @@ where
                 performed: next_seq,
                 batch: 0,
                 committing: false,
+                wake_at: usize::MAX,
                 flush_requested: false,
                 accepting: true,
                 stopping: false,
@@ -282,7 +295,8 @@ where
                 metrics: Metrics::default(),
             }),
             work: Condvar::new(),
-            batch_done: [Condvar::new(), Condvar::new()],
+            batch_done: [Event::default(), Event::default()],
+            durable: AtomicU64::new(next_seq),
             applier: Condvar::new(),
             progress: Condvar::new(),
             space: Condvar::new(),
@@ -359,26 +373,34 @@ where
         rec.extend_from_slice(&body);
         drop(body);
         st.queue.push((seq, rec));
-        let batch = st.batch;
-        if st.queue.len() == 1 || !st.committing {
+        if st.queue.len() >= st.wake_at {
+            st.wake_at = usize::MAX;
             self.shared.work.notify_one();
         }
+        // Read under the lock: the commit (or failure) of this op happens
+        // after it is released, and bumps the generation after that.
+        let done = &self.shared.batch_done[(st.batch % 2) as usize];
+        let mut seen = done.generation();
+        drop(st);
         loop {
-            if st.failed.remove(&seq) {
-                return Err(Error::Full(self.shared.config.full_timeout));
-            }
-            if st.durable > seq {
+            done.wait(seen);
+            seen = done.generation();
+            if self.shared.durable.load(Ordering::Acquire) > seq {
                 return Ok(Waiter {
                     shared: self.shared.clone(),
                     seq,
                 });
+            }
+            // Woken but not durable: a failure, a stop or a spurious wake.
+            let mut st = lock(&self.shared.state);
+            if st.failed.remove(&seq) {
+                return Err(Error::Full(self.shared.config.full_timeout));
             }
             if let Some(why) = &st.broken {
                 return Err(Error::Ring(tt_ring::Error::Invalid(format!(
                     "commit failed: {why}"
                 ))));
             }
-            st = wait(&self.shared.batch_done[(batch % 2) as usize], st);
         }
     }
 
@@ -455,6 +477,7 @@ fn committer<D: BlockDevice>(sh: &Shared<D>) {
             return;
         }
         if st.queue.is_empty() {
+            st.wake_at = 1;
             st = wait(&sh.work, st);
             continue;
         }
@@ -468,6 +491,7 @@ fn committer<D: BlockDevice>(sh: &Shared<D>) {
             let limit = (st.metrics.last_sync_latency / 4).min(MAX_GATHER);
             let deadline = Instant::now() + limit;
             while st.queue.len() < in_flight && !st.stopping {
+                st.wake_at = in_flight;
                 let now = Instant::now();
                 if now >= deadline {
                     break;
@@ -483,6 +507,7 @@ fn committer<D: BlockDevice>(sh: &Shared<D>) {
         let number = st.batch;
         st.batch += 1;
         st.committing = true;
+        st.wake_at = usize::MAX;
         drop(st);
         let result = commit(sh, &batch);
         st = lock(&sh.state);
@@ -493,6 +518,7 @@ fn committer<D: BlockDevice>(sh: &Shared<D>) {
                 if committed > 0 {
                     let last = batch[committed - 1].0;
                     st.durable = st.durable.max(last + 1);
+                    sh.durable.store(st.durable, Ordering::Release);
                     st.metrics.syncs += 1;
                     st.metrics.last_sync_latency = latency;
                     for (s, rec) in &batch[..committed] {
@@ -505,8 +531,12 @@ fn committer<D: BlockDevice>(sh: &Shared<D>) {
                 for (s, _) in &batch[committed..] {
                     st.failed.insert(*s);
                 }
-                sh.batch_done[(number % 2) as usize].notify_all();
                 sh.progress.notify_all();
+                // Wake the batch's pushers with the lock released: they
+                // return without it, and many push again at once.
+                drop(st);
+                sh.batch_done[(number % 2) as usize].notify();
+                st = lock(&sh.state);
             }
             Err(e) => {
                 st.broken = Some(e.to_string());
