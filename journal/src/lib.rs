@@ -37,7 +37,7 @@ mod event;
 use event::Event;
 use serde::{de::DeserializeOwned, Serialize};
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -156,6 +156,8 @@ struct Shared<D: BlockDevice> {
     batch_done: [Event; 2],
     /// `State::durable`, readable without the lock.
     durable: AtomicU64,
+    /// Threads inside `push`.
+    pushing: AtomicUsize,
     /// The applier waits here for durable operations, flush requests,
     /// space to free, or a stop.
     applier: Condvar,
@@ -297,6 +299,7 @@ where
             work: Condvar::new(),
             batch_done: [Event::default(), Event::default()],
             durable: AtomicU64::new(next_seq),
+            pushing: AtomicUsize::new(0),
             applier: Condvar::new(),
             progress: Condvar::new(),
             space: Condvar::new(),
@@ -357,6 +360,7 @@ where
                 max: max.saturating_sub(8),
             });
         }
+        let _pushing = Pushing::enter(&self.shared.pushing);
         let mut st = lock(&self.shared.state);
         if !st.accepting {
             return Err(Error::ShutDown);
@@ -373,17 +377,35 @@ where
         rec.extend_from_slice(&body);
         drop(body);
         st.queue.push((seq, rec));
-        if st.queue.len() >= st.wake_at {
-            st.wake_at = usize::MAX;
-            self.shared.work.notify_one();
-        }
         // Read under the lock: the commit (or failure) of this op happens
         // after it is released, and bumps the generation after that.
         let done = &self.shared.batch_done[(st.batch % 2) as usize];
         let mut seen = done.generation();
+        let led =
+            st.wake_at == 1 && !st.committing && self.shared.pushing.load(Ordering::Relaxed) == 1;
+        if led {
+            // The committer is idle and no other thread is pushing, so
+            // there is no one to share a commit with: commit on this
+            // thread, which saves two thread switches (most of a lone
+            // pusher's wait beyond the sync itself). Ops pushed meanwhile
+            // are left for the committer.
+            (st, _) = commit_queue(&self.shared, st);
+            if st.queue.is_empty() {
+                st.wake_at = 1;
+            } else {
+                self.shared.work.notify_one();
+            }
+        } else if st.queue.len() >= st.wake_at {
+            st.wake_at = usize::MAX;
+            self.shared.work.notify_one();
+        }
         drop(st);
+        // A pusher that committed itself has its outcome already.
+        let mut skip_wait = led;
         loop {
-            done.wait(seen);
+            if !std::mem::take(&mut skip_wait) {
+                done.wait(seen);
+            }
             seen = done.generation();
             if self.shared.durable.load(Ordering::Acquire) > seq {
                 return Ok(Waiter {
@@ -462,6 +484,22 @@ impl<Op, D: BlockDevice> Drop for Journal<Op, D> {
     }
 }
 
+/// Counts a thread in `push` until dropped.
+struct Pushing<'a>(&'a AtomicUsize);
+
+impl<'a> Pushing<'a> {
+    fn enter(n: &'a AtomicUsize) -> Pushing<'a> {
+        n.fetch_add(1, Ordering::Relaxed);
+        Pushing(n)
+    }
+}
+
+impl Drop for Pushing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Longest the committer waits to gather a batch.
 const MAX_GATHER: Duration = Duration::from_micros(500);
 
@@ -476,8 +514,11 @@ fn committer<D: BlockDevice>(sh: &Shared<D>) {
         if st.broken.is_some() || (st.stopping && st.queue.is_empty()) {
             return;
         }
-        if st.queue.is_empty() {
-            st.wake_at = 1;
+        if st.queue.is_empty() || st.committing {
+            // Idle, or a pusher is committing (see `push`).
+            if !st.committing {
+                st.wake_at = 1;
+            }
             st = wait(&sh.work, st);
             continue;
         }
@@ -503,48 +544,62 @@ fn committer<D: BlockDevice>(sh: &Shared<D>) {
                     .0;
             }
         }
-        let batch = std::mem::take(&mut st.queue);
-        let number = st.batch;
-        st.batch += 1;
-        st.committing = true;
-        st.wake_at = usize::MAX;
-        drop(st);
-        let result = commit(sh, &batch);
-        st = lock(&sh.state);
-        st.committing = false;
-        in_flight = batch.len() + st.queue.len();
-        match result {
-            Ok((latency, committed)) => {
-                if committed > 0 {
-                    let last = batch[committed - 1].0;
-                    st.durable = st.durable.max(last + 1);
-                    sh.durable.store(st.durable, Ordering::Release);
-                    st.metrics.syncs += 1;
-                    st.metrics.last_sync_latency = latency;
-                    for (s, rec) in &batch[..committed] {
-                        st.pending.push_back((*s, rec.len() as u64));
-                    }
-                    sh.applier.notify_one();
+        (st, in_flight) = commit_queue(sh, st);
+    }
+}
+
+/// Take everything queued as the next batch, commit it with the lock
+/// released, and publish the outcome: advance `durable`, fail the ops that
+/// did not fit, or mark the journal broken. Wakes the batch's pushers and
+/// the applier. Runs on the committer thread, or on a pusher that found
+/// the committer idle. Returns the lock again and the number of ops in
+/// flight when the commit finished: the batch plus what was queued
+/// meanwhile (not counting what its woken pushers queue next).
+fn commit_queue<'a, D: BlockDevice>(
+    sh: &'a Shared<D>,
+    mut st: MutexGuard<'a, State>,
+) -> (MutexGuard<'a, State>, usize) {
+    let batch = std::mem::take(&mut st.queue);
+    let number = st.batch;
+    st.batch += 1;
+    st.committing = true;
+    st.wake_at = usize::MAX;
+    drop(st);
+    let result = commit(sh, &batch);
+    let mut st = lock(&sh.state);
+    st.committing = false;
+    let in_flight = batch.len() + st.queue.len();
+    match result {
+        Ok((latency, committed)) => {
+            if committed > 0 {
+                let last = batch[committed - 1].0;
+                st.durable = st.durable.max(last + 1);
+                sh.durable.store(st.durable, Ordering::Release);
+                st.metrics.syncs += 1;
+                st.metrics.last_sync_latency = latency;
+                for (s, rec) in &batch[..committed] {
+                    st.pending.push_back((*s, rec.len() as u64));
                 }
-                // The ring stayed full past full_timeout: the ops that did
-                // not fit fail; nothing was written for them.
-                for (s, _) in &batch[committed..] {
-                    st.failed.insert(*s);
-                }
-                sh.progress.notify_all();
-                // Wake the batch's pushers with the lock released: they
-                // return without it, and many push again at once.
-                drop(st);
-                sh.batch_done[(number % 2) as usize].notify();
-                st = lock(&sh.state);
+                sh.applier.notify_one();
             }
-            Err(e) => {
-                st.broken = Some(e.to_string());
-                sh.wake_all();
-                return;
+            // The ring stayed full past full_timeout: the ops that did
+            // not fit fail; nothing was written for them.
+            for (s, _) in &batch[committed..] {
+                st.failed.insert(*s);
             }
+            sh.progress.notify_all();
+            // Wake the batch's pushers with the lock released: they
+            // return without it, and many push again at once.
+            drop(st);
+            sh.batch_done[(number % 2) as usize].notify();
+            st = lock(&sh.state);
+        }
+        Err(e) => {
+            st.broken = Some(e.to_string());
+            sh.wake_all();
         }
     }
+    (st, in_flight)
 }
 
 /// Write `batch` to the ring and advance; returns how many of its ops (a
