@@ -631,10 +631,14 @@ fn render_node(node: &Node, label: String, indent: usize, lines: &mut Vec<(Strin
             Some(limit) => format!("{}/{limit} MB", u.block_mb),
             None => format!("{}/none", u.block_mb),
         };
+        // u32::MAX is the host default's "no limit" (admission::host_policy).
+        let unikernels = match p.unikernels {
+            u32::MAX => "unlimited".to_string(),
+            n => n.to_string(),
+        };
         format!(
-            "unikernels {}/{}  memory {}/{} MB  block {block}  cpus {}  bridges {}",
+            "unikernels {}/{unikernels}  memory {}/{} MB  block {block}  cpus {}  bridges {}",
             u.unikernels,
-            p.unikernels,
             u.memory_mb,
             p.memory_mb,
             CpuList(&p.cpus),
@@ -1376,5 +1380,17 @@ alice:bob  unikernels 1/2  memory 64/512 MB  block 0/none  cpus 0-1  bridges br0
             r.render(&path("nobody")),
             "nobody  no policy  unikernels 0  memory 0 MB  block 0 MB\n"
         );
+    }
+
+    #[test]
+    fn the_host_default_unikernel_limit_shows_as_unlimited() {
+        let mut r = Resources::new(Policy {
+            unikernels: u32::MAX,
+            ..host()
+        });
+        r.insert_unikernel(&name("a"), uk()).unwrap();
+        let shown = r.render(&Path::root());
+        assert!(shown.contains("unikernels 1/unlimited "), "{shown}");
+        assert!(!shown.contains(&u32::MAX.to_string()), "{shown}");
     }
 }
