@@ -2,16 +2,16 @@
 //! section "tt-ring", says what each one measures and records figures).
 //!
 //! - `durable_<size>_x<batch>/ring`: the producer pushes `batch` items of
-//!   `size` bytes and advances (durable commit: data write, fdatasync,
-//!   control write, fdatasync). A consumer in the same process drains and
+//!   `size` bytes and advances (durable commit, format 2: data write,
+//!   control write, one fdatasync). A consumer in the same process drains and
 //!   advances whenever the ring is more than half full, outside the timed
 //!   region, so the ring never fills.
 //! - `durable_<size>_x<batch>/pwrite_fdatasync`: the same-run baseline:
 //!   one `pwrite` of the batch's payload bytes, then `fdatasync`, on a file
 //!   of the ring's size on the same file system.
-//! - `durable_<size>_x<batch>/pwrite_fdatasync_x2`: the ring's I/O pattern
-//!   without the ring: that `pwrite` and `fdatasync`, then a one-sector
-//!   `pwrite` and a second `fdatasync` (where the ring's control block goes).
+//! - `durable_<size>_x<batch>/pwrite_ctl_fdatasync`: the ring's I/O
+//!   pattern without the ring: that `pwrite`, a one-sector `pwrite` where
+//!   the ring's control block goes, then one `fdatasync`.
 //! - `durable_<size>_x<batch>/ring_memdevice`: the ring on a `MemDevice`
 //!   (no system calls): the ring's own CPU cost (record CRCs, copies).
 //! - `fold/<size>`: a consumer folds a warm ring holding about 48 MiB of
@@ -21,7 +21,7 @@
 //! Files go to `$TT_RING_BENCH_DIR`, default `<cargo target dir>/tt-ring-bench`
 //! (on the repository's file system; `/tmp` may be a tmpfs, whose
 //! `fdatasync` does nothing). After criterion (unless a filter is given),
-//! an interleaved check times single ring, base and x2 advances in turn,
+//! an interleaved check times single ring, base and ctl advances in turn,
 //! so that other I/O on the machine hits all three alike. Then a summary
 //! prints, beside each other, criterion's medians of this run (from its
 //! `estimates.json` files) and the interleaved medians: times, items/s,
@@ -167,25 +167,25 @@ impl<D: BlockDevice> RingWriter<D> {
 
 /// The baselines: the batch's payload bytes written with one `pwrite` at
 /// the next offset of a file (wrapping), then `fdatasync`; with
-/// `two_syncs`, then also one sector written at offset 0 and a second
+/// `control`, also one sector written at offset 0 before the
 /// `fdatasync`, as the ring does with its control block.
 struct PlainWriter<'a> {
     file: &'a File,
     bytes: Vec<u8>,
     control: Vec<u8>,
     off: u64,
-    two_syncs: bool,
+    control_write: bool,
 }
 
 impl PlainWriter<'_> {
-    fn new(file: &File, size: usize, batch: usize, two_syncs: bool) -> PlainWriter<'_> {
+    fn new(file: &File, size: usize, batch: usize, control_write: bool) -> PlainWriter<'_> {
         let item = payload(size);
         PlainWriter {
             file,
             bytes: item.iter().copied().cycle().take(size * batch).collect(),
             control: vec![0x5a; SECTOR as usize],
             off: DATA_START,
-            two_syncs,
+            control_write,
         }
     }
 
@@ -195,11 +195,10 @@ impl PlainWriter<'_> {
             self.off = DATA_START;
         }
         self.file.write_all_at(&self.bytes, self.off).unwrap();
-        self.file.sync_data().unwrap();
-        if self.two_syncs {
+        if self.control_write {
             self.file.write_all_at(&self.control, 0).unwrap();
-            self.file.sync_data().unwrap();
         }
+        self.file.sync_data().unwrap();
         self.off += self.bytes.len() as u64;
         start.elapsed()
     }
@@ -231,7 +230,7 @@ fn durable(c: &mut Criterion, dir: &Path) {
             let mut w = PlainWriter::new(&base, size, batch, false);
             g.bench_function("pwrite_fdatasync", |b| b.iter_custom(timed(|| w.advance())));
             let mut w = PlainWriter::new(&base, size, batch, true);
-            g.bench_function("pwrite_fdatasync_x2", |b| {
+            g.bench_function("pwrite_ctl_fdatasync", |b| {
                 b.iter_custom(timed(|| w.advance()))
             });
             g.finish();
@@ -239,7 +238,7 @@ fn durable(c: &mut Criterion, dir: &Path) {
     }
 }
 
-/// Medians (µs) of ring, base and x2 advances timed one at a time in
+/// Medians (µs) of ring, base and ctl advances timed one at a time in
 /// rotating order, so that whatever else the machine does hits all three
 /// alike. About `INTERLEAVE_SECS` per configuration.
 const INTERLEAVE_SECS: f64 = 1.5;
@@ -254,7 +253,7 @@ fn interleaved(dir: &Path) -> HashMap<(usize, usize), [f64; 3]> {
             let dev = Arc::new(FileDevice::open(&ring_path, SECTOR).unwrap());
             let mut ring = RingWriter::new(dev, size, batch);
             let mut plain = PlainWriter::new(&base, size, batch, false);
-            let mut x2 = PlainWriter::new(&base, size, batch, true);
+            let mut ctl = PlainWriter::new(&base, size, batch, true);
             let mut times: [Vec<f64>; 3] = Default::default();
             let start = Instant::now();
             let mut round = 0;
@@ -264,7 +263,7 @@ fn interleaved(dir: &Path) -> HashMap<(usize, usize), [f64; 3]> {
                     let t = match which {
                         0 => ring.advance(),
                         1 => plain.advance(),
-                        _ => x2.advance(),
+                        _ => ctl.advance(),
                     };
                     times[which].push(t.as_secs_f64() * 1e6);
                 }
@@ -359,11 +358,11 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 
 fn summary(since: SystemTime, inter: &HashMap<(usize, usize), [f64; 3]>) {
     println!("\ntt-ring summary (MB = 10^6 bytes; times are medians, in µs per advance)");
-    println!("  base: pwrite + fdatasync; x2: base + 1-sector pwrite + fdatasync; mem: ring on a MemDevice");
+    println!("  base: pwrite + fdatasync; ctl: pwrite + 1-sector pwrite + one fdatasync (the ring's I/O); mem: ring on a MemDevice");
     println!("  ratio: ring MB/s / base MB/s (= base time / ring time)");
     println!(
         "{:<18} {:>21} {:>9} {:>9} | {:>28} {:>7} {:>8}",
-        "", "criterion:  ring", "base", "mem", "interleaved:  ring", "base", "x2"
+        "", "criterion:  ring", "base", "mem", "interleaved:  ring", "base", "ctl"
     );
     let mut crit = HashMap::new();
     for size in SIZES {
@@ -397,7 +396,7 @@ fn summary(since: SystemTime, inter: &HashMap<(usize, usize), [f64; 3]>) {
         "ring MB/s",
         "base MB/s",
         "ratio",
-        "ring/x2"
+        "ring/ctl"
     );
     for size in SIZES {
         for batch in BATCHES {
@@ -539,7 +538,7 @@ fn main() {
         let inter = if filtered {
             HashMap::new()
         } else {
-            println!("interleaved check: ring, base and x2 advances in turn, ~{INTERLEAVE_SECS} s per configuration");
+            println!("interleaved check: ring, base and ctl advances in turn, ~{INTERLEAVE_SECS} s per configuration");
             interleaved(&dir)
         };
         summary(since, &inter);
