@@ -317,3 +317,69 @@ fn a_ring_full_in_mid_commit_fails_only_the_ops_that_did_not_fit() {
     );
     j.shutdown(true);
 }
+
+/// A pusher alone commits on its own thread; others arriving during its
+/// sync are committed by the committer thread. Pushers that come and go
+/// (one alone, then several at once, then one again) move commits between
+/// the two: every push is acknowledged once durable, each thread's ops
+/// are performed in its push order, and nothing is lost or doubled.
+#[test]
+fn lone_and_concurrent_pushers_take_turns_committing() {
+    let log = Log::default();
+    let j =
+        Arc::new(Journal::start(slow_ring(4 << 20), Config::default(), recorder(&log)).unwrap());
+    let mut pushed = 0u64;
+    let mut lone_syncs = 0;
+    for round in 0..6u64 {
+        // One pusher alone: one commit per push, on its own thread.
+        let before = j.metrics().syncs;
+        for i in 0..5 {
+            let _ = j.push(&(round * 1_000_000 + i)).unwrap();
+            pushed += 1;
+        }
+        lone_syncs += j.metrics().syncs - before;
+        // Then 6 at once, starting while the lone pusher's last ops may
+        // still be in flight on other rounds' threads.
+        let threads: Vec<_> = (1..=6u64)
+            .map(|t| {
+                let j = j.clone();
+                std::thread::spawn(move || {
+                    for i in 0..15 {
+                        let _ = j.push(&(round * 1_000_000 + t * 1000 + i)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        pushed += 6 * 15;
+    }
+    assert_eq!(lone_syncs, 30, "each lone push is one commit");
+    j.push(&u64::MAX).unwrap().sync().unwrap();
+    let performed = log.lock().unwrap().clone();
+    assert_eq!(
+        performed.len() as u64,
+        pushed + 1,
+        "nothing lost or doubled"
+    );
+    let mut seen = std::collections::HashSet::new();
+    assert!(
+        performed.iter().all(|x| seen.insert(*x)),
+        "an op performed twice"
+    );
+    for round in 0..6u64 {
+        for t in 0..=6u64 {
+            let mine: Vec<_> = performed
+                .iter()
+                .filter(|&&x| x != u64::MAX && x / 1_000_000 == round && x % 1_000_000 / 1000 == t)
+                .collect();
+            assert_eq!(mine.len(), if t == 0 { 5 } else { 15 });
+            assert!(
+                mine.windows(2).all(|w| w[0] < w[1]),
+                "round {round} thread {t} out of order"
+            );
+        }
+    }
+    Arc::try_unwrap(j).ok().unwrap().shutdown(true);
+}
