@@ -261,14 +261,7 @@ where
         let mut consumer = Consumer::attach(dev.clone())?;
         let producer = Producer::attach(dev)?;
         let performed_to = consumer.position();
-        let mut applier = Applier {
-            consumer: &mut consumer,
-            perform,
-            config,
-            performed_to,
-            last_free: Instant::now(),
-            _op: PhantomData::<fn() -> Op>,
-        };
+        let mut applier = Applier::<Op, _, _>::new(&mut consumer, perform, config, performed_to);
         // Replay: perform everything pending before accepting pushes.
         let mut last_seq = None;
         loop {
@@ -325,15 +318,7 @@ where
         let handle = std::thread::Builder::new()
             .name("tt-journal-applier".into())
             .spawn(move || {
-                let mut applier = Applier {
-                    consumer: &mut consumer,
-                    perform,
-                    config,
-                    performed_to,
-                    last_free: Instant::now(),
-                    _op: PhantomData::<fn() -> Op>,
-                };
-                applier.run(&s2);
+                Applier::<Op, _, _>::new(&mut consumer, perform, config, performed_to).run(&s2);
             })
             .expect("spawn applier thread");
         Ok(Journal {
@@ -665,13 +650,25 @@ struct Applier<'a, Op, D: BlockDevice, F> {
 /// Free performed ring space at least this often.
 const FREE_INTERVAL: Duration = Duration::from_millis(50);
 
-impl<Op, D, F, E> Applier<'_, Op, D, F>
+impl<'a, Op, D, F, E> Applier<'a, Op, D, F>
 where
     Op: DeserializeOwned,
     D: BlockDevice,
     F: FnMut(&[Op]) -> Result<(), E>,
     E: std::fmt::Display,
 {
+    /// An applier that has performed everything before `performed_to`.
+    fn new(consumer: &'a mut Consumer<D>, perform: F, config: Config, performed_to: u64) -> Self {
+        Applier {
+            consumer,
+            perform,
+            config,
+            performed_to,
+            last_free: Instant::now(),
+            _op: PhantomData,
+        }
+    }
+
     /// Read up to `max_batch` durable ops from the freed position.
     fn read_batch(&mut self) -> Result<Batch<Op>, Error> {
         self.consumer.seek(self.performed_to)?;

@@ -1,10 +1,12 @@
 //! Journal behaviour on a memory ring: durability, order, replay, group
 //! commit, retries, shutdown, back-pressure.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tt_journal::{Config, Error, Journal};
-use tt_ring::{BlockDevice, MemDevice, Producer};
+use tt_ring::{MemDevice, Producer};
 
 type Log = Arc<Mutex<Vec<u64>>>;
 
@@ -218,33 +220,8 @@ fn a_full_ring_makes_pushers_wait_then_time_out() {
     j.shutdown(true);
 }
 
-/// A memory device whose sync takes 2 ms, like a disk: while a commit
-/// syncs, other pushers' ops queue up, so commits carry several ops.
-struct SlowSync(MemDevice);
-
-impl BlockDevice for SlowSync {
-    fn sector_size(&self) -> u32 {
-        self.0.sector_size()
-    }
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        std::thread::sleep(Duration::from_millis(2));
-        Ok(())
-    }
-}
-
-fn slow_ring(size: u64) -> Arc<SlowSync> {
-    let d = Arc::new(SlowSync(MemDevice::new(size, 512)));
-    Producer::create(&d).unwrap();
-    d
+fn slow_ring(size: u64) -> Arc<common::SlowSync> {
+    common::slow_ring(size, Duration::from_millis(2))
 }
 
 #[test]

@@ -25,6 +25,9 @@
 //!
 //! Rounds: 200 (`TT_LONG=1`: 2000); `TT_SEED` changes the kill timing.
 
+mod common;
+
+use common::mix;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -48,13 +51,6 @@ struct Op {
     idx: u64,
     payload: Vec<u8>,
     sum: u64,
-}
-
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 fn fnv(parts: &[&[u8]]) -> u64 {

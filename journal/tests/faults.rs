@@ -10,13 +10,16 @@
 //! - each pusher's operations are first performed in push order;
 //! - the journal works again after the restart.
 
+mod common;
+
+use common::{mix, slow_ring};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tt_journal::{Config, Error, Journal};
-use tt_ring::{BlockDevice, Faults, FaultyDevice, MemDevice, Producer};
+use tt_ring::{Faults, FaultyDevice, Producer};
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 struct Op {
@@ -24,13 +27,6 @@ struct Op {
     idx: u64,
     payload: Vec<u8>,
     sum: u64,
-}
-
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 fn checksum(pusher: u32, idx: u64, payload: &[u8]) -> u64 {
@@ -389,39 +385,14 @@ fn a_crash_before_any_write_loses_no_acknowledged_op() {
     }
 }
 
-/// A device whose syncs take a while, so concurrent pushes pile up into
-/// shared commits.
-#[derive(Clone)]
-struct SlowSync(Arc<MemDevice>);
-
-impl BlockDevice for SlowSync {
-    fn sector_size(&self) -> u32 {
-        self.0.sector_size()
-    }
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        std::thread::sleep(Duration::from_micros(300));
-        self.0.sync()
-    }
-}
-
 /// A too-big op that shares a commit with other pushers' ops fails alone:
 /// the others are acknowledged, and each op is performed exactly once.
 #[test]
 fn a_too_big_op_in_a_shared_commit_fails_only_itself() {
-    let dev = Arc::new(MemDevice::new(64 << 10, 512));
-    Producer::create(&dev).unwrap();
+    let dev = slow_ring(64 << 10, Duration::from_micros(300));
     let performed = Arc::new(Mutex::new(Vec::<(u32, u64)>::new()));
     let p2 = performed.clone();
-    let j = Journal::start(SlowSync(dev), config(), move |ops: &[Op]| {
+    let j = Journal::start(dev, config(), move |ops: &[Op]| {
         p2.lock()
             .unwrap()
             .extend(ops.iter().map(|o| (o.pusher, o.idx)));

@@ -1,0 +1,53 @@
+//! Helpers shared by the journal's integration tests.
+// Each test file uses only some of these.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+use tt_ring::{BlockDevice, MemDevice, Producer};
+
+/// SplitMix64's finalizer: a well-mixed u64 from any u64, to derive test
+/// data from ids.
+pub fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// A memory device whose `sync` takes `delay`, like a disk: while a
+/// commit syncs, other pushers' ops queue up, so commits carry several.
+pub struct SlowSync {
+    dev: MemDevice,
+    delay: Duration,
+}
+
+impl BlockDevice for SlowSync {
+    fn sector_size(&self) -> u32 {
+        self.dev.sector_size()
+    }
+    fn size(&self) -> u64 {
+        self.dev.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.dev.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.dev.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        std::thread::sleep(self.delay);
+        self.dev.sync()
+    }
+}
+
+/// A freshly formatted ring of `size` bytes (512-byte sectors) in memory,
+/// whose syncs take `delay`.
+pub fn slow_ring(size: u64, delay: Duration) -> Arc<SlowSync> {
+    let d = Arc::new(SlowSync {
+        dev: MemDevice::new(size, 512),
+        delay,
+    });
+    Producer::create(&d).unwrap();
+    d
+}
