@@ -30,12 +30,13 @@
 //! allocated blocks (steady state, no block allocation in the timings).
 
 use criterion::{Criterion, SamplingMode, Throughput};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime};
+use tt_benchutil::{bench_dir, print_setting, verdict, zeroed_file};
 use tt_journal::{Config, Journal};
 use tt_ring::{BlockDevice, FileDevice, MemDevice, Producer};
 
@@ -59,66 +60,6 @@ const TARGET: f64 = 20.0;
 /// a journal of block writes should carry its data).
 type Op = serde_bytes::ByteBuf;
 type Dev = Arc<FileDevice>;
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
-}
-
-fn bench_dir() -> PathBuf {
-    std::env::var_os("TT_JOURNAL_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("tt-journal-bench"))
-}
-
-/// Where criterion writes its estimates (its default rule).
-fn criterion_dir() -> PathBuf {
-    std::env::var_os("CRITERION_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("criterion"))
-}
-
-/// File system type of `dir`, from the longest matching mount point in
-/// /proc/self/mountinfo.
-fn fs_type(dir: &Path) -> String {
-    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut best: Option<(usize, String)> = None;
-    for line in info.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = f.iter().position(|&x| x == "-") else {
-            continue;
-        };
-        let (Some(mnt), Some(fs)) = (f.get(4), f.get(sep + 1)) else {
-            continue;
-        };
-        if dir.starts_with(mnt) && best.as_ref().is_none_or(|(n, _)| mnt.len() >= *n) {
-            best = Some((mnt.len(), fs.to_string()));
-        }
-    }
-    best.map_or_else(|| "unknown".into(), |(_, fs)| fs)
-}
-
-/// A file of `size` zero bytes, allocated and synced.
-fn zeroed_file(path: &Path, size: u64) -> File {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    let chunk = vec![0u8; 1 << 20];
-    let mut off = 0;
-    while off < size {
-        let n = (size - off).min(chunk.len() as u64) as usize;
-        f.write_all_at(&chunk[..n], off).unwrap();
-        off += n as u64;
-    }
-    f.sync_all().unwrap();
-    f
-}
 
 fn payload() -> Op {
     serde_bytes::ByteBuf::from(
@@ -389,30 +330,9 @@ fn latency_pass(dir: &Path) -> Vec<Pass> {
     out
 }
 
-/// Median time per iteration (ns) of one benchmark (the median of its
-/// samples' means), from criterion's estimates if this run wrote them.
+/// Criterion's median (ns per op) of one function of this bench's group.
 fn median_ns(function: &str, since: SystemTime) -> Option<f64> {
-    let path = criterion_dir()
-        .join(GROUP)
-        .join(function)
-        .join("new/estimates.json");
-    if std::fs::metadata(&path).ok()?.modified().ok()? < since {
-        return None;
-    }
-    let text = std::fs::read_to_string(path).ok()?;
-    let rest = &text[text.find("\"median\"")?..];
-    let key = "\"point_estimate\":";
-    let rest = &rest[rest.find(key)? + key.len()..];
-    let end = rest.find([',', '}'])?;
-    rest[..end].trim().parse().ok()
-}
-
-fn verdict(met: bool) -> &'static str {
-    if met {
-        "met"
-    } else {
-        "NOT met"
-    }
+    tt_benchutil::median_ns(GROUP, function, since)
 }
 
 fn summary(since: SystemTime, counted: &[(usize, Counted)], passes: &[Pass]) {
@@ -509,25 +429,10 @@ fn main() {
     let since = SystemTime::now() - Duration::from_secs(1);
     let args: Vec<String> = std::env::args().collect();
     let measuring = !args.iter().any(|a| a == "--test" || a == "--list");
-    let dir = bench_dir();
+    let dir = bench_dir("TT_JOURNAL_BENCH_DIR", "tt-journal-bench");
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
     if measuring {
-        let fs = fs_type(&dir);
-        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-        println!(
-            "tt-journal benches in {} ({fs}); {} cores; load average {}",
-            dir.display(),
-            std::thread::available_parallelism().map_or(0, |n| n.get()),
-            load.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-        if fs == "tmpfs" || fs == "ramfs" {
-            println!(
-                "WARNING: {fs} does not make fdatasync wait for a disk; set TT_JOURNAL_BENCH_DIR"
-            );
-        }
+        print_setting("tt-journal", &dir, "TT_JOURNAL_BENCH_DIR");
     }
     let mut c = Criterion::default()
         .sample_size(10)

@@ -30,12 +30,13 @@
 
 use criterion::{Criterion, SamplingMode, Throughput};
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+use tt_benchutil::{bench_dir, median_ns, print_setting, verdict, zeroed_file};
 use tt_ring::format::record_size;
 use tt_ring::{BlockDevice, Consumer, FileDevice, MemDevice, Producer};
 
@@ -57,66 +58,6 @@ fn size_name(size: usize) -> String {
 
 fn durable_group(size: usize, batch: usize) -> String {
     format!("durable_{}_x{batch}", size_name(size))
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
-}
-
-fn bench_dir() -> PathBuf {
-    std::env::var_os("TT_RING_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("tt-ring-bench"))
-}
-
-/// Where criterion writes its estimates (its own rule, short of running
-/// `cargo metadata`).
-fn criterion_dir() -> PathBuf {
-    std::env::var_os("CRITERION_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("criterion"))
-}
-
-/// Name of the file system holding `dir`, and whether its fdatasync is real.
-fn fs_kind(dir: &Path) -> (String, bool) {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).expect("path without NUL");
-    // SAFETY: c is a valid C string and st a writable statfs.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return ("unknown".into(), true);
-    }
-    match st.f_type as i64 {
-        0xEF53 => ("ext2/3/4".into(), true),
-        0x5846_5342 => ("xfs".into(), true),
-        0x9123_683E => ("btrfs".into(), true),
-        0x0102_1994 => ("tmpfs".into(), false),
-        0x8584_58f6 => ("ramfs".into(), false),
-        t => (format!("f_type {t:#x}"), true),
-    }
-}
-
-/// A file of `size` zero bytes, allocated and synced, so that ring and
-/// baseline both overwrite allocated blocks.
-fn zeroed_file(path: &Path, size: u64) -> File {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    let chunk = vec![0u8; 1 << 20];
-    let mut off = 0;
-    while off < size {
-        let n = (size - off).min(chunk.len() as u64) as usize;
-        f.write_all_at(&chunk[..n], off).unwrap();
-        off += n as u64;
-    }
-    f.sync_all().unwrap();
-    f
 }
 
 fn payload(size: usize) -> Vec<u8> {
@@ -326,32 +267,6 @@ fn fold(c: &mut Criterion, dir: &Path) {
     g.finish();
 }
 
-/// Median time per iteration (ns) of one benchmark (the median of its
-/// samples' means), from criterion's estimates if this run wrote them.
-fn median_ns(group: &str, function: &str, since: SystemTime) -> Option<f64> {
-    let path = criterion_dir()
-        .join(group)
-        .join(function)
-        .join("new/estimates.json");
-    if std::fs::metadata(&path).ok()?.modified().ok()? < since {
-        return None;
-    }
-    let text = std::fs::read_to_string(path).ok()?;
-    let rest = &text[text.find("\"median\"")?..];
-    let key = "\"point_estimate\":";
-    let rest = &rest[rest.find(key)? + key.len()..];
-    let end = rest.find([',', '}'])?;
-    rest[..end].trim().parse().ok()
-}
-
-fn verdict(met: bool) -> &'static str {
-    if met {
-        "met"
-    } else {
-        "NOT met"
-    }
-}
-
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.digits$}"))
 }
@@ -502,25 +417,10 @@ fn main() {
     let since = SystemTime::now() - Duration::from_secs(1);
     let args: Vec<String> = std::env::args().collect();
     let measuring = !args.iter().any(|a| a == "--test" || a == "--list");
-    let dir = bench_dir();
+    let dir = bench_dir("TT_RING_BENCH_DIR", "tt-ring-bench");
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
     if measuring {
-        let (fs, real_sync) = fs_kind(&dir);
-        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-        println!(
-            "tt-ring benches in {} ({fs}); {} cores; load average {}",
-            dir.display(),
-            std::thread::available_parallelism().map_or(0, |n| n.get()),
-            load.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-        if !real_sync {
-            println!(
-                "WARNING: {fs} does not make fdatasync wait for a disk; set TT_RING_BENCH_DIR"
-            );
-        }
+        print_setting("tt-ring", &dir, "TT_RING_BENCH_DIR");
     }
     let mut c = Criterion::default()
         .sample_size(10)
