@@ -117,11 +117,32 @@ impl FileDevice {
         })
     }
 
-    /// Create (or truncate) a file of `size` bytes and open it.
+    /// Create (or truncate) a file of `size` bytes, filled with zeros and
+    /// synced, and open it.
+    ///
+    /// The zeros are written, not left as a hole or a preallocated extent:
+    /// then every later write overwrites allocated, initialized blocks and
+    /// its `fdatasync` flushes data only, with no block allocation or
+    /// extent conversion to journal (PostgreSQL zero-fills new WAL
+    /// segments for the same reason). They are written 1 MiB at a time:
+    /// on ext4 a file filled with one huge write made later 256 KiB
+    /// commits about 50% slower (larger page-cache folios). The directory
+    /// entry is synced too, so the file survives a crash.
     pub fn create(path: &Path, size: u64, sector_size: u32) -> io::Result<FileDevice> {
         let f = File::create(path)?;
-        f.set_len(size)?;
+        let chunk = vec![0u8; 1 << 20];
+        let mut off = 0;
+        while off < size {
+            let n = (size - off).min(chunk.len() as u64) as usize;
+            f.write_all_at(&chunk[..n], off)?;
+            off += n as u64;
+        }
         f.sync_all()?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)?.sync_all()?;
         Self::open(path, sector_size)
     }
 }
@@ -463,6 +484,30 @@ mod tests {
         let mut b = [0u8; 512];
         d.read_at(&mut b, 0).unwrap();
         assert_eq!(b, [0; 512]);
+    }
+
+    #[test]
+    fn a_created_file_device_is_allocated_not_sparse() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("tt-ring-alloc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("dev");
+        let size = (3 << 20) + 8192;
+        let d = FileDevice::create(&p, size, 4096).unwrap();
+        assert_eq!(d.size(), size);
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(m.len(), size);
+        // st_blocks counts the 512-byte units allocated: after a plain
+        // set_len (a hole) it would be 0.
+        assert!(
+            m.blocks() * 512 >= size,
+            "{} of {size} bytes allocated",
+            m.blocks() * 512
+        );
+        let mut b = vec![1u8; 8192];
+        d.read_at(&mut b, 3 << 20).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
