@@ -313,6 +313,11 @@ impl CommitCrc {
     pub fn update(&mut self, bytes: &[u8]) {
         self.0.update(bytes);
     }
+    /// Continue as if the bytes that `payload` summed came next, without
+    /// reading them again (CRC32 combination: O(log len)).
+    pub fn combine(&mut self, payload: &PayloadCrc) {
+        self.0.combine(&payload.0);
+    }
     pub fn finish(self) -> u32 {
         self.0.finalize()
     }
@@ -325,12 +330,37 @@ pub fn record_size(len: u64) -> u64 {
 
 /// CRC of a record: binds the payload to the ring and to its position.
 pub fn record_crc(uuid: &[u8; 16], position: u64, len: u32, payload: &[u8]) -> u32 {
+    let mut h = record_crc_prefix(uuid, position, len);
+    h.update(payload);
+    h.finalize()
+}
+
+fn record_crc_prefix(uuid: &[u8; 16], position: u64, len: u32) -> crc32fast::Hasher {
     let mut h = crc32fast::Hasher::new();
     h.update(uuid);
     h.update(&position.to_le_bytes());
     h.update(&len.to_le_bytes());
-    h.update(payload);
-    h.finalize()
+    h
+}
+
+/// The CRC32 of a payload alone, from which both its record's CRC and
+/// the commit's CRC follow by combination, so the producer reads each
+/// payload once instead of twice.
+pub struct PayloadCrc(crc32fast::Hasher);
+
+impl PayloadCrc {
+    pub fn new(payload: &[u8]) -> PayloadCrc {
+        let mut h = crc32fast::Hasher::new();
+        h.update(payload);
+        PayloadCrc(h)
+    }
+
+    /// [`record_crc`] of this payload at `position`.
+    pub fn record_crc(&self, uuid: &[u8; 16], position: u64, len: u32) -> u32 {
+        let mut h = record_crc_prefix(uuid, position, len);
+        h.combine(&self.0);
+        h.finalize()
+    }
 }
 
 /// Read `buf.len()` bytes of the data area starting at stream `position`
@@ -368,4 +398,42 @@ pub fn write_stream(
         dev.write_at(&buf[first..], base)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The producer's one-pass checksums (payload CRC, then combination)
+    /// must equal the direct ones the consumer checks, at every length
+    /// (a mismatch would make readers reject good records and commits).
+    #[test]
+    fn combined_checksums_equal_direct_ones() {
+        let uuid = [0x5au8; 16];
+        let h = Header {
+            sector_size: 4096,
+            data_sectors: 1024,
+            uuid,
+        };
+        let bytes: Vec<u8> = (0..70_000u32).map(|i| (i * 31 + i / 251) as u8).collect();
+        for len in [0, 1, 7, 8, 1023, 1024, 4096, 4099, 65_536, 70_000] {
+            let payload = &bytes[..len];
+            let pos = 0x1234_5678_9abc + len as u64;
+            let p = PayloadCrc::new(payload);
+            assert_eq!(
+                p.record_crc(&uuid, pos, len as u32),
+                record_crc(&uuid, pos, len as u32, payload),
+                "record crc, len {len}"
+            );
+            let mut direct = CommitCrc::new(&h, pos);
+            direct.update(b"head");
+            direct.update(payload);
+            direct.update(b"tail");
+            let mut combined = CommitCrc::new(&h, pos);
+            combined.update(b"head");
+            combined.combine(&p);
+            combined.update(b"tail");
+            assert_eq!(combined.finish(), direct.finish(), "commit crc, len {len}");
+        }
+    }
 }
