@@ -216,8 +216,9 @@ impl<D: BlockDevice> Consumer<D> {
         }
     }
 
-    /// Free everything before `position` (durably: the control block is
-    /// written and synced). `position` must be a record boundary between
+    /// Free everything before `position` durably: the device is synced
+    /// (so every commit read so far is durable), then the control block is
+    /// written and synced. `position` must be a record boundary between
     /// the freed position and the cursor.
     ///
     /// Outcomes: `Ok(())`; [`Error::Invalid`] for a position outside that
@@ -232,12 +233,21 @@ impl<D: BlockDevice> Consumer<D> {
                 self.ctl.position, self.cursor
             )));
         }
+        // The records before `position` may belong to a commit whose own
+        // sync has not finished (the consumer reads what the producer has
+        // written). Sync first: a power loss during the control block's
+        // sync below could otherwise keep that block but not the commit's
+        // data, and readers trust a commit the consumer position is past
+        // (FORMAT.md, "Reading the producer's control block").
+        if position > self.ctl.position {
+            self.dev.sync()?;
+        }
         self.write_control(position, self.ctl.flag)
     }
 
     fn write_control(&mut self, position: u64, flag: bool) -> Result<(), Error> {
         let ctl = Control {
-            seq: self.ctl.seq + 1,
+            seq: self.ctl.next_seq(Side::Consumer)?,
             position,
             flag,
             ..Control::default()

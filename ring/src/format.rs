@@ -132,6 +132,25 @@ pub struct Control {
     /// Consumer: zero.
     pub data_crc: u32,
 }
+impl Control {
+    /// The `seq` of the block that follows this one. A block whose `seq`
+    /// is already `u64::MAX` (no writer gets there: 2^64 writes) is a
+    /// crafted or damaged device: corruption, not an overflow.
+    pub fn next_seq(&self, side: Side) -> Result<u64, Error> {
+        self.seq.checked_add(1).ok_or_else(|| Error::Corrupt {
+            position: None,
+            what: format!(
+                "the {} control block's sequence number is {}, the largest possible",
+                match side {
+                    Side::Producer => "producer",
+                    Side::Consumer => "consumer",
+                },
+                self.seq
+            ),
+        })
+    }
+}
+
 /// Which control block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {

@@ -271,6 +271,7 @@ impl<D: BlockDevice> Producer<D> {
         if self.end() == self.ctl.position {
             return Ok(self.ctl.position);
         }
+        let seq = self.ctl.next_seq(Side::Producer)?;
         let ss = self.h.sector_size as u64;
         let end = self.end();
         let padded = align_up(end, ss);
@@ -283,7 +284,7 @@ impl<D: BlockDevice> Producer<D> {
         self.crc.update(&self.staged[self.crc_to..]);
         let crc = std::mem::replace(&mut self.crc, CommitCrc::new(&self.h, padded));
         let ctl = Control {
-            seq: self.ctl.seq + 1,
+            seq,
             position: padded,
             flag: self.ctl.flag,
             start: self.ctl.position,
@@ -323,7 +324,7 @@ impl<D: BlockDevice> Producer<D> {
         let c = self.read_consumer()?;
         if c.flag != self.ctl.flag {
             let ctl = Control {
-                seq: self.ctl.seq + 1,
+                seq: self.ctl.next_seq(Side::Producer)?,
                 position: self.ctl.position,
                 flag: c.flag,
                 start: self.ctl.position,

@@ -139,3 +139,41 @@ fn long_mixed_batches_survive_reattach_with_their_checksums() {
         c.advance(end).unwrap();
     }
 }
+
+/// A control block can pass its checksum with any `seq` (a crafted image,
+/// since the checksum covers the ring's uuid). One at `u64::MAX` cannot
+/// be followed: the writes that would follow it fail as corruption,
+/// instead of overflowing (a panic in debug builds; in release a wrapped
+/// seq 0 that loses to the old block, so an acknowledged commit vanished).
+#[test]
+fn a_control_block_at_the_largest_seq_is_corruption_not_an_overflow() {
+    use tt_ring::format::{Control, Header, Side};
+    let exhausted = |side| {
+        let d = ring(64 << 10);
+        let h = Header::read(&*d).unwrap();
+        Control {
+            seq: u64::MAX,
+            ..Control::default()
+        }
+        .write(&*d, &h, side)
+        .unwrap();
+        d
+    };
+    let d = exhausted(Side::Producer);
+    let mut p = Producer::attach(d.clone()).unwrap();
+    p.push(b"hello").unwrap();
+    let e = p.advance().unwrap_err();
+    assert!(
+        matches!(&e, Error::Corrupt { what, .. } if what.contains("sequence number")),
+        "{e}"
+    );
+    let d = exhausted(Side::Consumer);
+    let mut c = Consumer::attach(d.clone()).unwrap();
+    assert!(matches!(c.suspend(), Err(Error::Corrupt { .. })));
+    let mut p = Producer::attach(d.clone()).unwrap();
+    p.push(b"x").unwrap();
+    p.advance().unwrap();
+    c.pop().unwrap();
+    let end = c.cursor();
+    assert!(matches!(c.advance(end), Err(Error::Corrupt { .. })));
+}

@@ -175,14 +175,15 @@ fn space_freed_by_an_unsynced_consumer_advance_is_not_overwritten_unsynced() {
         }
     }
     p.advance().unwrap();
-    // The consumer reads and frees the first half, but that advance's sync
-    // fails: its control block is written, not durable.
+    // The consumer reads and frees the first half, but that advance's
+    // second sync (after its control block) fails: the block is written,
+    // not durable.
     let mut next = 0;
     for _ in 0..pushed.len() / 2 {
         next = c.pop().unwrap().next;
     }
     dev.set_faults(Faults {
-        fail_sync: Some(0),
+        fail_sync: Some(1),
         ..Faults::default()
     });
     assert!(c.advance(next).is_err());
@@ -207,4 +208,45 @@ fn space_freed_by_an_unsynced_consumer_advance_is_not_overwritten_unsynced() {
         "recovered {} records",
         got.len()
     );
+}
+
+/// The consumer may read a commit whose sync has not finished (it reads
+/// what the producer wrote) and free part of it. Readers trust a commit
+/// the consumer position is past, so a consumer advance must make that
+/// commit durable before its own control block can be: it syncs first.
+/// Fail either of the advance's two syncs, lose power keeping every
+/// control sector (and nothing else unsynced): the ring must come back
+/// readable, as "A only" or "N durable, its first record freed".
+#[test]
+fn a_consumer_advance_into_an_unsynced_commit_survives_power_loss() {
+    let a = payload(1, 100);
+    let n: Vec<Vec<u8>> = (2..5).map(|t| payload(t, 700)).collect();
+    for failing in [0, 1] {
+        let dev = Arc::new(FaultyDevice::new((5 + 32) * SS as u64, SS));
+        Producer::create(&dev).unwrap();
+        let mut p = Producer::attach(dev.clone()).unwrap();
+        p.push(&a).unwrap();
+        p.advance().unwrap();
+        // Attached before the interrupted commit (attach syncs).
+        let mut c = Consumer::attach(dev.clone()).unwrap();
+        interrupt(&dev, p, &n);
+        assert_eq!(c.pop().unwrap().data, a);
+        let first = c.pop().unwrap();
+        assert_eq!(first.data, n[0], "the consumer sees the unsynced commit");
+        dev.set_faults(Faults {
+            fail_sync: Some(failing),
+            ..Faults::default()
+        });
+        assert!(c.advance(first.next).is_err());
+        // Sector 0 is the header, 1-2 the producer's slots, 3-4 the
+        // consumer's.
+        dev.crash_keeping(|s| s <= 4);
+        let got = read_all(&dev);
+        let expected = if failing == 0 {
+            vec![a.clone()]
+        } else {
+            n[1..].to_vec()
+        };
+        assert_eq!(got, expected, "sync {failing} of the advance failed");
+    }
 }
