@@ -160,6 +160,10 @@ struct Shared<D: BlockDevice> {
     durable: AtomicU64,
     /// Threads inside `push`.
     pushing: AtomicUsize,
+    /// `State::failed.len()`, readable without the lock: while it is 0 a
+    /// woken pusher may trust `durable` alone (a failed op's seq can be
+    /// below a later batch's `durable`).
+    failures: AtomicUsize,
     /// The applier waits here for durable operations, flush requests,
     /// space to free, or a stop.
     applier: Condvar,
@@ -265,7 +269,8 @@ where
         // Replay: perform everything pending before accepting pushes.
         let mut last_seq = None;
         loop {
-            let batch = applier.read_batch()?;
+            // Everything in the ring is durable here: attach synced.
+            let batch = applier.read_batch(u64::MAX)?;
             if batch.ops.is_empty() {
                 break;
             }
@@ -295,6 +300,7 @@ where
             batch_done: [Event::default(), Event::default()],
             durable: AtomicU64::new(next_seq),
             pushing: AtomicUsize::new(0),
+            failures: AtomicUsize::new(0),
             applier: Condvar::new(),
             progress: Condvar::new(),
             space: Condvar::new(),
@@ -394,16 +400,26 @@ where
                 done.wait(seen);
             }
             seen = done.generation();
-            if self.shared.durable.load(Ordering::Acquire) > seq {
-                return Ok(Waiter {
-                    shared: self.shared.clone(),
-                    seq,
-                });
+            let waiter = || Waiter {
+                shared: self.shared.clone(),
+                seq,
+            };
+            // `failures` is read after `durable` (Acquire): a failure that
+            // a later batch's `durable` covers was counted before it.
+            if self.shared.durable.load(Ordering::Acquire) > seq
+                && self.shared.failures.load(Ordering::Relaxed) == 0
+            {
+                return Ok(waiter());
             }
-            // Woken but not durable: a failure, a stop or a spurious wake.
+            // Some op failed, or this one is not durable yet (a failure, a
+            // stop or a spurious wake): ask the state, failures first.
             let mut st = lock(&self.shared.state);
             if st.failed.remove(&seq) {
+                self.shared.failures.fetch_sub(1, Ordering::Relaxed);
                 return Err(Error::Full(self.shared.config.full_timeout));
+            }
+            if st.durable > seq {
+                return Ok(waiter());
             }
             if let Some(why) = &st.broken {
                 return Err(Error::Ring(tt_ring::Error::Invalid(format!(
@@ -552,27 +568,23 @@ fn commit_queue<'a, D: BlockDevice>(
     st.committing = true;
     st.wake_at = usize::MAX;
     drop(st);
-    let result = commit(sh, &batch);
+    let mut published = 0;
+    let result = commit(sh, &batch, &mut published);
     let mut st = lock(&sh.state);
     st.committing = false;
     let in_flight = batch.len() + st.queue.len();
     match result {
         Ok((latency, committed)) => {
-            if committed > 0 {
-                let last = batch[committed - 1].0;
-                st.durable = st.durable.max(last + 1);
-                sh.durable.store(st.durable, Ordering::Release);
+            if committed > published {
                 st.metrics.syncs += 1;
                 st.metrics.last_sync_latency = latency;
-                for (s, rec) in &batch[..committed] {
-                    st.pending.push_back((*s, rec.len() as u64));
-                }
-                sh.applier.notify_one();
+                publish(sh, &mut st, &batch[published..committed]);
             }
             // The ring stayed full past full_timeout: the ops that did
             // not fit fail; nothing was written for them.
             for (s, _) in &batch[committed..] {
                 st.failed.insert(*s);
+                sh.failures.fetch_add(1, Ordering::Relaxed);
             }
             sh.progress.notify_all();
             // Wake the batch's pushers with the lock released: they
@@ -589,13 +601,29 @@ fn commit_queue<'a, D: BlockDevice>(
     (st, in_flight)
 }
 
+/// Mark `ops` (committed, in seq order) durable: their pushers may
+/// return and the applier may perform them.
+fn publish<D: BlockDevice>(sh: &Shared<D>, st: &mut State, ops: &[(u64, Vec<u8>)]) {
+    let Some((last, _)) = ops.last() else {
+        return;
+    };
+    st.durable = st.durable.max(last + 1);
+    sh.durable.store(st.durable, Ordering::Release);
+    for (s, rec) in ops {
+        st.pending.push_back((*s, rec.len() as u64));
+    }
+    sh.applier.notify_one();
+}
+
 /// Write `batch` to the ring and advance; returns how many of its ops (a
-/// prefix) are committed. When the ring is full, commits what is staged
+/// prefix) are committed. A prefix committed while waiting for space is
+/// published at once (`published` says how much). When the ring is full, commits what is staged
 /// and waits for the applier to free space, up to `full_timeout`; the ops
 /// still unwritten then are left out.
 fn commit<D: BlockDevice>(
     sh: &Shared<D>,
     batch: &[(u64, Vec<u8>)],
+    published: &mut usize,
 ) -> Result<(Duration, usize), tt_ring::Error> {
     let start = Instant::now();
     let mut p = lock(&sh.producer);
@@ -606,12 +634,21 @@ fn commit<D: BlockDevice>(
             Ok(_) => staged += 1,
             Err(tt_ring::Error::Retry) => {
                 // Commit what fits (a no-op if nothing new is staged).
+                let t = Instant::now();
                 p.advance()?;
                 if Instant::now() > deadline {
                     return Ok((start.elapsed(), staged));
                 }
-                // Wake the applier and wait for it to free space.
                 let mut st = lock(&sh.state);
+                // Publish that prefix: the applier performs and frees only
+                // what is durable, so the space it waits for is there.
+                if staged > *published {
+                    st.metrics.syncs += 1;
+                    st.metrics.last_sync_latency = t.elapsed();
+                    publish(sh, &mut st, &batch[*published..staged]);
+                    *published = staged;
+                }
+                // Wake the applier and wait for it to free space.
                 st.flush_requested = true;
                 sh.applier.notify_one();
                 let (g, _) = sh
@@ -669,8 +706,13 @@ where
         }
     }
 
-    /// Read up to `max_batch` durable ops from the freed position.
-    fn read_batch(&mut self) -> Result<Batch<Op>, Error> {
+    /// Read up to `max_batch` ops from the freed position, stopping at
+    /// the first whose seq is `durable` or more. The ring shows a commit
+    /// as soon as it is written, before its sync has finished; such ops
+    /// are not performed (and their space not freed) until the commit is
+    /// known durable, so `perform` only ever sees acknowledged-or-durable
+    /// ops.
+    fn read_batch(&mut self, durable: u64) -> Result<Batch<Op>, Error> {
         self.consumer.seek(self.performed_to)?;
         let mut batch = Batch {
             ops: Vec::new(),
@@ -691,6 +733,9 @@ where
                 return Err(decode_err(postcard::Error::DeserializeUnexpectedEnd));
             }
             let seq = u64::from_le_bytes(item.data[..8].try_into().unwrap());
+            if seq >= durable {
+                break;
+            }
             let op = postcard::from_bytes(&item.data[8..]).map_err(decode_err)?;
             batch.ops.push(op);
             batch.last_seq = Some(seq);
@@ -819,14 +864,14 @@ where
                 }
                 sh.space.notify_all();
             }
-            let idle = {
+            let durable = {
                 let st = lock(&sh.state);
-                st.performed >= st.durable
+                if st.performed >= st.durable {
+                    continue;
+                }
+                st.durable
             };
-            if idle {
-                continue;
-            }
-            let batch = match self.read_batch() {
+            let batch = match self.read_batch(durable) {
                 Ok(b) => b,
                 Err(e) => return Self::fail(sh, "cannot read the ring", e),
             };
