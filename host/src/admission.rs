@@ -301,7 +301,12 @@ impl Locked<'_> {
         let root = match &self.stored.root {
             Some(p) => p.clone(),
             None => {
-                let used: u64 = running.iter().map(|(_, u)| u.block_mb).sum();
+                let used = running
+                    .iter()
+                    .try_fold(0u64, |sum, (_, u)| sum.checked_add(u.block_mb))
+                    .ok_or_else(|| {
+                        sd.bad("the stored unikernels' block use adds up past 2^64 MB")
+                    })?;
                 let mut host = host_policy(&sd.dir, used);
                 // Widen the host default to what is stored, in case the host
                 // changed since (less free disk, a CPU offline).
@@ -692,6 +697,38 @@ mod tests {
         let a = sd.admit(None, "live", uk(8)).unwrap();
         assert!(!sd.show(&root).unwrap().contains("ghost"));
         drop(a);
+        std::fs::remove_dir_all(sd.path()).unwrap();
+    }
+
+    /// Stored numbers are input too: block sizes that add up past u64
+    /// are refused as a bad state, not an overflow (a panic in debug).
+    #[test]
+    fn stored_block_use_that_overflows_is_a_bad_state() {
+        let sd = scratch("overflow");
+        {
+            let mut st = sd.lock().unwrap();
+            // Entries of a live process (this one), so they are not reaped.
+            for (name, block_mb) in [("a", u64::MAX), ("b", 1)] {
+                st.stored.running.push(Running {
+                    name: name.into(),
+                    pid: std::process::id(),
+                    start: own_start_time(),
+                    resources: Unikernel { block_mb, ..uk(8) },
+                });
+            }
+            st.save().unwrap();
+        }
+        let e = sd.show(&Path::root()).unwrap_err();
+        assert!(e.to_string().contains("past 2^64 MB"), "{e}");
+        let e = sd.admit(None, "x", uk(8)).unwrap_err();
+        assert!(e.to_string().contains("past 2^64 MB"), "{e}");
+        // With a root policy set, the tree's own checks refuse it.
+        let mut st = sd.lock().unwrap();
+        st.stored.root = Some(host_policy(sd.path(), 0));
+        st.save().unwrap();
+        drop(st);
+        let e = sd.show(&Path::root()).unwrap_err();
+        assert!(matches!(e, AdmitError::BadState { .. }), "{e}");
         std::fs::remove_dir_all(sd.path()).unwrap();
     }
 

@@ -678,7 +678,7 @@ struct Applier<'a, Op, D: BlockDevice, F> {
     config: Config,
     /// Ring position up to which every op has been performed. Space is
     /// freed up to here in batches (see `free_due`), not after every perform:
-    /// each free costs a sync.
+    /// each free costs two syncs.
     performed_to: u64,
     last_free: Instant,
     _op: PhantomData<fn() -> Op>,
