@@ -97,6 +97,8 @@ impl BlockBackend for FileBackend {
 
 /// One attached block device.
 pub struct BlockDevice {
+    /// The name the manifest gives it, for messages.
+    pub name: String,
     pub handle: u64,
     pub block_size: u64,
     pub backend: Box<dyn BlockBackend>,
@@ -139,6 +141,7 @@ impl BlockDevice {
             });
         }
         Ok(BlockDevice {
+            name: name.into(),
             handle,
             block_size,
             backend: Box::new(backend),
@@ -226,11 +229,20 @@ impl Module for Block {
         self.transfer(call == Hypercall::BlockWrite, arg, mem)
     }
 
-    fn shutdown(&mut self) {
-        for d in &mut self.devices {
-            if let Err(e) = d.backend.sync() {
-                eprintln!("tt-host: block device flush failed: {e}");
-            }
+    fn shutdown(&mut self) -> Result<(), String> {
+        // Flush every device, even after one failed.
+        let failed: Vec<String> = self
+            .devices
+            .iter_mut()
+            .filter_map(|d| d.backend.sync().err().map(|e| format!("'{}': {e}", d.name)))
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "flushing block device {} failed: what the guest wrote may not be on disk",
+                failed.join(", ")
+            ))
         }
     }
 }

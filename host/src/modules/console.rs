@@ -66,7 +66,10 @@ impl<W: Write> Module for Console<W> {
         }
     }
 
-    fn shutdown(&mut self) {
+    fn shutdown(&mut self) -> Result<(), String> {
+        // Console output is best effort, as in solo5-hvt: a closed stdout
+        // does not fail the run.
         let _ = self.out.flush();
+        Ok(())
     }
 }

@@ -52,8 +52,12 @@ pub trait Module {
         arg: u64,
         mem: &GuestMemoryMmap,
     ) -> Result<Action, GuestError>;
-    /// Called once when the guest stops (flush devices).
-    fn shutdown(&mut self) {}
+    /// Called once when the guest stops: flush devices. An error (a
+    /// message naming the device) means what the guest wrote may not be
+    /// durable; the run then fails even if the guest exited cleanly.
+    fn shutdown(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Read the `N`-byte argument struct of a hypercall.

@@ -34,6 +34,9 @@ pub enum VmError {
     CmdlineTooLong(usize),
     #[error("guest fault: {0}")]
     Fault(String),
+    /// The guest stopped, but a device could not be flushed.
+    #[error("{0}")]
+    Shutdown(String),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -224,10 +227,23 @@ impl Vm {
     /// reason the host stopped it.
     pub fn run(&mut self) -> Result<i32, VmError> {
         let result = self.run_loop();
+        let mut failed = Vec::new();
         for m in &mut self.modules {
-            m.shutdown();
+            if let Err(e) = m.shutdown() {
+                failed.push(e);
+            }
         }
-        result
+        match result {
+            Ok(_) if !failed.is_empty() => Err(VmError::Shutdown(failed.join("; "))),
+            Ok(status) => Ok(status),
+            Err(e) => {
+                // The run already failed; say what else went wrong.
+                for f in failed {
+                    eprintln!("tt-host: {f}");
+                }
+                Err(e)
+            }
+        }
     }
 
     fn run_loop(&mut self) -> Result<i32, VmError> {
