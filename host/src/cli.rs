@@ -75,22 +75,49 @@ pub enum Parsed {
     Help,
 }
 
-/// A bad command line; the message names the option.
+/// Largest `--mem` in MiB: the largest guest memory
+/// ([`crate::vmm::layout::MAX_MEM`]).
+pub const MAX_MEM_MB: u64 = crate::vmm::layout::MAX_MEM >> 20;
+
+/// A bad command line; the message names the option, and the error points
+/// to the help of the command (`run` or `policy`) that refused it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{0} (see 'tt-host run --help')")]
-pub struct CliError(pub String);
+#[error("{msg} (see 'tt-host {command} --help')")]
+pub struct CliError {
+    pub msg: String,
+    /// The command whose help to see: `run` or `policy`.
+    pub command: &'static str,
+}
+
+impl CliError {
+    /// A bad `tt-host run` command line.
+    pub fn run(msg: impl Into<String>) -> CliError {
+        CliError {
+            msg: msg.into(),
+            command: "run",
+        }
+    }
+
+    /// A bad `tt-host policy` command line.
+    pub fn policy(msg: impl Into<String>) -> CliError {
+        CliError {
+            msg: msg.into(),
+            command: "policy",
+        }
+    }
+}
 
 fn named(opt: &str, rest: &str) -> Result<(String, String), CliError> {
     let (name, value) = rest
         .split_once('=')
-        .ok_or_else(|| CliError(format!("{opt}NAME=VALUE expected, got '{opt}{rest}'")))?;
+        .ok_or_else(|| CliError::run(format!("{opt}NAME=VALUE expected, got '{opt}{rest}'")))?;
     if name.is_empty() || name.len() > 67 || !name.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return Err(CliError(format!(
+        return Err(CliError::run(format!(
             "{opt}: device name '{name}' must be 1 to 67 ASCII letters or digits"
         )));
     }
     if value.is_empty() {
-        return Err(CliError(format!("{opt}{name}= needs a value")));
+        return Err(CliError::run(format!("{opt}{name}= needs a value")));
     }
     Ok((name.to_string(), value.to_string()))
 }
@@ -118,7 +145,7 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
         }
         let dup = |list: &[(String, String)], name: &str, opt: &str| {
             if list.iter().any(|(n, _)| n == name) {
-                Err(CliError(format!("{opt}{name} given twice")))
+                Err(CliError::run(format!("{opt}{name} given twice")))
             } else {
                 Ok(())
             }
@@ -132,23 +159,25 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
             mem_mb = v
                 .parse::<u64>()
                 .ok()
-                .filter(|m| (4..=4096).contains(m))
+                .filter(|m| (4..=MAX_MEM_MB).contains(m))
                 .ok_or_else(|| {
-                    CliError(format!("--mem={v}: expected a size in MiB from 4 to 4096"))
+                    CliError::run(format!(
+                        "--mem={v}: expected a size in MiB from 4 to {MAX_MEM_MB}"
+                    ))
                 })?;
         } else if let Some(v) = value_of(args, &mut i, "--name") {
             let n: crate::resources::Name = v
                 .parse()
-                .map_err(|e| CliError(format!("--name={v}: {e}")))?;
+                .map_err(|e| CliError::run(format!("--name={v}: {e}")))?;
             name = Some(n);
         } else if let Some(v) = value_of(args, &mut i, "--cpu") {
-            cpu = Some(
-                v.parse::<u16>()
-                    .map_err(|_| CliError(format!("--cpu={v}: expected a host CPU number")))?,
-            );
+            cpu =
+                Some(v.parse::<u16>().map_err(|_| {
+                    CliError::run(format!("--cpu={v}: expected a host CPU number"))
+                })?);
         } else if let Some(v) = value_of(args, &mut i, "--state-dir") {
             if v.is_empty() {
-                return Err(CliError("--state-dir needs a directory".into()));
+                return Err(CliError::run("--state-dir needs a directory"));
             }
             state_dir = Some(PathBuf::from(v));
         } else if a == "--x-solo5-hvt-boot" {
@@ -164,12 +193,14 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
         } else if let Some(rest) = a.strip_prefix("--block-sector-size:") {
             let (name, size) = named("--block-sector-size:", rest)?;
             let size = size.parse::<u64>().map_err(|_| {
-                CliError(format!(
+                CliError::run(format!(
                     "--block-sector-size:{name}={size}: not a number of bytes"
                 ))
             })?;
             if sector_sizes.iter().any(|(n, _)| n == &name) {
-                return Err(CliError(format!("--block-sector-size:{name} given twice")));
+                return Err(CliError::run(format!(
+                    "--block-sector-size:{name} given twice"
+                )));
             }
             sector_sizes.push((name, size));
         } else if let Some(rest) = a.strip_prefix("--net:") {
@@ -181,13 +212,13 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
             dup(&macs, &name, "--net-mac:")?;
             macs.push((name, mac));
         } else {
-            return Err(CliError(format!("unknown option '{a}'")));
+            return Err(CliError::run(format!("unknown option '{a}'")));
         }
         i += 1;
     }
     let image = args
         .get(i)
-        .ok_or_else(|| CliError("missing IMAGE (the unikernel to run)".into()))?;
+        .ok_or_else(|| CliError::run("missing IMAGE (the unikernel to run)"))?;
     let mut rest = &args[i + 1..];
     if !dashdash && rest.first().map(String::as_str) == Some("--") {
         rest = &rest[1..];
@@ -268,10 +299,6 @@ pub enum PolicyCmd {
     Help,
 }
 
-fn policy_err(msg: String) -> CliError {
-    CliError(msg.replace("'tt-host run --help'", "'tt-host policy --help'"))
-}
-
 /// A CPU list: `0-3,6`, or `none`.
 pub fn parse_cpu_list(s: &str) -> Result<std::collections::BTreeSet<u16>, String> {
     let mut out = std::collections::BTreeSet::new();
@@ -304,9 +331,7 @@ pub fn parse_cpu_list(s: &str) -> Result<std::collections::BTreeSet<u16>, String
 pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
     use crate::admission::PolicyChange;
     let Some(verb) = args.first().map(String::as_str) else {
-        return Err(CliError(
-            "policy: expected set, remove or show (see 'tt-host policy --help')".into(),
-        ));
+        return Err(CliError::policy("policy: expected set, remove or show"));
     };
     if verb == "-h" || verb == "--help" || verb == "help" {
         return Ok(PolicyCmd::Help);
@@ -317,23 +342,28 @@ pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
     let mut i = 1;
     while i < args.len() {
         let a = args[i].as_str();
-        let bad = |opt: &str, v: &str, why: &str| policy_err(format!("{opt}={v}: {why}"));
+        let bad = |opt: &str, v: &str, why: &str| CliError::policy(format!("{opt}={v}: {why}"));
         if a == "-h" || a == "--help" {
             return Ok(PolicyCmd::Help);
         } else if let Some(v) = value_of(args, &mut i, "--state-dir") {
+            if v.is_empty() {
+                return Err(CliError::policy("--state-dir needs a directory"));
+            }
             state_dir = Some(PathBuf::from(v));
         } else if !a.starts_with("--") {
             if path.is_some() {
-                return Err(policy_err(format!(
+                return Err(CliError::policy(format!(
                     "policy {verb}: unexpected argument '{a}'"
                 )));
             }
             path = Some(
                 a.parse()
-                    .map_err(|e| policy_err(format!("policy {verb}: path '{a}': {e}")))?,
+                    .map_err(|e| CliError::policy(format!("policy {verb}: path '{a}': {e}")))?,
             );
         } else if verb != "set" {
-            return Err(policy_err(format!("policy {verb}: unknown option '{a}'")));
+            return Err(CliError::policy(format!(
+                "policy {verb}: unknown option '{a}'"
+            )));
         } else if let Some(v) = value_of(args, &mut i, "--unikernels") {
             change.unikernels = Some(
                 v.parse()
@@ -356,19 +386,23 @@ pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
             let set = if v == "none" || v.is_empty() {
                 Default::default()
             } else {
-                v.split(',').map(|b| b.trim().to_string()).collect()
+                let names: Vec<&str> = v.split(',').map(str::trim).collect();
+                if names.contains(&"") {
+                    return Err(bad("--bridges", v, "empty bridge name in the list"));
+                }
+                names.into_iter().map(String::from).collect()
             };
             change.bridges = Some(set);
         } else {
-            return Err(policy_err(format!("policy set: unknown option '{a}'")));
+            return Err(CliError::policy(format!(
+                "policy set: unknown option '{a}'"
+            )));
         }
         i += 1;
     }
     let need_path = || {
         path.clone().ok_or_else(|| {
-            policy_err(format!(
-                "policy {verb}: missing PATH (':' for the root; see 'tt-host policy --help')"
-            ))
+            CliError::policy(format!("policy {verb}: missing PATH (':' for the root)"))
         })
     };
     match verb {
@@ -385,7 +419,7 @@ pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
             path: path.unwrap_or_else(crate::resources::Path::root),
             state_dir,
         }),
-        other => Err(policy_err(format!(
+        other => Err(CliError::policy(format!(
             "policy: unknown command '{other}' (expected set, remove or show)"
         ))),
     }
@@ -473,7 +507,7 @@ mod tests {
             (&["--mem=8"][..], "missing IMAGE"),
         ] {
             let e = p(args).unwrap_err();
-            assert!(e.0.contains(needle), "{args:?}: {e}");
+            assert!(e.msg.contains(needle), "{args:?}: {e}");
         }
     }
 
@@ -481,6 +515,7 @@ mod tests {
     fn help() {
         assert_eq!(p(&["--help"]).unwrap(), Parsed::Help);
         assert!(RUN_USAGE.contains("--block-sector-size:NAME=BYTES"));
+        assert!(RUN_USAGE.contains(&format!("4 to {MAX_MEM_MB};")));
     }
     fn pol(args: &[&str]) -> Result<PolicyCmd, CliError> {
         parse_policy(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
@@ -533,9 +568,18 @@ mod tests {
             (&["set"][..], "missing PATH"),
             (&["frob", "x"][..], "unknown command 'frob'"),
             (&["show", "--mem=1"][..], "unknown option '--mem=1'"),
+            (
+                &["show", "--state-dir="][..],
+                "--state-dir needs a directory",
+            ),
+            (
+                &["set", ":", "--bridges=br0,,"][..],
+                "--bridges=br0,,: empty bridge name",
+            ),
         ] {
             let e = pol(args).unwrap_err();
-            assert!(e.0.contains(needle), "{args:?}: {e}");
+            assert!(e.msg.contains(needle), "{args:?}: {e}");
+            assert!(e.to_string().ends_with("(see 'tt-host policy --help')"));
         }
     }
 
@@ -553,8 +597,8 @@ mod tests {
         assert_eq!(r.state_dir, Some(PathBuf::from("/s")));
         assert!(p(&["--name=a::b", "x"])
             .unwrap_err()
-            .0
+            .msg
             .contains("--name=a::b"));
-        assert!(p(&["--cpu=x", "x"]).unwrap_err().0.contains("--cpu=x"));
+        assert!(p(&["--cpu=x", "x"]).unwrap_err().msg.contains("--cpu=x"));
     }
 }

@@ -3,12 +3,15 @@
 use crate::admission::{self, AdmitError, StateDir};
 use crate::cli::RunArgs;
 use crate::loader::{self, manifest::DeviceInfo, DeviceKind, Image};
-use crate::modules::block::{Block, BlockDevice, BlockError};
+use crate::modules::block::{Block, BlockDevice, BlockError, FileBackend};
 use crate::modules::console::Console;
 use crate::modules::net::{self, Net, NetDevice, NetError};
 use crate::modules::Module;
 use crate::resources::Unikernel;
 use crate::vmm::{layout, BootParams, Vm, VmError};
+use std::fs::{File, Metadata};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
 
 /// Why a launch failed before or while running the guest.
 #[derive(Debug, thiserror::Error)]
@@ -37,15 +40,11 @@ pub enum LaunchError {
 pub fn unikernel_resources(args: &RunArgs) -> Result<Unikernel, LaunchError> {
     let mut block_bytes = 0u64;
     for (name, p) in &args.blocks {
-        use std::io::{Seek, SeekFrom};
-        let size = std::fs::File::open(p)
-            .and_then(|mut f| f.seek(SeekFrom::End(0)))
-            .map_err(|e| {
-                LaunchError::Devices(format!(
-                    "block device '{name}': cannot open {}: {e}",
-                    p.display()
-                ))
-            })?;
+        let size = backing_size(p).map_err(|err| BlockError::Open {
+            name: name.clone(),
+            path: p.display().to_string(),
+            err,
+        })?;
         block_bytes = block_bytes.saturating_add(size);
     }
     for (name, tap) in &args.nets {
@@ -73,6 +72,64 @@ pub fn unikernel_resources(args: &RunArgs) -> Result<Unikernel, LaunchError> {
             .map(|(_, tap)| admission::network_of_tap(tap))
             .collect(),
     })
+}
+
+/// Open `path` read-only, after checking its `stat` with `check` and again
+/// (in case the path was replaced) on the open file. Nothing `check`
+/// refuses is opened, and the open does not wait for a FIFO's writer.
+fn open_checked(
+    path: &Path,
+    check: impl Fn(&Metadata) -> std::io::Result<()>,
+) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    check(&std::fs::metadata(path)?)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    check(&file.metadata()?)?;
+    Ok(file)
+}
+
+/// Size in bytes of the regular file or block device at `path` (whatever
+/// else it is gives an error, not a size or a hang).
+fn backing_size(path: &Path) -> std::io::Result<u64> {
+    let mut file = open_checked(path, FileBackend::check_type)?;
+    file.seek(SeekFrom::End(0))
+}
+
+/// Read the image at `path`: a regular file of at most
+/// [`layout::MAX_MEM`] bytes (the largest guest memory, so nothing larger
+/// can be loaded), never a FIFO that blocks or a device that never ends.
+fn read_image(path: &Path) -> std::io::Result<Vec<u8>> {
+    let too_big = |len: u64| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{len} bytes is larger than the largest guest memory ({} MiB)",
+                layout::MAX_MEM >> 20
+            ),
+        )
+    };
+    let file = open_checked(path, |m| {
+        if !m.is_file() {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ))
+        } else if m.len() > layout::MAX_MEM {
+            Err(too_big(m.len()))
+        } else {
+            Ok(())
+        }
+    })?;
+    let mut buf = Vec::new();
+    // The file may grow while it is read.
+    file.take(layout::MAX_MEM + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > layout::MAX_MEM {
+        return Err(too_big(buf.len() as u64));
+    }
+    Ok(buf)
 }
 
 /// Check that the command line's devices and the manifest agree exactly.
@@ -125,7 +182,7 @@ pub fn match_devices(image: &Image, args: &RunArgs) -> Result<(), LaunchError> {
 /// Boot the image described by `args` and run it to the end.
 pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     let path = args.image.display().to_string();
-    let file = std::fs::read(&args.image).map_err(|err| LaunchError::ReadImage {
+    let file = read_image(&args.image).map_err(|err| LaunchError::ReadImage {
         path: path.clone(),
         err,
     })?;

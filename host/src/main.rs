@@ -98,7 +98,15 @@ fn demo() -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // Options, paths and guest arguments are all handled as UTF-8 (the guest
+    // command line is a string), so refuse any other argument by name.
+    let mut args = Vec::new();
+    for (n, a) in std::env::args_os().enumerate().skip(1) {
+        match a.into_string() {
+            Ok(a) => args.push(a),
+            Err(a) => return fail(format!("argument {n} ({a:?}) is not valid UTF-8")),
+        }
+    }
     match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
         Some("policy") => policy(&args[1..]),

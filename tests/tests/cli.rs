@@ -149,3 +149,148 @@ fn bad_options_are_named() {
     assert_error(&tt(&["run"]), "missing IMAGE");
     assert_error(&tt(&["frob"]), "unknown command 'frob'");
 }
+
+/// Make a FIFO at `p` (opening it would block until a writer comes).
+fn mkfifo(p: &std::path::Path) {
+    let st = std::process::Command::new("mkfifo")
+        .arg(p)
+        .status()
+        .expect("run mkfifo");
+    assert!(st.success(), "mkfifo {} failed", p.display());
+}
+
+#[test]
+fn non_utf8_argument_is_named() {
+    use std::os::unix::ffi::OsStrExt;
+    let r = tt_with(
+        std::process::Command::new(tt_host())
+            .args(["run", "--mem=8", "img.hvt", "--"])
+            .arg(std::ffi::OsStr::from_bytes(b"\xff")),
+    );
+    assert_error(&r, r#"argument 5 ("\xFF") is not valid UTF-8"#);
+}
+
+#[test]
+fn block_backing_must_be_a_file_or_block_device() {
+    let dir = Scratch::new("cli");
+    let img = blk_image(&dir);
+    let state = format!("--state-dir={}", dir.path("state").display());
+    let fifo = dir.path("fifo");
+    mkfifo(&fifo);
+    let sub = dir.path("sub");
+    std::fs::create_dir(&sub).unwrap();
+    for (p, what) in [
+        (fifo.as_path(), "a FIFO"),
+        (sub.as_path(), "a directory"),
+        (std::path::Path::new("/dev/null"), "a character device"),
+    ] {
+        let r = tt(&[
+            "run",
+            &state,
+            &format!("--block:storage={}", p.display()),
+            &img,
+        ]);
+        assert_error(
+            &r,
+            &format!(
+                "block device 'storage': cannot open {}: {what}, not a regular file or block device",
+                p.display()
+            ),
+        );
+    }
+}
+
+#[test]
+fn image_must_be_a_regular_file_no_larger_than_guest_memory() {
+    let dir = Scratch::new("cli");
+    let fifo = dir.path("fifo.hvt");
+    mkfifo(&fifo);
+    let fifo = fifo.display().to_string();
+    assert_error(
+        &tt(&["run", &fifo]),
+        &format!("cannot read image {fifo}: not a regular file"),
+    );
+    assert_error(
+        &tt(&["run", "/dev/zero"]),
+        "cannot read image /dev/zero: not a regular file",
+    );
+    // A sparse file one byte past the largest guest memory (4 GiB).
+    let big = dir.path("big.hvt");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len((4 << 30) + 1)
+        .unwrap();
+    let big = big.display().to_string();
+    assert_error(
+        &tt(&["run", &big]),
+        &format!(
+            "cannot read image {big}: 4294967297 bytes is larger than the largest guest memory (4096 MiB)"
+        ),
+    );
+}
+
+#[test]
+fn policy_state_dir_must_not_be_empty() {
+    let dir = Scratch::new("cli");
+    for args in [
+        &["policy", "show", "--state-dir="][..],
+        &["policy", "show", "--state-dir"][..],
+        &["policy", "set", ":", "--unikernels=3", "--state-dir="][..],
+        &["policy", "remove", ":", "--state-dir="][..],
+    ] {
+        let r = tt_with(
+            std::process::Command::new(tt_host())
+                .args(args)
+                .current_dir(&dir.0),
+        );
+        assert_error(&r, "--state-dir needs a directory");
+        let left: Vec<_> = std::fs::read_dir(&dir.0).unwrap().collect();
+        assert!(
+            left.is_empty(),
+            "{args:?} wrote to the current directory: {left:?}"
+        );
+    }
+}
+
+#[test]
+fn policy_bridges_must_not_be_empty_names() {
+    let dir = Scratch::new("cli");
+    let state = format!("--state-dir={}", dir.path("state").display());
+    for list in ["br0,,", ",br0", "br0, ,br1", ","] {
+        let r = tt(&["policy", "set", ":", "--bridges", list, &state]);
+        assert_error(
+            &r,
+            &format!("--bridges={list}: empty bridge name in the list"),
+        );
+    }
+    let show = tt(&["policy", "show", &state]);
+    assert_eq!(show.status, 0, "{show:?}");
+    assert!(
+        !show.stdout.contains("br0"),
+        "a bad list was stored: {show:?}"
+    );
+    let r = tt(&["policy", "set", ":", "--bridges", " br0 ,br1", &state]);
+    assert_eq!(r.status, 0, "{r:?}");
+}
+
+#[test]
+fn errors_point_to_the_commands_own_help() {
+    let dir = Scratch::new("cli");
+    let state = format!("--state-dir={}", dir.path("state").display());
+    for args in [
+        &["policy"][..],
+        &["policy", "set"][..],
+        &["policy", "set", ":", "--mem=lots"][..],
+        &["policy", "show", "--frob"][..],
+        &["policy", "frob", ":"][..],
+    ] {
+        let mut a = args.to_vec();
+        a.push(&state);
+        let r = tt(&a);
+        assert_error(&r, "(see 'tt-host policy --help')");
+        assert_eq!(r.stderr.matches("--help").count(), 1, "{args:?}: {r:?}");
+    }
+    let r = tt(&["run", "--mem=0", "x.hvt"]);
+    assert_error(&r, "(see 'tt-host run --help')");
+    assert_eq!(r.stderr.matches("--help").count(), 1, "{r:?}");
+}

@@ -63,18 +63,38 @@ pub struct FileBackend {
 }
 
 impl FileBackend {
+    /// Can a file with metadata `meta` back a block device: is it a regular
+    /// file or a block device? The error says what it is instead. Check a
+    /// path's `stat` with this before opening it: opening a FIFO blocks.
+    pub fn check_type(meta: &std::fs::Metadata) -> std::io::Result<()> {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_file() || t.is_block_device() {
+            return Ok(());
+        }
+        let what = if t.is_dir() {
+            "a directory, "
+        } else if t.is_fifo() {
+            "a FIFO, "
+        } else if t.is_char_device() {
+            "a character device, "
+        } else if t.is_socket() {
+            "a socket, "
+        } else {
+            ""
+        };
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{what}not a regular file or block device"),
+        ))
+    }
+
     pub fn open(path: &Path) -> std::io::Result<Self> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)?;
-        let meta = file.metadata()?;
-        if !meta.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not a regular file or block device",
-            ));
-        }
+        Self::check_type(&file.metadata()?)?;
         let capacity = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))?;
         Ok(FileBackend { file, capacity })
     }
