@@ -99,9 +99,16 @@ struct Locked<'a> {
 impl StateDir {
     /// The directory given, else `$TT_HOST_STATE_DIR`, else the default.
     pub fn resolve(given: Option<&FsPath>) -> StateDir {
+        Self::resolve_from(given, std::env::var_os(STATE_DIR_ENV))
+    }
+
+    /// [`resolve`](Self::resolve) with the environment variable's value.
+    /// An empty value counts as unset (as XDG's variables do), not as the
+    /// current directory.
+    fn resolve_from(given: Option<&FsPath>, env: Option<std::ffi::OsString>) -> StateDir {
         let dir = given
             .map(PathBuf::from)
-            .or_else(|| std::env::var_os(STATE_DIR_ENV).map(PathBuf::from))
+            .or_else(|| env.filter(|v| !v.is_empty()).map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         StateDir { dir }
     }
@@ -698,6 +705,17 @@ mod tests {
         assert!(!sd.show(&root).unwrap().contains("ghost"));
         drop(a);
         std::fs::remove_dir_all(sd.path()).unwrap();
+    }
+
+    #[test]
+    fn an_empty_state_dir_variable_means_the_default_not_the_current_dir() {
+        let given = FsPath::new("/given");
+        let resolve = |env: Option<&str>| StateDir::resolve_from(None, env.map(Into::into)).dir;
+        assert_eq!(resolve(Some("")), PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(resolve(None), PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(resolve(Some("/env")), PathBuf::from("/env"));
+        let d = StateDir::resolve_from(Some(given), Some("/env".into())).dir;
+        assert_eq!(d, given, "--state-dir wins over the variable");
     }
 
     /// Stored numbers are input too: block sizes that add up past u64
