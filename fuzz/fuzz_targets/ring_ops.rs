@@ -19,7 +19,8 @@
 //! - the consumer delivers exactly the committed items, in order, intact;
 //!   `Retry` (cursor at the producer position) when there are no more;
 //! - consumer advance accepts record boundaries between freed and cursor;
-//! - suspend/resume/state follow the two-flag handshake;
+//! - suspend/resume/state follow the two-flag handshake (the producer's
+//!   `state` acknowledges only with nothing staged);
 //! - re-attaching the producer drops staged items; re-attaching the
 //!   consumer moves its cursor back to the freed position.
 //!
@@ -493,7 +494,10 @@ impl Harness {
             Op::Suspend => (m.suspend(), conv(self.c.suspend(), |()| Out::Unit)),
             Op::Resume => (m.resume(), conv(self.c.resume(), |()| Out::Unit)),
             Op::ProducerState => {
-                m.p_flag = m.c_flag;
+                // Acknowledged only with nothing staged.
+                if m.staged.is_empty() {
+                    m.p_flag = m.c_flag;
+                }
                 (m.flag_state(), conv(self.p.state(), Out::State))
             }
             Op::ConsumerState => (m.flag_state(), conv(self.c.state(), Out::State)),

@@ -345,10 +345,21 @@ impl<D: BlockDevice> Producer<D> {
 
     /// Read the consumer's request and acknowledge it: returns
     /// [`State::Suspended`] once a suspend request is acknowledged,
-    /// [`State::Running`] otherwise. Errors: [`Error::Io`],
-    /// [`Error::Corrupt`], [`Error::Poisoned`].
+    /// [`State::Running`] otherwise. Only with nothing staged: records
+    /// staged before an acknowledgement would be committed after it, when
+    /// the consumer relies on the producer being still. With records
+    /// staged it reports the acknowledged state as it is; the next push
+    /// after [`advance`](Self::advance) acknowledges. Errors:
+    /// [`Error::Io`], [`Error::Corrupt`], [`Error::Poisoned`].
     pub fn state(&mut self) -> Result<State, Error> {
         self.guard()?;
+        if self.end() != self.ctl.position {
+            return Ok(if self.ctl.flag {
+                State::Suspended
+            } else {
+                State::Running
+            });
+        }
         self.poll_suspend()
     }
 

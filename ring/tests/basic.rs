@@ -91,6 +91,27 @@ fn suspend_handshake() {
     assert_eq!(c.state().unwrap(), State::Running);
 }
 
+/// A suspend requested while records are staged is acknowledged only
+/// after they are committed: a consumer that saw the acknowledgement
+/// never sees the ring grow afterwards.
+#[test]
+fn suspend_is_not_acknowledged_with_records_staged() {
+    let d = ring(64 << 10);
+    let mut p = Producer::attach(d.clone()).unwrap();
+    let mut c = Consumer::attach(d.clone()).unwrap();
+    p.push(b"staged").unwrap();
+    c.suspend().unwrap();
+    assert_eq!(p.state().unwrap(), State::Running, "records are staged");
+    assert_eq!(c.state().unwrap(), State::Running);
+    let end = p.advance().unwrap();
+    assert!(matches!(p.push(b"late"), Err(Error::Suspended)));
+    assert_eq!(c.state().unwrap(), State::Suspended);
+    // Everything committed was committed before the acknowledgement.
+    assert_eq!(c.pop().unwrap().data, b"staged");
+    assert!(matches!(c.pop(), Err(Error::Retry)));
+    assert_eq!(Producer::attach(d.clone()).unwrap().position(), end);
+}
+
 #[test]
 fn attach_rejects_what_is_not_a_ring() {
     let zero = MemDevice::new(64 << 10, 512);
