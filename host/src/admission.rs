@@ -154,7 +154,14 @@ impl StateDir {
                 return Err(self.io("cannot lock it")(err));
             }
         }
-        let stored = match std::fs::read(self.dir.join(STATE_FILE)) {
+        let state = self.dir.join(STATE_FILE);
+        // Reading a FIFO (or a device) would block or never end.
+        if let Ok(m) = std::fs::metadata(&state) {
+            if !m.is_file() {
+                return Err(self.bad(format!("{STATE_FILE} is not a regular file")));
+            }
+        }
+        let stored = match std::fs::read(&state) {
             Ok(bytes) => {
                 let s: Stored = serde_json::from_slice(&bytes)
                     .map_err(|e| self.bad(format!("{STATE_FILE} does not parse: {e}")))?;
@@ -747,6 +754,28 @@ mod tests {
         drop(st);
         let e = sd.show(&Path::root()).unwrap_err();
         assert!(matches!(e, AdmitError::BadState { .. }), "{e}");
+        std::fs::remove_dir_all(sd.path()).unwrap();
+    }
+
+    #[test]
+    fn a_state_file_that_is_not_a_regular_file_is_refused_not_read() {
+        let sd = scratch("fifo");
+        std::fs::create_dir_all(sd.path()).unwrap();
+        let fifo = std::ffi::CString::new(
+            sd.path()
+                .join(STATE_FILE)
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        // Reading it would block until a writer comes: never.
+        let e = sd.show(&Path::root()).unwrap_err();
+        assert!(
+            e.to_string().contains("state.json is not a regular file"),
+            "{e}"
+        );
         std::fs::remove_dir_all(sd.path()).unwrap();
     }
 
