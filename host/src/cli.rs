@@ -299,6 +299,17 @@ pub enum PolicyCmd {
     Help,
 }
 
+/// Could `name` be a Linux network interface (a bridge)? The kernel takes
+/// 1 to 15 bytes (IFNAMSIZ - 1) without '/', ':' or whitespace, and not
+/// "." or "..". "none" is taken by the option's own spelling.
+fn is_interface_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name != "none"
+        && !name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
+}
+
 /// A CPU list: `0-3,6`, or `none`.
 pub fn parse_cpu_list(s: &str) -> Result<std::collections::BTreeSet<u16>, String> {
     let mut out = std::collections::BTreeSet::new();
@@ -389,6 +400,17 @@ pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
                 let names: Vec<&str> = v.split(',').map(str::trim).collect();
                 if names.contains(&"") {
                     return Err(bad("--bridges", v, "empty bridge name in the list"));
+                }
+                if let Some(n) = names.iter().find(|n| !is_interface_name(n)) {
+                    let why = if *n == "none" {
+                        "'none' (no bridges) cannot be part of a list".to_string()
+                    } else {
+                        format!(
+                            "'{n}' is not a network interface name \
+                             (1 to 15 bytes, no '/', ':' or whitespace)"
+                        )
+                    };
+                    return Err(bad("--bridges", v, &why));
                 }
                 names.into_iter().map(String::from).collect()
             };
@@ -575,6 +597,18 @@ mod tests {
             (
                 &["set", ":", "--bridges=br0,,"][..],
                 "--bridges=br0,,: empty bridge name",
+            ),
+            (
+                &["set", ":", "--bridges=none,br0"][..],
+                "'none' (no bridges) cannot be part of a list",
+            ),
+            (
+                &["set", ":", "--bridges=br0,a-very-long-bridge"][..],
+                "'a-very-long-bridge' is not a network interface name",
+            ),
+            (
+                &["set", ":", "--bridges=br/0"][..],
+                "'br/0' is not a network interface name",
             ),
         ] {
             let e = pol(args).unwrap_err();
