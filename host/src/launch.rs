@@ -218,9 +218,10 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     let mut nets = Vec::new();
     for (name, tap) in &args.nets {
         let mac = match args.macs.iter().find(|(n, _)| n == name) {
-            Some((_, m)) => net::parse_mac(m).ok_or_else(|| NetError::BadMac {
+            Some((_, m)) => net::parse_mac(m).map_err(|why| NetError::BadMac {
                 name: name.clone(),
                 mac: m.clone(),
+                why,
             })?,
             None => net::random_mac(),
         };

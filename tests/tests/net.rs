@@ -11,8 +11,8 @@ use tt_tests::*;
 struct Netns(String);
 
 impl Netns {
-    fn new() -> Netns {
-        let name = format!("tt-test-{}", std::process::id());
+    fn new(tag: &str) -> Netns {
+        let name = format!("tt-test-{tag}-{}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).status();
         let ns = Netns(name);
         ns.ip(&["netns", "add", &ns.0], false);
@@ -35,6 +35,46 @@ impl Netns {
         cmd.args(["netns", "exec", &self.0, prog]);
         cmd
     }
+
+    /// A namespace holding TAP `tap0` (MTU `mtu`) at 10.0.0.1/24.
+    fn with_tap(tag: &str, mtu: u32) -> Netns {
+        let ns = Netns::new(tag);
+        ns.ip(&["tuntap", "add", "tap0", "mode", "tap"], true);
+        ns.ip(&["link", "set", "tap0", "mtu", &mtu.to_string()], true);
+        ns.ip(&["link", "set", "lo", "up"], true);
+        ns.ip(&["link", "set", "tap0", "up"], true);
+        ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "tap0"], true);
+        ns
+    }
+
+    /// Start the net guest on tap0 as 10.0.0.2; it exits 0 after
+    /// answering `limit` echo requests.
+    fn guest(&self, limit: u32) -> std::process::Child {
+        self.exec(tt_host().to_str().unwrap())
+            .args([
+                "run",
+                "--mem=32",
+                "--net:service0=tap0",
+                "--net-mac:service0=02:00:00:00:00:02",
+                guest("net").to_str().unwrap(),
+                "--",
+                "10.0.0.2",
+                &format!("limit={limit}"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Ping the guest with `args`; its output.
+    fn ping(&self, args: &[&str]) -> std::process::Output {
+        self.exec("ping")
+            .args(args)
+            .arg("10.0.0.2")
+            .output()
+            .expect("run ping (install iputils-ping)")
+    }
 }
 
 impl Drop for Netns {
@@ -43,57 +83,36 @@ impl Drop for Netns {
     }
 }
 
-#[test]
-fn net_guest_answers_ping_inside_a_namespace() {
-    if !kvm() {
-        return;
-    }
-    let image = guest("net");
-    let ns = Netns::new();
-    ns.ip(&["tuntap", "add", "tap0", "mode", "tap"], true);
-    ns.ip(&["link", "set", "lo", "up"], true);
-    ns.ip(&["link", "set", "tap0", "up"], true);
-    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "tap0"], true);
-
-    let guest = ns
-        .exec(tt_host().to_str().unwrap())
-        .args([
-            "run",
-            "--mem=32",
-            "--net:service0=tap0",
-            "--net-mac:service0=02:00:00:00:00:02",
-            image.to_str().unwrap(),
-            "--",
-            "10.0.0.2",
-            "limit=3",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-
-    // `-w`: keep sending until 3 echo requests are answered (the guest may
-    // still be booting when the first one goes out; tt-host admits it
-    // first, which takes a few synced writes), for at most 20 s.
-    let ping = ns
-        .exec("ping")
-        .args(["-c", "3", "-i", "0.2", "-W", "5", "-w", "20", "10.0.0.2"])
-        .output()
-        .expect("run ping (install iputils-ping)");
-    let ping_out = String::from_utf8_lossy(&ping.stdout).into_owned();
-
-    // The guest exits by itself after answering 3 echo requests; a guest
-    // that does not must not hang the suite.
+/// Wait for the guest to exit by itself; one that does not must not hang
+/// the suite (killed after 30 s).
+fn wait(guest: std::process::Child) -> Run {
     let pid = guest.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || tx.send(guest.wait_with_output()));
-    let r: Run = match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+    match rx.recv_timeout(std::time::Duration::from_secs(30)) {
         Ok(out) => out.unwrap().into(),
         Err(_) => {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
             rx.recv().unwrap().unwrap().into()
         }
-    };
+    }
+}
+
+// `-w`: keep sending until 3 echo requests are answered (the guest may
+// still be booting when the first one goes out; tt-host admits it first,
+// which takes a few synced writes), for at most 20 s.
+const PING3: &[&str] = &["-c", "3", "-i", "0.2", "-W", "5", "-w", "20"];
+
+#[test]
+fn net_guest_answers_ping_inside_a_namespace() {
+    if !kvm() {
+        return;
+    }
+    let ns = Netns::with_tap("ping", 1500);
+    let guest = ns.guest(3);
+    let ping = ns.ping(PING3);
+    let ping_out = String::from_utf8_lossy(&ping.stdout).into_owned();
+    let r = wait(guest);
     assert!(
         ping.status.success() && ping_out.contains("3 received"),
         "ping failed:\n{ping_out}\n{}\nguest: {r:?}",
@@ -102,6 +121,41 @@ fn net_guest_answers_ping_inside_a_namespace() {
     assert_eq!(
         r.status, 0,
         "guest should exit 0 after 3 echo replies: {r:?}"
+    );
+}
+
+/// A frame longer than the guest's MTU (here from a TAP whose MTU is
+/// 9000) is dropped and reported once, not handed to the guest cut to
+/// 1514 bytes as if whole; frames that fit still get through.
+#[test]
+fn frames_longer_than_the_guest_mtu_are_dropped_not_cut() {
+    if !kvm() {
+        return;
+    }
+    let ns = Netns::with_tap("jumbo", 9000);
+    let guest = ns.guest(3);
+    // Wait until the guest answers, then send it two 4,042-byte frames.
+    let ready = ns.ping(&["-c", "1", "-W", "5", "-w", "20"]);
+    assert!(ready.status.success(), "guest never answered: {ready:?}");
+    let big = ns.ping(&[
+        "-c", "2", "-i", "0.2", "-W", "1", "-s", "4000", "-M", "dont",
+    ]);
+    let big_out = String::from_utf8_lossy(&big.stdout).into_owned();
+    let after = ns.ping(&["-c", "2", "-i", "0.2", "-W", "5"]);
+    let r = wait(guest);
+    assert!(
+        big_out.contains(" 0 received"),
+        "a jumbo frame got an answer: {big_out}"
+    );
+    assert!(
+        after.status.success(),
+        "pings after the jumbo frames failed: {after:?} {r:?}"
+    );
+    assert_eq!(r.status, 0, "{r:?}");
+    assert_eq!(
+        r.stderr.matches("dropped a 4042-byte frame").count(),
+        1,
+        "reported once: {r:?}"
     );
 }
 

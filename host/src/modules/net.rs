@@ -25,22 +25,39 @@ pub enum NetError {
         tap: String,
         err: std::io::Error,
     },
-    #[error("net device '{name}': '{mac}' is not a MAC address (expected six hex bytes like 02:00:00:00:00:01)")]
-    BadMac { name: String, mac: String },
+    #[error("net device '{name}': '{mac}' is not a guest MAC address: {why}")]
+    BadMac {
+        name: String,
+        mac: String,
+        why: &'static str,
+    },
 }
 
-/// Parse `aa:bb:cc:dd:ee:ff` (or with '-').
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split([':', '-']);
-    for b in &mut mac {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
+/// Parse `aa:bb:cc:dd:ee:ff` (or `aa-bb-...`): six bytes of two hex
+/// digits each, one separator throughout. A guest's address must be a
+/// unicast one (bit 0 of the first byte clear) and not all zeros; the
+/// error says what is wrong.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], &'static str> {
+    let sep = if s.contains('-') { '-' } else { ':' };
+    let parts: Vec<&str> = s.split(sep).collect();
+    if parts.len() != 6
+        || parts
+            .iter()
+            .any(|p| p.len() != 2 || !p.bytes().all(|c| c.is_ascii_hexdigit()))
+    {
+        return Err("expected six hex bytes like 02:00:00:00:00:01");
     }
-    parts.next().is_none().then_some(mac)
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).expect("two hex digits");
+    }
+    if mac[0] & 1 != 0 {
+        return Err("a multicast address (the first byte is odd)");
+    }
+    if mac == [0; 6] {
+        return Err("all zeros");
+    }
+    Ok(mac)
 }
 
 /// A random locally administered unicast MAC.
@@ -63,9 +80,13 @@ pub fn random_mac() -> [u8; 6] {
 
 /// One attached TAP device.
 pub struct NetDevice {
+    /// The name the manifest gives it, for messages.
+    pub name: String,
     pub handle: u64,
     pub mac: [u8; 6],
     tap: File,
+    /// Frames dropped for being longer than the guest's MTU allows.
+    dropped: u64,
 }
 
 impl NetDevice {
@@ -107,9 +128,11 @@ impl NetDevice {
             return Err(attach(std::io::Error::last_os_error()));
         }
         Ok(NetDevice {
+            name: name.into(),
             handle,
             mac,
             tap: file,
+            dropped: 0,
         })
     }
 }
@@ -119,11 +142,27 @@ use std::os::unix::fs::OpenOptionsExt;
 /// The net module: all TAP devices, and POLL.
 pub struct Net {
     devices: Vec<NetDevice>,
+    /// Receive buffer, larger than any frame a TAP can deliver: a read
+    /// into a smaller one silently cuts a longer frame to the buffer's
+    /// size (the TAP reports no truncation), so a frame is measured here
+    /// and only then handed on or dropped.
+    rx: Box<[u8]>,
 }
+
+/// Longest frame a TAP delivers: its MTU is at most 65535, plus the
+/// Ethernet header and a VLAN tag.
+const TAP_FRAME_MAX: usize = 65535 + 14 + 4;
+
+/// Oversized frames one NET_READ skips before answering AGAIN, so a flood
+/// of them cannot keep the vCPU in the host.
+const MAX_DROPS_PER_READ: usize = 64;
 
 impl Net {
     pub fn new(devices: Vec<NetDevice>) -> Self {
-        Net { devices }
+        Net {
+            devices,
+            rx: vec![0u8; TAP_FRAME_MAX].into_boxed_slice(),
+        }
     }
 
     fn poll(&mut self, arg: u64, mem: &GuestMemoryMmap) -> Result<Action, GuestError> {
@@ -178,7 +217,7 @@ impl Net {
             return Ok(Action::Continue);
         };
         if write {
-            if len > NET_FRAME_MAX as u64 {
+            if !(ETH_HEADER..=NET_FRAME_MAX as u64).contains(&len) {
                 a.set_i32(mem, 24, ret::EINVAL);
                 return Ok(Action::Continue);
             }
@@ -196,10 +235,10 @@ impl Net {
                 return Ok(Action::Continue);
             }
             check_range(mem, "net buffer", data, len)?;
-            let mut buf = [0u8; NET_FRAME_MAX];
-            match dev.tap.read(&mut buf) {
+            let r = read_frame(dev, &mut self.rx);
+            match r {
                 Ok(n) => {
-                    let _ = mem.write_slice(&buf[..n], GuestAddress(data));
+                    let _ = mem.write_slice(&self.rx[..n], GuestAddress(data));
                     a.set_u64(mem, 16, n as u64);
                     a.set_i32(mem, 24, ret::OK);
                 }
@@ -211,6 +250,31 @@ impl Net {
         }
         Ok(Action::Continue)
     }
+}
+
+/// Ethernet header: the shortest frame a guest may send.
+const ETH_HEADER: u64 = 14;
+
+/// Read the next frame the guest can take (at most `NET_FRAME_MAX` bytes)
+/// into `buf`; longer ones are dropped, as a NIC drops frames over its
+/// MTU, and reported once per device. `WouldBlock` when none is waiting.
+fn read_frame(dev: &mut NetDevice, buf: &mut [u8]) -> std::io::Result<usize> {
+    for _ in 0..MAX_DROPS_PER_READ {
+        let n = dev.tap.read(buf)?;
+        if n <= NET_FRAME_MAX {
+            return Ok(n);
+        }
+        dev.dropped += 1;
+        if dev.dropped == 1 {
+            eprintln!(
+                "tt-host: net device '{}': dropped a {n}-byte frame, longer than \
+                 the guest's {NET_FRAME_MAX} (is the TAP's MTU above 1500?); \
+                 further drops are not reported",
+                dev.name
+            );
+        }
+    }
+    Err(std::io::ErrorKind::WouldBlock.into())
 }
 
 impl Module for Net {
@@ -244,16 +308,32 @@ mod tests {
     #[test]
     fn mac_parsing() {
         assert_eq!(
-            parse_mac("02:00:0a:ff:10:01"),
-            Some([2, 0, 0xa, 0xff, 0x10, 1])
+            parse_mac("02:00:0a:FF:10:01"),
+            Ok([2, 0, 0xa, 0xff, 0x10, 1])
         );
         assert_eq!(
             parse_mac("02-00-0a-ff-10-01"),
-            Some([2, 0, 0xa, 0xff, 0x10, 1])
+            Ok([2, 0, 0xa, 0xff, 0x10, 1])
         );
-        assert_eq!(parse_mac("02:00:0a:ff:10"), None);
-        assert_eq!(parse_mac("02:00:0a:ff:10:01:02"), None);
-        assert_eq!(parse_mac("zz:00:0a:ff:10:01"), None);
+        let shape = Err("expected six hex bytes like 02:00:00:00:00:01");
+        for bad in [
+            "02:00:0a:ff:10",
+            "02:00:0a:ff:10:01:02",
+            "zz:00:0a:ff:10:01",
+            "+2:+0:00:00:00:01", // from_str_radix alone takes a sign
+            "02:00-0a:ff:10:01", // mixed separators
+            "2:0:a:ff:10:1",
+            "",
+        ] {
+            assert_eq!(parse_mac(bad), shape, "{bad:?}");
+        }
+        assert!(parse_mac("ff:ff:ff:ff:ff:ff")
+            .unwrap_err()
+            .contains("multicast"));
+        assert!(parse_mac("01:00:5e:00:00:01")
+            .unwrap_err()
+            .contains("multicast"));
+        assert_eq!(parse_mac("00:00:00:00:00:00"), Err("all zeros"));
     }
 
     #[test]
