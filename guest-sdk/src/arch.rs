@@ -122,6 +122,12 @@ _start:
     shr rcx, 21
     sub rcx, 2
     jb 21f
+    /* Only where heap::layout() puts the guard (g >= _tt_npt, g < 2048):
+     * below _tt_npt the page may hold the image's end and the heap. */
+    cmp rcx, offset _tt_npt
+    jb 21f
+    cmp rcx, 2048
+    jae 21f
     and rbx, rdx
     mov rsi, rcx
     shr rsi, 9
@@ -406,7 +412,10 @@ tt_tss:
     .balign 8
     .short 0, 0, 0
 tt_gdtr:
-    .short 0x2F
+    /* Limit: through the 16-byte TSS descriptor at 0x28 (a 64-bit TSS
+     * descriptor takes two GDT slots; LTR faults if its second half is
+     * past the limit: Intel SDM vol. 3, 7.2.3). */
+    .short 0x37
     .quad tt_gdt
     .short 0, 0, 0
 tt_idtr:

@@ -40,8 +40,10 @@ pub fn tsc_hz() -> u64 {
 }
 
 /// Convert `cycles` at `hz` to nanoseconds.
+/// Saturates at `u64::MAX` (a tender reporting an absurdly low frequency
+/// must not make the clock wrap and go backwards).
 pub fn cycles_to_ns(cycles: u64, hz: u64) -> u64 {
-    (cycles as u128 * 1_000_000_000 / hz as u128) as u64
+    u64::try_from(cycles as u128 * 1_000_000_000 / hz.max(1) as u128).unwrap_or(u64::MAX)
 }
 
 /// Nanoseconds since boot. Never decreases.
@@ -53,7 +55,10 @@ pub fn monotonic_ns() -> u64 {
 /// Nanoseconds since the Unix epoch (host wall clock at boot + monotonic
 /// time since boot).
 pub fn wallclock_ns() -> u64 {
-    WALL_BASE.load(Ordering::Relaxed) + monotonic_ns()
+    // Saturating: the base is whatever the host said.
+    WALL_BASE
+        .load(Ordering::Relaxed)
+        .saturating_add(monotonic_ns())
 }
 
 /// A point on the monotonic clock.
@@ -121,5 +126,12 @@ mod tests {
             cycles_to_ns(c, 5_000_000_000),
             3600 * 24 * 365 * 100 * 1_000_000_000
         );
+    }
+
+    #[test]
+    fn a_bogus_frequency_saturates_instead_of_wrapping() {
+        assert_eq!(cycles_to_ns(u64::MAX, 1), u64::MAX);
+        assert_eq!(cycles_to_ns(1 << 40, 1), u64::MAX);
+        assert_eq!(cycles_to_ns(5, 0), 5_000_000_000, "0 Hz is taken as 1");
     }
 }
