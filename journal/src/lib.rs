@@ -20,8 +20,8 @@
 //! - The applier reads durable operations in push order, calls `perform`
 //!   with batches of them, and frees their ring space only after `perform`
 //!   returned `Ok`. A `perform` that fails or panics is retried after
-//!   `retry_interval`. Performed space is freed in batches (each free is a
-//!   sync): when a quarter of the ring is performed, every 50 ms, when a
+//!   `retry_interval`. Performed space is freed in batches (each free is
+//!   two syncs): when a quarter of the ring is performed, every 50 ms, when a
 //!   pusher waits for space, and at shutdown. So every acknowledged
 //!   operation is performed at least once, in order, even across crashes;
 //!   after a crash, what was performed since the last free is performed
@@ -615,11 +615,12 @@ fn publish<D: BlockDevice>(sh: &Shared<D>, st: &mut State, ops: &[(u64, Vec<u8>)
     sh.applier.notify_one();
 }
 
-/// Write `batch` to the ring and advance; returns how many of its ops (a
-/// prefix) are committed. A prefix committed while waiting for space is
-/// published at once (`published` says how much). When the ring is full, commits what is staged
-/// and waits for the applier to free space, up to `full_timeout`; the ops
-/// still unwritten then are left out.
+/// Write `batch` to the ring and advance; returns how long the last
+/// advance took and how many of the batch's ops (a prefix) are committed.
+/// When the ring is full, commits what is staged, publishes it at once
+/// (`published` says how much of the batch is), and waits for the applier
+/// to free space, up to `full_timeout`; the ops still unwritten then are
+/// left out.
 fn commit<D: BlockDevice>(
     sh: &Shared<D>,
     batch: &[(u64, Vec<u8>)],
@@ -636,15 +637,16 @@ fn commit<D: BlockDevice>(
                 // Commit what fits (a no-op if nothing new is staged).
                 let t = Instant::now();
                 p.advance()?;
+                let took = t.elapsed();
                 if Instant::now() > deadline {
-                    return Ok((start.elapsed(), staged));
+                    return Ok((took, staged));
                 }
                 let mut st = lock(&sh.state);
                 // Publish that prefix: the applier performs and frees only
                 // what is durable, so the space it waits for is there.
                 if staged > *published {
                     st.metrics.syncs += 1;
-                    st.metrics.last_sync_latency = t.elapsed();
+                    st.metrics.last_sync_latency = took;
                     publish(sh, &mut st, &batch[*published..staged]);
                     *published = staged;
                 }
@@ -660,8 +662,9 @@ fn commit<D: BlockDevice>(
             Err(e) => return Err(e),
         }
     }
+    let t = Instant::now();
     p.advance()?;
-    Ok((start.elapsed(), staged))
+    Ok((t.elapsed(), staged))
 }
 
 /// A batch read from the ring.
@@ -801,7 +804,7 @@ where
                 || self.last_free.elapsed() >= FREE_INTERVAL)
     }
 
-    /// Free the ring up to what has been performed (one sync).
+    /// Free the ring up to what has been performed (two syncs).
     fn free(&mut self) -> Result<(), Error> {
         if self.unfreed() > 0 {
             self.consumer.advance(self.performed_to)?;

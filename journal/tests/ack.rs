@@ -15,8 +15,8 @@ use tt_ring::{MemDevice, Producer};
 
 extern "C" fn oversleep(_: libc::c_int) {
     let ts = libc::timespec {
-        tv_sec: 1,
-        tv_nsec: 500_000_000,
+        tv_sec: 3,
+        tv_nsec: 0,
     };
     // SAFETY: nanosleep is async-signal-safe; `ts` is a valid timespec and
     // a null remainder pointer is allowed.
@@ -38,7 +38,8 @@ fn an_op_that_failed_with_full_is_not_acknowledged_by_a_later_commit() {
             d,
             Config {
                 full_timeout: Duration::from_millis(300),
-                retry_interval: Duration::from_millis(1),
+                // Not 1 ms: every failed perform prints a line.
+                retry_interval: Duration::from_millis(50),
                 ..Config::default()
             },
             move |ops: &[(u8, Vec<u8>)]| -> Result<(), String> {
@@ -59,9 +60,10 @@ fn an_op_that_failed_with_full_is_not_acknowledged_by_a_later_commit() {
             Err(e) => panic!("{e}"),
         }
     }
-    // X commits on its own thread and waits for space (fails at ~300 ms);
-    // A queues behind it, so the committer takes A's op next and fails it
-    // at ~600 ms. A's thread oversleeps from ~100 ms to ~1.6 s.
+    // X commits on its own thread and waits for space (fails after
+    // 300 ms); A queues behind it, so the committer takes A's op when X's
+    // commit ends and fails it 300 ms later. A's thread oversleeps 3 s
+    // from when it waits.
     let jx = j.clone();
     let x = std::thread::spawn(move || jx.push(&(1u8, vec![1u8; 1000])).is_ok());
     std::thread::sleep(Duration::from_millis(50));
@@ -95,12 +97,13 @@ fn an_op_that_failed_with_full_is_not_acknowledged_by_a_later_commit() {
     // SAFETY: the id is of thread `a`, which is still running (it sleeps
     // in push until the handler has run).
     unsafe { libc::pthread_kill(tid.load(Ordering::SeqCst) as libc::pthread_t, libc::SIGUSR1) };
-    std::thread::sleep(Duration::from_millis(650));
-    // A's op has failed by now. Unblock perform; a later op commits and
-    // moves `durable` past A's seq while A still sleeps.
+    // X's commit ends (and the committer takes A's op) when X returns;
+    // A's op has failed `full_timeout` after that. Then unblock perform: a
+    // later op commits and moves `durable` past A's seq while A sleeps.
+    let x_ok = x.join().unwrap();
+    std::thread::sleep(Duration::from_millis(300 + 500));
     gate.store(true, Ordering::SeqCst);
     j.push(&(3u8, vec![3u8; 10])).unwrap().sync().unwrap();
-    let x_ok = x.join().unwrap();
     let a_result = a.join().unwrap();
     j.shutdown(true);
     let performed = log.lock().unwrap().clone();

@@ -404,6 +404,11 @@ fn a_batch_bigger_than_the_free_ring_is_committed_in_pieces() {
         }
     }
     j.shutdown(true);
+    let syncs = j.metrics().syncs;
+    assert!(
+        syncs <= 8,
+        "{syncs} commits: the 20 ops did not queue as one batch, so the ring never filled"
+    );
     let mut performed = log.lock().unwrap().clone();
     performed.sort();
     assert_eq!(performed, (0..=19).chain([100]).collect::<Vec<_>>());

@@ -222,7 +222,9 @@ impl<D: BlockDevice> Consumer<D> {
     /// the freed position and the cursor.
     ///
     /// Outcomes: `Ok(())`; [`Error::Invalid`] for a position outside that
-    /// range; [`Error::Io`] (nothing is known to be freed; retrying is safe).
+    /// range; [`Error::Io`] (nothing is known to be freed; retrying is safe);
+    /// [`Error::Corrupt`] if the control block's sequence number is the
+    /// largest possible (a crafted device).
     pub fn advance(&mut self, position: u64) -> Result<(), Error> {
         if position < self.ctl.position
             || position > self.cursor
@@ -258,12 +260,13 @@ impl<D: BlockDevice> Consumer<D> {
     }
 
     /// Ask the producer to suspend. The request is durable on return; the
-    /// producer acknowledges it at its next push after an advance (or its
-    /// next [`Producer::state`](crate::Producer::state)), after which
-    /// [`state`](Self::state) says [`State::Suspended`].
+    /// producer acknowledges it at its next push after an advance (or at a
+    /// [`Producer::state`](crate::Producer::state) with nothing staged),
+    /// after which [`state`](Self::state) says [`State::Suspended`].
     ///
     /// Outcomes: `Ok(())` (also if already requested); [`Error::Retry`]
-    /// while an earlier resume is not yet acknowledged; [`Error::Io`].
+    /// while an earlier resume is not yet acknowledged; [`Error::Io`];
+    /// [`Error::Corrupt`] as for [`advance`](Self::advance).
     pub fn suspend(&mut self) -> Result<(), Error> {
         if self.ctl.flag {
             return Ok(());
@@ -277,7 +280,8 @@ impl<D: BlockDevice> Consumer<D> {
 
     /// Withdraw a suspend request. Outcomes: `Ok(())` (also if not
     /// suspended); [`Error::Retry`] while the suspend request is not yet
-    /// acknowledged; [`Error::Io`].
+    /// acknowledged; [`Error::Io`]; [`Error::Corrupt`] as for
+    /// [`advance`](Self::advance).
     pub fn resume(&mut self) -> Result<(), Error> {
         if !self.ctl.flag {
             return Ok(());

@@ -265,7 +265,8 @@ impl<D: BlockDevice> Producer<D> {
     /// Outcomes: `Ok(position)`; [`Error::Io`] (the records may or may not
     /// have become visible; this handle is poisoned: attach again and read
     /// [`position`](Self::position) to learn what is durable);
-    /// [`Error::Poisoned`].
+    /// [`Error::Poisoned`]; [`Error::Corrupt`] if the last control block's
+    /// sequence number is the largest possible (a crafted device).
     pub fn advance(&mut self) -> Result<u64, Error> {
         self.guard()?;
         if self.end() == self.ctl.position {

@@ -254,15 +254,20 @@ impl Module for Block {
         let failed: Vec<String> = self
             .devices
             .iter_mut()
-            .filter_map(|d| d.backend.sync().err().map(|e| format!("'{}': {e}", d.name)))
+            .filter_map(|d| {
+                d.backend.sync().err().map(|e| {
+                    format!(
+                        "block device '{}' could not be flushed ({e}): what the guest \
+                         wrote may not be on disk",
+                        d.name
+                    )
+                })
+            })
             .collect();
         if failed.is_empty() {
             Ok(())
         } else {
-            Err(format!(
-                "flushing block device {} failed: what the guest wrote may not be on disk",
-                failed.join(", ")
-            ))
+            Err(failed.join("; "))
         }
     }
 }
