@@ -415,32 +415,23 @@ fn a_batch_bigger_than_the_free_ring_is_committed_in_pieces() {
     assert_eq!(j.metrics().pending_ops, 0, "performed ops still counted");
 }
 
-/// A ring device whose syncs block while `held` is set.
-struct HeldSync {
-    dev: MemDevice,
+/// A gate a test closes to hold every sync until it opens again.
+#[derive(Default)]
+struct Gate {
     held: Mutex<bool>,
-    released: std::sync::Condvar,
+    opened: std::sync::Condvar,
 }
 
-impl tt_ring::BlockDevice for HeldSync {
-    fn sector_size(&self) -> u32 {
-        self.dev.sector_size()
+impl Gate {
+    fn set(&self, held: bool) {
+        *self.held.lock().unwrap() = held;
+        self.opened.notify_all();
     }
-    fn size(&self) -> u64 {
-        self.dev.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.dev.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.dev.write_at(buf, offset)
-    }
-    fn sync(&self) -> std::io::Result<()> {
+    fn pass(&self) {
         let mut held = self.held.lock().unwrap();
         while *held {
-            held = self.released.wait(held).unwrap();
+            held = self.opened.wait(held).unwrap();
         }
-        self.dev.sync()
     }
 }
 
@@ -450,10 +441,11 @@ impl tt_ring::BlockDevice for HeldSync {
 /// but the protected state would have it.
 #[test]
 fn ops_are_performed_only_once_durable() {
-    let d = Arc::new(HeldSync {
+    let gate = Arc::new(Gate::default());
+    let g = gate.clone();
+    let d = Arc::new(common::HookedSync {
         dev: MemDevice::new(64 << 10, 512),
-        held: Mutex::new(false),
-        released: Default::default(),
+        before_sync: move || g.pass(),
     });
     Producer::create(&d).unwrap();
     let log = Log::default();
@@ -470,7 +462,7 @@ fn ops_are_performed_only_once_durable() {
         .unwrap(),
     );
     let one = j.push(&1).unwrap();
-    *d.held.lock().unwrap() = true;
+    gate.set(true);
     let j2 = j.clone();
     let two = std::thread::spawn(move || j2.push(&2).map(|w| w.seq()));
     // Op 2 is written and waits in its sync; then ask for op 1.
@@ -478,8 +470,7 @@ fn ops_are_performed_only_once_durable() {
     one.sync().unwrap();
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(*log.lock().unwrap(), [1], "op 2 performed before its sync");
-    *d.held.lock().unwrap() = false;
-    d.released.notify_all();
+    gate.set(false);
     two.join().unwrap().unwrap();
     j.shutdown(true);
     assert_eq!(*log.lock().unwrap(), [1, 2]);

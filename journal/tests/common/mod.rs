@@ -15,14 +15,14 @@ pub fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// A memory device whose `sync` takes `delay`, like a disk: while a
-/// commit syncs, other pushers' ops queue up, so commits carry several.
-pub struct SlowSync {
-    dev: MemDevice,
-    delay: Duration,
+/// A memory device that runs `before_sync` at the start of every sync:
+/// a delay like a disk's (see [`slow_ring`]), or a gate a test holds.
+pub struct HookedSync<F> {
+    pub dev: MemDevice,
+    pub before_sync: F,
 }
 
-impl BlockDevice for SlowSync {
+impl<F: Fn() + Send + Sync> BlockDevice for HookedSync<F> {
     fn sector_size(&self) -> u32 {
         self.dev.sector_size()
     }
@@ -36,17 +36,21 @@ impl BlockDevice for SlowSync {
         self.dev.write_at(buf, offset)
     }
     fn sync(&self) -> std::io::Result<()> {
-        std::thread::sleep(self.delay);
+        (self.before_sync)();
         self.dev.sync()
     }
 }
 
+/// A memory device whose `sync` takes `delay`, like a disk: while a
+/// commit syncs, other pushers' ops queue up, so commits carry several.
+pub type SlowSync = HookedSync<Box<dyn Fn() + Send + Sync>>;
+
 /// A freshly formatted ring of `size` bytes (512-byte sectors) in memory,
 /// whose syncs take `delay`.
 pub fn slow_ring(size: u64, delay: Duration) -> Arc<SlowSync> {
-    let d = Arc::new(SlowSync {
+    let d = Arc::new(HookedSync {
         dev: MemDevice::new(size, 512),
-        delay,
+        before_sync: Box::new(move || std::thread::sleep(delay)) as Box<dyn Fn() + Send + Sync>,
     });
     Producer::create(&d).unwrap();
     d
