@@ -569,7 +569,8 @@ fn commit_queue<'a, D: BlockDevice>(
     st.wake_at = usize::MAX;
     drop(st);
     let mut published = 0;
-    let result = commit(sh, &batch, &mut published);
+    let done = &sh.batch_done[(number % 2) as usize];
+    let result = commit(sh, &batch, done, &mut published);
     let mut st = lock(&sh.state);
     st.committing = false;
     let in_flight = batch.len() + st.queue.len();
@@ -590,7 +591,7 @@ fn commit_queue<'a, D: BlockDevice>(
             // Wake the batch's pushers with the lock released: they
             // return without it, and many push again at once.
             drop(st);
-            sh.batch_done[(number % 2) as usize].notify();
+            done.notify();
             st = lock(&sh.state);
         }
         Err(e) => {
@@ -618,12 +619,14 @@ fn publish<D: BlockDevice>(sh: &Shared<D>, st: &mut State, ops: &[(u64, Vec<u8>)
 /// Write `batch` to the ring and advance; returns how long the last
 /// advance took and how many of the batch's ops (a prefix) are committed.
 /// When the ring is full, commits what is staged, publishes it at once
-/// (`published` says how much of the batch is), and waits for the applier
-/// to free space, up to `full_timeout`; the ops still unwritten then are
-/// left out.
+/// (`published` says how much of the batch is) and wakes the batch's
+/// pushers (`done`; those of the published ops return), and waits for the
+/// applier to free space, up to `full_timeout`; the ops still unwritten
+/// then are left out.
 fn commit<D: BlockDevice>(
     sh: &Shared<D>,
     batch: &[(u64, Vec<u8>)],
+    done: &Event,
     published: &mut usize,
 ) -> Result<(Duration, usize), tt_ring::Error> {
     let start = Instant::now();
@@ -649,6 +652,9 @@ fn commit<D: BlockDevice>(
                     st.metrics.last_sync_latency = took;
                     publish(sh, &mut st, &batch[*published..staged]);
                     *published = staged;
+                    // Their pushers need not wait for the rest; the others
+                    // wake, see their ops are not durable, and sleep again.
+                    done.notify();
                 }
                 // Wake the applier and wait for it to free space.
                 st.flush_requested = true;

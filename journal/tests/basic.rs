@@ -415,6 +415,71 @@ fn a_batch_bigger_than_the_free_ring_is_committed_in_pieces() {
     assert_eq!(j.metrics().pending_ops, 0, "performed ops still counted");
 }
 
+/// The pushers of the part of a batch committed while the ring is full
+/// return as soon as it is committed, not when the whole batch is (which
+/// waits for the applier, here blocked, to free space).
+#[test]
+fn pushers_of_a_committed_part_of_a_batch_return_before_the_rest() {
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let o = open.clone();
+    let j = Arc::new(
+        Journal::start(
+            common::slow_ring(32 * 512, Duration::from_millis(100)),
+            Config {
+                full_timeout: Duration::from_secs(20),
+                retry_interval: Duration::from_millis(20),
+                ..Config::default()
+            },
+            move |_: &[(u64, Vec<u8>)]| -> Result<(), String> {
+                if o.load(std::sync::atomic::Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err("blocked".into())
+                }
+            },
+        )
+        .unwrap(),
+    );
+    // As in the test above: a lone commit, and 20 ops of 1000 bytes that
+    // queue behind it as one batch larger than the ring.
+    let j1 = j.clone();
+    let first = std::thread::spawn(move || j1.push(&(100, vec![0u8; 10])).map(|_| ()));
+    std::thread::sleep(Duration::from_millis(30));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pushers: Vec<_> = (0..20u64)
+        .map(|i| {
+            let (j, tx) = (j.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let r = j.push(&(i, vec![i as u8; 1000])).map(|w| w.seq());
+                tx.send(r.is_ok()).unwrap();
+            })
+        })
+        .collect();
+    first.join().unwrap().unwrap();
+    // While perform is blocked nothing can be freed, so only the part
+    // that fitted is durable; its pushers must be back already.
+    let mut early = 0;
+    while let Ok(ok) = rx.recv_timeout(Duration::from_secs(2)) {
+        assert!(ok);
+        early += 1;
+    }
+    assert!(
+        (5..20).contains(&early),
+        "{early} of 20 pushers returned while the ring was full"
+    );
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+    for p in pushers {
+        p.join().unwrap();
+    }
+    let late = rx.try_iter().filter(|ok| *ok).count();
+    assert_eq!(
+        early + late,
+        20,
+        "every push succeeded once space was freed"
+    );
+    j.shutdown(true);
+}
+
 /// A gate a test closes to hold every sync until it opens again.
 #[derive(Default)]
 struct Gate {
