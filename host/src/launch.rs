@@ -132,6 +132,23 @@ fn read_image(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// The block devices were sized for admission before they were opened:
+/// refuse to run if they have grown since (the guest would get more disk
+/// than was admitted).
+fn check_block_growth(admitted_mb: u64, blocks: &[BlockDevice]) -> Result<(), LaunchError> {
+    let bytes = blocks
+        .iter()
+        .fold(0u64, |sum, b| sum.saturating_add(b.backend.capacity()));
+    let now_mb = bytes.div_ceil(1 << 20);
+    if now_mb > admitted_mb {
+        return Err(LaunchError::Devices(format!(
+            "the block devices grew while tt-host started: {admitted_mb} MB admitted, \
+             {now_mb} MB now"
+        )));
+    }
+    Ok(())
+}
+
 /// Check that the command line's devices and the manifest agree exactly.
 pub fn match_devices(image: &Image, args: &RunArgs) -> Result<(), LaunchError> {
     let given = |kind: DeviceKind, name: &str| match kind {
@@ -194,6 +211,7 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     // Admission, before any device is attached or the VM is created; the
     // reservation is released when `_admitted` drops, as run returns.
     let uk = unikernel_resources(args)?;
+    let admitted_block_mb = uk.block_mb;
     if let Some(cpu) = args.cpu {
         admission::pin_to_cpu(cpu)?;
     }
@@ -215,6 +233,7 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
         let handle = image.manifest.handle_of(name).expect("matched above");
         blocks.push(BlockDevice::open_file(name, handle, p, size)?);
     }
+    check_block_growth(admitted_block_mb, &blocks)?;
     let mut nets = Vec::new();
     for (name, tap) in &args.nets {
         let mac = match args.macs.iter().find(|(n, _)| n == name) {
@@ -262,4 +281,44 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     ];
     let mut vm = Vm::new(&params, modules)?;
     Ok(vm.run()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::modules::block::BlockBackend;
+
+    struct Sized(u64);
+
+    impl BlockBackend for Sized {
+        fn capacity(&self) -> u64 {
+            self.0
+        }
+        fn read_at(&mut self, _: &mut [u8], _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_at(&mut self, _: &[u8], _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn sync(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn block_devices_that_grew_after_admission_are_refused() {
+        let dev = |name: &str, bytes| BlockDevice {
+            name: name.into(),
+            handle: 1,
+            block_size: 512,
+            backend: Box::new(Sized(bytes)),
+        };
+        // 1.5 MiB + 1 MiB: admitted as their sum rounded up, 3 MB, as
+        // unikernel_resources computes it.
+        let blocks = [dev("a", 3 << 19), dev("b", 1 << 20)];
+        assert!(check_block_growth(3, &blocks).is_ok());
+        let e = check_block_growth(2, &blocks).unwrap_err();
+        assert!(e.to_string().contains("2 MB admitted, 3 MB now"), "{e}");
+        assert!(check_block_growth(0, &[]).is_ok());
+    }
 }
