@@ -510,7 +510,7 @@ pub fn host_policy(state_dir: &FsPath, block_in_use: u64) -> Policy {
     Policy {
         unikernels: u32::MAX,
         memory_mb: physical_memory_mb(),
-        cpus: host_cpus(),
+        cpus: online_cpus(),
         block_mb: Some(free_disk_mb(state_dir).saturating_add(block_in_use)),
         bridges: host_bridges(),
     }
@@ -528,6 +528,18 @@ fn physical_memory_mb() -> u64 {
         return 0;
     }
     (pages as u64).saturating_mul(size as u64) >> 20
+}
+
+/// The host's online CPUs (`/sys/devices/system/cpu/online`), whatever
+/// this process's own affinity is (`taskset`, or `run --cpu` pinning
+/// itself before its admission); the CPUs this process may use if that
+/// file cannot be read.
+pub fn online_cpus() -> BTreeSet<u16> {
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|s| crate::cli::parse_cpu_list(s.trim()).ok())
+        .filter(|set| !set.is_empty())
+        .unwrap_or_else(host_cpus)
 }
 
 /// The CPUs this process may run on.
@@ -723,6 +735,28 @@ mod tests {
         assert_eq!(resolve(Some("/env")), PathBuf::from("/env"));
         let d = StateDir::resolve_from(Some(given), Some("/env".into())).dir;
         assert_eq!(d, given, "--state-dir wins over the variable");
+    }
+
+    /// The root's CPUs are the host's, not this process's affinity: a
+    /// `policy set` under `taskset -c 0` must not shrink the root to CPU 0.
+    #[test]
+    fn the_host_default_has_the_online_cpus_whatever_the_affinity() {
+        let online = online_cpus();
+        // SAFETY: cpu_set_t is plain data; the calls read/write one set
+        // for this thread (pid 0).
+        unsafe {
+            let mut saved: libc::cpu_set_t = std::mem::zeroed();
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            assert_eq!(libc::sched_getaffinity(0, size, &mut saved), 0);
+            let mut only0: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(*online.first().unwrap() as usize, &mut only0);
+            assert_eq!(libc::sched_setaffinity(0, size, &only0), 0);
+            let cpus = host_policy(FsPath::new("/"), 0).cpus;
+            assert_eq!(libc::sched_setaffinity(0, size, &saved), 0);
+            assert_eq!(cpus, online);
+        }
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert!(online.len() >= n, "{online:?} vs {n} CPUs");
     }
 
     /// Stored numbers are input too: block sizes that add up past u64
