@@ -258,8 +258,9 @@ impl StateDir {
                 ));
             }
             st.stored.root = None;
-            // The widened host default always holds what is stored.
-            st.tree()?;
+            // What is stored must fit in the host as it is, not in a host
+            // default widened to hold it.
+            st.build_tree(true)?;
         } else {
             let mut tree = st.tree()?;
             tree.remove_policy(path)
@@ -296,6 +297,13 @@ impl Locked<'_> {
 
     /// The tree the stored state describes.
     fn tree(&self) -> Result<Resources, AdmitError> {
+        self.build_tree(false)
+    }
+
+    /// The tree, with `strict`: the root is the host's resources as they
+    /// are now, not widened to what is stored, and what does not fit in
+    /// it is an `Invalid` error naming it (for removing the root policy).
+    fn build_tree(&self, strict: bool) -> Result<Resources, AdmitError> {
         let sd = self.sd;
         let mut policies = Vec::new();
         for (p, pol) in &self.stored.policies {
@@ -322,6 +330,14 @@ impl Locked<'_> {
                         sd.bad("the stored unikernels' block use adds up past 2^64 MB")
                     })?;
                 let mut host = host_policy(&sd.dir, used);
+                if strict {
+                    return Self::fill(host, policies, running, |what, e| {
+                        AdmitError::Invalid(format!(
+                            "cannot go back to the host's resources: {what} does not fit in \
+                             them: {e}"
+                        ))
+                    });
+                }
                 // Widen the host default to what is stored, in case the host
                 // changed since (less free disk, a CPU offline).
                 for (_, p) in &policies {
@@ -340,16 +356,29 @@ impl Locked<'_> {
                 host
             }
         };
+        Self::fill(root, policies, running, |what, e| {
+            sd.bad(format!("{what} is inconsistent: {e}"))
+        })
+    }
+
+    /// A tree with `root`, then the policies and the running unikernels;
+    /// `err` makes the error for one that does not fit.
+    fn fill(
+        root: Policy,
+        mut policies: Vec<(Path, &Policy)>,
+        running: Vec<(Name, &Unikernel)>,
+        err: impl Fn(String, String) -> AdmitError,
+    ) -> Result<Resources, AdmitError> {
         let mut tree = Resources::new(root);
         // Parents before children, so each fits when it is set.
         policies.sort_by_key(|(p, _)| p.depth());
         for (path, pol) in policies {
             tree.set_policy(&path, pol.clone())
-                .map_err(|e| sd.bad(format!("stored policy at {path} is inconsistent: {e}")))?;
+                .map_err(|e| err(format!("the stored policy at {path}"), e.to_string()))?;
         }
         for (name, uk) in running {
             tree.insert_unikernel(&name, uk.clone())
-                .map_err(|e| sd.bad(format!("stored unikernel {name} is inconsistent: {e}")))?;
+                .map_err(|e| err(format!("the running unikernel {name}"), e.to_string()))?;
         }
         Ok(tree)
     }
@@ -735,6 +764,47 @@ mod tests {
         assert_eq!(resolve(Some("/env")), PathBuf::from("/env"));
         let d = StateDir::resolve_from(Some(given), Some("/env".into())).dir;
         assert_eq!(d, given, "--state-dir wins over the variable");
+    }
+
+    /// Removing the root policy goes back to the host's resources only if
+    /// what is stored fits in them as they are; the host default is not
+    /// widened to make it fit (which let everything below exceed the
+    /// host).
+    #[test]
+    fn removing_the_root_policy_refuses_what_the_host_cannot_hold() {
+        let sd = scratch("unroot");
+        let huge = physical_memory_mb().saturating_mul(4).max(1);
+        let set = |path: &str, mem| {
+            sd.set_policy(
+                &path.parse().unwrap(),
+                &PolicyChange {
+                    memory_mb: Some(mem),
+                    ..PolicyChange::default()
+                },
+            )
+        };
+        set(":", huge).unwrap();
+        set("alice", huge).unwrap();
+        let e = sd.remove_policy(&Path::root()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("cannot go back to the host's resources")
+                && msg.contains("the stored policy at alice"),
+            "{msg}"
+        );
+        // Nothing changed: the root policy is still there.
+        assert!(!sd
+            .show(&Path::root())
+            .unwrap()
+            .contains("the host's resources"));
+        // Once alice fits in the host, the root can go back to it.
+        set("alice", 1).unwrap();
+        sd.remove_policy(&Path::root()).unwrap();
+        assert!(sd
+            .show(&Path::root())
+            .unwrap()
+            .contains("the host's resources"));
+        std::fs::remove_dir_all(sd.path()).unwrap();
     }
 
     /// The root's CPUs are the host's, not this process's affinity: a
