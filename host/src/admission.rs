@@ -12,12 +12,17 @@
 //! across processes: twenty `tt-host run` at once under a policy of five
 //! admit exactly five.
 //!
-//! Each running unikernel is recorded with its process id and the start
-//! time the kernel gives that process (`/proc/PID/stat`), so a `tt-host
-//! run` killed with SIGKILL, whose [`Admission`] never ran its release,
-//! does not keep its reservation: the next change under the lock reaps
-//! every entry whose process is gone (or is a zombie, or is another
-//! process that reused the id).
+//! Each running unikernel holds an `flock` on its own file in `running/`
+//! for as long as its [`Admission`] lives, so a `tt-host run` killed with
+//! SIGKILL, whose release never ran, does not keep its reservation: the
+//! kernel drops the lock with the process, and the next change under the
+//! state lock reaps every entry whose file nobody holds. A lock, unlike a
+//! process id, means the same in every PID namespace (a `tt-host` in a
+//! container, or with another `/proc`, reaped the others' entries as
+//! dead) and does not survive a reboot. Entries written before these
+//! files existed are judged by their process id and the start time the
+//! kernel gives that process (`/proc/PID/stat`): gone, a zombie, or
+//! another process that reused the id is dead.
 //!
 //! The root policy is the host's resources unless it was set: all online
 //! CPUs, the physical memory, the free disk in the state directory plus
@@ -70,6 +75,19 @@ struct Running {
     /// The process's start time in clock ticks since boot.
     start: u64,
     resources: Unikernel,
+    /// Its file in `running/`, locked while it runs (absent in entries
+    /// written before such files: judged by `pid` and `start`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lock: Option<String>,
+}
+
+const RUNNING_DIR: &str = "running";
+
+/// Try to take `file`'s flock without waiting: true if it was free (then
+/// held by `file` until it is closed).
+fn try_flock(file: &File) -> bool {
+    // SAFETY: flock on a file descriptor we own; no memory involved.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 /// `state.json`.
@@ -205,18 +223,41 @@ impl StateDir {
         };
         tree.insert_unikernel(&name, uk.clone())?;
         let (pid, start) = (std::process::id(), own_start_time());
+        // Lock this entry's file before the entry is visible: a reaper
+        // that sees the entry sees it held.
+        let dir = self.dir.join(RUNNING_DIR);
+        std::fs::create_dir_all(&dir).map_err(self.io("cannot create running/"))?;
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let lock_name = format!("{pid}-{start}-{n}.lock");
+        let held = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(&lock_name))
+            .map_err(self.io(format!("cannot create running/{lock_name}")))?;
+        if !try_flock(&held) {
+            return Err(self.bad(format!("running/{lock_name} is locked by another process")));
+        }
         st.stored.running.push(Running {
             name: name.to_string(),
             pid,
             start,
             resources: uk,
+            lock: Some(lock_name.clone()),
         });
-        st.save()?;
+        if let Err(e) = st.save() {
+            let _ = std::fs::remove_file(dir.join(&lock_name));
+            return Err(e);
+        }
         Ok(Admission {
             sd: self.clone(),
             name,
             pid,
             start,
+            lock_name,
+            _held: held,
         })
     }
 
@@ -291,7 +332,22 @@ impl Locked<'_> {
     /// Drop every running entry whose process is gone. Returns how many.
     fn reap(&mut self) -> usize {
         let before = self.stored.running.len();
-        self.stored.running.retain(|r| alive(r.pid, r.start));
+        let dir = self.sd.dir.join(RUNNING_DIR);
+        self.stored.running.retain(|r| {
+            let Some(lock) = &r.lock else {
+                return alive(r.pid, r.start);
+            };
+            let path = dir.join(lock);
+            // Unreadable (but present) counts as held: fail closed.
+            let live = match File::open(&path) {
+                Ok(f) => !try_flock(&f),
+                Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+            };
+            if !live {
+                let _ = std::fs::remove_file(&path);
+            }
+            live
+        });
         before - self.stored.running.len()
     }
 
@@ -412,6 +468,9 @@ pub struct Admission {
     name: Name,
     pid: u32,
     start: u64,
+    /// Its file in `running/`, and that file open with its flock held.
+    lock_name: String,
+    _held: File,
 }
 
 impl Admission {
@@ -429,6 +488,7 @@ impl Drop for Admission {
             st.stored
                 .running
                 .retain(|r| !(r.name == name && r.pid == self.pid && r.start == self.start));
+            let _ = std::fs::remove_file(self.sd.dir.join(RUNNING_DIR).join(&self.lock_name));
             st.reap();
             st.save()
         };
@@ -746,6 +806,7 @@ mod tests {
                 pid: 1 << 23,
                 start: 1,
                 resources: uk(8),
+                lock: None,
             });
             st.save().unwrap();
         }
@@ -843,6 +904,7 @@ mod tests {
                     pid: std::process::id(),
                     start: own_start_time(),
                     resources: Unikernel { block_mb, ..uk(8) },
+                    lock: None,
                 });
             }
             st.save().unwrap();
@@ -880,6 +942,65 @@ mod tests {
             e.to_string().contains("state.json is not a regular file"),
             "{e}"
         );
+        std::fs::remove_dir_all(sd.path()).unwrap();
+    }
+
+    /// Whether an entry still runs is its lock file's flock, not its pid:
+    /// an entry whose process id means nothing here (another PID
+    /// namespace, another /proc) stays while its file is held, and goes
+    /// once it is not (its process was killed: the kernel dropped the lock).
+    #[test]
+    fn entries_live_while_their_lock_is_held_whatever_their_pid() {
+        let sd = scratch("flock");
+        sd.set_policy(
+            &Path::root(),
+            &PolicyChange {
+                unikernels: Some(2),
+                ..PolicyChange::default()
+            },
+        )
+        .unwrap();
+        let running = sd.path().join(RUNNING_DIR);
+        // One entry as another namespace's tt-host writes it: a pid that
+        // is nobody here, its file locked (by this test, standing in for
+        // that process).
+        std::fs::create_dir_all(&running).unwrap();
+        let held = File::create(running.join("foreign.lock")).unwrap();
+        assert!(try_flock(&held));
+        // One left by a killed process: its file exists, nobody holds it.
+        File::create(running.join("killed.lock")).unwrap();
+        {
+            let mut st = sd.lock().unwrap();
+            for (name, lock) in [("foreign", "foreign.lock"), ("killed", "killed.lock")] {
+                st.stored.running.push(Running {
+                    name: name.into(),
+                    pid: 1 << 23,
+                    start: 1,
+                    resources: uk(8),
+                    lock: Some(lock.into()),
+                });
+            }
+            st.save().unwrap();
+        }
+        let a = sd.admit(None, "live", uk(8)).unwrap();
+        let shown = sd.show(&Path::root()).unwrap();
+        assert!(
+            shown.contains("foreign") && !shown.contains("killed"),
+            "{shown}"
+        );
+        assert!(
+            !running.join("killed.lock").exists(),
+            "a reaped entry's file is removed"
+        );
+        // The limit of 2 is reached: foreign + live.
+        let e = sd.admit(None, "third", uk(8)).unwrap_err();
+        assert!(e.to_string().contains("unikernels: limit 2"), "{e}");
+        // The foreign process ends: its entry is reaped, its slot free.
+        drop(held);
+        let b = sd.admit(None, "third", uk(8)).unwrap();
+        drop((a, b));
+        let left = std::fs::read_dir(&running).unwrap().count();
+        assert_eq!(left, 0, "released entries remove their files");
         std::fs::remove_dir_all(sd.path()).unwrap();
     }
 
