@@ -189,6 +189,19 @@ impl StateDir {
                         s.version
                     )));
                 }
+                // A lock file name is joined to running/ and the file may
+                // be deleted when reaped: it must name a file in there.
+                if let Some(r) = s.running.iter().find(|r| {
+                    r.lock.as_deref().is_some_and(|l| {
+                        l.is_empty() || l == "." || l == ".." || l.contains(['/', '\0'])
+                    })
+                }) {
+                    return Err(self.bad(format!(
+                        "{STATE_FILE}: unikernel '{}' has lock file {:?}, not a file name",
+                        r.name,
+                        r.lock.as_deref().unwrap_or("")
+                    )));
+                }
                 s
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Stored {
@@ -1001,6 +1014,31 @@ mod tests {
         drop((a, b));
         let left = std::fs::read_dir(&running).unwrap().count();
         assert_eq!(left, 0, "released entries remove their files");
+        std::fs::remove_dir_all(sd.path()).unwrap();
+    }
+
+    /// A lock file name comes from state.json and a reaped entry's file
+    /// is deleted: one that is a path outside running/ is a bad state,
+    /// never opened or removed.
+    #[test]
+    fn a_stored_lock_name_that_is_a_path_is_refused() {
+        let sd = scratch("lockpath");
+        let victim = sd.path().join("victim");
+        {
+            let mut st = sd.lock().unwrap();
+            st.stored.running.push(Running {
+                name: "x".into(),
+                pid: 1 << 23,
+                start: 1,
+                resources: uk(8),
+                lock: Some("../victim".into()),
+            });
+            st.save().unwrap();
+        }
+        std::fs::write(&victim, b"keep me").unwrap();
+        let e = sd.admit(None, "y", uk(8)).unwrap_err();
+        assert!(e.to_string().contains("not a file name"), "{e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
         std::fs::remove_dir_all(sd.path()).unwrap();
     }
 
