@@ -760,6 +760,25 @@ mod tests {
         }
     }
 
+    /// An entry whose pid is nobody here (above the kernel's pid_max),
+    /// with lock file `lock` (None: an entry from before lock files).
+    fn gone(name: &str, lock: Option<&str>) -> Running {
+        Running {
+            name: name.into(),
+            pid: 1 << 23,
+            start: 1,
+            resources: uk(8),
+            lock: lock.map(Into::into),
+        }
+    }
+
+    /// Store `entries` as running, as other tt-host processes would.
+    fn store(sd: &StateDir, entries: impl IntoIterator<Item = Running>) {
+        let mut st = sd.lock().unwrap();
+        st.stored.running.extend(entries);
+        st.save().unwrap();
+    }
+
     #[test]
     fn admissions_persist_and_release_on_drop() {
         let sd = scratch("persist");
@@ -812,17 +831,7 @@ mod tests {
         .unwrap();
         // An entry left by a process that is gone (a pid that cannot be
         // running: above the kernel's pid_max).
-        {
-            let mut st = sd.lock().unwrap();
-            st.stored.running.push(Running {
-                name: "ghost".into(),
-                pid: 1 << 23,
-                start: 1,
-                resources: uk(8),
-                lock: None,
-            });
-            st.save().unwrap();
-        }
+        store(&sd, [gone("ghost", None)]);
         let a = sd.admit(None, "live", uk(8)).unwrap();
         assert!(!sd.show(&root).unwrap().contains("ghost"));
         drop(a);
@@ -908,20 +917,16 @@ mod tests {
     #[test]
     fn stored_block_use_that_overflows_is_a_bad_state() {
         let sd = scratch("overflow");
-        {
-            let mut st = sd.lock().unwrap();
-            // Entries of a live process (this one), so they are not reaped.
-            for (name, block_mb) in [("a", u64::MAX), ("b", 1)] {
-                st.stored.running.push(Running {
-                    name: name.into(),
-                    pid: std::process::id(),
-                    start: own_start_time(),
-                    resources: Unikernel { block_mb, ..uk(8) },
-                    lock: None,
-                });
-            }
-            st.save().unwrap();
-        }
+        // Entries of a live process (this one), so they are not reaped.
+        store(
+            &sd,
+            [("a", u64::MAX), ("b", 1)].map(|(name, block_mb)| Running {
+                pid: std::process::id(),
+                start: own_start_time(),
+                resources: Unikernel { block_mb, ..uk(8) },
+                ..gone(name, None)
+            }),
+        );
         let e = sd.show(&Path::root()).unwrap_err();
         assert!(e.to_string().contains("past 2^64 MB"), "{e}");
         let e = sd.admit(None, "x", uk(8)).unwrap_err();
@@ -982,19 +987,13 @@ mod tests {
         assert!(try_flock(&held));
         // One left by a killed process: its file exists, nobody holds it.
         File::create(running.join("killed.lock")).unwrap();
-        {
-            let mut st = sd.lock().unwrap();
-            for (name, lock) in [("foreign", "foreign.lock"), ("killed", "killed.lock")] {
-                st.stored.running.push(Running {
-                    name: name.into(),
-                    pid: 1 << 23,
-                    start: 1,
-                    resources: uk(8),
-                    lock: Some(lock.into()),
-                });
-            }
-            st.save().unwrap();
-        }
+        store(
+            &sd,
+            [
+                gone("foreign", Some("foreign.lock")),
+                gone("killed", Some("killed.lock")),
+            ],
+        );
         let a = sd.admit(None, "live", uk(8)).unwrap();
         let shown = sd.show(&Path::root()).unwrap();
         assert!(
@@ -1024,17 +1023,7 @@ mod tests {
     fn a_stored_lock_name_that_is_a_path_is_refused() {
         let sd = scratch("lockpath");
         let victim = sd.path().join("victim");
-        {
-            let mut st = sd.lock().unwrap();
-            st.stored.running.push(Running {
-                name: "x".into(),
-                pid: 1 << 23,
-                start: 1,
-                resources: uk(8),
-                lock: Some("../victim".into()),
-            });
-            st.save().unwrap();
-        }
+        store(&sd, [gone("x", Some("../victim"))]);
         std::fs::write(&victim, b"keep me").unwrap();
         let e = sd.admit(None, "y", uk(8)).unwrap_err();
         assert!(e.to_string().contains("not a file name"), "{e}");
