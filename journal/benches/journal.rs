@@ -51,6 +51,8 @@ const CEILING: &str = "pwrite_fdatasync_64x4KiB";
 /// Operations per write in the ceiling measurement.
 const CEILING_OPS: usize = 64;
 const MEM64: &str = "journal_memdevice_x64";
+/// One thread with 64 submitted operations in flight.
+const Q64: &str = "journal_q64";
 /// Seconds of the latency pass per configuration.
 const LATENCY_SECS: f64 = 3.0;
 /// Target: journal ops/s with 64 pushers >= TARGET x baseline ops/s.
@@ -120,6 +122,29 @@ where
     })
 }
 
+/// `ops` operations submitted by one thread that keeps `depth` of them in
+/// flight (as a device queue of that depth does): it submits until
+/// `depth` are pending, then waits for the oldest. Returns the wall time
+/// until the last one is durable.
+fn submit_all<D>(j: &Journal<Op, D>, op: &Op, depth: usize, ops: u64) -> Duration
+where
+    D: BlockDevice + Clone + Send + Sync + 'static,
+{
+    let mut in_flight = std::collections::VecDeque::with_capacity(depth);
+    let t = Instant::now();
+    for _ in 0..ops {
+        if in_flight.len() == depth {
+            let p: tt_journal::Pending<D> = in_flight.pop_front().unwrap();
+            let _ = p.wait().expect("durable");
+        }
+        in_flight.push_back(j.submit(op).expect("submit"));
+    }
+    for p in in_flight {
+        let _ = p.wait().expect("durable");
+    }
+    t.elapsed()
+}
+
 /// The baseline: `ops` x 4 KiB written at the next offset of `file`
 /// (wrapping) in one `pwrite`, then `fdatasync`. One op per write is the
 /// baseline; 64 per write is the disk's ceiling for 64 in flight.
@@ -156,7 +181,7 @@ struct Counted {
     syncs: u64,
 }
 
-fn durable(c: &mut Criterion, dir: &Path) -> Vec<(usize, Counted)> {
+fn durable(c: &mut Criterion, dir: &Path) -> Vec<(String, Counted)> {
     let ring_path = dir.join("ring");
     zeroed_file(&ring_path, RING_BYTES);
     let base = zeroed_file(&dir.join("baseline"), BASE_BYTES);
@@ -203,7 +228,25 @@ fn durable(c: &mut Criterion, dir: &Path) -> Vec<(usize, Counted)> {
         });
         j.shutdown(true);
         assert_eq!(performed.load(Ordering::Relaxed), cnt.ops, "all performed");
-        counted.push((n, cnt));
+        counted.push((format!("journal_x{n}"), cnt));
+    }
+    // 64 in flight from one thread (`submit`), as a queue of depth 64.
+    {
+        let performed = Arc::new(AtomicU64::new(0));
+        let j = journal(&ring_path, &performed);
+        let mut cnt = Counted::default();
+        g.bench_function(Q64, |b| {
+            b.iter_custom(|iters| {
+                let before = j.metrics().syncs;
+                let t = submit_all(&j, &op, 64, iters);
+                cnt.syncs += j.metrics().syncs - before;
+                cnt.ops += iters;
+                t
+            })
+        });
+        j.shutdown(true);
+        assert_eq!(performed.load(Ordering::Relaxed), cnt.ops, "all performed");
+        counted.push((Q64.to_string(), cnt));
     }
     // The journal's CPU ceiling: 64 pushers on a ring in memory (no
     // system calls, sync does nothing).
@@ -285,6 +328,41 @@ fn latency_journal(ring_path: &Path, op: &Op, n: usize) -> Pass {
     }
 }
 
+/// One thread keeping 64 submitted ops in flight; each op's latency is
+/// from its `submit` to its `wait` returning.
+fn latency_queue(ring_path: &Path, op: &Op) -> Pass {
+    let performed = Arc::new(AtomicU64::new(0));
+    let j = journal(ring_path, &performed);
+    submit_all(&j, op, 64, 20 * 64);
+    let syncs0 = j.metrics().syncs;
+    let mut lat = Vec::with_capacity(1 << 18);
+    let mut in_flight = std::collections::VecDeque::with_capacity(64);
+    let t = Instant::now();
+    while t.elapsed().as_secs_f64() < LATENCY_SECS {
+        if in_flight.len() == 64 {
+            let (t0, p): (Instant, tt_journal::Pending<Dev>) = in_flight.pop_front().unwrap();
+            let _ = p.wait().expect("durable");
+            lat.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+        in_flight.push_back((Instant::now(), j.submit(op).expect("submit")));
+    }
+    for (t0, p) in in_flight {
+        let _ = p.wait().expect("durable");
+        lat.push(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let syncs = j.metrics().syncs - syncs0;
+    j.shutdown(true);
+    lat.sort_by(f64::total_cmp);
+    Pass {
+        name: Q64.into(),
+        ops: lat.len() as u64,
+        secs,
+        lat,
+        syncs: Some(syncs),
+    }
+}
+
 /// Plain writes of `ops` operations each; the latencies are per write.
 fn latency_baseline(base: &File, ops: usize) -> Pass {
     let mut w = PlainWriter::new(base, ops);
@@ -323,6 +401,7 @@ fn latency_pass(dir: &Path) -> Vec<Pass> {
     for n in PUSHERS {
         out.push(latency_journal(&ring_path, &op, n));
     }
+    out.push(latency_queue(&ring_path, &op));
     // Again at the end: shows how much the disk drifted meanwhile.
     let mut again = latency_baseline(&base, 1);
     again.name = format!("{BASE} (again)");
@@ -335,7 +414,7 @@ fn median_ns(function: &str, since: SystemTime) -> Option<f64> {
     tt_benchutil::median_ns(GROUP, function, since)
 }
 
-fn summary(since: SystemTime, counted: &[(usize, Counted)], passes: &[Pass]) {
+fn summary(since: SystemTime, counted: &[(String, Counted)], passes: &[Pass]) {
     println!("\ntt-journal summary: 4 KiB ops, each push returns once durable");
     println!(
         "{:<26} {:>10} {:>9} {:>12} {:>8}",
@@ -343,14 +422,10 @@ fn summary(since: SystemTime, counted: &[(usize, Counted)], passes: &[Pass]) {
     );
     let base = median_ns(BASE, since).map(|ns| 1e9 / ns);
     let ceiling = median_ns(CEILING, since).map(|ns| 1e9 / ns);
-    let mut rate64 = None;
+    let mut rates = std::collections::HashMap::new();
     let names = [(BASE.to_string(), None), (CEILING.to_string(), None)]
         .into_iter()
-        .chain(
-            counted
-                .iter()
-                .map(|(n, c)| (format!("journal_x{n}"), Some((*n, *c)))),
-        )
+        .chain(counted.iter().map(|(name, c)| (name.clone(), Some(*c))))
         .chain(std::iter::once((MEM64.to_string(), None)));
     for (name, c) in names {
         let Some(ns) = median_ns(&name, since) else {
@@ -358,10 +433,8 @@ fn summary(since: SystemTime, counted: &[(usize, Counted)], passes: &[Pass]) {
             continue;
         };
         let rate = 1e9 / ns;
-        if c.is_some_and(|(n, _)| n == 64) {
-            rate64 = Some(rate);
-        }
-        let spo = c.map_or("-".into(), |(_, c)| {
+        rates.insert(name.clone(), rate);
+        let spo = c.map_or("-".into(), |c| {
             format!("{:.3}", c.syncs as f64 / c.ops.max(1) as f64)
         });
         println!(
@@ -402,26 +475,35 @@ fn summary(since: SystemTime, counted: &[(usize, Counted)], passes: &[Pass]) {
             );
         }
     }
-    if let (Some(r), Some(b)) = (rate64, base) {
+    // The target, for 64 pushers as threads and as one thread's queue.
+    let Some(b) = base else { return };
+    for name in ["journal_x64", Q64] {
+        let Some(r) = rates.get(name) else { continue };
         let x = r / b;
         let check = passes
             .iter()
-            .find(|p| p.name == "journal_x64")
+            .find(|p| p.name == name)
             .map_or(String::new(), |p| {
                 format!(" (latency pass {:.1}x)", p.rate() / passes[0].rate())
             });
         println!(
-            "target: journal_x64 ops/s >= {TARGET} x {BASE} ops/s: {x:.1}x{check}: {}",
+            "target: {name} ops/s >= {TARGET} x {BASE} ops/s: {x:.1}x{check}: {}",
             verdict(x >= TARGET)
         );
-        if let Some(c) = ceiling {
-            println!(
-                "disk ceiling for 64 ops in flight ({CEILING}): {:.1}x {BASE}; \
-                 journal_x64 reaches {:.0}% of it",
-                c / b,
-                100.0 * r / c
-            );
-        }
+    }
+    if let Some(c) = ceiling {
+        let share = |name: &str| {
+            rates
+                .get(name)
+                .map_or("-".into(), |r| format!("{:.0}%", 100.0 * r / c))
+        };
+        println!(
+            "disk ceiling for 64 ops in flight ({CEILING}): {:.1}x {BASE}; \
+             journal_x64 reaches {} of it, {Q64} {}",
+            c / b,
+            share("journal_x64"),
+            share(Q64)
+        );
     }
 }
 

@@ -17,6 +17,10 @@
 //!   pusher waits for more than the commit in flight and its own. A
 //!   pusher alone (the committer idle, no other thread pushing) commits
 //!   on its own thread instead, which saves two thread switches.
+//! - [`Journal::submit`] queues an operation the same way but returns at
+//!   once; [`Pending::wait`] then waits until it is durable. One thread
+//!   can so keep many operations in flight (a device queue), sharing
+//!   commits like that many pushers without a thread and a wake-up each.
 //! - The applier reads durable operations in push order, calls `perform`
 //!   with batches of them, and frees their ring space only after `perform`
 //!   returned `Ok`. A `perform` that fails or panics is retried after
@@ -120,6 +124,9 @@ struct State {
     /// Queued ops that did not fit before `full_timeout`: their pushers
     /// get [`Error::Full`].
     failed: std::collections::HashSet<u64>,
+    /// Queued ops whose [`Pending`] was dropped unwaited: if they fail,
+    /// no one is told.
+    abandoned: std::collections::HashSet<u64>,
     /// Every operation with a smaller sequence number is durable.
     durable: u64,
     /// Every operation with a smaller sequence number is performed.
@@ -192,6 +199,90 @@ pub struct Journal<Op, D: BlockDevice> {
 pub struct Waiter<D: BlockDevice> {
     shared: Arc<Shared<D>>,
     seq: u64,
+}
+
+/// Returned by [`Journal::submit`]: an operation queued for a commit,
+/// not yet known durable.
+#[must_use = "the operation is not known durable until wait() returns Ok"]
+pub struct Pending<D: BlockDevice> {
+    shared: Arc<Shared<D>>,
+    seq: u64,
+    /// Its batch's event: `Shared::batch_done[event]`.
+    event: usize,
+    /// That event's generation when the op was queued.
+    seen: u32,
+    /// This thread committed the op's batch itself (its outcome is known).
+    committed: bool,
+    /// `wait` took the outcome.
+    resolved: bool,
+}
+
+impl<D: BlockDevice> Pending<D> {
+    /// The operation's sequence number (push order).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Wait until the operation is durable; the outcomes are those of
+    /// [`Journal::push`].
+    pub fn wait(mut self) -> Result<Waiter<D>, Error> {
+        self.resolved = true;
+        let sh = &self.shared;
+        let done = &sh.batch_done[self.event];
+        let mut seen = self.seen;
+        // A pusher that committed itself has its outcome already.
+        let mut skip_wait = self.committed;
+        loop {
+            if !std::mem::take(&mut skip_wait) {
+                done.wait(seen);
+            }
+            seen = done.generation();
+            // `failures` is read after `durable` (Acquire): a failure that
+            // a later batch's `durable` covers was counted before it.
+            if sh.durable.load(Ordering::Acquire) > self.seq
+                && sh.failures.load(Ordering::Relaxed) == 0
+            {
+                break;
+            }
+            // Some op failed, or this one is not durable yet (a failure, a
+            // stop or a spurious wake): ask the state, failures first.
+            let mut st = lock(&sh.state);
+            if st.failed.remove(&self.seq) {
+                sh.failures.fetch_sub(1, Ordering::Relaxed);
+                return Err(Error::Full(sh.config.full_timeout));
+            }
+            if st.durable > self.seq {
+                break;
+            }
+            if let Some(why) = &st.broken {
+                return Err(Error::Ring(tt_ring::Error::Invalid(format!(
+                    "commit failed: {why}"
+                ))));
+            }
+        }
+        Ok(Waiter {
+            shared: self.shared.clone(),
+            seq: self.seq,
+        })
+    }
+}
+
+impl<D: BlockDevice> Drop for Pending<D> {
+    /// Dropped without [`wait`](Pending::wait): the op still commits, but
+    /// no one will take its failure, so make sure none stays recorded
+    /// (while any is, every pusher takes the slow path).
+    fn drop(&mut self) {
+        if self.resolved {
+            return;
+        }
+        let sh = &self.shared;
+        let mut st = lock(&sh.state);
+        if st.failed.remove(&self.seq) {
+            sh.failures.fetch_sub(1, Ordering::Relaxed);
+        } else if st.durable <= self.seq && st.broken.is_none() {
+            st.abandoned.insert(self.seq);
+        }
+    }
 }
 
 impl<D: BlockDevice> Shared<D> {
@@ -284,6 +375,7 @@ where
                 next_seq,
                 queue: Vec::new(),
                 failed: Default::default(),
+                abandoned: Default::default(),
                 durable: next_seq,
                 performed: next_seq,
                 batch: 0,
@@ -341,6 +433,29 @@ where
     /// [`Error::Ring`] if the commit failed (the op is not acknowledged and
     /// the journal accepts no more pushes).
     pub fn push(&self, op: &Op) -> Result<Waiter<D>, Error> {
+        let _pushing = Pushing::enter(&self.shared.pushing);
+        self.enqueue(op, true)?.wait()
+    }
+
+    /// Append `op` without waiting for it: the returned [`Pending`] waits
+    /// until it is durable. One thread can so keep many operations in
+    /// flight, the way a device queue does (a virtio-blk queue of depth
+    /// 64 submits up to 64 requests, then completes each once durable);
+    /// they share commits exactly as concurrent pushers do, without a
+    /// thread (and a wake-up) per operation. Operations are committed in
+    /// submission order whether or not their `Pending` is waited for.
+    ///
+    /// Fails at once with [`Error::TooBig`], [`Error::Encode`],
+    /// [`Error::ShutDown`] or [`Error::Ring`] (an earlier commit failed);
+    /// the other outcomes of [`push`](Self::push) come from
+    /// [`Pending::wait`].
+    pub fn submit(&self, op: &Op) -> Result<Pending<D>, Error> {
+        self.enqueue(op, false)
+    }
+
+    /// Queue `op` for the next commit. If `may_lead`, the committer is
+    /// idle and no other thread is pushing, commit it on this thread.
+    fn enqueue(&self, op: &Op, may_lead: bool) -> Result<Pending<D>, Error> {
         let body = postcard::to_stdvec(op).map_err(Error::Encode)?;
         // Refuse a too-big op before queueing it: once queued it would
         // share a commit with other pushers' ops, and the ring's TooBig
@@ -353,7 +468,6 @@ where
                 max: max.saturating_sub(8),
             });
         }
-        let _pushing = Pushing::enter(&self.shared.pushing);
         let mut st = lock(&self.shared.state);
         if !st.accepting {
             return Err(Error::ShutDown);
@@ -372,10 +486,12 @@ where
         st.queue.push((seq, rec));
         // Read under the lock: the commit (or failure) of this op happens
         // after it is released, and bumps the generation after that.
-        let done = &self.shared.batch_done[(st.batch % 2) as usize];
-        let mut seen = done.generation();
-        let led =
-            st.wake_at == 1 && !st.committing && self.shared.pushing.load(Ordering::Relaxed) == 1;
+        let event = (st.batch % 2) as usize;
+        let seen = self.shared.batch_done[event].generation();
+        let led = may_lead
+            && st.wake_at == 1
+            && !st.committing
+            && self.shared.pushing.load(Ordering::Relaxed) == 1;
         if led {
             // The committer is idle and no other thread is pushing, so
             // there is no one to share a commit with: commit on this
@@ -393,40 +509,14 @@ where
             self.shared.work.notify_one();
         }
         drop(st);
-        // A pusher that committed itself has its outcome already.
-        let mut skip_wait = led;
-        loop {
-            if !std::mem::take(&mut skip_wait) {
-                done.wait(seen);
-            }
-            seen = done.generation();
-            let waiter = || Waiter {
-                shared: self.shared.clone(),
-                seq,
-            };
-            // `failures` is read after `durable` (Acquire): a failure that
-            // a later batch's `durable` covers was counted before it.
-            if self.shared.durable.load(Ordering::Acquire) > seq
-                && self.shared.failures.load(Ordering::Relaxed) == 0
-            {
-                return Ok(waiter());
-            }
-            // Some op failed, or this one is not durable yet (a failure, a
-            // stop or a spurious wake): ask the state, failures first.
-            let mut st = lock(&self.shared.state);
-            if st.failed.remove(&seq) {
-                self.shared.failures.fetch_sub(1, Ordering::Relaxed);
-                return Err(Error::Full(self.shared.config.full_timeout));
-            }
-            if st.durable > seq {
-                return Ok(waiter());
-            }
-            if let Some(why) = &st.broken {
-                return Err(Error::Ring(tt_ring::Error::Invalid(format!(
-                    "commit failed: {why}"
-                ))));
-            }
-        }
+        Ok(Pending {
+            shared: self.shared.clone(),
+            seq,
+            event,
+            seen,
+            committed: led,
+            resolved: false,
+        })
     }
 
     /// Current counters.
@@ -584,8 +674,10 @@ fn commit_queue<'a, D: BlockDevice>(
             // The ring stayed full past full_timeout: the ops that did
             // not fit fail; nothing was written for them.
             for (s, _) in &batch[committed..] {
-                st.failed.insert(*s);
-                sh.failures.fetch_add(1, Ordering::Relaxed);
+                if !st.abandoned.remove(s) {
+                    st.failed.insert(*s);
+                    sh.failures.fetch_add(1, Ordering::Relaxed);
+                }
             }
             sh.progress.notify_all();
             // Wake the batch's pushers with the lock released: they
@@ -610,6 +702,10 @@ fn publish<D: BlockDevice>(sh: &Shared<D>, st: &mut State, ops: &[(u64, Vec<u8>)
     };
     st.durable = st.durable.max(last + 1);
     sh.durable.store(st.durable, Ordering::Release);
+    if !st.abandoned.is_empty() {
+        let durable = st.durable;
+        st.abandoned.retain(|s| *s >= durable);
+    }
     for (s, rec) in ops {
         st.pending.push_back((*s, rec.len() as u64));
     }
