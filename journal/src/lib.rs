@@ -456,18 +456,24 @@ where
     /// Queue `op` for the next commit. If `may_lead`, the committer is
     /// idle and no other thread is pushing, commit it on this thread.
     fn enqueue(&self, op: &Op, may_lead: bool) -> Result<Pending<D>, Error> {
-        let body = postcard::to_stdvec(op).map_err(Error::Encode)?;
         // Refuse a too-big op before queueing it: once queued it would
         // share a commit with other pushers' ops, and the ring's TooBig
         // would fail whichever pusher leads that commit (leaving the ops
         // staged before it in the producer, to be written twice).
+        let len = postcard::serialize_with_flavor(op, postcard::ser_flavors::Size::default())
+            .map_err(Error::Encode)?;
         let max = self.shared.max_record;
-        if body.len() as u64 + 8 > max {
+        if len as u64 + 8 > max {
             return Err(Error::TooBig {
-                len: body.len() as u64,
+                len: len as u64,
                 max: max.saturating_sub(8),
             });
         }
+        // The record: the seq (filled in below), then the op, encoded in
+        // place with the lock not held.
+        let mut rec = Vec::with_capacity(8 + len);
+        rec.extend_from_slice(&[0; 8]);
+        let mut rec = postcard::to_io(op, rec).map_err(Error::Encode)?;
         let mut st = lock(&self.shared.state);
         if !st.accepting {
             return Err(Error::ShutDown);
@@ -479,10 +485,7 @@ where
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        let mut rec = Vec::with_capacity(8 + body.len());
-        rec.extend_from_slice(&seq.to_le_bytes());
-        rec.extend_from_slice(&body);
-        drop(body);
+        rec[..8].copy_from_slice(&seq.to_le_bytes());
         st.queue.push((seq, rec));
         // Read under the lock: the commit (or failure) of this op happens
         // after it is released, and bumps the generation after that.
