@@ -15,6 +15,9 @@
 //!   journal with 64 pushers has at most 64 operations to put into a
 //!   commit, so no design does better on this disk than this (pipelining
 //!   splits the 64 into smaller syncs, which cost more per byte).
+//! - `durable_4KiB/journal_q64`: one thread keeps 64 operations in flight
+//!   with `submit` / `Pending::wait` (a device queue of depth 64): 64
+//!   concurrent pushers without 64 threads.
 //! - `durable_4KiB/journal_memdevice_x64`: 64 pushers on a ring in memory
 //!   (`MemDevice`: no system calls, `sync` does nothing): the journal's own
 //!   CPU ceiling on this machine.

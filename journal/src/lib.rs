@@ -223,8 +223,15 @@ impl<D: BlockDevice> Pending<D> {
         self.seq
     }
 
-    /// Wait until the operation is durable; the outcomes are those of
-    /// [`Journal::push`].
+    /// Wait until the operation is durable.
+    ///
+    /// Outcomes: `Ok(waiter)`: durable (call [`Waiter::sync`] to wait
+    /// until it is performed); [`Error::Full`]: the ring stayed full for
+    /// `full_timeout`, nothing was written for it, submit it again;
+    /// [`Error::Ring`]: its commit failed, it is not durable and the
+    /// journal accepts no more operations (start it again to learn what
+    /// is). Dropping a `Pending` without waiting does not withdraw the
+    /// operation.
     pub fn wait(mut self) -> Result<Waiter<D>, Error> {
         self.resolved = true;
         let sh = &self.shared;
