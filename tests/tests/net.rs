@@ -159,6 +159,33 @@ fn frames_longer_than_the_guest_mtu_are_dropped_not_cut() {
     );
 }
 
+/// A TAP that fails under a running guest (here its interface is
+/// deleted) is reported ready by poll, as by solo5-hvt, so a guest that
+/// reads only what poll reports ready learns of it: its read fails. The
+/// host names the device once. (Before, poll reported nothing ready and
+/// returned at once, forever: the guest spun in poll.)
+#[test]
+fn a_tap_that_fails_under_the_guest_is_reported_ready_and_its_read_fails() {
+    if !kvm() {
+        return;
+    }
+    let ns = Netns::with_tap("gone", 1500);
+    let guest = ns.guest(1000);
+    let ready = ns.ping(&["-c", "1", "-W", "5", "-w", "20"]);
+    assert!(ready.status.success(), "guest never answered: {ready:?}");
+    ns.ip(&["link", "del", "tap0"], true);
+    let r = wait(guest);
+    assert!(r.stdout.contains("net: FAIL read"), "{r:?}");
+    assert_eq!(r.status, 1, "{r:?}");
+    assert_eq!(
+        r.stderr
+            .matches("net device 'service0': read failed")
+            .count(),
+        1,
+        "reported once: {r:?}"
+    );
+}
+
 #[test]
 fn missing_tap_is_a_clear_error() {
     if !kvm() {

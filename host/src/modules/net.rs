@@ -87,9 +87,24 @@ pub struct NetDevice {
     tap: File,
     /// Frames dropped for being longer than the guest's MTU allows.
     dropped: u64,
+    /// A TAP error was reported (once per device: a guest may retry a
+    /// failing read in a loop).
+    reported: bool,
 }
 
 impl NetDevice {
+    /// Tell the operator about a TAP error the guest gets as EUNSPEC, the
+    /// first time only.
+    fn report(&mut self, what: &str) {
+        if !std::mem::replace(&mut self.reported, true) {
+            eprintln!(
+                "tt-host: net device '{}': {what} (the guest gets an error; \
+                 further TAP errors are not reported)",
+                self.name
+            );
+        }
+    }
+
     /// Attach the existing TAP interface `tap` as device `name`.
     pub fn open_tap(name: &str, handle: u64, tap: &str, mac: [u8; 6]) -> Result<Self, NetError> {
         if tap.is_empty() || tap.len() >= libc::IFNAMSIZ || tap.contains(['/', ':', ' ', '\0']) {
@@ -133,6 +148,7 @@ impl NetDevice {
             mac,
             tap: file,
             dropped: 0,
+            reported: false,
         })
     }
 }
@@ -198,9 +214,15 @@ impl Net {
             }
             break;
         }
+        // A failed TAP (its interface deleted, for one) polls as POLLERR
+        // forever, never POLLIN: report it ready, as solo5-hvt's epoll
+        // does, so that the guest's read returns the error. Otherwise a
+        // guest that reads only what poll reports ready (the Solo5 model)
+        // polls in a loop, each poll returning at once, and never learns.
+        let failed = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
         let mut ready = 0u64;
         for (d, p) in self.devices.iter().zip(&fds) {
-            if p.revents & libc::POLLIN != 0 && d.handle < 64 {
+            if p.revents & (libc::POLLIN | failed) != 0 && d.handle < 64 {
                 ready |= 1 << d.handle;
             }
         }
@@ -226,7 +248,14 @@ impl Net {
             let _ = mem.read_slice(&mut buf, GuestAddress(data));
             let r = match dev.tap.write(&buf) {
                 Ok(n) if n == buf.len() => ret::OK,
-                _ => ret::EUNSPEC,
+                Ok(n) => {
+                    dev.report(&format!("wrote {n} of a {}-byte frame", buf.len()));
+                    ret::EUNSPEC
+                }
+                Err(e) => {
+                    dev.report(&format!("write failed: {e}"));
+                    ret::EUNSPEC
+                }
             };
             a.set_i32(mem, 24, r);
         } else {
@@ -245,7 +274,10 @@ impl Net {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     a.set_i32(mem, 24, ret::AGAIN)
                 }
-                Err(_) => a.set_i32(mem, 24, ret::EUNSPEC),
+                Err(e) => {
+                    dev.report(&format!("read failed: {e}"));
+                    a.set_i32(mem, 24, ret::EUNSPEC)
+                }
             }
         }
         Ok(Action::Continue)

@@ -178,7 +178,10 @@ fn app_main() -> i32 {
         let n = match dev.read(&mut frame[..size]) {
             Ok(n) => n,
             Err(NetError::Again) => {
-                poll(Duration::from_secs(1));
+                // As a Solo5 unikernel does: read again only once poll
+                // reports the device ready (a failed device is reported
+                // ready, and its read then fails).
+                while !poll(Duration::from_secs(1)).contains(dev.handle()) {}
                 continue;
             }
             Err(e) => {
