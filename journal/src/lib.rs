@@ -225,21 +225,33 @@ impl<D: BlockDevice> Pending<D> {
 
     /// Wait until the operation is durable.
     ///
-    /// Outcomes: `Ok(waiter)`: durable (call [`Waiter::sync`] to wait
-    /// until it is performed); [`Error::Full`]: the ring stayed full for
-    /// `full_timeout`, nothing was written for it, submit it again;
-    /// [`Error::Ring`]: its commit failed, it is not durable and the
-    /// journal accepts no more operations (start it again to learn what
-    /// is). Dropping a `Pending` without waiting does not withdraw the
-    /// operation.
+    /// Outcomes:
+    /// - `Ok(waiter)`: durable; [`Waiter::sync`] waits until it is
+    ///   performed.
+    /// - [`Error::Full`]: the ring stayed full for `full_timeout`; nothing
+    ///   was written for this op. Ops submitted after it may still commit
+    ///   once space is freed, so a resubmitted op lands after them: ops in
+    ///   flight together have no order on failure (as requests in flight
+    ///   in a device queue). To order one op after another, wait for the
+    ///   first before submitting the second.
+    /// - [`Error::Ring`]: the journal failed (a commit or the applier) before
+    ///   this op was committed. It is not acknowledged, yet it may be in
+    ///   the ring (a failed sync may have written it); the journal accepts
+    ///   no more operations: start it again, and the replay shows what is.
+    ///
+    /// Dropping a `Pending` without waiting does not withdraw the op.
     pub fn wait(mut self) -> Result<Waiter<D>, Error> {
         self.resolved = true;
         let sh = &self.shared;
         let done = &sh.batch_done[self.event];
         let mut seen = self.seen;
-        // A pusher that committed itself has its outcome already.
-        let mut skip_wait = self.committed;
-        loop {
+        // A pusher that committed itself has its outcome already; so may
+        // an op submitted long ago (and its event's generation may since
+        // have come back to `seen`: it is a u32).
+        let mut skip_wait = self.committed
+            || (sh.durable.load(Ordering::Acquire) > self.seq
+                && sh.failures.load(Ordering::Relaxed) == 0);
+        'outcome: loop {
             if !std::mem::take(&mut skip_wait) {
                 done.wait(seen);
             }
@@ -254,17 +266,26 @@ impl<D: BlockDevice> Pending<D> {
             // Some op failed, or this one is not durable yet (a failure, a
             // stop or a spurious wake): ask the state, failures first.
             let mut st = lock(&sh.state);
-            if st.failed.remove(&self.seq) {
-                sh.failures.fetch_sub(1, Ordering::Relaxed);
-                return Err(Error::Full(sh.config.full_timeout));
-            }
-            if st.durable > self.seq {
-                break;
-            }
-            if let Some(why) = &st.broken {
-                return Err(Error::Ring(tt_ring::Error::Invalid(format!(
-                    "commit failed: {why}"
-                ))));
+            loop {
+                if st.failed.remove(&self.seq) {
+                    sh.failures.fetch_sub(1, Ordering::Relaxed);
+                    return Err(Error::Full(sh.config.full_timeout));
+                }
+                if st.durable > self.seq {
+                    break 'outcome;
+                }
+                match &st.broken {
+                    None => break,
+                    // The journal broke (a commit or the applier failed),
+                    // but the commit in flight may still make this op
+                    // durable: wait for its outcome.
+                    Some(_) if st.committing => st = wait(&sh.progress, st),
+                    Some(why) => {
+                        return Err(Error::Ring(tt_ring::Error::Invalid(format!(
+                            "the journal failed before this operation was committed: {why}"
+                        ))))
+                    }
+                }
             }
         }
         Ok(Waiter {
@@ -437,8 +458,9 @@ where
     ///
     /// Outcomes: `Ok(waiter)`; [`Error::Full`] after waiting
     /// `full_timeout` for space; [`Error::TooBig`]; [`Error::ShutDown`];
-    /// [`Error::Ring`] if the commit failed (the op is not acknowledged and
-    /// the journal accepts no more pushes).
+    /// [`Error::Ring`] if the journal failed (a commit or the applier)
+    /// before the op was committed (the op is not acknowledged and the
+    /// journal accepts no more pushes).
     pub fn push(&self, op: &Op) -> Result<Waiter<D>, Error> {
         let _pushing = Pushing::enter(&self.shared.pushing);
         self.enqueue(op, true)?.wait()
@@ -448,13 +470,18 @@ where
     /// until it is durable. One thread can so keep many operations in
     /// flight, the way a device queue does (a virtio-blk queue of depth
     /// 64 submits up to 64 requests, then completes each once durable);
-    /// they share commits exactly as concurrent pushers do, without a
-    /// thread (and a wake-up) per operation. Operations are committed in
-    /// submission order whether or not their `Pending` is waited for.
+    /// they share commits as that many concurrent pushers would, without
+    /// a thread (and a wake-up) per operation. (A submitter never commits
+    /// on its own thread, as a lone pusher does.) Operations are committed
+    /// in submission order, whether or not their `Pending` is waited for,
+    /// except on failure (see [`Pending::wait`]).
+    ///
+    /// `submit` never waits, not even for ring space: the caller bounds
+    /// how many operations it keeps in flight.
     ///
     /// Fails at once with [`Error::TooBig`], [`Error::Encode`],
-    /// [`Error::ShutDown`] or [`Error::Ring`] (an earlier commit failed);
-    /// the other outcomes of [`push`](Self::push) come from
+    /// [`Error::ShutDown`] or [`Error::Ring`] (the journal failed
+    /// earlier); the other outcomes of [`push`](Self::push) come from
     /// [`Pending::wait`].
     pub fn submit(&self, op: &Op) -> Result<Pending<D>, Error> {
         self.enqueue(op, false)
@@ -481,13 +508,22 @@ where
         let mut rec = Vec::with_capacity(8 + len);
         rec.extend_from_slice(&[0; 8]);
         let mut rec = postcard::to_io(op, rec).map_err(Error::Encode)?;
+        // Again on what was encoded: an op may encode differently twice
+        // (a buffer another thread fills), and a too-big record would
+        // break the journal.
+        if rec.len() as u64 > max {
+            return Err(Error::TooBig {
+                len: rec.len() as u64 - 8,
+                max: max.saturating_sub(8),
+            });
+        }
         let mut st = lock(&self.shared.state);
         if !st.accepting {
             return Err(Error::ShutDown);
         }
         if let Some(why) = &st.broken {
             return Err(Error::Ring(tt_ring::Error::Invalid(format!(
-                "an earlier commit failed: {why}"
+                "the journal failed earlier: {why}"
             ))));
         }
         let seq = st.next_seq;
@@ -683,8 +719,9 @@ fn commit_queue<'a, D: BlockDevice>(
             }
             // The ring stayed full past full_timeout: the ops that did
             // not fit fail; nothing was written for them.
+            // (Unless the journal broke meanwhile: then they get that.)
             for (s, _) in &batch[committed..] {
-                if !st.abandoned.remove(s) {
+                if st.broken.is_none() && !st.abandoned.remove(s) {
                     st.failed.insert(*s);
                     sh.failures.fetch_add(1, Ordering::Relaxed);
                 }
@@ -761,6 +798,11 @@ fn commit<D: BlockDevice>(
                     // Their pushers need not wait for the rest; the others
                     // wake, see their ops are not durable, and sleep again.
                     done.notify();
+                }
+                // The applier failed: no space will be freed. The ops
+                // still unwritten get the journal's failure.
+                if st.broken.is_some() {
+                    return Ok((took, staged));
                 }
                 // Wake the applier and wait for it to free space.
                 st.flush_requested = true;

@@ -3,10 +3,14 @@
 
 mod common;
 
+use common::HookedSync;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use tt_journal::{Config, Error, Journal, Pending};
+use tt_ring::{Consumer, MemDevice, Producer};
 
 type Log = Arc<Mutex<Vec<u64>>>;
 
@@ -115,5 +119,167 @@ fn submitted_ops_that_do_not_fit_fail_with_full_and_are_never_performed() {
     let mut want = ok.clone();
     want.push(99);
     assert_eq!(*log.lock().unwrap(), want, "a Full op was performed");
+    j.shutdown(true);
+}
+
+/// Lets a given number of syncs through (`None`: all), holding the rest.
+#[derive(Default)]
+struct SyncGate {
+    permits: Mutex<Option<usize>>,
+    cv: Condvar,
+    entered: AtomicUsize,
+}
+
+impl SyncGate {
+    fn set(&self, permits: Option<usize>) {
+        *self.permits.lock().unwrap() = permits;
+        self.cv.notify_all();
+    }
+    fn pass(&self) {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        let mut g = self.permits.lock().unwrap();
+        loop {
+            match *g {
+                None => return,
+                Some(n) if n > 0 => {
+                    *g = Some(n - 1);
+                    return;
+                }
+                _ => g = self.cv.wait(g).unwrap(),
+            }
+        }
+    }
+    fn wait_entered(&self, more_than: usize) {
+        while self.entered.load(Ordering::SeqCst) <= more_than {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+type GatedDev = Arc<HookedSync<Box<dyn Fn() + Send + Sync>>>;
+
+fn gated_ring(size: u64, gate: &Arc<SyncGate>) -> GatedDev {
+    let g = gate.clone();
+    let d = Arc::new(HookedSync {
+        dev: MemDevice::new(size, 512),
+        before_sync: Box::new(move || g.pass()) as Box<dyn Fn() + Send + Sync>,
+    });
+    Producer::create(&d).unwrap();
+    d
+}
+
+/// An op that does not decode when it is 666: the applier fails on it.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+#[serde(try_from = "u64", into = "u64")]
+struct Poisonable(u64);
+
+impl TryFrom<u64> for Poisonable {
+    type Error = &'static str;
+    fn try_from(v: u64) -> Result<Self, Self::Error> {
+        if v == 666 {
+            Err("poison")
+        } else {
+            Ok(Poisonable(v))
+        }
+    }
+}
+
+impl From<Poisonable> for u64 {
+    fn from(o: Poisonable) -> u64 {
+        o.0
+    }
+}
+
+/// When the applier fails while a commit is in flight, that commit's
+/// waiters get its outcome: the op was committed, so not an error saying
+/// it was not.
+#[test]
+fn an_op_whose_commit_outlives_an_applier_failure_is_acknowledged() {
+    let gate = Arc::new(SyncGate::default());
+    let dev = gated_ring(1 << 20, &gate);
+    let j = Journal::start(dev.clone(), Config::default(), |_: &[Poisonable]| {
+        Ok::<(), String>(())
+    })
+    .unwrap();
+    gate.set(Some(0));
+    let before = gate.entered.load(Ordering::SeqCst);
+    let poison = j.submit(&Poisonable(666)).unwrap();
+    gate.wait_entered(before);
+    // The poison's commit is in its sync; op 7 goes into the next commit.
+    let seven = j.submit(&Poisonable(7)).unwrap();
+    // The poison's commit completes and the applier fails on it; the next
+    // commit is held in its sync until a moment later.
+    gate.set(Some(1));
+    let _ = poison.wait().expect("committed");
+    let releaser = std::thread::spawn({
+        let gate = gate.clone();
+        move || {
+            std::thread::sleep(Duration::from_millis(200));
+            gate.set(None);
+        }
+    });
+    let seven = seven.wait();
+    releaser.join().unwrap();
+    drop(j);
+    let mut c = Consumer::attach(dev).unwrap();
+    let mut in_ring = 0;
+    while c.pop().is_ok() {
+        in_ring += 1;
+    }
+    assert_eq!(in_ring, 2, "both ops are in the ring");
+    assert!(
+        seven.is_ok(),
+        "op 7 was committed, yet wait said: {:?}",
+        seven.err()
+    );
+}
+
+/// Unless steady, encodes to 10 bytes, then to 1 MiB, then 10 again...
+/// (an op that serializes a buffer another thread is filling).
+struct Unsteady(AtomicUsize, bool);
+
+impl Unsteady {
+    fn new(steady: bool) -> Unsteady {
+        Unsteady(AtomicUsize::new(0), steady)
+    }
+}
+
+impl Serialize for Unsteady {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.1 || self.0.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+            s.serialize_bytes(&[0; 10])
+        } else {
+            s.serialize_bytes(&vec![0; 1 << 20])
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Unsteady {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Unsteady, D::Error> {
+        serde_bytes::ByteBuf::deserialize(d).map(|_| Unsteady::new(true))
+    }
+}
+
+/// An op that encodes too big is refused whichever encoding pass finds
+/// it so; it must not reach the ring and break the journal for all.
+#[test]
+fn an_op_that_encodes_bigger_the_second_time_is_refused_alone() {
+    let log = Arc::new(AtomicUsize::new(0));
+    let l = log.clone();
+    let j = Journal::start(
+        common::slow_ring(256 << 10, Duration::ZERO),
+        Config::default(),
+        move |ops: &[Unsteady]| {
+            l.fetch_add(ops.len(), Ordering::SeqCst);
+            Ok::<(), String>(())
+        },
+    )
+    .unwrap();
+    let r = j.push(&Unsteady::new(false));
+    assert!(matches!(r, Err(Error::TooBig { .. })), "{:?}", r.err());
+    // The journal still works.
+    let w = j.push(&Unsteady::new(true)).unwrap();
+    w.sync().unwrap();
+    assert_eq!(log.load(Ordering::SeqCst), 1);
     j.shutdown(true);
 }
