@@ -683,6 +683,11 @@ fn committer<D: BlockDevice>(sh: &Shared<D>) {
                     .0;
             }
         }
+        // The applier may have failed while we gathered: commit nothing
+        // after that (its waiters have been told the journal failed).
+        if st.broken.is_some() {
+            return;
+        }
         (st, in_flight) = commit_queue(sh, st);
     }
 }

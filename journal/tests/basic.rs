@@ -3,25 +3,17 @@
 
 mod common;
 
+use common::{recorder, Log};
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tt_journal::{Config, Error, Journal};
 use tt_ring::{MemDevice, Producer};
 
-type Log = Arc<Mutex<Vec<u64>>>;
-
 fn ring(size: u64) -> Arc<MemDevice> {
     let d = Arc::new(MemDevice::new(size, 512));
     Producer::create(&d).unwrap();
     d
-}
-
-fn recorder(log: &Log) -> impl FnMut(&[u64]) -> Result<(), String> + Send + 'static {
-    let log = log.clone();
-    move |ops| {
-        log.lock().unwrap().extend_from_slice(ops);
-        Ok(())
-    }
 }
 
 #[test]

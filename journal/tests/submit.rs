@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::{recorder, Log};
+
 use common::HookedSync;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::VecDeque;
@@ -11,16 +13,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use tt_journal::{Config, Error, Journal, Pending};
 use tt_ring::{Consumer, MemDevice, Producer};
-
-type Log = Arc<Mutex<Vec<u64>>>;
-
-fn recorder(log: &Log) -> impl FnMut(&[u64]) -> Result<(), String> + Send + 'static {
-    let log = log.clone();
-    move |ops| {
-        log.lock().unwrap().extend_from_slice(ops);
-        Ok(())
-    }
-}
 
 #[test]
 fn ops_submitted_by_one_thread_share_commits_and_keep_their_order() {
@@ -150,9 +142,19 @@ impl SyncGate {
         }
     }
     fn wait_entered(&self, more_than: usize) {
-        while self.entered.load(Ordering::SeqCst) <= more_than {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_for("a sync", || self.entered.load(Ordering::SeqCst) > more_than);
+    }
+}
+
+/// Poll `cond` until it holds; panic (naming `what`) after 20 s.
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let t = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "waited 20 s for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -192,41 +194,46 @@ impl From<Poisonable> for u64 {
 
 /// When the applier fails while a commit is in flight, that commit's
 /// waiters get its outcome: the op was committed, so not an error saying
-/// it was not.
+/// it was not. Nothing is committed after the failure.
 #[test]
 fn an_op_whose_commit_outlives_an_applier_failure_is_acknowledged() {
     let gate = Arc::new(SyncGate::default());
     let dev = gated_ring(1 << 20, &gate);
-    let j = Journal::start(dev.clone(), Config::default(), |_: &[Poisonable]| {
+    // perform blocks until `open`: the applier reads the poison (and
+    // fails) only once op 7's commit is in flight.
+    let open = Arc::new((Mutex::new(false), Condvar::new()));
+    let performing = Arc::new(AtomicUsize::new(0));
+    let (o, p) = (open.clone(), performing.clone());
+    let j = Journal::start(dev.clone(), Config::default(), move |_: &[Poisonable]| {
+        p.fetch_add(1, Ordering::SeqCst);
+        let mut g = o.0.lock().unwrap();
+        while !*g {
+            g = o.1.wait(g).unwrap();
+        }
         Ok::<(), String>(())
     })
     .unwrap();
+    let _ = j.push(&Poisonable(1)).unwrap();
+    wait_for("perform", || performing.load(Ordering::SeqCst) > 0);
+    // The applier is held in perform([1]): it has not read what follows.
+    let _ = j.push(&Poisonable(666)).unwrap();
     gate.set(Some(0));
     let before = gate.entered.load(Ordering::SeqCst);
-    let poison = j.submit(&Poisonable(666)).unwrap();
-    gate.wait_entered(before);
-    // The poison's commit is in its sync; op 7 goes into the next commit.
     let seven = j.submit(&Poisonable(7)).unwrap();
-    // The poison's commit completes and the applier fails on it; the next
-    // commit is held in its sync until a moment later.
-    gate.set(Some(1));
-    let _ = poison.wait().expect("committed");
-    let releaser = std::thread::spawn({
-        let gate = gate.clone();
-        move || {
-            std::thread::sleep(Duration::from_millis(200));
-            gate.set(None);
-        }
-    });
+    gate.wait_entered(before); // op 7's commit is in its sync
+    *open.0.lock().unwrap() = true;
+    open.1.notify_all();
+    // The applier now reads the poison and fails: submit says so.
+    wait_for("the journal to fail", || j.submit(&Poisonable(8)).is_err());
+    gate.set(None); // op 7's commit completes
     let seven = seven.wait();
-    releaser.join().unwrap();
     drop(j);
     let mut c = Consumer::attach(dev).unwrap();
-    let mut in_ring = 0;
-    while c.pop().is_ok() {
-        in_ring += 1;
+    let mut in_ring = Vec::new();
+    while let Ok(item) = c.pop() {
+        in_ring.push(u64::from_le_bytes(item.data[..8].try_into().unwrap()));
     }
-    assert_eq!(in_ring, 2, "both ops are in the ring");
+    assert_eq!(in_ring, [0, 1, 2], "seqs in the ring: 1, the poison, 7");
     assert!(
         seven.is_ok(),
         "op 7 was committed, yet wait said: {:?}",

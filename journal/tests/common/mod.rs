@@ -2,7 +2,7 @@
 // Each test file uses only some of these.
 #![allow(dead_code)]
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tt_ring::{BlockDevice, MemDevice, Producer};
 
@@ -54,4 +54,16 @@ pub fn slow_ring(size: u64, delay: Duration) -> Arc<SlowSync> {
     });
     Producer::create(&d).unwrap();
     d
+}
+
+/// The u64 ops a [`recorder`] has been given, in the order performed.
+pub type Log = Arc<Mutex<Vec<u64>>>;
+
+/// A `perform` that appends its ops to `log` and succeeds.
+pub fn recorder(log: &Log) -> impl FnMut(&[u64]) -> Result<(), String> + Send + 'static {
+    let log = log.clone();
+    move |ops| {
+        log.lock().unwrap().extend_from_slice(ops);
+        Ok(())
+    }
 }
