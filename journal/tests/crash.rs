@@ -5,9 +5,10 @@
 //! The child (this test binary re-run, filtered to `child`, with
 //! `TT_JOURNAL_CRASH_ROLE` set) starts a journal on the ring file (which
 //! replays whatever the previous child left), whose `perform` appends each
-//! op to a "performed" file with write + fdatasync; then several pusher
+//! op to a "performed" file with write + fdatasync; then three pusher
 //! threads push ops and print `pusher idx` on stdout as soon as each push
-//! returns `Ok`. The parent kills the child 0-40 ms after it prints
+//! returns `Ok`, and a fourth keeps 8 ops in flight with `submit` and
+//! prints each once its `Pending::wait` returns `Ok`. The parent kills the child 0-40 ms after it prints
 //! `ready` (or, one round in eight, 0-15 ms after spawning it, maybe
 //! before or during its replay). Every few rounds, and after the last,
 //! the parent restarts the journal in-process (replaying the last child's
@@ -16,12 +17,12 @@
 //! - every acknowledged op was performed at least once;
 //! - every performed op is whole and valid (its payload is regenerated
 //!   from its id and its checksum checked) and was pushed: at most one op
-//!   past a pusher's last acknowledged one;
+//!   past a pusher's last acknowledged one (8 for the submitter);
 //! - each pusher's ops are first performed in push order;
 //! - across pushers, ops are first performed in the journal's order, as
 //!   far as stdout shows it: if op `a` was acknowledged (printed) before
-//!   pusher B printed op `b - 1`, then `b` was pushed after `a` was
-//!   sequenced, so `a` is first performed before `b`.
+//!   pusher B printed op `b - 1` (the submitter: `b - 8`), then `b` was
+//!   pushed after `a` was sequenced, so `a` is first performed before `b`.
 //!
 //! Rounds: 200 (`TT_LONG=1`: 2000); `TT_SEED` changes the kill timing.
 
@@ -42,6 +43,19 @@ use tt_ring::{FileDevice, Producer};
 const SECTOR: u32 = 4096;
 const RING_SIZE: u64 = 1 << 20;
 const PUSHERS: u32 = 4;
+/// The last pusher is a submitter: one thread keeping `DEPTH` ops in
+/// flight with `submit` (acknowledged when `Pending::wait` returns).
+const SUBMITTER: u32 = PUSHERS - 1;
+const DEPTH: u64 = 8;
+
+/// How far past its last acknowledged op a pusher may have pushed.
+fn ahead(pusher: u32) -> u64 {
+    if pusher == SUBMITTER {
+        DEPTH
+    } else {
+        1
+    }
+}
 const ROLE: &str = "TT_JOURNAL_CRASH_ROLE";
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -245,9 +259,9 @@ impl Checker {
         self.lines[&round]
             .iter()
             .filter(|(p, _)| *p == pusher)
-            .map(|(_, i)| i + 1)
+            .map(|(_, i)| i + ahead(pusher))
             .max()
-            .unwrap_or(0)
+            .unwrap_or(ahead(pusher) - 1)
     }
 
     /// Restart the journal in-process (replaying the last child's ring),
@@ -295,14 +309,14 @@ impl Checker {
                     *prefix += 1;
                 }
             }
-            if i > 0 {
-                if let Some(&before) = self.line_of.get(&(r, p, i - 1)) {
+            // Op i was pushed once op i - ahead(p) was acknowledged.
+            if let Some(k) = i.checked_sub(ahead(p)) {
+                if let Some(&before) = self.line_of.get(&(r, p, k)) {
                     assert!(
                         *prefix >= before,
                         "{ctx}: round {r}: op ({p}, {i}) performed before op {:?}, \
-                         which was acknowledged before ({p}, {}) was",
+                         which was acknowledged before ({p}, {k}) was",
                         self.lines[&r][*prefix],
-                        i - 1
                     );
                 }
             }
@@ -463,18 +477,36 @@ fn child() {
         writeln!(out, "ready").unwrap();
         out.flush().unwrap();
     }
+    /// Tell the parent that op `i` of pusher `p` is acknowledged.
+    fn ack(p: u32, i: u64) {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{p} {i}").unwrap();
+        out.flush().unwrap();
+    }
     std::thread::scope(|s| {
-        for p in 0..PUSHERS {
+        s.spawn(|| {
+            let mut in_flight = std::collections::VecDeque::new();
+            for i in 0.. {
+                if in_flight.len() as u64 == DEPTH {
+                    let (k, p): (u64, tt_journal::Pending<_>) = in_flight.pop_front().unwrap();
+                    match p.wait() {
+                        Ok(_) => ack(SUBMITTER, k),
+                        Err(e) => fail(format!("wait ({SUBMITTER}, {k}): {e}")),
+                    }
+                }
+                match j.submit(&make_op(round, SUBMITTER, i)) {
+                    Ok(p) => in_flight.push_back((i, p)),
+                    Err(e) => fail(format!("submit ({SUBMITTER}, {i}): {e}")),
+                }
+            }
+        });
+        for p in 0..SUBMITTER {
             let j = &j;
             s.spawn(move || {
                 for i in 0.. {
                     match j.push(&make_op(round, p, i)) {
                         Ok(w) => {
-                            {
-                                let mut out = std::io::stdout().lock();
-                                writeln!(out, "{p} {i}").unwrap();
-                                out.flush().unwrap();
-                            }
+                            ack(p, i);
                             if p == 0 && i % 8 == 7 {
                                 w.sync().unwrap_or_else(|e| fail(format!("sync: {e}")));
                             }
