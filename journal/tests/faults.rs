@@ -3,8 +3,9 @@
 //! fault the device "reboots" ([`FaultyDevice::crash`]: unsynced writes are
 //! lost) and a new journal replays. Invariants checked every time:
 //!
-//! - every operation whose `push` returned `Ok` is performed (in the first
-//!   run or by the replay);
+//! - every operation whose `push` (or `Pending::wait`, for the one pusher
+//!   of the concurrent tests that submits) returned `Ok` is performed (in
+//!   the first run or by the replay);
 //! - everything performed is a whole, valid operation that was pushed
 //!   (each op carries a checksum and is regenerated from its id);
 //! - each pusher's operations are first performed in push order;
@@ -18,7 +19,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tt_journal::{Config, Error, Journal};
+use tt_journal::{Config, Error, Journal, Pending};
 use tt_ring::{Faults, FaultyDevice, Producer};
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -179,9 +180,42 @@ fn restart_and_check(
     j.shutdown(false);
 }
 
-/// Push `n` ops per pusher from `pushers` threads until the first error.
-/// Returns acknowledged ids, the number of ops attempted per pusher, and
-/// the number of failed pushes.
+/// Ops pusher `p` of `push_all` submits in one go (`Journal::submit`),
+/// waiting for the oldest once this many are in flight.
+const SUBMIT_DEPTH: usize = 4;
+
+/// One thread submitting `n` ops as pusher `p`, `SUBMIT_DEPTH` in flight,
+/// until the first error: acknowledged ids, ops attempted, and whether it
+/// failed.
+fn submit_all(j: &Journal<Op, Arc<FaultyDevice>>, p: u32, n: u64) -> (Vec<u64>, u64, bool) {
+    let mut ok = Vec::new();
+    let mut in_flight = std::collections::VecDeque::new();
+    for i in 0..n {
+        if in_flight.len() == SUBMIT_DEPTH {
+            let (k, pending): (u64, Pending<_>) = in_flight.pop_front().unwrap();
+            match pending.wait() {
+                Ok(_) => ok.push(k),
+                Err(_) => return (ok, i, true),
+            }
+        }
+        match j.submit(&make_op(p, i)) {
+            Ok(pending) => in_flight.push_back((i, pending)),
+            Err(_) => return (ok, i + 1, true),
+        }
+    }
+    for (k, pending) in in_flight {
+        match pending.wait() {
+            Ok(_) => ok.push(k),
+            Err(_) => return (ok, n, true),
+        }
+    }
+    (ok, n, false)
+}
+
+/// Push `n` ops per pusher from `pushers` threads until the first error;
+/// the fourth pusher, if any, submits instead (`submit_all`). Returns
+/// acknowledged ids, the number of ops attempted per pusher, and the
+/// number of failed pushers.
 fn push_all(
     j: &Journal<Op, Arc<FaultyDevice>>,
     pushers: u32,
@@ -191,6 +225,9 @@ fn push_all(
         let hs: Vec<_> = (0..pushers)
             .map(|p| {
                 s.spawn(move || {
+                    if p == 3 {
+                        return submit_all(j, p, n);
+                    }
                     let mut ok = Vec::new();
                     for i in 0..n {
                         match j.push(&make_op(p, i)) {
@@ -309,7 +346,7 @@ fn torn_writes_are_never_replayed() {
                 tear_write: Some((w, sectors)),
                 ..Faults::default()
             });
-            let (acked, pushed, failed) = push_all(&j, 3, 20);
+            let (acked, pushed, failed) = push_all(&j, 4, 15);
             failures += failed;
             j.shutdown(false);
             drop(j);
