@@ -74,6 +74,8 @@ pub mod layout {
     pub const NET_SIZE: usize = 32;
     /// `struct hvt_hc_halt`: cookie @0, exit_status @8.
     pub const HALT_SIZE: usize = 16;
+    /// Bytes a non-zero halt cookie points at (`HVT_HALT_COOKIE_MAX`).
+    pub const HALT_COOKIE_MAX: u64 = 512;
 }
 
 /// ELF note owner of both Solo5 notes.

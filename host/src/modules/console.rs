@@ -60,6 +60,12 @@ impl<W: Write> Module for Console<W> {
             }
             Hypercall::Halt => {
                 let a = read_arg::<{ layout::HALT_SIZE }>(mem, arg)?;
+                // A cookie (for a core dump's notes; tt-host writes none
+                // yet) must point at guest memory, as solo5-hvt checks.
+                let cookie = a.u64(0);
+                if cookie != 0 {
+                    check_range(mem, "halt cookie", cookie, layout::HALT_COOKIE_MAX)?;
+                }
                 Ok(Action::Exit(a.i32(8)))
             }
             _ => unreachable!("console registered only its own hypercalls"),
@@ -71,5 +77,44 @@ impl<W: Write> Module for Console<W> {
         // does not fail the run.
         let _ = self.out.flush();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MEM: u64 = 2 << 20;
+    const ARG: u64 = 0x1000;
+
+    /// Guest memory with the two u64 words of an argument struct at ARG.
+    fn mem_with_arg(words: [u64; 2]) -> GuestMemoryMmap {
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        m.write_obj(words[0], GuestAddress(ARG)).unwrap();
+        m.write_obj(words[1], GuestAddress(ARG + 8)).unwrap();
+        m
+    }
+
+    fn call(c: Hypercall, words: [u64; 2]) -> Result<Action, GuestError> {
+        Console::new(Vec::new()).handle(c, ARG, &mem_with_arg(words))
+    }
+
+    #[test]
+    fn an_empty_puts_at_an_address_outside_memory_stops_the_guest() {
+        for data in [MEM, u64::MAX] {
+            let r = call(Hypercall::Puts, [data, 0]);
+            assert!(matches!(r, Err(GuestError::BadAddress { .. })), "{r:?}");
+        }
+        assert_eq!(call(Hypercall::Puts, [0x2000, 0]), Ok(Action::Continue));
+    }
+
+    #[test]
+    fn a_halt_cookie_must_point_at_guest_memory() {
+        for cookie in [MEM - 8, MEM, u64::MAX] {
+            let r = call(Hypercall::Halt, [cookie, 3]);
+            assert!(matches!(r, Err(GuestError::BadAddress { .. })), "{r:?}");
+        }
+        assert_eq!(call(Hypercall::Halt, [0, 3]), Ok(Action::Exit(3)));
+        assert_eq!(call(Hypercall::Halt, [MEM - 512, 3]), Ok(Action::Exit(3)));
     }
 }

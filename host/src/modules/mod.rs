@@ -95,7 +95,9 @@ impl<const N: usize> Arg<N> {
     }
 }
 
-/// Check that `[gpa, gpa+len)` is guest memory.
+/// Check that `[gpa, gpa+len)` is guest memory. An empty range must
+/// still start inside it, as in solo5-hvt (`HVT_CHECKED_GPA_P`): a
+/// zero-length buffer at a wild address is a bad address, not a no-op.
 pub fn check_range(
     mem: &GuestMemoryMmap,
     what: &'static str,
@@ -103,7 +105,10 @@ pub fn check_range(
     len: u64,
 ) -> Result<(), GuestError> {
     use vm_memory::GuestMemoryBackend;
-    let fits = usize::try_from(len).is_ok_and(|n| mem.check_range(GuestAddress(gpa), n));
+    let at = GuestAddress(gpa);
+    let fits = usize::try_from(len).is_ok_and(|n| {
+        GuestMemoryBackend::check_range(mem, at, n) && (n > 0 || mem.address_in_range(at))
+    });
     if fits {
         Ok(())
     } else {
