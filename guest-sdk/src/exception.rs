@@ -149,7 +149,9 @@ fn report_with_guard(s: &FaultState, guard: Option<(u64, u64)>) {
 
 #[cfg(not(test))]
 extern "C" {
-    static tt_fault_state: FaultState;
+    /// Written by the CPL 0 exception entry (`arch.rs`), hence `mut`:
+    /// an immutable static that changes under Rust is undefined behaviour.
+    static mut tt_fault_state: FaultState;
 }
 
 /// Entered from `tt_fault_trampoline` at CPL 3 after an exception.
@@ -158,7 +160,7 @@ extern "C" {
 extern "C" fn tt_guest_fault_report() -> ! {
     // SAFETY: the CPL 0 entry wrote the whole struct before returning here
     // and nothing writes it again (a second fault halts at CPL 0).
-    let s = unsafe { core::ptr::addr_of!(tt_fault_state).read_volatile() };
+    let s = unsafe { (&raw const tt_fault_state).read_volatile() };
     report(&s);
     crate::abort()
 }

@@ -89,8 +89,8 @@ pub use rt::{abort, exit, Termination};
 ///
 /// `app_main` is any `fn() -> T` with `T:` [`Termination`] (`()`, `i32`,
 /// `Result<T, E: Debug>`). Each device is `block "NAME"` or `net "NAME"`;
-/// names must be unique, non-empty and at most 67 bytes (checked at compile
-/// time). Use the macro exactly once, in the binary crate.
+/// names must be unique and 1 to 67 ASCII letters and digits (checked at
+/// compile time). Use the macro exactly once, in the binary crate.
 #[macro_export]
 macro_rules! main {
     ($main:path) => {

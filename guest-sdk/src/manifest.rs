@@ -61,7 +61,11 @@ impl MftEntry {
         let mut out = [0u8; MFT_NAME_SIZE];
         let mut i = 0;
         while i < b.len() {
-            assert!(b[i] != 0, "manifest: device name contains NUL");
+            // As tt-host and Solo5's elftool require: letters and digits.
+            assert!(
+                b[i].is_ascii_alphanumeric(),
+                "manifest: device names are ASCII letters and digits only"
+            );
             out[i] = b[i];
             i += 1;
         }
@@ -87,8 +91,8 @@ impl MftEntry {
         }
     }
 
-    /// A block device entry (`BLOCK_BASIC`). Panics at compile time if the
-    /// name is empty, contains NUL or is longer than 67 bytes.
+    /// A block device entry (`BLOCK_BASIC`). Panics at compile time unless
+    /// the name is 1 to 67 ASCII letters and digits.
     pub const fn block(name: &str) -> MftEntry {
         MftEntry::named(name, MFT_DEV_BLOCK_BASIC)
     }
@@ -286,6 +290,12 @@ mod tests {
         assert_eq!(&bytes[32 + 104..32 + 104 + 8], b"storage\0");
         assert_eq!(&bytes[32 + 104 + 68..32 + 104 + 72], &1u32.to_le_bytes());
         assert_eq!(&bytes[32 + 208 + 68..32 + 208 + 72], &2u32.to_le_bytes());
+    }
+
+    #[test]
+    #[should_panic(expected = "ASCII letters and digits")]
+    fn a_device_name_with_a_hyphen_is_refused_as_tt_host_and_solo5_refuse_it() {
+        let _ = MftEntry::block("my-disk");
     }
 
     #[test]

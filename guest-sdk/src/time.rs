@@ -101,7 +101,10 @@ impl core::ops::Add<Duration> for Instant {
 
 /// Sleep for at least `d`. The host blocks the vCPU (a `POLL` hypercall)
 /// instead of spinning; network input arriving meanwhile does not cut the
-/// sleep short.
+/// sleep short. But POLL cannot block while a network device is ready (a
+/// frame waits unread, or its TAP failed, which counts as ready for
+/// good): then each POLL returns at once and this sleep issues them back
+/// to back until the deadline. Read what is ready before sleeping.
 pub fn sleep(d: Duration) {
     let deadline = Instant::now() + d;
     loop {
