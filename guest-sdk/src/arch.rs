@@ -26,7 +26,10 @@
 //!    (RSP0 = kernel stack, IST1 = double-fault stack).
 //!    On tt-host, which marks its own W^X page tables user-accessible and
 //!    says so with PML4[0].U = 1, step 2 is skipped except for the stack
-//!    guard page: the tender's tables are kept (see docs/ABI.md).
+//!    guard page: the tender's tables are kept (see docs/ABI.md). They
+//!    give the same protections: the linker script flags the `.tt_kernel`
+//!    segment `PF_TT_SUPERVISOR`, which tt-host maps supervisor-only, and
+//!    tt-host then maps its boot data read-only.
 //! 4. `iretq` to CPL 3 at `tt_user_start` on the boot stack, interrupts
 //!    off. Hypercalls (`out` to ports 0x500-0x5ff) work from user mode
 //!    through the TSS I/O permission bitmap. (RFLAGS.IOPL 3 would do on

@@ -8,6 +8,14 @@
 /// Lowest guest address an image may be loaded at (1 MiB).
 pub const GUEST_MIN_BASE: u64 = 0x10_0000;
 
+/// tt-host's extension of ELF segment flags, in the range ELF leaves to
+/// the OS (`PF_MASKOS`): a `PT_LOAD` segment with this bit is mapped
+/// supervisor-only (no U bit), and an image with such a segment also gets
+/// its boot info, manifest and command line read-only (docs/ABI.md, "CPL 3
+/// on the host's page tables"). tt-guest marks its CPL 0 structures so;
+/// other tenders ignore the bit.
+pub const PF_TT_SUPERVISOR: u32 = 0x0010_0000;
+
 /// I/O port of hypercall 0; hypercall `nr` is an `outl` to `PIO_BASE + nr`.
 pub const HYPERCALL_PIO_BASE: u16 = 0x500;
 

@@ -115,6 +115,8 @@ fn wx_violations_are_stopped() {
         "exec-data",
         "exec-rodata",
         "exec-stack",
+        "write-kernel",
+        "write-cmdline",
     ] {
         let r = run(&["--mem=16", &img("wx"), arg]);
         let all = format!("{}{}", r.stdout, r.stderr);
@@ -181,6 +183,8 @@ fn sdk_images_behave_the_same_from_solo5_hvt_boot_state() {
         "exec-data",
         "exec-rodata",
         "exec-stack",
+        "write-kernel",
+        "write-cmdline",
     ] {
         let r = solo5(&[&img("wx"), arg]);
         assert_eq!(r.status, 255, "{arg}: {r:?}");

@@ -52,6 +52,8 @@ pub struct Prot {
     pub read: bool,
     pub write: bool,
     pub exec: bool,
+    /// Not accessible from CPL 3 ([`abi::PF_TT_SUPERVISOR`]).
+    pub supervisor: bool,
 }
 
 /// One `PT_LOAD` segment, validated.
@@ -252,6 +254,7 @@ fn load_segments(file: &[u8], phdrs: &[Phdr], mem_size: u64) -> Result<Vec<Segme
             read: ph.flags & PF_R != 0,
             write: ph.flags & PF_W != 0,
             exec: ph.flags & PF_X != 0,
+            supervisor: ph.flags & abi::PF_TT_SUPERVISOR != 0,
         };
         if prot.write && prot.exec {
             return Err(bad("is both writable and executable (W^X)".into()));

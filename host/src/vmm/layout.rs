@@ -17,7 +17,9 @@
 //! else is R+W and not executable. Above the image, 2 MiB pages are used.
 //! Pages from 1 MiB up and the boot info, manifest and command line are
 //! user-accessible (U=1); the GDT and page tables are not. So a guest can
-//! run its code at CPL 3 without building page tables of its own.
+//! run its code at CPL 3 without building page tables of its own. A
+//! segment flagged `abi::PF_TT_SUPERVISOR` is not user-accessible, and an
+//! image with one gets its boot info, manifest and command line read-only.
 
 use crate::abi;
 use crate::loader::Image;
@@ -107,14 +109,18 @@ pub fn build(image: &Image, mem_size: u64) -> Result<LowMem, LayoutError> {
         };
         put(PD_BASE + i * 8, pde);
     }
+    // An image that marks segments supervisor-only runs code at CPL 3 and
+    // asks for its tender data read-only too (abi::PF_TT_SUPERVISOR).
+    let split = image.segments.iter().any(|s| s.prot.supervisor);
     // Page tables: page 0 absent; W^X from the segments; the rest R+W, NX.
     for page in 1..small_end / PAGE {
         let addr = page * PAGE;
-        let flags = match image
+        let seg = image
             .segments
             .iter()
-            .find(|s| addr >= s.page_start() && addr < s.page_end())
-        {
+            .find(|s| addr >= s.page_start() && addr < s.page_end());
+        let boot_data = (BOOT_INFO_BASE..CMDLINE_BASE + abi::CMDLINE_SIZE as u64).contains(&addr);
+        let flags = match seg {
             Some(s) => {
                 let mut f = PTE_P;
                 if s.prot.write {
@@ -125,10 +131,11 @@ pub fn build(image: &Image, mem_size: u64) -> Result<LowMem, LayoutError> {
                 }
                 f
             }
+            None if boot_data && split => PTE_P | PTE_NX,
             None => PTE_P | PTE_RW | PTE_NX,
         };
-        let boot_data = (BOOT_INFO_BASE..CMDLINE_BASE + abi::CMDLINE_SIZE as u64).contains(&addr);
-        let user = if addr >= abi::GUEST_MIN_BASE || boot_data {
+        let supervisor = seg.is_some_and(|s| s.prot.supervisor);
+        let user = if (addr >= abi::GUEST_MIN_BASE || boot_data) && !supervisor {
             PTE_US
         } else {
             0
@@ -173,7 +180,12 @@ mod tests {
             filesz: 0,
             memsz,
             offset: 0,
-            prot: Prot { read, write, exec },
+            prot: Prot {
+                read,
+                write,
+                exec,
+                supervisor: false,
+            },
         };
         Image {
             entry: 0x10_0000,
@@ -190,6 +202,41 @@ mod tests {
     fn pte(low: &LowMem, addr: u64) -> u64 {
         let o = (PT_BASE + addr / PAGE * 8 - GDT_BASE) as usize;
         u64::from_le_bytes(low.bytes[o..o + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn supervisor_segments_lose_the_user_bit_and_make_tender_data_read_only() {
+        let mut img = image();
+        img.segments.push(Segment {
+            vaddr: 0x10_5000,
+            filesz: 0,
+            memsz: 0x2000,
+            offset: 0,
+            prot: Prot {
+                read: true,
+                write: true,
+                exec: false,
+                supervisor: true,
+            },
+        });
+        img.kernel_end = 0x10_7000;
+        let low = build(&img, 64 << 20).unwrap();
+        for addr in [0x10_5000, 0x10_6000] {
+            assert_eq!(pte(&low, addr), addr | PTE_P | PTE_RW | PTE_NX, "{addr:#x}");
+        }
+        // Boot info, manifest and command line: user, read-only.
+        for addr in [0x8_0000, 0x8_1000, 0x8_2000, 0x8_3000] {
+            assert_eq!(pte(&low, addr), addr | PTE_P | PTE_US | PTE_NX, "{addr:#x}");
+        }
+        // The other segments and the heap are as without the flag.
+        assert_eq!(
+            pte(&low, 0x10_4000),
+            0x10_4000 | PTE_P | PTE_RW | PTE_US | PTE_NX
+        );
+        assert_eq!(
+            pte(&low, 0x10_7000),
+            0x10_7000 | PTE_P | PTE_RW | PTE_US | PTE_NX
+        );
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! Argument: `write-text` (write to a function's code), `write-rodata`
 //! (write to a constant), `exec-data` (call a `ret` copied into a static),
 //! `exec-rodata` (call a `ret` in a constant), `exec-stack` (call a `ret`
-//! copied into a stack buffer). Prints `wx: attempting <arg>`; the run must
+//! copied into a stack buffer), `write-kernel` (write to the SDK's CPL 0
+//! structures, which start at the linker symbol `_skernel`: page tables,
+//! GDT, kernel stacks), `write-cmdline` (write to the tender's command
+//! line). Prints `wx: attempting <arg>`; the run must
 //! end with the SDK's `tt-guest: exception #PF ...` report and status 255.
 //! If the violation goes unnoticed it prints `wx: violation not caught`
 //! and exits 1; a bad argument prints a usage line and exits 2.
@@ -18,6 +21,11 @@ use tt_guest::println;
 tt_guest::main!(app_main);
 
 static RODATA_RET: [u8; 16] = [0xc3; 16];
+
+extern "C" {
+    /// First byte of the SDK's supervisor-only region (tt-guest.ld).
+    static _skernel: u8;
+}
 static mut DATA_BUF: [u8; 16] = [0; 16];
 
 #[inline(never)]
@@ -39,7 +47,9 @@ unsafe fn call(code: *const u8) {
 
 fn app_main() -> i32 {
     let Some(what) = tt_guest::boot::args().next() else {
-        println!("wx: usage: wx write-text|write-rodata|exec-data|exec-rodata|exec-stack");
+        println!(
+            "wx: usage: wx write-text|write-rodata|exec-data|exec-rodata|exec-stack|write-kernel|write-cmdline"
+        );
         return 2;
     };
     println!("wx: attempting {}", what);
@@ -77,9 +87,21 @@ fn app_main() -> i32 {
                 call(buf.as_ptr());
             }
         }
+        "write-kernel" => {
+            let p = black_box(ptr::addr_of!(_skernel) as *mut u8);
+            // SAFETY: deliberately writes to supervisor-only memory from
+            // CPL 3; must fault (#PF).
+            unsafe { ptr::write_volatile(p, 0) };
+        }
+        "write-cmdline" => {
+            let p = black_box(tt_guest::boot::boot_info().cmdline as *mut u8);
+            // SAFETY: deliberately writes to the tender's read-only command
+            // line; must fault (#PF).
+            unsafe { ptr::write_volatile(p, b'X') };
+        }
         other => {
             println!(
-                "wx: unknown argument {:?} (use write-text, write-rodata, exec-data, exec-rodata or exec-stack)",
+                "wx: unknown argument {:?} (use write-text, write-rodata, exec-data, exec-rodata, exec-stack, write-kernel or write-cmdline)",
                 other
             );
             return 2;
