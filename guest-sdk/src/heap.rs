@@ -272,8 +272,8 @@ impl Heap {
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut FreeList) -> R) -> R {
-        while self.busy.swap(true, Ordering::Acquire) {
-            core::hint::spin_loop();
+        if self.busy.swap(true, Ordering::Acquire) {
+            reentered();
         }
         // SAFETY: `busy` gives us exclusive access until we clear it.
         let r = f(unsafe { &mut *self.inner.get() });
@@ -285,6 +285,21 @@ impl Heap {
     pub fn stats(&self) -> (usize, usize, usize) {
         self.with(|h| (h.free_bytes(), h.total_bytes(), h.free_blocks()))
     }
+}
+
+/// The guest has one thread and runs with interrupts off, so a busy heap
+/// means the allocator was entered from inside itself (say a fault in the
+/// middle of an allocation whose handling allocates). Waiting would hang
+/// for ever: stop, saying why.
+#[cold]
+fn reentered() -> ! {
+    #[cfg(not(test))]
+    {
+        crate::console::write_str("tt-guest: the heap allocator was re-entered; aborting\n");
+        crate::abort()
+    }
+    #[cfg(test)]
+    panic!("the heap allocator was re-entered")
 }
 
 impl Default for Heap {
@@ -421,6 +436,13 @@ mod tests {
         // SAFETY: the buffer is ours and outlives the heap (same struct).
         unsafe { heap.init(s, s + bytes) };
         Region { buf, heap }
+    }
+
+    #[test]
+    #[should_panic(expected = "re-entered")]
+    fn re_entering_the_heap_fails_instead_of_hanging() {
+        let h = Heap::new();
+        h.with(|_| h.stats());
     }
 
     #[test]
