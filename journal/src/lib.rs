@@ -882,26 +882,29 @@ where
             next: self.performed_to,
         };
         while batch.ops.len() < self.config.max_batch {
-            let item = match self.consumer.pop() {
-                Ok(item) => item,
-                Err(tt_ring::Error::Retry) => break,
+            // Decoded in place (no copy of the record): the seq, then the
+            // op unless it is not durable yet.
+            let record = self.consumer.pop_with(|position, next, data| {
+                let decode_err = |err| Error::Decode { position, err };
+                let Some((seq, body)) = data.split_first_chunk::<8>() else {
+                    return Err(decode_err(postcard::Error::DeserializeUnexpectedEnd));
+                };
+                let seq = u64::from_le_bytes(*seq);
+                if seq >= durable {
+                    return Ok(None);
+                }
+                let op = postcard::from_bytes(body).map_err(decode_err)?;
+                Ok(Some((seq, next, op)))
+            });
+            let (seq, next, op) = match record {
+                Ok(Ok(Some(r))) => r,
+                Ok(Ok(None)) | Err(tt_ring::Error::Retry) => break,
+                Ok(Err(e)) => return Err(e),
                 Err(e) => return Err(e.into()),
             };
-            let decode_err = |err| Error::Decode {
-                position: item.position,
-                err,
-            };
-            if item.data.len() < 8 {
-                return Err(decode_err(postcard::Error::DeserializeUnexpectedEnd));
-            }
-            let seq = u64::from_le_bytes(item.data[..8].try_into().unwrap());
-            if seq >= durable {
-                break;
-            }
-            let op = postcard::from_bytes(&item.data[8..]).map_err(decode_err)?;
             batch.ops.push(op);
             batch.last_seq = Some(seq);
-            batch.next = item.next;
+            batch.next = next;
         }
         Ok(batch)
     }

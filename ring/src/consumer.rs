@@ -129,6 +129,18 @@ impl<D: BlockDevice> Consumer<D> {
     ///   its checks; nothing is returned and the cursor stays put.
     /// - [`Error::Io`].
     pub fn pop(&mut self) -> Result<Item, Error> {
+        self.pop_with(|position, next, data| Item {
+            position,
+            next,
+            data: data.to_vec(),
+        })
+    }
+
+    /// [`pop`](Self::pop), handing the record to `f` as `(position, next,
+    /// data)` in place instead of copying it into an [`Item`]: for a caller
+    /// that decodes the record anyway. The outcomes are those of `pop`; on
+    /// an error `f` is not called.
+    pub fn pop_with<T>(&mut self, f: impl FnOnce(u64, u64, &[u8]) -> T) -> Result<T, Error> {
         loop {
             if self.cursor == self.producer.position {
                 self.refresh_producer()?;
@@ -171,13 +183,9 @@ impl<D: BlockDevice> Consumer<D> {
                     "record of {len} bytes fails its checksum (torn or stale write)"
                 )));
             }
-            let data = payload.to_vec();
+            let out = f(pos, pos + size, payload);
             self.cursor = pos + size;
-            return Ok(Item {
-                position: pos,
-                next: self.cursor,
-                data,
-            });
+            return Ok(out);
         }
     }
 

@@ -11,7 +11,9 @@
 //! checksum), then syncs once. Only then is the commit acknowledged; a
 //! reader checks the last commit against its control block, so one
 //! interrupted before its sync finished is whole or absent. The
-//! [`Consumer`] reads records in order ([`pop`](Consumer::pop), [`fold`](Consumer::fold)) and
+//! [`Consumer`] reads records in order ([`pop`](Consumer::pop), or
+//! [`pop_with`](Consumer::pop_with) to read one in place, and
+//! [`fold`](Consumer::fold)) and
 //! frees space with [`advance`](Consumer::advance), which durably records
 //! how far it has consumed. Producer and consumer may live in different
 //! processes sharing a file; each learns the other's progress by reading
