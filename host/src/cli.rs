@@ -29,6 +29,8 @@ options (solo5-hvt spellings):
   --net-mac:NAME=HWADDR         MAC address of network device NAME
                                 (default: a random locally administered one)
   -h, --help                    show this help
+  --version                     show the version and the Solo5 ABI version
+                                (as solo5-hvt, for launchers that check it)
 
 admission (see 'tt-host policy --help'):
   --name=PATH:NAME              admit the unikernel as NAME under PATH
@@ -47,7 +49,11 @@ developer options:
                                 to check that an image is portable to it
 
 Every device in the image's manifest must be given, and every device given
-must be in the manifest.";
+must be in the manifest, each once. Run as 'solo5-hvt' (through a link of
+that name), tt-host takes these options without 'run', as solo5-hvt does.
+Not supported: solo5-hvt-debug's --gdb, --gdb-port and --dumpcore, and
+--net:NAME=@FD (an already open TAP). Unlike solo5-hvt, a '--' right after
+IMAGE is not passed to the guest (give '--' before IMAGE to pass one).";
 
 /// A parsed `tt-host run` command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,11 +74,23 @@ pub struct RunArgs {
     pub state_dir: Option<PathBuf>,
 }
 
-/// Result of parsing: run, or print help.
+/// Result of parsing: run, print help, or print the version.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
     Run(Box<RunArgs>),
     Help,
+    Version,
+}
+
+/// What `--version` prints. The last line is solo5-hvt's: launchers such
+/// as albatross run `TENDER --version` and use a tender only if a line
+/// reads `ABI version N` for the image's ABI version.
+pub fn version_text() -> String {
+    format!(
+        "tt-host {} (Solo5 hvt tender)\nABI version {}",
+        env!("CARGO_PKG_VERSION"),
+        crate::abi::ABI_VERSION
+    )
 }
 
 /// Largest `--mem` in MiB: the largest guest memory
@@ -143,6 +161,9 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
         if a == "-h" || a == "--help" {
             return Ok(Parsed::Help);
         }
+        if a == "--version" {
+            return Ok(Parsed::Version);
+        }
         let dup = |list: &[(String, String)], name: &str, opt: &str| {
             if list.iter().any(|(n, _)| n == name) {
                 Err(CliError::run(format!("{opt}{name} given twice")))
@@ -205,12 +226,22 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
             sector_sizes.push((name, size));
         } else if let Some(rest) = a.strip_prefix("--net:") {
             let (name, tap) = named("--net:", rest)?;
+            if tap.starts_with('@') {
+                return Err(CliError::run(format!(
+                    "--net:{name}={tap}: an already open TAP file descriptor (@FD) \
+                     is not supported; give the TAP interface's name"
+                )));
+            }
             dup(&nets, &name, "--net:")?;
             nets.push((name, tap));
         } else if let Some(rest) = a.strip_prefix("--net-mac:") {
             let (name, mac) = named("--net-mac:", rest)?;
             dup(&macs, &name, "--net-mac:")?;
             macs.push((name, mac));
+        } else if a == "--gdb" || a.starts_with("--gdb-port=") || a.starts_with("--dumpcore=") {
+            return Err(CliError::run(format!(
+                "'{a}' is a solo5-hvt-debug option; tt-host has no gdb stub or core dumps"
+            )));
         } else {
             return Err(CliError::run(format!("unknown option '{a}'")));
         }
@@ -458,7 +489,7 @@ mod tests {
     fn run(args: &[&str]) -> RunArgs {
         match p(args).unwrap() {
             Parsed::Run(r) => *r,
-            Parsed::Help => panic!("help"),
+            other => panic!("not a run: {other:?}"),
         }
     }
 
@@ -506,6 +537,39 @@ mod tests {
         assert_eq!(r.guest_args, vec!["x", "--", "y"]);
     }
 
+    /// The command line albatross builds for solo5-hvt (src/vmm_unix.ml,
+    /// `exec`): --mem, then --net and --net-mac per network, --block and
+    /// --block-sector-size per disk, then `--`, the image and its argv.
+    #[test]
+    fn albatross_command_line() {
+        let r = run(&[
+            "--mem=64",
+            "--net:service=vmmtap0",
+            "--net-mac:service=02:5a:1b:00:00:01",
+            "--block:storage=/var/db/albatross/block/web.storage",
+            "--block-sector-size:storage=4096",
+            "--",
+            "/var/db/albatross/web.img",
+            "--ipv4=10.0.0.2/24",
+            "--",
+        ]);
+        assert_eq!(r.mem_mb, 64);
+        assert_eq!(r.nets, vec![("service".into(), "vmmtap0".into())]);
+        assert_eq!(r.sector_sizes, vec![("storage".into(), 4096)]);
+        assert_eq!(r.image, PathBuf::from("/var/db/albatross/web.img"));
+        assert_eq!(r.guest_args, vec!["--ipv4=10.0.0.2/24", "--"]);
+    }
+
+    #[test]
+    fn version_ends_with_solo5_hvts_abi_line() {
+        assert_eq!(p(&["--version"]).unwrap(), Parsed::Version);
+        assert_eq!(p(&["--mem=64", "--version"]).unwrap(), Parsed::Version);
+        // An image named --version after `--` is still an image.
+        assert!(matches!(p(&["--", "--version"]).unwrap(), Parsed::Run(_)));
+        let text = version_text();
+        assert_eq!(text.lines().last(), Some("ABI version 2"), "{text}");
+    }
+
     #[test]
     fn defaults() {
         let r = run(&["app.hvt"]);
@@ -527,6 +591,13 @@ mod tests {
             (&["--frobnicate", "x"][..], "unknown option '--frobnicate'"),
             (&["--net:a=t0", "--net:a=t1", "x"][..], "given twice"),
             (&["--mem=8"][..], "missing IMAGE"),
+            (&["--gdb", "x"][..], "'--gdb' is a solo5-hvt-debug option"),
+            (&["--gdb-port=1234", "x"][..], "solo5-hvt-debug option"),
+            (&["--dumpcore=/tmp", "x"][..], "solo5-hvt-debug option"),
+            (
+                &["--net:service=@3", "x"][..],
+                "--net:service=@3: an already open TAP",
+            ),
         ] {
             let e = p(args).unwrap_err();
             assert!(e.msg.contains(needle), "{args:?}: {e}");

@@ -10,7 +10,11 @@ usage:
   tt-host run [OPTIONS] IMAGE [--] [GUEST ARGS...]   boot a unikernel (see 'tt-host run --help')
   tt-host policy set|remove|show ...                delegate resources (see 'tt-host policy --help')
   tt-host demo                                      build and boot the bundled hello unikernel
-  tt-host --help | --version";
+  tt-host --help | --version
+
+Run through a link named solo5-hvt, tt-host takes solo5-hvt's command line
+(that of 'tt-host run', without 'run'), so a launcher that executes
+solo5-hvt, such as albatross, can run it unmodified.";
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("tt-host: {msg}");
@@ -22,6 +26,10 @@ fn run(args: &[String]) -> ExitCode {
         Ok(Parsed::Run(r)) => r,
         Ok(Parsed::Help) => {
             println!("{}", cli::RUN_USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Ok(Parsed::Version) => {
+            println!("{}", cli::version_text());
             return ExitCode::SUCCESS;
         }
         Err(e) => return fail(e),
@@ -97,6 +105,19 @@ fn demo() -> ExitCode {
     ])
 }
 
+/// Was tt-host started through a link named `solo5-hvt` (or
+/// `solo5-hvt.N`, the ABI-versioned name albatross looks for first)?
+fn invoked_as_solo5_hvt() -> bool {
+    let Some(argv0) = std::env::args_os().next() else {
+        return false;
+    };
+    let name = std::path::Path::new(&argv0)
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy();
+    name == "solo5-hvt" || name.starts_with("solo5-hvt.")
+}
+
 fn main() -> ExitCode {
     // Options, paths and guest arguments are all handled as UTF-8 (the guest
     // command line is a string), so refuse any other argument by name.
@@ -106,6 +127,9 @@ fn main() -> ExitCode {
             Ok(a) => args.push(a),
             Err(a) => return fail(format!("argument {n} ({a:?}) is not valid UTF-8")),
         }
+    }
+    if invoked_as_solo5_hvt() {
+        return run(&args);
     }
     match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
@@ -120,7 +144,7 @@ fn main() -> ExitCode {
             }
         }
         Some("-V" | "--version") => {
-            println!("tt-host {}", env!("CARGO_PKG_VERSION"));
+            println!("{}", cli::version_text());
             ExitCode::SUCCESS
         }
         Some(other) => fail(format!("unknown command '{other}' (see 'tt-host --help')")),
