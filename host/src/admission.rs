@@ -6,11 +6,13 @@
 //! `/var/lib/tt-host`) holds `state.json`, with the policies and the
 //! running unikernels, and `lock`. Every change takes an exclusive `flock`
 //! on `lock`, reads the state, changes it and writes it back crash-safely
-//! (a temporary file, `fdatasync`, `rename`, then `fsync` of the
+//! (a new temporary file, `fdatasync`, `rename`, then `fsync` of the
 //! directory: a reader sees the old state or the new one, never half of
-//! one). So the check of a launch and its registration are one atomic step
+//! one; a temporary file left behind is removed, never written through).
+//! So the check of a launch and its registration are one atomic step
 //! across processes: twenty `tt-host run` at once under a policy of five
-//! admit exactly five.
+//! admit exactly five. A `state.json` that does not parse, or describes an
+//! impossible tree, is an error naming the file and what is wrong in it.
 //!
 //! Each running unikernel holds an `flock` on its own file in `running/`
 //! for as long as its [`Admission`] lives, so a `tt-host run` killed with
@@ -82,6 +84,19 @@ struct Running {
 }
 
 const RUNNING_DIR: &str = "running";
+
+/// Numbers this process's entry files in `running/` apart.
+static ENTRY_N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Open `path` read-only without waiting for a FIFO's writer (a plain
+/// open of a FIFO blocks until one comes).
+fn open_nonblocking(path: &FsPath) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
 
 /// Try to take `file`'s flock without waiting: true if it was free (then
 /// held by `file` until it is closed).
@@ -173,14 +188,20 @@ impl StateDir {
             }
         }
         let state = self.dir.join(STATE_FILE);
-        // Reading a FIFO (or a device) would block or never end.
-        if let Ok(m) = std::fs::metadata(&state) {
-            if !m.is_file() {
-                return Err(self.bad(format!("{STATE_FILE} is not a regular file")));
+        // Reading a FIFO (or a device) would block or never end: the file
+        // opened (not the path, which may change meanwhile) must be a
+        // regular file.
+        let read = |mut f: File| -> std::io::Result<Result<Vec<u8>, AdmitError>> {
+            if !f.metadata()?.is_file() {
+                return Ok(Err(self.bad(format!("{STATE_FILE} is not a regular file"))));
             }
-        }
-        let stored = match std::fs::read(&state) {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut bytes)?;
+            Ok(Ok(bytes))
+        };
+        let stored = match open_nonblocking(&state).and_then(read) {
             Ok(bytes) => {
+                let bytes = bytes?;
                 let s: Stored = serde_json::from_slice(&bytes)
                     .map_err(|e| self.bad(format!("{STATE_FILE} does not parse: {e}")))?;
                 if s.version != STATE_VERSION {
@@ -200,6 +221,19 @@ impl StateDir {
                         "{STATE_FILE}: unikernel '{}' has lock file {:?}, not a file name",
                         r.name,
                         r.lock.as_deref().unwrap_or("")
+                    )));
+                }
+                // Two entries on one file: releasing one deletes it and
+                // the other, still running, would be reaped.
+                let mut locks = BTreeSet::new();
+                if let Some(l) = s
+                    .running
+                    .iter()
+                    .filter_map(|r| r.lock.as_deref())
+                    .find(|l| !locks.insert(*l))
+                {
+                    return Err(self.bad(format!(
+                        "{STATE_FILE}: lock file {l:?} is listed for two running unikernels"
                     )));
                 }
                 s
@@ -240,18 +274,31 @@ impl StateDir {
         // that sees the entry sees it held.
         let dir = self.dir.join(RUNNING_DIR);
         std::fs::create_dir_all(&dir).map_err(self.io("cannot create running/"))?;
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let lock_name = format!("{pid}-{start}-{n}.lock");
-        let held = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(dir.join(&lock_name))
-            .map_err(self.io(format!("cannot create running/{lock_name}")))?;
+        // A new file of its own: the name (pid, start time) can be taken
+        // by a tt-host in another PID namespace, or by a file left over.
+        let mut tries = 0;
+        let (lock_name, held) = loop {
+            let n = ENTRY_N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let lock_name = format!("{pid}-{start}-{n}.lock");
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(dir.join(&lock_name))
+            {
+                Ok(f) => break (lock_name, f),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 1000 => {
+                    tries += 1;
+                }
+                Err(e) => return Err(self.io(format!("cannot create running/{lock_name}"))(e)),
+            }
+        };
+        // Nobody else opens a file no entry names yet (reapers open only
+        // those, under the state lock that this process holds).
         if !try_flock(&held) {
-            return Err(self.bad(format!("running/{lock_name} is locked by another process")));
+            let err = std::io::Error::last_os_error();
+            let _ = std::fs::remove_file(dir.join(&lock_name));
+            return Err(self.io(format!("cannot lock running/{lock_name}"))(err));
         }
         st.stored.running.push(Running {
             name: name.to_string(),
@@ -267,8 +314,6 @@ impl StateDir {
         Ok(Admission {
             sd: self.clone(),
             name,
-            pid,
-            start,
             lock_name,
             _held: held,
         })
@@ -351,8 +396,9 @@ impl Locked<'_> {
                 return alive(r.pid, r.start);
             };
             let path = dir.join(lock);
-            // Unreadable (but present) counts as held: fail closed.
-            let live = match File::open(&path) {
+            // Unreadable (but present) counts as held: fail closed. Not
+            // waiting: opening a FIFO put there would block, state lock held.
+            let live = match open_nonblocking(&path) {
                 Ok(f) => !try_flock(&f),
                 Err(e) => e.kind() != std::io::ErrorKind::NotFound,
             };
@@ -374,19 +420,33 @@ impl Locked<'_> {
     /// it is an `Invalid` error naming it (for removing the root policy).
     fn build_tree(&self, strict: bool) -> Result<Resources, AdmitError> {
         let sd = self.sd;
-        let mut policies = Vec::new();
+        let mut policies: Vec<(Path, &Policy)> = Vec::new();
+        let mut seen = BTreeSet::new();
         for (p, pol) in &self.stored.policies {
             let path: Path = p
                 .parse()
-                .map_err(|e| sd.bad(format!("stored policy path '{p}': {e}")))?;
+                .map_err(|e| sd.bad(format!("{STATE_FILE}: stored policy path '{p}': {e}")))?;
+            // The root's policy is `root`; one here would replace it.
+            if path.is_root() {
+                return Err(sd.bad(format!(
+                    "{STATE_FILE}: stored policy path '{p}' is the root (whose policy is stored as \"root\")"
+                )));
+            }
+            if !seen.insert(path.clone()) {
+                return Err(sd.bad(format!(
+                    "{STATE_FILE}: the policy at {path} is stored twice"
+                )));
+            }
             policies.push((path, pol));
         }
         let mut running = Vec::new();
         for r in &self.stored.running {
-            let name: Name = r
-                .name
-                .parse()
-                .map_err(|e| sd.bad(format!("stored unikernel name '{}': {e}", r.name)))?;
+            let name: Name = r.name.parse().map_err(|e| {
+                sd.bad(format!(
+                    "{STATE_FILE}: stored unikernel name '{}': {e}",
+                    r.name
+                ))
+            })?;
             running.push((name, &r.resources));
         }
         let root = match &self.stored.root {
@@ -396,7 +456,9 @@ impl Locked<'_> {
                     .iter()
                     .try_fold(0u64, |sum, (_, u)| sum.checked_add(u.block_mb))
                     .ok_or_else(|| {
-                        sd.bad("the stored unikernels' block use adds up past 2^64 MB")
+                        sd.bad(format!(
+                            "{STATE_FILE}: the stored unikernels' block use adds up past 2^64 MB"
+                        ))
                     })?;
                 let mut host = host_policy(&sd.dir, used);
                 if strict {
@@ -426,7 +488,7 @@ impl Locked<'_> {
             }
         };
         Self::fill(root, policies, running, |what, e| {
-            sd.bad(format!("{what} is inconsistent: {e}"))
+            sd.bad(format!("{STATE_FILE}: {what} is inconsistent: {e}"))
         })
     }
 
@@ -459,7 +521,19 @@ impl Locked<'_> {
         let bytes = serde_json::to_vec_pretty(&self.stored)
             .map_err(|e| sd.bad(format!("cannot encode the state: {e}")))?;
         let tmp = sd.dir.join(format!("{STATE_FILE}.tmp"));
-        let mut f = File::create(&tmp).map_err(sd.io(format!("cannot create {STATE_FILE}.tmp")))?;
+        // One left behind (a crash, another user, a hostile one) is
+        // replaced: opening it would write through a symlink, block on a
+        // FIFO, or fail on another user's file.
+        if let Err(e) = std::fs::remove_file(&tmp) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(sd.io(format!("cannot remove the old {STATE_FILE}.tmp"))(e));
+            }
+        }
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(sd.io(format!("cannot create {STATE_FILE}.tmp")))?;
         f.write_all(&bytes)
             .and_then(|_| f.sync_data())
             .map_err(sd.io(format!("cannot write {STATE_FILE}.tmp")))?;
@@ -479,8 +553,6 @@ impl Locked<'_> {
 pub struct Admission {
     sd: StateDir,
     name: Name,
-    pid: u32,
-    start: u64,
     /// Its file in `running/`, and that file open with its flock held.
     lock_name: String,
     _held: File,
@@ -498,9 +570,11 @@ impl Drop for Admission {
         let release = || -> Result<(), AdmitError> {
             let mut st = self.sd.lock()?;
             let name = self.name.to_string();
+            // Its own entry: the one on its file. Another namespace's
+            // tt-host can have the same pid and start time.
             st.stored
                 .running
-                .retain(|r| !(r.name == name && r.pid == self.pid && r.start == self.start));
+                .retain(|r| !(r.name == name && r.lock.as_deref() == Some(&*self.lock_name)));
             let _ = std::fs::remove_file(self.sd.dir.join(RUNNING_DIR).join(&self.lock_name));
             st.reap();
             st.save()
@@ -1038,6 +1112,220 @@ mod tests {
         std::fs::write(sd.path().join(STATE_FILE), b"{\"version\": 1, \"root\": 7").unwrap();
         let e = sd.admit(None, "x", uk(8)).unwrap_err();
         assert!(e.to_string().contains("state.json does not parse"), "{e}");
+        std::fs::remove_dir_all(sd.path()).unwrap();
+    }
+
+    /// Make a FIFO at `path`.
+    fn mkfifo(path: &FsPath) {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    /// Run `f` on a thread; its result, or a failure if it takes longer
+    /// than 20 s (it hangs: the thread is left blocked).
+    fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .expect("hangs")
+    }
+
+    /// An entry's file in running/ that is a FIFO (put there by hand, or
+    /// by a hostile user of the directory) must not block the reaper,
+    /// which holds the state lock: every tt-host would wait behind it.
+    #[test]
+    fn a_fifo_in_running_does_not_hang_the_reaper() {
+        let sd = scratch("lockfifo");
+        std::fs::create_dir_all(sd.path().join(RUNNING_DIR)).unwrap();
+        mkfifo(&sd.path().join(RUNNING_DIR).join("x.lock"));
+        store(&sd, [gone("x", Some("x.lock"))]);
+        let sd2 = sd.clone();
+        let shown = within(move || sd2.show(&Path::root())).unwrap();
+        // Nobody holds it: the entry is dead.
+        assert!(!shown.contains(" x "), "{shown}");
+        std::fs::remove_dir_all(sd.path()).unwrap();
+    }
+
+    /// A `state.json.tmp` left behind (a crash, another user) is replaced,
+    /// never written through: not into a symlink's target, not into a FIFO
+    /// (which blocks until a reader comes: never).
+    #[test]
+    fn a_leftover_temporary_state_file_is_replaced_not_written_through() {
+        let sd = scratch("tmplink");
+        std::fs::create_dir_all(sd.path()).unwrap();
+        let victim = sd.path().join("victim");
+        std::fs::write(&victim, b"keep me").unwrap();
+        let tmp = sd.path().join(format!("{STATE_FILE}.tmp"));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        let one = PolicyChange {
+            unikernels: Some(1),
+            ..PolicyChange::default()
+        };
+        sd.set_policy(&"alice".parse().unwrap(), &one).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+        let state = sd.path().join(STATE_FILE);
+        assert!(std::fs::symlink_metadata(&state).unwrap().is_file());
+        assert!(sd.show(&Path::root()).unwrap().contains("alice"));
+
+        mkfifo(&tmp);
+        let sd2 = sd.clone();
+        within(move || sd2.set_policy(&"bob".parse().unwrap(), &one)).unwrap();
+        assert!(sd.show(&Path::root()).unwrap().contains("bob"));
+        std::fs::remove_dir_all(sd.path()).unwrap();
+    }
+
+    /// A stored policy path that spells the root ("", ":", "(root)") would
+    /// silently replace the root policy, and a path listed twice would
+    /// keep whichever comes last: both are a bad state naming state.json.
+    #[test]
+    fn a_stored_policy_at_the_root_or_listed_twice_is_a_bad_state() {
+        for (key, again) in [("", None), (":", None), ("(root)", None), ("a", Some("a"))] {
+            let sd = scratch("rootkey");
+            let pol = host_policy(FsPath::new("/"), 0);
+            let mut st = sd.lock().unwrap();
+            st.stored.policies.push((key.into(), pol.clone()));
+            if let Some(k) = again {
+                st.stored.policies.push((k.into(), pol.clone()));
+            }
+            st.save().unwrap();
+            drop(st);
+            let e = sd.show(&Path::root()).unwrap_err();
+            assert!(matches!(e, AdmitError::BadState { .. }), "{key:?}: {e}");
+            let msg = e.to_string();
+            assert!(msg.contains("state.json"), "{key:?}: {msg}");
+            std::fs::remove_dir_all(sd.path()).unwrap();
+        }
+    }
+
+    /// Every message about an impossible stored tree names state.json.
+    #[test]
+    fn stored_inconsistencies_name_the_state_file() {
+        let sd = scratch("inconsistent");
+        let alive = |name: &str| Running {
+            pid: std::process::id(),
+            start: own_start_time(),
+            ..gone(name, None)
+        };
+        store(&sd, [alive("a"), alive("a")]);
+        let e = sd.show(&Path::root()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("state.json: the running unikernel a"),
+            "{e}"
+        );
+        let mut st = sd.lock().unwrap();
+        st.stored.running = vec![alive("a::b")];
+        st.save().unwrap();
+        drop(st);
+        let e = sd.show(&Path::root()).unwrap_err();
+        assert!(
+            e.to_string().contains("state.json: stored unikernel name"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(sd.path()).unwrap();
+    }
+
+    /// The name of an entry's file in running/ is its process id and start
+    /// time; a tt-host in another PID namespace can have both. A file of
+    /// that name held by someone else is no reason to refuse the launch.
+    #[test]
+    fn an_entry_file_name_held_by_another_process_is_skipped() {
+        let sd = scratch("collide");
+        let running = sd.path().join(RUNNING_DIR);
+        std::fs::create_dir_all(&running).unwrap();
+        let (pid, start) = (std::process::id(), own_start_time());
+        let next = ENTRY_N.load(std::sync::atomic::Ordering::Relaxed);
+        let held: Vec<File> = (next..next + 64)
+            .map(|n| {
+                let f = File::create(running.join(format!("{pid}-{start}-{n}.lock"))).unwrap();
+                assert!(try_flock(&f));
+                f
+            })
+            .collect();
+        let a = sd.admit(None, "x", uk(8)).unwrap();
+        drop(a);
+        drop(held);
+        std::fs::remove_dir_all(sd.path()).unwrap();
+    }
+
+    /// Releasing removes this admission's own entry, the one on its file,
+    /// not another entry of the same name, pid and start time (another
+    /// PID namespace's tt-host, admitted after this entry was reaped).
+    #[test]
+    fn release_removes_only_its_own_entry() {
+        let sd = scratch("release");
+        let name: Name = "web".parse().unwrap();
+        let a = sd.admit(Some(&name), "x", uk(8)).unwrap();
+        let running = sd.path().join(RUNNING_DIR);
+        let held = File::create(running.join("foreign.lock")).unwrap();
+        assert!(try_flock(&held));
+        let mut st = sd.lock().unwrap();
+        st.stored.running = vec![Running {
+            pid: std::process::id(),
+            start: own_start_time(),
+            ..gone("web", Some("foreign.lock"))
+        }];
+        st.save().unwrap();
+        drop(st);
+        drop(a);
+        let shown = sd.show(&Path::root()).unwrap();
+        assert!(shown.contains("web"), "the foreign entry stays: {shown}");
+        drop(held);
+        std::fs::remove_dir_all(sd.path()).unwrap();
+    }
+
+    /// Two entries on one lock file: releasing either deletes the file, and
+    /// the other, still running, would then be reaped. A bad state.
+    #[test]
+    fn two_entries_on_one_lock_file_are_a_bad_state() {
+        let sd = scratch("sharedlock");
+        store(&sd, [gone("a", Some("x.lock")), gone("b", Some("x.lock"))]);
+        let e = sd.admit(None, "y", uk(8)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("state.json: lock file \"x.lock\" is listed for two running unikernels"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(sd.path()).unwrap();
+    }
+
+    /// Admissions at once contend on the state lock's flock (each opens
+    /// the lock file itself, as separate processes do): under a policy of
+    /// five, sixteen at once admit exactly five, and the refusals name the
+    /// policy and the numbers.
+    #[test]
+    fn admissions_at_once_never_share_the_last_slot() {
+        let sd = scratch("race");
+        let five = PolicyChange {
+            unikernels: Some(5),
+            ..PolicyChange::default()
+        };
+        sd.set_policy(&"alice".parse().unwrap(), &five).unwrap();
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(16));
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let (sd, barrier) = (sd.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let name: Name = format!("alice:u{i}").parse().unwrap();
+                    barrier.wait();
+                    sd.admit(Some(&name), "x", uk(8))
+                })
+            })
+            .collect();
+        let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let admitted = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(admitted, 5);
+        for e in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert_eq!(
+                e.to_string(),
+                "refused: alice: unikernels: limit 5, in use 5, requested 1"
+            );
+        }
+        drop(results);
+        assert!(!sd.show(&Path::root()).unwrap().contains("alice:u"));
         std::fs::remove_dir_all(sd.path()).unwrap();
     }
 }
