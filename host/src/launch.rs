@@ -198,6 +198,12 @@ pub fn match_devices(image: &Image, args: &RunArgs) -> Result<(), LaunchError> {
 
 /// Boot the image described by `args` and run it to the end.
 pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
+    // From here on SIGINT and SIGTERM stop the launch cleanly: before the
+    // guest runs, it does not start; while it runs, it is stopped as on a
+    // halt (vmm::signal).
+    crate::vmm::signal::install().map_err(|err| {
+        LaunchError::Devices(format!("cannot install the SIGINT/SIGTERM handler: {err}"))
+    })?;
     let path = args.image.display().to_string();
     let file = read_image(&args.image).map_err(|err| LaunchError::ReadImage {
         path: path.clone(),

@@ -209,7 +209,10 @@ impl Net {
                     std::ptr::null(),
                 )
             };
-            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            if n < 0
+                && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+                && crate::vmm::signal::received().is_none()
+            {
                 continue;
             }
             break;

@@ -8,6 +8,7 @@
 //! halts or does something the host must stop.
 
 pub mod layout;
+pub mod signal;
 
 use crate::abi::{self, Hypercall};
 use crate::loader::Image;
@@ -37,6 +38,10 @@ pub enum VmError {
     /// The guest stopped, but a device could not be flushed.
     #[error("{0}")]
     Shutdown(String),
+    /// SIGINT or SIGTERM: the guest was stopped (and its devices flushed),
+    /// as solo5-hvt exits on either.
+    #[error("exiting on signal {0} ({name}); the guest was stopped", name = signal::name(*.0))]
+    Signal(i32),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -226,7 +231,12 @@ impl Vm {
     /// Run the guest until it halts. Returns its exit status, or the
     /// reason the host stopped it.
     pub fn run(&mut self) -> Result<i32, VmError> {
+        let immediate_exit = &mut self.vcpu.get_kvm_run().immediate_exit as *mut u8;
+        // SAFETY: the kvm_run mapping lives as long as `self.vcpu`, which
+        // outlives `armed` (dropped at the end of this block).
+        let armed = unsafe { signal::Armed::new(immediate_exit) };
         let result = self.run_loop();
+        drop(armed);
         let mut failed = Vec::new();
         for m in &mut self.modules {
             if let Err(e) = m.shutdown() {
@@ -248,6 +258,9 @@ impl Vm {
 
     fn run_loop(&mut self) -> Result<i32, VmError> {
         loop {
+            if let Some(sig) = signal::received() {
+                return Err(VmError::Signal(sig));
+            }
             let exit = match self.vcpu.run() {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,

@@ -3,6 +3,11 @@
 //! Output: `time: monotonic ok`, `time: wall clock <secs> s since the
 //! epoch`, `slept 100 ms: <measured>`, `slept 300 ms: <measured>`,
 //! `time: OK` (exit 0); on failure `time: FAIL ...` (exit 1).
+//!
+//! With the argument `sleep-forever` it prints `time: sleeping` and then
+//! sleeps in POLL for ever; with `spin-forever` it prints `time: spinning`
+//! and then spins for ever without a hypercall (for the host's signal
+//! tests: only a signal ends either).
 #![no_std]
 #![no_main]
 
@@ -18,6 +23,21 @@ tt_guest::main!(app_main);
 const Y2020_NS: u64 = 1_577_836_800 * 1_000_000_000;
 
 fn app_main() -> i32 {
+    match tt_guest::boot::args().next() {
+        Some("sleep-forever") => {
+            println!("time: sleeping");
+            loop {
+                poll(Duration::from_secs(3600));
+            }
+        }
+        Some("spin-forever") => {
+            println!("time: spinning");
+            loop {
+                core::hint::spin_loop();
+            }
+        }
+        _ => {}
+    }
     let a = monotonic_ns();
     let mut b = a;
     for _ in 0..1_000_000 {

@@ -1,0 +1,93 @@
+//! SIGINT and SIGTERM stop the guest the way a halt does.
+//!
+//! solo5-hvt exits 1 on either signal, and albatross stops a unikernel by
+//! sending its tender SIGTERM. tt-host goes one step further: the run loop
+//! stops, every module shuts down as on a halt (block devices are
+//! flushed), and `tt-host` exits 1 saying which signal it was.
+//!
+//! The handler only records the signal and sets the vCPU's
+//! `immediate_exit` byte. tt-host runs its one vCPU on the thread that
+//! receives the signal, so a `KVM_RUN` in progress returns `EINTR`; one
+//! about to start returns at once because of `immediate_exit` (the flag
+//! alone would miss a signal that lands between the loop's check and the
+//! ioctl). A `ppoll` for the POLL hypercall returns `EINTR` too and goes
+//! back to the loop instead of sleeping on.
+
+use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering};
+
+/// The signal received, or 0.
+static RECEIVED: AtomicI32 = AtomicI32::new(0);
+/// The running vCPU's `kvm_run.immediate_exit`, or null.
+static IMMEDIATE_EXIT: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
+
+extern "C" fn on_signal(signo: libc::c_int) {
+    RECEIVED.store(signo, Ordering::SeqCst);
+    let p = IMMEDIATE_EXIT.load(Ordering::SeqCst);
+    if !p.is_null() {
+        // SAFETY: `p` is registered by `Armed` only while the kvm_run
+        // mapping it points into is alive (unregistered before it is
+        // dropped); a byte store is async-signal-safe.
+        unsafe { p.write_volatile(1) };
+    }
+}
+
+/// Install the handler for SIGINT and SIGTERM (without `SA_RESTART`, so
+/// blocking calls return `EINTR`).
+pub fn install() -> std::io::Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask"
+        // value; we then set a handler that only does async-signal-safe
+        // work (atomic stores) and fill its mask.
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+            libc::sigfillset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The signal that asked tt-host to stop, if one did.
+pub fn received() -> Option<i32> {
+    match RECEIVED.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// Its name, for messages.
+pub fn name(signo: i32) -> &'static str {
+    match signo {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
+}
+
+/// While alive, a signal also sets `immediate_exit` at the given address.
+pub struct Armed(());
+
+impl Armed {
+    /// # Safety
+    /// `immediate_exit` must stay valid for writes until the `Armed` is
+    /// dropped.
+    pub unsafe fn new(immediate_exit: *mut u8) -> Armed {
+        IMMEDIATE_EXIT.store(immediate_exit, Ordering::SeqCst);
+        // A signal that came before the store set only the flag.
+        if received().is_some() {
+            // SAFETY: valid for writes, per this function's contract.
+            unsafe { immediate_exit.write_volatile(1) };
+        }
+        Armed(())
+    }
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        IMMEDIATE_EXIT.store(std::ptr::null_mut(), Ordering::SeqCst);
+    }
+}
