@@ -110,6 +110,19 @@ pub fn zeroed_file(path: &Path, size: u64) -> File {
     f
 }
 
+/// Median of a non-empty sample (the mean of the two middle values for an
+/// even count).
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 /// Median time per iteration (ns) of one benchmark (the median of its
 /// samples' means), from criterion's estimates, if this run (since
 /// `since`) wrote them.

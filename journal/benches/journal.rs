@@ -46,7 +46,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime};
-use tt_benchutil::{bench_dir, print_setting, verdict, zeroed_file};
+use tt_benchutil::{bench_dir, median, print_setting, verdict, zeroed_file};
 use tt_journal::{Config, Journal};
 use tt_ring::{BlockDevice, FileDevice, MemDevice, Producer};
 
@@ -438,18 +438,6 @@ impl Interleaved {
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(_, r)| r.as_slice())
-    }
-}
-
-/// Median of a non-empty sample.
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 

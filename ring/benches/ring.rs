@@ -36,7 +36,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tt_benchutil::{bench_dir, median_ns, print_setting, verdict, zeroed_file};
+use tt_benchutil::{bench_dir, median, median_ns, print_setting, verdict, zeroed_file};
 use tt_ring::format::record_size;
 use tt_ring::{BlockDevice, Consumer, FileDevice, MemDevice, Producer};
 
@@ -210,20 +210,10 @@ fn interleaved(dir: &Path) -> HashMap<(usize, usize), [f64; 3]> {
                 }
                 round += 1;
             }
-            out.insert((size, batch), times.map(median));
+            out.insert((size, batch), times.map(|t| median(&t)));
         }
     }
     out
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn fold(c: &mut Criterion, dir: &Path) {
