@@ -50,12 +50,17 @@ impl Netns {
     /// Start the net guest on tap0 as 10.0.0.2; it exits 0 after
     /// answering `limit` echo requests.
     fn guest(&self, limit: u32) -> std::process::Child {
+        self.guest_on("tap0", "02:00:00:00:00:02", limit)
+    }
+
+    /// Start the net guest on interface `tap` with MAC `mac` as 10.0.0.2.
+    fn guest_on(&self, tap: &str, mac: &str, limit: u32) -> std::process::Child {
         self.exec(tt_host().to_str().unwrap())
             .args([
                 "run",
                 "--mem=32",
-                "--net:service0=tap0",
-                "--net-mac:service0=02:00:00:00:00:02",
+                &format!("--net:service0={tap}"),
+                &format!("--net-mac:service0={mac}"),
                 guest("net").to_str().unwrap(),
                 "--",
                 "10.0.0.2",
@@ -102,6 +107,8 @@ fn wait(guest: std::process::Child) -> Run {
 // still be booting when the first one goes out; tt-host admits it first,
 // which takes a few synced writes), for at most 20 s.
 const PING3: &[&str] = &["-c", "3", "-i", "0.2", "-W", "5", "-w", "20"];
+/// The same for one answer.
+const PING1: &[&str] = &["-c", "1", "-W", "5", "-w", "20"];
 
 #[test]
 fn net_guest_answers_ping_inside_a_namespace() {
@@ -198,4 +205,98 @@ fn missing_tap_is_a_clear_error() {
         image.to_str().unwrap(),
     ]);
     assert_error(&r, "TAP interface 'tt-no-such-tap' does not exist");
+}
+
+/// Assert that tt-host refused to start with one line naming the device
+/// and containing `msg`.
+fn assert_refused(r: &Run, msg: &str) {
+    assert_eq!(r.status, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("net device 'service0'") && r.stderr.contains(msg),
+        "expected an error containing {msg:?}: {r:?}"
+    );
+    assert!(!r.stdout.contains("net: ready"), "the guest ran: {r:?}");
+}
+
+/// solo5-hvt's tap_attach refuses an interface that is not up
+/// (ENETDOWN); so does tt-host, naming it. (Before, the guest started on
+/// the down TAP, where its writes fail and nothing arrives.)
+#[test]
+fn a_tap_that_is_down_is_refused() {
+    if !kvm() {
+        return;
+    }
+    let ns = Netns::with_tap("down", 1500);
+    ns.ip(&["link", "set", "tap0", "down"], true);
+    let r = wait(ns.guest(1));
+    assert_refused(&r, "TAP interface 'tap0' is down");
+}
+
+/// A TAP takes one user: a second tt-host on a TAP a running guest
+/// holds is refused with a message saying so, and the first guest keeps
+/// its network.
+#[test]
+fn a_tap_already_in_use_is_refused_and_its_guest_keeps_it() {
+    if !kvm() {
+        return;
+    }
+    let ns = Netns::with_tap("busy", 1500);
+    let first = ns.guest(2);
+    let ready = ns.ping(&["-c", "1", "-W", "5", "-w", "20"]);
+    assert!(ready.status.success(), "guest never answered: {ready:?}");
+    let second = wait(ns.guest(1));
+    assert_refused(&second, "TAP interface 'tap0' is already in use");
+    let again = ns.ping(&["-c", "1", "-W", "5"]);
+    let r = wait(first);
+    assert!(again.status.success(), "first guest lost its TAP: {r:?}");
+    assert_eq!(r.status, 0, "{r:?}");
+}
+
+/// An interface that exists but is not a TAP (here a TUN device) is
+/// refused as such, not with a bare "Invalid argument". (Admission
+/// already refuses interfaces that are neither TUN/TAP nor bridges.)
+#[test]
+fn an_interface_that_is_not_a_tap_is_refused() {
+    if !kvm() {
+        return;
+    }
+    let ns = Netns::with_tap("nottap", 1500);
+    ns.ip(&["tuntap", "add", "tun0", "mode", "tun"], true);
+    ns.ip(&["link", "set", "tun0", "up"], true);
+    let r = wait(ns.guest_on("tun0", "02:00:00:00:00:02", 1));
+    assert_refused(&r, "interface 'tun0' is not a single-queue TAP");
+}
+
+/// `--net-mac` as solo5-hvt reads it: one hex digit per byte will do,
+/// and all zeros means "make one up" (a random local unicast address).
+#[test]
+fn net_mac_takes_solo5_forms() {
+    if !kvm() {
+        return;
+    }
+    let ns = Netns::with_tap("mac", 1500);
+    let short = ns.guest_on("tap0", "2:0:0:0:a:2", 1);
+    let ping = ns.ping(PING1);
+    let r = wait(short);
+    assert!(
+        r.stdout.contains("net: service0 mac=02:00:00:00:0a:02 "),
+        "{r:?}"
+    );
+    assert!(ping.status.success(), "{ping:?} {r:?}");
+    assert_eq!(r.status, 0, "{r:?}");
+
+    ns.ip(&["neigh", "flush", "dev", "tap0"], true);
+    let zeros = ns.guest_on("tap0", "00:00:00:00:00:00", 1);
+    let ping = ns.ping(PING1);
+    let r = wait(zeros);
+    assert_eq!(r.status, 0, "{r:?} {ping:?}");
+    let mac = r
+        .stdout
+        .split("net: service0 mac=")
+        .nth(1)
+        .and_then(|rest| rest.get(..17))
+        .unwrap_or_else(|| panic!("no mac line: {r:?}"));
+    assert_ne!(mac, "00:00:00:00:00:00", "{r:?}");
+    let first = u8::from_str_radix(&mac[..2], 16).unwrap();
+    assert_eq!(first & 0x03, 0x02, "local unicast: {mac}");
 }

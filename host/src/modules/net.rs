@@ -1,9 +1,11 @@
 //! Network devices (TAP) and POLL: NET_WRITE, NET_READ, POLL.
 //!
-//! Each device is an existing TAP interface opened through /dev/net/tun
-//! (`IFF_TAP | IFF_NO_PI`), non-blocking. NET_READ answers `AGAIN` when no
-//! frame is waiting; POLL sleeps until a device has a frame or the timeout
-//! passes and returns the set of ready handles.
+//! Each device is an existing TAP interface that is up, opened through
+//! /dev/net/tun (`IFF_TAP | IFF_NO_PI`), non-blocking, as solo5-hvt's
+//! `tap_attach` does. NET_READ answers `AGAIN` when no frame is waiting;
+//! POLL sleeps until a device has a frame or the timeout passes and returns
+//! the set of ready handles and their number. Where this differs from
+//! solo5-hvt (frame lengths, TAP errors) docs/ABI.md says so.
 
 use super::{check_range, read_arg, Action, GuestError, Module};
 use crate::abi::{layout, ret, Hypercall, NET_FRAME_MAX};
@@ -17,6 +19,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 pub enum NetError {
     #[error("net device '{name}': TAP interface '{tap}' does not exist (create it first, e.g. `ip tuntap add {tap} mode tap`)")]
     NoSuchTap { name: String, tap: String },
+    #[error("net device '{name}': TAP interface '{tap}' is down (bring it up first, e.g. `ip link set {tap} up`)")]
+    TapDown { name: String, tap: String },
+    #[error("net device '{name}': TAP interface '{tap}' is already in use (by another tt-host, solo5-hvt or another device of this guest)")]
+    TapBusy { name: String, tap: String },
+    #[error("net device '{name}': interface '{tap}' is not a single-queue TAP interface (create one with `ip tuntap add {tap} mode tap`)")]
+    NotATap { name: String, tap: String },
     #[error("net device '{name}': interface name '{tap}' is not valid (1 to 15 bytes, no '/', ':' or spaces)")]
     BadTapName { name: String, tap: String },
     #[error("net device '{name}': cannot attach to TAP '{tap}': {err}")]
@@ -33,29 +41,31 @@ pub enum NetError {
     },
 }
 
-/// Parse `aa:bb:cc:dd:ee:ff` (or `aa-bb-...`): six bytes of two hex
-/// digits each, one separator throughout. A guest's address must be a
-/// unicast one (bit 0 of the first byte clear) and not all zeros; the
-/// error says what is wrong.
+/// Parse a `--net-mac` value: six bytes of one or two hex digits each
+/// (`02:00:0a:ff:10:01`, `2:0:a:ff:10:1`), separated by `:` (as
+/// solo5-hvt reads it) or `-`, one separator throughout. All zeros means
+/// "no address given", as in solo5-hvt's setup: the result is a random one.
+/// A guest's address must be unicast (bit 0 of the first byte clear;
+/// solo5-hvt passes a multicast one on); the error says what is wrong.
 pub fn parse_mac(s: &str) -> Result<[u8; 6], &'static str> {
     let sep = if s.contains('-') { '-' } else { ':' };
     let parts: Vec<&str> = s.split(sep).collect();
     if parts.len() != 6
         || parts
             .iter()
-            .any(|p| p.len() != 2 || !p.bytes().all(|c| c.is_ascii_hexdigit()))
+            .any(|p| !(1..=2).contains(&p.len()) || !p.bytes().all(|c| c.is_ascii_hexdigit()))
     {
         return Err("expected six hex bytes like 02:00:00:00:00:01");
     }
     let mut mac = [0u8; 6];
     for (b, p) in mac.iter_mut().zip(parts) {
-        *b = u8::from_str_radix(p, 16).expect("two hex digits");
+        *b = u8::from_str_radix(p, 16).expect("one or two hex digits");
+    }
+    if mac == [0; 6] {
+        return Ok(random_mac());
     }
     if mac[0] & 1 != 0 {
         return Err("a multicast address (the first byte is odd)");
-    }
-    if mac == [0; 6] {
-        return Err("all zeros");
     }
     Ok(mac)
 }
@@ -113,13 +123,29 @@ impl NetDevice {
                 tap: tap.into(),
             });
         }
-        let cname = std::ffi::CString::new(tap).expect("no NUL: checked above");
-        // SAFETY: cname is a valid NUL-terminated string.
-        if unsafe { libc::if_nametoindex(cname.as_ptr()) } == 0 {
-            return Err(NetError::NoSuchTap {
-                name: name.into(),
-                tap: tap.into(),
-            });
+        // As solo5-hvt's tap_attach: the interface must exist (else
+        // TUNSETIFF would create a fresh TAP nobody routes to) and be up.
+        match interface_flags(tap) {
+            Ok(flags) if flags & libc::IFF_UP != 0 => {}
+            Ok(_) => {
+                return Err(NetError::TapDown {
+                    name: name.into(),
+                    tap: tap.into(),
+                })
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
+                return Err(NetError::NoSuchTap {
+                    name: name.into(),
+                    tap: tap.into(),
+                })
+            }
+            Err(err) => {
+                return Err(NetError::Attach {
+                    name: name.into(),
+                    tap: tap.into(),
+                    err,
+                })
+            }
         }
         let attach = |err| NetError::Attach {
             name: name.into(),
@@ -140,7 +166,18 @@ impl NetDevice {
         ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes one struct ifreq, which we own.
         if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
-            return Err(attach(std::io::Error::last_os_error()));
+            let err = std::io::Error::last_os_error();
+            return Err(match err.raw_os_error() {
+                Some(libc::EBUSY) => NetError::TapBusy {
+                    name: name.into(),
+                    tap: tap.into(),
+                },
+                Some(libc::EINVAL) => NetError::NotATap {
+                    name: name.into(),
+                    tap: tap.into(),
+                },
+                _ => attach(err),
+            });
         }
         Ok(NetDevice {
             name: name.into(),
@@ -154,6 +191,32 @@ impl NetDevice {
 }
 
 use std::os::unix::fs::OpenOptionsExt;
+
+/// The `IFF_*` flags of network interface `name` (`ENODEV` if there is
+/// none) in this process's network namespace.
+fn interface_flags(name: &str) -> std::io::Result<libc::c_int> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: socket() takes no pointers; the result is checked below.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a socket we just opened and own nowhere else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    // The caller checked the name: shorter than IFNAMSIZ, so NUL-terminated.
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name from and writes the flags into
+    // one struct ifreq, which we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFFLAGS succeeded, so it filled in ifru_flags.
+    Ok(unsafe { ifr.ifr_ifru.ifru_flags } as libc::c_int & 0xffff)
+}
 
 /// The net module: all TAP devices, and POLL.
 pub struct Net {
@@ -230,7 +293,8 @@ impl Net {
             }
         }
         a.set_u64(mem, 8, ready);
-        a.set_i32(mem, 16, ret::OK);
+        // As solo5-hvt: `ret` is the number of ready devices (0 on timeout).
+        a.set_i32(mem, 16, ready.count_ones() as i32);
         Ok(Action::Continue)
     }
 
@@ -241,12 +305,14 @@ impl Net {
             a.set_i32(mem, 24, ret::EINVAL);
             return Ok(Action::Continue);
         };
+        // The buffer is checked first, as solo5-hvt does: a buffer outside
+        // guest memory stops the guest whatever its length.
         if write {
+            check_range(mem, "net frame", data, len)?;
             if !(ETH_HEADER..=NET_FRAME_MAX as u64).contains(&len) {
                 a.set_i32(mem, 24, ret::EINVAL);
                 return Ok(Action::Continue);
             }
-            check_range(mem, "net frame", data, len)?;
             let mut buf = vec![0u8; len as usize];
             let _ = mem.read_slice(&mut buf, GuestAddress(data));
             let r = match dev.tap.write(&buf) {
@@ -262,11 +328,11 @@ impl Net {
             };
             a.set_i32(mem, 24, r);
         } else {
+            check_range(mem, "net buffer", data, len)?;
             if len < NET_FRAME_MAX as u64 {
                 a.set_i32(mem, 24, ret::EINVAL);
                 return Ok(Action::Continue);
             }
-            check_range(mem, "net buffer", data, len)?;
             let r = read_frame(dev, &mut self.rx);
             match r {
                 Ok(n) => {
@@ -292,10 +358,15 @@ const ETH_HEADER: u64 = 14;
 
 /// Read the next frame the guest can take (at most `NET_FRAME_MAX` bytes)
 /// into `buf`; longer ones are dropped, as a NIC drops frames over its
-/// MTU, and reported once per device. `WouldBlock` when none is waiting.
+/// MTU, and reported once per device. `WouldBlock` when none is waiting
+/// (or the read was empty).
 fn read_frame(dev: &mut NetDevice, buf: &mut [u8]) -> std::io::Result<usize> {
     for _ in 0..MAX_DROPS_PER_READ {
         let n = dev.tap.read(buf)?;
+        if n == 0 {
+            // Nothing to hand on: solo5-hvt answers AGAIN to an empty read.
+            break;
+        }
         if n <= NET_FRAME_MAX {
             return Ok(n);
         }
@@ -339,6 +410,84 @@ impl Module for Net {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    const MEM: u64 = 1 << 20;
+    const ARG: u64 = 0x1000;
+    const BUF: u64 = 0x10000;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap()
+    }
+
+    /// A device whose "TAP" is one end of a non-blocking datagram socket
+    /// pair: like a TAP it keeps frame boundaries, polls readable when a
+    /// frame waits, and cuts a frame to a shorter read buffer. The other
+    /// end plays the host's network.
+    fn fake(handle: u64) -> (NetDevice, File) {
+        let mut fds = [0; 2];
+        // SAFETY: fds is a valid array of two ints for socketpair to fill.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0, "socketpair: {}", std::io::Error::last_os_error());
+        // SAFETY: socketpair succeeded: both fds are open and ours alone.
+        let (dev, peer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let dev = NetDevice {
+            name: format!("fake{handle}"),
+            handle,
+            mac: [2, 0, 0, 0, 0, 1],
+            tap: dev.into(),
+            dropped: 0,
+            reported: false,
+        };
+        (dev, peer.into())
+    }
+
+    /// Issue NET_WRITE or NET_READ for `handle` with buffer (`data`,
+    /// `len`); the guest-visible (`ret`, `len`) fields afterwards.
+    fn net_io(
+        net: &mut Net,
+        m: &GuestMemoryMmap,
+        call: Hypercall,
+        handle: u64,
+        data: u64,
+        len: u64,
+    ) -> Result<(i32, u64), GuestError> {
+        for (off, v) in [(0, handle), (8, data), (16, len), (24, 0xdead)] {
+            m.write_obj(v, GuestAddress(ARG + off)).unwrap();
+        }
+        net.handle(call, ARG, m)?;
+        let ret: i32 = m.read_obj(GuestAddress(ARG + 24)).unwrap();
+        let len: u64 = m.read_obj(GuestAddress(ARG + 16)).unwrap();
+        Ok((ret, len))
+    }
+
+    /// Issue POLL; the guest-visible (`ready_set`, `ret`).
+    fn poll(net: &mut Net, m: &GuestMemoryMmap, timeout_nsecs: u64) -> (u64, i32) {
+        m.write_obj(timeout_nsecs, GuestAddress(ARG)).unwrap();
+        m.write_obj(0xdeadu64, GuestAddress(ARG + 8)).unwrap();
+        m.write_obj(0xdeadi32, GuestAddress(ARG + 16)).unwrap();
+        assert_eq!(net.handle(Hypercall::Poll, ARG, m), Ok(Action::Continue));
+        (
+            m.read_obj(GuestAddress(ARG + 8)).unwrap(),
+            m.read_obj(GuestAddress(ARG + 16)).unwrap(),
+        )
+    }
+
+    fn recv(peer: &mut File) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 65536];
+        match peer.read(&mut buf) {
+            Ok(n) => Some(buf[..n].to_vec()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            Err(e) => panic!("{e}"),
+        }
+    }
 
     #[test]
     fn mac_parsing() {
@@ -350,6 +499,8 @@ mod tests {
             parse_mac("02-00-0a-ff-10-01"),
             Ok([2, 0, 0xa, 0xff, 0x10, 1])
         );
+        // solo5-hvt reads each byte with `%02hhx`: one digit is enough.
+        assert_eq!(parse_mac("2:0:a:ff:10:1"), Ok([2, 0, 0xa, 0xff, 0x10, 1]));
         let shape = Err("expected six hex bytes like 02:00:00:00:00:01");
         for bad in [
             "02:00:0a:ff:10",
@@ -357,7 +508,9 @@ mod tests {
             "zz:00:0a:ff:10:01",
             "+2:+0:00:00:00:01", // from_str_radix alone takes a sign
             "02:00-0a:ff:10:01", // mixed separators
-            "2:0:a:ff:10:1",
+            "002:00:0a:ff:10:01",
+            "02::0a:ff:10:01",
+            "02:00:0a:ff:10:01 ",
             "",
         ] {
             assert_eq!(parse_mac(bad), shape, "{bad:?}");
@@ -368,12 +521,153 @@ mod tests {
         assert!(parse_mac("01:00:5e:00:00:01")
             .unwrap_err()
             .contains("multicast"));
-        assert_eq!(parse_mac("00:00:00:00:00:00"), Err("all zeros"));
+    }
+
+    /// solo5-hvt takes an all-zero MAC as "none given" and makes up a
+    /// random one; so does tt-host (it used to refuse it).
+    #[test]
+    fn an_all_zero_mac_becomes_a_random_one() {
+        for zeros in ["00:00:00:00:00:00", "0:0:0:0:0:0"] {
+            let m = parse_mac(zeros).unwrap();
+            assert_ne!(m, [0; 6]);
+            assert_eq!(m[0] & 0x03, 0x02, "local unicast: {m:02x?}");
+        }
     }
 
     #[test]
     fn random_mac_is_local_unicast() {
         let m = random_mac();
         assert_eq!(m[0] & 0x03, 0x02);
+    }
+
+    /// NET_WRITE sends whole Ethernet frames of 14 to 1514 bytes, exactly
+    /// as the guest wrote them; anything shorter or longer, or a handle
+    /// that is not a net device, is EINVAL and sends nothing.
+    #[test]
+    fn net_write_frame_sizes() {
+        let m = mem();
+        let (dev, mut peer) = fake(1);
+        let mut net = Net::new(vec![dev]);
+        let frame: Vec<u8> = (0..NET_FRAME_MAX).map(|i| i as u8).collect();
+        m.write_slice(&frame, GuestAddress(BUF)).unwrap();
+        for len in [14, 60, NET_FRAME_MAX] {
+            let r = net_io(&mut net, &m, Hypercall::NetWrite, 1, BUF, len as u64);
+            assert_eq!(r.unwrap().0, ret::OK, "{len}");
+            assert_eq!(recv(&mut peer).as_deref(), Some(&frame[..len]), "{len}");
+        }
+        for len in [0, 13, NET_FRAME_MAX + 1, 9014] {
+            let r = net_io(&mut net, &m, Hypercall::NetWrite, 1, BUF, len as u64);
+            assert_eq!(r.unwrap().0, ret::EINVAL, "{len}");
+        }
+        for handle in [0, 2, 1 << 40] {
+            let r = net_io(&mut net, &m, Hypercall::NetWrite, handle, BUF, 60);
+            assert_eq!(r.unwrap().0, ret::EINVAL, "handle {handle}");
+        }
+        assert_eq!(recv(&mut peer), None, "nothing else was sent");
+    }
+
+    /// A buffer outside guest memory stops the guest, whatever its length,
+    /// as solo5-hvt's checked address does before it looks at the length.
+    /// (tt-host used to answer EINVAL when the length was also wrong.)
+    #[test]
+    fn a_buffer_outside_memory_stops_the_guest_whatever_its_length() {
+        let m = mem();
+        let (dev, _peer) = fake(1);
+        let mut net = Net::new(vec![dev]);
+        for (call, len) in [
+            (Hypercall::NetWrite, 0),
+            (Hypercall::NetWrite, 60),
+            (Hypercall::NetWrite, 9014),
+            (Hypercall::NetRead, 0),
+            (Hypercall::NetRead, 60),
+            (Hypercall::NetRead, NET_FRAME_MAX as u64),
+        ] {
+            let r = net_io(&mut net, &m, call, 1, MEM + 0x1000, len);
+            assert!(
+                matches!(r, Err(GuestError::BadAddress { .. })),
+                "{call:?} of {len} bytes: {r:?}"
+            );
+        }
+        // Inside memory but running past its end.
+        let r = net_io(&mut net, &m, Hypercall::NetWrite, 1, MEM - 10, 60);
+        assert!(matches!(r, Err(GuestError::BadAddress { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn net_read_delivers_one_whole_frame_or_again() {
+        let m = mem();
+        let (dev, mut peer) = fake(0);
+        let mut net = Net::new(vec![dev]);
+        let read = |net: &mut Net, len: u64| net_io(net, &m, Hypercall::NetRead, 0, BUF, len);
+        assert_eq!(read(&mut net, 2048).unwrap(), (ret::AGAIN, 2048));
+
+        let frame: Vec<u8> = (0..NET_FRAME_MAX).map(|i| (i * 7) as u8).collect();
+        peer.write_all(&frame).unwrap();
+        // A buffer shorter than MTU + header is refused, and the frame stays.
+        assert_eq!(
+            read(&mut net, NET_FRAME_MAX as u64 - 1).unwrap().0,
+            ret::EINVAL
+        );
+        assert_eq!(
+            read(&mut net, NET_FRAME_MAX as u64).unwrap(),
+            (ret::OK, NET_FRAME_MAX as u64)
+        );
+        let mut got = vec![0u8; NET_FRAME_MAX];
+        m.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+        assert_eq!(got, frame);
+
+        // A frame over the MTU is dropped, not cut; the next one comes.
+        peer.write_all(&[0xaa; 4042]).unwrap();
+        peer.write_all(&frame[..60]).unwrap();
+        assert_eq!(read(&mut net, 9014).unwrap(), (ret::OK, 60));
+        assert_eq!(net.devices[0].dropped, 1);
+        assert_eq!(read(&mut net, 9014).unwrap().0, ret::AGAIN);
+    }
+
+    /// An empty read is AGAIN, as in solo5-hvt, not a 0-byte frame.
+    #[test]
+    fn an_empty_read_is_again() {
+        let m = mem();
+        let (dev, mut peer) = fake(0);
+        let mut net = Net::new(vec![dev]);
+        assert_eq!(peer.write(&[]).unwrap(), 0); // one empty datagram
+        let r = net_io(&mut net, &m, Hypercall::NetRead, 0, BUF, 2048).unwrap();
+        assert_eq!(r, (ret::AGAIN, 2048));
+    }
+
+    /// POLL waits `timeout_nsecs` nanoseconds when nothing is ready, and
+    /// reports each ready device as bit `handle` of `ready_set` with `ret`
+    /// = the number of ready devices, as solo5-hvt's poll does (tt-host
+    /// used to answer 0).
+    #[test]
+    fn poll_reports_ready_handles_and_their_number() {
+        let m = mem();
+        let (d1, mut p1) = fake(1);
+        let (d3, mut p3) = fake(3);
+        let mut net = Net::new(vec![d1, d3]);
+
+        let t = std::time::Instant::now();
+        assert_eq!(poll(&mut net, &m, 30_000_000), (0, 0));
+        assert!(t.elapsed() >= std::time::Duration::from_millis(30));
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+
+        p3.write_all(&[0u8; 60]).unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(poll(&mut net, &m, 10_000_000_000), (1 << 3, 1));
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+
+        p1.write_all(&[0u8; 60]).unwrap();
+        assert_eq!(poll(&mut net, &m, 0), (1 << 1 | 1 << 3, 2));
+        // (A failed TAP counts as ready too: tests/tests/net.rs.)
+    }
+
+    /// Without net devices POLL is a plain sleep.
+    #[test]
+    fn poll_without_devices_sleeps() {
+        let m = mem();
+        let mut net = Net::new(Vec::new());
+        let t = std::time::Instant::now();
+        assert_eq!(poll(&mut net, &m, 20_000_000), (0, 0));
+        assert!(t.elapsed() >= std::time::Duration::from_millis(20));
     }
 }
