@@ -58,3 +58,14 @@ fn the_three_segment_seed_has_text_rodata_and_data() {
     assert_eq!(img.entry, 0x10_0001);
     assert_eq!(img.kernel_end, 0x10_6000);
 }
+
+#[test]
+fn the_solo5_layout_seed_keeps_its_bss_segment_and_device_handle() {
+    let img = parse_image(&seed("solo5-layout.hvt"), 512 << 20).unwrap();
+    assert_eq!(img.segments.len(), 4);
+    let bss = &img.segments[3];
+    assert!(bss.filesz == 0 && bss.memsz == 0x2000 && bss.prot.write);
+    assert_eq!(img.kernel_end, 0x10_5000);
+    assert_eq!(img.manifest.handle_of("storage"), Some(2));
+    assert_eq!(img.manifest.unused.len(), 1);
+}

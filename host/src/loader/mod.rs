@@ -6,14 +6,21 @@
 //! naming what is wrong. Nothing here touches KVM, so the fuzzer drives it
 //! directly.
 //!
-//! What is checked, following Solo5's tender and the boot issue:
-//! - ELF64, little-endian, x86-64, `ET_EXEC`, program headers inside the file;
-//! - every `PT_LOAD` lies at or above 1 MiB, inside guest memory, with
-//!   `p_filesz <= p_memsz`, its file bytes inside the file, no overlap with
-//!   another segment, and never both writable and executable;
+//! What is checked, following Solo5's tender (`tenders/common/elf.c`) and
+//! the boot issue; docs/ABI.md lists where tt-host is stricter or looser:
+//! - ELF64, little-endian, version 1, x86-64, `ET_EXEC`, a 64-byte header,
+//!   program headers inside the file;
+//! - every `PT_LOAD` with a non-zero `p_memsz` (a `.bss`-only one too) lies
+//!   at or above 1 MiB, its pages inside guest memory, with
+//!   `p_filesz <= p_memsz`, its file bytes inside the file, no page shared
+//!   with another segment, and never both writable and executable;
 //! - the entry point is inside an executable segment;
 //! - a Solo5 ABI note (`ABI1`) for target hvt, ABI version 2;
 //! - a Solo5 manifest note (`MFT1`), see [`manifest`].
+//!
+//! Notes are looked up as solo5-hvt does (the first note of each `PT_NOTE`
+//! segment, in program-header order), then, if that finds none, among the
+//! later notes of each segment.
 
 pub mod manifest;
 pub mod synth;
@@ -143,10 +150,17 @@ pub fn parse_image(file: &[u8], mem_size: u64) -> Result<Image, LoadError> {
     }
     let e_type = u16_at(file, 16).unwrap();
     let e_machine = u16_at(file, 18).unwrap();
+    let e_version = u32_at(file, 20).unwrap();
     let e_entry = u64_at(file, 24).unwrap();
     let e_phoff = u64_at(file, 32).unwrap();
+    let e_ehsize = u16_at(file, 52).unwrap() as usize;
     let e_phentsize = u16_at(file, 54).unwrap() as usize;
     let e_phnum = u16_at(file, 56).unwrap() as usize;
+    if e_version != 1 {
+        return Err(LoadError::Unsupported(format!(
+            "ELF version {e_version}, expected 1 (EV_CURRENT)"
+        )));
+    }
     if e_machine != 62 {
         return Err(LoadError::Unsupported(format!(
             "machine {e_machine} is not x86-64 (62)"
@@ -155,6 +169,11 @@ pub fn parse_image(file: &[u8], mem_size: u64) -> Result<Image, LoadError> {
     if e_type != 2 {
         return Err(LoadError::Unsupported(format!(
             "type {e_type} is not an executable (ET_EXEC); position-independent images are not supported"
+        )));
+    }
+    if e_ehsize != EHDR_SIZE {
+        return Err(LoadError::Invalid(format!(
+            "ELF header size {e_ehsize}, expected {EHDR_SIZE}"
         )));
     }
     if e_phentsize != PHDR_SIZE {
@@ -241,13 +260,16 @@ fn load_segments(file: &[u8], phdrs: &[Phdr], mem_size: u64) -> Result<Vec<Segme
                 ph.vaddr
             )));
         }
+        // Its pages, not just its bytes, must be guest memory: they get the
+        // segment's protections, and kernel_end is the end of the last one.
         let end = ph
             .vaddr
             .checked_add(ph.memsz)
+            .and_then(|e| e.checked_next_multiple_of(PAGE))
             .ok_or_else(|| bad("address overflows".into()))?;
         if end > mem_size {
             return Err(bad(format!(
-                "ends at {end:#x}, beyond guest memory ({mem_size:#x} bytes); try a larger --mem"
+                "its pages end at {end:#x}, beyond guest memory ({mem_size:#x} bytes); try a larger --mem"
             )));
         }
         let prot = Prot {
@@ -286,55 +308,114 @@ fn load_segments(file: &[u8], phdrs: &[Phdr], mem_size: u64) -> Result<Vec<Segme
     Ok(segments)
 }
 
+/// One step of a walk through the notes of a `PT_NOTE` segment.
+enum NoteAt<'a> {
+    /// A whole note, and the offset of the next one (4-byte aligned).
+    Note {
+        name: &'a [u8],
+        ntype: u32,
+        desc: &'a [u8],
+        next: usize,
+    },
+    /// A note header whose name or descriptor runs past the segment;
+    /// `solo5` if its name starts with the Solo5 owner name.
+    Cut { solo5: bool, ntype: u32 },
+    /// No room for another note header.
+    End,
+}
+
+fn note_at(seg: &[u8], pos: usize) -> NoteAt<'_> {
+    let (Some(namesz), Some(descsz), Some(ntype)) =
+        (u32_at(seg, pos), u32_at(seg, pos + 4), u32_at(seg, pos + 8))
+    else {
+        return NoteAt::End;
+    };
+    let (namesz, descsz) = (namesz as usize, descsz as usize);
+    let name_start = pos + 12;
+    let desc_start = name_start.checked_add(namesz.div_ceil(4) * 4);
+    let desc_end = desc_start.and_then(|d| d.checked_add(descsz));
+    match (desc_start, desc_end) {
+        (Some(desc_start), Some(desc_end)) if desc_end <= seg.len() => NoteAt::Note {
+            name: &seg[name_start..name_start + namesz],
+            ntype,
+            desc: &seg[desc_start..desc_end],
+            next: desc_start + descsz.div_ceil(4) * 4,
+        },
+        _ => NoteAt::Cut {
+            solo5: seg.get(name_start..name_start + abi::NOTE_NAME.len()) == Some(abi::NOTE_NAME),
+            ntype,
+        },
+    }
+}
+
+/// The descriptor of `note` if it is the Solo5 note of `note_type`, with
+/// the internal alignment padding removed (the descriptor proper starts at
+/// the header size rounded up to `desc_align`).
+fn solo5_desc<'a>(
+    note: &NoteAt<'a>,
+    note_type: u32,
+    desc_align: usize,
+) -> Result<Option<&'a [u8]>, LoadError> {
+    match *note {
+        NoteAt::Note {
+            name, ntype, desc, ..
+        } if name == abi::NOTE_NAME && ntype == note_type => {
+            let header = abi::NOTE_HEADER_SIZE;
+            let pad = header.div_ceil(desc_align) * desc_align - header;
+            desc.get(pad..)
+                .map(Some)
+                .ok_or_else(|| LoadError::Invalid("Solo5 note descriptor is too short".into()))
+        }
+        NoteAt::Cut { solo5: true, ntype } if ntype == note_type => Err(LoadError::Truncated(
+            "a Solo5 note extends past its segment",
+        )),
+        _ => Ok(None),
+    }
+}
+
 /// Find the Solo5 note of `note_type` among the `PT_NOTE` segments and
-/// return its descriptor with the internal alignment padding removed (the
-/// descriptor proper starts at the header size rounded up to `desc_align`).
+/// return its descriptor (see [`solo5_desc`]).
+///
+/// solo5-hvt (`elf_load_note`) looks at the first note of each `PT_NOTE`
+/// segment only, in program-header order; its choice is taken whenever it
+/// has one, so both tenders read the same note from the same image. Only
+/// when no segment starts with the note are later notes searched (a
+/// superset: solo5-hvt refuses such an image).
 fn find_note<'a>(
     file: &'a [u8],
     phdrs: &[Phdr],
     note_type: u32,
     desc_align: usize,
 ) -> Result<Option<&'a [u8]>, LoadError> {
-    for ph in phdrs.iter().filter(|p| p.p_type == PT_NOTE) {
-        let seg = ph
-            .offset
-            .checked_add(ph.filesz)
-            .filter(|&e| e <= file.len() as u64)
-            .map(|e| &file[ph.offset as usize..e as usize])
-            .ok_or(LoadError::Truncated(
-                "a note segment extends past the end of the file",
-            ))?;
-        // Walk every note in the segment (Solo5 looks at the first only;
-        // accepting several per segment is a superset).
-        let mut pos = 0usize;
-        while pos + 12 <= seg.len() {
-            let namesz = u32_at(seg, pos).unwrap() as usize;
-            let descsz = u32_at(seg, pos + 4).unwrap() as usize;
-            let ntype = u32_at(seg, pos + 8).unwrap();
-            let name_end = pos + 12 + namesz;
-            let desc_start = pos + 12 + namesz.div_ceil(4) * 4;
-            let Some(desc_end) = desc_start.checked_add(descsz) else {
-                break;
-            };
-            if desc_end > seg.len() || name_end > seg.len() {
-                if seg.get(pos + 12..pos + 18) == Some(abi::NOTE_NAME) && ntype == note_type {
-                    return Err(LoadError::Truncated(
-                        "a Solo5 note extends past its segment",
-                    ));
-                }
-                break;
+    let segs = phdrs
+        .iter()
+        .filter(|p| p.p_type == PT_NOTE)
+        .map(|ph| {
+            ph.offset
+                .checked_add(ph.filesz)
+                .filter(|&e| e <= file.len() as u64)
+                .map(|e| &file[ph.offset as usize..e as usize])
+                .ok_or(LoadError::Truncated(
+                    "a note segment extends past the end of the file",
+                ))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    for seg in &segs {
+        if let Some(desc) = solo5_desc(&note_at(seg, 0), note_type, desc_align)? {
+            return Ok(Some(desc));
+        }
+    }
+    for seg in &segs {
+        let mut pos = 0;
+        loop {
+            let note = note_at(seg, pos);
+            if let Some(desc) = solo5_desc(&note, note_type, desc_align)? {
+                return Ok(Some(desc));
             }
-            if &seg[pos + 12..name_end] == abi::NOTE_NAME && ntype == note_type {
-                let header = abi::NOTE_HEADER_SIZE;
-                let pad = header.div_ceil(desc_align) * desc_align - header;
-                if descsz < pad {
-                    return Err(LoadError::Invalid(
-                        "Solo5 note descriptor is too short".into(),
-                    ));
-                }
-                return Ok(Some(&seg[desc_start + pad..desc_end]));
+            match note {
+                NoteAt::Note { next, .. } => pos = next,
+                NoteAt::Cut { .. } | NoteAt::End => break,
             }
-            pos = desc_start + descsz.div_ceil(4) * 4;
         }
     }
     Ok(None)

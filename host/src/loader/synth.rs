@@ -75,13 +75,22 @@ pub fn code_jump(addr: u32) -> Vec<u8> {
     c
 }
 
-fn note(ntype: u32, desc: &[u8]) -> Vec<u8> {
+/// A Solo5-owned ELF note of `ntype` with descriptor `desc`, padded to 4
+/// bytes (concatenate notes to put several in one `PT_NOTE` segment).
+pub fn note(ntype: u32, desc: &[u8]) -> Vec<u8> {
+    note_owned(b"Solo5\0", ntype, desc)
+}
+
+/// An ELF note with owner `name` (its NUL included), padded to 4 bytes.
+pub fn note_owned(name: &[u8], ntype: u32, desc: &[u8]) -> Vec<u8> {
     let mut n = Vec::new();
-    n.extend_from_slice(&6u32.to_le_bytes());
+    n.extend_from_slice(&(name.len() as u32).to_le_bytes());
     n.extend_from_slice(&(desc.len() as u32).to_le_bytes());
     n.extend_from_slice(&ntype.to_le_bytes());
-    n.extend_from_slice(b"Solo5\0\0\0");
+    n.extend_from_slice(name);
+    n.resize(n.len().next_multiple_of(4), 0);
     n.extend_from_slice(desc);
+    n.resize(n.len().next_multiple_of(4), 0);
     n
 }
 
@@ -129,6 +138,13 @@ impl Synth {
         if self.with_manifest {
             notes.push(note(abi::NOTE_TYPE_MFT1, &mft_desc));
         }
+        self.build_notes(&notes)
+    }
+
+    /// The ELF file with one `PT_NOTE` segment per element of `notes`, each
+    /// holding those bytes (one note or several, see [`note`]); the
+    /// `with_*` fields and note descriptors of `self` are not used.
+    pub fn build_notes(&self, notes: &[Vec<u8>]) -> Vec<u8> {
         let phnum = 2 + notes.len();
         // Layout: ehdr, phdrs, then text at 0x1000, data at 0x2000, notes after.
         let text_off = 0x1000u64;
@@ -137,7 +153,7 @@ impl Synth {
         f[text_off as usize..text_off as usize + self.code.len()].copy_from_slice(&self.code);
         f[data_off as usize..].copy_from_slice(&self.data);
         let mut note_pos = Vec::new();
-        for n in &notes {
+        for n in notes {
             while f.len() % 8 != 0 {
                 f.push(0);
             }

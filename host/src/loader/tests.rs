@@ -200,7 +200,7 @@ fn guest_manifest_has_devices_filled_in() {
         }
     });
     // The guest view parses back to the same manifest.
-    assert_eq!(Manifest::parse(&bytes).unwrap(), img.manifest);
+    assert_eq!(Manifest::parse_guest_view(&bytes).unwrap(), img.manifest);
     let e1 = 8 + abi::MFT_ENTRY_SIZE;
     let e2 = 8 + 2 * abi::MFT_ENTRY_SIZE;
     assert_eq!(&bytes[e1..e1 + 8], b"storage\0");
@@ -232,4 +232,166 @@ fn hostile_headers_do_not_panic() {
             let _ = parse_image(&f, MEM);
         }
     }
+}
+
+// Differences from Solo5's loader (tenders/common/elf.c, mft.c), fixed.
+
+#[test]
+fn rejects_a_bad_elf_version_or_header_size() {
+    // elf.c ehdr_is_valid: e_version must be EV_CURRENT, e_ehsize 64.
+    let mut f = Synth::default().build();
+    f[20] = 0;
+    let e = parse_image(&f, MEM).unwrap_err().to_string();
+    assert!(e.contains("ELF version 0"), "{e}");
+    let mut f = Synth::default().build();
+    f[52] = 52;
+    let e = parse_image(&f, MEM).unwrap_err().to_string();
+    assert!(e.contains("ELF header size 52"), "{e}");
+}
+
+#[test]
+fn a_segment_s_pages_must_fit_in_guest_memory() {
+    // elf.c elf_load: the segment's end rounded up to its page must be in
+    // memory. The data segment is 0x101000 + 0x100: its page ends at
+    // 0x102000.
+    let f = Synth::default().build();
+    let e = parse_image(&f, 0x10_1800).unwrap_err().to_string();
+    assert!(e.contains("beyond guest memory"), "{e}");
+    let img = parse_image(&f, 0x10_2000).unwrap();
+    assert_eq!(img.kernel_end, 0x10_2000);
+}
+
+fn mft_note(devices: &[(&str, DeviceKind)]) -> Vec<u8> {
+    let s = Synth {
+        devices: devices.iter().map(|(n, k)| (n.to_string(), *k)).collect(),
+        ..Synth::default()
+    };
+    synth::note(abi::NOTE_TYPE_MFT1, &s.manifest_desc())
+}
+
+fn abi_note() -> Vec<u8> {
+    synth::note(abi::NOTE_TYPE_ABI1, &Synth::default().abi_desc())
+}
+
+#[test]
+fn the_manifest_is_the_one_solo5_hvt_would_read() {
+    // elf.c elf_load_note reads the first note of each PT_NOTE segment, in
+    // program-header order. Segment 0 holds the ABI note then a manifest
+    // declaring "a"; segment 1 starts with a manifest declaring "b":
+    // solo5-hvt reads "b", so tt-host must too.
+    let a = mft_note(&[("a", DeviceKind::Block)]);
+    let b = mft_note(&[("b", DeviceKind::Net)]);
+    let f = Synth::default().build_notes(&[[abi_note(), a.clone()].concat(), b]);
+    let img = parse_image(&f, MEM).unwrap();
+    assert_eq!(img.manifest.handle_of("b"), Some(1));
+    assert_eq!(img.manifest.handle_of("a"), None);
+
+    // A note that no segment starts with is still found (a superset of
+    // solo5-hvt, which refuses this image), after a foreign note too.
+    let openbsd = synth::note_owned(b"OpenBSD\0", 1, &[0; 4]);
+    let f = Synth::default().build_notes(&[[openbsd, abi_note(), a].concat()]);
+    let img = parse_image(&f, MEM).unwrap();
+    assert_eq!(img.manifest.handle_of("a"), Some(1));
+}
+
+#[test]
+fn manifest_fields_solo5_requires_to_be_clear_are_checked() {
+    // mft.c mft_validate: entry 0 has an empty name, every name's last byte
+    // is NUL, and no entry is marked attached.
+    let base = Synth {
+        devices: vec![("storage".into(), DeviceKind::Block)],
+        ..Synth::default()
+    };
+    let bad = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut d = base.manifest_desc();
+        edit(&mut d);
+        parse_image(&base.build_with(base.abi_desc(), d), MEM)
+            .unwrap_err()
+            .to_string()
+    };
+    let e0 = 12;
+    let e1 = 12 + abi::MFT_ENTRY_SIZE;
+    let e = bad(&|d| d[e0] = b'x');
+    assert!(e.contains("entry 0") && e.contains("has a name"), "{e}");
+    // "storage\0" then garbage up to a non-NUL last byte.
+    let e = bad(&|d| d[e1 + 67] = b'x');
+    assert!(e.contains("entry 1: name is not NUL-terminated"), "{e}");
+    for entry in [e0, e1] {
+        let e = bad(&|d| d[entry + abi::mft_entry::ATTACHED] = 1);
+        assert!(e.contains("'attached' is set"), "{e}");
+    }
+}
+
+#[test]
+fn unused_manifest_entries_keep_the_handles_of_later_devices() {
+    // solo5-hvt skips entries of type MFT_RESERVED_FIRST or above when it
+    // checks that every device is attached; a device's handle is its index.
+    let s = Synth {
+        devices: vec![
+            ("x".into(), DeviceKind::Block),
+            ("storage".into(), DeviceKind::Block),
+            ("y".into(), DeviceKind::Net),
+            ("service0".into(), DeviceKind::Net),
+        ],
+        ..Synth::default()
+    };
+    let mut d = s.manifest_desc();
+    let ty = |i: usize| 12 + i * abi::MFT_ENTRY_SIZE + abi::mft_entry::TYPE;
+    d[ty(1)..ty(1) + 4].copy_from_slice(&abi::MFT_RESERVED_FIRST.to_le_bytes());
+    d[ty(3)..ty(3) + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    let img = parse_image(&s.build_with(s.abi_desc(), d), MEM).unwrap();
+    let m = &img.manifest;
+    assert_eq!(m.count(), 5);
+    assert_eq!(m.handle_of("storage"), Some(2));
+    assert_eq!(m.handle_of("service0"), Some(4));
+    assert_eq!(m.handle_of("x"), None);
+    assert_eq!(m.entries.len(), 2);
+    assert_eq!(
+        (m.unused[0].handle, m.unused[0].ty, &m.unused[0].name[..]),
+        (1, abi::MFT_RESERVED_FIRST, &b"x"[..])
+    );
+    assert_eq!((m.unused[1].handle, m.unused[1].ty), (3, u32::MAX));
+
+    // The guest sees every entry at its index; unused ones unattached.
+    let bytes = m.to_guest_bytes(|h, _| {
+        if h == 2 {
+            manifest::DeviceInfo::Block {
+                capacity: 4096,
+                block_size: 512,
+            }
+        } else {
+            manifest::DeviceInfo::Net {
+                mac: [2, 0, 0, 0, 0, 1],
+                mtu: 1500,
+            }
+        }
+    });
+    assert_eq!(bytes.len(), 8 + 5 * abi::MFT_ENTRY_SIZE);
+    let at = |i: usize, o: usize| 8 + i * abi::MFT_ENTRY_SIZE + o;
+    assert_eq!(&bytes[at(2, 0)..at(2, 8)], b"storage\0");
+    assert_eq!(bytes[at(2, abi::mft_entry::ATTACHED)], 1);
+    assert_eq!(bytes[at(1, abi::mft_entry::ATTACHED)], 0);
+    assert_eq!(&bytes[at(3, 68)..at(3, 72)], &u32::MAX.to_le_bytes());
+    assert_eq!(&Manifest::parse_guest_view(&bytes).unwrap(), m);
+
+    // Types below MFT_RESERVED_FIRST that are not devices stay refused.
+    let mut d = s.manifest_desc();
+    d[ty(1)..ty(1) + 4].copy_from_slice(&0u32.to_le_bytes());
+    let e = parse_image(&s.build_with(s.abi_desc(), d), MEM)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown device type 0"), "{e}");
+}
+
+#[test]
+fn a_manifest_of_64_entries_is_accepted() {
+    let s = Synth {
+        devices: (0..63)
+            .map(|i| (format!("d{i}"), DeviceKind::Block))
+            .collect(),
+        ..Synth::default()
+    };
+    let img = parse(&s).unwrap();
+    assert_eq!(img.manifest.count(), 64);
+    assert_eq!(img.manifest.handle_of("d62"), Some(63));
 }
