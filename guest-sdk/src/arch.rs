@@ -8,9 +8,10 @@
 //! # Boot (`_start`)
 //!
 //! The tender enters in 64-bit mode at CPL 0 with `rdi` = boot info and
-//! `rsp` = top of memory. Under solo5-hvt only CR0.PE|PG|NE,
+//! `rsp` = top of memory. Under solo5-hvt only CR0.PE|PG|NE|WP,
 //! CR4.PAE|OSFXSR|OSXMMEXCPT and EFER.LME|LMA are set and memory is mapped
-//! with 2 MiB RW supervisor pages, so `_start` sets up everything itself:
+//! with supervisor pages (RW from 1 MiB, read-only from 64 KiB, nothing
+//! below), so `_start` sets up everything itself:
 //!
 //! 1. EFER.NXE; CR0.WP|MP (EM|TS cleared); CR4.OSFXSR|OSXMMEXCPT, and if
 //!    the CPU has XSAVE and AVX, CR4.OSXSAVE and XCR0 = x87|SSE|AVX.
@@ -24,9 +25,11 @@
 //! 3. GDT (null, kcode 0x08, kdata 0x10, ucode 0x1b, udata 0x23, TSS 0x28),
 //!    IDT (built at assembly time: the stubs sit at a fixed address), TSS
 //!    (RSP0 = kernel stack, IST1 = double-fault stack).
-//!    On tt-host, which marks its own W^X page tables user-accessible and
-//!    says so with PML4[0].U = 1, step 2 is skipped except for the stack
-//!    guard page: the tender's tables are kept (see docs/ABI.md). They
+//!    On tt-host (which enters with `rsi` = "TT-HOST1"; solo5-hvt leaves
+//!    it 0 and maps nothing below 64 KiB, its page tables included), whose
+//!    W^X page tables are user-accessible and say so with PML4[0].U = 1,
+//!    step 2 is skipped except for the stack guard page: the tender's
+//!    tables are kept (see docs/ABI.md). They
 //!    give the same protections: the linker script flags the `.tt_kernel`
 //!    segment `PF_TT_SUPERVISOR`, which tt-host maps supervisor-only, and
 //!    tt-host then maps its boot data read-only.
@@ -110,6 +113,13 @@ _start:
 1:
     mov cr4, rax
 2:
+
+    /* Only tt-host enters with rsi = "TT-HOST1"; solo5-hvt leaves rsi 0
+     * and does not map its page tables (nothing below 64 KiB), so they
+     * must not be read there: build our own. */
+    movabs rax, 0x3154534f482d5454
+    cmp rsi, rax
+    jne 23f
 
     /* On tt-host, PML4[0].U = 1 says the tender's page tables already map
      * the image W^X from its ELF segments with user pages (docs/ABI.md):

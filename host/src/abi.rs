@@ -10,11 +10,17 @@ pub const GUEST_MIN_BASE: u64 = 0x10_0000;
 
 /// tt-host's extension of ELF segment flags, in the range ELF leaves to
 /// the OS (`PF_MASKOS`): a `PT_LOAD` segment with this bit is mapped
-/// supervisor-only (no U bit), and an image with such a segment also gets
-/// its boot info, manifest and command line read-only (docs/ABI.md, "CPL 3
-/// on the host's page tables"). tt-guest marks its CPL 0 structures so;
-/// other tenders ignore the bit.
+/// supervisor-only (no U bit), and an image with such a segment keeps the
+/// GDT and page tables mapped, supervisor-only, so that its CPL 0 code can
+/// adjust them (docs/ABI.md, "CPL 3 on the host's page tables"). tt-guest
+/// marks its CPL 0 structures so; other tenders ignore the bit.
 pub const PF_TT_SUPERVISOR: u32 = 0x0010_0000;
+
+/// `rsi` when tt-host enters an image: ASCII "TT-HOST1", little-endian.
+/// solo5-hvt enters with `rsi` = 0, so an image can tell the two tenders
+/// apart before it touches memory only one of them maps (solo5-hvt maps
+/// nothing below 64 KiB, its page tables included).
+pub const ENTRY_RSI_TT_HOST: u64 = u64::from_le_bytes(*b"TT-HOST1");
 
 /// I/O port of hypercall 0; hypercall `nr` is an `outl` to `PIO_BASE + nr`.
 pub const HYPERCALL_PIO_BASE: u16 = 0x500;

@@ -13,13 +13,20 @@
 //! ```
 //!
 //! Memory is identity-mapped. Pages of the image get the protections of
-//! their ELF segment (text R+X, rodata R, data R+W; never W+X). Everything
-//! else is R+W and not executable. Above the image, 2 MiB pages are used.
+//! their ELF segment (text R+X, rodata R, data R+W; never W+X); the heap
+//! and stack are R+W and not executable. Above the image, 2 MiB pages are
+//! used. Low memory is protected as solo5-hvt (0.6.0 and later) protects
+//! it: the tender's own structures are not mapped, and what the guest is
+//! given to read (`BOOT_INFO_BASE` up to 1 MiB) is read-only, also at
+//! CPL 0 since CR0.WP is set.
+//!
 //! Pages from 1 MiB up and the boot info, manifest and command line are
-//! user-accessible (U=1); the GDT and page tables are not. So a guest can
-//! run its code at CPL 3 without building page tables of its own. A
-//! segment flagged `abi::PF_TT_SUPERVISOR` is not user-accessible, and an
-//! image with one gets its boot info, manifest and command line read-only.
+//! user-accessible (U=1). So a guest can run its code at CPL 3 without
+//! building page tables of its own. A segment flagged
+//! `abi::PF_TT_SUPERVISOR` is not user-accessible. An image with one (a
+//! tt-guest image) also keeps the GDT and page tables mapped (read-write,
+//! supervisor-only): it adjusts the host's page tables in place instead of
+//! building its own.
 
 use crate::abi;
 use crate::loader::Image;
@@ -38,6 +45,9 @@ pub const MFT_BASE: u64 = BOOT_INFO_BASE + 64;
 pub const CMDLINE_BASE: u64 = 0x8_2000;
 /// Largest guest memory: hypercall arguments are 32-bit addresses.
 pub const MAX_MEM: u64 = PD_COUNT << 30;
+/// solo5-hvt maps nothing below this address (`X86_PT0_MAP_START`, where
+/// it puts the boot info); see [`build_solo5_hvt`].
+pub const SOLO5_PT0_MAP_START: u64 = 0x1_0000;
 /// Smallest guest memory we accept.
 pub const MIN_MEM: u64 = 2 * HUGE;
 
@@ -109,17 +119,23 @@ pub fn build(image: &Image, mem_size: u64) -> Result<LowMem, LayoutError> {
         };
         put(PD_BASE + i * 8, pde);
     }
-    // An image that marks segments supervisor-only runs code at CPL 3 and
-    // asks for its tender data read-only too (abi::PF_TT_SUPERVISOR).
+    // An image that marks segments supervisor-only (abi::PF_TT_SUPERVISOR)
+    // runs its code at CPL 3 and edits these page tables at CPL 0.
     let split = image.segments.iter().any(|s| s.prot.supervisor);
-    // Page tables: page 0 absent; W^X from the segments; the rest R+W, NX.
+    // Page tables: page 0 absent; the GDT and page tables absent, as in
+    // solo5-hvt, except for images that edit them; the tender's data for the
+    // guest read-only; W^X from the segments; the rest R+W, NX.
     for page in 1..small_end / PAGE {
         let addr = page * PAGE;
+        if addr < BOOT_INFO_BASE && !split {
+            continue;
+        }
         let seg = image
             .segments
             .iter()
             .find(|s| addr >= s.page_start() && addr < s.page_end());
         let boot_data = (BOOT_INFO_BASE..CMDLINE_BASE + abi::CMDLINE_SIZE as u64).contains(&addr);
+        let tender_data = (BOOT_INFO_BASE..abi::GUEST_MIN_BASE).contains(&addr);
         let flags = match seg {
             Some(s) => {
                 let mut f = PTE_P;
@@ -131,7 +147,7 @@ pub fn build(image: &Image, mem_size: u64) -> Result<LowMem, LayoutError> {
                 }
                 f
             }
-            None if boot_data && split => PTE_P | PTE_NX,
+            None if tender_data => PTE_P | PTE_NX,
             None => PTE_P | PTE_RW | PTE_NX,
         };
         let supervisor = seg.is_some_and(|s| s.prot.supervisor);
@@ -145,14 +161,17 @@ pub fn build(image: &Image, mem_size: u64) -> Result<LowMem, LayoutError> {
     Ok(LowMem { bytes: low })
 }
 
-/// Solo5's hvt tender's page tables instead of ours: all of memory,
-/// page 0 included, identity-mapped with 2 MiB pages that are present and
-/// writable, nothing else (no NX, no user bit). `tt-host run
-/// --x-solo5-hvt-boot` uses them to check that a guest also boots the way
-/// solo5-hvt starts it.
+/// Solo5's hvt tender's page tables instead of ours, as solo5-hvt 0.6.0
+/// and later (every release that runs hvt ABI 2 images) builds them
+/// (`hvt_x86_setup_pagetables` in tenders/hvt/hvt_cpu_x86_64.c): the first
+/// 2 MiB with 4 KiB pages, of which those below `SOLO5_PT0_MAP_START`
+/// (zero page, GDT, page tables) are absent and the rest below 1 MiB
+/// present and read-only; above, 2 MiB present writable pages. Nothing is
+/// NX or user-accessible. `tt-host run --x-solo5-hvt-boot` uses them to
+/// check that a guest also boots the way solo5-hvt starts it.
 pub fn build_solo5_hvt(mem_size: u64) -> LowMem {
     assert!(mem_size % HUGE == 0 && (MIN_MEM..=MAX_MEM).contains(&mem_size));
-    let mut low = vec![0u8; (PT_BASE - GDT_BASE) as usize];
+    let mut low = vec![0u8; (PT_BASE + PAGE - GDT_BASE) as usize];
     let mut put = |gpa: u64, val: u64| {
         let o = (gpa - GDT_BASE) as usize;
         low[o..o + 8].copy_from_slice(&val.to_le_bytes());
@@ -163,8 +182,18 @@ pub fn build_solo5_hvt(mem_size: u64) -> LowMem {
     for i in 0..PD_COUNT {
         put(PDPT_BASE + i * 8, (PD_BASE + i * PAGE) | PTE_P | PTE_RW);
     }
-    for i in 0..mem_size / HUGE {
+    put(PD_BASE, PT_BASE | PTE_P | PTE_RW);
+    for i in 1..mem_size / HUGE {
         put(PD_BASE + i * 8, (i * HUGE) | PTE_P | PTE_RW | PTE_PS);
+    }
+    for page in SOLO5_PT0_MAP_START / PAGE..HUGE / PAGE {
+        let addr = page * PAGE;
+        let rw = if addr < abi::GUEST_MIN_BASE {
+            0
+        } else {
+            PTE_RW
+        };
+        put(PT_BASE + page * 8, addr | PTE_P | rw);
     }
     LowMem { bytes: low }
 }
@@ -243,18 +272,10 @@ mod tests {
     fn segment_flags_become_page_protections() {
         let low = build(&image(), 64 << 20).unwrap();
         assert_eq!(pte(&low, 0), 0, "page 0 must be unmapped");
-        // page tables: writable, no execute, supervisor-only
-        assert_eq!(pte(&low, 0x2000), 0x2000 | PTE_P | PTE_RW | PTE_NX);
-        // boot info, manifest, command line: readable from user mode
-        assert_eq!(
-            pte(&low, 0x8_0000),
-            0x8_0000 | PTE_P | PTE_RW | PTE_US | PTE_NX
-        );
-        assert_eq!(
-            pte(&low, 0x8_3000),
-            0x8_3000 | PTE_P | PTE_RW | PTE_US | PTE_NX
-        );
-        assert_eq!(pte(&low, 0x8_4000), 0x8_4000 | PTE_P | PTE_RW | PTE_NX);
+        // boot info, manifest, command line: read-only, readable from user mode
+        assert_eq!(pte(&low, 0x8_0000), 0x8_0000 | PTE_P | PTE_US | PTE_NX);
+        assert_eq!(pte(&low, 0x8_3000), 0x8_3000 | PTE_P | PTE_US | PTE_NX);
+        assert_eq!(pte(&low, 0x8_4000), 0x8_4000 | PTE_P | PTE_NX);
         // text: present, read-only, executable, user
         assert_eq!(pte(&low, 0x10_1000), 0x10_1000 | PTE_P | PTE_US);
         // rodata: read-only, no execute
@@ -269,6 +290,72 @@ mod tests {
             pte(&low, 0x1f_f000),
             0x1f_f000 | PTE_P | PTE_RW | PTE_US | PTE_NX
         );
+    }
+
+    /// solo5-hvt (0.6.0 on, `hvt_x86_setup_pagetables`) maps neither its
+    /// GDT nor its page tables, and low memory above them read-only.
+    #[test]
+    fn tender_structures_are_unmapped_and_low_memory_read_only() {
+        let low = build(&image(), 64 << 20).unwrap();
+        for addr in (0..BOOT_INFO_BASE).step_by(PAGE as usize) {
+            assert_eq!(pte(&low, addr), 0, "{addr:#x} must be unmapped");
+        }
+        for addr in (BOOT_INFO_BASE..abi::GUEST_MIN_BASE).step_by(PAGE as usize) {
+            let e = pte(&low, addr);
+            assert_eq!(e & (PTE_P | PTE_RW), PTE_P, "{addr:#x} must be read-only");
+        }
+    }
+
+    /// A tt-guest image edits the host's page tables at CPL 0 (its stack
+    /// guard page), so it keeps them mapped, supervisor-only.
+    #[test]
+    fn images_with_supervisor_segments_keep_the_page_tables_mapped() {
+        let mut img = image();
+        img.segments[2].prot.supervisor = true;
+        let low = build(&img, 64 << 20).unwrap();
+        assert_eq!(pte(&low, 0), 0, "page 0 must be unmapped");
+        for addr in [GDT_BASE, PML4_BASE, PD_BASE, PT_BASE] {
+            assert_eq!(pte(&low, addr), addr | PTE_P | PTE_RW | PTE_NX, "{addr:#x}");
+        }
+        assert_eq!(pte(&low, 0x8_4000), 0x8_4000 | PTE_P | PTE_NX);
+    }
+
+    fn entry(low: &LowMem, gpa: u64) -> u64 {
+        let o = (gpa - GDT_BASE) as usize;
+        u64::from_le_bytes(low.bytes[o..o + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn solo5_hvt_tables_are_solo5_hvts() {
+        let mem = 64 << 20;
+        let low = build_solo5_hvt(mem);
+        assert_eq!(entry(&low, PML4_BASE), PDPT_BASE | PTE_P | PTE_RW);
+        for i in 0..PD_COUNT {
+            let want = (PD_BASE + i * PAGE) | PTE_P | PTE_RW;
+            assert_eq!(entry(&low, PDPT_BASE + i * 8), want);
+        }
+        // The first 2 MiB: 4 KiB pages; nothing below 64 KiB (zero page,
+        // GDT, page tables), then read-only up to 1 MiB, then writable.
+        assert_eq!(entry(&low, PD_BASE), PT_BASE | PTE_P | PTE_RW);
+        for page in 0..HUGE / PAGE {
+            let addr = page * PAGE;
+            let want = if addr < SOLO5_PT0_MAP_START {
+                0
+            } else if addr < abi::GUEST_MIN_BASE {
+                addr | PTE_P
+            } else {
+                addr | PTE_P | PTE_RW
+            };
+            assert_eq!(pte(&low, addr), want, "{addr:#x}");
+        }
+        for i in 1..mem / HUGE {
+            let want = (i * HUGE) | PTE_P | PTE_RW | PTE_PS;
+            assert_eq!(entry(&low, PD_BASE + i * 8), want, "PD[{i}]");
+        }
+        assert_eq!(entry(&low, PD_BASE + mem / HUGE * 8), 0);
+        // The boot info, manifest and command line land in the read-only part.
+        const { assert!(BOOT_INFO_BASE >= SOLO5_PT0_MAP_START) };
+        const { assert!(CMDLINE_BASE + abi::CMDLINE_SIZE as u64 <= abi::GUEST_MIN_BASE) };
     }
 
     #[test]

@@ -92,6 +92,32 @@ fn segment(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
     }
 }
 
+const CR0_PE: u64 = 1;
+const CR0_NE: u64 = 1 << 5;
+const CR0_WP: u64 = 1 << 16;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const EFER_NXE: u64 = 1 << 11;
+
+/// The guest's initial `(CR0, CR4, EFER)`: solo5-hvt's
+/// (`X86_CR0_INIT`, `X86_CR4_INIT`, `X86_EFER_INIT` in
+/// tenders/hvt/hvt_cpu_x86_64.h), except that tt-host's own page tables
+/// use NX bits and so need `EFER.NXE`.
+fn boot_control_registers(solo5_hvt_boot: bool) -> (u64, u64, u64) {
+    let cr0 = CR0_PE | CR0_NE | CR0_WP | CR0_PG;
+    let cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+    let efer = if solo5_hvt_boot {
+        EFER_LME | EFER_LMA
+    } else {
+        EFER_LME | EFER_LMA | EFER_NXE
+    };
+    (cr0, cr4, efer)
+}
+
 impl Vm {
     /// Create the VM for `p` with these device modules.
     pub fn new(p: &BootParams, modules: Vec<Box<dyn Module>>) -> Result<Vm, VmError> {
@@ -162,32 +188,24 @@ impl Vm {
         }
 
         let mut sregs = vcpu.get_sregs().map_err(kvm_err("get sregs"))?;
-        const CR0_PE: u64 = 1;
-        const CR0_MP: u64 = 1 << 1;
-        const CR0_NE: u64 = 1 << 5;
-        const CR0_WP: u64 = 1 << 16;
-        const CR0_PG: u64 = 1 << 31;
-        const CR4_PAE: u64 = 1 << 5;
-        const CR4_OSFXSR: u64 = 1 << 9;
-        const CR4_OSXMMEXCPT: u64 = 1 << 10;
-        const EFER_LME: u64 = 1 << 8;
-        const EFER_LMA: u64 = 1 << 10;
-        const EFER_NXE: u64 = 1 << 11;
-        sregs.cr0 = CR0_PE | CR0_MP | CR0_NE | CR0_WP | CR0_PG;
+        let (cr0, cr4, efer) = boot_control_registers(p.solo5_hvt_boot);
+        sregs.cr0 = cr0;
         sregs.cr3 = layout::PML4_BASE;
-        sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
-        sregs.efer = EFER_LME | EFER_LMA | EFER_NXE;
-        if p.solo5_hvt_boot {
-            // solo5-hvt's values (tenders/hvt/hvt_cpu_x86_64.h).
-            sregs.cr0 = CR0_PE | CR0_NE | CR0_PG;
-            sregs.efer = EFER_LME | EFER_LMA;
-        }
+        sregs.cr4 = cr4;
+        sregs.efer = efer;
         let code = segment(layout::SEL_CODE, 0xb, 1, 0);
         let data = segment(layout::SEL_DATA, 0x3, 0, 1);
         sregs.cs = code;
         (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
         sregs.gdt.base = layout::GDT_BASE;
         sregs.gdt.limit = 3 * 8 - 1;
+        // No IDT until the guest loads one, as solo5-hvt starts it (KVM's
+        // reset value has a 64 KiB limit).
+        sregs.idt.base = 0;
+        sregs.idt.limit = 0;
+        // solo5-hvt passes IA32_APIC_BASE = 0 (APIC disabled): there is no
+        // interrupt controller (KVM's reset value says enabled, at 0xfee00000).
+        sregs.apic_base = 0;
         sregs.tr = kvm_segment {
             type_: 11, // 64-bit TSS, busy
             present: 1,
@@ -204,6 +222,13 @@ impl Vm {
             rflags: 0x2,
             rsp: p.mem_size - 8,
             rdi: layout::BOOT_INFO_BASE,
+            // solo5-hvt leaves every other register 0; tt-host says who it
+            // is in rsi (except when it plays solo5-hvt).
+            rsi: if p.solo5_hvt_boot {
+                0
+            } else {
+                abi::ENTRY_RSI_TT_HOST
+            },
             ..Default::default()
         };
         vcpu.set_regs(&regs).map_err(kvm_err("set regs"))?;
