@@ -3,22 +3,30 @@
 //! `tt-host` process on the host.
 //!
 //! The directory (`--state-dir`, else `$TT_HOST_STATE_DIR`, else
-//! `/var/lib/tt-host`) holds `state.json`, with the policies and the
-//! running unikernels, and `lock`. Every change takes an exclusive `flock`
-//! on `lock`, reads the state, changes it and writes it back crash-safely
-//! (a new temporary file, `fdatasync`, `rename`, then `fsync` of the
+//! `/var/lib/tt-host`) holds `state.json` with the policies, `lock`, and
+//! `running/` with one file per running unikernel. Every access takes an
+//! exclusive `flock` on `lock` and reads the state: `state.json` and the
+//! entry files. A policy change writes `state.json` back crash-safely (a
+//! new temporary file, `fdatasync`, `rename`, then `fsync` of the
 //! directory: a reader sees the old state or the new one, never half of
 //! one; a temporary file left behind is removed, never written through).
-//! So the check of a launch and its registration are one atomic step
-//! across processes: twenty `tt-host run` at once under a policy of five
-//! admit exactly five. A `state.json` that does not parse, or describes an
-//! impossible tree, is an error naming the file and what is wrong in it.
+//! A launch writes its entry into a new file of its own in `running/`,
+//! under the state lock, with no sync (after a power loss nothing runs:
+//! an entry lost is a dead one), and its exit removes that file; neither
+//! rewrites `state.json`, so a launch costs no `fdatasync`. So the check
+//! of a launch and its registration are one atomic step across processes:
+//! twenty `tt-host run` at once under a policy of five admit exactly five.
+//! A `state.json` or entry file that does not parse, or a state that
+//! describes an impossible tree, is an error naming the file and what is
+//! wrong in it.
 //!
-//! Each running unikernel holds an `flock` on its own file in `running/`
-//! for as long as its [`Admission`] lives, so a `tt-host run` killed with
-//! SIGKILL, whose release never ran, does not keep its reservation: the
-//! kernel drops the lock with the process, and the next change under the
-//! state lock reaps every entry whose file nobody holds. A lock, unlike a
+//! Each running unikernel holds an `flock` on its entry file for as long
+//! as its [`Admission`] lives, so a `tt-host run` killed with SIGKILL,
+//! whose release never ran, does not keep its reservation: the kernel
+//! drops the lock with the process, and the next reader removes every
+//! entry file nobody holds. (An older tt-host kept the entries in
+//! `state.json`, with an empty file in `running/` to lock; such entries
+//! are still read and reaped the same way.) A lock, unlike a
 //! process id, means the same in every PID namespace (a `tt-host` in a
 //! container, or with another `/proc`, reaped the others' entries as
 //! dead) and does not survive a reboot. Entries written before these
@@ -81,7 +89,14 @@ struct Running {
     /// written before such files: judged by `pid` and `start`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     lock: Option<String>,
+    /// Read from its own file in `running/` (which holds the entry), not
+    /// from `state.json`; never written to `state.json`.
+    #[serde(skip)]
+    in_file: bool,
 }
+
+/// Largest entry file in `running/` read (an entry is a few hundred bytes).
+const ENTRY_FILE_MAX: u64 = 64 << 10;
 
 const RUNNING_DIR: &str = "running";
 
@@ -244,11 +259,77 @@ impl StateDir {
             },
             Err(e) => return Err(self.io(format!("cannot read {STATE_FILE}"))(e)),
         };
+        let mut stored = stored;
+        self.load_entry_files(&mut stored)?;
         Ok(Locked {
             sd: self,
             _lock: lock,
             stored,
         })
+    }
+
+    /// Add the running entries kept in their own files in `running/`: since
+    /// 2026-12-02 a launch writes its entry into the file whose flock it
+    /// holds, instead of rewriting (and syncing) `state.json` on launch
+    /// and on exit. A file nobody holds is a dead entry (or one whose
+    /// launch died before it was complete): it is removed. Files named by
+    /// `state.json` entries (written by an older tt-host) are left to
+    /// [`Locked::reap`]; other names, non-regular files and empty held
+    /// files are not entries. A held file that does not parse is an error
+    /// naming it (fail closed: it may be a running unikernel).
+    fn load_entry_files(&self, stored: &mut Stored) -> Result<(), AdmitError> {
+        let dir = self.dir.join(RUNNING_DIR);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(self.io("cannot list running/")(e)),
+        };
+        let listed: BTreeSet<String> = stored
+            .running
+            .iter()
+            .filter_map(|r| r.lock.clone())
+            .collect();
+        for e in entries {
+            let e = e.map_err(self.io("cannot list running/"))?;
+            let Some(file) = e.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if !file.ends_with(".lock") || listed.contains(&file) {
+                continue;
+            }
+            let path = dir.join(&file);
+            let f = match open_nonblocking(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.io(format!("cannot open running/{file}"))(e)),
+            };
+            if !f.metadata().is_ok_and(|m| m.is_file()) {
+                continue;
+            }
+            if try_flock(&f) {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(&f, ENTRY_FILE_MAX), &mut bytes)
+                .map_err(self.io(format!("cannot read running/{file}")))?;
+            // Held but empty: an older tt-host's lock file (its entry is in
+            // state.json, or it is no entry at all), never one of ours, whose
+            // entry is written before any reader can take the state lock.
+            if bytes.is_empty() {
+                continue;
+            }
+            let r: Running = serde_json::from_slice(&bytes)
+                .map_err(|e| self.bad(format!("running/{file} does not parse: {e}")))?;
+            if r.lock.as_deref() != Some(file.as_str()) {
+                return Err(self.bad(format!(
+                    "running/{file} holds the entry of lock file {:?}",
+                    r.lock.as_deref().unwrap_or("")
+                )));
+            }
+            stored.running.push(Running { in_file: true, ..r });
+        }
+        Ok(())
     }
 
     /// Admit the unikernel `name` (or, without a name, one named after
@@ -300,17 +381,24 @@ impl StateDir {
             let _ = std::fs::remove_file(dir.join(&lock_name));
             return Err(self.io(format!("cannot lock running/{lock_name}"))(err));
         }
-        st.stored.running.push(Running {
+        // The entry goes into the file: visible to the next reader (under
+        // the state lock, which this process holds), with no sync (after a
+        // power loss nothing runs, and a lost entry is a dead one).
+        let entry = Running {
             name: name.to_string(),
             pid,
             start,
             resources: uk,
             lock: Some(lock_name.clone()),
-        });
-        if let Err(e) = st.save() {
+            in_file: true,
+        };
+        let bytes = serde_json::to_vec(&entry)
+            .map_err(|e| self.bad(format!("cannot encode the entry: {e}")))?;
+        if let Err(e) = (&held).write_all(&bytes) {
             let _ = std::fs::remove_file(dir.join(&lock_name));
-            return Err(e);
+            return Err(self.io(format!("cannot write running/{lock_name}"))(e));
         }
+        drop(st);
         Ok(Admission {
             sd: self.clone(),
             name,
@@ -518,7 +606,10 @@ impl Locked<'_> {
     /// fsync of the directory.
     fn save(&self) -> Result<(), AdmitError> {
         let sd = self.sd;
-        let bytes = serde_json::to_vec_pretty(&self.stored)
+        // Entries kept in their own files stay there.
+        let mut on_disk = self.stored.clone();
+        on_disk.running.retain(|r| !r.in_file);
+        let bytes = serde_json::to_vec_pretty(&on_disk)
             .map_err(|e| sd.bad(format!("cannot encode the state: {e}")))?;
         let tmp = sd.dir.join(format!("{STATE_FILE}.tmp"));
         // One left behind (a crash, another user, a hostile one) is
@@ -566,23 +657,17 @@ impl Admission {
 }
 
 impl Drop for Admission {
+    /// Release: remove the entry's file, then let go of its flock (as
+    /// `_held` drops). A reader either finds the file held, or does not
+    /// find it, or takes the freed flock and reaps it: never a partial
+    /// entry, and no state lock or `state.json` write is needed.
     fn drop(&mut self) {
-        let release = || -> Result<(), AdmitError> {
-            let mut st = self.sd.lock()?;
-            let name = self.name.to_string();
-            // Its own entry: the one on its file. Another namespace's
-            // tt-host can have the same pid and start time.
-            st.stored
-                .running
-                .retain(|r| !(r.name == name && r.lock.as_deref() == Some(&*self.lock_name)));
-            let _ = std::fs::remove_file(self.sd.dir.join(RUNNING_DIR).join(&self.lock_name));
-            st.reap();
-            st.save()
-        };
-        if let Err(e) = release() {
-            // The entry is reaped at the next admission once this process
-            // is gone; nothing is over-admitted meanwhile.
-            eprintln!("tt-host: cannot release {}: {e}", self.name);
+        let path = self.sd.dir.join(RUNNING_DIR).join(&self.lock_name);
+        if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                // Reaped by the next reader once this process has gone.
+                eprintln!("tt-host: cannot release {}: {e}", self.name);
+            }
         }
     }
 }
@@ -843,6 +928,7 @@ mod tests {
             start: 1,
             resources: uk(8),
             lock: lock.map(Into::into),
+            in_file: false,
         }
     }
 
@@ -875,6 +961,52 @@ mod tests {
         let shown = sd.show(&Path::root()).unwrap();
         assert!(shown.contains('b') && !shown.contains(" a "), "{shown}");
         drop(b);
+        std::fs::remove_dir_all(sd.path()).unwrap();
+    }
+
+    /// A launch and its exit touch only the entry's own file: state.json
+    /// (policies) is neither rewritten nor synced, yet other readers see
+    /// the entry while it runs and not after.
+    #[test]
+    fn a_launch_leaves_state_json_alone() {
+        use std::os::unix::fs::MetadataExt;
+        let sd = scratch("nosync");
+        let alice: Path = "alice".parse().unwrap();
+        let one = PolicyChange {
+            unikernels: Some(1),
+            ..PolicyChange::default()
+        };
+        sd.set_policy(&alice, &one).unwrap();
+        let state = sd.path().join(STATE_FILE);
+        let before = (
+            std::fs::read(&state).unwrap(),
+            state.metadata().unwrap().ino(),
+        );
+        let name: Name = "alice:a".parse().unwrap();
+        let a = sd.admit(Some(&name), "x", uk(8)).unwrap();
+        let other = StateDir::resolve(Some(sd.path()));
+        let shown = other.show(&Path::root()).unwrap();
+        assert!(
+            shown.contains("unikernels 1/1") && shown.contains("running"),
+            "{shown}"
+        );
+        let e = other.admit(Some(&"alice:b".parse().unwrap()), "x", uk(8));
+        assert!(e.unwrap_err().to_string().contains("limit 1, in use 1"));
+        drop(a);
+        let shown = other.show(&Path::root()).unwrap();
+        assert!(
+            shown.contains("unikernels 0/1") && !shown.contains("running"),
+            "{shown}"
+        );
+        let after = (
+            std::fs::read(&state).unwrap(),
+            state.metadata().unwrap().ino(),
+        );
+        assert_eq!(before, after, "state.json was rewritten");
+        let files = std::fs::read_dir(sd.path().join(RUNNING_DIR))
+            .unwrap()
+            .count();
+        assert_eq!(files, 0, "the entry file is removed at exit");
         std::fs::remove_dir_all(sd.path()).unwrap();
     }
 

@@ -170,15 +170,19 @@ fn a_sigkilled_run_has_its_reservation_reaped() {
     let hello = hello.to_str().unwrap();
     let r = tt_in(&sd, &["run", "--name=solo:second", "--mem=32", hello]);
     assert_error(&r, "refused: solo: unikernels: limit 1, in use 1");
-    // SIGKILL: no destructor runs, the entry stays in state.json ...
+    // SIGKILL: no destructor runs, the entry's file stays in running/ ...
     kill9(&mut first);
-    let state = std::fs::read_to_string(sd.path("state.json")).unwrap();
-    assert!(state.contains("solo:first"), "{state}");
-    // ... until the next admission reaps it.
+    let entries = || -> String {
+        std::fs::read_dir(sd.path("running"))
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default())
+            .collect()
+    };
+    assert!(entries().contains("solo:first"), "{}", entries());
+    // ... until the next admission finds its flock free and reaps it.
     let r = tt_in(&sd, &["run", "--name=solo:second", "--mem=32", hello]);
     assert_eq!(r.status, 0, "{r:?}");
-    let state = std::fs::read_to_string(sd.path("state.json")).unwrap();
-    assert!(!state.contains("solo:first"), "{state}");
+    assert!(!entries().contains("solo:first"), "{}", entries());
     assert!(running(&sd).is_empty());
 }
 
