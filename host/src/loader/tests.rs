@@ -142,13 +142,7 @@ fn requires_a_valid_manifest() {
         devices: vec![("storage".into(), DeviceKind::Block)],
         ..Synth::default()
     };
-    let bad = |edit: &dyn Fn(&mut Vec<u8>)| {
-        let mut d = base.manifest_desc();
-        edit(&mut d);
-        parse_image(&base.build_with(base.abi_desc(), d), MEM)
-            .unwrap_err()
-            .to_string()
-    };
+    let bad = |edit: &dyn Fn(&mut Vec<u8>)| manifest_error(&base, edit);
     let e1 = 12 + abi::MFT_ENTRY_SIZE;
     assert!(bad(&|d| d[4] = 9).contains("version 9"));
     assert!(bad(&|d| d[8] = 3).contains("3 entries need"));
@@ -302,13 +296,7 @@ fn manifest_fields_solo5_requires_to_be_clear_are_checked() {
         devices: vec![("storage".into(), DeviceKind::Block)],
         ..Synth::default()
     };
-    let bad = |edit: &dyn Fn(&mut Vec<u8>)| {
-        let mut d = base.manifest_desc();
-        edit(&mut d);
-        parse_image(&base.build_with(base.abi_desc(), d), MEM)
-            .unwrap_err()
-            .to_string()
-    };
+    let bad = |edit: &dyn Fn(&mut Vec<u8>)| manifest_error(&base, edit);
     let e0 = 12;
     let e1 = 12 + abi::MFT_ENTRY_SIZE;
     let e = bad(&|d| d[e0] = b'x');
@@ -394,4 +382,14 @@ fn a_manifest_of_64_entries_is_accepted() {
     let img = parse(&s).unwrap();
     assert_eq!(img.manifest.count(), 64);
     assert_eq!(img.manifest.handle_of("d62"), Some(63));
+}
+
+/// The loader's error for `base`'s image with its manifest descriptor
+/// edited by `edit`.
+fn manifest_error(base: &Synth, edit: &dyn Fn(&mut Vec<u8>)) -> String {
+    let mut d = base.manifest_desc();
+    edit(&mut d);
+    parse_image(&base.build_with(base.abi_desc(), d), MEM)
+        .unwrap_err()
+        .to_string()
 }
