@@ -38,7 +38,8 @@ pub enum BlockError {
     )]
     SectorSize { name: String, size: u64 },
     #[error(
-        "block device '{name}': {path} is {len} bytes, not a whole number of {size}-byte sectors"
+        "block device '{name}': Backing storage size must be block aligned: {path} is {len} \
+         bytes, not a whole number of {size}-byte sectors"
     )]
     NotMultiple {
         name: String,
