@@ -5,9 +5,14 @@
 //! so this small parser handles them. Both `tt-host run [OPTIONS] IMAGE [--]
 //! ARGS` and solo5-hvt's `[OPTIONS] [--] IMAGE ARGS` orders are accepted.
 
+use crate::modules::kind::{self, DeviceOption};
 use std::path::PathBuf;
 
-pub const RUN_USAGE: &str = "\
+/// `tt-host run --help`: the general options here, then each device
+/// kind's own ([`kind::usage`]).
+pub fn run_usage() -> String {
+    format!(
+        "\
 usage: tt-host run [OPTIONS] IMAGE [--] [GUEST ARGS...]
        tt-host run [OPTIONS] -- IMAGE [GUEST ARGS...]
 
@@ -18,17 +23,7 @@ image, the options or the guest were bad.
 options (solo5-hvt spellings):
   --mem=MB                      guest memory in MiB (default 512; 4 to 4096;
                                 rounded down to a multiple of 2)
-  --block:NAME=PATH             attach the file or block device at PATH as
-                                the manifest's block device NAME
-  --block-sector-size:NAME=BYTES
-                                sector (block) size of block device NAME: a
-                                power of two from 512 to 32768 (default 512);
-                                the file size must be a multiple of it
-  --net:NAME=TAP                attach the existing TAP interface TAP as the
-                                manifest's network device NAME
-  --net-mac:NAME=HWADDR         MAC address of network device NAME
-                                (default: a random locally administered one)
-  -h, --help                    show this help
+{devices}  -h, --help                    show this help
   --version                     show the version and the Solo5 ABI version
                                 (as solo5-hvt, for launchers that check it)
 
@@ -49,20 +44,24 @@ developer options:
                                 to check that an image is portable to it
 
 Every device in the image's manifest must be given, and every device given
-must be in the manifest, each once. Run as 'solo5-hvt' (through a link of
-that name), tt-host takes these options without 'run', as solo5-hvt does.
-Not supported: solo5-hvt-debug's --gdb, --gdb-port and --dumpcore, and
---net:NAME=@FD (an already open TAP). Unlike solo5-hvt, a '--' right after
-IMAGE is not passed to the guest (give '--' before IMAGE to pass one).";
+must be in the manifest, each once. An option shown as --OPT[:NAME]=VALUE
+may be given once without :NAME, as the default for every device of its
+kind. Run as 'solo5-hvt' (through a link of that name), tt-host takes these
+options without 'run', as solo5-hvt does. Not supported: solo5-hvt-debug's
+--gdb, --gdb-port and --dumpcore. Unlike solo5-hvt, a '--' right after
+IMAGE is not passed to the guest (give '--' before IMAGE to pass one).",
+        devices = kind::usage()
+    )
+}
 
 /// A parsed `tt-host run` command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunArgs {
     pub mem_mb: u64,
-    pub blocks: Vec<(String, PathBuf)>,
-    pub sector_sizes: Vec<(String, u64)>,
-    pub nets: Vec<(String, String)>,
-    pub macs: Vec<(String, String)>,
+    /// Every device option (`--block:NAME=PATH`, `--net-mac:NAME=...`), in
+    /// command-line order; the device kind that owns each reads it
+    /// ([`kind`]).
+    pub devices: Vec<DeviceOption>,
     pub image: PathBuf,
     pub guest_args: Vec<String>,
     pub solo5_hvt_boot: bool,
@@ -125,25 +124,60 @@ impl CliError {
     }
 }
 
-fn named(opt: &str, rest: &str) -> Result<(String, String), CliError> {
-    let (name, value) = rest
-        .split_once('=')
-        .ok_or_else(|| CliError::run(format!("{opt}NAME=VALUE expected, got '{opt}{rest}'")))?;
-    if name.is_empty() || name.len() > 67 || !name.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return Err(CliError::run(format!(
-            "{opt}: device name '{name}' must be 1 to 67 ASCII letters or digits"
-        )));
-    }
-    if value.is_empty() {
-        return Err(CliError::run(format!("{opt}{name}= needs a value")));
-    }
-    Ok((name.to_string(), value.to_string()))
+/// Parse a device option, `--OPT:NAME=VALUE` or (for an option that is a
+/// default for every device of its kind) `--OPT=VALUE`, whose `OPT` a
+/// device kind owns; `None` if no kind owns it. `arg` has no leading `--`.
+fn device_option(arg: &str) -> Option<Result<DeviceOption, CliError>> {
+    let (key, value) = match arg.split_once('=') {
+        Some((k, v)) => (k, Some(v)),
+        None => (arg, None),
+    };
+    let (option, device) = match key.split_once(':') {
+        Some((o, d)) => (o, Some(d)),
+        None => (key, None),
+    };
+    let (kind, spec) = kind::option_owner(option)?;
+    Some((|| {
+        let spelled = match device {
+            Some(_) => format!("--{option}:NAME={}", spec.value),
+            None if spec.default_for_all => format!("--{option}[:NAME]={}", spec.value),
+            None => {
+                return Err(CliError::run(format!(
+                    "--{option} needs a device name: --{option}:NAME={}",
+                    spec.value
+                )))
+            }
+        };
+        let Some(value) = value else {
+            return Err(CliError::run(format!("{spelled} expected, got '--{arg}'")));
+        };
+        if let Some(name) = device {
+            if name.is_empty()
+                || name.len() > 67
+                || !name.bytes().all(|b| b.is_ascii_alphanumeric())
+            {
+                return Err(CliError::run(format!(
+                    "--{option}: device name '{name}' must be 1 to 67 ASCII letters or digits"
+                )));
+            }
+        }
+        if value.is_empty() {
+            return Err(CliError::run(format!("--{key}= needs a value")));
+        }
+        kind.check(option, value)
+            .map_err(|why| CliError::run(format!("--{key}={value}: {why}")))?;
+        Ok(DeviceOption {
+            option: spec.name,
+            device: device.map(String::from),
+            value: value.to_string(),
+        })
+    })())
 }
 
 /// Parse the arguments after `run`.
 pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
     let mut mem_mb = 512u64;
-    let (mut blocks, mut sector_sizes, mut nets, mut macs) = (vec![], vec![], vec![], vec![]);
+    let mut devices: Vec<DeviceOption> = vec![];
     let mut i = 0;
     let mut dashdash = false;
     let mut solo5_hvt_boot = false;
@@ -164,13 +198,6 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
         if a == "--version" {
             return Ok(Parsed::Version);
         }
-        let dup = |list: &[(String, String)], name: &str, opt: &str| {
-            if list.iter().any(|(n, _)| n == name) {
-                Err(CliError::run(format!("{opt}{name} given twice")))
-            } else {
-                Ok(())
-            }
-        };
         if let Some(v) = a.strip_prefix("--mem=").or_else(|| {
             (a == "--mem").then(|| {
                 i += 1;
@@ -203,41 +230,19 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
             state_dir = Some(PathBuf::from(v));
         } else if a == "--x-solo5-hvt-boot" {
             solo5_hvt_boot = true;
-        } else if let Some(rest) = a.strip_prefix("--block:") {
-            let (name, path) = named("--block:", rest)?;
-            let paths: Vec<(String, String)> = blocks
+        } else if let Some(opt) = a.strip_prefix("--").and_then(device_option) {
+            let opt = opt?;
+            if devices
                 .iter()
-                .map(|(n, p): &(String, PathBuf)| (n.clone(), p.display().to_string()))
-                .collect();
-            dup(&paths, &name, "--block:")?;
-            blocks.push((name, PathBuf::from(path)));
-        } else if let Some(rest) = a.strip_prefix("--block-sector-size:") {
-            let (name, size) = named("--block-sector-size:", rest)?;
-            let size = size.parse::<u64>().map_err(|_| {
-                CliError::run(format!(
-                    "--block-sector-size:{name}={size}: not a number of bytes"
-                ))
-            })?;
-            if sector_sizes.iter().any(|(n, _)| n == &name) {
-                return Err(CliError::run(format!(
-                    "--block-sector-size:{name} given twice"
-                )));
+                .any(|o| o.option == opt.option && o.device == opt.device)
+            {
+                let spelled = match &opt.device {
+                    Some(d) => format!("--{}:{d}", opt.option),
+                    None => format!("--{}", opt.option),
+                };
+                return Err(CliError::run(format!("{spelled} given twice")));
             }
-            sector_sizes.push((name, size));
-        } else if let Some(rest) = a.strip_prefix("--net:") {
-            let (name, tap) = named("--net:", rest)?;
-            if tap.starts_with('@') {
-                return Err(CliError::run(format!(
-                    "--net:{name}={tap}: an already open TAP file descriptor (@FD) \
-                     is not supported; give the TAP interface's name"
-                )));
-            }
-            dup(&nets, &name, "--net:")?;
-            nets.push((name, tap));
-        } else if let Some(rest) = a.strip_prefix("--net-mac:") {
-            let (name, mac) = named("--net-mac:", rest)?;
-            dup(&macs, &name, "--net-mac:")?;
-            macs.push((name, mac));
+            devices.push(opt);
         } else if a == "--gdb" || a.starts_with("--gdb-port=") || a.starts_with("--dumpcore=") {
             return Err(CliError::run(format!(
                 "'{a}' is a solo5-hvt-debug option; tt-host has no gdb stub or core dumps"
@@ -256,10 +261,7 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
     }
     Ok(Parsed::Run(Box::new(RunArgs {
         mem_mb,
-        blocks,
-        sector_sizes,
-        nets,
-        macs,
+        devices,
         image: PathBuf::from(image),
         guest_args: rest.to_vec(),
         solo5_hvt_boot,
@@ -493,6 +495,19 @@ mod tests {
         }
     }
 
+    /// `(device, value)` of every `--OPT:NAME=VALUE` with this option.
+    fn given(r: &RunArgs, option: &str) -> Vec<(String, String)> {
+        r.devices
+            .iter()
+            .filter(|o| o.option == option)
+            .map(|o| (o.device.clone().unwrap_or_default(), o.value.clone()))
+            .collect()
+    }
+
+    fn pair(a: &str, b: &str) -> Vec<(String, String)> {
+        vec![(a.into(), b.into())]
+    }
+
     #[test]
     fn solo5_hvt_spellings() {
         let r = run(&[
@@ -507,16 +522,10 @@ mod tests {
             "b",
         ]);
         assert_eq!(r.mem_mb, 64);
-        assert_eq!(
-            r.blocks,
-            vec![("storage".into(), PathBuf::from("disk.img"))]
-        );
-        assert_eq!(r.sector_sizes, vec![("storage".into(), 4096)]);
-        assert_eq!(r.nets, vec![("service0".into(), "tap0".into())]);
-        assert_eq!(
-            r.macs,
-            vec![("service0".into(), "02:00:00:00:00:01".into())]
-        );
+        assert_eq!(given(&r, "block"), pair("storage", "disk.img"));
+        assert_eq!(given(&r, "block-sector-size"), pair("storage", "4096"));
+        assert_eq!(given(&r, "net"), pair("service0", "tap0"));
+        assert_eq!(given(&r, "net-mac"), pair("service0", "02:00:00:00:00:01"));
         assert_eq!(r.image, PathBuf::from("app.hvt"));
         assert_eq!(r.guest_args, vec!["a", "b"]);
     }
@@ -554,8 +563,8 @@ mod tests {
             "--",
         ]);
         assert_eq!(r.mem_mb, 64);
-        assert_eq!(r.nets, vec![("service".into(), "vmmtap0".into())]);
-        assert_eq!(r.sector_sizes, vec![("storage".into(), 4096)]);
+        assert_eq!(given(&r, "net"), pair("service", "vmmtap0"));
+        assert_eq!(given(&r, "block-sector-size"), pair("storage", "4096"));
         assert_eq!(r.image, PathBuf::from("/var/db/albatross/web.img"));
         assert_eq!(r.guest_args, vec!["--ipv4=10.0.0.2/24", "--"]);
     }
@@ -568,6 +577,41 @@ mod tests {
         assert!(matches!(p(&["--", "--version"]).unwrap(), Parsed::Run(_)));
         let text = version_text();
         assert_eq!(text.lines().last(), Some("ABI version 2"), "{text}");
+    }
+
+    /// The test-only `dummy` kind (modules::kind::tests) registers its
+    /// options in one line; the command line then takes them with the
+    /// same rules as block and net options, and its own value check.
+    #[test]
+    fn a_registered_kind_s_options_are_parsed_by_its_rules() {
+        let r = run(&[
+            "--dummy-colour=red",
+            "--dummy:a=x",
+            "--dummy-colour:a=blue",
+            "app.hvt",
+        ]);
+        assert_eq!(given(&r, "dummy"), pair("a", "x"));
+        assert_eq!(
+            given(&r, "dummy-colour"),
+            vec![("".into(), "red".into()), ("a".into(), "blue".into())]
+        );
+        for (args, needle) in [
+            (
+                &["--dummy-colour=green", "x"][..],
+                "--dummy-colour=green: 'green' is not red or blue",
+            ),
+            (
+                &["--dummy-colour=red", "--dummy-colour=blue", "x"][..],
+                "--dummy-colour given twice",
+            ),
+            (
+                &["--dummy=x", "x"][..],
+                "--dummy needs a device name: --dummy:NAME=WORD",
+            ),
+        ] {
+            let e = p(args).unwrap_err();
+            assert!(e.msg.contains(needle), "{args:?}: {e}");
+        }
     }
 
     #[test]
@@ -589,7 +633,16 @@ mod tests {
                 "--block-sector-size:s=big",
             ),
             (&["--frobnicate", "x"][..], "unknown option '--frobnicate'"),
-            (&["--net:a=t0", "--net:a=t1", "x"][..], "given twice"),
+            (
+                &["--net:a=t0", "--net:a=t1", "x"][..],
+                "--net:a given twice",
+            ),
+            (&["--net=t0", "x"][..], "--net needs a device name"),
+            (&["--block:a=", "x"][..], "--block:a= needs a value"),
+            (
+                &["--block-sector-size:s=-1", "x"][..],
+                "--block-sector-size:s=-1: not a number of bytes",
+            ),
             (&["--mem=8"][..], "missing IMAGE"),
             (&["--gdb", "x"][..], "'--gdb' is a solo5-hvt-debug option"),
             (&["--gdb-port=1234", "x"][..], "solo5-hvt-debug option"),
@@ -607,8 +660,10 @@ mod tests {
     #[test]
     fn help() {
         assert_eq!(p(&["--help"]).unwrap(), Parsed::Help);
-        assert!(RUN_USAGE.contains("--block-sector-size:NAME=BYTES"));
-        assert!(RUN_USAGE.contains(&format!("4 to {MAX_MEM_MB};")));
+        let usage = run_usage();
+        assert!(usage.contains("--block-sector-size:NAME=BYTES"), "{usage}");
+        assert!(usage.contains("--net-mac:NAME=HWADDR"), "{usage}");
+        assert!(usage.contains(&format!("4 to {MAX_MEM_MB};")));
     }
     fn pol(args: &[&str]) -> Result<PolicyCmd, CliError> {
         parse_policy(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())

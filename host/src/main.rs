@@ -25,7 +25,7 @@ fn run(args: &[String]) -> ExitCode {
     let run_args = match cli::parse_run(args) {
         Ok(Parsed::Run(r)) => r,
         Ok(Parsed::Help) => {
-            println!("{}", cli::RUN_USAGE);
+            println!("{}", cli::run_usage());
             return ExitCode::SUCCESS;
         }
         Ok(Parsed::Version) => {

@@ -5,8 +5,11 @@
 //! inside the device; otherwise the guest gets `EINVAL`. A host I/O error
 //! gives `EUNSPEC`.
 
+use super::kind::{Attached, DeviceError, DeviceKind, Given, OptionSpec};
 use super::{check_range, read_arg, Action, GuestError, Module, CHUNK};
 use crate::abi::{layout, ret, Hypercall};
+use crate::loader::manifest::DeviceInfo;
+use crate::resources::Unikernel;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -55,6 +58,10 @@ pub enum BlockError {
         path: String,
         size: u64,
     },
+    #[error(
+        "the block devices grew while tt-host started: {admitted_mb} MB admitted, {now_mb} MB now"
+    )]
+    Grew { admitted_mb: u64, now_mb: u64 },
 }
 
 /// A plain read-write file.
@@ -270,5 +277,165 @@ impl Module for Block {
         } else {
             Err(failed.join("; "))
         }
+    }
+}
+
+/// The block device kind: `--block:NAME=PATH` and
+/// `--block-sector-size:NAME=BYTES`, as solo5-hvt's block module.
+pub struct BlockKind;
+
+/// The block device kind, as registered in [`super::kind::kinds`].
+pub static KIND: BlockKind = BlockKind;
+
+impl BlockKind {
+    fn path<'a>(d: &Given<'a>) -> &'a Path {
+        // match_devices checked that every declared device is given.
+        Path::new(d.option("block").unwrap_or_default())
+    }
+
+    fn sector_size(d: &Given) -> u64 {
+        d.option("block-sector-size")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(512)
+    }
+}
+
+impl DeviceKind for BlockKind {
+    fn name(&self) -> &'static str {
+        "block"
+    }
+
+    fn mft_type(&self) -> u32 {
+        crate::abi::MFT_DEV_BLOCK_BASIC
+    }
+
+    fn options(&self) -> &'static [OptionSpec] {
+        &[
+            OptionSpec {
+                name: "block",
+                value: "PATH",
+                default_for_all: false,
+                help: "attach the file or block device at PATH as\n\
+                       the manifest's block device NAME",
+            },
+            OptionSpec {
+                name: "block-sector-size",
+                value: "BYTES",
+                default_for_all: false,
+                help: "sector (block) size of block device NAME: a\n\
+                       power of two from 512 to 32768 (default 512);\n\
+                       the file size must be a multiple of it",
+            },
+        ]
+    }
+
+    fn check(&self, option: &str, value: &str) -> Result<(), String> {
+        if option == "block-sector-size" && value.parse::<u64>().is_err() {
+            return Err("not a number of bytes".into());
+        }
+        Ok(())
+    }
+
+    fn resources(&self, devices: &[Given], uk: &mut Unikernel) -> Result<(), DeviceError> {
+        let mut bytes = 0u64;
+        for d in devices {
+            let path = Self::path(d);
+            let size = backing_size(path).map_err(|err| BlockError::Open {
+                name: d.name.into(),
+                path: path.display().to_string(),
+                err,
+            })?;
+            bytes = bytes.saturating_add(size);
+        }
+        uk.block_mb = uk.block_mb.saturating_add(bytes.div_ceil(1 << 20));
+        Ok(())
+    }
+
+    fn attach(&self, devices: &[Given], admitted: &Unikernel) -> Result<Attached, DeviceError> {
+        let mut opened = Vec::new();
+        for d in devices {
+            let dev =
+                BlockDevice::open_file(d.name, d.handle, Self::path(d), Self::sector_size(d))?;
+            opened.push(dev);
+        }
+        check_block_growth(admitted.block_mb, &opened)?;
+        let info = opened
+            .iter()
+            .map(|b| {
+                let info = DeviceInfo::Block {
+                    capacity: b.backend.capacity(),
+                    block_size: b.block_size as u16,
+                };
+                (b.handle, info)
+            })
+            .collect();
+        Ok(Attached {
+            info,
+            module: Box::new(Block::new(opened)),
+        })
+    }
+}
+
+/// Size in bytes of the regular file or block device at `path` (whatever
+/// else it is gives an error, not a size or a hang).
+fn backing_size(path: &Path) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = crate::launch::open_checked(path, FileBackend::check_type)?;
+    file.seek(SeekFrom::End(0))
+}
+
+/// The block devices were sized for admission before they were opened:
+/// refuse to run if they have grown since (the guest would get more disk
+/// than was admitted).
+fn check_block_growth(admitted_mb: u64, blocks: &[BlockDevice]) -> Result<(), BlockError> {
+    let bytes = blocks
+        .iter()
+        .fold(0u64, |sum, b| sum.saturating_add(b.backend.capacity()));
+    let now_mb = bytes.div_ceil(1 << 20);
+    if now_mb > admitted_mb {
+        return Err(BlockError::Grew {
+            admitted_mb,
+            now_mb,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Sized(u64);
+
+    impl BlockBackend for Sized {
+        fn capacity(&self) -> u64 {
+            self.0
+        }
+        fn read_at(&mut self, _: &mut [u8], _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_at(&mut self, _: &[u8], _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn sync(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn block_devices_that_grew_after_admission_are_refused() {
+        let dev = |name: &str, bytes| BlockDevice {
+            name: name.into(),
+            handle: 1,
+            block_size: 512,
+            backend: Box::new(Sized(bytes)),
+        };
+        // 1.5 MiB + 1 MiB: admitted as their sum rounded up, 3 MB, as
+        // BlockKind::resources computes it.
+        let blocks = [dev("a", 3 << 19), dev("b", 1 << 20)];
+        assert!(check_block_growth(3, &blocks).is_ok());
+        let e = check_block_growth(2, &blocks).unwrap_err();
+        assert!(e.to_string().contains("2 MB admitted, 3 MB now"), "{e}");
+        assert!(check_block_growth(0, &[]).is_ok());
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod block;
 pub mod console;
+pub mod kind;
 pub mod net;
 
 use crate::abi::Hypercall;

@@ -7,8 +7,11 @@
 //! the set of ready handles and their number. Where this differs from
 //! solo5-hvt (frame lengths, TAP errors) docs/ABI.md says so.
 
+use super::kind::{Attached, DeviceError, DeviceKind, Given, OptionSpec};
 use super::{check_range, read_arg, Action, GuestError, Module};
 use crate::abi::{layout, ret, Hypercall, NET_FRAME_MAX};
+use crate::loader::manifest::DeviceInfo;
+use crate::resources::Unikernel;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -404,6 +407,104 @@ impl Module for Net {
             Hypercall::NetRead => self.io(false, arg, mem),
             _ => unreachable!("net registered only its own hypercalls"),
         }
+    }
+}
+
+/// The net device kind: `--net:NAME=TAP` and `--net-mac:NAME=HWADDR`, as
+/// solo5-hvt's net module.
+pub struct NetKind;
+
+/// The net device kind, as registered in [`super::kind::kinds`].
+pub static KIND: NetKind = NetKind;
+
+impl DeviceKind for NetKind {
+    fn name(&self) -> &'static str {
+        "net"
+    }
+
+    fn mft_type(&self) -> u32 {
+        crate::abi::MFT_DEV_NET_BASIC
+    }
+
+    fn options(&self) -> &'static [OptionSpec] {
+        &[
+            OptionSpec {
+                name: "net",
+                value: "TAP",
+                default_for_all: false,
+                help: "attach the existing TAP interface TAP as the\n\
+                       manifest's network device NAME",
+            },
+            OptionSpec {
+                name: "net-mac",
+                value: "HWADDR",
+                default_for_all: false,
+                help: "MAC address of network device NAME\n\
+                       (default: a random locally administered one)",
+            },
+        ]
+    }
+
+    fn check(&self, option: &str, value: &str) -> Result<(), String> {
+        match option {
+            "net" if value.starts_with('@') => Err(
+                "an already open TAP file descriptor (@FD) is not supported; give the TAP \
+                 interface's name"
+                    .into(),
+            ),
+            "net-mac" => parse_mac(value)
+                .map(|_| ())
+                .map_err(|why| format!("not a guest MAC address: {why}")),
+            _ => Ok(()),
+        }
+    }
+
+    fn resources(&self, devices: &[Given], uk: &mut Unikernel) -> Result<(), DeviceError> {
+        for d in devices {
+            let tap = d.option("net").unwrap_or_default();
+            // A TAP that does not exist is no network to admit: say so as
+            // attaching it would.
+            let plain = !tap.is_empty() && !tap.contains(['/', ':', ' ', '\0']) && tap != "..";
+            if plain && !std::path::Path::new("/sys/class/net").join(tap).exists() {
+                return Err(NetError::NoSuchTap {
+                    name: d.name.into(),
+                    tap: tap.into(),
+                }
+                .into());
+            }
+            uk.bridges.insert(crate::admission::network_of_tap(tap));
+        }
+        Ok(())
+    }
+
+    fn attach(&self, devices: &[Given], _: &Unikernel) -> Result<Attached, DeviceError> {
+        let mut opened = Vec::new();
+        for d in devices {
+            let mac = match d.option("net-mac") {
+                Some(m) => parse_mac(m).map_err(|why| NetError::BadMac {
+                    name: d.name.into(),
+                    mac: m.into(),
+                    why,
+                })?,
+                None => random_mac(),
+            };
+            let tap = d.option("net").unwrap_or_default();
+            opened.push(NetDevice::open_tap(d.name, d.handle, tap, mac)?);
+        }
+        let info = opened
+            .iter()
+            .map(|n| {
+                let info = DeviceInfo::Net {
+                    mac: n.mac,
+                    mtu: crate::abi::NET_MTU,
+                };
+                (n.handle, info)
+            })
+            .collect();
+        Ok(Attached {
+            info,
+            module: Box::new(Net::new(opened)),
+        })
     }
 }
 
