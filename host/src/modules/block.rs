@@ -37,7 +37,8 @@ pub enum BlockError {
         err: std::io::Error,
     },
     #[error(
-        "block device '{name}': sector size {size} must be a power of two >= 512 (and <= 32768)"
+        "block device '{name}': Block size must be a multiple of 2 greater than or equal 512: \
+         sector size {size} must be a power of two from 512 to 32768"
     )]
     SectorSize { name: String, size: u64 },
     #[error(
