@@ -7,7 +7,7 @@
 //!
 //! A module reads its argument struct (one of the `Hc*` structs of
 //! [`crate::abi`]) from guest memory with [`read_args`], and writes each
-//! OUT field back on its own with [`set_out!`]: never the whole struct,
+//! OUT field back on its own with `set_out!`: never the whole struct,
 //! so the guest's IN fields are left as they were. A guest address or
 //! length outside guest memory is a [`GuestError`], which stops the guest
 //! with exit status 1. A request that is well-addressed but wrong (bad
@@ -68,7 +68,7 @@ pub trait Module {
 /// Read the argument struct `T` of a hypercall from guest address `gpa`.
 /// Returns a copy of it (the guest may change the original meanwhile;
 /// use the copy only) and where it is, to write OUT fields back with
-/// [`set_out!`].
+/// `set_out!`.
 pub fn read_args<T: ByteValued>(
     mem: &GuestMemoryMmap,
     gpa: u64,
@@ -98,7 +98,7 @@ pub struct ArgAt<T> {
 }
 
 impl<T: ByteValued> ArgAt<T> {
-    /// Write `val` at byte `offset` of the struct. Called by [`set_out!`],
+    /// Write `val` at byte `offset` of the struct. Called by `set_out!`,
     /// which takes `offset` from `offset_of!` and checks that `val` has
     /// the field's type.
     pub(crate) fn write_field<F: ByteValued>(&self, mem: &GuestMemoryMmap, offset: usize, val: F) {
