@@ -5,26 +5,11 @@
 
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-/// `struct hvt_boot_info` as passed by the tender (40 bytes).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct BootInfo {
-    /// Guest memory size in bytes (memory is `[0, mem_size)`).
-    pub mem_size: u64,
-    /// First address after the loaded image, as the tender computed it.
-    pub kernel_end: u64,
-    /// TSC frequency in Hz.
-    pub cpu_cycle_freq: u64,
-    /// Guest-physical address of the NUL-terminated command line.
-    pub cmdline: u64,
-    /// Guest-physical address of the host-filled manifest (`struct mft`).
-    pub mft: u64,
-}
-
-const _: () = assert!(core::mem::size_of::<BootInfo>() == 40);
+/// `struct hvt_boot_info` as passed by the tender (from `tt-hvt-abi`).
+pub use tt_hvt_abi::BootInfo;
 
 /// Longest command line the ABI allows, including the NUL.
-pub const CMDLINE_MAX: usize = 8192;
+pub const CMDLINE_MAX: usize = tt_hvt_abi::CMDLINE_SIZE;
 
 static MEM_SIZE: AtomicU64 = AtomicU64::new(0);
 static KERNEL_END: AtomicU64 = AtomicU64::new(0);

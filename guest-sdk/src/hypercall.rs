@@ -11,122 +11,27 @@
 //! `out` (except the CPL 0 abort path in `arch.rs`).
 
 use core::arch::asm;
-use core::mem::size_of;
-
-/// First hypercall port; hypercall `nr` uses port `PIO_BASE + nr`.
-pub const PIO_BASE: u16 = 0x500;
 
 /// Hypercall numbers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u16)]
-pub enum Nr {
-    Walltime = 1,
-    Puts = 2,
-    Poll = 3,
-    BlockWrite = 4,
-    BlockRead = 5,
-    NetWrite = 6,
-    NetRead = 7,
-    Halt = 8,
-}
+pub use tt_hvt_abi::Hypercall as Nr;
+/// First hypercall port; hypercall `nr` uses port `PIO_BASE + nr`.
+pub use tt_hvt_abi::HYPERCALL_PIO_BASE as PIO_BASE;
+/// The argument structs, as `tt-hvt-abi` defines them for guest and host
+/// (`struct hvt_hc_*`). Explicit `_pad` fields stand where C pads; set
+/// them to 0 (`..Default::default()`).
+pub use tt_hvt_abi::{
+    HcBlockRead as BlockRead, HcBlockWrite as BlockWrite, HcHalt as Halt, HcNetRead as NetRead,
+    HcNetWrite as NetWrite, HcPoll as Poll, HcPuts as Puts, HcWalltime as Walltime,
+};
 
 /// Status a host returns in the `ret` field.
-pub const RET_OK: i32 = 0;
+pub const RET_OK: i32 = tt_hvt_abi::ret::OK;
 /// Try again (net read: nothing available).
-pub const RET_AGAIN: i32 = 1;
+pub const RET_AGAIN: i32 = tt_hvt_abi::ret::AGAIN;
 /// Invalid argument (bad handle, offset, length).
-pub const RET_EINVAL: i32 = 2;
+pub const RET_EINVAL: i32 = tt_hvt_abi::ret::EINVAL;
 /// Unspecified host-side failure (I/O error).
-pub const RET_EUNSPEC: i32 = 3;
-
-/// `HVT_HYPERCALL_WALLTIME`: nanoseconds since the Unix epoch (OUT).
-#[repr(C)]
-#[derive(Default)]
-pub struct Walltime {
-    pub nsecs: u64,
-}
-
-/// `HVT_HYPERCALL_PUTS`: write `len` bytes at `data` to the console.
-#[repr(C)]
-#[derive(Default)]
-pub struct Puts {
-    pub data: u64,
-    pub len: u64,
-}
-
-/// `HVT_HYPERCALL_POLL`: wait up to `timeout_nsecs` (relative) for a
-/// network device to become readable. `ready_set` has bit `handle` set for
-/// each readable device; `ret` is 0, or 1 if the host was interrupted.
-#[repr(C)]
-#[derive(Default)]
-pub struct Poll {
-    pub timeout_nsecs: u64,
-    pub ready_set: u64,
-    pub ret: i32,
-}
-
-/// `HVT_HYPERCALL_BLKWRITE`: write `len` bytes at `data` to device
-/// `handle` at byte `offset`.
-#[repr(C)]
-#[derive(Default)]
-pub struct BlockWrite {
-    pub handle: u64,
-    pub offset: u64,
-    pub data: u64,
-    pub len: u64,
-    pub ret: i32,
-}
-
-/// `HVT_HYPERCALL_BLKREAD`: read up to `len` bytes into `data`; the host
-/// stores the number of bytes read back into `len`.
-#[repr(C)]
-#[derive(Default)]
-pub struct BlockRead {
-    pub handle: u64,
-    pub offset: u64,
-    pub data: u64,
-    pub len: u64,
-    pub ret: i32,
-}
-
-/// `HVT_HYPERCALL_NETWRITE`: send one frame of `len` bytes.
-#[repr(C)]
-#[derive(Default)]
-pub struct NetWrite {
-    pub handle: u64,
-    pub data: u64,
-    pub len: u64,
-    pub ret: i32,
-}
-
-/// `HVT_HYPERCALL_NETREAD`: receive one frame into `data` (capacity
-/// `len`); the host stores the frame length into `len`.
-#[repr(C)]
-#[derive(Default)]
-pub struct NetRead {
-    pub handle: u64,
-    pub data: u64,
-    pub len: u64,
-    pub ret: i32,
-}
-
-/// `HVT_HYPERCALL_HALT`: stop the guest with `exit_status` (255 = abort).
-/// `cookie` is a guest address the host may use for a core dump, or 0.
-#[repr(C)]
-#[derive(Default)]
-pub struct Halt {
-    pub cookie: u64,
-    pub exit_status: i32,
-}
-
-const _: () = assert!(size_of::<Walltime>() == 8);
-const _: () = assert!(size_of::<Puts>() == 16);
-const _: () = assert!(size_of::<Poll>() == 24);
-const _: () = assert!(size_of::<BlockWrite>() == 40);
-const _: () = assert!(size_of::<BlockRead>() == 40);
-const _: () = assert!(size_of::<NetWrite>() == 32);
-const _: () = assert!(size_of::<NetRead>() == 32);
-const _: () = assert!(size_of::<Halt>() == 16);
+pub const RET_EUNSPEC: i32 = tt_hvt_abi::ret::EUNSPEC;
 
 /// Issue hypercall `nr` with argument struct `arg`.
 ///
@@ -146,7 +51,7 @@ pub unsafe fn raw<T>(nr: Nr, arg: *mut T) {
     unsafe {
         asm!(
             "out dx, eax",
-            in("dx") PIO_BASE + nr as u16,
+            in("dx") nr.port(),
             in("eax") addr as u32,
             options(nostack, preserves_flags)
         );
@@ -197,7 +102,7 @@ pub fn block_write(handle: u64, offset: u64, data: &[u8]) -> i32 {
         offset,
         data: data.as_ptr() as u64,
         len: data.len() as u64,
-        ret: 0,
+        ..Default::default()
     };
     // SAFETY: `a` is live; `data`/`len` describe the readable slice.
     unsafe { raw(Nr::BlockWrite, &mut a) };
@@ -213,7 +118,7 @@ pub fn block_read(handle: u64, offset: u64, data: &mut [u8]) -> (i32, u64) {
         offset,
         data: data.as_mut_ptr() as u64,
         len: data.len() as u64,
-        ret: 0,
+        ..Default::default()
     };
     // SAFETY: `a` is live; `data`/`len` describe the writable slice, which
     // the host fills with at most `len` bytes.
@@ -233,7 +138,7 @@ pub fn net_write(handle: u64, frame: &[u8]) -> i32 {
         handle,
         data: frame.as_ptr() as u64,
         len: frame.len() as u64,
-        ret: 0,
+        ..Default::default()
     };
     // SAFETY: `a` is live; `data`/`len` describe the readable slice.
     unsafe { raw(Nr::NetWrite, &mut a) };
@@ -248,7 +153,7 @@ pub fn net_read(handle: u64, buf: &mut [u8]) -> (i32, u64) {
         handle,
         data: buf.as_mut_ptr() as u64,
         len: buf.len() as u64,
-        ret: 0,
+        ..Default::default()
     };
     // SAFETY: `a` is live; `data`/`len` describe the writable slice.
     unsafe { raw(Nr::NetRead, &mut a) };
@@ -266,6 +171,7 @@ pub fn halt(status: i32) -> ! {
     let mut a = Halt {
         cookie: 0,
         exit_status: status,
+        _pad: 0,
     };
     // SAFETY: `a` is a live Halt struct.
     unsafe { raw(Nr::Halt, &mut a) };

@@ -9,46 +9,36 @@
 //! [`find`] looks entries up in that host-filled copy.
 
 use core::mem::size_of;
+use core::ops::{Deref, DerefMut};
+use tt_hvt_abi as abi;
 
-/// Manifest format version.
-pub const MFT_VERSION: u32 = 1;
-/// Most entries a manifest may have (including the reserved entry 0).
-pub const MFT_MAX_ENTRIES: usize = 64;
-/// Size of an entry's name field; names are at most 67 bytes + NUL.
-pub const MFT_NAME_SIZE: usize = 68;
-/// Note type "MFT1".
-pub const NOTE_TYPE_MFT1: u32 = 0x3154_464d;
-/// Note type "ABI1".
-pub const NOTE_TYPE_ABI1: u32 = 0x3149_4241;
+pub use tt_hvt_abi::{
+    MftBlockBasic, MftNetBasic, MftProps, MFT_DEV_BLOCK_BASIC, MFT_DEV_NET_BASIC, MFT_MAX_ENTRIES,
+    MFT_NAME_SIZE, MFT_RESERVED_FIRST, MFT_VERSION, NOTE_TYPE_ABI1, NOTE_TYPE_MFT1,
+};
 
-/// Device type of a manifest entry.
-pub const MFT_DEV_BLOCK_BASIC: u32 = 1;
-/// Device type of a manifest entry.
-pub const MFT_DEV_NET_BASIC: u32 = 2;
-/// Type of the mandatory first entry.
-pub const MFT_RESERVED_FIRST: u32 = 1 << 30;
+/// A manifest entry: Solo5's `struct mft_entry` ([`tt_hvt_abi::MftEntry`],
+/// 104 bytes, reachable through `Deref`) with constructors that check
+/// device names at compile time and typed accessors for the host-filled
+/// properties.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MftEntry(pub abi::MftEntry);
 
-/// `struct mft_entry` (104 bytes).
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct MftEntry {
-    /// NUL-terminated name.
-    pub name: [u8; MFT_NAME_SIZE],
-    /// One of the `MFT_DEV_*` / `MFT_RESERVED_FIRST` types.
-    pub kind: u32,
-    /// Device properties filled in by the host: for block devices
-    /// `capacity: u64` then `block_size: u16`; for network devices
-    /// `mac: [u8; 6]` then `mtu: u16`.
-    pub props: [u64; 2],
-    /// Host-private (solo5-hvt stores the host file descriptor here).
-    pub hostfd: u64,
-    /// Non-zero once the host attached a backend to this device.
-    pub attached: u8,
-    _pad: [u8; 7],
+const _: () = assert!(size_of::<MftEntry>() == abi::MFT_ENTRY_SIZE);
+
+impl Deref for MftEntry {
+    type Target = abi::MftEntry;
+    fn deref(&self) -> &abi::MftEntry {
+        &self.0
+    }
 }
 
-const _: () = assert!(size_of::<MftEntry>() == 104);
-const _: () = assert!(core::mem::align_of::<MftEntry>() == 8);
+impl DerefMut for MftEntry {
+    fn deref_mut(&mut self) -> &mut abi::MftEntry {
+        &mut self.0
+    }
+}
 
 impl MftEntry {
     const fn named(name: &str, kind: u32) -> MftEntry {
@@ -69,26 +59,12 @@ impl MftEntry {
             out[i] = b[i];
             i += 1;
         }
-        MftEntry {
-            name: out,
-            kind,
-            props: [0; 2],
-            hostfd: 0,
-            attached: 0,
-            _pad: [0; 7],
-        }
+        MftEntry(abi::MftEntry::new(out, kind))
     }
 
     /// The mandatory entry 0.
     pub const fn reserved_first() -> MftEntry {
-        MftEntry {
-            name: [0; MFT_NAME_SIZE],
-            kind: MFT_RESERVED_FIRST,
-            props: [0; 2],
-            hostfd: 0,
-            attached: 0,
-            _pad: [0; 7],
-        }
+        MftEntry(abi::MftEntry::reserved_first())
     }
 
     /// A block device entry (`BLOCK_BASIC`). Panics at compile time unless
@@ -105,48 +81,38 @@ impl MftEntry {
 
     /// The name, up to the first NUL (empty if not UTF-8).
     pub fn name(&self) -> &str {
-        let n = self
-            .name
-            .iter()
-            .position(|&c| c == 0)
-            .unwrap_or(MFT_NAME_SIZE);
-        core::str::from_utf8(&self.name[..n]).unwrap_or("")
+        core::str::from_utf8(self.0.name_bytes()).unwrap_or("")
     }
 
     /// Block device capacity in bytes (host-filled).
     pub fn block_capacity(&self) -> u64 {
-        self.props[0]
+        self.0.props.block_basic().capacity
     }
 
     /// Block size in bytes (host-filled).
     pub fn block_size(&self) -> u16 {
-        self.props[1] as u16
+        self.0.props.block_basic().block_size
     }
 
     /// MAC address (host-filled).
     pub fn net_mac(&self) -> [u8; 6] {
-        let b = self.props[0].to_le_bytes();
-        [b[0], b[1], b[2], b[3], b[4], b[5]]
+        self.0.props.net_basic().mac
     }
 
     /// MTU (host-filled).
     pub fn net_mtu(&self) -> u16 {
-        (self.props[0] >> 48) as u16
+        self.0.props.net_basic().mtu
     }
 }
 
 /// The complete manifest note with `N` entries (entry 0 included), laid
-/// out exactly as solo5-hvt expects: 20-byte note header, 4 bytes of
-/// padding, then `struct mft`.
+/// out exactly as solo5-hvt expects (`struct mft1_note`): 20-byte note
+/// header, 4 bytes of padding, then `struct mft`.
 #[repr(C, align(8))]
 pub struct MftNote<const N: usize> {
-    namesz: u32,
-    descsz: u32,
-    ntype: u32,
-    name: [u8; 8],
-    _pad: u32,
-    version: u32,
-    entries: u32,
+    header: abi::NoteHeader,
+    _pad: [u8; abi::MFT_NOTE_PAD],
+    mft: abi::MftHeader,
     e: [MftEntry; N],
 }
 
@@ -157,7 +123,7 @@ impl<const N: usize> MftNote<N> {
     pub const fn new(e: [MftEntry; N]) -> Self {
         assert!(N >= 1 && N <= MFT_MAX_ENTRIES, "manifest: 1 to 64 entries");
         assert!(
-            e[0].kind == MFT_RESERVED_FIRST,
+            e[0].0.ty == MFT_RESERVED_FIRST,
             "manifest: entry 0 must be RESERVED_FIRST"
         );
         let mut i = 1;
@@ -167,7 +133,7 @@ impl<const N: usize> MftNote<N> {
                 let mut k = 0;
                 let mut same = true;
                 while k < MFT_NAME_SIZE {
-                    if e[i].name[k] != e[j].name[k] {
+                    if e[i].0.name[k] != e[j].0.name[k] {
                         same = false;
                     }
                     k += 1;
@@ -177,40 +143,44 @@ impl<const N: usize> MftNote<N> {
             }
             i += 1;
         }
+        let descsz = abi::MFT_NOTE_PAD + abi::MFT_HEADER_SIZE + N * abi::MFT_ENTRY_SIZE;
         MftNote {
-            namesz: 6,
-            descsz: (4 + 8 + N * size_of::<MftEntry>()) as u32,
-            ntype: NOTE_TYPE_MFT1,
-            name: *b"Solo5\0\0\0",
-            _pad: 0,
-            version: MFT_VERSION,
-            entries: N as u32,
+            header: abi::NoteHeader::solo5(NOTE_TYPE_MFT1, descsz as u32),
+            _pad: [0; abi::MFT_NOTE_PAD],
+            mft: abi::MftHeader {
+                version: MFT_VERSION,
+                entries: N as u32,
+            },
             e,
         }
     }
 }
 
 const _: () = assert!(size_of::<MftNote<1>>() == 32 + 104);
+const _: () =
+    assert!(core::mem::offset_of!(MftNote<1>, mft) == abi::NOTE_HEADER_SIZE + abi::MFT_NOTE_PAD);
 
 /// The host-filled manifest entries (empty if the tender passed none or
 /// it is malformed).
 pub fn entries() -> &'static [MftEntry] {
     let addr = crate::boot::boot_info().mft as usize;
-    if addr == 0 || addr % 8 != 0 {
+    if addr == 0 || addr % core::mem::align_of::<MftEntry>() != 0 {
         return &[];
     }
-    let p = addr as *const u32;
+    let p = addr as *const abi::MftHeader;
     // SAFETY: the tender passes the address of its `struct mft` copy,
     // which is readable and unchanged for the guest's lifetime; we checked
     // alignment. The entry count is bounded by MFT_MAX_ENTRIES before
-    // building the slice, and every bit pattern is a valid MftEntry.
+    // building the slice, every bit pattern is a valid MftEntry (an ABI
+    // struct of integers and byte arrays), and MftEntry is a transparent
+    // wrapper of abi::MftEntry.
     unsafe {
-        let version = p.read_volatile();
-        let n = p.add(1).read_volatile() as usize;
-        if version != MFT_VERSION || n > MFT_MAX_ENTRIES {
+        let h = p.read_volatile();
+        let n = h.entries as usize;
+        if h.version != MFT_VERSION || n > MFT_MAX_ENTRIES {
             return &[];
         }
-        core::slice::from_raw_parts(p.add(2) as *const MftEntry, n)
+        core::slice::from_raw_parts(p.add(1) as *const MftEntry, n)
     }
 }
 
@@ -254,7 +224,7 @@ pub fn find_in<'a>(
         .skip(1)
         .find(|(_, e)| e.name() == name)
         .ok_or(AcquireError::NotFound)?;
-    if e.kind != kind {
+    if e.ty != kind {
         return Err(AcquireError::WrongType);
     }
     if e.attached == 0 {
@@ -275,8 +245,9 @@ mod tests {
             MftEntry::net("service0"),
         ]);
         assert_eq!(size_of::<MftNote<3>>(), 32 + 3 * 104);
-        // SAFETY: MftNote is repr(C) plain data without padding holes that
-        // matter for this comparison (all fields initialised).
+        // SAFETY: MftNote is repr(C) and made of ABI structs without
+        // implicit padding, its explicit padding initialised: every byte
+        // is initialised.
         let bytes = unsafe {
             core::slice::from_raw_parts(&n as *const _ as *const u8, size_of::<MftNote<3>>())
         };
@@ -310,7 +281,11 @@ mod tests {
             Some(AcquireError::NotAttached)
         );
         e[1].attached = 1;
-        e[1].props = [1 << 20, 512];
+        e[1].props = MftProps::from_block_basic(MftBlockBasic {
+            capacity: 1 << 20,
+            block_size: 512,
+            _pad: [0; 6],
+        });
         let (h, b) = find_in(&e, "storage", MFT_DEV_BLOCK_BASIC).unwrap();
         assert_eq!((h, b.block_capacity(), b.block_size()), (1, 1 << 20, 512));
         assert_eq!(
@@ -321,7 +296,9 @@ mod tests {
             find_in(&e, "", MFT_RESERVED_FIRST).err(),
             Some(AcquireError::NotFound)
         );
-        e[2].props[0] = u64::from_le_bytes([2, 0, 0, 0, 0, 1, 0xdc, 0x05]);
+        let mut raw = [0; 16];
+        raw[..8].copy_from_slice(&[2, 0, 0, 0, 0, 1, 0xdc, 0x05]);
+        e[2].props = MftProps::from_bytes(raw);
         assert_eq!(e[2].net_mac(), [2, 0, 0, 0, 0, 1]);
         assert_eq!(e[2].net_mtu(), 1500);
     }

@@ -13,7 +13,12 @@
 //! and copies the manifest into guest memory, where the guest finds it
 //! through the boot info.
 
-use crate::abi::{self, mft_entry as off};
+use crate::abi::{
+    self, MftBlockBasic, MftEntry, MftHeader, MftNetBasic, MftProps, MFT_ENTRY_SIZE,
+    MFT_HEADER_SIZE, MFT_NAME_SIZE,
+};
+use std::mem::size_of;
+use vm_memory::ByteValued;
 
 /// Kinds of device a manifest can declare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,17 +77,18 @@ pub enum DeviceInfo {
 impl Manifest {
     /// Parse the manifest from the note descriptor (padding removed).
     pub fn parse(desc: &[u8]) -> Result<Manifest, String> {
-        if desc.len() < abi::MFT_HEADER_SIZE {
+        if desc.len() < MFT_HEADER_SIZE {
             return Err(format!(
                 "note is {} bytes, too short for a manifest",
                 desc.len()
             ));
         }
-        let version = u32::from_le_bytes(desc[0..4].try_into().unwrap());
-        let count = u32::from_le_bytes(desc[4..8].try_into().unwrap()) as usize;
-        if version != abi::MFT_VERSION {
+        let header: MftHeader = copy_out(desc);
+        let count = header.entries as usize;
+        if header.version != abi::MFT_VERSION {
             return Err(format!(
-                "manifest version {version}, expected {}",
+                "manifest version {}, expected {}",
+                header.version,
                 abi::MFT_VERSION
             ));
         }
@@ -92,7 +98,7 @@ impl Manifest {
                 abi::MFT_MAX_ENTRIES
             ));
         }
-        let want = abi::MFT_HEADER_SIZE + count * abi::MFT_ENTRY_SIZE;
+        let want = MFT_HEADER_SIZE + count * MFT_ENTRY_SIZE;
         if desc.len() != want {
             return Err(format!(
                 "note is {} bytes but {count} entries need {want}",
@@ -100,45 +106,42 @@ impl Manifest {
             ));
         }
         let mut m = Manifest::default();
-        for i in 0..count {
-            let e = &desc[abi::MFT_HEADER_SIZE + i * abi::MFT_ENTRY_SIZE..][..abi::MFT_ENTRY_SIZE];
-            let ty = u32::from_le_bytes(e[off::TYPE..off::TYPE + 4].try_into().unwrap());
-            let raw_name = &e[..abi::MFT_NAME_SIZE];
+        for (i, e) in entries(desc).enumerate() {
             // Solo5 requires the name field's last byte to be NUL, whatever
             // comes before it.
-            if raw_name[abi::MFT_NAME_SIZE - 1] != 0 {
+            if e.name[MFT_NAME_SIZE - 1] != 0 {
                 return Err(format!("entry {i}: name is not NUL-terminated"));
             }
-            let len = raw_name.iter().position(|&b| b == 0).unwrap();
-            if e[off::ATTACHED] != 0 {
+            let raw_name = e.name_bytes();
+            if e.attached != 0 {
                 return Err(format!(
                     "entry {i}: 'attached' is set; it is the host's to set"
                 ));
             }
             if i == 0 {
-                if ty != abi::MFT_RESERVED_FIRST {
+                if e.ty != abi::MFT_RESERVED_FIRST {
                     return Err("entry 0 is not the reserved first entry".into());
                 }
-                if len != 0 {
+                if !raw_name.is_empty() {
                     return Err("entry 0 (the reserved first entry) has a name".into());
                 }
                 continue;
             }
             let handle = i as u64;
-            let kind = match ty {
+            let kind = match e.ty {
                 abi::MFT_DEV_BLOCK_BASIC => DeviceKind::Block,
                 abi::MFT_DEV_NET_BASIC => DeviceKind::Net,
                 ty if ty >= abi::MFT_RESERVED_FIRST => {
                     m.unused.push(UnusedEntry {
                         handle,
                         ty,
-                        name: raw_name[..len].to_vec(),
+                        name: raw_name.to_vec(),
                     });
                     continue;
                 }
-                _ => return Err(format!("entry {i}: unknown device type {ty}")),
+                ty => return Err(format!("entry {i}: unknown device type {ty}")),
             };
-            let name = std::str::from_utf8(&raw_name[..len])
+            let name = std::str::from_utf8(raw_name)
                 .ok()
                 .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric()))
                 .ok_or_else(|| {
@@ -160,21 +163,25 @@ impl Manifest {
     /// as [`Manifest::parse`], except that every device must be marked
     /// attached (and no other entry). For tests and the fuzzer.
     pub fn parse_guest_view(bytes: &[u8]) -> Result<Manifest, String> {
-        let mut b = bytes.to_vec();
-        let n = b.len().saturating_sub(abi::MFT_HEADER_SIZE) / abi::MFT_ENTRY_SIZE;
-        for i in 0..n {
-            let e = &mut b[abi::MFT_HEADER_SIZE + i * abi::MFT_ENTRY_SIZE..][..abi::MFT_ENTRY_SIZE];
-            let ty = u32::from_le_bytes(e[off::TYPE..off::TYPE + 4].try_into().unwrap());
-            let device = matches!(ty, abi::MFT_DEV_BLOCK_BASIC | abi::MFT_DEV_NET_BASIC);
-            if e[off::ATTACHED] != device as u8 {
+        let mut b = bytes.get(..MFT_HEADER_SIZE).unwrap_or(bytes).to_vec();
+        for (i, mut e) in entries(bytes).enumerate() {
+            let device = matches!(e.ty, abi::MFT_DEV_BLOCK_BASIC | abi::MFT_DEV_NET_BASIC);
+            if e.attached != device as u8 {
                 return Err(format!(
                     "entry {i}: attached is {}, expected {}",
-                    e[off::ATTACHED],
-                    device as u8
+                    e.attached, device as u8
                 ));
             }
-            e[off::ATTACHED] = 0;
+            e.attached = 0;
+            b.extend_from_slice(e.as_slice());
         }
+        // A partial entry at the end: kept, for parse to refuse.
+        let whole = bytes.len().saturating_sub(MFT_HEADER_SIZE) / MFT_ENTRY_SIZE;
+        b.extend_from_slice(
+            bytes
+                .get(MFT_HEADER_SIZE + whole * MFT_ENTRY_SIZE..)
+                .unwrap_or(&[]),
+        );
         Manifest::parse(&b)
     }
 
@@ -196,39 +203,75 @@ impl Manifest {
     /// and name and stay unattached.
     pub fn to_guest_bytes(&self, info: impl Fn(u64, &ManifestEntry) -> DeviceInfo) -> Vec<u8> {
         let count = self.count();
-        let mut out = vec![0u8; abi::MFT_HEADER_SIZE + count * abi::MFT_ENTRY_SIZE];
-        out[0..4].copy_from_slice(&abi::MFT_VERSION.to_le_bytes());
-        out[4..8].copy_from_slice(&(count as u32).to_le_bytes());
-        let entry = |i: usize| {
-            let start = abi::MFT_HEADER_SIZE + i * abi::MFT_ENTRY_SIZE;
-            start..start + abi::MFT_ENTRY_SIZE
-        };
-        out[entry(0)][off::TYPE..][..4].copy_from_slice(&abi::MFT_RESERVED_FIRST.to_le_bytes());
+        let mut entries = vec![MftEntry::ZERO; count];
+        entries[0] = MftEntry::reserved_first();
         for u in &self.unused {
-            let e = &mut out[entry(u.handle as usize)];
-            e[..u.name.len()].copy_from_slice(&u.name);
-            e[off::TYPE..][..4].copy_from_slice(&u.ty.to_le_bytes());
+            if let Some(e) = entries.get_mut(u.handle as usize) {
+                *e = MftEntry::new(name_field(&u.name), u.ty);
+            }
         }
         for dev in &self.entries {
-            let e = &mut out[entry(dev.handle as usize)];
-            e[..dev.name.len()].copy_from_slice(dev.name.as_bytes());
-            match info(dev.handle, dev) {
+            let Some(e) = entries.get_mut(dev.handle as usize) else {
+                continue;
+            };
+            let (ty, props) = match info(dev.handle, dev) {
                 DeviceInfo::Block {
                     capacity,
                     block_size,
-                } => {
-                    e[off::TYPE..][..4].copy_from_slice(&abi::MFT_DEV_BLOCK_BASIC.to_le_bytes());
-                    e[off::BLOCK_CAPACITY..][..8].copy_from_slice(&capacity.to_le_bytes());
-                    e[off::BLOCK_SIZE..][..2].copy_from_slice(&block_size.to_le_bytes());
-                }
-                DeviceInfo::Net { mac, mtu } => {
-                    e[off::TYPE..][..4].copy_from_slice(&abi::MFT_DEV_NET_BASIC.to_le_bytes());
-                    e[off::NET_MAC..][..6].copy_from_slice(&mac);
-                    e[off::NET_MTU..][..2].copy_from_slice(&mtu.to_le_bytes());
-                }
-            }
-            e[off::ATTACHED] = 1;
+                } => (
+                    abi::MFT_DEV_BLOCK_BASIC,
+                    MftProps::from_block_basic(MftBlockBasic {
+                        capacity,
+                        block_size,
+                        _pad: [0; 6],
+                    }),
+                ),
+                DeviceInfo::Net { mac, mtu } => (
+                    abi::MFT_DEV_NET_BASIC,
+                    MftProps::from_net_basic(MftNetBasic { mac, mtu }),
+                ),
+            };
+            *e = MftEntry {
+                props,
+                attached: 1,
+                ..MftEntry::new(name_field(dev.name.as_bytes()), ty)
+            };
+        }
+        let header = MftHeader {
+            version: abi::MFT_VERSION,
+            entries: count as u32,
+        };
+        let mut out = Vec::with_capacity(MFT_HEADER_SIZE + count * MFT_ENTRY_SIZE);
+        out.extend_from_slice(header.as_slice());
+        for e in &entries {
+            out.extend_from_slice(e.as_slice());
         }
         out
     }
+}
+
+/// A `T` from the first bytes of `bytes`, which need not be aligned (a
+/// note descriptor is 4-byte aligned at best). Bytes past the end of a
+/// short slice read as 0.
+fn copy_out<T: ByteValued>(bytes: &[u8]) -> T {
+    let mut v = T::zeroed();
+    let n = size_of::<T>().min(bytes.len());
+    v.as_mut_slice()[..n].copy_from_slice(&bytes[..n]);
+    v
+}
+
+/// The whole entries after the header of the manifest `m`, in order.
+fn entries(m: &[u8]) -> impl Iterator<Item = MftEntry> + '_ {
+    m.get(MFT_HEADER_SIZE..)
+        .unwrap_or(&[])
+        .chunks_exact(MFT_ENTRY_SIZE)
+        .map(copy_out::<MftEntry>)
+}
+
+/// An entry's name field holding `name` (cut to 67 bytes, NUL-padded).
+fn name_field(name: &[u8]) -> [u8; MFT_NAME_SIZE] {
+    let mut f = [0u8; MFT_NAME_SIZE];
+    let n = name.len().min(abi::MFT_NAME_MAX);
+    f[..n].copy_from_slice(&name[..n]);
+    f
 }

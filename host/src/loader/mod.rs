@@ -27,6 +27,7 @@ pub mod synth;
 
 use crate::abi;
 pub use manifest::{DeviceKind, Manifest, ManifestEntry};
+use vm_memory::ByteValued;
 
 const PAGE: u64 = 4096;
 
@@ -218,7 +219,8 @@ pub fn parse_image(file: &[u8], mem_size: u64) -> Result<Image, LoadError> {
         )));
     }
 
-    let abi = find_note(file, &phdrs, abi::NOTE_TYPE_ABI1, 4)?.ok_or(LoadError::MissingAbiNote)?;
+    let abi = find_note(file, &phdrs, abi::NOTE_TYPE_ABI1, abi::ABI1_NOTE_ALIGN)?
+        .ok_or(LoadError::MissingAbiNote)?;
     check_abi_note(abi)?;
     let mft = find_note(file, &phdrs, abi::NOTE_TYPE_MFT1, abi::MFT_NOTE_ALIGN)?
         .ok_or(LoadError::MissingManifest)?;
@@ -429,8 +431,9 @@ fn check_abi_note(desc: &[u8]) -> Result<(), LoadError> {
             abi::ABI1_DESC_SIZE
         )));
     }
-    let target = u32_at(desc, 0).unwrap();
-    let version = u32_at(desc, 4).unwrap();
+    let mut info = abi::Abi1Info::default();
+    info.as_mut_slice().copy_from_slice(desc);
+    let (target, version) = (info.abi_target, info.abi_version);
     if target != abi::ABI_TARGET_HVT {
         return Err(LoadError::BadAbiNote(format!(
             "image is built for Solo5 target {target} ({}), not hvt",

@@ -6,6 +6,7 @@
 
 use crate::abi;
 use crate::loader::DeviceKind;
+use vm_memory::ByteValued;
 
 /// Address of the text segment.
 pub const TEXT: u64 = 0x10_0000;
@@ -78,7 +79,7 @@ pub fn code_jump(addr: u32) -> Vec<u8> {
 /// A Solo5-owned ELF note of `ntype` with descriptor `desc`, padded to 4
 /// bytes (concatenate notes to put several in one `PT_NOTE` segment).
 pub fn note(ntype: u32, desc: &[u8]) -> Vec<u8> {
-    note_owned(b"Solo5\0", ntype, desc)
+    note_owned(abi::NOTE_NAME, ntype, desc)
 }
 
 /// An ELF note with owner `name` (its NUL included), padded to 4 bytes.
@@ -97,29 +98,34 @@ pub fn note_owned(name: &[u8], ntype: u32, desc: &[u8]) -> Vec<u8> {
 impl Synth {
     /// The ABI note descriptor.
     pub fn abi_desc(&self) -> Vec<u8> {
-        let mut d = Vec::new();
-        for v in [self.abi_target, self.abi_version, 0, 0] {
-            d.extend_from_slice(&v.to_le_bytes());
-        }
-        d
+        let info = abi::Abi1Info {
+            abi_target: self.abi_target,
+            abi_version: self.abi_version,
+            ..Default::default()
+        };
+        info.as_slice().to_vec()
     }
 
     /// The manifest note descriptor (with its 4 bytes of leading padding).
+    /// A device name longer than the name field is cut to its 68 bytes.
     pub fn manifest_desc(&self) -> Vec<u8> {
         let count = self.devices.len() + 1;
-        let mut d = vec![0u8; 4 + abi::MFT_HEADER_SIZE + count * abi::MFT_ENTRY_SIZE];
-        d[4..8].copy_from_slice(&abi::MFT_VERSION.to_le_bytes());
-        d[8..12].copy_from_slice(&(count as u32).to_le_bytes());
-        let e0 = 12;
-        d[e0 + 68..e0 + 72].copy_from_slice(&abi::MFT_RESERVED_FIRST.to_le_bytes());
-        for (i, (name, kind)) in self.devices.iter().enumerate() {
-            let e = 12 + (i + 1) * abi::MFT_ENTRY_SIZE;
-            d[e..e + name.len()].copy_from_slice(name.as_bytes());
+        let header = abi::MftHeader {
+            version: abi::MFT_VERSION,
+            entries: count as u32,
+        };
+        let mut d = vec![0u8; abi::MFT_NOTE_PAD];
+        d.extend_from_slice(header.as_slice());
+        d.extend_from_slice(abi::MftEntry::reserved_first().as_slice());
+        for (name, kind) in &self.devices {
+            let mut field = [0u8; abi::MFT_NAME_SIZE];
+            let n = name.len().min(field.len());
+            field[..n].copy_from_slice(&name.as_bytes()[..n]);
             let ty = match kind {
                 DeviceKind::Block => abi::MFT_DEV_BLOCK_BASIC,
                 DeviceKind::Net => abi::MFT_DEV_NET_BASIC,
             };
-            d[e + 68..e + 72].copy_from_slice(&ty.to_le_bytes());
+            d.extend_from_slice(abi::MftEntry::new(field, ty).as_slice());
         }
         d
     }

@@ -2,6 +2,7 @@
 
 use super::synth::{self, Synth};
 use super::*;
+use std::mem::offset_of;
 
 const MEM: u64 = 64 << 20;
 
@@ -305,7 +306,7 @@ fn manifest_fields_solo5_requires_to_be_clear_are_checked() {
     let e = bad(&|d| d[e1 + 67] = b'x');
     assert!(e.contains("entry 1: name is not NUL-terminated"), "{e}");
     for entry in [e0, e1] {
-        let e = bad(&|d| d[entry + abi::mft_entry::ATTACHED] = 1);
+        let e = bad(&|d| d[entry + offset_of!(abi::MftEntry, attached)] = 1);
         assert!(e.contains("'attached' is set"), "{e}");
     }
 }
@@ -324,7 +325,7 @@ fn unused_manifest_entries_keep_the_handles_of_later_devices() {
         ..Synth::default()
     };
     let mut d = s.manifest_desc();
-    let ty = |i: usize| 12 + i * abi::MFT_ENTRY_SIZE + abi::mft_entry::TYPE;
+    let ty = |i: usize| 12 + i * abi::MFT_ENTRY_SIZE + offset_of!(abi::MftEntry, ty);
     d[ty(1)..ty(1) + 4].copy_from_slice(&abi::MFT_RESERVED_FIRST.to_le_bytes());
     d[ty(3)..ty(3) + 4].copy_from_slice(&u32::MAX.to_le_bytes());
     let img = parse_image(&s.build_with(s.abi_desc(), d), MEM).unwrap();
@@ -357,8 +358,8 @@ fn unused_manifest_entries_keep_the_handles_of_later_devices() {
     assert_eq!(bytes.len(), 8 + 5 * abi::MFT_ENTRY_SIZE);
     let at = |i: usize, o: usize| 8 + i * abi::MFT_ENTRY_SIZE + o;
     assert_eq!(&bytes[at(2, 0)..at(2, 8)], b"storage\0");
-    assert_eq!(bytes[at(2, abi::mft_entry::ATTACHED)], 1);
-    assert_eq!(bytes[at(1, abi::mft_entry::ATTACHED)], 0);
+    assert_eq!(bytes[at(2, offset_of!(abi::MftEntry, attached))], 1);
+    assert_eq!(bytes[at(1, offset_of!(abi::MftEntry, attached))], 0);
     assert_eq!(&bytes[at(3, 68)..at(3, 72)], &u32::MAX.to_le_bytes());
     assert_eq!(&Manifest::parse_guest_view(&bytes).unwrap(), m);
 

@@ -1,7 +1,7 @@
 //! Console and time: WALLTIME, PUTS and HALT.
 
-use super::{check_range, read_arg, Action, GuestError, Module, CHUNK};
-use crate::abi::{layout, Hypercall};
+use super::{check_range, read_args, set_out, Action, GuestError, Module, CHUNK};
+use crate::abi::{HcHalt, HcPuts, HcWalltime, Hypercall, HALT_COOKIE_MAX};
 use std::io::Write;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -33,17 +33,16 @@ impl<W: Write> Module for Console<W> {
     ) -> Result<Action, GuestError> {
         match call {
             Hypercall::Walltime => {
-                let a = read_arg::<8>(mem, arg)?;
+                let (_, at) = read_args::<HcWalltime>(mem, arg)?;
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_nanos() as u64)
                     .unwrap_or(0);
-                a.set_u64(mem, 0, now);
+                set_out!(mem, at, HcWalltime.nsecs = now);
                 Ok(Action::Continue)
             }
             Hypercall::Puts => {
-                let a = read_arg::<{ layout::PUTS_SIZE }>(mem, arg)?;
-                let (data, len) = (a.u64(0), a.u64(8));
+                let (HcPuts { data, len }, _) = read_args::<HcPuts>(mem, arg)?;
                 check_range(mem, "console output", data, len)?;
                 let mut buf = vec![0u8; (len as usize).min(CHUNK)];
                 let mut done = 0u64;
@@ -59,14 +58,13 @@ impl<W: Write> Module for Console<W> {
                 Ok(Action::Continue)
             }
             Hypercall::Halt => {
-                let a = read_arg::<{ layout::HALT_SIZE }>(mem, arg)?;
+                let (a, _) = read_args::<HcHalt>(mem, arg)?;
                 // A cookie (for a core dump's notes; tt-host writes none
                 // yet) must point at guest memory, as solo5-hvt checks.
-                let cookie = a.u64(0);
-                if cookie != 0 {
-                    check_range(mem, "halt cookie", cookie, layout::HALT_COOKIE_MAX)?;
+                if a.cookie != 0 {
+                    check_range(mem, "halt cookie", a.cookie, HALT_COOKIE_MAX)?;
                 }
-                Ok(Action::Exit(a.i32(8)))
+                Ok(Action::Exit(a.exit_status))
             }
             _ => unreachable!("console registered only its own hypercalls"),
         }
@@ -83,38 +81,95 @@ impl<W: Write> Module for Console<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::ByteValued;
 
     const MEM: u64 = 2 << 20;
     const ARG: u64 = 0x1000;
 
-    /// Guest memory with the two u64 words of an argument struct at ARG.
-    fn mem_with_arg(words: [u64; 2]) -> GuestMemoryMmap {
+    /// Guest memory with the argument struct `arg` at ARG.
+    fn mem_with_arg<T: ByteValued>(arg: T) -> GuestMemoryMmap {
         let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
-        m.write_obj(words[0], GuestAddress(ARG)).unwrap();
-        m.write_obj(words[1], GuestAddress(ARG + 8)).unwrap();
+        m.write_obj(arg, GuestAddress(ARG)).unwrap();
         m
     }
 
-    fn call(c: Hypercall, words: [u64; 2]) -> Result<Action, GuestError> {
-        Console::new(Vec::new()).handle(c, ARG, &mem_with_arg(words))
+    fn call<T: ByteValued>(c: Hypercall, arg: T) -> Result<Action, GuestError> {
+        Console::new(Vec::new()).handle(c, ARG, &mem_with_arg(arg))
+    }
+
+    fn puts(data: u64, len: u64) -> Result<Action, GuestError> {
+        call(Hypercall::Puts, HcPuts { data, len })
+    }
+
+    fn halt(cookie: u64, exit_status: i32) -> Result<Action, GuestError> {
+        let a = HcHalt {
+            cookie,
+            exit_status,
+            _pad: 0,
+        };
+        call(Hypercall::Halt, a)
     }
 
     #[test]
     fn an_empty_puts_at_an_address_outside_memory_stops_the_guest() {
         for data in [MEM, u64::MAX] {
-            let r = call(Hypercall::Puts, [data, 0]);
+            let r = puts(data, 0);
             assert!(matches!(r, Err(GuestError::BadAddress { .. })), "{r:?}");
         }
-        assert_eq!(call(Hypercall::Puts, [0x2000, 0]), Ok(Action::Continue));
+        assert_eq!(puts(0x2000, 0), Ok(Action::Continue));
+    }
+
+    #[test]
+    fn puts_writes_the_guest_bytes_to_the_console() {
+        let mem = mem_with_arg(HcPuts {
+            data: 0x2000,
+            len: 5,
+        });
+        mem.write_slice(b"hello, world", GuestAddress(0x2000))
+            .unwrap();
+        let mut c = Console::new(Vec::new());
+        assert_eq!(c.handle(Hypercall::Puts, ARG, &mem), Ok(Action::Continue));
+        assert_eq!(c.out, b"hello");
     }
 
     #[test]
     fn a_halt_cookie_must_point_at_guest_memory() {
         for cookie in [MEM - 8, MEM, u64::MAX] {
-            let r = call(Hypercall::Halt, [cookie, 3]);
+            let r = halt(cookie, 3);
             assert!(matches!(r, Err(GuestError::BadAddress { .. })), "{r:?}");
         }
-        assert_eq!(call(Hypercall::Halt, [0, 3]), Ok(Action::Exit(3)));
-        assert_eq!(call(Hypercall::Halt, [MEM - 512, 3]), Ok(Action::Exit(3)));
+        assert_eq!(halt(0, 3), Ok(Action::Exit(3)));
+        assert_eq!(halt(MEM - 512, 3), Ok(Action::Exit(3)));
+        assert_eq!(halt(0, -1), Ok(Action::Exit(-1)));
+    }
+
+    #[test]
+    fn walltime_writes_only_nsecs() {
+        let mem = mem_with_arg(HcWalltime { nsecs: 0 });
+        mem.write_obj(u64::MAX, GuestAddress(ARG + 8)).unwrap();
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        let r = Console::new(Vec::new()).handle(Hypercall::Walltime, ARG, &mem);
+        assert_eq!(r, Ok(Action::Continue));
+        let nsecs = mem.read_obj::<HcWalltime>(GuestAddress(ARG)).unwrap().nsecs;
+        assert!(nsecs >= before, "{nsecs} < {before}");
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(ARG + 8)).unwrap(),
+            u64::MAX
+        );
+    }
+
+    #[test]
+    fn an_argument_struct_past_the_end_of_memory_stops_the_guest() {
+        let mem = mem_with_arg(HcHalt::default());
+        for call in [Hypercall::Walltime, Hypercall::Puts, Hypercall::Halt] {
+            let r = Console::new(Vec::new()).handle(call, MEM - 4, &mem);
+            assert!(
+                matches!(r, Err(GuestError::BadAddress { .. })),
+                "{call:?}: {r:?}"
+            );
+        }
     }
 }

@@ -175,17 +175,15 @@ impl Vm {
         vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
         let tsc_khz = vcpu.get_tsc_khz().map_err(kvm_err("get TSC frequency"))?;
 
-        let boot_info: [u64; 5] = [
-            p.mem_size,
-            p.image.kernel_end,
-            tsc_khz as u64 * 1000,
-            layout::CMDLINE_BASE,
-            layout::MFT_BASE,
-        ];
-        for (i, v) in boot_info.iter().enumerate() {
-            mem.write_obj(*v, GuestAddress(layout::BOOT_INFO_BASE + i as u64 * 8))
-                .unwrap();
-        }
+        let boot_info = abi::BootInfo {
+            mem_size: p.mem_size,
+            kernel_end: p.image.kernel_end,
+            cpu_cycle_freq: tsc_khz as u64 * 1000,
+            cmdline: layout::CMDLINE_BASE,
+            mft: layout::MFT_BASE,
+        };
+        mem.write_obj(boot_info, GuestAddress(layout::BOOT_INFO_BASE))
+            .unwrap();
 
         let mut sregs = vcpu.get_sregs().map_err(kvm_err("get sregs"))?;
         let (cr0, cr4, efer) = boot_control_registers(p.solo5_hvt_boot);
