@@ -316,7 +316,7 @@ show    the tree below PATH (default: all), with usage against limits";
 pub enum PolicyCmd {
     Set {
         path: crate::resources::Path,
-        change: crate::admission::PolicyChange,
+        change: crate::resources::PolicyChange,
         state_dir: Option<PathBuf>,
     },
     Remove {
@@ -341,37 +341,9 @@ fn is_interface_name(name: &str) -> bool {
         && !name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
 }
 
-/// A CPU list: `0-3,6`, or `none`.
-pub fn parse_cpu_list(s: &str) -> Result<std::collections::BTreeSet<u16>, String> {
-    let mut out = std::collections::BTreeSet::new();
-    if s == "none" || s.is_empty() {
-        return Ok(out);
-    }
-    for part in s.split(',') {
-        let num = |x: &str| {
-            x.trim()
-                .parse::<u16>()
-                .map_err(|_| format!("'{x}' is not a CPU number"))
-        };
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b) = (num(a)?, num(b)?);
-                if a > b {
-                    return Err(format!("range '{part}' runs backwards"));
-                }
-                out.extend(a..=b);
-            }
-            None => {
-                out.insert(num(part)?);
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// Parse the arguments after `policy`.
 pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
-    use crate::admission::PolicyChange;
+    use crate::resources::PolicyChange;
     let Some(verb) = args.first().map(String::as_str) else {
         return Err(CliError::policy("policy: expected set, remove or show"));
     };
@@ -414,7 +386,10 @@ pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
         } else if let Some(v) = value_of(args, &mut i, "--mem") {
             change.memory_mb = Some(v.parse().map_err(|_| bad("--mem", v, "not a size in MB"))?);
         } else if let Some(v) = value_of(args, &mut i, "--cpus") {
-            change.cpus = Some(parse_cpu_list(v).map_err(|e| bad("--cpus", v, &e))?);
+            change.cpus = Some(
+                crate::resources::parse_cpu_list(v)
+                    .map_err(|e| bad("--cpus", v, &e.to_string()))?,
+            );
         } else if let Some(v) = value_of(args, &mut i, "--block") {
             change.block_mb = Some(if v == "none" {
                 None

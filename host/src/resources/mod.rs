@@ -45,5 +45,8 @@ mod tree;
 mod tests;
 
 pub use name::{Label, Name, NameError, Path, MAX_DEPTH, MAX_LABEL_LEN};
-pub use policy::{BridgeList, CpuList, FitError, Policy, Resource, Unikernel, Usage};
+pub use policy::{
+    parse_cpu_list, BridgeList, CpuList, CpuListError, FitError, Policy, PolicyChange, Resource,
+    Unikernel, Usage,
+};
 pub use tree::{Refusal, RemovePolicyError, Resources};

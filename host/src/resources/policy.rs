@@ -198,6 +198,76 @@ impl fmt::Display for CpuList<'_> {
     }
 }
 
+/// Parses a CPU list as [`CpuList`] displays it: `0-3,6`, or `none` (or
+/// nothing) for the empty set.
+pub fn parse_cpu_list(s: &str) -> Result<BTreeSet<u16>, CpuListError> {
+    let mut out = BTreeSet::new();
+    if s == "none" || s.is_empty() {
+        return Ok(out);
+    }
+    for part in s.split(',') {
+        let num = |x: &str| {
+            x.trim()
+                .parse::<u16>()
+                .map_err(|_| CpuListError::NotANumber(x.to_string()))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(CpuListError::Backwards(part.to_string()));
+                }
+                out.extend(a..=b);
+            }
+            None => {
+                out.insert(num(part)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Why [`parse_cpu_list`] refused a list.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CpuListError {
+    #[error("'{0}' is not a CPU number")]
+    NotANumber(String),
+    #[error("range '{0}' runs backwards")]
+    Backwards(String),
+}
+
+/// Which fields `tt-host policy set` changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyChange {
+    pub unikernels: Option<u32>,
+    pub memory_mb: Option<u64>,
+    pub cpus: Option<BTreeSet<u16>>,
+    /// `Some(None)`: no block storage allowed.
+    pub block_mb: Option<Option<u64>>,
+    pub bridges: Option<BTreeSet<String>>,
+}
+
+impl PolicyChange {
+    /// `p` with the fields given here replaced.
+    pub fn apply(&self, p: &mut Policy) {
+        if let Some(n) = self.unikernels {
+            p.unikernels = n;
+        }
+        if let Some(m) = self.memory_mb {
+            p.memory_mb = m;
+        }
+        if let Some(c) = &self.cpus {
+            p.cpus = c.clone();
+        }
+        if let Some(b) = self.block_mb {
+            p.block_mb = b;
+        }
+        if let Some(b) = &self.bridges {
+            p.bridges = b.clone();
+        }
+    }
+}
+
 /// Displays a bridge set joined by `,`; the empty set is `none`.
 pub struct BridgeList<'a>(pub &'a BTreeSet<String>);
 
