@@ -1,20 +1,21 @@
-//! What the host has: the default root policy (CPUs, memory, bridges and
-//! TAPs), this process's CPUs and pinning to one, and the network a TAP is on.
+//! What the host has: the default of the root policy's fields (CPUs,
+//! memory, bridges and TAPs; no limit on unikernels or block storage), this process's CPUs and pinning to one, and the network a TAP is on.
 
 use super::AdmitError;
 use crate::resources::Policy;
 use std::collections::BTreeSet;
-use std::path::Path as FsPath;
 
-/// The host's resources, the default root policy; `block_in_use` MB of
-/// running unikernels' block devices count as available (they are already
-/// allocated on disk).
-pub fn host_policy(state_dir: &FsPath, block_in_use: u64) -> Policy {
+/// The host's resources as they are now: the default of every field the
+/// root policy does not set. No limit on unikernels or on block storage
+/// (`u32::MAX` and `u64::MAX`, shown as `unlimited`): the disks live on
+/// whatever file systems their images are on, which the state directory's
+/// free space says nothing about; a policy's `--block` bounds them.
+pub fn host_policy() -> Policy {
     Policy {
         unikernels: u32::MAX,
         memory_mb: physical_memory_mb(),
         cpus: online_cpus(),
-        block_mb: Some(free_disk_mb(state_dir).saturating_add(block_in_use)),
+        block_mb: Some(u64::MAX),
         bridges: host_bridges(),
     }
 }
@@ -80,19 +81,6 @@ pub fn pin_to_cpu(cpu: u16) -> Result<(), AdmitError> {
         )));
     }
     Ok(())
-}
-
-fn free_disk_mb(dir: &FsPath) -> u64 {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return 0;
-    };
-    // SAFETY: statvfs is plain data, and statvfs() writes only into it.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return 0;
-    }
-    (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) >> 20
 }
 
 /// Every bridge and TAP/TUN interface on the host (the networks a

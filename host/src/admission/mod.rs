@@ -34,12 +34,22 @@
 //! kernel gives that process (`/proc/PID/stat`): gone, a zombie, or
 //! another process that reused the id is dead.
 //!
-//! The root policy is the host's resources unless it was set: all online
-//! CPUs, the physical memory, the free disk in the state directory plus
-//! what running unikernels' block devices already take, and every bridge
-//! and TAP interface. A stored policy or running unikernel beyond that
-//! (the host changed since) widens the default, so the stored tree stays
-//! consistent.
+//! A policy stores only the fields `tt-host policy set` was given
+//! ([`PartialPolicy`]); the others are
+//! inherited, when each launch is checked, from the nearest policy above
+//! that sets them, and at the root from the host as it is at that moment:
+//! all online CPUs, the physical memory, no limit on unikernels, **no
+//! limit on block storage**, and every bridge and TAP interface (TAPs
+//! made after the policy was set included). The root's block limit is
+//! unlimited unless a policy sets one: the free space of the state
+//! directory's file system says nothing of the file systems that hold the
+//! disk images (and a FUSE mount reports none), so block storage is
+//! bounded only by the `--block` limits that policies set. A stored policy
+//! or running unikernel beyond the host's resources (the host changed
+//! since) widens the default, so the stored tree stays consistent. A
+//! policy stored by an older tt-host, with every field copied from above,
+//! still loads, with every field set; `policy set PATH --FIELD inherit`
+//! unsets one.
 
 mod host;
 mod legacy;
@@ -51,7 +61,7 @@ mod tests;
 pub use crate::resources::PolicyChange;
 pub use host::{host_cpus, host_policy, network_of_tap, online_cpus, pin_to_cpu};
 
-use crate::resources::{Name, Path, Policy, Refusal, Resources, Unikernel};
+use crate::resources::{Name, PartialPolicy, Path, Policy, Refusal, Resources, Unikernel};
 use legacy::own_start_time;
 use names::unique_name;
 use std::collections::BTreeSet;
@@ -202,30 +212,36 @@ impl StateDir {
         })
     }
 
-    /// Set the policy at `path`: the fields given in `change`, the others
-    /// copied from the nearest policy above (so an option left out gives as
-    /// much as the parent has). Returns the policy set.
+    /// Change the policy at `path` (a new one sets nothing until then):
+    /// set the fields `change` sets, unset those it inherits (then
+    /// inherited from above), keep the others. Returns the policy in force
+    /// at `path` now.
     pub fn set_policy(&self, path: &Path, change: &PolicyChange) -> Result<Policy, AdmitError> {
         let mut st = self.lock()?;
         st.reap();
         let mut tree = st.tree()?;
-        let mut base = tree.find_policy(path).cloned().unwrap_or_else(|| {
-            path.ancestors()
-                .rev()
-                .find_map(|a| tree.find_policy(&a).cloned())
-                .expect("the root has a policy")
-        });
-        change.apply(&mut base);
-        tree.set_policy(path, base.clone())?;
-        if path.is_root() {
-            st.stored.root = Some(base.clone());
+        let key = path.to_string();
+        let mut set = if path.is_root() {
+            st.stored.root.clone()
         } else {
-            let key = path.to_string();
+            let stored = st.stored.policies.iter();
+            stored
+                .rev()
+                .find(|(p, _)| *p == key)
+                .map(|(_, p)| p.clone())
+        }
+        .unwrap_or_default();
+        change.apply(&mut set);
+        tree.set_policy(path, set.clone())?;
+        let now = tree.find_policy(path).cloned().expect("set just above");
+        if path.is_root() {
+            st.stored.root = Some(set);
+        } else {
             st.stored.policies.retain(|(p, _)| *p != key);
-            st.stored.policies.push((key, base.clone()));
+            st.stored.policies.push((key, set));
         }
         st.save()?;
-        Ok(base)
+        Ok(now)
     }
 
     /// Remove the policy at `path` (the root's: go back to the host's
@@ -242,7 +258,7 @@ impl StateDir {
             st.stored.root = None;
             // What is stored must fit in the host as it is, not in a host
             // default widened to hold it.
-            st.build_tree(true)?;
+            st.build_tree(host_policy(), true)?;
         } else {
             let mut tree = st.tree()?;
             tree.remove_policy(path)
@@ -272,15 +288,16 @@ impl StateDir {
 impl Locked<'_> {
     /// The tree the stored state describes.
     fn tree(&self) -> Result<Resources, AdmitError> {
-        self.build_tree(false)
+        self.build_tree(host_policy(), false)
     }
 
-    /// The tree, with `strict`: the root is the host's resources as they
-    /// are now, not widened to what is stored, and what does not fit in
-    /// it is an `Invalid` error naming it (for removing the root policy).
-    fn build_tree(&self, strict: bool) -> Result<Resources, AdmitError> {
+    /// The tree on `host` (the host's resources, [`host_policy`]: what the
+    /// root's fields not set are), with `strict`: the root is `host`, not
+    /// widened to what is stored, and what does not fit in it is an
+    /// `Invalid` error naming it (for removing the root policy).
+    fn build_tree(&self, mut host: Policy, strict: bool) -> Result<Resources, AdmitError> {
         let sd = self.sd;
-        let mut policies: Vec<(Path, &Policy)> = Vec::new();
+        let mut policies: Vec<(Path, &PartialPolicy)> = Vec::new();
         let mut seen = BTreeSet::new();
         for (p, pol) in &self.stored.policies {
             let path: Path = p
@@ -309,58 +326,60 @@ impl Locked<'_> {
             })?;
             running.push((name, &r.resources));
         }
-        let root = match &self.stored.root {
-            Some(p) => p.clone(),
-            None => {
-                let used = running
-                    .iter()
-                    .try_fold(0u64, |sum, (_, u)| sum.checked_add(u.block_mb))
-                    .ok_or_else(|| {
-                        sd.bad(format!(
-                            "{STATE_FILE}: the stored unikernels' block use adds up past 2^64 MB"
-                        ))
-                    })?;
-                let mut host = host_policy(&sd.dir, used);
-                if strict {
-                    return Self::fill(host, policies, running, |what, e| {
-                        AdmitError::Invalid(format!(
-                            "cannot go back to the host's resources: {what} does not fit in \
-                             them: {e}"
-                        ))
-                    });
-                }
-                // Widen the host default to what is stored, in case the host
-                // changed since (less free disk, a CPU offline).
-                for (_, p) in &policies {
-                    widen(&mut host, p);
-                }
-                let (mut n, mut mem) = (0u64, 0u64);
-                for (_, u) in &running {
-                    n += 1;
-                    mem = mem.saturating_add(u.memory_mb);
-                    host.cpus.extend(u.cpus.iter().copied());
-                    host.bridges.extend(u.bridges.iter().cloned());
-                }
-                host.unikernels = host.unikernels.max(n.min(u32::MAX as u64) as u32);
-                host.memory_mb = host.memory_mb.max(mem);
-                host.block_mb = Some(host.block_mb.unwrap_or(0).max(used));
-                host
-            }
-        };
-        Self::fill(root, policies, running, |what, e| {
+        let used = running
+            .iter()
+            .try_fold(0u64, |sum, (_, u)| sum.checked_add(u.block_mb))
+            .ok_or_else(|| {
+                sd.bad(format!(
+                    "{STATE_FILE}: the stored unikernels' block use adds up past 2^64 MB"
+                ))
+            })?;
+        let root = self.stored.root.as_ref();
+        if strict {
+            return Self::fill(host, root, policies, running, |what, e| {
+                AdmitError::Invalid(format!(
+                    "cannot go back to the host's resources: {what} does not fit in them: {e}"
+                ))
+            });
+        }
+        // Widen the host's resources to what is stored, in case the host
+        // changed since (a CPU offline, a bridge gone).
+        for (_, p) in &policies {
+            widen(&mut host, p);
+        }
+        if let Some(p) = root {
+            widen(&mut host, p);
+        }
+        let (mut n, mut mem) = (0u64, 0u64);
+        for (_, u) in &running {
+            n += 1;
+            mem = mem.saturating_add(u.memory_mb);
+            host.cpus.extend(u.cpus.iter().copied());
+            host.bridges.extend(u.bridges.iter().cloned());
+        }
+        host.unikernels = host.unikernels.max(n.min(u32::MAX as u64) as u32);
+        host.memory_mb = host.memory_mb.max(mem);
+        host.block_mb = Some(host.block_mb.unwrap_or(0).max(used));
+        Self::fill(host, root, policies, running, |what, e| {
             sd.bad(format!("{STATE_FILE}: {what} is inconsistent: {e}"))
         })
     }
 
-    /// A tree with `root`, then the policies and the running unikernels;
-    /// `err` makes the error for one that does not fit.
+    /// A tree with `host` as the root's default and `root` set over it,
+    /// then the policies and the running unikernels; `err` makes the error
+    /// for one that does not fit.
     fn fill(
-        root: Policy,
-        mut policies: Vec<(Path, &Policy)>,
+        host: Policy,
+        root: Option<&PartialPolicy>,
+        mut policies: Vec<(Path, &PartialPolicy)>,
         running: Vec<(Name, &Unikernel)>,
         err: impl Fn(String, String) -> AdmitError,
     ) -> Result<Resources, AdmitError> {
-        let mut tree = Resources::new(root);
+        let mut tree = Resources::with_default(host);
+        if let Some(p) = root {
+            tree.set_policy(&Path::root(), p.clone())
+                .map_err(|e| err("the stored root policy".into(), e.to_string()))?;
+        }
         // Parents before children, so each fits when it is set.
         policies.sort_by_key(|(p, _)| p.depth());
         for (path, pol) in policies {
@@ -409,13 +428,21 @@ impl Drop for Admission {
     }
 }
 
-/// Grow `host` so that `p` fits in it.
-fn widen(host: &mut Policy, p: &Policy) {
-    host.unikernels = host.unikernels.max(p.unikernels);
-    host.memory_mb = host.memory_mb.max(p.memory_mb);
-    host.cpus.extend(p.cpus.iter().copied());
-    host.bridges.extend(p.bridges.iter().cloned());
-    if let Some(b) = p.block_mb {
+/// Grow `host` so that the fields `p` sets fit in it.
+fn widen(host: &mut Policy, p: &PartialPolicy) {
+    if let Some(n) = p.unikernels {
+        host.unikernels = host.unikernels.max(n);
+    }
+    if let Some(m) = p.memory_mb {
+        host.memory_mb = host.memory_mb.max(m);
+    }
+    if let Some(c) = &p.cpus {
+        host.cpus.extend(c.iter().copied());
+    }
+    if let Some(b) = &p.bridges {
+        host.bridges.extend(b.iter().cloned());
+    }
+    if let Some(Some(b)) = p.block_mb {
         host.block_mb = Some(host.block_mb.unwrap_or(0).max(b));
     }
 }

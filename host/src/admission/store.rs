@@ -4,7 +4,7 @@
 
 use super::legacy::{self, alive};
 use super::{AdmitError, StateDir};
-use crate::resources::{Policy, Unikernel};
+use crate::resources::{PartialPolicy, Unikernel};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -65,9 +65,9 @@ pub(super) fn try_flock(file: &File) -> bool {
 pub(super) struct Stored {
     pub(super) version: u32,
     /// The root policy, if set; `None`: the host's resources.
-    pub(super) root: Option<Policy>,
+    pub(super) root: Option<PartialPolicy>,
     /// Every other policy, by path.
-    pub(super) policies: Vec<(String, Policy)>,
+    pub(super) policies: Vec<(String, PartialPolicy)>,
     pub(super) running: Vec<Running>,
 }
 

@@ -4,6 +4,7 @@
 use super::host::physical_memory_mb;
 use super::store::*;
 use super::*;
+use crate::resources::Resource;
 
 fn scratch(tag: &str) -> StateDir {
     let d = std::env::temp_dir().join(format!("tt-admission-{tag}-{}", std::process::id()));
@@ -47,7 +48,10 @@ fn admissions_persist_and_release_on_drop() {
     sd.set_policy(
         &alice,
         &PolicyChange {
-            unikernels: Some(1),
+            set: PartialPolicy {
+                unikernels: Some(1),
+                ..PartialPolicy::default()
+            },
             ..PolicyChange::default()
         },
     )
@@ -74,7 +78,10 @@ fn a_launch_leaves_state_json_alone() {
     let sd = scratch("nosync");
     let alice: Path = "alice".parse().unwrap();
     let one = PolicyChange {
-        unikernels: Some(1),
+        set: PartialPolicy {
+            unikernels: Some(1),
+            ..PartialPolicy::default()
+        },
         ..PolicyChange::default()
     };
     sd.set_policy(&alice, &one).unwrap();
@@ -131,7 +138,10 @@ fn entries_of_dead_processes_are_reaped() {
     sd.set_policy(
         &root,
         &PolicyChange {
-            unikernels: Some(1),
+            set: PartialPolicy {
+                unikernels: Some(1),
+                ..PartialPolicy::default()
+            },
             ..PolicyChange::default()
         },
     )
@@ -168,7 +178,10 @@ fn removing_the_root_policy_refuses_what_the_host_cannot_hold() {
         sd.set_policy(
             &path.parse().unwrap(),
             &PolicyChange {
-                memory_mb: Some(mem),
+                set: PartialPolicy {
+                    memory_mb: Some(mem),
+                    ..PartialPolicy::default()
+                },
                 ..PolicyChange::default()
             },
         )
@@ -211,7 +224,7 @@ fn the_host_default_has_the_online_cpus_whatever_the_affinity() {
         let mut only0: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(*online.first().unwrap() as usize, &mut only0);
         assert_eq!(libc::sched_setaffinity(0, size, &only0), 0);
-        let cpus = host_policy(FsPath::new("/"), 0).cpus;
+        let cpus = host_policy().cpus;
         assert_eq!(libc::sched_setaffinity(0, size, &saved), 0);
         assert_eq!(cpus, online);
     }
@@ -240,7 +253,7 @@ fn stored_block_use_that_overflows_is_a_bad_state() {
     assert!(e.to_string().contains("past 2^64 MB"), "{e}");
     // With a root policy set, the tree's own checks refuse it.
     let mut st = sd.lock().unwrap();
-    st.stored.root = Some(host_policy(sd.path(), 0));
+    st.stored.root = Some(host_policy().into());
     st.save().unwrap();
     drop(st);
     let e = sd.show(&Path::root()).unwrap_err();
@@ -280,7 +293,10 @@ fn entries_live_while_their_lock_is_held_whatever_their_pid() {
     sd.set_policy(
         &Path::root(),
         &PolicyChange {
-            unikernels: Some(2),
+            set: PartialPolicy {
+                unikernels: Some(2),
+                ..PartialPolicy::default()
+            },
             ..PolicyChange::default()
         },
     )
@@ -394,7 +410,10 @@ fn a_leftover_temporary_state_file_is_replaced_not_written_through() {
     let tmp = sd.path().join(format!("{STATE_FILE}.tmp"));
     std::os::unix::fs::symlink(&victim, &tmp).unwrap();
     let one = PolicyChange {
-        unikernels: Some(1),
+        set: PartialPolicy {
+            unikernels: Some(1),
+            ..PartialPolicy::default()
+        },
         ..PolicyChange::default()
     };
     sd.set_policy(&"alice".parse().unwrap(), &one).unwrap();
@@ -417,7 +436,7 @@ fn a_leftover_temporary_state_file_is_replaced_not_written_through() {
 fn a_stored_policy_at_the_root_or_listed_twice_is_a_bad_state() {
     for (key, again) in [("", None), (":", None), ("(root)", None), ("a", Some("a"))] {
         let sd = scratch("rootkey");
-        let pol = host_policy(FsPath::new("/"), 0);
+        let pol: PartialPolicy = host_policy().into();
         let mut st = sd.lock().unwrap();
         st.stored.policies.push((key.into(), pol.clone()));
         if let Some(k) = again {
@@ -533,7 +552,10 @@ fn two_entries_on_one_lock_file_are_a_bad_state() {
 fn admissions_at_once_never_share_the_last_slot() {
     let sd = scratch("race");
     let five = PolicyChange {
-        unikernels: Some(5),
+        set: PartialPolicy {
+            unikernels: Some(5),
+            ..PartialPolicy::default()
+        },
         ..PolicyChange::default()
     };
     sd.set_policy(&"alice".parse().unwrap(), &five).unwrap();
@@ -559,5 +581,181 @@ fn admissions_at_once_never_share_the_last_slot() {
     }
     drop(results);
     assert!(!sd.show(&Path::root()).unwrap().contains("alice:u"));
+    std::fs::remove_dir_all(sd.path()).unwrap();
+}
+
+/// The host as `host_policy` sees it, with bridges `b`.
+fn host_with(b: &[&str]) -> Policy {
+    Policy {
+        bridges: b.iter().map(|s| s.to_string()).collect(),
+        ..host_policy()
+    }
+}
+
+/// 8 MB pinned to CPU 0, attached to `bridge`.
+fn on(bridge: &str) -> Unikernel {
+    Unikernel {
+        bridges: [bridge.to_string()].into(),
+        cpus: [0].into(),
+        ..uk(8)
+    }
+}
+
+/// The issue's case: `policy set alice --unikernels 2 --mem 1024` on a host
+/// with no TAP yet, then a TAP is made. alice's bridges and block limit
+/// were copied from the host at that moment ("bridges none") and every
+/// launch on the new TAP was refused. Now they are not stored, shown as
+/// inherited, and the TAP is open to alice at the next launch.
+#[test]
+fn fields_left_out_of_policy_set_follow_the_host() {
+    let sd = scratch("inherit");
+    let alice: Path = "alice".parse().unwrap();
+    let change = PolicyChange {
+        set: PartialPolicy {
+            unikernels: Some(2),
+            memory_mb: Some(1024),
+            ..PartialPolicy::default()
+        },
+        ..PolicyChange::default()
+    };
+    sd.set_policy(&alice, &change).unwrap();
+    let stored = std::fs::read_to_string(sd.path().join(STATE_FILE)).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    assert_eq!(
+        json["policies"][0][1],
+        serde_json::json!({"unikernels": 2, "memory_mb": 1024}),
+        "only what was given is stored: {stored}"
+    );
+    let shown = sd.show(&alice).unwrap();
+    assert!(
+        shown.contains("memory 0/1024 MB  block 0/unlimited MB (inherited from the host)")
+            && shown.contains(" (inherited from the host)\n"),
+        "{shown}"
+    );
+    let web: Name = "alice:web".parse().unwrap();
+    let st = sd.lock().unwrap();
+    // Before the TAP: refused at the root, not at alice.
+    let before = st.build_tree(host_with(&[]), false).unwrap();
+    let e = before.check(&web, &on("tap7")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "(root): bridge tap7 not in allowed bridges none"
+    );
+    // After: admitted, with alice's own limits still in force.
+    let after = st.build_tree(host_with(&["tap7"]), false).unwrap();
+    after.check(&web, &on("tap7")).unwrap();
+    assert_eq!(after.find_policy(&alice).unwrap().memory_mb, 1024);
+    drop(st);
+    std::fs::remove_dir_all(sd.path()).unwrap();
+}
+
+/// A policy stored by an older tt-host, with the host's bridges and free
+/// disk of that moment copied into it, still loads as it was (refusing
+/// the new TAP), and `--bridges inherit --block inherit` mends it.
+#[test]
+fn inherit_mends_a_policy_stored_with_copied_values() {
+    let sd = scratch("mend");
+    std::fs::create_dir_all(sd.path()).unwrap();
+    let old = r#"{"version":1,"root":null,"policies":[["alice",
+        {"unikernels":2,"memory_mb":1024,"cpus":[0],"block_mb":79899,"bridges":[]}]],
+        "running":[]}"#;
+    std::fs::write(sd.path().join(STATE_FILE), old).unwrap();
+    let alice: Path = "alice".parse().unwrap();
+    let web: Name = "alice:web".parse().unwrap();
+    let shown = sd.show(&alice).unwrap();
+    assert!(
+        shown.contains("block 0/79899 MB  cpus 0  bridges none\n"),
+        "{shown}"
+    );
+    let st = sd.lock().unwrap();
+    let e = st
+        .build_tree(host_with(&["tap7"]), false)
+        .unwrap()
+        .check(&web, &on("tap7"))
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "alice: bridge tap7 not in allowed bridges none"
+    );
+    drop(st);
+    let mend = PolicyChange {
+        inherit: [Resource::Bridges, Resource::Block].into(),
+        ..PolicyChange::default()
+    };
+    sd.set_policy(&alice, &mend).unwrap();
+    let st = sd.lock().unwrap();
+    let tree = st.build_tree(host_with(&["tap7"]), false).unwrap();
+    tree.check(&web, &on("tap7")).unwrap();
+    let set = tree.find_set_fields(&alice).unwrap();
+    assert_eq!((set.unikernels, set.bridges.as_ref()), (Some(2), None));
+    assert_eq!(set.block_mb, None);
+    drop(st);
+    std::fs::remove_dir_all(sd.path()).unwrap();
+}
+
+/// The root's block limit is not the state directory's free space (none on
+/// a FUSE mount, little on a small /var): unlimited unless a policy sets
+/// one.
+#[test]
+fn the_roots_default_block_limit_is_unlimited() {
+    assert_eq!(host_policy().block_mb, Some(u64::MAX));
+    let sd = scratch("blockroot");
+    let disk = Unikernel {
+        block_mb: 1 << 40,
+        ..uk(8)
+    };
+    let a = sd.admit(None, "disk", disk.clone()).unwrap();
+    let shown = sd.show(&Path::root()).unwrap();
+    assert!(
+        shown.contains(&format!("block {}/unlimited MB (host)", 1u64 << 40)),
+        "{shown}"
+    );
+    drop(a);
+    // A policy that sets one bounds it.
+    let two = PolicyChange {
+        set: PartialPolicy {
+            block_mb: Some(Some(2)),
+            ..PartialPolicy::default()
+        },
+        ..PolicyChange::default()
+    };
+    sd.set_policy(&Path::root(), &two).unwrap();
+    let e = sd.admit(None, "disk", disk).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("(root): block: limit 2 MB, in use 0 MB, requested 1099511627776 MB"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(sd.path()).unwrap();
+}
+
+/// `policy set` changes only what it is given: a second `policy set` keeps
+/// the fields the first one set.
+#[test]
+fn a_second_policy_set_keeps_what_the_first_set() {
+    let sd = scratch("keep");
+    let alice: Path = "alice".parse().unwrap();
+    let with = |set: PartialPolicy| PolicyChange {
+        set,
+        ..PolicyChange::default()
+    };
+    sd.set_policy(
+        &alice,
+        &with(PartialPolicy {
+            memory_mb: Some(512),
+            ..PartialPolicy::default()
+        }),
+    )
+    .unwrap();
+    let now = sd
+        .set_policy(
+            &alice,
+            &with(PartialPolicy {
+                unikernels: Some(3),
+                ..PartialPolicy::default()
+            }),
+        )
+        .unwrap();
+    assert_eq!((now.unikernels, now.memory_mb), (3, 512));
     std::fs::remove_dir_all(sd.path()).unwrap();
 }
