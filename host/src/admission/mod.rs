@@ -35,9 +35,8 @@
 //! another process that reused the id is dead.
 //!
 //! A policy stores only the fields `tt-host policy set` was given
-//! ([`PartialPolicy`]); the others are
-//! inherited, when each launch is checked, from the nearest policy above
-//! that sets them, and at the root from the host as it is at that moment:
+//! ([`PartialPolicy`]); the others are inherited, when each launch is
+//! checked, from the nearest policy above that sets them, and at the root from the host as it is at that moment:
 //! all online CPUs, the physical memory, no limit on unikernels, **no
 //! limit on block storage**, and every bridge and TAP interface (TAPs
 //! made after the policy was set included). The root's block limit is
