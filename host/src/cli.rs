@@ -288,6 +288,7 @@ pub fn value_of<'a>(args: &'a [String], i: &mut usize, opt: &str) -> Option<&'a 
 pub const POLICY_USAGE: &str = "\
 usage: tt-host policy set PATH [--unikernels N] [--mem MB] [--cpus LIST]
                               [--block MB|none] [--bridges LIST]
+                              (each also takes 'inherit')
        tt-host policy remove PATH
        tt-host policy show [PATH]
 options of all three: --state-dir=DIR (default $TT_HOST_STATE_DIR, else
@@ -298,10 +299,15 @@ Resources are delegated down a tree of paths: labels joined by ':'
 below its path, all together, and every launch is checked against the
 policy of every path above its name ('tt-host run --name alice:bob:web').
 
-set     set the policy at PATH. An option left out keeps the value of the
-        policy there, or of the nearest policy above for a new one. The
-        policy must fit in every policy above, every policy below must fit
-        in it, and what runs below must fit in it.
+set     set the policy at PATH. An option left out is not set by this
+        command: on a new policy it is inherited, at every launch, from
+        the nearest policy above that sets it (at the root: from the host
+        as it is then: its CPUs, memory, bridges and TAPs, and no limit
+        on unikernels or block storage); on a policy that exists it stays
+        as it was. 'inherit' (--mem inherit) unsets an option: inherited
+        from then on. 'policy show' marks what is inherited, and from
+        where. What a policy sets must fit in every policy above, every
+        policy below must fit in it, and what runs below must fit in it.
           --unikernels N    how many unikernels may run below PATH
           --mem MB          their guest memory together
           --cpus LIST       CPUs they may be pinned to (0-3,6; 'none')
@@ -318,7 +324,7 @@ show    the tree below PATH (default: all), with usage against limits";
 pub enum PolicyCmd {
     Set {
         path: crate::resources::Path,
-        change: crate::admission::PolicyChange,
+        change: crate::resources::PolicyChange,
         state_dir: Option<PathBuf>,
     },
     Remove {
@@ -334,46 +340,56 @@ pub enum PolicyCmd {
 
 /// Could `name` be a Linux network interface (a bridge)? The kernel takes
 /// 1 to 15 bytes (IFNAMSIZ - 1) without '/', ':' or whitespace, and not
-/// "." or "..". "none" is taken by the option's own spelling.
+/// "." or "..". "none" and "inherit" are taken by the option's own
+/// spellings.
 fn is_interface_name(name: &str) -> bool {
     (1..=15).contains(&name.len())
         && name != "."
         && name != ".."
         && name != "none"
+        && name != "inherit"
         && !name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
 }
 
-/// A CPU list: `0-3,6`, or `none`.
-pub fn parse_cpu_list(s: &str) -> Result<std::collections::BTreeSet<u16>, String> {
-    let mut out = std::collections::BTreeSet::new();
-    if s == "none" || s.is_empty() {
-        return Ok(out);
+/// The options of `policy set` and the resource each sets.
+const POLICY_FIELDS: [(&str, crate::resources::Resource); 5] = {
+    use crate::resources::Resource::*;
+    [
+        ("--unikernels", Unikernels),
+        ("--mem", Memory),
+        ("--cpus", Cpus),
+        ("--block", Block),
+        ("--bridges", Bridges),
+    ]
+};
+
+/// `--bridges`' list: `br0,br1`, or `none` (or nothing) for no bridges.
+fn parse_bridges(v: &str) -> Result<std::collections::BTreeSet<String>, String> {
+    if v == "none" || v.is_empty() {
+        return Ok(Default::default());
     }
-    for part in s.split(',') {
-        let num = |x: &str| {
-            x.trim()
-                .parse::<u16>()
-                .map_err(|_| format!("'{x}' is not a CPU number"))
-        };
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let (a, b) = (num(a)?, num(b)?);
-                if a > b {
-                    return Err(format!("range '{part}' runs backwards"));
-                }
-                out.extend(a..=b);
-            }
-            None => {
-                out.insert(num(part)?);
-            }
-        }
+    let names: Vec<&str> = v.split(',').map(str::trim).collect();
+    if names.contains(&"") {
+        return Err("empty bridge name in the list".into());
     }
-    Ok(out)
+    if let Some(n) = names.iter().find(|n| !is_interface_name(n)) {
+        return Err(if *n == "none" {
+            "'none' (no bridges) cannot be part of a list".into()
+        } else if *n == "inherit" {
+            "'inherit' (not set here) cannot be part of a list".into()
+        } else {
+            format!(
+                "'{n}' is not a network interface name \
+                 (1 to 15 bytes, no '/', ':' or whitespace)"
+            )
+        });
+    }
+    Ok(names.into_iter().map(String::from).collect())
 }
 
 /// Parse the arguments after `policy`.
 pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
-    use crate::admission::PolicyChange;
+    use crate::resources::{PolicyChange, Resource};
     let Some(verb) = args.first().map(String::as_str) else {
         return Err(CliError::policy("policy: expected set, remove or show"));
     };
@@ -408,46 +424,40 @@ pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
             return Err(CliError::policy(format!(
                 "policy {verb}: unknown option '{a}'"
             )));
-        } else if let Some(v) = value_of(args, &mut i, "--unikernels") {
-            change.unikernels = Some(
-                v.parse()
-                    .map_err(|_| bad("--unikernels", v, "not a count"))?,
-            );
-        } else if let Some(v) = value_of(args, &mut i, "--mem") {
-            change.memory_mb = Some(v.parse().map_err(|_| bad("--mem", v, "not a size in MB"))?);
-        } else if let Some(v) = value_of(args, &mut i, "--cpus") {
-            change.cpus = Some(parse_cpu_list(v).map_err(|e| bad("--cpus", v, &e))?);
-        } else if let Some(v) = value_of(args, &mut i, "--block") {
-            change.block_mb = Some(if v == "none" {
-                None
-            } else {
-                Some(
-                    v.parse()
-                        .map_err(|_| bad("--block", v, "not a size in MB or 'none'"))?,
-                )
-            });
-        } else if let Some(v) = value_of(args, &mut i, "--bridges") {
-            let set = if v == "none" || v.is_empty() {
-                Default::default()
-            } else {
-                let names: Vec<&str> = v.split(',').map(str::trim).collect();
-                if names.contains(&"") {
-                    return Err(bad("--bridges", v, "empty bridge name in the list"));
+        } else if let Some((opt, resource, v)) = POLICY_FIELDS
+            .iter()
+            .find_map(|&(opt, r)| value_of(args, &mut i, opt).map(|v| (opt, r, v)))
+        {
+            // The last spelling of an option wins.
+            change.inherit.remove(&resource);
+            change.set.unset(resource);
+            let set = &mut change.set;
+            match resource {
+                _ if v == "inherit" => {
+                    change.inherit.insert(resource);
                 }
-                if let Some(n) = names.iter().find(|n| !is_interface_name(n)) {
-                    let why = if *n == "none" {
-                        "'none' (no bridges) cannot be part of a list".to_string()
+                Resource::Unikernels => {
+                    set.unikernels = Some(v.parse().map_err(|_| bad(opt, v, "not a count"))?);
+                }
+                Resource::Memory => {
+                    set.memory_mb = Some(v.parse().map_err(|_| bad(opt, v, "not a size in MB"))?);
+                }
+                Resource::Cpus => {
+                    let cpus = crate::resources::parse_cpu_list(v);
+                    set.cpus = Some(cpus.map_err(|e| bad(opt, v, &e.to_string()))?);
+                }
+                Resource::Block => {
+                    set.block_mb = Some(if v == "none" {
+                        None
                     } else {
-                        format!(
-                            "'{n}' is not a network interface name \
-                             (1 to 15 bytes, no '/', ':' or whitespace)"
-                        )
-                    };
-                    return Err(bad("--bridges", v, &why));
+                        let why = "not a size in MB, 'none' or 'inherit'";
+                        Some(v.parse().map_err(|_| bad(opt, v, why))?)
+                    });
                 }
-                names.into_iter().map(String::from).collect()
-            };
-            change.bridges = Some(set);
+                Resource::Bridges => {
+                    set.bridges = Some(parse_bridges(v).map_err(|why| bad(opt, v, &why))?);
+                }
+            }
         } else {
             return Err(CliError::policy(format!(
                 "policy set: unknown option '{a}'"
@@ -693,15 +703,53 @@ mod tests {
             panic!("not set")
         };
         assert_eq!(path.to_string(), "alice:bob");
-        assert_eq!(change.unikernels, Some(2));
-        assert_eq!(change.memory_mb, Some(512));
-        assert_eq!(change.cpus, Some([0, 1, 2, 5].into()));
-        assert_eq!(change.block_mb, Some(None));
+        let set = &change.set;
+        assert_eq!(set.unikernels, Some(2));
+        assert_eq!(set.memory_mb, Some(512));
+        assert_eq!(set.cpus, Some([0, 1, 2, 5].into()));
+        assert_eq!(set.block_mb, Some(None));
         assert_eq!(
-            change.bridges,
+            set.bridges,
             Some(["br0".to_string(), "br1".to_string()].into())
         );
+        assert!(change.inherit.is_empty());
         assert_eq!(state_dir, Some(PathBuf::from("/tmp/s")));
+    }
+
+    /// `--FIELD inherit` unsets a field (every one of the five), and the
+    /// last spelling of an option wins; an option left out is neither set
+    /// nor unset.
+    #[test]
+    fn policy_set_takes_inherit_for_every_option() {
+        use crate::resources::Resource::*;
+        let all = [
+            "set",
+            "alice",
+            "--mem=512",
+            "--unikernels=inherit",
+            "--mem=inherit",
+            "--cpus=inherit",
+            "--block=inherit",
+            "--bridges=inherit",
+        ];
+        let Ok(PolicyCmd::Set { change, .. }) = pol(&all) else {
+            panic!("not set")
+        };
+        assert_eq!(change.set, Default::default());
+        assert_eq!(
+            change.inherit,
+            [Unikernels, Memory, Block, Cpus, Bridges].into()
+        );
+        let Ok(PolicyCmd::Set { change, .. }) = pol(&["set", "alice", "--mem=inherit", "--mem=64"])
+        else {
+            panic!("not set")
+        };
+        assert_eq!(change.set.memory_mb, Some(64));
+        assert!(change.inherit.is_empty());
+        let Ok(PolicyCmd::Set { change, .. }) = pol(&["set", "alice"]) else {
+            panic!("not set")
+        };
+        assert_eq!(change, Default::default());
     }
 
     #[test]
@@ -727,6 +775,14 @@ mod tests {
             (
                 &["set", ":", "--bridges=none,br0"][..],
                 "'none' (no bridges) cannot be part of a list",
+            ),
+            (
+                &["set", ":", "--bridges=br0,inherit"][..],
+                "'inherit' (not set here) cannot be part of a list",
+            ),
+            (
+                &["set", ":", "--block=lots"][..],
+                "--block=lots: not a size in MB, 'none' or 'inherit'",
             ),
             (
                 &["set", ":", "--bridges=br0,a-very-long-bridge"][..],

@@ -3,6 +3,7 @@
 //! launches at once under one policy, and the reservation of a SIGKILLed
 //! `tt-host run` being reaped.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tt_tests::{assert_error, guest, kvm, tt, tt_host, Scratch};
@@ -254,4 +255,207 @@ fn block_devices_count_their_size_in_mb_rounded_up() {
     );
     let r = tt_in(&sd, &args);
     assert_eq!(r.status, 0, "{r:?}");
+}
+
+/// A persistent TAP interface in this network namespace, up, deleted
+/// when dropped (with libc: no `ip` needed).
+struct Tap(String);
+
+impl Tap {
+    fn new(name: &str) -> Tap {
+        let tap = Tap(name.to_string());
+        let tun = tap.open();
+        // SAFETY: TUNSETPERSIST takes an int by value.
+        let r = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) };
+        assert!(r == 0, "TUNSETPERSIST: {}", std::io::Error::last_os_error());
+        drop(tun);
+        let mut ifr = tap.ifreq();
+        // SAFETY: socket() takes no pointers; checked below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        // SAFETY: fd was just opened and is owned nowhere else.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        ifr.ifr_ifru.ifru_flags = libc::IFF_UP as libc::c_short;
+        // SAFETY: SIOCSIFFLAGS reads one struct ifreq, which we own.
+        let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) };
+        assert!(r == 0, "SIOCSIFFLAGS: {}", std::io::Error::last_os_error());
+        tap
+    }
+
+    /// An ifreq naming this interface.
+    fn ifreq(&self) -> libc::ifreq {
+        // SAFETY: ifreq is plain data; all-zero is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        assert!(self.0.len() < libc::IFNAMSIZ);
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(self.0.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        ifr
+    }
+
+    /// /dev/net/tun attached to this TAP (made if missing).
+    fn open(&self) -> std::fs::File {
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .expect("open /dev/net/tun (needs root)");
+        let mut ifr = self.ifreq();
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes one struct ifreq, which we own.
+        let r = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
+        assert!(
+            r == 0,
+            "TUNSETIFF {}: {}",
+            self.0,
+            std::io::Error::last_os_error()
+        );
+        tun
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let tun = self.open();
+        // SAFETY: TUNSETPERSIST takes an int by value.
+        unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 0 as libc::c_ulong) };
+    }
+}
+
+/// The issue's case, end to end: `policy set alice --unikernels 2 --mem
+/// 1024` on a host without the TAP, then the TAP is made: alice's bridges
+/// were copied from the host ("none") and the launch was refused with
+/// "alice: bridge tapN not in allowed bridges none". Now alice inherits
+/// the host's interfaces as they are at each launch.
+#[test]
+fn a_tap_made_after_policy_set_is_open_to_the_policy() {
+    if !kvm() {
+        return;
+    }
+    let sd = Scratch::new("taplater");
+    let name = format!("ttadm{}", std::process::id() % 100_000);
+    let r = tt_in(
+        &sd,
+        &[
+            "policy",
+            "set",
+            "alice",
+            "--unikernels",
+            "2",
+            "--mem",
+            "1024",
+        ],
+    );
+    assert_eq!(r.status, 0, "{r:?}");
+    let tap = Tap::new(&name);
+    let mut child = Command::new(tt_host())
+        .arg("run")
+        .arg(format!("--state-dir={}", sd.0.display()))
+        .args(["--name=alice:web", "--mem=32"])
+        .arg(format!("--net:service0={}", tap.0))
+        .arg(guest("net"))
+        .args(["--", "10.0.0.2", "limit=1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tt-host");
+    let t = Instant::now();
+    while running(&sd).is_empty() {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("alice:web on {name} exited ({st}) instead of running: {err}");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "not admitted in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let shown = tt_in(&sd, &["policy", "show", "alice"]).stdout;
+    assert!(
+        shown.contains(&name) && shown.contains("(inherited from the host)"),
+        "{shown}"
+    );
+    kill9(&mut child);
+}
+
+/// What `policy set` was not given is stored as not set and shown as
+/// inherited; `--FIELD inherit` unsets a field, which mends a policy an
+/// older tt-host stored with the host's values copied into it.
+#[test]
+fn policy_set_stores_only_what_it_is_given_and_inherit_unsets() {
+    let sd = Scratch::new("inheritcli");
+    let set = |args: &[&str]| {
+        let mut a = vec!["policy", "set", "alice"];
+        a.extend_from_slice(args);
+        let r = tt_in(&sd, &a);
+        assert_eq!(r.status, 0, "{r:?}");
+    };
+    let alice_stored = || -> String {
+        let s = std::fs::read_to_string(sd.path("state.json")).unwrap();
+        let at = s.find("\"alice\"").expect("alice stored");
+        s[at..]
+            .split(']')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect()
+    };
+    set(&["--unikernels", "2", "--mem", "1024"]);
+    assert_eq!(
+        alice_stored(),
+        r#""alice",{"unikernels":2,"memory_mb":1024}"#
+    );
+    let show = || tt_in(&sd, &["policy", "show"]).stdout;
+    let shown = show();
+    let alice = shown.lines().find(|l| l.contains("alice")).unwrap();
+    assert!(
+        alice.contains("memory 0/1024 MB  block 0/unlimited MB (inherited from the host)")
+            && alice.contains(" (inherited from the host)"),
+        "{shown}"
+    );
+    assert!(
+        shown
+            .lines()
+            .find(|l| l.starts_with("(root) "))
+            .unwrap()
+            .contains("block 0/unlimited MB (host)"),
+        "the root's block limit is unlimited: {shown}"
+    );
+    set(&["--mem", "inherit"]);
+    assert_eq!(alice_stored(), r#""alice",{"unikernels":2}"#);
+    // An older tt-host's copy: every field, bridges none, a block limit of
+    // the state directory's free space.
+    let old = r#"{"version":1,"root":null,"policies":[["alice",{"unikernels":2,"memory_mb":1024,"cpus":[0],"block_mb":79899,"bridges":[]}]],"running":[]}"#;
+    std::fs::write(sd.path("state.json"), old).unwrap();
+    let shown = show();
+    assert!(
+        shown.contains("block 0/79899 MB  cpus 0  bridges none"),
+        "{shown}"
+    );
+    set(&[
+        "--bridges",
+        "inherit",
+        "--block",
+        "inherit",
+        "--cpus=inherit",
+    ]);
+    assert_eq!(
+        alice_stored(),
+        r#""alice",{"unikernels":2,"memory_mb":1024}"#
+    );
+    let shown = show();
+    let alice = shown.lines().find(|l| l.contains("alice")).unwrap();
+    assert!(
+        alice.contains("block 0/unlimited MB (inherited from the host)")
+            && alice.ends_with("(inherited from the host)"),
+        "{shown}"
+    );
 }

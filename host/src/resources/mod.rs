@@ -27,6 +27,16 @@
 //! resource, the limit and the usage, in one line such as
 //! `alice: unikernels: limit 2, in use 2, requested 1`.
 //!
+//! A policy need not set every resource: a [`PartialPolicy`] leaves out
+//! what it does not set, and each such field is inherited from the nearest
+//! policy above that sets it, at the root from a default (the host's
+//! resources, [`Resources::with_default`]). The tree keeps at each path the
+//! policy in force ([`Resources::find_policy`]) and the fields set there
+//! ([`Resources::find_set_fields`]); when a policy changes, those below
+//! that inherit from it change with it. Only the fields a policy sets are
+//! compared with the policies above and below it: what it inherits fits by
+//! construction. A [`PolicyChange`] sets some fields and unsets others.
+//!
 //! Changing policies keeps the tree consistent: [`Resources::set_policy`]
 //! refuses a policy that does not fit in its ancestors', that a policy below
 //! does not fit in, or that the unikernels already running below exceed.
@@ -45,5 +55,8 @@ mod tree;
 mod tests;
 
 pub use name::{Label, Name, NameError, Path, MAX_DEPTH, MAX_LABEL_LEN};
-pub use policy::{BridgeList, CpuList, FitError, Policy, Resource, Unikernel, Usage};
+pub use policy::{
+    parse_cpu_list, BridgeList, CpuList, CpuListError, FitError, PartialPolicy, Policy,
+    PolicyChange, Resource, Unikernel, Usage,
+};
 pub use tree::{Refusal, RemovePolicyError, Resources};

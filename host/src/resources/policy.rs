@@ -22,6 +22,182 @@ pub struct Policy {
     pub bridges: BTreeSet<String>,
 }
 
+/// A policy as set at a path: a field that is `None` is not set there and
+/// is inherited, when each launch is checked, from the nearest policy
+/// above that sets it (at the root: from the host's resources). Stored in
+/// `state.json` with the fields not set left out; a policy stored by an
+/// older tt-host, with every field, reads as one with every field set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unikernels: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<BTreeSet<u16>>,
+    /// `Some(None)`: no block storage allowed (stored as `null`, as an
+    /// older tt-host stored a full policy's `None`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub block_mb: Option<Option<u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridges: Option<BTreeSet<String>>,
+}
+
+/// A field that is present, `null` included, is set (`Some`); an absent
+/// one is left to `#[serde(default)]` (`None`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
+    Option::<u64>::deserialize(d).map(Some)
+}
+
+impl From<Policy> for PartialPolicy {
+    /// Every field set.
+    fn from(p: Policy) -> PartialPolicy {
+        PartialPolicy {
+            unikernels: Some(p.unikernels),
+            memory_mb: Some(p.memory_mb),
+            cpus: Some(p.cpus),
+            block_mb: Some(p.block_mb),
+            bridges: Some(p.bridges),
+        }
+    }
+}
+
+impl PartialPolicy {
+    /// The policy in force: the fields set here, the others from `base`
+    /// (the policy in force above).
+    pub fn over(&self, base: &Policy) -> Policy {
+        Policy {
+            unikernels: self.unikernels.unwrap_or(base.unikernels),
+            memory_mb: self.memory_mb.unwrap_or(base.memory_mb),
+            cpus: self.cpus.clone().unwrap_or_else(|| base.cpus.clone()),
+            block_mb: self.block_mb.unwrap_or(base.block_mb),
+            bridges: self.bridges.clone().unwrap_or_else(|| base.bridges.clone()),
+        }
+    }
+
+    /// Unset `resource`: inherit it from above.
+    pub fn unset(&mut self, resource: Resource) {
+        match resource {
+            Resource::Unikernels => self.unikernels = None,
+            Resource::Memory => self.memory_mb = None,
+            Resource::Block => self.block_mb = None,
+            Resource::Cpus => self.cpus = None,
+            Resource::Bridges => self.bridges = None,
+        }
+    }
+
+    /// Whether `resource` is set here (not inherited).
+    pub fn is_set(&self, resource: Resource) -> bool {
+        match resource {
+            Resource::Unikernels => self.unikernels.is_some(),
+            Resource::Memory => self.memory_mb.is_some(),
+            Resource::Block => self.block_mb.is_some(),
+            Resource::Cpus => self.cpus.is_some(),
+            Resource::Bridges => self.bridges.is_some(),
+        }
+    }
+
+    /// [`Policy::fits_in`] for the fields set here only: an inherited
+    /// field is `outer`'s own (or narrower, from a policy in between).
+    pub fn fits_in(&self, outer: &Policy) -> Result<(), FitError> {
+        Fields {
+            unikernels: self.unikernels,
+            memory_mb: self.memory_mb,
+            cpus: self.cpus.as_ref(),
+            block_mb: self.block_mb,
+            bridges: self.bridges.as_ref(),
+        }
+        .fits_in(outer)
+    }
+}
+
+/// What `tt-host policy set` changes in the policy at a path: the fields
+/// in `set` are set, the resources in `inherit` are unset (then inherited
+/// from above); the others stay as they are (on a new policy: not set).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyChange {
+    pub set: PartialPolicy,
+    pub inherit: BTreeSet<Resource>,
+}
+
+impl PolicyChange {
+    /// `p` with this change made.
+    pub fn apply(&self, p: &mut PartialPolicy) {
+        let s = &self.set;
+        if s.unikernels.is_some() {
+            p.unikernels = s.unikernels;
+        }
+        if s.memory_mb.is_some() {
+            p.memory_mb = s.memory_mb;
+        }
+        if s.cpus.is_some() {
+            p.cpus.clone_from(&s.cpus);
+        }
+        if s.block_mb.is_some() {
+            p.block_mb = s.block_mb;
+        }
+        if s.bridges.is_some() {
+            p.bridges.clone_from(&s.bridges);
+        }
+        for r in &self.inherit {
+            p.unset(*r);
+        }
+    }
+}
+
+/// A policy's fields, borrowed; `None`: not compared.
+struct Fields<'a> {
+    unikernels: Option<u32>,
+    memory_mb: Option<u64>,
+    cpus: Option<&'a BTreeSet<u16>>,
+    block_mb: Option<Option<u64>>,
+    bridges: Option<&'a BTreeSet<String>>,
+}
+
+impl Fields<'_> {
+    fn fits_in(&self, outer: &Policy) -> Result<(), FitError> {
+        if let Some(inner) = self.unikernels.filter(|&n| n > outer.unikernels) {
+            return Err(FitError::Unikernels {
+                inner,
+                outer: outer.unikernels,
+            });
+        }
+        if let Some(inner) = self.memory_mb.filter(|&m| m > outer.memory_mb) {
+            return Err(FitError::Memory {
+                inner,
+                outer: outer.memory_mb,
+            });
+        }
+        match (self.block_mb, outer.block_mb) {
+            (Some(Some(inner)), None) => return Err(FitError::NoBlock { inner }),
+            (Some(Some(inner)), Some(o)) if inner > o => {
+                return Err(FitError::Block { inner, outer: o })
+            }
+            _ => {}
+        }
+        if let Some(&cpu) = self.cpus.and_then(|c| c.difference(&outer.cpus).next()) {
+            return Err(FitError::Cpu {
+                cpu,
+                outer: outer.cpus.clone(),
+            });
+        }
+        if let Some(bridge) = self
+            .bridges
+            .and_then(|b| b.difference(&outer.bridges).next())
+        {
+            return Err(FitError::Bridge {
+                bridge: bridge.clone(),
+                outer: outer.bridges.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// The resources a running (or to be launched) unikernel takes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unikernel {
@@ -136,36 +312,14 @@ impl Policy {
     /// error names the first resource that does not fit, in the order
     /// unikernels, memory, block, cpus, bridges.
     pub fn fits_in(&self, outer: &Policy) -> Result<(), FitError> {
-        if self.unikernels > outer.unikernels {
-            return Err(FitError::Unikernels {
-                inner: self.unikernels,
-                outer: outer.unikernels,
-            });
+        Fields {
+            unikernels: Some(self.unikernels),
+            memory_mb: Some(self.memory_mb),
+            cpus: Some(&self.cpus),
+            block_mb: Some(self.block_mb),
+            bridges: Some(&self.bridges),
         }
-        if self.memory_mb > outer.memory_mb {
-            return Err(FitError::Memory {
-                inner: self.memory_mb,
-                outer: outer.memory_mb,
-            });
-        }
-        match (self.block_mb, outer.block_mb) {
-            (Some(inner), None) => return Err(FitError::NoBlock { inner }),
-            (Some(inner), Some(o)) if inner > o => return Err(FitError::Block { inner, outer: o }),
-            _ => {}
-        }
-        if let Some(&cpu) = self.cpus.difference(&outer.cpus).next() {
-            return Err(FitError::Cpu {
-                cpu,
-                outer: outer.cpus.clone(),
-            });
-        }
-        if let Some(bridge) = self.bridges.difference(&outer.bridges).next() {
-            return Err(FitError::Bridge {
-                bridge: bridge.clone(),
-                outer: outer.bridges.clone(),
-            });
-        }
-        Ok(())
+        .fits_in(outer)
     }
 }
 
@@ -196,6 +350,44 @@ impl fmt::Display for CpuList<'_> {
         }
         Ok(())
     }
+}
+
+/// Parses a CPU list as [`CpuList`] displays it: `0-3,6`, or `none` (or
+/// nothing) for the empty set.
+pub fn parse_cpu_list(s: &str) -> Result<BTreeSet<u16>, CpuListError> {
+    let mut out = BTreeSet::new();
+    if s == "none" || s.is_empty() {
+        return Ok(out);
+    }
+    for part in s.split(',') {
+        let num = |x: &str| {
+            x.trim()
+                .parse::<u16>()
+                .map_err(|_| CpuListError::NotANumber(x.to_string()))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(CpuListError::Backwards(part.to_string()));
+                }
+                out.extend(a..=b);
+            }
+            None => {
+                out.insert(num(part)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Why [`parse_cpu_list`] refused a list.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CpuListError {
+    #[error("'{0}' is not a CPU number")]
+    NotANumber(String),
+    #[error("range '{0}' runs backwards")]
+    Backwards(String),
 }
 
 /// Displays a bridge set joined by `,`; the empty set is `none`.
@@ -275,6 +467,71 @@ mod tests {
         assert_eq!(
             p.fits_in(&outer).unwrap_err().to_string(),
             "bridge br9 not in bridges br0"
+        );
+    }
+
+    /// A policy stored by an older tt-host has every field (copied from
+    /// above): it reads as one that sets every field, `null` block as no
+    /// block storage. A new one leaves out what it does not set.
+    #[test]
+    fn partial_policies_store_only_what_is_set_and_read_old_full_ones() {
+        let old = r#"{"unikernels":2,"memory_mb":1024,"cpus":[0,1],"block_mb":null,"bridges":[]}"#;
+        let p: PartialPolicy = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            p,
+            PartialPolicy::from(Policy {
+                bridges: bridges(&[]),
+                ..policy(2, 1024, None)
+            })
+        );
+        assert_eq!(p.block_mb, Some(None));
+        let p = PartialPolicy {
+            memory_mb: Some(64),
+            ..PartialPolicy::default()
+        };
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(json, r#"{"memory_mb":64}"#);
+        assert_eq!(serde_json::from_str::<PartialPolicy>(&json).unwrap(), p);
+        let none = PartialPolicy {
+            block_mb: Some(None),
+            ..PartialPolicy::default()
+        };
+        let json = serde_json::to_string(&none).unwrap();
+        assert_eq!(serde_json::from_str::<PartialPolicy>(&json).unwrap(), none);
+    }
+
+    #[test]
+    fn a_change_sets_unsets_and_keeps() {
+        let mut p = PartialPolicy::from(policy(2, 1024, Some(10)));
+        let change = PolicyChange {
+            set: PartialPolicy {
+                memory_mb: Some(64),
+                ..PartialPolicy::default()
+            },
+            inherit: [Resource::Block, Resource::Bridges].into(),
+        };
+        change.apply(&mut p);
+        assert_eq!(p.unikernels, Some(2), "kept");
+        assert_eq!(p.memory_mb, Some(64), "set");
+        assert_eq!((p.block_mb, p.bridges.clone()), (None, None), "unset");
+        let base = policy(9, 9, None);
+        let now = p.over(&base);
+        assert_eq!((now.unikernels, now.memory_mb), (2, 64));
+        assert_eq!((now.block_mb, now.bridges), (None, base.bridges));
+    }
+
+    #[test]
+    fn cpu_lists_parse_what_they_display() {
+        for set in [cpus(&[]), cpus(&[3]), cpus(&[0, 1, 2, 3, 6, 8, 9])] {
+            assert_eq!(parse_cpu_list(&CpuList(&set).to_string()), Ok(set));
+        }
+        assert_eq!(
+            parse_cpu_list("3-1").unwrap_err().to_string(),
+            "range '3-1' runs backwards"
+        );
+        assert_eq!(
+            parse_cpu_list("0,x").unwrap_err().to_string(),
+            "'x' is not a CPU number"
         );
     }
 

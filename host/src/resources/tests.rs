@@ -6,7 +6,9 @@
 //! running unikernels whose name is below that path. Random sequences of
 //! set_policy / remove_policy / launch / exit over a three-letter alphabet
 //! (so paths and names collide) must get the same decision, the same
-//! refusal, and the same usage at every path after every step.
+//! refusal, and the same usage at every path after every step. Policies
+//! set only some of their fields; the model finds each field in force by
+//! looking up the nearest policy that sets it.
 
 use super::*;
 use proptest::prelude::*;
@@ -33,7 +35,9 @@ fn to_name(path: &[String], label: &str) -> Name {
 
 /// The independent model: lists and brute-force sums.
 struct Model {
-    policies: BTreeMap<Labels, Policy>,
+    /// What each policy sets; the root's unset fields are `default`'s.
+    policies: BTreeMap<Labels, PartialPolicy>,
+    default: Policy,
     /// (path, label, resources) of each running unikernel.
     running: Vec<(Labels, String, Unikernel)>,
 }
@@ -47,6 +51,27 @@ fn full(path: &[String], label: &str) -> Labels {
 /// `a` is a strict prefix of `b`.
 fn strictly_above(a: &[String], b: &[String]) -> bool {
     a.len() < b.len() && b.starts_with(a)
+}
+
+/// [`model_fits`] on the fields `inner` sets only.
+fn model_fits_set(inner: &PartialPolicy, outer: &Policy) -> Result<(), FitError> {
+    let mut full = outer.clone();
+    if let Some(n) = inner.unikernels {
+        full.unikernels = n;
+    }
+    if let Some(m) = inner.memory_mb {
+        full.memory_mb = m;
+    }
+    if let Some(c) = &inner.cpus {
+        full.cpus = c.clone();
+    }
+    if let Some(b) = inner.block_mb {
+        full.block_mb = b;
+    }
+    if let Some(b) = &inner.bridges {
+        full.bridges = b.clone();
+    }
+    model_fits(&full, outer)
 }
 
 fn model_fits(inner: &Policy, outer: &Policy) -> Result<(), FitError> {
@@ -87,9 +112,44 @@ fn model_fits(inner: &Policy, outer: &Policy) -> Result<(), FitError> {
 impl Model {
     fn new(root: Policy) -> Model {
         Model {
-            policies: BTreeMap::from([(Vec::new(), root)]),
+            policies: BTreeMap::from([(Vec::new(), root.clone().into())]),
+            default: root,
             running: Vec::new(),
         }
+    }
+
+    /// The policy in force at `path` if `path`'s policy were `at`: each
+    /// field from the deepest policy at or above `path` that sets it.
+    fn in_force_with(&self, path: &[String], at: Option<&PartialPolicy>) -> Policy {
+        let mut p = self.default.clone();
+        for depth in 0..=path.len() {
+            let set = if depth == path.len() && at.is_some() {
+                at
+            } else {
+                self.policies.get(&path[..depth])
+            };
+            let Some(set) = set else { continue };
+            if let Some(n) = set.unikernels {
+                p.unikernels = n;
+            }
+            if let Some(m) = set.memory_mb {
+                p.memory_mb = m;
+            }
+            if let Some(c) = &set.cpus {
+                p.cpus = c.clone();
+            }
+            if let Some(b) = set.block_mb {
+                p.block_mb = b;
+            }
+            if let Some(b) = &set.bridges {
+                p.bridges = b.clone();
+            }
+        }
+        p
+    }
+
+    fn in_force(&self, path: &[String]) -> Policy {
+        self.in_force_with(path, None)
     }
 
     fn below<'a>(&'a self, path: &'a [String]) -> impl Iterator<Item = &'a Unikernel> + 'a {
@@ -155,9 +215,10 @@ impl Model {
         }
         for depth in 0..=path.len() {
             let anc = &path[..depth];
-            let Some(p) = self.policies.get(anc) else {
+            if !self.policies.contains_key(anc) {
                 continue;
-            };
+            }
+            let p = &self.in_force(anc);
             let at = to_path(anc);
             let (n, m, b) = self.sums(anc);
             if n + 1 > u128::from(p.unikernels) {
@@ -218,7 +279,8 @@ impl Model {
         Ok(())
     }
 
-    fn set_policy(&mut self, path: &[String], policy: &Policy) -> Result<(), Refusal> {
+    fn set_policy(&mut self, path: &[String], set: &PartialPolicy) -> Result<(), Refusal> {
+        let policy = &self.in_force_with(path, Some(set));
         let at = to_path(path);
         if let Some(uk) = self.occupied_by_unikernel(path) {
             return Err(if uk.to_path() == at {
@@ -228,20 +290,24 @@ impl Model {
             });
         }
         for depth in 0..path.len() {
-            if let Some(outer) = self.policies.get(&path[..depth]) {
-                model_fits(policy, outer).map_err(|reason| Refusal::ExceedsAncestor {
-                    path: at.clone(),
-                    ancestor: to_path(&path[..depth]),
-                    reason,
+            if self.policies.contains_key(&path[..depth]) {
+                model_fits(policy, &self.in_force(&path[..depth])).map_err(|reason| {
+                    Refusal::ExceedsAncestor {
+                        path: at.clone(),
+                        ancestor: to_path(&path[..depth]),
+                        reason,
+                    }
                 })?;
             }
         }
         for (k, inner) in &self.policies {
             if strictly_above(path, k) {
-                model_fits(inner, policy).map_err(|reason| Refusal::NarrowerThanDescendant {
-                    path: at.clone(),
-                    descendant: to_path(k),
-                    reason,
+                model_fits_set(inner, policy).map_err(|reason| {
+                    Refusal::NarrowerThanDescendant {
+                        path: at.clone(),
+                        descendant: to_path(k),
+                        reason,
+                    }
                 })?;
             }
         }
@@ -291,7 +357,7 @@ impl Model {
                 allowed: policy.bridges.clone(),
             });
         }
-        self.policies.insert(path.to_vec(), policy.clone());
+        self.policies.insert(path.to_vec(), set.clone());
         Ok(())
     }
 
@@ -299,8 +365,10 @@ impl Model {
         if path.is_empty() {
             return Err(RemovePolicyError::Root);
         }
+        let was = self.in_force(path);
         self.policies
             .remove(path)
+            .map(|_| was)
             .ok_or_else(|| RemovePolicyError::NoPolicy {
                 path: to_path(path),
             })
@@ -317,7 +385,7 @@ impl Model {
 
 #[derive(Debug, Clone)]
 enum Op {
-    SetPolicy(Labels, Policy),
+    SetPolicy(Labels, PartialPolicy),
     RemovePolicy(Labels),
     Launch(Labels, String, Unikernel),
     /// Exit the `n`th running unikernel (mod their number), or, when none
@@ -371,6 +439,28 @@ fn policy() -> impl Strategy<Value = Policy> {
         )
 }
 
+/// A [`policy`] that sets some of its fields: mostly all, often some.
+fn partial_policy() -> impl Strategy<Value = PartialPolicy> {
+    (policy(), prop_oneof![1 => Just(0b11111u8), 2 => 0u8..32]).prop_map(|(p, mask)| {
+        let mut set = PartialPolicy::from(p);
+        for (i, r) in [
+            Resource::Unikernels,
+            Resource::Memory,
+            Resource::Block,
+            Resource::Cpus,
+            Resource::Bridges,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if mask >> i & 1 == 0 {
+                set.unset(r);
+            }
+        }
+        set
+    })
+}
+
 /// A generous root: every other generated policy may fit in it.
 fn root_policy() -> impl Strategy<Value = Policy> {
     (
@@ -408,7 +498,7 @@ fn unikernel() -> impl Strategy<Value = Unikernel> {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (labels(), label(), unikernel()).prop_map(|(p, l, u)| Op::Launch(p, l, u)),
-        3 => (labels(), policy()).prop_map(|(p, pol)| Op::SetPolicy(p, pol)),
+        3 => (labels(), partial_policy()).prop_map(|(p, pol)| Op::SetPolicy(p, pol)),
         1 => labels().prop_map(Op::RemovePolicy),
         2 => (any::<usize>(), labels(), label()).prop_map(|(n, p, l)| Op::Exit(n, p, l)),
     ]
@@ -511,10 +601,17 @@ fn run(root: Policy, ops: &[Op], paths: &[Labels], stats: &mut Stats) -> Result<
         for p in paths {
             let path = to_path(p);
             prop_assert_eq!(tree.usage(&path), model.usage(p), "usage at {}", path);
+            let in_force = model.policies.contains_key(p).then(|| model.in_force(p));
             prop_assert_eq!(
                 tree.find_policy(&path),
-                model.policies.get(p),
+                in_force.as_ref(),
                 "policy at {}",
+                path
+            );
+            prop_assert_eq!(
+                tree.find_set_fields(&path),
+                model.policies.get(p),
+                "fields set at {}",
                 path
             );
         }
@@ -524,8 +621,8 @@ fn run(root: Policy, ops: &[Op], paths: &[Labels], stats: &mut Stats) -> Result<
             .collect();
         let want: Vec<(Path, Policy)> = model
             .policies
-            .iter()
-            .map(|(k, pol)| (to_path(k), pol.clone()))
+            .keys()
+            .map(|k| (to_path(k), model.in_force(k)))
             .collect();
         prop_assert_eq!(policies, want);
         let mut running: Vec<(Name, Unikernel)> = model

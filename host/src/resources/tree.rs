@@ -2,7 +2,9 @@
 //! and the usage below every path, kept up to date on every change.
 
 use super::name::{Label, Name, Path};
-use super::policy::{BridgeList, CpuList, FitError, Policy, Resource, Unikernel, Usage};
+use super::policy::{
+    BridgeList, CpuList, FitError, PartialPolicy, Policy, Resource, Unikernel, Usage,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
@@ -171,7 +173,10 @@ pub enum RemovePolicyError {
 /// always has children.
 #[derive(Debug, Clone, Default)]
 struct Node {
+    /// The policy in force here: `set` over the policy in force above.
     policy: Option<Policy>,
+    /// The fields set here (meaningful while `policy` is `Some`).
+    set: PartialPolicy,
     unikernel: Option<Unikernel>,
     /// Sum over the unikernels strictly below this node.
     usage: Usage,
@@ -200,6 +205,8 @@ impl Node {
 pub struct Resources {
     /// Its `policy` is always `Some`.
     root: Node,
+    /// What the root's fields not set are (the host's resources).
+    default: Policy,
 }
 
 impl Resources {
@@ -208,9 +215,24 @@ impl Resources {
     pub fn new(root: Policy) -> Resources {
         Resources {
             root: Node {
-                policy: Some(root),
+                policy: Some(root.clone()),
+                set: root.clone().into(),
                 ..Node::default()
             },
+            default: root,
+        }
+    }
+
+    /// A tree whose root policy sets nothing: every field is `default`'s
+    /// (at the command line, the host's resources), until
+    /// [`Resources::set_policy`] at the root sets it.
+    pub fn with_default(default: Policy) -> Resources {
+        Resources {
+            root: Node {
+                policy: Some(default.clone()),
+                ..Node::default()
+            },
+            default,
         }
     }
 
@@ -229,6 +251,33 @@ impl Resources {
     /// The policy set at exactly `path`, if any (not an ancestor's).
     pub fn find_policy(&self, path: &Path) -> Option<&Policy> {
         self.node(path.labels())?.policy.as_ref()
+    }
+
+    /// The fields set at exactly `path`, if it has a policy: those that
+    /// are `None` are inherited ([`Resources::find_policy`] has them).
+    pub fn find_set_fields(&self, path: &Path) -> Option<&PartialPolicy> {
+        let node = self.node(path.labels())?;
+        node.policy.as_ref().map(|_| &node.set)
+    }
+
+    /// The policy in force just above `path`: that of the nearest path
+    /// above with a policy; for the root, the default of its fields.
+    fn inherited(&self, path: &Path) -> &Policy {
+        if path.is_root() {
+            return &self.default;
+        }
+        let mut node = &self.root;
+        let mut nearest = self.root_policy();
+        for label in &path.labels()[..path.labels().len() - 1] {
+            match node.child(label) {
+                Some(child) => node = child,
+                None => break,
+            }
+            if let Some(p) = &node.policy {
+                nearest = p;
+            }
+        }
+        nearest
     }
 
     /// The running unikernel called `name`, if any.
@@ -376,13 +425,31 @@ impl Resources {
     /// (or, for a new one, as the nearest policy above); narrowing also
     /// walks the subtree at `path` to check the policies and unikernels
     /// below.
-    pub fn set_policy(&mut self, path: &Path, policy: Policy) -> Result<(), Refusal> {
+    ///
+    /// A field that `policy` does not set is inherited: it is that of the
+    /// policy in force above (for the root: of the default given to
+    /// [`Resources::with_default`]), now and whenever that one changes.
+    /// Only the fields set are compared with the policies above and
+    /// below: an inherited one fits by construction.
+    pub fn set_policy(
+        &mut self,
+        path: &Path,
+        policy: impl Into<PartialPolicy>,
+    ) -> Result<(), Refusal> {
+        let set = policy.into();
+        let policy = set.over(self.inherited(path));
         self.check_policy(path, &policy)?;
         let mut node = &mut self.root;
         for label in path.labels() {
             node = node.child_or_insert(label);
         }
+        let changed = node.policy.as_ref() != Some(&policy);
+        node.set = set;
         node.policy = Some(policy);
+        if changed {
+            let now = node.policy.clone().expect("set just above");
+            inherit_below(node, &now);
+        }
         Ok(())
     }
 
@@ -516,7 +583,19 @@ impl Resources {
                 .get_mut(label.as_str())
                 .ok_or_else(no_policy)?;
         }
+        node.policy.as_ref().ok_or_else(no_policy)?;
+        let above = self.inherited(path).clone();
+        let mut node = &mut self.root;
+        for label in path.labels() {
+            node = node
+                .children
+                .get_mut(label.as_str())
+                .expect("walked just above");
+        }
         let old = node.policy.take().ok_or_else(no_policy)?;
+        node.set = PartialPolicy::default();
+        // What inherited from it now inherits from above.
+        inherit_below(node, &above);
         self.prune(path);
         Ok(old)
     }
@@ -593,8 +672,21 @@ impl Resources {
     /// without one shows its usage only.
     pub fn render(&self, subtree: &Path) -> String {
         let mut lines = Vec::new();
-        match self.node(subtree.labels()) {
-            Some(node) => render_node(node, subtree.to_string(), 0, &mut lines),
+        // Where each field in force comes from, down to `subtree`.
+        let mut from = Sources::default();
+        from.note(&self.root, &Path::root());
+        let mut node = Some(&self.root);
+        for (i, label) in subtree.labels().iter().enumerate() {
+            node = node.and_then(|n| n.child(label));
+            if let Some(n) = node.filter(|_| i + 1 < subtree.labels().len()) {
+                from.note(n, &subtree.prefix(i + 1));
+            }
+        }
+        match node {
+            Some(node) => {
+                let mut at = subtree.labels().to_vec();
+                render_node(node, &mut at, subtree.to_string(), 0, &from, &mut lines)
+            }
             None => lines.push((
                 subtree.to_string(),
                 "no policy  unikernels 0  memory 0 MB  block 0 MB".to_string(),
@@ -603,7 +695,8 @@ impl Resources {
         let width = lines.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
         let mut out = String::new();
         for (left, detail) in lines {
-            out.push_str(&format!("{left:<width$}  {detail}\n"));
+            out.push_str(format!("{left:<width$}  {detail}").trim_end());
+            out.push('\n');
         }
         out
     }
@@ -616,8 +709,68 @@ impl fmt::Display for Resources {
     }
 }
 
-fn render_node(node: &Node, label: String, indent: usize, lines: &mut Vec<(String, String)>) {
+/// For each resource, the path whose policy sets the value in force at a
+/// node; `None`: the root's default (the host's resources).
+#[derive(Clone, Default)]
+struct Sources {
+    from: [Option<Path>; 5],
+}
+
+const FIELDS: [Resource; 5] = [
+    Resource::Unikernels,
+    Resource::Memory,
+    Resource::Block,
+    Resource::Cpus,
+    Resource::Bridges,
+];
+
+impl Sources {
+    /// Take the fields `node` (at `path`) sets.
+    fn note(&mut self, node: &Node, path: &Path) {
+        if node.policy.is_none() {
+            return;
+        }
+        for (i, r) in FIELDS.iter().enumerate() {
+            if node.set.is_set(*r) {
+                self.from[i] = Some(path.clone());
+            }
+        }
+    }
+
+    /// How a field of the policy at `path` shows where it comes from:
+    /// nothing when `path` sets it, `(host)` for the root's default, or
+    /// `(inherited from P)`.
+    fn mark(&self, r: Resource, path: &Path) -> String {
+        let i = FIELDS.iter().position(|f| *f == r).expect("every resource");
+        match &self.from[i] {
+            Some(p) if p == path => String::new(),
+            Some(p) if p.is_root() => " (inherited from the root)".into(),
+            Some(p) => format!(" (inherited from {p})"),
+            None if path.is_root() => " (host)".into(),
+            None => " (inherited from the host)".into(),
+        }
+    }
+}
+
+/// `n`, or `unlimited` for `max` (the host default's "no limit").
+fn limit<T: PartialEq + fmt::Display>(n: T, max: T) -> String {
+    if n == max {
+        "unlimited".to_string()
+    } else {
+        n.to_string()
+    }
+}
+
+fn render_node(
+    node: &Node,
+    at: &mut Vec<Label>,
+    label: String,
+    indent: usize,
+    from: &Sources,
+    lines: &mut Vec<(String, String)>,
+) {
     let u = &node.usage;
+    let mut from = from.clone();
     let detail = if let Some(uk) = &node.unikernel {
         format!(
             "running  memory {} MB  block {} MB  cpus {}  bridges {}",
@@ -627,22 +780,26 @@ fn render_node(node: &Node, label: String, indent: usize, lines: &mut Vec<(Strin
             BridgeList(&uk.bridges)
         )
     } else if let Some(p) = &node.policy {
+        let path = Path::from_tree(at.clone());
+        from.note(node, &path);
+        let m = |r| from.mark(r, &path);
         let block = match p.block_mb {
-            Some(limit) => format!("{}/{limit} MB", u.block_mb),
+            Some(l) => format!("{}/{} MB", u.block_mb, limit(l, u64::MAX)),
             None => format!("{}/none", u.block_mb),
         };
-        // u32::MAX is the host default's "no limit" (admission::host_policy).
-        let unikernels = match p.unikernels {
-            u32::MAX => "unlimited".to_string(),
-            n => n.to_string(),
-        };
         format!(
-            "unikernels {}/{unikernels}  memory {}/{} MB  block {block}  cpus {}  bridges {}",
+            "unikernels {}/{}{}  memory {}/{} MB{}  block {block}{}  cpus {}{}  bridges {}{}",
             u.unikernels,
+            limit(p.unikernels, u32::MAX),
+            m(Resource::Unikernels),
             u.memory_mb,
             p.memory_mb,
+            m(Resource::Memory),
+            m(Resource::Block),
             CpuList(&p.cpus),
-            BridgeList(&p.bridges)
+            m(Resource::Cpus),
+            BridgeList(&p.bridges),
+            m(Resource::Bridges),
         )
     } else {
         format!(
@@ -652,7 +809,25 @@ fn render_node(node: &Node, label: String, indent: usize, lines: &mut Vec<(Strin
     };
     lines.push((format!("{:indent$}{label}", ""), detail));
     for (l, child) in &node.children {
-        render_node(child, l.to_string(), indent + 2, lines);
+        at.push(l.clone());
+        render_node(child, at, l.to_string(), indent + 2, &from, lines);
+        at.pop();
+    }
+}
+
+/// Make every policy below `node` (whose policy in force is `above`)
+/// inherit its fields not set from the nearest policy above it. Recursion
+/// depth is bounded by [`super::MAX_DEPTH`].
+fn inherit_below(node: &mut Node, above: &Policy) {
+    for child in node.children.values_mut() {
+        match &child.policy {
+            Some(_) => {
+                let now = child.set.over(above);
+                child.policy = Some(now.clone());
+                inherit_below(child, &now);
+            }
+            None => inherit_below(child, above),
+        }
     }
 }
 
@@ -768,8 +943,9 @@ fn scan_below<'a>(
             continue;
         }
         at.push(label);
-        if let Some(p) = &child.policy {
-            if let Err(e) = p.fits_in(policy) {
+        if child.policy.is_some() {
+            // Its inherited fields will follow `policy`.
+            if let Err(e) = child.set.fits_in(policy) {
                 let path = Path::from_tree(at.iter().map(|l| (*l).clone()).collect());
                 return Err(Box::new((path, e)));
             }
@@ -1326,6 +1502,161 @@ mod tests {
         let names: Vec<String> = r.iter_unikernels().map(|(n, _)| n.to_string()).collect();
         assert_eq!(names, ["a:z:web", "b:web", "web"]);
         assert_eq!(r.root_policy(), &host());
+    }
+
+    /// Only `bridges`, or only the fields given.
+    fn only_bridges(b: &[&str]) -> PartialPolicy {
+        PartialPolicy {
+            bridges: Some(bridges(b)),
+            ..PartialPolicy::default()
+        }
+    }
+
+    fn only_unikernels(n: u32) -> PartialPolicy {
+        PartialPolicy {
+            unikernels: Some(n),
+            ..PartialPolicy::default()
+        }
+    }
+
+    /// A field a policy does not set is the one in force above it, and
+    /// follows it when that one changes: a TAP the host gains after alice's
+    /// policy was set is open to alice's unikernels (it froze at "none").
+    #[test]
+    fn a_field_not_set_follows_the_policy_above() {
+        let mut r = Resources::with_default(Policy {
+            bridges: bridges(&["br0"]),
+            ..host()
+        });
+        r.set_policy(&path("alice"), only_unikernels(2)).unwrap();
+        assert_eq!(r.find_set_fields(&path("alice")), Some(&only_unikernels(2)));
+        let on_tap1 = Unikernel {
+            bridges: bridges(&["tap1"]),
+            ..uk()
+        };
+        assert_eq!(
+            r.check(&name("alice:web"), &on_tap1)
+                .unwrap_err()
+                .to_string(),
+            "(root): bridge tap1 not in allowed bridges br0"
+        );
+        // The root's bridges widen (the host has a new TAP): alice's follow.
+        r.set_policy(&Path::root(), only_bridges(&["br0", "tap1"]))
+            .unwrap();
+        assert_eq!(
+            r.find_policy(&path("alice")).unwrap().bridges,
+            bridges(&["br0", "tap1"])
+        );
+        r.insert_unikernel(&name("alice:web"), on_tap1).unwrap();
+        // What alice sets stays hers: her limit of 2, not the root's 100.
+        assert_eq!(r.find_policy(&path("alice")).unwrap().unikernels, 2);
+        // Narrowing the root below what runs is refused at the root, not
+        // blamed on alice, who sets no bridges.
+        assert_eq!(
+            r.set_policy(&Path::root(), only_bridges(&["br0"]))
+                .unwrap_err()
+                .to_string(),
+            "(root): bridge tap1 is used by a unikernel running below, not in bridges br0"
+        );
+    }
+
+    /// What a policy sets must still fit in the policy in force above, and
+    /// a policy above cannot shrink below what a policy below sets; only
+    /// the fields set are compared.
+    #[test]
+    fn explicit_fields_must_fit_in_the_parent_inherited_ones_follow_it() {
+        let mut r = Resources::with_default(host());
+        r.set_policy(&path("alice"), only_bridges(&["br0"]))
+            .unwrap();
+        let e = r
+            .set_policy(&path("alice:bob"), only_bridges(&["br1"]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "alice:bob: policy does not fit in alice's policy: bridge br1 not in bridges br0"
+        );
+        r.set_policy(&path("alice:bob"), only_unikernels(3))
+            .unwrap();
+        r.set_policy(&path("alice:carol"), only_bridges(&["br0"]))
+            .unwrap();
+        // bob inherits alice's bridges: narrowing alice's narrows bob's.
+        // carol sets br0 herself: alice cannot drop it.
+        let e = r
+            .set_policy(&path("alice"), only_bridges(&["br1"]))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "alice: policy would be narrower than alice:carol's policy: bridge br0 not in bridges br1"
+        );
+        r.remove_policy(&path("alice:carol")).unwrap();
+        r.set_policy(&path("alice"), only_bridges(&["br1"]))
+            .unwrap();
+        assert_eq!(
+            r.find_policy(&path("alice:bob")).unwrap().bridges,
+            bridges(&["br1"])
+        );
+        // bob's own limit of 3 must fit in alice's, inherited from the root.
+        let e = r.set_policy(&Path::root(), only_unikernels(2)).unwrap_err();
+        assert!(
+            e.to_string().contains("narrower than alice:bob's policy"),
+            "{e}"
+        );
+    }
+
+    /// Removing a policy makes those below that inherited from it inherit
+    /// from the policy above it instead.
+    #[test]
+    fn removing_a_policy_makes_those_below_inherit_from_above() {
+        let mut r = Resources::with_default(host());
+        r.set_policy(&path("alice"), only_bridges(&["br0"]))
+            .unwrap();
+        r.set_policy(&path("alice:bob"), only_unikernels(3))
+            .unwrap();
+        r.remove_policy(&path("alice")).unwrap();
+        assert_eq!(
+            r.find_policy(&path("alice:bob")).unwrap().bridges,
+            bridges(&["br0", "br1"])
+        );
+    }
+
+    /// `policy show` tells a field set at a path from one inherited, and
+    /// names where it comes from.
+    #[test]
+    fn render_marks_inherited_fields_and_their_source() {
+        let mut r = Resources::with_default(Policy {
+            unikernels: u32::MAX,
+            block_mb: Some(u64::MAX),
+            ..host()
+        });
+        r.set_policy(
+            &Path::root(),
+            PartialPolicy {
+                memory_mb: Some(4096),
+                ..PartialPolicy::default()
+            },
+        )
+        .unwrap();
+        r.set_policy(
+            &path("alice"),
+            PartialPolicy {
+                unikernels: Some(2),
+                block_mb: Some(None),
+                ..PartialPolicy::default()
+            },
+        )
+        .unwrap();
+        r.set_policy(&path("alice:bob"), only_bridges(&["br0"]))
+            .unwrap();
+        let expected = "\
+(root)   unikernels 0/unlimited (host)  memory 0/4096 MB  block 0/unlimited MB (host)  cpus 0-3 (host)  bridges br0,br1 (host)
+  alice  unikernels 0/2  memory 0/4096 MB (inherited from the root)  block 0/none  cpus 0-3 (inherited from the host)  bridges br0,br1 (inherited from the host)
+    bob  unikernels 0/2 (inherited from alice)  memory 0/4096 MB (inherited from the root)  block 0/none (inherited from alice)  cpus 0-3 (inherited from the host)  bridges br0
+";
+        assert_eq!(r.to_string(), expected);
+        assert_eq!(
+            r.render(&path("alice:bob")),
+            "alice:bob  unikernels 0/2 (inherited from alice)  memory 0/4096 MB (inherited from the root)  block 0/none (inherited from alice)  cpus 0-3 (inherited from the host)  bridges br0\n"
+        );
     }
 
     #[test]
