@@ -15,7 +15,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use tt_host::abi;
-use tt_host::loader::{self, manifest::DeviceInfo, DeviceKind, Image, Manifest};
+use tt_host::loader::{self, manifest::DeviceInfo, Image, Manifest};
 use tt_host::vmm::layout;
 
 fuzz_target!(|data: &[u8]| {
@@ -162,15 +162,16 @@ fn check_manifest(m: &Manifest) {
             e.name
         );
     }
-    let bytes = m.to_guest_bytes(|handle, e| match e.kind {
-        DeviceKind::Block => DeviceInfo::Block {
+    let bytes = m.to_guest_bytes(|handle, e| match e.ty {
+        abi::MFT_DEV_BLOCK_BASIC => DeviceInfo::Block {
             capacity: handle << 20,
             block_size: 512,
         },
-        DeviceKind::Net => DeviceInfo::Net {
+        abi::MFT_DEV_NET_BASIC => DeviceInfo::Net {
             mac: [2, 0, 0, 0, 0, handle as u8],
             mtu: 1500,
         },
+        _ => DeviceInfo::Plain,
     });
     assert!(
         layout::MFT_BASE + bytes.len() as u64 <= layout::CMDLINE_BASE,

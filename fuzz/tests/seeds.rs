@@ -3,7 +3,8 @@
 //! `cargo test --manifest-path fuzz/Cargo.toml` (stable is fine).
 
 use std::path::Path;
-use tt_host::loader::{parse_image, DeviceKind};
+use tt_host::abi::{MFT_DEV_BLOCK_BASIC, MFT_DEV_NET_BASIC};
+use tt_host::loader::parse_image;
 
 fn seed(name: &str) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -35,8 +36,8 @@ fn the_devices_seed_declares_a_block_and_a_net_device() {
     let img = parse_image(&seed("devices.hvt"), 512 << 20).unwrap();
     assert_eq!(img.manifest.handle_of("storage"), Some(1));
     assert_eq!(img.manifest.handle_of("service0"), Some(2));
-    assert_eq!(img.manifest.entries[0].kind, DeviceKind::Block);
-    assert_eq!(img.manifest.entries[1].kind, DeviceKind::Net);
+    assert_eq!(img.manifest.entries[0].ty, MFT_DEV_BLOCK_BASIC);
+    assert_eq!(img.manifest.entries[1].ty, MFT_DEV_NET_BASIC);
 }
 
 #[test]

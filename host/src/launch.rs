@@ -34,12 +34,12 @@ pub enum LaunchError {
 }
 
 /// The devices of `kind` that the manifest declares, with their options.
-fn given<'a>(image: &'a Image, args: &'a RunArgs, kind: &dyn DeviceKind) -> Vec<Given<'a>> {
+fn given_devices<'a>(image: &'a Image, args: &'a RunArgs, kind: &dyn DeviceKind) -> Vec<Given<'a>> {
     image
         .manifest
         .entries
         .iter()
-        .filter(|e| e.kind.as_str() == kind.name())
+        .filter(|e| e.ty == kind.mft_type())
         .map(|e| Given::new(&e.name, e.handle, &args.devices))
         .collect()
 }
@@ -58,7 +58,7 @@ pub fn unikernel_resources(image: &Image, args: &RunArgs) -> Result<Unikernel, L
         bridges: Default::default(),
     };
     for kind in kind::kinds() {
-        kind.resources(&given(image, args, *kind), &mut uk)
+        kind.resources(&given_devices(image, args, *kind), &mut uk)
             .map_err(LaunchError::Device)?;
     }
     Ok(uk)
@@ -122,10 +122,10 @@ fn read_image(path: &Path) -> std::io::Result<Vec<u8>> {
 pub fn match_devices(image: &Image, args: &RunArgs) -> Result<(), LaunchError> {
     let owner = |option: &str| kind::option_owner(option).map(|(k, _)| k);
     for e in &image.manifest.entries {
-        let k = kind::kinds()
-            .iter()
-            .find(|k| k.name() == e.kind.as_str())
-            .expect("the loader knows only registered kinds");
+        // The loader takes only entries of registered kinds.
+        let Some(k) = kind::kind_of_type(e.ty) else {
+            continue;
+        };
         let first = &k.options()[0];
         let given = args
             .devices
@@ -151,7 +151,7 @@ pub fn match_devices(image: &Image, args: &RunArgs) -> Result<(), LaunchError> {
             .manifest
             .entries
             .iter()
-            .any(|e| e.kind.as_str() == k.name() && &e.name == name);
+            .any(|e| e.ty == k.mft_type() && &e.name == name);
         if !declared {
             return Err(LaunchError::Devices(format!(
                 "{} device '{name}' is not declared in the image's manifest",
@@ -200,7 +200,7 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     let mut modules: Vec<Box<dyn Module>> = vec![Box::new(Console::new(std::io::stdout()))];
     for kind in kind::kinds() {
         let attached = kind
-            .attach(&given(&image, args, *kind), &admitted)
+            .attach(&given_devices(&image, args, *kind), &admitted)
             .map_err(LaunchError::Device)?;
         info.extend(attached.info);
         modules.push(attached.module);
@@ -209,8 +209,7 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
         (image.manifest.entries.iter()).find(|e| info.iter().all(|(h, _)| *h != e.handle))
     {
         return Err(LaunchError::Devices(format!(
-            "{} device '{}' was not attached",
-            e.kind.as_str(),
+            "device '{}' was not attached",
             e.name
         )));
     }
@@ -234,4 +233,69 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     };
     let mut vm = Vm::new(&params, modules)?;
     Ok(vm.run()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{parse_run, Parsed};
+    use crate::loader::synth::Synth;
+    use crate::modules::kind::tests::DUMMY_TYPE;
+
+    fn args(a: &[&str]) -> RunArgs {
+        match parse_run(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>()) {
+            Ok(Parsed::Run(r)) => *r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The test-only dummy kind is one `DeviceKind` and one line in
+    /// `kinds()`; the loader, the matching of options to the manifest,
+    /// admission and attaching all take it with no other change.
+    #[test]
+    fn a_kind_registered_in_one_line_is_loaded_matched_admitted_and_attached() {
+        let file = Synth {
+            devices: vec![("thing".into(), DUMMY_TYPE)],
+            ..Synth::default()
+        }
+        .build();
+        let image = loader::parse_image(&file, 16 << 20).expect("the loader knows the kind");
+        assert_eq!(image.manifest.entries[0].ty, DUMMY_TYPE);
+
+        let missing = match_devices(&image, &args(&["img"])).unwrap_err();
+        assert!(
+            missing.to_string().contains(
+                "declares dummy device 'thing', which was not given (--dummy:thing=WORD)"
+            ),
+            "{missing}"
+        );
+        let other = match_devices(
+            &image,
+            &args(&["--dummy:thing=w", "--dummy:other=w", "img"]),
+        )
+        .unwrap_err();
+        assert!(
+            other
+                .to_string()
+                .contains("dummy device 'other' is not declared"),
+            "{other}"
+        );
+
+        let given = args(&["--mem=8", "--dummy:thing=w", "img"]);
+        match_devices(&image, &given).unwrap();
+        let uk = unikernel_resources(&image, &given).unwrap();
+        assert_eq!(uk.memory_mb, 9, "the dummy kind adds 1 MB per device");
+        let k = kind::kind_of_type(DUMMY_TYPE).unwrap();
+        assert!(k.attach(&given_devices(&image, &given, k), &uk).is_ok());
+        let failing = args(&["--dummy:thing=fail", "img"]);
+        let e = k
+            .attach(&given_devices(&image, &failing, k), &uk)
+            .err()
+            .expect("told to fail");
+        assert!(
+            e.to_string()
+                .contains("dummy device 'thing' was told to fail"),
+            "{e}"
+        );
+    }
 }

@@ -2,12 +2,12 @@
 //! problem, before any guest runs.
 
 use tt_host::loader::synth::Synth;
-use tt_host::loader::DeviceKind;
+use tt_host::abi::MFT_DEV_BLOCK_BASIC;
 use tt_tests::*;
 
 fn blk_image(dir: &Scratch) -> String {
     let s = Synth {
-        devices: vec![("storage".into(), DeviceKind::Block)],
+        devices: vec![("storage".into(), MFT_DEV_BLOCK_BASIC)],
         ..Synth::default()
     };
     dir.file("blk.hvt", &s.build()).display().to_string()

@@ -17,30 +17,17 @@ use crate::abi::{
     self, MftBlockBasic, MftEntry, MftHeader, MftNetBasic, MftProps, MFT_ENTRY_SIZE,
     MFT_HEADER_SIZE, MFT_NAME_SIZE,
 };
+use crate::modules::kind::kind_of_type;
 use std::mem::size_of;
 use vm_memory::ByteValued;
 
-/// Kinds of device a manifest can declare.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceKind {
-    Block,
-    Net,
-}
-
-impl DeviceKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeviceKind::Block => "block",
-            DeviceKind::Net => "net",
-        }
-    }
-}
-
-/// One declared device.
+/// One declared device: an entry whose type is a device kind tt-host
+/// knows ([`crate::modules::kind::kinds`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManifestEntry {
     pub name: String,
-    pub kind: DeviceKind,
+    /// Its `mft_type` (`MFT_DEV_BLOCK_BASIC`, ...).
+    pub ty: u32,
     /// Its index in the manifest (at least 1: entry 0 is reserved).
     pub handle: u64,
 }
@@ -70,8 +57,16 @@ pub struct Manifest {
 /// What the host fills in for one device before the guest starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceInfo {
-    Block { capacity: u64, block_size: u16 },
-    Net { mac: [u8; 6], mtu: u16 },
+    Block {
+        capacity: u64,
+        block_size: u16,
+    },
+    Net {
+        mac: [u8; 6],
+        mtu: u16,
+    },
+    /// A kind whose entries carry no properties.
+    Plain,
 }
 
 impl Manifest {
@@ -128,9 +123,8 @@ impl Manifest {
                 continue;
             }
             let handle = i as u64;
-            let kind = match e.ty {
-                abi::MFT_DEV_BLOCK_BASIC => DeviceKind::Block,
-                abi::MFT_DEV_NET_BASIC => DeviceKind::Net,
+            match e.ty {
+                ty if kind_of_type(ty).is_some() => {}
                 ty if ty >= abi::MFT_RESERVED_FIRST => {
                     m.unused.push(UnusedEntry {
                         handle,
@@ -140,7 +134,7 @@ impl Manifest {
                     continue;
                 }
                 ty => return Err(format!("entry {i}: unknown device type {ty}")),
-            };
+            }
             let name = std::str::from_utf8(raw_name)
                 .ok()
                 .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric()))
@@ -152,7 +146,7 @@ impl Manifest {
             }
             m.entries.push(ManifestEntry {
                 name: name.to_string(),
-                kind,
+                ty: e.ty,
                 handle,
             });
         }
@@ -165,7 +159,7 @@ impl Manifest {
     pub fn parse_guest_view(bytes: &[u8]) -> Result<Manifest, String> {
         let mut b = bytes.get(..MFT_HEADER_SIZE).unwrap_or(bytes).to_vec();
         for (i, mut e) in entries(bytes).enumerate() {
-            let device = matches!(e.ty, abi::MFT_DEV_BLOCK_BASIC | abi::MFT_DEV_NET_BASIC);
+            let device = kind_of_type(e.ty).is_some();
             if e.attached != device as u8 {
                 return Err(format!(
                     "entry {i}: attached is {}, expected {}",
@@ -214,27 +208,22 @@ impl Manifest {
             let Some(e) = entries.get_mut(dev.handle as usize) else {
                 continue;
             };
-            let (ty, props) = match info(dev.handle, dev) {
+            let props = match info(dev.handle, dev) {
                 DeviceInfo::Block {
                     capacity,
                     block_size,
-                } => (
-                    abi::MFT_DEV_BLOCK_BASIC,
-                    MftProps::from_block_basic(MftBlockBasic {
-                        capacity,
-                        block_size,
-                        _pad: [0; 6],
-                    }),
-                ),
-                DeviceInfo::Net { mac, mtu } => (
-                    abi::MFT_DEV_NET_BASIC,
-                    MftProps::from_net_basic(MftNetBasic { mac, mtu }),
-                ),
+                } => MftProps::from_block_basic(MftBlockBasic {
+                    capacity,
+                    block_size,
+                    _pad: [0; 6],
+                }),
+                DeviceInfo::Net { mac, mtu } => MftProps::from_net_basic(MftNetBasic { mac, mtu }),
+                DeviceInfo::Plain => MftProps::ZERO,
             };
             *e = MftEntry {
                 props,
                 attached: 1,
-                ..MftEntry::new(name_field(dev.name.as_bytes()), ty)
+                ..MftEntry::new(name_field(dev.name.as_bytes()), dev.ty)
             };
         }
         let header = MftHeader {

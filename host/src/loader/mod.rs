@@ -26,7 +26,7 @@ pub mod manifest;
 pub mod synth;
 
 use crate::abi;
-pub use manifest::{DeviceKind, Manifest, ManifestEntry};
+pub use manifest::{Manifest, ManifestEntry};
 use vm_memory::ByteValued;
 
 const PAGE: u64 = 4096;

@@ -5,7 +5,6 @@
 //! notes. Every field can be bent to make a malformed image on purpose.
 
 use crate::abi;
-use crate::loader::DeviceKind;
 use vm_memory::ByteValued;
 
 /// Address of the text segment.
@@ -18,7 +17,8 @@ pub const DATA: u64 = 0x10_1000;
 pub struct Synth {
     pub code: Vec<u8>,
     pub data: Vec<u8>,
-    pub devices: Vec<(String, DeviceKind)>,
+    /// Name and `mft_type` of each device, in manifest order.
+    pub devices: Vec<(String, u32)>,
     pub abi_target: u32,
     pub abi_version: u32,
     pub with_abi_note: bool,
@@ -121,10 +121,7 @@ impl Synth {
             let mut field = [0u8; abi::MFT_NAME_SIZE];
             let n = name.len().min(field.len());
             field[..n].copy_from_slice(&name.as_bytes()[..n]);
-            let ty = match kind {
-                DeviceKind::Block => abi::MFT_DEV_BLOCK_BASIC,
-                DeviceKind::Net => abi::MFT_DEV_NET_BASIC,
-            };
+            let ty = *kind;
             d.extend_from_slice(abi::MftEntry::new(field, ty).as_slice());
         }
         d

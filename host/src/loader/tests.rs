@@ -2,6 +2,7 @@
 
 use super::synth::{self, Synth};
 use super::*;
+use crate::abi::{MFT_DEV_BLOCK_BASIC as BLOCK, MFT_DEV_NET_BASIC as NET};
 use std::mem::offset_of;
 
 const MEM: u64 = 64 << 20;
@@ -28,16 +29,13 @@ fn accepts_a_minimal_image() {
 #[test]
 fn reads_the_manifest_devices_in_order() {
     let s = Synth {
-        devices: vec![
-            ("storage".into(), DeviceKind::Block),
-            ("service0".into(), DeviceKind::Net),
-        ],
+        devices: vec![("storage".into(), BLOCK), ("service0".into(), NET)],
         ..Synth::default()
     };
     let img = parse(&s).unwrap();
     assert_eq!(img.manifest.handle_of("storage"), Some(1));
     assert_eq!(img.manifest.handle_of("service0"), Some(2));
-    assert_eq!(img.manifest.entries[1].kind, DeviceKind::Net);
+    assert_eq!(img.manifest.entries[1].ty, NET);
 }
 
 #[test]
@@ -140,7 +138,7 @@ fn requires_a_valid_manifest() {
     assert_eq!(parse(&s).unwrap_err(), LoadError::MissingManifest);
 
     let base = Synth {
-        devices: vec![("storage".into(), DeviceKind::Block)],
+        devices: vec![("storage".into(), BLOCK)],
         ..Synth::default()
     };
     let bad = |edit: &dyn Fn(&mut Vec<u8>)| manifest_error(&base, edit);
@@ -155,17 +153,12 @@ fn requires_a_valid_manifest() {
     assert!(bad(&|d| d.truncate(30)).contains("need"));
 
     let dup = Synth {
-        devices: vec![
-            ("a".into(), DeviceKind::Block),
-            ("a".into(), DeviceKind::Net),
-        ],
+        devices: vec![("a".into(), BLOCK), ("a".into(), NET)],
         ..Synth::default()
     };
     assert!(err(&dup).contains("appears twice"));
     let many = Synth {
-        devices: (0..64)
-            .map(|i| (format!("d{i}"), DeviceKind::Block))
-            .collect(),
+        devices: (0..64).map(|i| (format!("d{i}"), BLOCK)).collect(),
         ..Synth::default()
     };
     assert!(err(&many).contains("65 entries"));
@@ -174,10 +167,7 @@ fn requires_a_valid_manifest() {
 #[test]
 fn guest_manifest_has_devices_filled_in() {
     let s = Synth {
-        devices: vec![
-            ("storage".into(), DeviceKind::Block),
-            ("service0".into(), DeviceKind::Net),
-        ],
+        devices: vec![("storage".into(), BLOCK), ("service0".into(), NET)],
         ..Synth::default()
     };
     let img = parse(&s).unwrap();
@@ -256,7 +246,7 @@ fn a_segment_s_pages_must_fit_in_guest_memory() {
     assert_eq!(img.kernel_end, 0x10_2000);
 }
 
-fn mft_note(devices: &[(&str, DeviceKind)]) -> Vec<u8> {
+fn mft_note(devices: &[(&str, u32)]) -> Vec<u8> {
     let s = Synth {
         devices: devices.iter().map(|(n, k)| (n.to_string(), *k)).collect(),
         ..Synth::default()
@@ -274,8 +264,8 @@ fn the_manifest_is_the_one_solo5_hvt_would_read() {
     // program-header order. Segment 0 holds the ABI note then a manifest
     // declaring "a"; segment 1 starts with a manifest declaring "b":
     // solo5-hvt reads "b", so tt-host must too.
-    let a = mft_note(&[("a", DeviceKind::Block)]);
-    let b = mft_note(&[("b", DeviceKind::Net)]);
+    let a = mft_note(&[("a", BLOCK)]);
+    let b = mft_note(&[("b", NET)]);
     let f = Synth::default().build_notes(&[[abi_note(), a.clone()].concat(), b]);
     let img = parse_image(&f, MEM).unwrap();
     assert_eq!(img.manifest.handle_of("b"), Some(1));
@@ -294,7 +284,7 @@ fn manifest_fields_solo5_requires_to_be_clear_are_checked() {
     // mft.c mft_validate: entry 0 has an empty name, every name's last byte
     // is NUL, and no entry is marked attached.
     let base = Synth {
-        devices: vec![("storage".into(), DeviceKind::Block)],
+        devices: vec![("storage".into(), BLOCK)],
         ..Synth::default()
     };
     let bad = |edit: &dyn Fn(&mut Vec<u8>)| manifest_error(&base, edit);
@@ -317,10 +307,10 @@ fn unused_manifest_entries_keep_the_handles_of_later_devices() {
     // checks that every device is attached; a device's handle is its index.
     let s = Synth {
         devices: vec![
-            ("x".into(), DeviceKind::Block),
-            ("storage".into(), DeviceKind::Block),
-            ("y".into(), DeviceKind::Net),
-            ("service0".into(), DeviceKind::Net),
+            ("x".into(), BLOCK),
+            ("storage".into(), BLOCK),
+            ("y".into(), NET),
+            ("service0".into(), NET),
         ],
         ..Synth::default()
     };
@@ -375,9 +365,7 @@ fn unused_manifest_entries_keep_the_handles_of_later_devices() {
 #[test]
 fn a_manifest_of_64_entries_is_accepted() {
     let s = Synth {
-        devices: (0..63)
-            .map(|i| (format!("d{i}"), DeviceKind::Block))
-            .collect(),
+        devices: (0..63).map(|i| (format!("d{i}"), BLOCK)).collect(),
         ..Synth::default()
     };
     let img = parse(&s).unwrap();
