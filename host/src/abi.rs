@@ -141,8 +141,3 @@ pub mod mft_entry {
 pub const MFT_DEV_BLOCK_BASIC: u32 = 1;
 pub const MFT_DEV_NET_BASIC: u32 = 2;
 pub const MFT_RESERVED_FIRST: u32 = 1 << 30;
-
-/// MTU reported to guests for every network device (Solo5's value).
-pub const NET_MTU: u16 = 1500;
-/// Largest Ethernet frame a guest may send or must accept: MTU + header.
-pub const NET_FRAME_MAX: usize = NET_MTU as usize + 14;

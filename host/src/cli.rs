@@ -26,6 +26,8 @@ options (solo5-hvt spellings):
                                 the file size must be a multiple of it
   --net:NAME=TAP                attach the existing TAP interface TAP as the
                                 manifest's network device NAME
+  --net:NAME=@FD                attach the TAP a launcher opened and passed
+                                as file descriptor FD
   --net-mac:NAME=HWADDR         MAC address of network device NAME
                                 (default: a random locally administered one)
   -h, --help                    show this help
@@ -51,8 +53,8 @@ developer options:
 Every device in the image's manifest must be given, and every device given
 must be in the manifest, each once. Run as 'solo5-hvt' (through a link of
 that name), tt-host takes these options without 'run', as solo5-hvt does.
-Not supported: solo5-hvt-debug's --gdb, --gdb-port and --dumpcore, and
---net:NAME=@FD (an already open TAP). Unlike solo5-hvt, a '--' right after
+Not supported: solo5-hvt-debug's --gdb, --gdb-port and --dumpcore.
+Unlike solo5-hvt, a '--' right after
 IMAGE is not passed to the guest (give '--' before IMAGE to pass one).";
 
 /// A parsed `tt-host run` command line.
@@ -226,12 +228,6 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
             sector_sizes.push((name, size));
         } else if let Some(rest) = a.strip_prefix("--net:") {
             let (name, tap) = named("--net:", rest)?;
-            if tap.starts_with('@') {
-                return Err(CliError::run(format!(
-                    "--net:{name}={tap}: an already open TAP file descriptor (@FD) \
-                     is not supported; give the TAP interface's name"
-                )));
-            }
             dup(&nets, &name, "--net:")?;
             nets.push((name, tap));
         } else if let Some(rest) = a.strip_prefix("--net-mac:") {
@@ -594,14 +590,18 @@ mod tests {
             (&["--gdb", "x"][..], "'--gdb' is a solo5-hvt-debug option"),
             (&["--gdb-port=1234", "x"][..], "solo5-hvt-debug option"),
             (&["--dumpcore=/tmp", "x"][..], "solo5-hvt-debug option"),
-            (
-                &["--net:service=@3", "x"][..],
-                "--net:service=@3: an already open TAP",
-            ),
         ] {
             let e = p(args).unwrap_err();
             assert!(e.msg.contains(needle), "{args:?}: {e}");
         }
+    }
+
+    /// `--net:NAME=@FD`, as solo5-hvt takes it, reaches the launch, which
+    /// attaches the TAP the descriptor holds (tests/tests/net.rs).
+    #[test]
+    fn net_fd_is_taken() {
+        let r = run(&["--net:service=@3", "x"]);
+        assert_eq!(r.nets, vec![("service".into(), "@3".into())]);
     }
 
     #[test]

@@ -47,7 +47,13 @@ pub fn unikernel_resources(args: &RunArgs) -> Result<Unikernel, LaunchError> {
         })?;
         block_bytes = block_bytes.saturating_add(size);
     }
+    let mut taps = Vec::new();
     for (name, tap) in &args.nets {
+        if tap.starts_with('@') {
+            // Admitted as the interface the descriptor holds.
+            taps.push(net::interface_of(name, tap)?);
+            continue;
+        }
         // A TAP that does not exist is no network to admit: say so as
         // attaching it would.
         let plain = !tap.is_empty() && !tap.contains(['/', ':', ' ', '\0']) && tap != "..";
@@ -58,6 +64,7 @@ pub fn unikernel_resources(args: &RunArgs) -> Result<Unikernel, LaunchError> {
             }
             .into());
         }
+        taps.push(tap.clone());
     }
     Ok(Unikernel {
         memory_mb: args.mem_mb,
@@ -66,10 +73,9 @@ pub fn unikernel_resources(args: &RunArgs) -> Result<Unikernel, LaunchError> {
             None => admission::host_cpus(),
         },
         block_mb: block_bytes.div_ceil(1 << 20),
-        bridges: args
-            .nets
+        bridges: taps
             .iter()
-            .map(|(_, tap)| admission::network_of_tap(tap))
+            .map(|tap| admission::network_of_tap(tap))
             .collect(),
     })
 }
@@ -251,7 +257,15 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
             None => net::random_mac(),
         };
         let handle = image.manifest.handle_of(name).expect("matched above");
-        nets.push(NetDevice::open_tap(name, handle, tap, mac)?);
+        let dev = NetDevice::attach(name, handle, tap, mac)?;
+        if nets.iter().any(|n: &NetDevice| n.tap_name == dev.tap_name) {
+            return Err(NetError::SameTapTwice {
+                name: name.clone(),
+                tap: dev.tap_name,
+            }
+            .into());
+        }
+        nets.push(dev);
     }
 
     let manifest = image.manifest.to_guest_bytes(|handle, _| {
@@ -267,7 +281,7 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
                 .expect("every device attached");
             DeviceInfo::Net {
                 mac: n.mac,
-                mtu: crate::abi::NET_MTU,
+                mtu: n.mtu,
             }
         }
     });
