@@ -226,9 +226,10 @@ impl NetDevice {
 
     /// Attach the TAP that file descriptor `fd` (inherited from a launcher)
     /// holds, as device `name`. The descriptor must be a /dev/net/tun file
-    /// attached to a TAP interface with `IFF_NO_PI` and without
-    /// `IFF_VNET_HDR` (frames as NET_WRITE and NET_READ carry them), and
-    /// the interface must be up. tt-host uses a duplicate of it, made
+    /// attached to a TAP interface with `IFF_NO_PI` (checked where /sys
+    /// shows the interface) and without `IFF_VNET_HDR`, so that it
+    /// carries frames as NET_WRITE and NET_READ do, and the interface must
+    /// be up. tt-host uses a duplicate of it, made
     /// non-blocking (which the launcher's copy shares, as with
     /// solo5-hvt), and leaves `fd` itself open.
     pub fn open_fd(name: &str, handle: u64, fd: RawFd, mac: [u8; 6]) -> Result<Self, NetError> {
@@ -253,9 +254,25 @@ impl NetDevice {
                 fd,
             },
         })?;
+        let attach = |err| NetError::Attach {
+            name: name.into(),
+            tap: tap.clone(),
+            err,
+        };
+        // The name is looked up in the TAP's own network namespace, which
+        // may not be tt-host's (a launcher may open it in another one).
+        let (sock, ours) = ifreq_socket_for(borrowed).map_err(attach)?;
+        // TUNGETIFF reports IFF_NO_PI's bit set whenever no socket filter
+        // is attached (it is also IFF_NOFILTER), so that one comes from
+        // the interface's tun_flags in sysfs, where tt-host can see it.
+        let no_pi = if ours {
+            sysfs_tun_flags(sock.as_fd(), &tap).map(|f| f & libc::IFF_NO_PI != 0)
+        } else {
+            None
+        };
         let what = if flags & libc::IFF_TAP == 0 {
             Some("a TUN (IP packets, no Ethernet header)")
-        } else if flags & libc::IFF_NO_PI == 0 {
+        } else if no_pi == Some(false) {
             Some("opened without IFF_NO_PI (each frame has a packet information header)")
         } else if flags & libc::IFF_VNET_HDR != 0 {
             Some("opened with IFF_VNET_HDR (each frame has a virtio-net header)")
@@ -266,24 +283,16 @@ impl NetDevice {
             return Err(NetError::FdWrongKind {
                 name: name.into(),
                 fd,
-                tap,
+                tap: tap.clone(),
                 what,
             });
         }
-        let attach = |err| NetError::Attach {
-            name: name.into(),
-            tap: tap.clone(),
-            err,
-        };
-        // The name is looked up in the TAP's own network namespace, which
-        // may not be tt-host's (a launcher may open it in another one).
-        let sock = ifreq_socket_for(borrowed).map_err(attach)?;
         match interface_flags(sock.as_fd(), &tap) {
             Ok(f) if f & libc::IFF_UP != 0 => {}
             Ok(_) => {
                 return Err(NetError::TapDown {
                     name: name.into(),
-                    tap,
+                    tap: tap.clone(),
                 })
             }
             Err(err) => return Err(attach(err)),
@@ -381,16 +390,17 @@ fn ifreq_socket() -> std::io::Result<OwnedFd> {
 }
 
 /// A socket to ask interface ioctls on, in the network namespace of the
-/// TAP that `tun` is attached to. That is this process's namespace unless
-/// TUNGETDEVNETNS (Linux 5.2, CAP_NET_ADMIN over the TAP's namespace)
-/// names another one, where the socket is made by a thread that enters
-/// it (setns, CAP_SYS_ADMIN): a socket keeps the namespace it was made in.
-fn ifreq_socket_for(tun: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+/// TAP that `tun` is attached to, and whether that is tt-host's. It is
+/// taken to be unless TUNGETDEVNETNS (Linux 5.2, CAP_NET_ADMIN over the
+/// TAP's namespace) names another one, where the socket is made by a
+/// thread that enters it (setns, CAP_SYS_ADMIN): a socket keeps the
+/// namespace it was made in.
+fn ifreq_socket_for(tun: BorrowedFd<'_>) -> std::io::Result<(OwnedFd, bool)> {
     // SAFETY: TUNGETDEVNETNS takes no argument and returns a new fd.
     let ns = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNGETDEVNETNS) };
     if ns < 0 {
         // An older kernel, or no CAP_NET_ADMIN there: assume ours.
-        return ifreq_socket();
+        return Ok((ifreq_socket()?, true));
     }
     // SAFETY: the ioctl returned a new fd that nothing else owns.
     let ns = unsafe { OwnedFd::from_raw_fd(ns) };
@@ -398,9 +408,9 @@ fn ifreq_socket_for(tun: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
     let ours = std::fs::metadata("/proc/thread-self/ns/net")?;
     use std::os::unix::fs::MetadataExt;
     if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
-        return ifreq_socket();
+        return Ok((ifreq_socket()?, true));
     }
-    std::thread::spawn(move || {
+    let sock = std::thread::spawn(move || {
         // SAFETY: ns is an open namespace fd; setns changes this thread
         // only, which ends right after making the socket.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
@@ -409,7 +419,28 @@ fn ifreq_socket_for(tun: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
         ifreq_socket()
     })
     .join()
-    .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
+    .map_err(|_| std::io::Error::other("the namespace thread panicked"))??;
+    Ok((sock, false))
+}
+
+/// TUN interface `name`'s `IFF_*` flags from sysfs, if /sys shows the
+/// same interface as `sock`'s namespace (same index); `None` otherwise.
+fn sysfs_tun_flags(sock: BorrowedFd<'_>, name: &str) -> Option<libc::c_int> {
+    let dir = std::path::Path::new("/sys/class/net").join(name);
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+    let index: libc::c_int = read("ifindex")?.trim().parse().ok()?;
+    let mut ifr = ifreq(name);
+    // SAFETY: SIOCGIFINDEX reads the name from and writes the index into
+    // one struct ifreq, which we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFINDEX, &mut ifr) } < 0 {
+        return None;
+    }
+    // SAFETY: SIOCGIFINDEX succeeded, so it filled in ifru_ifindex.
+    if unsafe { ifr.ifr_ifru.ifru_ifindex } != index {
+        return None;
+    }
+    let flags = read("tun_flags")?;
+    libc::c_int::from_str_radix(flags.trim().trim_start_matches("0x"), 16).ok()
 }
 
 /// The interface a /dev/net/tun file is attached to, and its `IFF_*`
