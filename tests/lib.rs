@@ -1,5 +1,10 @@
 //! Helpers shared by the end-to-end tests: find (or build) the `tt-host`
-//! binary and the example guests, require /dev/kvm, make scratch dirs.
+//! binary and the example guests, require /dev/kvm, make scratch dirs,
+//! signal processes, and ([`netns`]) network namespaces, TAPs and pings.
+//!
+//! The tests run no program a fresh Debian machine with Rust lacks: they
+//! build with `cargo` and use system calls for the rest (no `ip`, `ping`
+//! or `kill`).
 //!
 //! KVM tests fail when /dev/kvm is missing unless `TT_SKIP_KVM=1` is set,
 //! in which case they say loudly that they skipped.
@@ -7,6 +12,17 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+
+pub mod netns;
+
+/// Send signal `sig` to process `pid`; false if it is gone.
+pub fn kill(pid: u32, sig: libc::c_int) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill takes no pointers.
+    unsafe { libc::kill(pid, sig) == 0 }
+}
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -146,7 +162,7 @@ pub fn tt_with(cmd: &mut Command) -> Run {
     match rx.recv_timeout(std::time::Duration::from_secs(120)) {
         Ok(out) => out.expect("wait for tt-host").into(),
         Err(_) => {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            kill(pid, libc::SIGKILL);
             panic!("tt-host {cmd:?} did not finish within 120 s");
         }
     }

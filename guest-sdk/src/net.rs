@@ -77,9 +77,17 @@ impl Net {
         self.mac
     }
 
-    /// MTU (payload bytes, excluding the 14-byte Ethernet header).
+    /// MTU (payload bytes, excluding the 14-byte Ethernet header): the
+    /// host's, e.g. its TAP interface's (9000 on a jumbo-frame TAP).
     pub fn mtu(&self) -> u16 {
         self.mtu
+    }
+
+    /// The longest frame the device sends or receives: MTU + 14 bytes.
+    /// A [`Net::read`] buffer must be at least this long, and a
+    /// [`Net::write`] frame at most.
+    pub fn frame_len(&self) -> usize {
+        self.mtu as usize + 14
     }
 
     /// Send one Ethernet frame. `Ok` means the host queued it.
@@ -88,7 +96,8 @@ impl Net {
     }
 
     /// Receive one frame into `buf`; returns its length. `Err(Again)` if
-    /// none is queued. `buf` should hold `mtu + 14` bytes.
+    /// none is queued. `buf` must hold [`Net::frame_len`] bytes
+    /// (`Err(Invalid)` under tt-host if it is shorter).
     pub fn read(&self, buf: &mut [u8]) -> Result<usize, NetError> {
         let (ret, n) = hypercall::net_read(self.handle, buf);
         check(ret)?;

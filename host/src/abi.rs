@@ -29,8 +29,3 @@ pub mod layout {
     /// [`super::HALT_COOKIE_MAX`].
     pub const HALT_COOKIE_MAX: u64 = super::HALT_COOKIE_MAX;
 }
-
-/// MTU reported to guests for every network device (Solo5's value).
-pub const NET_MTU: u16 = 1500;
-/// Largest Ethernet frame a guest may send or must accept: MTU + header.
-pub const NET_FRAME_MAX: usize = NET_MTU as usize + 14;

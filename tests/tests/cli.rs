@@ -1,8 +1,8 @@
 //! Command-line and image errors: each exits 1 with one line naming the
 //! problem, before any guest runs.
 
-use tt_host::loader::synth::Synth;
 use tt_host::abi::MFT_DEV_BLOCK_BASIC;
+use tt_host::loader::synth::Synth;
 use tt_tests::*;
 
 fn blk_image(dir: &Scratch) -> String {

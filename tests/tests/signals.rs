@@ -11,8 +11,8 @@ use std::time::Duration;
 use tt_tests::*;
 
 /// Run the `time` example in `mode` until it prints `ready`, send it
-/// `signal`, and return how tt-host ended.
-fn stop_with(mode: &str, ready: &str, signal: &str) -> Run {
+/// `signal` (named `name`), and return how tt-host ended.
+fn stop_with(mode: &str, ready: &str, signal: libc::c_int, name: &str) -> Run {
     let mut child = Command::new(tt_host())
         .args(["run", "--mem=16"])
         .arg(guest("time"))
@@ -21,9 +21,9 @@ fn stop_with(mode: &str, ready: &str, signal: &str) -> Run {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn tt-host");
-    let pid = child.id().to_string();
+    let pid = child.id();
     let kill9 = |why: &str| -> ! {
-        let _ = Command::new("kill").args(["-9", &pid]).status();
+        kill(pid, libc::SIGKILL);
         panic!("{why}");
     };
     let (tx, rx) = mpsc::channel();
@@ -44,11 +44,7 @@ fn stop_with(mode: &str, ready: &str, signal: &str) -> Run {
             Err(_) => kill9(&format!("the guest never printed {ready:?}")),
         }
     }
-    let st = Command::new("kill")
-        .args([&format!("-{signal}"), &pid])
-        .status()
-        .unwrap();
-    assert!(st.success(), "kill -{signal} {pid}");
+    assert!(kill(pid, signal), "kill -{signal} {pid}");
     let (done_tx, done_rx) = mpsc::channel();
     let mut stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
@@ -58,7 +54,7 @@ fn stop_with(mode: &str, ready: &str, signal: &str) -> Run {
     });
     let (status, stderr) = match done_rx.recv_timeout(Duration::from_secs(30)) {
         Ok((status, stderr)) => (status.expect("wait for tt-host"), stderr),
-        Err(_) => kill9(&format!("tt-host did not stop within 30 s of SIG{signal}")),
+        Err(_) => kill9(&format!("tt-host did not stop within 30 s of SIG{name}")),
     };
     Run {
         status: status.code().unwrap_or(-1),
@@ -72,7 +68,7 @@ fn sigterm_stops_a_guest_asleep_in_poll() {
     if !kvm() {
         return;
     }
-    let r = stop_with("sleep-forever", "time: sleeping", "TERM");
+    let r = stop_with("sleep-forever", "time: sleeping", libc::SIGTERM, "TERM");
     assert_error(&r, "exiting on signal 15 (SIGTERM)");
 }
 
@@ -81,7 +77,7 @@ fn sigint_stops_a_guest_asleep_in_poll() {
     if !kvm() {
         return;
     }
-    let r = stop_with("sleep-forever", "time: sleeping", "INT");
+    let r = stop_with("sleep-forever", "time: sleeping", libc::SIGINT, "INT");
     assert_error(&r, "exiting on signal 2 (SIGINT)");
 }
 
@@ -90,6 +86,6 @@ fn sigterm_stops_a_guest_spinning_without_exits() {
     if !kvm() {
         return;
     }
-    let r = stop_with("spin-forever", "time: spinning", "TERM");
+    let r = stop_with("spin-forever", "time: spinning", libc::SIGTERM, "TERM");
     assert_error(&r, "exiting on signal 15 (SIGTERM)");
 }

@@ -50,8 +50,8 @@ fn a_link_named_solo5_hvt_takes_solo5_hvts_command_line() {
     assert!(r.stdout.contains("--block:NAME=PATH"), "{r:?}");
 }
 
-/// solo5-hvt-debug's options and `--net:NAME=@FD` are refused by name,
-/// not as unknown.
+/// solo5-hvt-debug's options are refused by name, not as unknown.
+/// (`--net:NAME=@FD` is supported: tests/tests/net.rs.)
 #[test]
 fn unsupported_solo5_options_are_named() {
     for (opt, needle) in [
@@ -60,7 +60,6 @@ fn unsupported_solo5_options_are_named() {
             "--dumpcore=/tmp",
             "'--dumpcore=/tmp' is a solo5-hvt-debug option",
         ),
-        ("--net:service=@3", "--net:service=@3: an already open TAP"),
     ] {
         assert_error(&tt(&["run", opt, "x.hvt"]), needle);
     }

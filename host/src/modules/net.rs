@@ -1,20 +1,25 @@
 //! Network devices (TAP) and POLL: NET_WRITE, NET_READ, POLL.
 //!
-//! Each device is an existing TAP interface that is up, opened through
-//! /dev/net/tun (`IFF_TAP | IFF_NO_PI`), non-blocking, as solo5-hvt's
-//! `tap_attach` does. NET_READ answers `AGAIN` when no frame is waiting;
-//! POLL sleeps until a device has a frame or the timeout passes and returns
-//! the set of ready handles and their number. Where this differs from
-//! solo5-hvt (frame lengths, TAP errors) docs/ABI.md says so.
+//! Each device is a TAP interface: an existing one that is up, opened
+//! through /dev/net/tun (`IFF_TAP | IFF_NO_PI`) as solo5-hvt's
+//! `tap_attach` does (`--net:NAME=TAP`), or one a launcher opened and
+//! passed as a file descriptor (`--net:NAME=@FD`). Either way it is
+//! non-blocking, and its MTU (SIOCGIFMTU, as solo5-hvt reads it) is the
+//! guest's: NET_WRITE takes frames of up to MTU + 14 bytes and NET_READ
+//! buffers of at least MTU + 14. NET_READ answers `AGAIN` when no frame
+//! is waiting; POLL sleeps until a device has a frame or the timeout
+//! passes and returns the set of ready handles and their number. Where
+//! this differs from solo5-hvt (frame lengths, TAP errors) docs/ABI.md
+//! says so.
 
 use super::kind::{Attached, DeviceError, DeviceKind, Given, OptionSpec};
 use super::{check_range, read_arg, Action, GuestError, Module};
-use crate::abi::{layout, ret, Hypercall, NET_FRAME_MAX};
+use crate::abi::{layout, ret, Hypercall};
 use crate::loader::manifest::DeviceInfo;
 use crate::resources::Unikernel;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Why a network device could not be attached.
@@ -36,6 +41,23 @@ pub enum NetError {
         tap: String,
         err: std::io::Error,
     },
+    #[error("net device '{name}': '{tap}' is not a file descriptor (use @FD with FD a decimal number, e.g. @3, or a TAP interface's name)")]
+    BadFd { name: String, tap: String },
+    #[error("net device '{name}': file descriptor {fd} is not open (the launcher must pass the TAP's descriptor to tt-host open and without FD_CLOEXEC)")]
+    FdNotOpen { name: String, fd: RawFd },
+    #[error("net device '{name}': file descriptor {fd} is not a TAP device (expected an open /dev/net/tun attached to a TAP interface)")]
+    FdNotTun { name: String, fd: RawFd },
+    #[error("net device '{name}': file descriptor {fd} is a /dev/net/tun file attached to no interface (attach it with TUNSETIFF first)")]
+    FdDetached { name: String, fd: RawFd },
+    #[error("net device '{name}': file descriptor {fd} is attached to '{tap}', which is {what}; tt-host needs a TAP opened with IFF_TAP | IFF_NO_PI and no IFF_VNET_HDR")]
+    FdWrongKind {
+        name: String,
+        fd: RawFd,
+        tap: String,
+        what: &'static str,
+    },
+    #[error("net device '{name}': TAP interface '{tap}' is already attached as another network device of this guest")]
+    SameTapTwice { name: String, tap: String },
     #[error("net device '{name}': '{mac}' is not a guest MAC address: {why}")]
     BadMac {
         name: String,
@@ -97,6 +119,10 @@ pub struct NetDevice {
     pub name: String,
     pub handle: u64,
     pub mac: [u8; 6],
+    /// The TAP interface's MTU when it was attached: the guest's MTU.
+    pub mtu: u16,
+    /// The TAP interface's name.
+    pub tap_name: String,
     tap: File,
     /// Frames dropped for being longer than the guest's MTU allows.
     dropped: u64,
@@ -118,6 +144,20 @@ impl NetDevice {
         }
     }
 
+    /// Longest frame the guest may send or must take: MTU + header.
+    pub fn frame_max(&self) -> usize {
+        self.mtu as usize + ETH_HEADER as usize
+    }
+
+    /// Attach device `name` to `tap`: a TAP interface's name, or `@FD`
+    /// for a TAP a launcher opened as file descriptor FD.
+    pub fn attach(name: &str, handle: u64, tap: &str, mac: [u8; 6]) -> Result<Self, NetError> {
+        match tap.strip_prefix('@') {
+            Some(_) => Self::open_fd(name, handle, parse_fd(name, tap)?, mac),
+            None => Self::open_tap(name, handle, tap, mac),
+        }
+    }
+
     /// Attach the existing TAP interface `tap` as device `name`.
     pub fn open_tap(name: &str, handle: u64, tap: &str, mac: [u8; 6]) -> Result<Self, NetError> {
         if tap.is_empty() || tap.len() >= libc::IFNAMSIZ || tap.contains(['/', ':', ' ', '\0']) {
@@ -126,9 +166,15 @@ impl NetDevice {
                 tap: tap.into(),
             });
         }
+        let attach = |err| NetError::Attach {
+            name: name.into(),
+            tap: tap.into(),
+            err,
+        };
         // As solo5-hvt's tap_attach: the interface must exist (else
         // TUNSETIFF would create a fresh TAP nobody routes to) and be up.
-        match interface_flags(tap) {
+        let sock = ifreq_socket().map_err(attach)?;
+        match interface_flags(sock.as_fd(), tap) {
             Ok(flags) if flags & libc::IFF_UP != 0 => {}
             Ok(_) => {
                 return Err(NetError::TapDown {
@@ -142,30 +188,15 @@ impl NetDevice {
                     tap: tap.into(),
                 })
             }
-            Err(err) => {
-                return Err(NetError::Attach {
-                    name: name.into(),
-                    tap: tap.into(),
-                    err,
-                })
-            }
+            Err(err) => return Err(attach(err)),
         }
-        let attach = |err| NetError::Attach {
-            name: name.into(),
-            tap: tap.into(),
-            err,
-        };
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")
             .map_err(attach)?;
-        // SAFETY: ifreq is plain data; all-zero is a valid value.
-        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, src) in ifr.ifr_name.iter_mut().zip(tap.bytes()) {
-            *dst = src as libc::c_char;
-        }
+        let mut ifr = ifreq(tap);
         ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes one struct ifreq, which we own.
         if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
@@ -182,10 +213,109 @@ impl NetDevice {
                 _ => attach(err),
             });
         }
+        // Read after attaching, so that it is the interface we hold.
+        let mtu = interface_mtu(sock.as_fd(), tap).map_err(attach)?;
         Ok(NetDevice {
             name: name.into(),
             handle,
             mac,
+            mtu,
+            tap_name: tap.into(),
+            tap: file,
+            dropped: 0,
+            reported: false,
+        })
+    }
+
+    /// Attach the TAP that file descriptor `fd` (inherited from a launcher)
+    /// holds, as device `name`. The descriptor must be a /dev/net/tun file
+    /// attached to a TAP interface with `IFF_NO_PI` (checked where /sys
+    /// shows the interface) and without `IFF_VNET_HDR`, so that it
+    /// carries frames as NET_WRITE and NET_READ do, and the interface must
+    /// be up. tt-host uses a duplicate of it, made
+    /// non-blocking (which the launcher's copy shares, as with
+    /// solo5-hvt), and leaves `fd` itself open.
+    pub fn open_fd(name: &str, handle: u64, fd: RawFd, mac: [u8; 6]) -> Result<Self, NetError> {
+        // SAFETY: F_GETFD takes no pointer; on a closed fd it fails EBADF.
+        if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(NetError::FdNotOpen {
+                name: name.into(),
+                fd,
+            });
+        }
+        // SAFETY: fd is open (checked above) and stays open while borrowed:
+        // nothing in this function closes it, and tt-host's other threads
+        // (none yet) never touch descriptors they did not open.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let (tap, flags) = tun_interface(borrowed).map_err(|err| match err.raw_os_error() {
+            Some(libc::EBADFD) => NetError::FdDetached {
+                name: name.into(),
+                fd,
+            },
+            _ => NetError::FdNotTun {
+                name: name.into(),
+                fd,
+            },
+        })?;
+        let attach = |err| NetError::Attach {
+            name: name.into(),
+            tap: tap.clone(),
+            err,
+        };
+        // The name is looked up in the TAP's own network namespace, which
+        // may not be tt-host's (a launcher may open it in another one).
+        let (sock, ours) = ifreq_socket_for(borrowed).map_err(attach)?;
+        // TUNGETIFF reports IFF_NO_PI's bit set whenever no socket filter
+        // is attached (it is also IFF_NOFILTER), so that one comes from
+        // the interface's tun_flags in sysfs, where tt-host can see it.
+        let no_pi = if ours {
+            sysfs_tun_flags(sock.as_fd(), &tap).map(|f| f & libc::IFF_NO_PI != 0)
+        } else {
+            None
+        };
+        let what = if flags & libc::IFF_TAP == 0 {
+            Some("a TUN (IP packets, no Ethernet header)")
+        } else if no_pi == Some(false) {
+            Some("opened without IFF_NO_PI (each frame has a packet information header)")
+        } else if flags & libc::IFF_VNET_HDR != 0 {
+            Some("opened with IFF_VNET_HDR (each frame has a virtio-net header)")
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            return Err(NetError::FdWrongKind {
+                name: name.into(),
+                fd,
+                tap: tap.clone(),
+                what,
+            });
+        }
+        match interface_flags(sock.as_fd(), &tap) {
+            Ok(f) if f & libc::IFF_UP != 0 => {}
+            Ok(_) => {
+                return Err(NetError::TapDown {
+                    name: name.into(),
+                    tap: tap.clone(),
+                })
+            }
+            Err(err) => return Err(attach(err)),
+        }
+        let mtu = interface_mtu(sock.as_fd(), &tap).map_err(attach)?;
+        let file: File = borrowed.try_clone_to_owned().map_err(attach)?.into();
+        // SAFETY: F_GETFL/F_SETFL take no pointers; the results are checked.
+        let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        // SAFETY: as above.
+        if fl < 0
+            || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0
+        {
+            return Err(attach(std::io::Error::last_os_error()));
+        }
+        Ok(NetDevice {
+            name: name.into(),
+            handle,
+            mac,
+            mtu,
+            tap_name: tap,
             tap: file,
             dropped: 0,
             reported: false,
@@ -193,25 +323,154 @@ impl NetDevice {
     }
 }
 
+/// Parse `@FD` (decimal, as solo5-hvt reads it).
+fn parse_fd(name: &str, tap: &str) -> Result<RawFd, NetError> {
+    tap.strip_prefix('@')
+        .filter(|d| !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit()))
+        .and_then(|d| d.parse().ok())
+        .ok_or_else(|| NetError::BadFd {
+            name: name.into(),
+            tap: tap.into(),
+        })
+}
+
+/// The TAP interface `tap` names: itself, or for `@FD` the interface that
+/// descriptor FD is attached to (for admission, which knows interfaces).
+pub fn interface_of(name: &str, tap: &str) -> Result<String, NetError> {
+    if !tap.starts_with('@') {
+        return Ok(tap.into());
+    }
+    let fd = parse_fd(name, tap)?;
+    // SAFETY: F_GETFD takes no pointer; on a closed fd it fails EBADF.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(NetError::FdNotOpen {
+            name: name.into(),
+            fd,
+        });
+    }
+    // SAFETY: fd is open (checked above) and nothing closes it meanwhile.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    tun_interface(borrowed)
+        .map(|(tap, _)| tap)
+        .map_err(|err| match err.raw_os_error() {
+            Some(libc::EBADFD) => NetError::FdDetached {
+                name: name.into(),
+                fd,
+            },
+            _ => NetError::FdNotTun {
+                name: name.into(),
+                fd,
+            },
+        })
+}
+
 use std::os::unix::fs::OpenOptionsExt;
 
-/// The `IFF_*` flags of network interface `name` (`ENODEV` if there is
-/// none) in this process's network namespace.
-fn interface_flags(name: &str) -> std::io::Result<libc::c_int> {
-    use std::os::fd::{FromRawFd, OwnedFd};
+/// An ifreq naming interface `name` (shorter than IFNAMSIZ: checked by
+/// the caller or given by the kernel), the rest zero.
+fn ifreq(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name[..libc::IFNAMSIZ - 1]
+        .iter_mut()
+        .zip(name.bytes())
+    {
+        *dst = src as libc::c_char;
+    }
+    ifr
+}
+
+/// A socket to ask interface ioctls on, in this process's network
+/// namespace.
+fn ifreq_socket() -> std::io::Result<OwnedFd> {
     // SAFETY: socket() takes no pointers; the result is checked below.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: fd is a socket we just opened and own nowhere else.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ifreq is plain data; all-zero is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    // The caller checked the name: shorter than IFNAMSIZ, so NUL-terminated.
-    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A socket to ask interface ioctls on, in the network namespace of the
+/// TAP that `tun` is attached to, and whether that is tt-host's. It is
+/// taken to be unless TUNGETDEVNETNS (Linux 5.2, CAP_NET_ADMIN over the
+/// TAP's namespace) names another one, where the socket is made by a
+/// thread that enters it (setns, CAP_SYS_ADMIN): a socket keeps the
+/// namespace it was made in.
+fn ifreq_socket_for(tun: BorrowedFd<'_>) -> std::io::Result<(OwnedFd, bool)> {
+    // SAFETY: TUNGETDEVNETNS takes no argument and returns a new fd.
+    let ns = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNGETDEVNETNS) };
+    if ns < 0 {
+        // An older kernel, or no CAP_NET_ADMIN there: assume ours.
+        return Ok((ifreq_socket()?, true));
     }
+    // SAFETY: the ioctl returned a new fd that nothing else owns.
+    let ns = unsafe { OwnedFd::from_raw_fd(ns) };
+    let theirs = File::from(ns.try_clone()?).metadata()?;
+    let ours = std::fs::metadata("/proc/thread-self/ns/net")?;
+    use std::os::unix::fs::MetadataExt;
+    if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
+        return Ok((ifreq_socket()?, true));
+    }
+    let sock = std::thread::spawn(move || {
+        // SAFETY: ns is an open namespace fd; setns changes this thread
+        // only, which ends right after making the socket.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        ifreq_socket()
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the namespace thread panicked"))??;
+    Ok((sock, false))
+}
+
+/// TUN interface `name`'s `IFF_*` flags from sysfs, if /sys shows the
+/// same interface as `sock`'s namespace (same index); `None` otherwise.
+fn sysfs_tun_flags(sock: BorrowedFd<'_>, name: &str) -> Option<libc::c_int> {
+    let dir = std::path::Path::new("/sys/class/net").join(name);
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+    let index: libc::c_int = read("ifindex")?.trim().parse().ok()?;
+    let mut ifr = ifreq(name);
+    // SAFETY: SIOCGIFINDEX reads the name from and writes the index into
+    // one struct ifreq, which we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFINDEX, &mut ifr) } < 0 {
+        return None;
+    }
+    // SAFETY: SIOCGIFINDEX succeeded, so it filled in ifru_ifindex.
+    if unsafe { ifr.ifr_ifru.ifru_ifindex } != index {
+        return None;
+    }
+    let flags = read("tun_flags")?;
+    libc::c_int::from_str_radix(flags.trim().trim_start_matches("0x"), 16).ok()
+}
+
+/// The interface a /dev/net/tun file is attached to, and its `IFF_*`
+/// TUN flags (TUNGETIFF). `EBADFD` if it is attached to none; another
+/// error if `fd` is no /dev/net/tun file.
+fn tun_interface(fd: BorrowedFd<'_>) -> std::io::Result<(String, libc::c_int)> {
+    let mut ifr = ifreq("");
+    // SAFETY: TUNGETIFF writes one struct ifreq, which we own; on any
+    // other kind of file the ioctl fails without writing.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, &mut ifr) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let name: Vec<u8> = ifr
+        .ifr_name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    // SAFETY: TUNGETIFF succeeded, so it filled in ifru_flags.
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags } as libc::c_int & 0xffff;
+    Ok((String::from_utf8_lossy(&name).into_owned(), flags))
+}
+
+/// The `IFF_*` flags of network interface `name` (`ENODEV` if there is
+/// none) in the network namespace of `sock`.
+fn interface_flags(sock: BorrowedFd<'_>, name: &str) -> std::io::Result<libc::c_int> {
+    let mut ifr = ifreq(name);
     // SAFETY: SIOCGIFFLAGS reads the name from and writes the flags into
     // one struct ifreq, which we own.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
@@ -219,6 +478,21 @@ fn interface_flags(name: &str) -> std::io::Result<libc::c_int> {
     }
     // SAFETY: SIOCGIFFLAGS succeeded, so it filled in ifru_flags.
     Ok(unsafe { ifr.ifr_ifru.ifru_flags } as libc::c_int & 0xffff)
+}
+
+/// The MTU of network interface `name` in the network namespace of
+/// `sock` (SIOCGIFMTU, as solo5-hvt reads it), as the manifest's 16 bits.
+fn interface_mtu(sock: BorrowedFd<'_>, name: &str) -> std::io::Result<u16> {
+    let mut ifr = ifreq(name);
+    // SAFETY: SIOCGIFMTU reads the name from and writes the MTU into one
+    // struct ifreq, which we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut ifr) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFMTU succeeded, so it filled in ifru_mtu.
+    let mtu = unsafe { ifr.ifr_ifru.ifru_mtu };
+    // Linux keeps an Ethernet device's MTU within 68..=65535.
+    u16::try_from(mtu).map_err(|_| std::io::Error::other(format!("its MTU {mtu} is out of range")))
 }
 
 /// The net module: all TAP devices, and POLL.
@@ -312,7 +586,7 @@ impl Net {
         // guest memory stops the guest whatever its length.
         if write {
             check_range(mem, "net frame", data, len)?;
-            if !(ETH_HEADER..=NET_FRAME_MAX as u64).contains(&len) {
+            if !(ETH_HEADER..=dev.frame_max() as u64).contains(&len) {
                 a.set_i32(mem, 24, ret::EINVAL);
                 return Ok(Action::Continue);
             }
@@ -332,7 +606,7 @@ impl Net {
             a.set_i32(mem, 24, r);
         } else {
             check_range(mem, "net buffer", data, len)?;
-            if len < NET_FRAME_MAX as u64 {
+            if len < dev.frame_max() as u64 {
                 a.set_i32(mem, 24, ret::EINVAL);
                 return Ok(Action::Continue);
             }
@@ -359,9 +633,10 @@ impl Net {
 /// Ethernet header: the shortest frame a guest may send.
 const ETH_HEADER: u64 = 14;
 
-/// Read the next frame the guest can take (at most `NET_FRAME_MAX` bytes)
-/// into `buf`; longer ones are dropped, as a NIC drops frames over its
-/// MTU, and reported once per device. `WouldBlock` when none is waiting
+/// Read the next frame the guest can take (at most its MTU + 14 bytes)
+/// into `buf`; longer ones (the TAP's MTU was raised after tt-host read
+/// it) are dropped, as a NIC drops frames over its MTU, and reported once
+/// per device. `WouldBlock` when none is waiting
 /// (or the read was empty).
 fn read_frame(dev: &mut NetDevice, buf: &mut [u8]) -> std::io::Result<usize> {
     for _ in 0..MAX_DROPS_PER_READ {
@@ -370,16 +645,16 @@ fn read_frame(dev: &mut NetDevice, buf: &mut [u8]) -> std::io::Result<usize> {
             // Nothing to hand on: solo5-hvt answers AGAIN to an empty read.
             break;
         }
-        if n <= NET_FRAME_MAX {
+        if n <= dev.frame_max() {
             return Ok(n);
         }
         dev.dropped += 1;
         if dev.dropped == 1 {
             eprintln!(
                 "tt-host: net device '{}': dropped a {n}-byte frame, longer than \
-                 the guest's {NET_FRAME_MAX} (is the TAP's MTU above 1500?); \
-                 further drops are not reported",
-                dev.name
+                 the guest's MTU {} + 14 (was the MTU of TAP '{}' raised after \
+                 the guest started?); further drops are not reported",
+                dev.name, dev.mtu, dev.tap_name
             );
         }
     }
@@ -430,10 +705,12 @@ impl DeviceKind for NetKind {
         &[
             OptionSpec {
                 name: "net",
-                value: "TAP",
+                value: "TAP|@FD",
                 default_for_all: false,
-                help: "attach the existing TAP interface TAP as the\n\
-                       manifest's network device NAME",
+                help: "attach the existing TAP interface TAP, or the\n\
+                       TAP a launcher opened and passed as file\n\
+                       descriptor FD, as the manifest's network\n\
+                       device NAME",
             },
             OptionSpec {
                 name: "net-mac",
@@ -447,11 +724,6 @@ impl DeviceKind for NetKind {
 
     fn check(&self, option: &str, value: &str) -> Result<(), String> {
         match option {
-            "net" if value.starts_with('@') => Err(
-                "an already open TAP file descriptor (@FD) is not supported; give the TAP \
-                 interface's name"
-                    .into(),
-            ),
             "net-mac" => parse_mac(value)
                 .map(|_| ())
                 .map_err(|why| format!("not a guest MAC address: {why}")),
@@ -462,6 +734,12 @@ impl DeviceKind for NetKind {
     fn resources(&self, devices: &[Given], uk: &mut Unikernel) -> Result<(), DeviceError> {
         for d in devices {
             let tap = d.option("net").unwrap_or_default();
+            if tap.starts_with('@') {
+                // Admitted as the interface the descriptor holds.
+                let tap = interface_of(d.name, tap)?;
+                uk.bridges.insert(crate::admission::network_of_tap(&tap));
+                continue;
+            }
             // A TAP that does not exist is no network to admit: say so as
             // attaching it would.
             let plain = !tap.is_empty() && !tap.contains(['/', ':', ' ', '\0']) && tap != "..";
@@ -489,14 +767,25 @@ impl DeviceKind for NetKind {
                 None => random_mac(),
             };
             let tap = d.option("net").unwrap_or_default();
-            opened.push(NetDevice::open_tap(d.name, d.handle, tap, mac)?);
+            let dev = NetDevice::attach(d.name, d.handle, tap, mac)?;
+            if opened
+                .iter()
+                .any(|n: &NetDevice| n.tap_name == dev.tap_name)
+            {
+                return Err(NetError::SameTapTwice {
+                    name: d.name.into(),
+                    tap: dev.tap_name,
+                }
+                .into());
+            }
+            opened.push(dev);
         }
         let info = opened
             .iter()
             .map(|n| {
                 let info = DeviceInfo::Net {
                     mac: n.mac,
-                    mtu: crate::abi::NET_MTU,
+                    mtu: n.mtu,
                 };
                 (n.handle, info)
             })
@@ -526,6 +815,11 @@ mod tests {
     /// frame waits, and cuts a frame to a shorter read buffer. The other
     /// end plays the host's network.
     fn fake(handle: u64) -> (NetDevice, File) {
+        fake_mtu(handle, 1500)
+    }
+
+    /// The same with MTU `mtu`.
+    fn fake_mtu(handle: u64, mtu: u16) -> (NetDevice, File) {
         let mut fds = [0; 2];
         // SAFETY: fds is a valid array of two ints for socketpair to fill.
         let r = unsafe {
@@ -543,6 +837,8 @@ mod tests {
             name: format!("fake{handle}"),
             handle,
             mac: [2, 0, 0, 0, 0, 1],
+            mtu,
+            tap_name: format!("faketap{handle}"),
             tap: dev.into(),
             dropped: 0,
             reported: false,
@@ -641,30 +937,34 @@ mod tests {
         assert_eq!(m[0] & 0x03, 0x02);
     }
 
-    /// NET_WRITE sends whole Ethernet frames of 14 to 1514 bytes, exactly
-    /// as the guest wrote them; anything shorter or longer, or a handle
-    /// that is not a net device, is EINVAL and sends nothing.
+    /// NET_WRITE sends whole Ethernet frames of 14 to MTU + 14 bytes (the
+    /// TAP's MTU: 1514 on a 1500 TAP, 9014 on a jumbo one), exactly as
+    /// the guest wrote them; anything shorter or longer, or a handle that
+    /// is not a net device, is EINVAL and sends nothing.
     #[test]
-    fn net_write_frame_sizes() {
-        let m = mem();
-        let (dev, mut peer) = fake(1);
-        let mut net = Net::new(vec![dev]);
-        let frame: Vec<u8> = (0..NET_FRAME_MAX).map(|i| i as u8).collect();
-        m.write_slice(&frame, GuestAddress(BUF)).unwrap();
-        for len in [14, 60, NET_FRAME_MAX] {
-            let r = net_io(&mut net, &m, Hypercall::NetWrite, 1, BUF, len as u64);
-            assert_eq!(r.unwrap().0, ret::OK, "{len}");
-            assert_eq!(recv(&mut peer).as_deref(), Some(&frame[..len]), "{len}");
+    fn net_write_frame_sizes_follow_the_mtu() {
+        for mtu in [1500u16, 9000] {
+            let max = mtu as usize + 14;
+            let m = mem();
+            let (dev, mut peer) = fake_mtu(1, mtu);
+            let mut net = Net::new(vec![dev]);
+            let frame: Vec<u8> = (0..max).map(|i| i as u8).collect();
+            m.write_slice(&frame, GuestAddress(BUF)).unwrap();
+            for len in [14, 60, 1514, max] {
+                let r = net_io(&mut net, &m, Hypercall::NetWrite, 1, BUF, len as u64);
+                assert_eq!(r.unwrap().0, ret::OK, "MTU {mtu}: {len}");
+                assert_eq!(recv(&mut peer).as_deref(), Some(&frame[..len]), "{len}");
+            }
+            for len in [0, 13, max + 1, 65536] {
+                let r = net_io(&mut net, &m, Hypercall::NetWrite, 1, BUF, len as u64);
+                assert_eq!(r.unwrap().0, ret::EINVAL, "MTU {mtu}: {len}");
+            }
+            for handle in [0, 2, 1 << 40] {
+                let r = net_io(&mut net, &m, Hypercall::NetWrite, handle, BUF, 60);
+                assert_eq!(r.unwrap().0, ret::EINVAL, "handle {handle}");
+            }
+            assert_eq!(recv(&mut peer), None, "nothing else was sent");
         }
-        for len in [0, 13, NET_FRAME_MAX + 1, 9014] {
-            let r = net_io(&mut net, &m, Hypercall::NetWrite, 1, BUF, len as u64);
-            assert_eq!(r.unwrap().0, ret::EINVAL, "{len}");
-        }
-        for handle in [0, 2, 1 << 40] {
-            let r = net_io(&mut net, &m, Hypercall::NetWrite, handle, BUF, 60);
-            assert_eq!(r.unwrap().0, ret::EINVAL, "handle {handle}");
-        }
-        assert_eq!(recv(&mut peer), None, "nothing else was sent");
     }
 
     /// A buffer outside guest memory stops the guest, whatever its length,
@@ -681,7 +981,7 @@ mod tests {
             (Hypercall::NetWrite, 9014),
             (Hypercall::NetRead, 0),
             (Hypercall::NetRead, 60),
-            (Hypercall::NetRead, NET_FRAME_MAX as u64),
+            (Hypercall::NetRead, 1514),
         ] {
             let r = net_io(&mut net, &m, call, 1, MEM + 0x1000, len);
             assert!(
@@ -694,35 +994,74 @@ mod tests {
         assert!(matches!(r, Err(GuestError::BadAddress { .. })), "{r:?}");
     }
 
+    /// NET_READ takes a buffer of at least MTU + 14 bytes and fills it
+    /// with one whole frame of up to that size, or answers AGAIN.
     #[test]
     fn net_read_delivers_one_whole_frame_or_again() {
-        let m = mem();
-        let (dev, mut peer) = fake(0);
-        let mut net = Net::new(vec![dev]);
-        let read = |net: &mut Net, len: u64| net_io(net, &m, Hypercall::NetRead, 0, BUF, len);
-        assert_eq!(read(&mut net, 2048).unwrap(), (ret::AGAIN, 2048));
+        for mtu in [1500u16, 9000] {
+            let max = mtu as usize + 14;
+            let m = mem();
+            let (dev, mut peer) = fake_mtu(0, mtu);
+            let mut net = Net::new(vec![dev]);
+            let read = |net: &mut Net, len: u64| net_io(net, &m, Hypercall::NetRead, 0, BUF, len);
+            assert_eq!(read(&mut net, 65536).unwrap(), (ret::AGAIN, 65536));
 
-        let frame: Vec<u8> = (0..NET_FRAME_MAX).map(|i| (i * 7) as u8).collect();
-        peer.write_all(&frame).unwrap();
-        // A buffer shorter than MTU + header is refused, and the frame stays.
-        assert_eq!(
-            read(&mut net, NET_FRAME_MAX as u64 - 1).unwrap().0,
-            ret::EINVAL
-        );
-        assert_eq!(
-            read(&mut net, NET_FRAME_MAX as u64).unwrap(),
-            (ret::OK, NET_FRAME_MAX as u64)
-        );
-        let mut got = vec![0u8; NET_FRAME_MAX];
-        m.read_slice(&mut got, GuestAddress(BUF)).unwrap();
-        assert_eq!(got, frame);
+            let frame: Vec<u8> = (0..max).map(|i| (i * 7) as u8).collect();
+            peer.write_all(&frame).unwrap();
+            // A buffer shorter than MTU + header is refused, and the frame stays.
+            assert_eq!(read(&mut net, max as u64 - 1).unwrap().0, ret::EINVAL);
+            assert_eq!(read(&mut net, max as u64).unwrap(), (ret::OK, max as u64));
+            let mut got = vec![0u8; max];
+            m.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+            assert_eq!(got, frame, "MTU {mtu}");
 
-        // A frame over the MTU is dropped, not cut; the next one comes.
-        peer.write_all(&[0xaa; 4042]).unwrap();
-        peer.write_all(&frame[..60]).unwrap();
-        assert_eq!(read(&mut net, 9014).unwrap(), (ret::OK, 60));
-        assert_eq!(net.devices[0].dropped, 1);
-        assert_eq!(read(&mut net, 9014).unwrap().0, ret::AGAIN);
+            // A frame over the MTU (the TAP's MTU grew since) is dropped,
+            // not cut, even into a larger buffer; the next one comes.
+            peer.write_all(&vec![0xaa; max + 1]).unwrap();
+            peer.write_all(&frame[..60]).unwrap();
+            assert_eq!(read(&mut net, 65536).unwrap(), (ret::OK, 60));
+            assert_eq!(net.devices[0].dropped, 1);
+            assert_eq!(read(&mut net, 65536).unwrap().0, ret::AGAIN);
+        }
+    }
+
+    #[test]
+    fn fd_syntax() {
+        assert_eq!(parse_fd("n", "@3").unwrap(), 3);
+        assert_eq!(parse_fd("n", "@0017").unwrap(), 17);
+        for bad in ["@", "@-1", "@+3", "@3x", "@ 3", "@99999999999", "3"] {
+            let e = parse_fd("n", bad).unwrap_err().to_string();
+            assert!(e.contains("is not a file descriptor"), "{bad}: {e}");
+        }
+    }
+
+    /// `--net:NAME=@FD` refuses, naming the descriptor, one that is
+    /// closed, one that is not a /dev/net/tun file, and a /dev/net/tun
+    /// file attached to no interface. (A TUN, and real TAPs, are in
+    /// tests/tests/net.rs.)
+    #[test]
+    fn open_fd_refuses_what_is_not_a_tap() {
+        let msg = |fd| match NetDevice::open_fd("service0", 0, fd, [2, 0, 0, 0, 0, 1]) {
+            Ok(_) => panic!("fd {fd} was taken as a TAP"),
+            Err(e) => e.to_string(),
+        };
+        let e = msg(1_000_000);
+        assert!(e.contains("file descriptor 1000000 is not open"), "{e}");
+        assert!(e.starts_with("net device 'service0'"), "{e}");
+        let f = File::open("/proc/self/stat").unwrap();
+        let e = msg(f.as_raw_fd());
+        assert!(e.contains("is not a TAP device"), "{e}");
+        assert!(interface_of("service0", &format!("@{}", f.as_raw_fd()))
+            .unwrap_err()
+            .to_string()
+            .contains("is not a TAP device"));
+        if let Ok(tun) = File::options().read(true).write(true).open("/dev/net/tun") {
+            let e = msg(tun.as_raw_fd());
+            assert!(e.contains("attached to no interface"), "{e}");
+        }
+        // The descriptors given were left open.
+        // SAFETY: F_GETFD takes no pointer.
+        assert!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFD) } >= 0);
     }
 
     /// An empty read is AGAIN, as in solo5-hvt, not a 0-byte frame.
