@@ -13,8 +13,8 @@
 //! says so.
 
 use super::kind::{Attached, DeviceError, DeviceKind, Given, OptionSpec};
-use super::{check_range, read_arg, Action, GuestError, Module};
-use crate::abi::{layout, ret, Hypercall};
+use super::{check_range, read_args, set_out, Action, GuestError, Module};
+use crate::abi::{ret, HcNetRead, HcNetWrite, HcPoll, Hypercall};
 use crate::loader::manifest::DeviceInfo;
 use crate::resources::Unikernel;
 use std::fs::File;
@@ -522,8 +522,13 @@ impl Net {
     }
 
     fn poll(&mut self, arg: u64, mem: &GuestMemoryMmap) -> Result<Action, GuestError> {
-        let a = read_arg::<{ layout::POLL_SIZE }>(mem, arg)?;
-        let timeout = a.u64(0);
+        let (
+            HcPoll {
+                timeout_nsecs: timeout,
+                ..
+            },
+            at,
+        ) = read_args::<HcPoll>(mem, arg)?;
         let mut fds: Vec<libc::pollfd> = self
             .devices
             .iter()
@@ -569,61 +574,78 @@ impl Net {
                 ready |= 1 << d.handle;
             }
         }
-        a.set_u64(mem, 8, ready);
+        set_out!(mem, at, HcPoll.ready_set = ready);
         // As solo5-hvt: `ret` is the number of ready devices (0 on timeout).
-        a.set_i32(mem, 16, ready.count_ones() as i32);
+        set_out!(mem, at, HcPoll.ret = ready.count_ones() as i32);
         Ok(Action::Continue)
     }
 
-    fn io(&mut self, write: bool, arg: u64, mem: &GuestMemoryMmap) -> Result<Action, GuestError> {
-        let a = read_arg::<{ layout::NET_SIZE }>(mem, arg)?;
-        let (handle, data, len) = (a.u64(0), a.u64(8), a.u64(16));
+    /// NET_WRITE: send one frame of `len` bytes.
+    fn write(&mut self, arg: u64, mem: &GuestMemoryMmap) -> Result<Action, GuestError> {
+        let (
+            HcNetWrite {
+                handle, data, len, ..
+            },
+            at,
+        ) = read_args::<HcNetWrite>(mem, arg)?;
+        let set_ret = |r: i32| set_out!(mem, at, HcNetWrite.ret = r);
         let Some(dev) = self.devices.iter_mut().find(|d| d.handle == handle) else {
-            a.set_i32(mem, 24, ret::EINVAL);
+            set_ret(ret::EINVAL);
             return Ok(Action::Continue);
         };
         // The buffer is checked first, as solo5-hvt does: a buffer outside
         // guest memory stops the guest whatever its length.
-        if write {
-            check_range(mem, "net frame", data, len)?;
-            if !(ETH_HEADER..=dev.frame_max() as u64).contains(&len) {
-                a.set_i32(mem, 24, ret::EINVAL);
-                return Ok(Action::Continue);
+        check_range(mem, "net frame", data, len)?;
+        if !(ETH_HEADER..=dev.frame_max() as u64).contains(&len) {
+            set_ret(ret::EINVAL);
+            return Ok(Action::Continue);
+        }
+        let mut buf = vec![0u8; len as usize];
+        let _ = mem.read_slice(&mut buf, GuestAddress(data));
+        let r = match dev.tap.write(&buf) {
+            Ok(n) if n == buf.len() => ret::OK,
+            Ok(n) => {
+                dev.report(&format!("wrote {n} of a {}-byte frame", buf.len()));
+                ret::EUNSPEC
             }
-            let mut buf = vec![0u8; len as usize];
-            let _ = mem.read_slice(&mut buf, GuestAddress(data));
-            let r = match dev.tap.write(&buf) {
-                Ok(n) if n == buf.len() => ret::OK,
-                Ok(n) => {
-                    dev.report(&format!("wrote {n} of a {}-byte frame", buf.len()));
-                    ret::EUNSPEC
-                }
-                Err(e) => {
-                    dev.report(&format!("write failed: {e}"));
-                    ret::EUNSPEC
-                }
-            };
-            a.set_i32(mem, 24, r);
-        } else {
-            check_range(mem, "net buffer", data, len)?;
-            if len < dev.frame_max() as u64 {
-                a.set_i32(mem, 24, ret::EINVAL);
-                return Ok(Action::Continue);
+            Err(e) => {
+                dev.report(&format!("write failed: {e}"));
+                ret::EUNSPEC
             }
-            let r = read_frame(dev, &mut self.rx);
-            match r {
-                Ok(n) => {
-                    let _ = mem.write_slice(&self.rx[..n], GuestAddress(data));
-                    a.set_u64(mem, 16, n as u64);
-                    a.set_i32(mem, 24, ret::OK);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    a.set_i32(mem, 24, ret::AGAIN)
-                }
-                Err(e) => {
-                    dev.report(&format!("read failed: {e}"));
-                    a.set_i32(mem, 24, ret::EUNSPEC)
-                }
+        };
+        set_ret(r);
+        Ok(Action::Continue)
+    }
+
+    /// NET_READ: receive one frame into a buffer of at least MTU + 14
+    /// bytes; `len` becomes the frame's length.
+    fn read(&mut self, arg: u64, mem: &GuestMemoryMmap) -> Result<Action, GuestError> {
+        let (
+            HcNetRead {
+                handle, data, len, ..
+            },
+            at,
+        ) = read_args::<HcNetRead>(mem, arg)?;
+        let set_ret = |r: i32| set_out!(mem, at, HcNetRead.ret = r);
+        let Some(dev) = self.devices.iter_mut().find(|d| d.handle == handle) else {
+            set_ret(ret::EINVAL);
+            return Ok(Action::Continue);
+        };
+        check_range(mem, "net buffer", data, len)?;
+        if len < dev.frame_max() as u64 {
+            set_ret(ret::EINVAL);
+            return Ok(Action::Continue);
+        }
+        match read_frame(dev, &mut self.rx) {
+            Ok(n) => {
+                let _ = mem.write_slice(&self.rx[..n], GuestAddress(data));
+                set_out!(mem, at, HcNetRead.len = n as u64);
+                set_ret(ret::OK);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => set_ret(ret::AGAIN),
+            Err(e) => {
+                dev.report(&format!("read failed: {e}"));
+                set_ret(ret::EUNSPEC)
             }
         }
         Ok(Action::Continue)
@@ -678,8 +700,8 @@ impl Module for Net {
     ) -> Result<Action, GuestError> {
         match call {
             Hypercall::Poll => self.poll(arg, mem),
-            Hypercall::NetWrite => self.io(true, arg, mem),
-            Hypercall::NetRead => self.io(false, arg, mem),
+            Hypercall::NetWrite => self.write(arg, mem),
+            Hypercall::NetRead => self.read(arg, mem),
             _ => unreachable!("net registered only its own hypercalls"),
         }
     }
