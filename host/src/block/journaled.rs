@@ -97,6 +97,10 @@ pub fn record_limit(ring_size: u64, sector: u64) -> u64 {
     l / sector.max(1) * sector
 }
 
+/// Records of one long synchronous write in flight at once (see
+/// `write_now`): 4 records are at most half the ring.
+const WINDOW: usize = 4;
+
 /// Where the floor of sequence numbers is kept durably.
 pub trait SeqLease: Send {
     /// Record durably that numbers below the returned limit (more than
@@ -395,11 +399,10 @@ where
         Ok(s)
     }
 
-    /// Cut `w` into records, put each in the overlay and submit it.
-    /// Returns the parts submitted and the error that stopped it, if any.
-    fn start_write(&mut self, w: Write) -> (Vec<Part<Arc<D>>>, Option<Error>) {
-        let span = w.span();
-        let data = w.into_data();
+    /// Cut `data` (to be written at `offset`) into records, put each in
+    /// the overlay and submit it. Returns the parts submitted and the
+    /// error that stopped it, if any.
+    fn start_write(&mut self, offset: u64, data: &[u8]) -> (Vec<Part<Arc<D>>>, Option<Error>) {
         let chunk = self.info.max_atomic_write as usize;
         let mut parts = Vec::with_capacity(data.len().div_ceil(chunk));
         for (i, piece) in data.chunks(chunk).enumerate() {
@@ -409,7 +412,7 @@ where
             };
             let op = Op {
                 seq,
-                offset: span.offset() + (i * chunk) as u64,
+                offset: offset + (i * chunk) as u64,
                 data: Arc::from(piece),
             };
             lock(&self.shared.state)
@@ -460,8 +463,17 @@ where
     /// own thread (no thread switch).
     fn write_now(&mut self, w: Write) -> Result<Response, Error> {
         if w.span().len() > self.info.max_atomic_write {
-            let (parts, error) = self.start_write(w);
-            return self.shared.finish(parts, error, &self.flusher);
+            // Records in windows of WINDOW (at most half the ring), each
+            // waited for before the next: host memory stays bounded
+            // however long the guest's write.
+            let offset = w.span().offset();
+            let data = w.into_data();
+            let window = self.info.max_atomic_write as usize * WINDOW;
+            for (i, part) in data.chunks(window).enumerate() {
+                let (parts, error) = self.start_write(offset + (i * window) as u64, part);
+                self.shared.finish(parts, error, &self.flusher)?;
+            }
+            return Ok(Response::Written);
         }
         let seq = self.take_seq()?;
         let offset = w.span().offset();
@@ -507,7 +519,7 @@ where
                 if let Err(e) = check(&self.info, w.span()) {
                     Err(e)
                 } else {
-                    let (parts, error) = self.start_write(w);
+                    let (parts, error) = self.start_write(w.span().offset(), w.data());
                     let job = Job {
                         user_data,
                         parts,

@@ -111,11 +111,17 @@ fn reads_see_durable_writes_the_journal_has_not_applied() {
 
 #[test]
 fn a_write_larger_than_a_record_is_split_and_read_back_whole() {
-    let (ring, image) = (new_ring(), Arc::new(FaultyDevice::new(CAP, 512)));
+    // A small ring: 4 KiB records, so the write takes two windows.
+    let ring = Arc::new(FaultyDevice::new(RING / 2, 512));
+    Producer::create(&*ring).unwrap();
+    let image = Arc::new(FaultyDevice::new(CAP, 512));
     let mut b = start(ring, Arc::new(ModelImage(image.clone())), opts());
     let limit = b.info().max_atomic_write;
-    assert_eq!(limit, record_limit(RING, SECTOR));
-    assert!(limit < CAP, "the test needs a write longer than a record");
+    assert_eq!(limit, record_limit(RING / 2, SECTOR));
+    assert!(
+        limit * (WINDOW as u64) < CAP,
+        "the test needs a write longer than a window of records"
+    );
     let g = b.info().geometry;
     let data: Vec<u8> = (0..CAP).map(|i| (i / 512) as u8 ^ 0x5a).collect();
     let before = b.next_seq();
@@ -388,6 +394,22 @@ fn every_acknowledged_write_survives_a_power_cut_at_every_point() {
                 "cut at {point}: sector {s} holds {:?}..., want {acked} (acknowledged) or {other:?} (in flight)",
                 &sector[..4]
             );
+        }
+        // Each record of the write in flight is all there or not at all.
+        if let Some((at, len, tag)) = in_flight {
+            let per = record_limit(RING, SECTOR) / SECTOR;
+            for first in (at..at + len).step_by(per as usize) {
+                let sectors = first..(first + per).min(at + len);
+                let new: Vec<bool> = sectors
+                    .clone()
+                    .filter(|&s| model[(s * SECTOR) as usize] != tag)
+                    .map(|s| got[(s * SECTOR) as usize] == tag)
+                    .collect();
+                assert!(
+                    new.iter().all(|&n| n) || new.iter().all(|&n| !n),
+                    "cut at {point}: record at sector {first} is torn: {new:?}"
+                );
+            }
         }
         point += 1;
     }
