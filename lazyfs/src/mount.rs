@@ -199,7 +199,11 @@ impl Drop for LazyFs {
 }
 
 /// Mount `/dev/fuse` on `dir` with mount(2) and start serving `state`.
-fn start(dir: &Path, c_dir: &CString, state: &Arc<Mutex<State>>) -> Result<BackgroundSession, Error> {
+fn start(
+    dir: &Path,
+    c_dir: &CString,
+    state: &Arc<Mutex<State>>,
+) -> Result<BackgroundSession, Error> {
     let dev: File = OpenOptions::new()
         .read(true)
         .write(true)

@@ -394,7 +394,11 @@ impl State {
                 return Err(libc::EFBIG);
             }
             match &mut i.body {
-                Body::File { cur, durable, dirty } => {
+                Body::File {
+                    cur,
+                    durable,
+                    dirty,
+                } => {
                     if size < cur.size {
                         // Durable pages past the new end must go at the
                         // next sync too, even if the file grows back.
@@ -732,7 +736,8 @@ impl State {
                 .flatten()
                 .collect();
             for (d, n) in names {
-                if let Some(Body::Dir { durable, .. }) = self.inodes.get_mut(&d).map(|i| &mut i.body)
+                if let Some(Body::Dir { durable, .. }) =
+                    self.inodes.get_mut(&d).map(|i| &mut i.body)
                 {
                     let old = durable.insert(n, ino);
                     if let Some(old) = old.filter(|&o| o != ino) {
@@ -870,10 +875,7 @@ impl State {
                 _ => continue,
             };
             for (name, c) in names {
-                let is_dir = matches!(
-                    self.inodes.get(&c).map(|i| &i.body),
-                    Some(Body::Dir { .. })
-                );
+                let is_dir = matches!(self.inodes.get(&c).map(|i| &i.body), Some(Body::Dir { .. }));
                 let first = reached.insert(c);
                 if is_dir && !first || !self.inodes.contains_key(&c) {
                     if let Some(Body::Dir { cur, durable, .. }) =
@@ -967,7 +969,8 @@ mod tests {
         let base = s.stats.pages_synced;
         assert_eq!(base, size / PAGE as u64);
         for k in 0..100u64 {
-            s.write(a, k * 7 * PAGE as u64 + 100, &[k as u8; 10]).unwrap();
+            s.write(a, k * 7 * PAGE as u64 + 100, &[k as u8; 10])
+                .unwrap();
             s.fsync(a, true).unwrap();
         }
         assert_eq!(s.stats.pages_synced - base, 100);
@@ -1025,8 +1028,15 @@ mod tests {
         let tmp = file(&mut s, ROOT, "f.tmp");
         s.write(tmp, 0, b"new").unwrap();
         s.fsync(tmp, false).unwrap();
-        s.rename(ROOT, OsStr::new("f.tmp"), ROOT, OsStr::new("f"), false, false)
-            .unwrap();
+        s.rename(
+            ROOT,
+            OsStr::new("f.tmp"),
+            ROOT,
+            OsStr::new("f"),
+            false,
+            false,
+        )
+        .unwrap();
         assert!(s.attr(old).is_ok(), "a durable name keeps the old inode");
         s.crash();
         assert_eq!(s.lookup(ROOT, OsStr::new("f")), Ok(old));
@@ -1036,8 +1046,15 @@ mod tests {
         let tmp = file(&mut s, ROOT, "f.tmp");
         s.write(tmp, 0, b"new").unwrap();
         s.fsync(tmp, false).unwrap();
-        s.rename(ROOT, OsStr::new("f.tmp"), ROOT, OsStr::new("f"), false, false)
-            .unwrap();
+        s.rename(
+            ROOT,
+            OsStr::new("f.tmp"),
+            ROOT,
+            OsStr::new("f"),
+            false,
+            false,
+        )
+        .unwrap();
         s.fsyncdir(ROOT).unwrap();
         assert!(s.attr(old).is_err(), "the replaced inode is freed");
         s.crash();
