@@ -35,7 +35,8 @@
 //!   durable entry whose file data was never synced names an empty file.
 //!   Inode numbers of what survives do not change (so a tool that
 //!   identifies a file by its inode finds it again); the device number
-//!   does, as after a reboot.
+//!   (`st_dev`) is that of a new mount, which the kernel may or may not
+//!   give the same number, as after a reboot.
 //!
 //! # Kernel caches
 //!
@@ -63,6 +64,11 @@
 //! assert!(fs.stats().fdatasyncs > 0);
 //! # Ok(()) }
 //! ```
+//!
+//! Whatever a test prepares on the mount before the run (a disk image,
+//! say) must be synced too, file and directory, or the crash takes it.
+//! `f_fsid` from `statfs` is 0, as on every FUSE mount, before and after a
+//! crash.
 //!
 //! Mounting needs `/dev/fuse` and root (the mount is a plain `mount(2)`;
 //! no libfuse, no `fusermount`). [`check_fuse`] says whether both are

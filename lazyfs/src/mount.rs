@@ -105,7 +105,8 @@ impl LazyFs {
     /// mount), puts every file and directory back to its durable state,
     /// forgets what no durable entry reaches, and mounts again on the
     /// same directory. Inode numbers of what survives are unchanged;
-    /// the device number (`st_dev`) is a new one, as after a reboot.
+    /// the device number (`st_dev`) is a new mount's, which may or may
+    /// not be the old number, as after a reboot.
     ///
     /// No process may have a file or directory of the mount open, or its
     /// working directory in it: kill and reap every process that uses it
