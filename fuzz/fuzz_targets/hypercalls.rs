@@ -31,7 +31,8 @@ use libfuzzer_sys::fuzz_target;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use tt_host::abi::{layout, ret, Hypercall};
-use tt_host::modules::block::{Block, BlockBackend, BlockDevice};
+use tt_host::block::{FileBackend, Geometry, Image, Info, ID_LEN};
+use tt_host::modules::block::{Block, BlockDevice};
 use tt_host::modules::console::Console;
 use tt_host::modules::net::Net;
 use tt_host::modules::{Action, GuestError, Module};
@@ -45,21 +46,18 @@ const HANDLE: u64 = 0;
 /// A disk in memory, shared with the checker.
 struct Disk(Arc<Mutex<Vec<u8>>>);
 
-impl BlockBackend for Disk {
-    fn capacity(&self) -> u64 {
-        self.0.lock().unwrap().len() as u64
-    }
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+impl Image for Disk {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let d = self.0.lock().unwrap();
         buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
         Ok(())
     }
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         let mut d = self.0.lock().unwrap();
         d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
         Ok(())
     }
-    fn sync(&mut self) -> std::io::Result<()> {
+    fn sync_data(&self) -> std::io::Result<()> {
         Ok(())
     }
 }
@@ -115,12 +113,19 @@ fuzz_target!(|data: &[u8]| {
 
     let out = Out::default();
     let mut console = Console::new(out.clone());
-    let dev = BlockDevice {
+    let capacity = disk.lock().unwrap().len() as u64;
+    let info = Info {
         name: "storage".into(),
-        handle: HANDLE,
-        block_size: sector,
-        backend: Box::new(Disk(disk.clone())),
+        geometry: Geometry {
+            capacity,
+            sector_size: sector,
+        },
+        id: [0; ID_LEN],
+        durable_writes: false,
+        max_atomic_write: sector,
     };
+    let backend = FileBackend::new(info, Arc::new(Disk(disk.clone()))).unwrap();
+    let dev = BlockDevice::new(HANDLE, Box::new(backend));
     let mut block = Block::new(vec![dev]);
     let mut net = Net::new(Vec::new());
 

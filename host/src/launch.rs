@@ -192,15 +192,19 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let admitted = uk.clone();
-    let _admitted =
-        StateDir::resolve(args.state_dir.as_deref()).admit(args.name.as_ref(), &fallback, uk)?;
+    let state = StateDir::resolve(args.state_dir.as_deref());
+    let _admitted = state.admit(args.name.as_ref(), &fallback, uk)?;
+    let ctx = kind::Context {
+        admitted: &admitted,
+        state_dir: state.path(),
+    };
 
     // Each kind attaches its devices; its module serves their hypercalls.
     let mut info = Vec::new();
     let mut modules: Vec<Box<dyn Module>> = vec![Box::new(Console::new(std::io::stdout()))];
     for kind in kind::kinds() {
         let attached = kind
-            .attach(&given_devices(&image, args, *kind), &admitted)
+            .attach(&given_devices(&image, args, *kind), &ctx)
             .map_err(LaunchError::Device)?;
         info.extend(attached.info);
         modules.push(attached.module);
@@ -286,10 +290,15 @@ mod tests {
         let uk = unikernel_resources(&image, &given).unwrap();
         assert_eq!(uk.memory_mb, 9, "the dummy kind adds 1 MB per device");
         let k = kind::kind_of_type(DUMMY_TYPE).unwrap();
-        assert!(k.attach(&given_devices(&image, &given, k), &uk).is_ok());
+        let dir = std::env::temp_dir();
+        let ctx = kind::Context {
+            admitted: &uk,
+            state_dir: &dir,
+        };
+        assert!(k.attach(&given_devices(&image, &given, k), &ctx).is_ok());
         let failing = args(&["--dummy:thing=fail", "img"]);
         let e = k
-            .attach(&given_devices(&image, &failing, k), &uk)
+            .attach(&given_devices(&image, &failing, k), &ctx)
             .err()
             .expect("told to fail");
         assert!(

@@ -7,35 +7,49 @@
 //! with a block backend whose sync fails: no file system fails an
 //! `fdatasync` on demand, so this one part is a stand-in.
 
+use std::sync::Arc;
+use tt_host::block::{FileBackend, Geometry, Image, Info, ID_LEN};
 use tt_host::loader::{parse_image, synth::Synth};
-use tt_host::modules::block::{Block, BlockBackend, BlockDevice};
+use tt_host::modules::block::{Block, BlockDevice};
 use tt_host::modules::{console::Console, Module};
 use tt_host::vmm::{BootParams, Vm, VmError};
 use tt_tests::kvm;
 
-/// A device that serves I/O but whose sync fails when `fail`.
-struct Backend {
+/// An image that serves I/O but whose sync fails when `fail`.
+struct Disk {
     fail: bool,
 }
 
-impl BlockBackend for Backend {
-    fn capacity(&self) -> u64 {
-        4096
-    }
-    fn read_at(&mut self, buf: &mut [u8], _offset: u64) -> std::io::Result<()> {
+impl Image for Disk {
+    fn read_at(&self, buf: &mut [u8], _offset: u64) -> std::io::Result<()> {
         buf.fill(0);
         Ok(())
     }
-    fn write_at(&mut self, _buf: &[u8], _offset: u64) -> std::io::Result<()> {
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> std::io::Result<()> {
         Ok(())
     }
-    fn sync(&mut self) -> std::io::Result<()> {
+    fn sync_data(&self) -> std::io::Result<()> {
         if self.fail {
             Err(std::io::Error::other("injected I/O error"))
         } else {
             Ok(())
         }
     }
+}
+
+fn device(i: usize, fail: bool) -> BlockDevice {
+    let info = Info {
+        name: format!("disk{i}"),
+        geometry: Geometry {
+            capacity: 4096,
+            sector_size: 512,
+        },
+        id: [0; ID_LEN],
+        durable_writes: false,
+        max_atomic_write: 512,
+    };
+    let backend = FileBackend::new(info, Arc::new(Disk { fail })).unwrap();
+    BlockDevice::new(i as u64 + 1, Box::new(backend))
 }
 
 fn run_with(fail: &[bool]) -> Result<i32, VmError> {
@@ -54,12 +68,7 @@ fn run_with(fail: &[bool]) -> Result<i32, VmError> {
     let devices = fail
         .iter()
         .enumerate()
-        .map(|(i, &fail)| BlockDevice {
-            name: format!("disk{i}"),
-            handle: i as u64 + 1,
-            block_size: 512,
-            backend: Box::new(Backend { fail }),
-        })
+        .map(|(i, &fail)| device(i, fail))
         .collect();
     let modules: Vec<Box<dyn Module>> = vec![
         Box::new(Console::new(std::io::sink())),

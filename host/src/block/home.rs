@@ -358,6 +358,28 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Create `dir` and its missing parents durably: each new directory is
+/// synced, and so is the parent that holds its entry (otherwise a power
+/// cut can take the directory away with every journal in it, though each
+/// ring and metadata file in it was synced).
+fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    create_dir_durable(parent)?;
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    sync_dir(dir)?;
+    sync_dir(parent)
+}
+
 /// Replace `path` with `meta` crash-safely: temporary file, fdatasync,
 /// rename, directory fsync.
 fn write_meta(path: &Path, meta: &Meta) -> io::Result<()> {
@@ -544,7 +566,7 @@ fn open_locked(
     opts: &JournalOptions,
     draining: bool,
 ) -> Result<JournaledBackend<FileDevice, File>, HomeError> {
-    std::fs::create_dir_all(dir).map_err(dir_err(dir))?;
+    create_dir_durable(dir).map_err(dir_err(dir))?;
     if let Some((journal, meta, pending)) = replaced(dir, &img)? {
         return Err(replaced_error(&img, journal, &meta, pending));
     }

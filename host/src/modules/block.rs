@@ -1,31 +1,32 @@
-//! Block devices: BLOCK_WRITE and BLOCK_READ over a [`BlockBackend`].
+//! Block devices: the hvt BLOCK_WRITE and BLOCK_READ hypercalls, a thin
+//! adapter over the block layer ([`crate::block`]).
 //!
-//! A request is served only if it names a block device, starts at a
-//! block-aligned offset, covers a whole, non-zero number of blocks, and ends
-//! inside the device; otherwise the guest gets `EINVAL`. A host I/O error
-//! gives `EUNSPEC`.
+//! A request is decoded from its argument struct and checked by the block
+//! layer's one validation ([`crate::block::Geometry::span`]): it must name
+//! a block device, start at a sector-aligned offset, cover a whole,
+//! non-zero number of sectors and end inside the device; otherwise the
+//! guest gets `EINVAL` and nothing is read or written. A buffer outside
+//! guest memory stops the guest. The request is then served by the
+//! device's [`Backend`] with one request in flight (one vCPU, one
+//! hypercall): with the journal (`--block-durability=journal`, the
+//! default) a write returns only once it is durable; with `none` it is in
+//! the page cache, as under solo5-hvt. A host I/O or journal error gives
+//! `EUNSPEC`, reported once per device on stderr.
+//!
+//! Long requests are served in pieces, so the host copies a bounded amount
+//! of guest data at a time: a write in pieces of the backend's largest
+//! all-or-nothing write (a journal record, at most 8 MiB), at least 1 MiB;
+//! a read in pieces of 1 MiB.
 
-use super::kind::{Attached, DeviceError, DeviceKind, Given, OptionSpec};
-use super::{check_range, read_arg, Action, GuestError, Module, CHUNK};
-use crate::abi::{layout, ret, Hypercall};
+use super::kind::{Attached, Context, DeviceError, DeviceKind, Given, OptionSpec};
+use super::{check_range, read_args, set_out, Action, GuestError, Module, CHUNK};
+use crate::abi::{ret, HcBlockRead, HcBlockWrite, Hypercall};
+use crate::block::home::{self, HomeError, JournalOptions};
+use crate::block::{Backend, Request, Response};
 use crate::loader::manifest::DeviceInfo;
 use crate::resources::Unikernel;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-
-/// Storage behind a guest block device.
-pub trait BlockBackend {
-    /// Size in bytes.
-    fn capacity(&self) -> u64;
-    /// Fill `buf` from `offset` (inside capacity).
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
-    /// Write `buf` at `offset` (inside capacity).
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()>;
-    /// Make every completed write durable.
-    fn sync(&mut self) -> std::io::Result<()>;
-}
 
 /// Why a block device could not be attached.
 #[derive(Debug, thiserror::Error)]
@@ -63,128 +64,138 @@ pub enum BlockError {
         "the block devices grew while tt-host started: {admitted_mb} MB admitted, {now_mb} MB now"
     )]
     Grew { admitted_mb: u64, now_mb: u64 },
+    #[error("block device '{name}': {source}")]
+    Home {
+        name: String,
+        #[source]
+        source: HomeError,
+    },
 }
 
-/// A plain read-write file.
-pub struct FileBackend {
-    file: File,
-    capacity: u64,
-}
-
-impl FileBackend {
-    /// Can a file with metadata `meta` back a block device: is it a regular
-    /// file or a block device? The error says what it is instead. Check a
-    /// path's `stat` with this before opening it: opening a FIFO blocks.
-    pub fn check_type(meta: &std::fs::Metadata) -> std::io::Result<()> {
-        use std::os::unix::fs::FileTypeExt;
-        let t = meta.file_type();
-        if t.is_file() || t.is_block_device() {
-            return Ok(());
-        }
-        let what = if t.is_dir() {
-            "a directory, "
-        } else if t.is_fifo() {
-            "a FIFO, "
-        } else if t.is_char_device() {
-            "a character device, "
-        } else if t.is_socket() {
-            "a socket, "
-        } else {
-            ""
-        };
-        Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("{what}not a regular file or block device"),
-        ))
+/// Can a file with metadata `meta` back a block device: is it a regular
+/// file or a block device? The error says what it is instead. Check a
+/// path's `stat` with this before opening it: opening a FIFO blocks.
+pub fn check_type(meta: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_file() || t.is_block_device() {
+        return Ok(());
     }
-
-    pub fn open(path: &Path) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)?;
-        Self::check_type(&file.metadata()?)?;
-        let capacity = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))?;
-        Ok(FileBackend { file, capacity })
-    }
-}
-
-impl BlockBackend for FileBackend {
-    fn capacity(&self) -> u64 {
-        self.capacity
-    }
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, offset)
-    }
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.file.write_all_at(buf, offset)
-    }
-    fn sync(&mut self) -> std::io::Result<()> {
-        self.file.sync_data()
-    }
+    let what = if t.is_dir() {
+        "a directory, "
+    } else if t.is_fifo() {
+        "a FIFO, "
+    } else if t.is_char_device() {
+        "a character device, "
+    } else if t.is_socket() {
+        "a socket, "
+    } else {
+        ""
+    };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("{what}not a regular file or block device"),
+    ))
 }
 
 /// One attached block device.
 pub struct BlockDevice {
-    /// The name the manifest gives it, for messages.
-    pub name: String,
+    /// Its index in the manifest.
     pub handle: u64,
-    pub block_size: u64,
-    pub backend: Box<dyn BlockBackend>,
+    backend: Box<dyn Backend>,
+    /// An error was reported (once per device: a guest may retry).
+    reported: bool,
 }
 
 impl BlockDevice {
-    /// Attach the file at `path` as device `name` with `block_size`-byte
-    /// sectors, checking the sector size and the file size.
-    pub fn open_file(
-        name: &str,
-        handle: u64,
-        path: &Path,
-        block_size: u64,
-    ) -> Result<Self, BlockError> {
-        if !block_size.is_power_of_two() || !(512..=32768).contains(&block_size) {
-            return Err(BlockError::SectorSize {
-                name: name.into(),
-                size: block_size,
-            });
-        }
-        let backend = FileBackend::open(path).map_err(|err| BlockError::Open {
-            name: name.into(),
-            path: path.display().to_string(),
-            err,
-        })?;
-        let len = backend.capacity();
-        if len == 0 {
-            return Err(BlockError::Empty {
-                name: name.into(),
-                path: path.display().to_string(),
-                size: block_size,
-            });
-        }
-        if len % block_size != 0 {
-            return Err(BlockError::NotMultiple {
-                name: name.into(),
-                path: path.display().to_string(),
-                len,
-                size: block_size,
-            });
-        }
-        Ok(BlockDevice {
-            name: name.into(),
+    /// Device `handle`, served by `backend` (its [`crate::block::Info`]
+    /// names the device and gives its geometry).
+    pub fn new(handle: u64, backend: Box<dyn Backend>) -> Self {
+        BlockDevice {
             handle,
-            block_size,
-            backend: Box::new(backend),
-        })
+            backend,
+            reported: false,
+        }
     }
 
-    /// Is `[offset, offset+len)` a whole number of blocks inside the device?
-    fn valid(&self, offset: u64, len: u64) -> bool {
-        len > 0
-            && offset % self.block_size == 0
-            && len % self.block_size == 0
-            && offset
-                .checked_add(len)
-                .is_some_and(|end| end <= self.backend.capacity())
+    /// The device's name, for messages.
+    pub fn name(&self) -> &str {
+        &self.backend.info().name
+    }
+
+    /// Size in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.backend.info().geometry.capacity
+    }
+
+    /// Sector size in bytes.
+    pub fn sector_size(&self) -> u64 {
+        self.backend.info().geometry.sector_size
+    }
+
+    /// Tell the operator about an error the guest gets as EUNSPEC, the
+    /// first time only.
+    fn report(&mut self, err: &crate::block::Error) {
+        if !std::mem::replace(&mut self.reported, true) {
+            eprintln!(
+                "tt-host: {err} (the guest gets an error; further errors of this device are \
+                 not reported)"
+            );
+        }
+    }
+
+    /// Serve one BLOCK_WRITE (`write`) or BLOCK_READ of `len` bytes at
+    /// byte `offset` of the device, from or into guest memory at `data`:
+    /// the hvt `ret` code, or a bad address.
+    fn transfer(
+        &mut self,
+        write: bool,
+        offset: u64,
+        data: u64,
+        len: u64,
+        mem: &GuestMemoryMmap,
+    ) -> Result<i32, GuestError> {
+        let info = self.backend.info();
+        let geometry = info.geometry;
+        if geometry.span(offset, len).is_err() {
+            return Ok(ret::EINVAL);
+        }
+        check_range(mem, "block buffer", data, len)?;
+        let sector = geometry.sector_size;
+        let piece = if write {
+            info.max_atomic_write.max(CHUNK as u64)
+        } else {
+            CHUNK as u64
+        };
+        let piece = (piece / sector).max(1) * sector;
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(piece);
+            let at = GuestAddress(data + done);
+            let request = if write {
+                let mut buf = vec![0u8; n as usize];
+                let _ = mem.read_slice(&mut buf, at);
+                Request::write(&geometry, offset + done, buf)
+            } else {
+                Request::read(&geometry, offset + done, n)
+            };
+            // Checked above: every piece is a valid request.
+            let Ok(request) = request else {
+                return Ok(ret::EINVAL);
+            };
+            match self.backend.execute(request) {
+                Ok(Response::Read(bytes)) => {
+                    let _ = mem.write_slice(&bytes, at);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.report(&e);
+                    return Ok(ret::EUNSPEC);
+                }
+            }
+            done += n;
+        }
+        Ok(ret::OK)
     }
 }
 
@@ -198,45 +209,8 @@ impl Block {
         Block { devices }
     }
 
-    fn transfer(
-        &mut self,
-        write: bool,
-        arg: u64,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Action, GuestError> {
-        let a = read_arg::<{ layout::BLOCK_SIZE }>(mem, arg)?;
-        let (handle, offset, data, len) = (a.u64(0), a.u64(8), a.u64(16), a.u64(24));
-        let Some(dev) = self.devices.iter_mut().find(|d| d.handle == handle) else {
-            a.set_i32(mem, 32, ret::EINVAL);
-            return Ok(Action::Continue);
-        };
-        if !dev.valid(offset, len) {
-            a.set_i32(mem, 32, ret::EINVAL);
-            return Ok(Action::Continue);
-        }
-        check_range(mem, "block buffer", data, len)?;
-        let mut buf = vec![0u8; (len as usize).min(CHUNK)];
-        let mut done = 0u64;
-        let mut result = ret::OK;
-        while done < len {
-            let n = ((len - done) as usize).min(CHUNK);
-            let (g, o) = (GuestAddress(data + done), offset + done);
-            let io = if write {
-                let _ = mem.read_slice(&mut buf[..n], g);
-                dev.backend.write_at(&buf[..n], o)
-            } else {
-                dev.backend.read_at(&mut buf[..n], o).map(|()| {
-                    let _ = mem.write_slice(&buf[..n], g);
-                })
-            };
-            if io.is_err() {
-                result = ret::EUNSPEC;
-                break;
-            }
-            done += n as u64;
-        }
-        a.set_i32(mem, 32, result);
-        Ok(Action::Continue)
+    fn device(&mut self, handle: u64) -> Option<&mut BlockDevice> {
+        self.devices.iter_mut().find(|d| d.handle == handle)
     }
 }
 
@@ -255,22 +229,34 @@ impl Module for Block {
         arg: u64,
         mem: &GuestMemoryMmap,
     ) -> Result<Action, GuestError> {
-        self.transfer(call == Hypercall::BlockWrite, arg, mem)
+        if call == Hypercall::BlockWrite {
+            let (a, at) = read_args::<HcBlockWrite>(mem, arg)?;
+            let r = match self.device(a.handle) {
+                Some(d) => d.transfer(true, a.offset, a.data, a.len, mem)?,
+                None => ret::EINVAL,
+            };
+            set_out!(mem, at, HcBlockWrite.ret = r);
+        } else {
+            let (a, at) = read_args::<HcBlockRead>(mem, arg)?;
+            let r = match self.device(a.handle) {
+                Some(d) => d.transfer(false, a.offset, a.data, a.len, mem)?,
+                None => ret::EINVAL,
+            };
+            set_out!(mem, at, HcBlockRead.ret = r);
+        }
+        Ok(Action::Continue)
     }
 
     fn shutdown(&mut self) -> Result<(), String> {
-        // Flush every device, even after one failed.
+        // Drain and flush every device, even after one failed.
         let failed: Vec<String> = self
             .devices
             .iter_mut()
             .filter_map(|d| {
-                d.backend.sync().err().map(|e| {
-                    format!(
-                        "block device '{}' could not be flushed ({e}): what the guest \
-                         wrote may not be on disk",
-                        d.name
-                    )
-                })
+                d.backend
+                    .shutdown()
+                    .err()
+                    .map(|e| format!("{e}: what the guest wrote may not be on its image"))
             })
             .collect();
         if failed.is_empty() {
@@ -281,12 +267,63 @@ impl Module for Block {
     }
 }
 
-/// The block device kind: `--block:NAME=PATH` and
-/// `--block-sector-size:NAME=BYTES`, as solo5-hvt's block module.
+/// The block device kind: solo5-hvt's `--block:NAME=PATH` and
+/// `--block-sector-size:NAME=BYTES`, and tt-host's durability options.
 pub struct BlockKind;
 
 /// The block device kind, as registered in [`super::kind::kinds`].
 pub static KIND: BlockKind = BlockKind;
+
+/// How a device's writes are acknowledged (`--block-durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Once durable in the image's journal (the default).
+    Journal,
+    /// Once written to the image (in the page cache), as solo5-hvt does.
+    None,
+}
+
+impl Durability {
+    fn parse(s: &str) -> Result<Durability, String> {
+        match s {
+            "journal" => Ok(Durability::Journal),
+            "none" => Ok(Durability::None),
+            _ => Err("expected 'journal' or 'none'".into()),
+        }
+    }
+}
+
+/// Smallest journal (`--block-journal`): room for a few records of the
+/// largest sectors.
+pub const MIN_JOURNAL: u64 = 1 << 20;
+/// Largest journal.
+pub const MAX_JOURNAL: u64 = 64 << 30;
+
+/// Parse a journal size: bytes, or a number with a binary suffix `K`, `M`
+/// or `G` (`KiB`, `MiB`, `GiB` also), a whole number of 4 KiB from 1 MiB
+/// to 64 GiB.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(digits);
+    let shift = match unit {
+        "" => 0,
+        "K" | "KiB" | "k" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        _ => return Err(format!("unknown unit '{unit}' (use K, M or G)")),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a size such as 64M or 1G".to_string())?;
+    let bytes = n
+        .checked_mul(1 << shift)
+        .filter(|b| (MIN_JOURNAL..=MAX_JOURNAL).contains(b))
+        .ok_or_else(|| "must be from 1M to 64G".to_string())?;
+    if bytes % 4096 != 0 {
+        return Err("must be a whole number of 4 KiB".into());
+    }
+    Ok(bytes)
+}
 
 impl BlockKind {
     fn path<'a>(d: &Given<'a>) -> &'a Path {
@@ -298,6 +335,72 @@ impl BlockKind {
         d.option("block-sector-size")
             .and_then(|s| s.parse().ok())
             .unwrap_or(512)
+    }
+
+    fn durability(d: &Given) -> Durability {
+        d.option("block-durability")
+            .and_then(|s| Durability::parse(s).ok())
+            .unwrap_or(Durability::Journal)
+    }
+
+    fn journal_size(d: &Given) -> u64 {
+        d.option("block-journal")
+            .and_then(|s| parse_size(s).ok())
+            .unwrap_or(home::DEFAULT_RING_SIZE)
+    }
+
+    /// Check the sector size and the image's size as solo5-hvt checks
+    /// them (with its messages, which scripts look for), before opening.
+    fn check(d: &Given) -> Result<(), BlockError> {
+        let (name, path, size) = (d.name, Self::path(d), Self::sector_size(d));
+        if !size.is_power_of_two() || !(512..=32768).contains(&size) {
+            return Err(BlockError::SectorSize {
+                name: name.into(),
+                size,
+            });
+        }
+        let len = backing_size(path).map_err(|err| BlockError::Open {
+            name: name.into(),
+            path: path.display().to_string(),
+            err,
+        })?;
+        if len == 0 {
+            return Err(BlockError::Empty {
+                name: name.into(),
+                path: path.display().to_string(),
+                size,
+            });
+        }
+        if len % size != 0 {
+            return Err(BlockError::NotMultiple {
+                name: name.into(),
+                path: path.display().to_string(),
+                len,
+                size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Open device `d` with its durability.
+    fn open(d: &Given, ctx: &Context) -> Result<Box<dyn Backend>, BlockError> {
+        Self::check(d)?;
+        let (path, sector) = (Self::path(d), Self::sector_size(d));
+        let home_err = |source| BlockError::Home {
+            name: d.name.into(),
+            source,
+        };
+        Ok(match Self::durability(d) {
+            Durability::None => Box::new(home::open_plain(d.name, path, sector).map_err(home_err)?),
+            Durability::Journal => {
+                let opts = JournalOptions {
+                    ring_size: Self::journal_size(d),
+                    ..JournalOptions::default()
+                };
+                let dir = ctx.state_dir.join("journals");
+                Box::new(home::open(&dir, d.name, path, sector, &opts).map_err(home_err)?)
+            }
+        })
     }
 }
 
@@ -316,25 +419,47 @@ impl DeviceKind for BlockKind {
                 name: "block",
                 value: "PATH",
                 default_for_all: false,
-                help: "attach the file or block device at PATH as\n\
+                help: "attach the file or block device at PATH as
                        the manifest's block device NAME",
             },
             OptionSpec {
                 name: "block-sector-size",
                 value: "BYTES",
                 default_for_all: false,
-                help: "sector (block) size of block device NAME: a\n\
-                       power of two from 512 to 32768 (default 512);\n\
+                help: "sector (block) size of block device NAME: a
+                       power of two from 512 to 32768 (default 512);
                        the file size must be a multiple of it",
+            },
+            OptionSpec {
+                name: "block-durability",
+                value: "journal|none",
+                default_for_all: true,
+                help: "when a guest's write is acknowledged: journal
+                       (the default): once it is durable in the
+                       image's journal, so it survives a crash or a
+                       power cut; none: once it is in the page cache,
+                       as under solo5-hvt (cheaper, not durable)",
+            },
+            OptionSpec {
+                name: "block-journal",
+                value: "SIZE",
+                default_for_all: true,
+                help: "size of the journal of a new image, e.g. 64M
+                       (the default) or 1G; kept in the state
+                       directory's journals/, counted as block",
             },
         ]
     }
 
     fn check(&self, option: &str, value: &str) -> Result<(), String> {
-        if option == "block-sector-size" && value.parse::<u64>().is_err() {
-            return Err("not a number of bytes".into());
+        match option {
+            "block-sector-size" if value.parse::<u64>().is_err() => {
+                Err("not a number of bytes".into())
+            }
+            "block-durability" => Durability::parse(value).map(|_| ()),
+            "block-journal" => parse_size(value).map(|_| ()),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn resources(&self, devices: &[Given], uk: &mut Unikernel) -> Result<(), DeviceError> {
@@ -347,25 +472,30 @@ impl DeviceKind for BlockKind {
                 err,
             })?;
             bytes = bytes.saturating_add(size);
+            if Self::durability(d) == Durability::Journal {
+                bytes = bytes.saturating_add(Self::journal_size(d));
+            }
         }
         uk.block_mb = uk.block_mb.saturating_add(bytes.div_ceil(1 << 20));
         Ok(())
     }
 
-    fn attach(&self, devices: &[Given], admitted: &Unikernel) -> Result<Attached, DeviceError> {
+    fn attach(&self, devices: &[Given], ctx: &Context) -> Result<Attached, DeviceError> {
         let mut opened = Vec::new();
+        let mut journals = 0u64;
         for d in devices {
-            let dev =
-                BlockDevice::open_file(d.name, d.handle, Self::path(d), Self::sector_size(d))?;
-            opened.push(dev);
+            opened.push(BlockDevice::new(d.handle, Self::open(d, ctx)?));
+            if Self::durability(d) == Durability::Journal {
+                journals = journals.saturating_add(Self::journal_size(d));
+            }
         }
-        check_block_growth(admitted.block_mb, &opened)?;
+        check_block_growth(ctx.admitted.block_mb, journals, &opened)?;
         let info = opened
             .iter()
             .map(|b| {
                 let info = DeviceInfo::Block {
-                    capacity: b.backend.capacity(),
-                    block_size: b.block_size as u16,
+                    capacity: b.capacity(),
+                    block_size: b.sector_size() as u16,
                 };
                 (b.handle, info)
             })
@@ -381,17 +511,21 @@ impl DeviceKind for BlockKind {
 /// else it is gives an error, not a size or a hang).
 fn backing_size(path: &Path) -> std::io::Result<u64> {
     use std::io::{Seek, SeekFrom};
-    let mut file = crate::launch::open_checked(path, FileBackend::check_type)?;
+    let mut file = crate::launch::open_checked(path, check_type)?;
     file.seek(SeekFrom::End(0))
 }
 
 /// The block devices were sized for admission before they were opened:
 /// refuse to run if they have grown since (the guest would get more disk
-/// than was admitted).
-fn check_block_growth(admitted_mb: u64, blocks: &[BlockDevice]) -> Result<(), BlockError> {
+/// than was admitted). `journals` is what their journals were admitted as.
+fn check_block_growth(
+    admitted_mb: u64,
+    journals: u64,
+    blocks: &[BlockDevice],
+) -> Result<(), BlockError> {
     let bytes = blocks
         .iter()
-        .fold(0u64, |sum, b| sum.saturating_add(b.backend.capacity()));
+        .fold(journals, |sum, b| sum.saturating_add(b.capacity()));
     let now_mb = bytes.div_ceil(1 << 20);
     if now_mb > admitted_mb {
         return Err(BlockError::Grew {
@@ -405,38 +539,69 @@ fn check_block_growth(admitted_mb: u64, blocks: &[BlockDevice]) -> Result<(), Bl
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::{FileBackend, Geometry, Info};
+    use std::sync::Arc;
 
-    struct Sized(u64);
+    fn device(name: &str, capacity: u64) -> BlockDevice {
+        let info = Info {
+            name: name.into(),
+            geometry: Geometry {
+                capacity,
+                sector_size: 512,
+            },
+            id: [0; crate::block::ID_LEN],
+            durable_writes: false,
+            max_atomic_write: 512,
+        };
+        let file = Arc::new(tempfile_of(capacity));
+        BlockDevice::new(1, Box::new(FileBackend::new(info, file).unwrap()))
+    }
 
-    impl BlockBackend for Sized {
-        fn capacity(&self) -> u64 {
-            self.0
-        }
-        fn read_at(&mut self, _: &mut [u8], _: u64) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn write_at(&mut self, _: &[u8], _: u64) -> std::io::Result<()> {
-            Ok(())
-        }
-        fn sync(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+    fn tempfile_of(len: u64) -> std::fs::File {
+        let dir = std::env::temp_dir();
+        let p = dir.join(format!("tt-block-test-{}-{len}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        let _ = std::fs::remove_file(&p);
+        f.set_len(len).unwrap();
+        f
     }
 
     #[test]
     fn block_devices_that_grew_after_admission_are_refused() {
-        let dev = |name: &str, bytes| BlockDevice {
-            name: name.into(),
-            handle: 1,
-            block_size: 512,
-            backend: Box::new(Sized(bytes)),
-        };
         // 1.5 MiB + 1 MiB: admitted as their sum rounded up, 3 MB, as
         // BlockKind::resources computes it.
-        let blocks = [dev("a", 3 << 19), dev("b", 1 << 20)];
-        assert!(check_block_growth(3, &blocks).is_ok());
-        let e = check_block_growth(2, &blocks).unwrap_err();
+        let blocks = [device("a", 3 << 19), device("b", 1 << 20)];
+        assert!(check_block_growth(3, 0, &blocks).is_ok());
+        let e = check_block_growth(2, 0, &blocks).unwrap_err();
         assert!(e.to_string().contains("2 MB admitted, 3 MB now"), "{e}");
-        assert!(check_block_growth(0, &[]).is_ok());
+        assert!(check_block_growth(0, 0, &[]).is_ok());
+        // A journal of 1 MiB is counted too.
+        assert!(check_block_growth(3, 1 << 20, &blocks).is_err());
+        assert!(check_block_growth(4, 1 << 20, &blocks).is_ok());
+    }
+
+    #[test]
+    fn journal_sizes_parse_with_units_and_bounds() {
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        for (bad, why) in [
+            ("64X", "unknown unit"),
+            ("M", "expected a size"),
+            ("512K", "from 1M to 64G"),
+            ("65G", "from 1M to 64G"),
+            ("1048577", "4 KiB"),
+            ("99999999999999999999G", "expected a size"),
+        ] {
+            let e = parse_size(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 }

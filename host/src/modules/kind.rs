@@ -81,6 +81,15 @@ pub struct Attached {
     pub module: Box<dyn Module>,
 }
 
+/// What a kind's devices are attached with.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// What admission granted the whole unikernel.
+    pub admitted: &'a Unikernel,
+    /// The state directory (`--state-dir`): block journals live in it.
+    pub state_dir: &'a std::path::Path,
+}
+
 /// A device that could not be given, admitted or attached. The message
 /// names the device and what to do.
 pub type DeviceError = Box<dyn std::error::Error + Send + Sync>;
@@ -103,9 +112,8 @@ pub trait DeviceKind: Sync {
     /// Add what these devices take to `uk`, before admission (nothing is
     /// opened for use yet).
     fn resources(&self, devices: &[Given], uk: &mut Unikernel) -> Result<(), DeviceError>;
-    /// Open and attach the devices, after admission; `admitted` is what
-    /// admission granted for the whole unikernel.
-    fn attach(&self, devices: &[Given], admitted: &Unikernel) -> Result<Attached, DeviceError>;
+    /// Open and attach the devices, after admission.
+    fn attach(&self, devices: &[Given], ctx: &Context) -> Result<Attached, DeviceError>;
 }
 
 /// Every device kind tt-host knows, in the order their modules are set up.
@@ -224,7 +232,7 @@ pub(crate) mod tests {
             uk.memory_mb += devices.len() as u64;
             Ok(())
         }
-        fn attach(&self, devices: &[Given], _: &Unikernel) -> Result<Attached, DeviceError> {
+        fn attach(&self, devices: &[Given], _: &Context) -> Result<Attached, DeviceError> {
             if let Some(d) = devices.iter().find(|d| d.option("dummy") == Some("fail")) {
                 return Err(format!("dummy device '{}' was told to fail", d.name).into());
             }

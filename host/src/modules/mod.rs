@@ -125,45 +125,6 @@ macro_rules! set_out {
 }
 pub(crate) use set_out;
 
-/// Read the `N`-byte argument struct of a hypercall.
-///
-/// Deprecated: reads fields by bare offsets. Kept until `block.rs` and
-/// `net.rs` switch to [`read_args`]; remove it, and [`Arg`], then.
-pub fn read_arg<const N: usize>(mem: &GuestMemoryMmap, gpa: u64) -> Result<Arg<N>, GuestError> {
-    let mut bytes = [0u8; N];
-    mem.read_slice(&mut bytes, GuestAddress(gpa))
-        .map_err(|_| GuestError::BadAddress {
-            what: "hypercall argument",
-            gpa,
-            len: N as u64,
-        })?;
-    Ok(Arg { gpa, bytes })
-}
-
-/// A hypercall argument struct, copied out of guest memory, read by
-/// offsets. To be removed with [`read_arg`].
-pub struct Arg<const N: usize> {
-    gpa: u64,
-    bytes: [u8; N],
-}
-
-impl<const N: usize> Arg<N> {
-    pub fn u64(&self, off: usize) -> u64 {
-        u64::from_le_bytes(self.bytes[off..off + 8].try_into().unwrap())
-    }
-    pub fn i32(&self, off: usize) -> i32 {
-        i32::from_le_bytes(self.bytes[off..off + 4].try_into().unwrap())
-    }
-    /// Write an output field back into guest memory. The struct was
-    /// readable, so it is writable too (guest memory is one RAM region).
-    pub fn set_u64(&self, mem: &GuestMemoryMmap, off: usize, val: u64) {
-        let _ = mem.write_slice(&val.to_le_bytes(), GuestAddress(self.gpa + off as u64));
-    }
-    pub fn set_i32(&self, mem: &GuestMemoryMmap, off: usize, val: i32) {
-        let _ = mem.write_slice(&val.to_le_bytes(), GuestAddress(self.gpa + off as u64));
-    }
-}
-
 /// Check that `[gpa, gpa+len)` is guest memory. An empty range must
 /// still start inside it, as in solo5-hvt (`HVT_CHECKED_GPA_P`): a
 /// zero-length buffer at a wild address is a bad address, not a no-op.

@@ -12,7 +12,7 @@
 //! this differs from solo5-hvt (frame lengths, TAP errors) docs/ABI.md
 //! says so.
 
-use super::kind::{Attached, DeviceError, DeviceKind, Given, OptionSpec};
+use super::kind::{Attached, Context, DeviceError, DeviceKind, Given, OptionSpec};
 use super::{check_range, read_args, set_out, Action, GuestError, Module};
 use crate::abi::{ret, HcNetRead, HcNetWrite, HcPoll, Hypercall};
 use crate::loader::manifest::DeviceInfo;
@@ -777,7 +777,7 @@ impl DeviceKind for NetKind {
         Ok(())
     }
 
-    fn attach(&self, devices: &[Given], _: &Unikernel) -> Result<Attached, DeviceError> {
+    fn attach(&self, devices: &[Given], _: &Context) -> Result<Attached, DeviceError> {
         let mut opened = Vec::new();
         for d in devices {
             let mac = match d.option("net-mac") {
