@@ -149,8 +149,19 @@ pub fn tt(args: &[&str]) -> Run {
     tt_with(Command::new(tt_host()).args(args))
 }
 
+/// The state directory tt-host runs with in tests that give none:
+/// `target/tt-tests-state`, so tests never touch the host's
+/// /var/lib/tt-host (block journals live in a state directory).
+pub fn state_dir() -> PathBuf {
+    target_dir().join("tt-tests-state")
+}
+
 /// Run a prepared `tt-host` command to completion, killing it after 120 s.
+/// Without a `TT_HOST_STATE_DIR` of its own it gets [`state_dir`].
 pub fn tt_with(cmd: &mut Command) -> Run {
+    if !cmd.get_envs().any(|(k, _)| k == "TT_HOST_STATE_DIR") {
+        cmd.env("TT_HOST_STATE_DIR", state_dir());
+    }
     let child = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

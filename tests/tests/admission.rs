@@ -215,6 +215,8 @@ fn policy_commands_refuse_what_does_not_fit_with_the_reason() {
     assert_error(&tt_in(&sd, &["policy", "set", "a/b"]), "path 'a/b'");
 }
 
+/// A block device counts its size in MB, rounded up, and with the
+/// journal (the default) its journal's size too.
 #[test]
 fn block_devices_count_their_size_in_mb_rounded_up() {
     if !kvm() {
@@ -229,31 +231,49 @@ fn block_devices_count_their_size_in_mb_rounded_up() {
         .unwrap();
     let blk = guest("blk");
     let block = format!("--block:storage={}", disk.display());
-    let args = [
-        "run",
-        "--name=store:a",
-        "--mem=32",
-        &block,
-        blk.to_str().unwrap(),
-    ];
+    let run = |durability: &str| {
+        tt_in(
+            &sd,
+            &[
+                "run",
+                "--name=store:a",
+                "--mem=32",
+                &block,
+                durability,
+                blk.to_str().unwrap(),
+            ],
+        )
+    };
+    let plain = "--block-durability=none";
     assert_eq!(
         tt_in(&sd, &["policy", "set", "store", "--block=1"]).status,
         0
     );
     assert_error(
-        &tt_in(&sd, &args),
+        &run(plain),
         "refused: store: block: limit 1 MB, in use 0 MB, requested 2 MB",
     );
     assert_eq!(
         tt_in(&sd, &["policy", "set", "store", "--block=none"]).status,
         0
     );
-    assert_error(&tt_in(&sd, &args), "store");
+    assert_error(&run(plain), "store");
     assert_eq!(
         tt_in(&sd, &["policy", "set", "store", "--block=2"]).status,
         0
     );
-    let r = tt_in(&sd, &args);
+    let r = run(plain);
+    assert_eq!(r.status, 0, "{r:?}");
+    // A 1 MiB journal: 3 MB.
+    assert_error(
+        &run("--block-journal=1M"),
+        "refused: store: block: limit 2 MB, in use 0 MB, requested 3 MB",
+    );
+    assert_eq!(
+        tt_in(&sd, &["policy", "set", "store", "--block=3"]).status,
+        0
+    );
+    let r = run("--block-journal=1M");
     assert_eq!(r.status, 0, "{r:?}");
 }
 

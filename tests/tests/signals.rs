@@ -14,6 +14,7 @@ use tt_tests::*;
 /// `signal` (named `name`), and return how tt-host ended.
 fn stop_with(mode: &str, ready: &str, signal: libc::c_int, name: &str) -> Run {
     let mut child = Command::new(tt_host())
+        .env("TT_HOST_STATE_DIR", state_dir())
         .args(["run", "--mem=16"])
         .arg(guest("time"))
         .arg(mode)
