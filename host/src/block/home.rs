@@ -722,7 +722,10 @@ pub struct Outcome {
 /// its size changed; then the journal is empty and bound to the image as
 /// it is. Refused if the file at this path is not the one the journal was
 /// written for.
-pub fn drain(dir: &Path, image: &Path, sector: u64) -> Result<Outcome, HomeError> {
+pub fn drain(dir: &Path, image: &Path) -> Result<Outcome, HomeError> {
+    // Replay writes records as they are; the sector size only shapes
+    // requests, and none are served.
+    let sector = 512;
     let img = lock_image(image)?;
     if let Some((journal, meta, pending)) = replaced(dir, &img)? {
         return Err(replaced_error(&img, journal, &meta, pending));
@@ -736,8 +739,8 @@ pub fn drain(dir: &Path, image: &Path, sector: u64) -> Result<Outcome, HomeError
     }
     let records = inspect(&f.ring)?.records;
     let geometry = Geometry {
-        capacity: img.size / sector.max(1) * sector.max(1),
-        sector_size: sector.max(1),
+        capacity: img.size / sector * sector,
+        sector_size: sector,
     };
     let opts = JournalOptions::default();
     let mut b = open_locked(dir, "drain", img, geometry, &opts, true)?;

@@ -193,7 +193,7 @@ fn a_resized_image_is_refused_while_its_journal_holds_records() {
         ImageState::Resized { now: SIZE }
     );
     // The user says it is the right disk: drain applies it.
-    assert_eq!(drain(&journals, &img, 512).unwrap().records, 1);
+    assert_eq!(drain(&journals, &img).unwrap().records, 1);
     assert_eq!(file_bytes(&img, 1024, 512), vec![5; 512]);
     let mut b = open(&journals, "disk", &img, 512, &opts()).unwrap();
     b.shutdown().unwrap();
@@ -223,7 +223,7 @@ fn a_replaced_image_is_refused_and_discard_clears_its_journal() {
         ImageState::Replaced { .. }
     ));
     assert!(matches!(
-        drain(&journals, &img, 512).unwrap_err(),
+        drain(&journals, &img).unwrap_err(),
         HomeError::Changed(_)
     ));
     assert_eq!(file_bytes(&img, 0, 512), vec![0; 512], "never applied");
