@@ -16,8 +16,6 @@ pub struct FileBackend<I: Image = std::fs::File> {
     completions: Completions,
     in_flight: usize,
     shut: bool,
-    /// Kept open for as long as the backend lives (the image's lock).
-    _keep: Option<Box<dyn Send>>,
 }
 
 impl<I: Image> FileBackend<I> {
@@ -30,13 +28,7 @@ impl<I: Image> FileBackend<I> {
             image,
             in_flight: 0,
             shut: false,
-            _keep: None,
         })
-    }
-
-    /// Keep `guard` (an image lock) until the backend is dropped.
-    pub fn keep(&mut self, guard: Box<dyn Send>) {
-        self._keep = Some(guard);
     }
 
     fn io(&self, what: String, source: std::io::Error) -> Error {
