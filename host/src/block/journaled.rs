@@ -599,27 +599,32 @@ where
         }
         // Wait until every acknowledged write is applied (and the image
         // synced), giving up when the applier stops making progress.
+        // (The journal is asked to perform at once, with our lock not
+        // held: the applier takes it in `perform`.)
         let sh = &self.shared;
-        let mut st = lock(&sh.state);
-        let mut left = st.overlay.entries.len();
+        let mut left = usize::MAX;
         let mut since = Instant::now();
-        while !st.overlay.entries.is_empty() {
+        let st = loop {
             if let Some(w) = lock(&self.flusher).as_ref() {
                 w.flush();
             }
-            st = sh
-                .progress
-                .wait_timeout(st, Duration::from_millis(50))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            let st = lock(&sh.state);
             let now = st.overlay.entries.len();
+            if now == 0 {
+                break st;
+            }
             if now < left {
                 left = now;
                 since = Instant::now();
             } else if since.elapsed() >= self.drain_stall {
-                break;
+                break st;
             }
-        }
+            drop(
+                sh.progress
+                    .wait_timeout(st, Duration::from_millis(50))
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+        };
         let pending = st.overlay.entries.len();
         let why = st.last_error.clone();
         drop(st);
