@@ -15,6 +15,17 @@
 //! between the image sync and the ring's free) rewrites the same bytes at
 //! the same place: `perform` is idempotent, as the journal requires.
 //!
+//! # Replay
+//!
+//! [`JournaledBackend::start`] first applies every record left in the
+//! ring by an earlier run (a crash, a kill, a failed drain) to the image,
+//! with one `fdatasync` per batch, freeing each batch once it is synced,
+//! before it serves anything: before the guest boots. It does this itself
+//! rather than through `Journal::start`, which retries a failing `perform`
+//! for ever: an image that cannot be written fails the start with
+//! [`Error::Replay`](super::Error::Replay), which names the device and the
+//! image, and the records stay in the ring.
+//!
 //! # What is atomic after a crash
 //!
 //! A ring commit is whole or absent, and the applier only sees whole
@@ -95,6 +106,59 @@ fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<[u8]>, D::Error> {
 pub fn record_limit(ring_size: u64, sector: u64) -> u64 {
     let l = (ring_size / 8).min(8 << 20);
     l / sector.max(1) * sector
+}
+
+/// Apply every record left in the ring to the image, in order, one
+/// `fdatasync` per batch, freeing each batch once it is synced; returns
+/// the last record's seq. Records are tt-journal's: a `u64` (the
+/// journal's own number, unused here), then the postcard-encoded [`Op`].
+fn replay<D: BlockDevice, I: Image>(
+    ring: &Arc<D>,
+    image: &I,
+    device: &str,
+    image_name: &str,
+) -> Result<Option<u64>, Error> {
+    let journal_err = |source: tt_journal::Error| Error::Journal {
+        device: device.into(),
+        source,
+    };
+    let ring_err = |e: tt_ring::Error| journal_err(tt_journal::Error::Ring(e));
+    let mut c = tt_ring::Consumer::attach(ring.clone()).map_err(ring_err)?;
+    let mut last = None;
+    loop {
+        let (mut ops, mut bytes, mut next) = (Vec::new(), 0usize, c.position());
+        while ops.len() < 1024 && bytes < 16 << 20 {
+            let rec = c.pop_with(|position, n, data| {
+                let body = data.get(8..).unwrap_or_default();
+                postcard::from_bytes::<Op>(body)
+                    .map(|op| (op, n))
+                    .map_err(|err| tt_journal::Error::Decode { position, err })
+            });
+            match rec {
+                Ok(Ok((op, n))) => {
+                    bytes += op.data.len();
+                    next = n;
+                    ops.push(op);
+                }
+                Ok(Err(e)) => return Err(journal_err(e)),
+                Err(tt_ring::Error::Retry) => break,
+                Err(e) => return Err(ring_err(e)),
+            }
+        }
+        let Some(op) = ops.last() else {
+            return Ok(last);
+        };
+        last = last.max(Some(op.seq));
+        ops.iter()
+            .try_for_each(|op| image.write_at(&op.data, op.offset))
+            .and_then(|()| image.sync_data())
+            .map_err(|e| Error::Replay {
+                device: device.into(),
+                image: image_name.into(),
+                why: e.to_string(),
+            })?;
+        c.advance(next).map_err(ring_err)?;
+    }
 }
 
 /// Records of one long synchronous write in flight at once (see
@@ -314,13 +378,17 @@ where
             }),
             progress: Condvar::new(),
         });
+        // Replay here, not in Journal::start: that one retries a failing
+        // perform for ever, and an image that cannot be written must fail
+        // the open with a message, not hang it.
+        let replayed = replay(&ring, &*shared.image, &device, image_name)?;
         let s = shared.clone();
         let journal = Journal::start(ring, opts.journal, move |ops: &[Op]| s.perform(ops))
             .map_err(|source| Error::Journal {
                 device: device.clone(),
                 source,
             })?;
-        let replayed = lock(&shared.state).last_applied;
+        let replayed = replayed.max(lock(&shared.state).last_applied);
         let next_seq = opts.first_seq.max(replayed.map_or(0, |s| s + 1));
         let seq_limit = match lease.as_mut() {
             None => u64::MAX,

@@ -184,6 +184,16 @@ pub enum Error {
         sector: u64,
         min: u64,
     },
+    #[error(
+        "block device '{device}': the writes left in its journal could not be applied to \
+         {image} ({why}); they stay in the journal: once the image can be written, start \
+         again or run `tt-host journal drain {image}`"
+    )]
+    Replay {
+        device: String,
+        image: String,
+        why: String,
+    },
     #[error("block device '{device}': cannot create the completion eventfd: {source}")]
     EventFd {
         device: String,

@@ -293,6 +293,24 @@ fn a_drain_that_cannot_apply_fails_and_names_the_device() {
         "{msg}"
     );
     assert!(msg.contains("tt-host journal drain /img"), "{msg}");
+    drop(b);
+    // A start on an image that still cannot be written fails, promptly,
+    // naming the device and the image (no endless retry before boot).
+    let t = Instant::now();
+    let e = JournaledBackend::start(
+        info("disk"),
+        "/img",
+        ring.clone(),
+        Arc::new(BrokenImage),
+        opts(),
+        None,
+    )
+    .err()
+    .unwrap();
+    let msg = e.to_string();
+    assert!(matches!(e, Error::Replay { .. }), "{msg}");
+    assert!(msg.contains("'disk'") && msg.contains("/img"), "{msg}");
+    assert!(t.elapsed() < Duration::from_secs(2));
     // It stayed in the ring: a start on a working image applies it.
     let image = Arc::new(FaultyDevice::new(CAP, 512));
     let mut b = start(ring, Arc::new(ModelImage(image.clone())), opts());
