@@ -23,7 +23,7 @@
 //! before it serves anything: before the guest boots. It does this itself
 //! rather than through `Journal::start`, which retries a failing `perform`
 //! for ever: an image that cannot be written fails the start with
-//! [`Error::Replay`](super::Error::Replay), which names the device and the
+//! [`Error::Replay`], which names the device and the
 //! image, and the records stay in the ring.
 //!
 //! # What is atomic after a crash
