@@ -232,6 +232,16 @@ fn file_kind(meta: &std::fs::Metadata) -> Option<&'static str> {
     }
 }
 
+/// Open `path` read-only if it is a regular file or block device (a FIFO
+/// would block the open).
+fn open_if_file(path: &Path) -> Option<File> {
+    let meta = std::fs::metadata(path).ok()?;
+    if file_kind(&meta).is_some() {
+        return None;
+    }
+    File::open(path).ok()
+}
+
 fn flock_nb(f: &File) -> io::Result<bool> {
     // SAFETY: flock on a valid descriptor.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
@@ -687,9 +697,9 @@ pub fn list(dir: &Path) -> Result<Vec<JournalEntry>, HomeError> {
         let pending = inspect(&f.ring).ok().map(|s| (s.records, s.bytes));
         let image = match &meta {
             None => ImageState::Unknown,
-            Some(m) => match File::open(&m.path) {
-                Err(_) => ImageState::Missing,
-                Ok(file) => {
+            Some(m) => match open_if_file(Path::new(&m.path)) {
+                None => ImageState::Missing,
+                Some(file) => {
                     let now = Identity::of(&file);
                     let size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0));
                     match (now, size) {
@@ -752,9 +762,8 @@ pub fn drain(dir: &Path, image: &Path) -> Result<Outcome, HomeError> {
 /// file at that path, or, if there is none or it has no journal, the one
 /// recorded for that path.
 pub fn find(dir: &Path, image: &Path) -> Result<Option<JournalEntry>, HomeError> {
-    let by_id = File::open(image)
-        .and_then(|f| Identity::of(&f))
-        .ok()
+    let by_id = open_if_file(image)
+        .and_then(|f| Identity::of(&f).ok())
         .map(|id| files(dir, &id.key()).ring);
     let path = std::fs::canonicalize(image)
         .unwrap_or_else(|_| normalize(image))
