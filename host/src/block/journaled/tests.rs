@@ -569,10 +569,7 @@ fn queued_writes_survive_a_power_cut_at_every_point() {
                 let (at, len) = writes[*i];
                 (at..at + len).contains(&s)
             };
-            let last_acked = (0..writes.len())
-                .filter(covers)
-                .filter(|&i| acked[i])
-                .last();
+            let last_acked = (0..writes.len()).rev().filter(covers).find(|&i| acked[i]);
             let mut allowed: Vec<u8> = vec![last_acked.map_or(0, |i| i as u8 + 1)];
             allowed.extend(
                 (0..writes.len())
