@@ -710,8 +710,9 @@ where
 }
 
 impl<D: BlockDevice + Send + Sync + 'static, I: Image> Drop for JournaledBackend<D, I> {
-    /// Without [`shutdown`](Backend::shutdown), nothing is drained: what
-    /// is unapplied stays in the ring and is replayed at the next start.
+    /// Without [`shutdown`](Backend::shutdown), nothing is waited for:
+    /// what is not applied yet stays in the ring, replayed at the next
+    /// start.
     ///
     /// The completion thread is joined (it holds the image: its lock must
     /// be gone once the backend is), after the writes in flight resolve.
