@@ -16,8 +16,6 @@ pub struct FileBackend<I: Image = std::fs::File> {
     completions: Completions,
     in_flight: usize,
     shut: bool,
-    /// Kept open for as long as the backend lives (the image's lock).
-    _keep: Option<Box<dyn Send>>,
 }
 
 impl<I: Image> FileBackend<I> {
@@ -30,13 +28,7 @@ impl<I: Image> FileBackend<I> {
             image,
             in_flight: 0,
             shut: false,
-            _keep: None,
         })
-    }
-
-    /// Keep `guard` (an image lock) until the backend is dropped.
-    pub fn keep(&mut self, guard: Box<dyn Send>) {
-        self._keep = Some(guard);
     }
 
     fn io(&self, what: String, source: std::io::Error) -> Error {
@@ -149,5 +141,63 @@ impl<I: Image> Backend for FileBackend<I> {
                 e,
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::testing::{contents, ModelImage};
+    use crate::block::{Geometry, ID_LEN};
+    use tt_ring::FaultyDevice;
+
+    fn backend(image: &Arc<FaultyDevice>, capacity: u64) -> FileBackend<ModelImage> {
+        let info = Info {
+            name: "disk".into(),
+            geometry: Geometry {
+                capacity,
+                sector_size: 512,
+            },
+            id: [1; ID_LEN],
+            durable_writes: false,
+            max_atomic_write: 512,
+        };
+        FileBackend::new(info, Arc::new(ModelImage(image.clone()))).unwrap()
+    }
+
+    #[test]
+    fn a_completed_write_is_durable_only_after_a_flush() {
+        let image = Arc::new(FaultyDevice::new(4096, 512));
+        let mut b = backend(&image, 4096);
+        let g = b.info().geometry;
+        b.execute(Request::write(&g, 0, vec![1; 512]).unwrap())
+            .unwrap();
+        image.crash();
+        assert_eq!(contents(&image)[..512], [0; 512], "not flushed: lost");
+        b.execute(Request::write(&g, 512, vec![2; 512]).unwrap())
+            .unwrap();
+        assert_eq!(b.execute(Request::Flush).unwrap(), Response::Flushed);
+        b.execute(Request::write(&g, 1024, vec![3; 512]).unwrap())
+            .unwrap();
+        b.shutdown().unwrap();
+        image.crash();
+        let c = contents(&image);
+        assert_eq!(c[512..1024], [2; 512], "flushed");
+        assert_eq!(c[1024..1536], [3; 512], "synced at shutdown");
+    }
+
+    #[test]
+    fn a_span_checked_against_a_larger_device_is_refused() {
+        let image = Arc::new(FaultyDevice::new(4096, 512));
+        let mut b = backend(&image, 4096);
+        let big = Geometry {
+            capacity: 1 << 20,
+            sector_size: 512,
+        };
+        let e = b
+            .execute(Request::read(&big, 8192, 512).unwrap())
+            .unwrap_err();
+        assert!(matches!(e, Error::Request { .. }), "{e}");
+        assert!(e.to_string().contains("'disk'"), "{e}");
     }
 }

@@ -15,6 +15,17 @@
 //! between the image sync and the ring's free) rewrites the same bytes at
 //! the same place: `perform` is idempotent, as the journal requires.
 //!
+//! # Replay
+//!
+//! [`JournaledBackend::start`] first applies every record left in the
+//! ring by an earlier run (a crash, a kill, a failed drain) to the image,
+//! with one `fdatasync` per batch, freeing each batch once it is synced,
+//! before it serves anything: before the guest boots. It does this itself
+//! rather than through `Journal::start`, which retries a failing `perform`
+//! for ever: an image that cannot be written fails the start with
+//! [`Error::Replay`], which names the device and the
+//! image, and the records stay in the ring.
+//!
 //! # What is atomic after a crash
 //!
 //! A ring commit is whole or absent, and the applier only sees whole
@@ -97,6 +108,59 @@ pub fn record_limit(ring_size: u64, sector: u64) -> u64 {
     l / sector.max(1) * sector
 }
 
+/// Apply every record left in the ring to the image, in order, one
+/// `fdatasync` per batch, freeing each batch once it is synced; returns
+/// the last record's seq. Records are tt-journal's: a `u64` (the
+/// journal's own number, unused here), then the postcard-encoded [`Op`].
+fn replay<D: BlockDevice, I: Image>(
+    ring: &Arc<D>,
+    image: &I,
+    device: &str,
+    image_name: &str,
+) -> Result<Option<u64>, Error> {
+    let journal_err = |source: tt_journal::Error| Error::Journal {
+        device: device.into(),
+        source,
+    };
+    let ring_err = |e: tt_ring::Error| journal_err(tt_journal::Error::Ring(e));
+    let mut c = tt_ring::Consumer::attach(ring.clone()).map_err(ring_err)?;
+    let mut last = None;
+    loop {
+        let (mut ops, mut bytes, mut next) = (Vec::new(), 0usize, c.position());
+        while ops.len() < 1024 && bytes < 16 << 20 {
+            let rec = c.pop_with(|position, n, data| {
+                let body = data.get(8..).unwrap_or_default();
+                postcard::from_bytes::<Op>(body)
+                    .map(|op| (op, n))
+                    .map_err(|err| tt_journal::Error::Decode { position, err })
+            });
+            match rec {
+                Ok(Ok((op, n))) => {
+                    bytes += op.data.len();
+                    next = n;
+                    ops.push(op);
+                }
+                Ok(Err(e)) => return Err(journal_err(e)),
+                Err(tt_ring::Error::Retry) => break,
+                Err(e) => return Err(ring_err(e)),
+            }
+        }
+        let Some(op) = ops.last() else {
+            return Ok(last);
+        };
+        last = last.max(Some(op.seq));
+        ops.iter()
+            .try_for_each(|op| image.write_at(&op.data, op.offset))
+            .and_then(|()| image.sync_data())
+            .map_err(|e| Error::Replay {
+                device: device.into(),
+                image: image_name.into(),
+                why: e.to_string(),
+            })?;
+        c.advance(next).map_err(ring_err)?;
+    }
+}
+
 /// Records of one long synchronous write in flight at once (see
 /// `write_now`): 4 records are at most half the ring.
 const WINDOW: usize = 4;
@@ -120,9 +184,18 @@ pub struct Options {
 }
 
 impl Default for Options {
+    /// The journal's defaults, except that the applier gathers durable
+    /// records for up to 20 ms before it performs them: one image
+    /// `fdatasync` then covers many guest writes, instead of one image
+    /// sync competing with every commit at queue depth 1. Reads do not
+    /// wait for it (the overlay serves them), and a commit waiting for
+    /// ring space makes the applier perform at once.
     fn default() -> Self {
         Options {
-            journal: tt_journal::Config::default(),
+            journal: tt_journal::Config {
+                flush_interval: Duration::from_millis(20),
+                ..tt_journal::Config::default()
+            },
             drain_stall: Duration::from_secs(30),
             first_seq: 0,
         }
@@ -305,13 +378,17 @@ where
             }),
             progress: Condvar::new(),
         });
+        // Replay here, not in Journal::start: that one retries a failing
+        // perform for ever, and an image that cannot be written must fail
+        // the open with a message, not hang it.
+        let replayed = replay(&ring, &*shared.image, &device, image_name)?;
         let s = shared.clone();
         let journal = Journal::start(ring, opts.journal, move |ops: &[Op]| s.perform(ops))
             .map_err(|source| Error::Journal {
                 device: device.clone(),
                 source,
             })?;
-        let replayed = lock(&shared.state).last_applied;
+        let replayed = replayed.max(lock(&shared.state).last_applied);
         let next_seq = opts.first_seq.max(replayed.map_or(0, |s| s + 1));
         let seq_limit = match lease.as_mut() {
             None => u64::MAX,
@@ -590,27 +667,32 @@ where
         }
         // Wait until every acknowledged write is applied (and the image
         // synced), giving up when the applier stops making progress.
+        // (The journal is asked to perform at once, with our lock not
+        // held: the applier takes it in `perform`.)
         let sh = &self.shared;
-        let mut st = lock(&sh.state);
-        let mut left = st.overlay.entries.len();
+        let mut left = usize::MAX;
         let mut since = Instant::now();
-        while !st.overlay.entries.is_empty() {
+        let st = loop {
             if let Some(w) = lock(&self.flusher).as_ref() {
                 w.flush();
             }
-            st = sh
-                .progress
-                .wait_timeout(st, Duration::from_millis(50))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            let st = lock(&sh.state);
             let now = st.overlay.entries.len();
+            if now == 0 {
+                break st;
+            }
             if now < left {
                 left = now;
                 since = Instant::now();
             } else if since.elapsed() >= self.drain_stall {
-                break;
+                break st;
             }
-        }
+            drop(
+                sh.progress
+                    .wait_timeout(st, Duration::from_millis(50))
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+        };
         let pending = st.overlay.entries.len();
         let why = st.last_error.clone();
         drop(st);
@@ -628,10 +710,17 @@ where
 }
 
 impl<D: BlockDevice + Send + Sync + 'static, I: Image> Drop for JournaledBackend<D, I> {
-    /// Without [`shutdown`](Backend::shutdown), nothing is drained: what
-    /// is unapplied stays in the ring and is replayed at the next start.
+    /// Without [`shutdown`](Backend::shutdown), nothing is waited for:
+    /// what is not applied yet stays in the ring, replayed at the next
+    /// start.
+    ///
+    /// The completion thread is joined (it holds the image: its lock must
+    /// be gone once the backend is), after the writes in flight resolve.
     fn drop(&mut self) {
         drop(self.jobs.take());
+        if let Some(w) = self.waiter.take() {
+            let _ = w.join();
+        }
     }
 }
 

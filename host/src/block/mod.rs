@@ -27,6 +27,19 @@
 //!   numbers, and [`home`] for where journals live and how an image finds
 //!   its own.
 //!
+//! # For the device that uses it
+//!
+//! [`home::open`] (journal) or [`home::open_plain`] (`none`) locks the
+//! image and returns the backend; [`home::list`], [`home::find`],
+//! [`home::drain`] and [`home::discard`] are `tt-host journal`. An hvt
+//! adapter reads the argument struct, checks `(offset, len)` with
+//! [`Geometry::span`] before it touches guest memory ([`RequestError`]:
+//! `EINVAL`), copies the data, and calls [`Backend::execute`]; an
+//! [`Error`] is `EUNSPEC`. At halt or signal it calls
+//! [`Backend::shutdown`]; an error there (it names the device) exits 1.
+//! Dropping a journaled backend without `shutdown` leaves what is
+//! unapplied in the journal, to be replayed at the next open.
+//!
 //! # Semantics a guest may rely on (for docs/ABI.md)
 //!
 //! - A request is served only at a sector-aligned offset, for a whole,
@@ -57,8 +70,11 @@
 //! id and inode), not beside the image: albatross lists every file of its
 //! block directory as a disk. Every durable write costs one journal commit
 //! (an `fdatasync` of the ring, shared by writes in flight together), and
-//! the journal's applier writes it to the image and syncs that too;
-//! `--block-durability=none` turns this off. `tt-host journal list` shows
+//! the journal's applier writes it to the image later and syncs the image
+//! once per batch (it gathers for up to 20 ms); `--block-durability=none`
+//! turns this off. If an image changed behind a journal that still holds
+//! writes (another size, or another file at its path), tt-host refuses to
+//! start on it and names both and the commands below. `tt-host journal list` shows
 //! every journal, `drain IMAGE` applies one to its image, `discard IMAGE`
 //! throws one away. The image is `flock`ed while in use: a second tt-host
 //! on the same image, through any path, is refused.
@@ -167,6 +183,16 @@ pub enum Error {
         ring: u64,
         sector: u64,
         min: u64,
+    },
+    #[error(
+        "block device '{device}': the writes left in its journal could not be applied to \
+         {image} ({why}); they stay in the journal: once the image can be written, start \
+         again or run `tt-host journal drain {image}`"
+    )]
+    Replay {
+        device: String,
+        image: String,
+        why: String,
     },
     #[error("block device '{device}': cannot create the completion eventfd: {source}")]
     EventFd {

@@ -193,7 +193,7 @@ fn a_resized_image_is_refused_while_its_journal_holds_records() {
         ImageState::Resized { now: SIZE }
     );
     // The user says it is the right disk: drain applies it.
-    assert_eq!(drain(&journals, &img, 512).unwrap().records, 1);
+    assert_eq!(drain(&journals, &img).unwrap().records, 1);
     assert_eq!(file_bytes(&img, 1024, 512), vec![5; 512]);
     let mut b = open(&journals, "disk", &img, 512, &opts()).unwrap();
     b.shutdown().unwrap();
@@ -223,16 +223,22 @@ fn a_replaced_image_is_refused_and_discard_clears_its_journal() {
         ImageState::Replaced { .. }
     ));
     assert!(matches!(
-        drain(&journals, &img, 512).unwrap_err(),
+        drain(&journals, &img).unwrap_err(),
         HomeError::Changed(_)
     ));
     assert_eq!(file_bytes(&img, 0, 512), vec![0; 512], "never applied");
-    assert_eq!(
-        find(&journals, &img).unwrap().unwrap().pending.unwrap().0,
-        1
-    );
+    // The new file gets a journal of its own (as a run on it with an
+    // empty journal would leave); discard still finds the one with the
+    // writes the refusal named.
+    let new_ring = ring_of(&journals, &img);
+    create_ring(&new_ring, 1 << 20, 512).unwrap();
+    assert_eq!(list(&journals).unwrap().len(), 2);
+    let found = find(&journals, &img).unwrap().unwrap();
+    assert_eq!(found.pending.unwrap().0, 1);
+    assert_ne!(found.ring, new_ring);
     assert_eq!(discard(&journals, &img).unwrap().records, 1);
-    assert!(list(&journals).unwrap().is_empty());
+    assert_eq!(list(&journals).unwrap().len(), 1);
+    assert_eq!(find(&journals, &img).unwrap().unwrap().ring, new_ring);
     let mut b = open(&journals, "disk", &img, 512, &opts()).unwrap();
     b.shutdown().unwrap();
     assert_eq!(file_bytes(&img, 0, 512), vec![0; 512]);
