@@ -102,7 +102,7 @@ pub const MAX_MEM_MB: u64 = crate::vmm::layout::MAX_MEM >> 20;
 #[error("{msg} (see 'tt-host {command} --help')")]
 pub struct CliError {
     pub msg: String,
-    /// The command whose help to see: `run` or `policy`.
+    /// The command whose help to see: `run`, `policy` or `journal`.
     pub command: &'static str,
 }
 
@@ -490,6 +490,104 @@ pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
     }
 }
 
+pub const JOURNAL_USAGE: &str = "\
+usage: tt-host journal list
+       tt-host journal drain IMAGE
+       tt-host journal discard IMAGE [--yes]
+options of all three: --state-dir=DIR (default $TT_HOST_STATE_DIR, else
+/var/lib/tt-host)
+
+With --block-durability=journal (the default), every guest write reaches
+the journal of its image, in the state directory's journals/, before the
+guest is told it is done; tt-host applies it to the image in the
+background, and replays what is left when it next opens the image.
+
+list     every journal: its image and whether it is still there, the writes
+         not yet applied to it, and whether a tt-host uses it now
+drain    apply IMAGE's journal to IMAGE now (also after the image was
+         resized), leaving the journal empty
+discard  throw IMAGE's journal away, with the writes it holds; asks for
+         confirmation on the terminal unless --yes is given. For an image
+         that was replaced or deleted, or whose journal cannot be used.";
+
+/// A parsed `tt-host journal` command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JournalCmd {
+    List {
+        state_dir: Option<PathBuf>,
+    },
+    Drain {
+        image: PathBuf,
+        state_dir: Option<PathBuf>,
+    },
+    Discard {
+        image: PathBuf,
+        yes: bool,
+        state_dir: Option<PathBuf>,
+    },
+    Help,
+}
+
+/// A bad `tt-host journal` command line.
+fn journal_error(msg: impl Into<String>) -> CliError {
+    CliError {
+        msg: msg.into(),
+        command: "journal",
+    }
+}
+
+/// Parse the arguments after `journal`.
+pub fn parse_journal(args: &[String]) -> Result<JournalCmd, CliError> {
+    let Some(verb) = args.first().map(String::as_str) else {
+        return Err(journal_error("journal: expected list, drain or discard"));
+    };
+    if matches!(verb, "-h" | "--help" | "help") {
+        return Ok(JournalCmd::Help);
+    }
+    if !matches!(verb, "list" | "drain" | "discard") {
+        return Err(journal_error(format!("unknown command 'journal {verb}'")));
+    }
+    let (mut state_dir, mut image, mut yes) = (None, None, false);
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if a == "-h" || a == "--help" {
+            return Ok(JournalCmd::Help);
+        } else if let Some(v) = value_of(args, &mut i, "--state-dir") {
+            if v.is_empty() {
+                return Err(journal_error("--state-dir needs a directory"));
+            }
+            state_dir = Some(PathBuf::from(v));
+        } else if a == "--yes" && verb == "discard" {
+            yes = true;
+        } else if a.starts_with("--") || verb == "list" || image.is_some() {
+            return Err(journal_error(format!(
+                "journal {verb}: unexpected argument '{a}'"
+            )));
+        } else {
+            image = Some(PathBuf::from(a));
+        }
+        i += 1;
+    }
+    let need_image = || {
+        image
+            .clone()
+            .ok_or_else(|| journal_error(format!("journal {verb}: missing IMAGE")))
+    };
+    Ok(match verb {
+        "list" => JournalCmd::List { state_dir },
+        "drain" => JournalCmd::Drain {
+            image: need_image()?,
+            state_dir,
+        },
+        _ => JournalCmd::Discard {
+            image: need_image()?,
+            yes,
+            state_dir,
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -630,6 +728,47 @@ mod tests {
     fn net_fd_is_taken() {
         let r = run(&["--net:service=@3", "x"]);
         assert_eq!(given(&r, "net"), pair("service", "@3"));
+    }
+
+    fn jour(args: &[&str]) -> Result<JournalCmd, CliError> {
+        parse_journal(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn journal_commands_parse_and_errors_name_the_problem() {
+        assert_eq!(
+            jour(&["list", "--state-dir=/s"]).unwrap(),
+            JournalCmd::List {
+                state_dir: Some("/s".into())
+            }
+        );
+        assert_eq!(
+            jour(&["discard", "d.img", "--yes"]).unwrap(),
+            JournalCmd::Discard {
+                image: "d.img".into(),
+                yes: true,
+                state_dir: None
+            }
+        );
+        assert_eq!(
+            jour(&["drain", "d.img"]).unwrap(),
+            JournalCmd::Drain {
+                image: "d.img".into(),
+                state_dir: None
+            }
+        );
+        for (args, needle) in [
+            (&["drain"][..], "journal drain: missing IMAGE"),
+            (&["list", "x"][..], "journal list: unexpected argument 'x'"),
+            (&["drain", "a", "b"][..], "unexpected argument 'b'"),
+            (&["drain", "a", "--yes"][..], "unexpected argument '--yes'"),
+            (&["frob"][..], "unknown command 'journal frob'"),
+            (&[][..], "expected list, drain or discard"),
+        ] {
+            let e = jour(args).unwrap_err();
+            assert!(e.msg.contains(needle), "{args:?}: {e}");
+            assert!(e.to_string().ends_with("(see 'tt-host journal --help')"));
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ tt-host: launch Solo5 hvt unikernels on KVM
 usage:
   tt-host run [OPTIONS] IMAGE [--] [GUEST ARGS...]   boot a unikernel (see 'tt-host run --help')
   tt-host policy set|remove|show ...                delegate resources (see 'tt-host policy --help')
+  tt-host journal list|drain|discard ...            block journals (see 'tt-host journal --help')
   tt-host demo                                      build and boot the bundled hello unikernel
   tt-host --help | --version
 
@@ -60,6 +61,79 @@ fn policy(args: &[String]) -> ExitCode {
         } => dir(&state_dir).set_policy(&path, &change).map(|_| ()),
         PolicyCmd::Remove { path, state_dir } => dir(&state_dir).remove_policy(&path),
         PolicyCmd::Show { path, state_dir } => dir(&state_dir).show(&path).map(|t| print!("{t}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+fn journal(args: &[String]) -> ExitCode {
+    use std::io::BufRead;
+    use tt_host::admission::StateDir;
+    use tt_host::block::home;
+    use tt_host::cli::JournalCmd;
+    let cmd = match cli::parse_journal(args) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let dir =
+        |d: &Option<std::path::PathBuf>| StateDir::resolve(d.as_deref()).path().join("journals");
+    let result = match cmd {
+        JournalCmd::Help => {
+            println!("{}", cli::JOURNAL_USAGE);
+            return ExitCode::SUCCESS;
+        }
+        JournalCmd::List { state_dir } => home::list(&dir(&state_dir)).map(|all| {
+            if all.is_empty() {
+                println!("no journals in {}", dir(&state_dir).display());
+            }
+            for e in all {
+                println!("{e}");
+            }
+        }),
+        JournalCmd::Drain { image, state_dir } => home::drain(&dir(&state_dir), &image).map(|o| {
+            println!(
+                "{}: applied {} writes from its journal",
+                image.display(),
+                o.records
+            )
+        }),
+        JournalCmd::Discard {
+            image,
+            yes,
+            state_dir,
+        } => {
+            let dir = dir(&state_dir);
+            match home::find(&dir, &image) {
+                Ok(None) => {
+                    return fail(format!(
+                        "{} has no journal in {}",
+                        image.display(),
+                        dir.display()
+                    ))
+                }
+                Ok(Some(entry)) if !yes => {
+                    eprintln!("tt-host: about to throw away this journal:\n{entry}");
+                    eprint!("tt-host: type 'yes' to discard it: ");
+                    let mut answer = String::new();
+                    let _ = std::io::stdin().lock().read_line(&mut answer);
+                    if answer.trim() != "yes" {
+                        return fail("not discarded (give --yes to skip the question)");
+                    }
+                    home::discard(&dir, &image)
+                }
+                Ok(Some(_)) => home::discard(&dir, &image),
+                Err(e) => Err(e),
+            }
+            .map(|o| {
+                println!(
+                    "{}: journal discarded with {} unapplied writes",
+                    image.display(),
+                    o.records
+                )
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -134,6 +208,7 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
         Some("policy") => policy(&args[1..]),
+        Some("journal") => journal(&args[1..]),
         Some("demo") => demo(),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");

@@ -368,6 +368,40 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Remove, best effort, every journal in `dir` other than `keep` that
+/// holds no unapplied writes, is not in use, and whose image is gone (no
+/// file at its path, or another file). One that holds writes is never
+/// removed: `tt-host journal list` shows it, and `discard` removes it.
+fn remove_stale(dir: &Path, keep: &str) {
+    let Ok(all) = all_journals(dir) else { return };
+    let mut removed = false;
+    for (key, meta) in all {
+        let Some(meta) = meta else { continue };
+        let gone = match open_if_file(Path::new(&meta.path)) {
+            None => !Path::new(&meta.path).exists(),
+            Some(f) => Identity::of(&f).is_ok_and(|id| id != meta.identity),
+        };
+        if key == keep || !gone {
+            continue;
+        }
+        let f = files(dir, &key);
+        let Ok(ring) = OpenOptions::new().read(true).write(true).open(&f.ring) else {
+            continue;
+        };
+        // Held for the check and the removal: no tt-host opens it meanwhile.
+        if !flock_nb(&ring).unwrap_or(false) {
+            continue;
+        }
+        if inspect(&f.ring).is_ok_and(|s| s.records == 0) {
+            removed |= std::fs::remove_file(&f.meta).is_ok();
+            removed |= std::fs::remove_file(&f.ring).is_ok();
+        }
+    }
+    if removed {
+        let _ = sync_dir(dir);
+    }
+}
+
 /// Create `dir` and its missing parents durably: each new directory is
 /// synced, and so is the parent that holds its entry (otherwise a power
 /// cut can take the directory away with every journal in it, though each
@@ -598,6 +632,12 @@ fn open_locked(
         }) if meta.is_none() => None,
         Err(e) => return Err(e),
     };
+    if state.is_none() {
+        // A new journal: first remove the empty ones left by images that
+        // are gone, so a directory of short-lived images does not keep a
+        // ring for each forever.
+        remove_stale(dir, &img.identity.key());
+    }
     if let Some(s) = &state {
         let _lock = lock_ring(&f.ring, &img.path)?;
         if s.records > 0 && !draining {

@@ -37,6 +37,37 @@ pub struct JournalEntry {
     pub in_use: bool,
 }
 
+/// One journal as `tt-host journal list` shows it: the image and its
+/// state, the writes not applied yet, the ring, and whether it is in use.
+impl std::fmt::Display for JournalEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let image = self.meta.as_ref().map_or("(unknown image)", |m| &m.path);
+        let state = match &self.image {
+            ImageState::Present => "present".to_string(),
+            ImageState::Missing => "image missing (no file at that path any more)".into(),
+            ImageState::Replaced { now } => {
+                format!("image replaced (another file is at that path now: {now})")
+            }
+            ImageState::Resized { now } => {
+                let was = self.meta.as_ref().map_or(0, |m| m.size);
+                format!("image resized ({was} bytes when last used, {now} now)")
+            }
+            ImageState::Unknown => "metadata missing or unreadable".into(),
+        };
+        let pending = match self.pending {
+            Some((0, _)) => "no unapplied writes".to_string(),
+            Some((n, bytes)) => format!("{n} unapplied writes ({bytes} bytes)"),
+            None => "ring unreadable".into(),
+        };
+        let in_use = if self.in_use { ", in use" } else { "" };
+        write!(
+            f,
+            "{image}: {state}; {pending}{in_use}\n  journal {}",
+            self.ring.display()
+        )
+    }
+}
+
 /// Every journal in `dir` (none if it does not exist).
 pub fn list(dir: &Path) -> Result<Vec<JournalEntry>, HomeError> {
     let mut out = Vec::new();

@@ -294,3 +294,56 @@ fn the_plain_backend_serves_and_flushes_a_locked_image() {
         HomeError::Size { .. }
     ));
 }
+
+/// Opening a new image removes the empty journals of images that are
+/// gone, and keeps one that still holds writes, and every journal whose
+/// image is there.
+#[test]
+fn a_new_journal_clears_empty_journals_of_images_that_are_gone() {
+    let (t, img, journals) = setup("stale");
+    let other = t.0.join("other.img");
+    let kept = t.0.join("kept.img");
+    let pending = t.0.join("pending.img");
+    for p in [&other, &kept, &pending] {
+        std::fs::write(p, vec![0u8; SIZE as usize]).unwrap();
+    }
+    for p in [&img, &other, &kept, &pending] {
+        let mut b = open(&journals, "disk", p, 512, &opts()).unwrap();
+        b.shutdown().unwrap();
+    }
+    leave_records(&ring_of(&journals, &pending), &[(0, 7)]);
+    let other_ring = ring_of(&journals, &other);
+    std::fs::remove_file(&img).unwrap();
+    std::fs::remove_file(&other).unwrap();
+    std::fs::remove_file(&pending).unwrap();
+    assert_eq!(list(&journals).unwrap().len(), 4);
+
+    // Reopening an image that has its journal removes nothing.
+    let mut b = open(&journals, "disk", &kept, 512, &opts()).unwrap();
+    b.shutdown().unwrap();
+    drop(b);
+    assert_eq!(list(&journals).unwrap().len(), 4);
+
+    let fresh = t.0.join("fresh.img");
+    std::fs::write(&fresh, vec![0u8; SIZE as usize]).unwrap();
+    let mut b = open(&journals, "disk", &fresh, 512, &opts()).unwrap();
+    b.shutdown().unwrap();
+    drop(b);
+    let left = list(&journals).unwrap();
+    let paths: Vec<String> = left
+        .iter()
+        .map(|e| e.meta.as_ref().unwrap().path.clone())
+        .collect();
+    assert_eq!(left.len(), 3, "{paths:?}");
+    assert!(!other_ring.exists());
+    let missing: Vec<_> = left
+        .iter()
+        .filter(|e| e.image == ImageState::Missing)
+        .collect();
+    assert_eq!(missing.len(), 1, "{paths:?}");
+    assert_eq!(
+        missing[0].pending.map(|p| p.0),
+        Some(1),
+        "the one with a write stays"
+    );
+}
