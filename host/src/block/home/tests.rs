@@ -304,7 +304,9 @@ fn a_new_journal_clears_empty_journals_of_images_that_are_gone() {
     let other = t.0.join("other.img");
     let kept = t.0.join("kept.img");
     let pending = t.0.join("pending.img");
-    for p in [&other, &kept, &pending] {
+    // Made now, so that it cannot take the inode of a removed image.
+    let fresh = t.0.join("fresh.img");
+    for p in [&other, &kept, &pending, &fresh] {
         std::fs::write(p, vec![0u8; SIZE as usize]).unwrap();
     }
     for p in [&img, &other, &kept, &pending] {
@@ -324,8 +326,6 @@ fn a_new_journal_clears_empty_journals_of_images_that_are_gone() {
     drop(b);
     assert_eq!(list(&journals).unwrap().len(), 4);
 
-    let fresh = t.0.join("fresh.img");
-    std::fs::write(&fresh, vec![0u8; SIZE as usize]).unwrap();
     let mut b = open(&journals, "disk", &fresh, 512, &opts()).unwrap();
     b.shutdown().unwrap();
     drop(b);
