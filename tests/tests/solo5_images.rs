@@ -177,3 +177,30 @@ fn solo5_block_images_behave_as_tests_bats_expects() {
     args.extend(["--", "test_mft_maxdevices/test_mft_maxdevices.hvt"]);
     expect_success(&run(&args));
 }
+
+/// tests.bats' `net_mtu hvt`: on a TAP whose MTU is 9000, Solo5's
+/// test_net_mtu prints `MTU is 9000` and succeeds. The TAP lives in a
+/// network namespace of the test's own.
+#[test]
+fn solo5_net_mtu_image_sees_the_taps_mtu() {
+    let Some(t) = solo5_tests() else { return };
+    let ns = tt_tests::netns::Netns::new();
+    ns.add_tap("tap0");
+    ns.set_mtu("tap0", 9000);
+    ns.set_up("tap0", true);
+    let dir = Scratch::new("solo5net");
+    let r = tt_with(
+        ns.command(tt_host())
+            .current_dir(&t)
+            .env("TT_HOST_STATE_DIR", dir.path("state"))
+            .args([
+                "run",
+                "--mem=64",
+                "--net:service0=tap0",
+                "--",
+                "test_net_mtu/test_net_mtu.hvt",
+            ]),
+    );
+    assert!(r.stdout.contains("MTU is 9000"), "{r:?}");
+    expect_success(&r);
+}
