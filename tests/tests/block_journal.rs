@@ -670,3 +670,36 @@ fn a_recreated_image_with_unapplied_writes_is_refused() {
         "old writes were applied to the new file"
     );
 }
+
+/// The recovery command a refusal suggests works as written, also when
+/// tt-host ran with a `--state-dir` of its own.
+#[test]
+#[ignore = "tt-host bug: the refusal suggests `tt-host journal drain IMAGE` without the --state-dir the run was given, so it looks in the default state directory"]
+fn the_suggested_drain_command_works_as_written() {
+    if !kvm() {
+        return;
+    }
+    let s = Setup::new("suggested");
+    let mut writes = Writes::default();
+    leave_unapplied(&s, &mut writes);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&s.image)
+        .unwrap()
+        .set_len(IMAGE_BYTES + 8 * SECTOR)
+        .unwrap();
+    let r = s.clean_run(writes.last() + 1, 1, &[]);
+    assert_eq!(r.status, 1, "{r:?}");
+    let (_, rest) = r
+        .stderr
+        .split_once("`tt-host journal drain ")
+        .unwrap_or_else(|| panic!("no drain command suggested: {r:?}"));
+    let (args, _) = rest.split_once('`').unwrap();
+    let mut cmd = Command::new(tt_host());
+    cmd.args(["journal", "drain"]).args(args.split(' '));
+    // The user's environment: tt-host's default state directory for tests,
+    // not the one this run was given.
+    let r = tt_with(&mut cmd);
+    assert_eq!(r.status, 0, "the suggested `{args}` failed: {r:?}");
+    assert_image_holds(&writes, &s.image);
+}
