@@ -620,7 +620,6 @@ fn through_solo5_hvt_a_block_device_uses_the_journal_unless_none() {
 /// image as it is after the drain (as `drain`'s doc says), not list it as
 /// resized.
 #[test]
-#[ignore = "tt-host bug: drain records the image's size before applying; writes past the end grow it, so `journal list` then says `image resized`"]
 fn a_drained_shrunk_image_is_listed_as_present() {
     if !kvm() {
         return;
@@ -649,7 +648,6 @@ fn a_drained_shrunk_image_is_listed_as_present() {
 /// it. On ext4 the new file usually gets the freed inode number again, so
 /// the image's identity (file system id, inode) is the same.
 #[test]
-#[ignore = "tt-host bug: identity is (fs id, inode); a re-created image that reuses the inode gets the old journal replayed onto it"]
 fn a_recreated_image_with_unapplied_writes_is_refused() {
     if !kvm() {
         return;
@@ -674,7 +672,6 @@ fn a_recreated_image_with_unapplied_writes_is_refused() {
 /// The recovery command a refusal suggests works as written, also when
 /// tt-host ran with a `--state-dir` of its own.
 #[test]
-#[ignore = "tt-host bug: the refusal suggests `tt-host journal drain IMAGE` without the --state-dir the run was given, so it looks in the default state directory"]
 fn the_suggested_drain_command_works_as_written() {
     if !kvm() {
         return;

@@ -66,6 +66,34 @@ pub struct Identity {
     pub fs_kind: FsIdKind,
     pub fs_id: u64,
     pub ino: u64,
+    /// The file's birth time (`statx` `STATX_BTIME`: seconds and
+    /// nanoseconds), where the file system keeps one. An inode number is
+    /// reused as soon as its file is deleted (ext4 gives the next new file
+    /// the freed one), so a file deleted and made again at the same path
+    /// has the same file system and inode; its birth time tells them apart.
+    /// `None` where the file system has none (FUSE, older kernels): then
+    /// such a file cannot be told from the old one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub born: Option<(i64, u32)>,
+}
+
+/// The birth time of an open file, if its file system keeps one.
+fn birth_time(file: &File) -> Option<(i64, u32)> {
+    // SAFETY: statx is plain data; zeroed is a valid value.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor, an empty NUL-terminated path with
+    // AT_EMPTY_PATH (the descriptor itself), and a live statx to fill.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_BTIME,
+            &mut st,
+        )
+    };
+    (r == 0 && st.stx_mask & libc::STATX_BTIME != 0)
+        .then_some((st.stx_btime.tv_sec, st.stx_btime.tv_nsec))
 }
 
 impl Identity {
@@ -81,17 +109,20 @@ impl Identity {
             return Err(io::Error::last_os_error());
         }
         let fsid = vfs.f_fsid as u64;
+        let born = birth_time(file);
         Ok(if fsid != 0 {
             Identity {
                 fs_kind: FsIdKind::Fsid,
                 fs_id: fsid,
                 ino: meta.ino(),
+                born,
             }
         } else {
             Identity {
                 fs_kind: FsIdKind::Dev,
                 fs_id: meta.dev(),
                 ino: meta.ino(),
+                born,
             }
         })
     }
@@ -112,7 +143,11 @@ impl std::fmt::Display for Identity {
             FsIdKind::Fsid => "file system",
             FsIdKind::Dev => "device",
         };
-        write!(f, "{k} {:#x}, inode {}", self.fs_id, self.ino)
+        write!(f, "{k} {:#x}, inode {}", self.fs_id, self.ino)?;
+        if let Some((s, ns)) = self.born {
+            write!(f, ", born {s}.{ns:09}")?;
+        }
+        Ok(())
     }
 }
 
@@ -571,7 +606,26 @@ fn replaced(dir: &Path, img: &LockedImage) -> Result<Option<(String, Meta, u64)>
     Ok(None)
 }
 
-fn replaced_error(img: &LockedImage, journal: String, meta: &Meta, pending: u64) -> HomeError {
+/// `tt-host journal VERB IMAGE` for the journals in `dir`, with the
+/// state directory when it is not the one tt-host finds by default.
+fn journal_command(dir: &Path, verb: &str, image: &Path) -> String {
+    let state = dir.parent().unwrap_or(dir);
+    let default = crate::admission::StateDir::resolve(None);
+    let arg = if state == default.path() {
+        String::new()
+    } else {
+        format!(" --state-dir={}", state.display())
+    };
+    format!("tt-host journal {verb} {}{arg}", image.display())
+}
+
+fn replaced_error(
+    dir: &Path,
+    img: &LockedImage,
+    journal: String,
+    meta: &Meta,
+    pending: u64,
+) -> HomeError {
     let p = img.path.display();
     HomeError::Changed(Box::new(Mismatch {
         image: p.to_string(),
@@ -582,7 +636,8 @@ fn replaced_error(img: &LockedImage, journal: String, meta: &Meta, pending: u64)
         why: "the file at this path is not the one the journal was written for".into(),
         fix: format!(
             "Put the original file back at {p} and start again, or throw the writes away \
-             with `tt-host journal discard {p}`"
+             with `{}`",
+            journal_command(dir, "discard", &img.path)
         ),
     }))
 }
@@ -612,7 +667,7 @@ fn open_locked(
 ) -> Result<JournaledBackend<FileDevice, File>, HomeError> {
     create_dir_durable(dir).map_err(dir_err(dir))?;
     if let Some((journal, meta, pending)) = replaced(dir, &img)? {
-        return Err(replaced_error(&img, journal, &meta, pending));
+        return Err(replaced_error(dir, &img, journal, &meta, pending));
     }
     let f = files(dir, &img.identity.key());
     let meta = read_meta(&f.meta)?;
@@ -669,9 +724,10 @@ fn open_locked(
                     pending: s.records,
                     why,
                     fix: format!(
-                        "If {p} is the disk they belong to, apply them with \
-                         `tt-host journal drain {p}`; to throw them away, \
-                         `tt-host journal discard {p}`"
+                        "If {p} is the disk they belong to, apply them with `{}`; to \
+                         throw them away, `{}`",
+                        journal_command(dir, "drain", &img.path),
+                        journal_command(dir, "discard", &img.path)
                     ),
                 })));
             }
@@ -708,6 +764,7 @@ fn open_locked(
         max_atomic_write: geometry.sector_size,
     };
     let name = img.path.display().to_string();
+    let drain = journal_command(dir, "drain", &img.path);
     let mut b = JournaledBackend::start(
         info,
         &name,
@@ -715,7 +772,22 @@ fn open_locked(
         Arc::new(img.file),
         backend_opts,
         Some(Box::new(lease)),
-    )?;
+    )
+    .map_err(|e| match e {
+        super::Error::Replay {
+            device,
+            image,
+            why,
+            command: _,
+        } => super::Error::Replay {
+            device,
+            image,
+            why,
+            command: drain.as_str().into(),
+        },
+        e => e,
+    })?;
+    b.set_drain_command(drain);
     b.keep(Box::new(ring_lock));
     Ok(b)
 }

@@ -156,6 +156,7 @@ fn replay<D: BlockDevice, I: Image>(
                 device: device.into(),
                 image: image_name.into(),
                 why: e.to_string(),
+                command: format!("tt-host journal drain {image_name}").into(),
             })?;
         c.advance(next).map_err(ring_err)?;
     }
@@ -312,7 +313,8 @@ struct Part<D: BlockDevice> {
 struct Job<D: BlockDevice> {
     user_data: u64,
     parts: Vec<Part<D>>,
-    error: Option<Error>,
+    /// Boxed: a job travels through a channel, and errors are rare.
+    error: Option<Box<Error>>,
 }
 
 /// A block backend whose writes complete once durable in a tt-journal on
@@ -321,6 +323,8 @@ pub struct JournaledBackend<D: BlockDevice + Send + Sync + 'static, I: Image> {
     info: Info,
     /// The image, for messages.
     image_name: String,
+    /// The command that drains this journal, for messages.
+    drain_command: String,
     shared: Arc<Shared<I>>,
     journal: Journal<Op, Arc<D>>,
     completions: Arc<Completions>,
@@ -406,7 +410,7 @@ where
             .name(format!("tt-block-{device}"))
             .spawn(move || {
                 for job in rx {
-                    let result = s.finish(job.parts, job.error, &f);
+                    let result = s.finish(job.parts, job.error.map(|e| *e), &f);
                     c.post(Completion {
                         user_data: job.user_data,
                         result,
@@ -421,6 +425,7 @@ where
         Ok(JournaledBackend {
             info,
             image_name: image_name.into(),
+            drain_command: format!("tt-host journal drain {image_name}"),
             shared,
             journal,
             completions,
@@ -440,6 +445,13 @@ where
     /// Keep `guard` (an image or journal lock) until the backend is dropped.
     pub fn keep(&mut self, guard: Box<dyn Send>) {
         self.keep.push(guard);
+    }
+
+    /// The command that drains this journal, as messages suggest it
+    /// (default: `tt-host journal drain IMAGE`; the caller adds what it
+    /// knows, such as a state directory).
+    pub fn set_drain_command(&mut self, command: String) {
+        self.drain_command = command;
     }
 
     /// The sequence number the next record gets.
@@ -600,7 +612,7 @@ where
                     let job = Job {
                         user_data,
                         parts,
-                        error,
+                        error: error.map(Box::new),
                     };
                     let sent = self.jobs.as_ref().map(|j| j.send(job));
                     if !matches!(sent, Some(Ok(()))) {
@@ -701,6 +713,7 @@ where
             return Err(Error::Drain {
                 device: self.info.name.clone(),
                 image: self.image_name.clone(),
+                command: self.drain_command.as_str().into(),
                 pending,
                 why: why.unwrap_or_else(|| "the journal's applier stopped".into()),
             });

@@ -166,13 +166,15 @@ pub enum Error {
     #[error(
         "block device '{device}': {pending} acknowledged writes could not be applied to \
          {image} ({why}); they are safe in the journal and are applied when tt-host next \
-         opens the image, or by `tt-host journal drain {image}`"
+         opens the image, or by `{command}`"
     )]
     Drain {
         device: String,
         image: String,
         pending: usize,
         why: String,
+        /// The command that drains the journal.
+        command: Box<str>,
     },
     #[error(
         "block device '{device}': a journal of {ring} bytes is too small for {sector}-byte \
@@ -187,12 +189,14 @@ pub enum Error {
     #[error(
         "block device '{device}': the writes left in its journal could not be applied to \
          {image} ({why}); they stay in the journal: once the image can be written, start \
-         again or run `tt-host journal drain {image}`"
+         again or run `{command}`"
     )]
     Replay {
         device: String,
         image: String,
         why: String,
+        /// The command that drains the journal.
+        command: Box<str>,
     },
     #[error("block device '{device}': cannot create the completion eventfd: {source}")]
     EventFd {

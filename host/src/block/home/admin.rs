@@ -3,7 +3,8 @@
 
 use super::{
     all_journals, dir_err, files, flock_nb, inspect, lock_image, lock_ring, open_if_file,
-    open_locked, replaced, replaced_error, sync_dir, HomeError, Identity, JournalOptions, Meta,
+    open_locked, read_meta, replaced, replaced_error, sync_dir, write_meta, HomeError, Identity,
+    JournalOptions, Meta,
 };
 use crate::block::Geometry;
 use std::fs::OpenOptions;
@@ -121,7 +122,7 @@ pub fn drain(dir: &Path, image: &Path) -> Result<Outcome, HomeError> {
     let sector = 512;
     let img = lock_image(image)?;
     if let Some((journal, meta, pending)) = replaced(dir, &img)? {
-        return Err(replaced_error(&img, journal, &meta, pending));
+        return Err(replaced_error(dir, &img, journal, &meta, pending));
     }
     let f = files(dir, &img.identity.key());
     if !f.ring.exists() {
@@ -136,8 +137,26 @@ pub fn drain(dir: &Path, image: &Path) -> Result<Outcome, HomeError> {
         sector_size: sector,
     };
     let opts = JournalOptions::default();
+    let meta_path = f.meta;
     let mut b = open_locked(dir, "drain", img, geometry, &opts, true)?;
     crate::block::Backend::shutdown(&mut b)?;
+    // Records past the end of a shrunk image grew it again: bind the
+    // journal to the image as the drain left it (while it is still
+    // locked), so that it is not listed, or refused, as resized.
+    if let Some(mut meta) = read_meta(&meta_path)? {
+        let size = std::fs::metadata(image).map_err(|source| HomeError::Open {
+            path: image.display().to_string(),
+            source,
+        })?;
+        if meta.size != size.len() {
+            meta.size = size.len();
+            write_meta(&meta_path, &meta).map_err(|source| HomeError::Meta {
+                path: meta_path.display().to_string(),
+                source,
+            })?;
+        }
+    }
+    drop(b);
     Ok(Outcome { records })
 }
 
