@@ -90,6 +90,20 @@ pub const MFT_DEV_BLOCK_BASIC: u32 = 1;
 pub const MFT_DEV_NET_BASIC: u32 = 2;
 /// `mft_type` of entry 0; this type and those above it are not devices.
 pub const MFT_RESERVED_FIRST: u32 = 1 << 30;
+/// tt-host's extension: a virtio-blk device over virtio-mmio (version 2)
+/// in the MMIO window above guest RAM ([`VIRTIO_MMIO_BASE`]). The entry's
+/// properties are an [`MftVirtio`]. Below `MFT_RESERVED_FIRST`, so
+/// solo5-hvt, which does not know the type, refuses such an image
+/// cleanly ("declared but not attached") instead of running it without
+/// its disk.
+pub const MFT_TT_VIRTIO_BLK: u32 = 0x2000_0001;
+
+/// Guest-physical base of the MMIO window: 4 GiB, above the largest guest
+/// RAM (RAM is one block from 0, docs/ABI.md). Device `k` of the window
+/// has its virtio-mmio registers at `VIRTIO_MMIO_BASE + k * VIRTIO_MMIO_SIZE`.
+pub const VIRTIO_MMIO_BASE: u64 = 1 << 32;
+/// Bytes of one virtio-mmio device's register window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 
 abi_struct! {
     /// `struct mft` without its entries: the manifest's first 8 bytes,
@@ -127,8 +141,26 @@ abi_struct! {
     }
 }
 
-/// The device-properties union of `struct mft_entry` (`u`): block or net
-/// properties, as the entry's type says.
+abi_struct! {
+    /// The properties of an [`MFT_TT_VIRTIO_BLK`] entry: where its
+    /// virtio-mmio registers are. Its capacity and sector size are in the
+    /// device's virtio config space.
+    #[derive(Default)]
+    pub struct MftVirtio {
+        /// Guest-physical address of the device's virtio-mmio registers
+        /// (in the MMIO window, mapped by the tender).
+        pub mmio_base: u64,
+        /// Bytes of that register window ([`VIRTIO_MMIO_SIZE`]).
+        pub mmio_size: u32,
+        /// Largest queue size the device offers.
+        pub queue_max: u16,
+        /// Zero.
+        pub _pad: u16,
+    }
+}
+
+/// The device-properties union of `struct mft_entry` (`u`): block, net or
+/// virtio properties, as the entry's type says.
 ///
 /// Its fields are private so that every value has all 16 bytes
 /// initialised: a value is built from [`MftProps::ZERO`] or from bytes, and
@@ -139,6 +171,7 @@ abi_struct! {
 pub union MftProps {
     block_basic: MftBlockBasic,
     net_basic: MftNetBasic,
+    virtio: MftVirtio,
     raw: [u8; 16],
 }
 
@@ -161,6 +194,19 @@ impl MftProps {
         let mut p = MftProps::ZERO;
         p.net_basic = n;
         p
+    }
+
+    /// virtio device properties.
+    pub const fn from_virtio(v: MftVirtio) -> MftProps {
+        let mut p = MftProps::ZERO;
+        p.virtio = v;
+        p
+    }
+
+    /// The properties read as a virtio device's.
+    pub const fn virtio(&self) -> MftVirtio {
+        // SAFETY: as in `block_basic`; MftVirtio is 16 plain bytes.
+        unsafe { self.virtio }
     }
 
     /// The properties read as a block device's.

@@ -113,6 +113,8 @@ fn manifest_matches_mft_abi_h() {
     // struct mft_block_basic: u64 then u16, 6 bytes of tail padding.
     check_layout!(MftBlockBasic, size 16, align 8, { capacity @ 0, block_size @ 8, _pad @ 10 });
     check_layout!(MftNetBasic, size 8, align 2, { mac @ 0, mtu @ 6 });
+    // tt-host's own (no Solo5 counterpart): fits the 16-byte union.
+    check_layout!(MftVirtio, size 16, align 8, { mmio_base @ 0, mmio_size @ 8, queue_max @ 12 });
     // The union u: its largest member, mft_block_basic.
     assert_eq!((size_of::<MftProps>(), align_of::<MftProps>()), (16, 8));
     // struct mft_entry: name[68], type at 68, u at 72, b (int or pointer)
