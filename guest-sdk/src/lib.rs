@@ -56,12 +56,16 @@
 //! * [`time`]: monotonic clock (TSC), wall clock, sleeping.
 //! * [`boot`]: boot info and command-line arguments.
 //! * [`block`], [`net`]: devices declared in the manifest.
+//! * [`virtio_blk`]: tt-host's virtio-blk devices (many requests in
+//!   flight; tt-host only).
 //! * [`exit`], [`abort`]: stop the guest.
 //! * [`heap`]: the global allocator (`alloc` works out of the box).
 //! * [`manifest`]: the manifest note layout, used by [`main!`].
 //! * [`hypercall`]: the raw ABI, for anything not wrapped.
 
 #![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
 
 #[cfg(not(test))]
 mod arch;
@@ -77,6 +81,7 @@ mod mem;
 pub mod net;
 mod rt;
 pub mod time;
+pub mod virtio_blk;
 
 pub use rt::{abort, exit, Termination};
 
@@ -85,10 +90,12 @@ pub use rt::{abort, exit, Termination};
 /// ```ignore
 /// tt_guest::main!(app_main);                                   // no devices
 /// tt_guest::main!(app_main, devices: [block "storage", net "service0"]);
+/// tt_guest::main!(app_main, devices: [virtio_blk "disk"]);    // tt-host only
 /// ```
 ///
 /// `app_main` is any `fn() -> T` with `T:` [`Termination`] (`()`, `i32`,
-/// `Result<T, E: Debug>`). Each device is `block "NAME"` or `net "NAME"`;
+/// `Result<T, E: Debug>`). Each device is `block "NAME"`, `net "NAME"` or
+/// `virtio_blk "NAME"` (see [`virtio_blk`]: solo5-hvt refuses such images);
 /// names must be unique and 1 to 67 ASCII letters and digits (checked at
 /// compile time). Use the macro exactly once, in the binary crate.
 #[macro_export]

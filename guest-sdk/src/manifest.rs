@@ -13,8 +13,9 @@ use core::ops::{Deref, DerefMut};
 use tt_hvt_abi as abi;
 
 pub use tt_hvt_abi::{
-    MftBlockBasic, MftNetBasic, MftProps, MFT_DEV_BLOCK_BASIC, MFT_DEV_NET_BASIC, MFT_MAX_ENTRIES,
-    MFT_NAME_SIZE, MFT_RESERVED_FIRST, MFT_VERSION, NOTE_TYPE_ABI1, NOTE_TYPE_MFT1,
+    MftBlockBasic, MftNetBasic, MftProps, MftVirtio, MFT_DEV_BLOCK_BASIC, MFT_DEV_NET_BASIC,
+    MFT_MAX_ENTRIES, MFT_NAME_SIZE, MFT_RESERVED_FIRST, MFT_TT_VIRTIO_BLK, MFT_VERSION,
+    NOTE_TYPE_ABI1, NOTE_TYPE_MFT1, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
 
 /// A manifest entry: Solo5's `struct mft_entry` ([`tt_hvt_abi::MftEntry`],
@@ -79,6 +80,13 @@ impl MftEntry {
         MftEntry::named(name, MFT_DEV_NET_BASIC)
     }
 
+    /// A virtio-blk device entry (tt-host's `MFT_TT_VIRTIO_BLK`; see
+    /// [`crate::virtio_blk`]). Same name rules as [`MftEntry::block`].
+    /// solo5-hvt refuses to start an image with such an entry.
+    pub const fn virtio_blk(name: &str) -> MftEntry {
+        MftEntry::named(name, MFT_TT_VIRTIO_BLK)
+    }
+
     /// The name, up to the first NUL (empty if not UTF-8).
     pub fn name(&self) -> &str {
         core::str::from_utf8(self.0.name_bytes()).unwrap_or("")
@@ -102,6 +110,11 @@ impl MftEntry {
     /// MTU (host-filled).
     pub fn net_mtu(&self) -> u16 {
         self.0.props.net_basic().mtu
+    }
+
+    /// A virtio device's register window (host-filled).
+    pub fn virtio(&self) -> MftVirtio {
+        self.0.props.virtio()
     }
 }
 
@@ -301,5 +314,32 @@ mod tests {
         e[2].props = MftProps::from_bytes(raw);
         assert_eq!(e[2].net_mac(), [2, 0, 0, 0, 0, 1]);
         assert_eq!(e[2].net_mtu(), 1500);
+    }
+
+    #[test]
+    fn a_virtio_blk_entry_has_tt_hosts_type_and_is_found_only_once_attached() {
+        let n = MftNote::new([MftEntry::reserved_first(), MftEntry::virtio_blk("disk")]);
+        assert_eq!(n.e[1].ty, MFT_TT_VIRTIO_BLK);
+        assert_eq!(n.e[1].name(), "disk");
+        let mut e = [MftEntry::reserved_first(), MftEntry::virtio_blk("disk")];
+        assert_eq!(
+            find_in(&e, "disk", MFT_TT_VIRTIO_BLK).err(),
+            Some(AcquireError::NotAttached)
+        );
+        assert_eq!(
+            find_in(&e, "disk", MFT_DEV_BLOCK_BASIC).err(),
+            Some(AcquireError::WrongType)
+        );
+        e[1].attached = 1;
+        e[1].props = MftProps::from_virtio(MftVirtio {
+            mmio_base: VIRTIO_MMIO_BASE,
+            mmio_size: VIRTIO_MMIO_SIZE as u32,
+            queue_max: 256,
+            _pad: 0,
+        });
+        let (h, d) = find_in(&e, "disk", MFT_TT_VIRTIO_BLK).unwrap();
+        assert_eq!(h, 1);
+        assert_eq!({ d.virtio().mmio_base }, 1 << 32);
+        assert_eq!({ d.virtio().queue_max }, 256);
     }
 }
