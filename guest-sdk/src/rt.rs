@@ -99,3 +99,14 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
 #[cfg(not(test))]
 #[no_mangle]
 extern "C" fn rust_eh_personality() {}
+
+/// Landing pads in the prebuilt `alloc` (e.g. behind `format!`) end in a
+/// call to `_Unwind_Resume`. With `panic = "abort"` nothing ever starts
+/// unwinding, so no landing pad runs and this is never called; if it ever
+/// were, stopping the guest is the only sound answer.
+#[cfg(not(test))]
+#[no_mangle]
+#[allow(non_snake_case)]
+extern "C" fn _Unwind_Resume() -> ! {
+    abort()
+}
