@@ -38,7 +38,10 @@
 //! without blocking; [`VirtioBlk::wait`] does the same but, when nothing
 //! has finished, blocks in the POLL hypercall until the device has news
 //! (the host marks the device's handle ready while the used ring holds
-//! entries the driver has not seen). Requests complete in any order; each
+//! entries the driver has not seen; the driver says what it has seen only
+//! through `used_event` in the available ring, which it keeps at the last
+//! entry reaped, and never writes `InterruptACK`: a wait costs no register
+//! access). Requests complete in any order; each
 //! [`Completion`] says which token it was and how it went. Writes are not
 //! ordered with each other or with reads in flight at the same time.
 //! A completed write is as durable as the host's backend makes it
@@ -343,11 +346,7 @@ impl VirtioBlk<Mmio> {
     /// register window is then not touched); otherwise with the errors of
     /// [`VirtioBlk::new`].
     pub fn acquire_with(name: &str, opts: Options) -> Result<VirtioBlk<Mmio>, Error> {
-        let (handle, e) = manifest::find(name, MFT_TT_VIRTIO_BLK)?;
-        let v = e.virtio();
-        if !window_ok(&v) {
-            return Err(Error::BadWindow(v));
-        }
+        let (handle, v) = window(manifest::entries(), name)?;
         // SAFETY: the entry is attached, so the host mapped a virtio-mmio
         // window of `mmio_size` bytes (checked above) at `mmio_base` for
         // this device, and only this driver instance uses it (acquiring
@@ -355,6 +354,17 @@ impl VirtioBlk<Mmio> {
         let t = unsafe { Mmio::new(v.mmio_base) };
         VirtioBlk::new(t, handle, opts)
     }
+}
+
+/// The handle and register window of the attached virtio-blk entry
+/// `name`, checked for plausibility; nothing is touched.
+fn window(entries: &[manifest::MftEntry], name: &str) -> Result<(u64, MftVirtio), Error> {
+    let (handle, e) = manifest::find_in(entries, name, MFT_TT_VIRTIO_BLK)?;
+    let v = e.virtio();
+    if !window_ok(&v) {
+        return Err(Error::BadWindow(v));
+    }
+    Ok((handle, v))
 }
 
 /// Is the host-filled window plausible: non-zero, page-aligned and large

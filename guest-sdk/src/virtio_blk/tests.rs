@@ -3,6 +3,7 @@
 //! same memory (the test process's addresses play guest-physical ones).
 
 use super::*;
+use crate::manifest::{MftEntry, MftProps, MFT_DEV_BLOCK_BASIC};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::vec::Vec;
@@ -704,4 +705,74 @@ fn need_event_matches_the_spec_formula_across_wraparound() {
     assert!(need_event(1, 3, 1));
     assert!(need_event(65535, 0, 65535));
     assert!(!need_event(5, 3, 2));
+}
+
+#[test]
+fn acquire_needs_an_attached_virtio_entry_with_a_plausible_window() {
+    let mut e = [
+        MftEntry::reserved_first(),
+        MftEntry::virtio_blk("disk"),
+        MftEntry::block("storage"),
+    ];
+    let acq = |e: &[MftEntry], name| window(e, name).map(|(h, v)| (h, { v.mmio_base }));
+    assert_eq!(
+        acq(&e, "disk"),
+        Err(Error::Acquire(AcquireError::NotAttached))
+    );
+    assert_eq!(
+        acq(&e, "storage"),
+        Err(Error::Acquire(AcquireError::WrongType))
+    );
+    assert_eq!(acq(&e, "nope"), Err(Error::Acquire(AcquireError::NotFound)));
+    e[1].attached = 1;
+    let good = MftVirtio {
+        mmio_base: manifest::VIRTIO_MMIO_BASE + 0x1000,
+        mmio_size: 0x1000,
+        queue_max: 256,
+        _pad: 0,
+    };
+    for bad in [
+        MftVirtio {
+            mmio_base: 0,
+            ..good
+        },
+        MftVirtio {
+            mmio_base: good.mmio_base + 4,
+            ..good
+        },
+        MftVirtio {
+            mmio_size: 0x100,
+            ..good
+        },
+    ] {
+        e[1].props = MftProps::from_virtio(bad);
+        assert_eq!(window(&e, "disk").err(), Some(Error::BadWindow(bad)));
+    }
+    e[1].props = MftProps::from_virtio(good);
+    assert_eq!(acq(&e, "disk"), Ok((1, (1 << 32) + 0x1000)));
+    assert_ne!(e[2].ty, MFT_TT_VIRTIO_BLK);
+    assert_eq!(e[2].ty, MFT_DEV_BLOCK_BASIC);
+}
+
+#[test]
+fn ring_indices_wrap_past_65535_without_losing_a_request() {
+    let m = Model::new(SECTORS);
+    let mut b = VirtioBlk::new(m.clone(), 1, Options { queue_size: 4 }).unwrap();
+    let mut out = empties(1);
+    let mut buf = vec![0u8; 512];
+    for i in 0..70_000u64 {
+        buf[..8].copy_from_slice(&i.to_le_bytes());
+        let t = b.submit_write(i % SECTORS, buf).unwrap();
+        assert_eq!(b.reap(&mut out).unwrap(), 1, "request {i}");
+        assert_eq!((out[0].token, out[0].result), (t, Ok(())));
+        buf = core::mem::take(&mut out[0].buf);
+    }
+    let d = m.dev();
+    assert_eq!(d.used_idx, (70_000u64 % 65_536) as u16);
+    assert_eq!(
+        d.notifies, 70_000,
+        "EVENT_IDX: the device asked for every one"
+    );
+    let last = ((69_999 % SECTORS) * 512) as usize;
+    assert_eq!(d.disk[last..last + 8], 69_999u64.to_le_bytes());
 }
