@@ -99,7 +99,7 @@ fn check_image(file: &[u8], mem_size: u64, image: &Image) {
 /// The page tables for an accepted image are W^X and map the entry point
 /// executable; low memory stays below the boot info.
 fn check_layout(mem_size: u64, image: &Image) {
-    let low = match layout::build(image, mem_size) {
+    let low = match layout::build(image, mem_size, 0) {
         Ok(low) => low,
         Err(layout::LayoutError::ImageTooLarge { .. }) => return,
     };
