@@ -49,6 +49,10 @@ pub enum VmError {
         end: u64,
         n: usize,
     },
+    #[error(
+        "the device at {0:#x} failed (it panicked) before the guest started; it cannot be attached"
+    )]
+    DevicePoisoned(u64),
     #[error("queue notification address {addr:#x} is not a 4-byte register inside its device's MMIO region {base:#x}+{len:#x}")]
     NotifyOutsideRegion { addr: u64, base: u64, len: u64 },
     #[error("guest command line is {0} bytes; at most {max} are allowed", max = abi::CMDLINE_SIZE - 1)]
@@ -338,10 +342,7 @@ impl Vm {
         for r in &regions {
             r.device
                 .lock()
-                .map_err(|_| BusError::Poisoned {
-                    base: r.base,
-                    addr: r.base,
-                })?
+                .map_err(|_| VmError::DevicePoisoned(r.base))?
                 .attach_memory(mem.clone());
         }
         let mut notify = Vec::new();
