@@ -97,11 +97,13 @@ fn check_image(file: &[u8], mem_size: u64, image: &Image) {
 }
 
 /// The page tables for an accepted image are W^X and map the entry point
-/// executable; low memory stays below the boot info.
+/// executable; low memory (with one MMIO device's tables) stays below the
+/// boot info.
 fn check_layout(mem_size: u64, image: &Image) {
-    let low = match layout::build(image, mem_size) {
+    let low = match layout::build(image, mem_size, 1) {
         Ok(low) => low,
         Err(layout::LayoutError::ImageTooLarge { .. }) => return,
+        Err(e @ layout::LayoutError::TooManyMmioDevices(_)) => panic!("1 device: {e}"),
     };
     assert!(
         layout::GDT_BASE + low.bytes.len() as u64 <= layout::BOOT_INFO_BASE,

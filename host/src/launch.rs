@@ -235,7 +235,7 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
         manifest: &manifest,
         solo5_hvt_boot: args.solo5_hvt_boot,
     };
-    let mut vm = Vm::new(&params, modules)?;
+    let mut vm = Vm::new(&params, modules, Vec::new())?;
     Ok(vm.run()?)
 }
 

@@ -74,7 +74,7 @@ fn run_with(fail: &[bool]) -> Result<i32, VmError> {
         Box::new(Console::new(std::io::sink())),
         Box::new(Block::new(devices)),
     ];
-    Vm::new(&p, modules).unwrap().run()
+    Vm::new(&p, modules, Vec::new()).unwrap().run()
 }
 
 #[test]

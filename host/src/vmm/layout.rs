@@ -6,7 +6,9 @@
 //! 0x0000_2000  PML4
 //! 0x0000_3000  PDPT
 //! 0x0000_4000  4 page directories (up to 4 GiB of guest memory)
-//! 0x0000_8000  page tables for 4 KiB mappings of [0, align_up(kernel_end, 2 MiB))
+//! 0x0000_8000  page tables for 4 KiB mappings of [0, align_up(kernel_end, 2 MiB)),
+//!              then, if the VM has MMIO devices, the page directory and the
+//!              page table of the MMIO window (2 pages)
 //! 0x0008_0000  struct hvt_boot_info, then the manifest
 //! 0x0008_2000  command line (8192 bytes)
 //! 0x0010_0000  the image (PT_LOAD segments), then heap ... stack at the top
@@ -27,6 +29,11 @@
 //! tt-guest image) also keeps the GDT and page tables mapped (read-write,
 //! supervisor-only): it adjusts the host's page tables in place instead of
 //! building its own.
+//!
+//! Above guest RAM, only the MMIO window is mapped: `VIRTIO_MMIO_BASE`
+//! (4 GiB) up to one 4 KiB page per device, identity-mapped, R+W, not
+//! executable, user-accessible (tt-guest touches device registers at
+//! CPL 3). Every access there exits to the host ([`super::bus`]).
 
 use crate::abi;
 use crate::loader::Image;
@@ -50,6 +57,13 @@ pub const MAX_MEM: u64 = PD_COUNT << 30;
 pub const SOLO5_PT0_MAP_START: u64 = 0x1_0000;
 /// Smallest guest memory we accept.
 pub const MIN_MEM: u64 = 2 * HUGE;
+/// Start of the MMIO window: device `k`'s registers are at
+/// `MMIO_BASE + k * MMIO_PAGE`.
+pub const MMIO_BASE: u64 = abi::VIRTIO_MMIO_BASE;
+/// Bytes of one device's registers in the MMIO window.
+pub const MMIO_PAGE: u64 = abi::VIRTIO_MMIO_SIZE;
+/// Most devices in the MMIO window.
+pub const MAX_MMIO_DEVICES: u64 = 64;
 
 pub const PTE_P: u64 = 1;
 pub const PTE_RW: u64 = 1 << 1;
@@ -75,24 +89,32 @@ pub struct LowMem {
 pub enum LayoutError {
     #[error("the image ends at {end:#x}; tt-host maps images up to {max:#x} with 4 KiB pages")]
     ImageTooLarge { end: u64, max: u64 },
+    #[error("{0} MMIO devices requested; a VM has at most {MAX_MMIO_DEVICES}")]
+    TooManyMmioDevices(u64),
 }
 
-/// Build the GDT and page tables for `image` in `mem_size` bytes.
+/// Build the GDT and page tables for `image` in `mem_size` bytes, with an
+/// MMIO window of `mmio_devices` pages at [`MMIO_BASE`].
 ///
 /// `mem_size` must be a multiple of 2 MiB between [`MIN_MEM`] and
 /// [`MAX_MEM`] (the caller rounds and checks it).
-pub fn build(image: &Image, mem_size: u64) -> Result<LowMem, LayoutError> {
+pub fn build(image: &Image, mem_size: u64, mmio_devices: u64) -> Result<LowMem, LayoutError> {
     assert!(mem_size % HUGE == 0 && (MIN_MEM..=MAX_MEM).contains(&mem_size));
+    if mmio_devices > MAX_MMIO_DEVICES {
+        return Err(LayoutError::TooManyMmioDevices(mmio_devices));
+    }
     let small_end = image.kernel_end.div_ceil(HUGE) * HUGE;
     let pt_pages = small_end / HUGE;
-    let max = (PT_LIMIT - PT_BASE) / PAGE * HUGE;
+    let mmio_tables = if mmio_devices > 0 { 2 } else { 0 };
+    let max = ((PT_LIMIT - PT_BASE) / PAGE - mmio_tables) * HUGE;
     if small_end > max {
         return Err(LayoutError::ImageTooLarge {
             end: image.kernel_end,
             max,
         });
     }
-    let mut low = vec![0u8; (PT_BASE + pt_pages * PAGE - GDT_BASE) as usize];
+    let tables_end = PT_BASE + (pt_pages + mmio_tables) * PAGE;
+    let mut low = vec![0u8; (tables_end - GDT_BASE) as usize];
     let mut put = |gpa: u64, val: u64| {
         let o = (gpa - GDT_BASE) as usize;
         low[o..o + 8].copy_from_slice(&val.to_le_bytes());
@@ -157,6 +179,19 @@ pub fn build(image: &Image, mem_size: u64) -> Result<LowMem, LayoutError> {
             0
         };
         put(PT_BASE + page * 8, addr | flags | user);
+    }
+    // The MMIO window: PDPT[4] -> its page directory -> its page table.
+    if mmio_devices > 0 {
+        const { assert!(MMIO_BASE == MAX_MEM && MMIO_BASE % (1 << 30) == 0) };
+        let pd = PT_BASE + pt_pages * PAGE;
+        let pt = pd + PAGE;
+        let upper = PTE_P | PTE_RW | PTE_US;
+        put(PDPT_BASE + (MMIO_BASE >> 30) * 8, pd | upper);
+        put(pd, pt | upper);
+        for k in 0..mmio_devices {
+            let addr = MMIO_BASE + k * MMIO_PAGE;
+            put(pt + k * 8, addr | PTE_P | PTE_RW | PTE_US | PTE_NX);
+        }
     }
     Ok(LowMem { bytes: low })
 }
@@ -249,7 +284,7 @@ mod tests {
             },
         });
         img.kernel_end = 0x10_7000;
-        let low = build(&img, 64 << 20).unwrap();
+        let low = build(&img, 64 << 20, 0).unwrap();
         for addr in [0x10_5000, 0x10_6000] {
             assert_eq!(pte(&low, addr), addr | PTE_P | PTE_RW | PTE_NX, "{addr:#x}");
         }
@@ -270,7 +305,7 @@ mod tests {
 
     #[test]
     fn segment_flags_become_page_protections() {
-        let low = build(&image(), 64 << 20).unwrap();
+        let low = build(&image(), 64 << 20, 0).unwrap();
         assert_eq!(pte(&low, 0), 0, "page 0 must be unmapped");
         // boot info, manifest, command line: read-only, readable from user mode
         assert_eq!(pte(&low, 0x8_0000), 0x8_0000 | PTE_P | PTE_US | PTE_NX);
@@ -296,7 +331,7 @@ mod tests {
     /// GDT nor its page tables, and low memory above them read-only.
     #[test]
     fn tender_structures_are_unmapped_and_low_memory_read_only() {
-        let low = build(&image(), 64 << 20).unwrap();
+        let low = build(&image(), 64 << 20, 0).unwrap();
         for addr in (0..BOOT_INFO_BASE).step_by(PAGE as usize) {
             assert_eq!(pte(&low, addr), 0, "{addr:#x} must be unmapped");
         }
@@ -312,7 +347,7 @@ mod tests {
     fn images_with_supervisor_segments_keep_the_page_tables_mapped() {
         let mut img = image();
         img.segments[2].prot.supervisor = true;
-        let low = build(&img, 64 << 20).unwrap();
+        let low = build(&img, 64 << 20, 0).unwrap();
         assert_eq!(pte(&low, 0), 0, "page 0 must be unmapped");
         for addr in [GDT_BASE, PML4_BASE, PD_BASE, PT_BASE] {
             assert_eq!(pte(&low, addr), addr | PTE_P | PTE_RW | PTE_NX, "{addr:#x}");
@@ -360,7 +395,7 @@ mod tests {
 
     #[test]
     fn no_page_is_writable_and_executable() {
-        let low = build(&image(), 64 << 20).unwrap();
+        let low = build(&image(), 64 << 20, 0).unwrap();
         for page in 0..HUGE / PAGE {
             let e = pte(&low, page * PAGE);
             assert!(e & PTE_RW == 0 || e & PTE_NX != 0, "page {page:#x} is W+X");
@@ -369,7 +404,7 @@ mod tests {
 
     #[test]
     fn pml4_advertises_user_mode_pages() {
-        let low = build(&image(), 64 << 20).unwrap();
+        let low = build(&image(), 64 << 20, 0).unwrap();
         let o = (PML4_BASE - GDT_BASE) as usize;
         let pml4e = u64::from_le_bytes(low.bytes[o..o + 8].try_into().unwrap());
         assert_ne!(pml4e & PTE_US, 0);
@@ -377,9 +412,127 @@ mod tests {
 
     #[test]
     fn memory_above_the_image_uses_huge_non_executable_pages() {
-        let low = build(&image(), 64 << 20).unwrap();
+        let low = build(&image(), 64 << 20, 0).unwrap();
         let o = (PD_BASE + 8 * 5 - GDT_BASE) as usize;
         let pde = u64::from_le_bytes(low.bytes[o..o + 8].try_into().unwrap());
         assert_eq!(pde, (5 * HUGE) | PTE_P | PTE_RW | PTE_US | PTE_PS | PTE_NX);
+    }
+
+    /// The entry at `gpa` in the tables of `low` (memory it does not
+    /// cover is zero in a fresh guest).
+    fn table_entry(low: &LowMem, gpa: u64) -> u64 {
+        let o = (gpa - GDT_BASE) as usize;
+        low.bytes
+            .get(o..o + 8)
+            .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()))
+    }
+
+    /// Every present leaf mapping of the tables in `low`:
+    /// `(virtual address, page size, entry)`.
+    fn leaves(low: &LowMem) -> Vec<(u64, u64, u64)> {
+        let mut out = Vec::new();
+        let next = |e: u64| e & 0x000f_ffff_ffff_f000;
+        for i4 in 0..512 {
+            let e4 = table_entry(low, PML4_BASE + i4 * 8);
+            if e4 & PTE_P == 0 {
+                continue;
+            }
+            for i3 in 0..512 {
+                let e3 = table_entry(low, next(e4) + i3 * 8);
+                if e3 & PTE_P == 0 {
+                    continue;
+                }
+                for i2 in 0..512 {
+                    let e2 = table_entry(low, next(e3) + i2 * 8);
+                    let va2 = (i4 << 39) | (i3 << 30) | (i2 << 21);
+                    if e2 & PTE_P == 0 {
+                        continue;
+                    }
+                    if e2 & PTE_PS != 0 {
+                        out.push((va2, HUGE, e2));
+                        continue;
+                    }
+                    for i1 in 0..512 {
+                        let e1 = table_entry(low, next(e2) + i1 * 8);
+                        if e1 & PTE_P != 0 {
+                            out.push((va2 | (i1 << 12), PAGE, e1));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_mmio_window_is_mapped_rw_nx_user_and_nothing_else_above_ram() {
+        for mem in [MIN_MEM, 64 << 20, MAX_MEM] {
+            for n in [1, 3, MAX_MMIO_DEVICES] {
+                let low = build(&image(), mem, n).unwrap();
+                let above: Vec<_> = leaves(&low)
+                    .into_iter()
+                    .filter(|&(va, _, _)| va >= mem)
+                    .collect();
+                let want: Vec<_> = (0..n)
+                    .map(|k| {
+                        let addr = MMIO_BASE + k * MMIO_PAGE;
+                        (addr, PAGE, addr | PTE_P | PTE_RW | PTE_US | PTE_NX)
+                    })
+                    .collect();
+                assert_eq!(above, want, "mem {mem:#x}, {n} devices");
+                // The upper levels let CPL 3 write there.
+                let pdpte = table_entry(&low, PDPT_BASE + 4 * 8);
+                assert_eq!(pdpte & (PTE_P | PTE_RW | PTE_US), PTE_P | PTE_RW | PTE_US);
+                // RAM is mapped as without the window.
+                let without = build(&image(), mem, 0).unwrap();
+                let ram = |l: &LowMem| -> Vec<_> {
+                    leaves(l)
+                        .into_iter()
+                        .filter(|&(va, _, _)| va < mem)
+                        .collect()
+                };
+                assert_eq!(ram(&low), ram(&without), "mem {mem:#x}, {n} devices");
+            }
+        }
+    }
+
+    #[test]
+    fn without_mmio_devices_nothing_above_ram_is_mapped() {
+        let mem = 64 << 20;
+        let low = build(&image(), mem, 0).unwrap();
+        assert!(leaves(&low).iter().all(|&(va, _, _)| va < mem));
+        assert_eq!(table_entry(&low, PDPT_BASE + 4 * 8), 0);
+        // And no page-table page is spent on it.
+        assert_eq!(low.bytes.len() as u64, PT_BASE + PAGE - GDT_BASE);
+        // solo5-hvt's tables have no window either.
+        let solo5 = build_solo5_hvt(mem);
+        assert!(leaves(&solo5).iter().all(|&(va, _, _)| va < mem));
+    }
+
+    #[test]
+    fn the_window_tables_sit_in_the_page_table_area() {
+        let mut img = image();
+        // The largest image that leaves room for the window's two tables.
+        let max = ((PT_LIMIT - PT_BASE) / PAGE - 2) * HUGE;
+        img.kernel_end = max;
+        let low = build(&img, MAX_MEM, MAX_MMIO_DEVICES).unwrap();
+        assert!(GDT_BASE + low.bytes.len() as u64 <= PT_LIMIT);
+        let pd = table_entry(&low, PDPT_BASE + 4 * 8) & !0xfff;
+        assert!((PT_BASE..PT_LIMIT - PAGE).contains(&pd), "{pd:#x}");
+        img.kernel_end = max + 1;
+        assert_eq!(
+            build(&img, MAX_MEM, 1).err(),
+            Some(LayoutError::ImageTooLarge { end: max + 1, max })
+        );
+        // Without devices, the larger image still fits.
+        build(&img, MAX_MEM, 0).unwrap();
+    }
+
+    #[test]
+    fn more_than_64_mmio_devices_are_refused() {
+        assert_eq!(
+            build(&image(), 64 << 20, MAX_MMIO_DEVICES + 1).err(),
+            Some(LayoutError::TooManyMmioDevices(MAX_MMIO_DEVICES + 1))
+        );
     }
 }

@@ -4,17 +4,26 @@
 //! the low-memory structures ([`layout`]) in, and sets the vCPU registers as
 //! Solo5's hvt tender does: CPL 0, long mode, paging on, `rdi` = boot info,
 //! `rsp` = top of memory - 8. [`Vm::run`] then runs the vCPU and dispatches
-//! every hypercall to the [`Module`] that registered it, until the guest
+//! every hypercall to the [`Module`] that registered it, and every MMIO
+//! access in a device's region to that device ([`bus`]), until the guest
 //! halts or does something the host must stop.
+//!
+//! Devices in the MMIO window ([`MmioRegion`]) may ask for their queue
+//! notifications on eventfds (KVM_IOEVENTFD). Where KVM refuses to register
+//! one, such a write reaches the device as an ordinary MMIO write instead.
 
+pub mod bus;
+#[cfg(test)]
+mod kvm_tests;
 pub mod layout;
 pub mod signal;
 
 use crate::abi::{self, Hypercall};
 use crate::loader::Image;
 use crate::modules::{Action, Module};
+pub use bus::{Bus, BusError, MmioDevice, MmioRegion};
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Host-side failures: KVM calls, or a guest the host had to stop.
@@ -31,6 +40,21 @@ pub enum VmError {
     Memory(u64),
     #[error(transparent)]
     Layout(#[from] layout::LayoutError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("MMIO region {base:#x}+{len:#x} is outside the MMIO window {:#x}..{end:#x} of its VM's {n} devices; device k's registers are at {:#x} + k * {:#x}", layout::MMIO_BASE, layout::MMIO_BASE, layout::MMIO_PAGE)]
+    OutsideMmioWindow {
+        base: u64,
+        len: u64,
+        end: u64,
+        n: usize,
+    },
+    #[error(
+        "the device at {0:#x} failed (it panicked) before the guest started; it cannot be attached"
+    )]
+    DevicePoisoned(u64),
+    #[error("queue notification address {addr:#x} is not a 4-byte register inside its device's MMIO region {base:#x}+{len:#x}")]
+    NotifyOutsideRegion { addr: u64, base: u64, len: u64 },
     #[error("guest command line is {0} bytes; at most {max} are allowed", max = abi::CMDLINE_SIZE - 1)]
     CmdlineTooLong(usize),
     #[error("guest fault: {0}")]
@@ -68,10 +92,17 @@ pub struct Vm {
     _vm: VmFd,
     mem: GuestMemoryMmap,
     modules: Vec<Box<dyn Module>>,
+    bus: Bus,
+    /// The queue-notification eventfds KVM signals (kept open for as long
+    /// as the VM); those it refused are delivered as MMIO writes.
+    _notify: Vec<vmm_sys_util::eventfd::EventFd>,
+    notify_by_eventfd: bool,
     /// `route[nr]` = index into `modules` of the handler of hypercall `nr`.
     route: [Option<usize>; 9],
     /// Number of hypercall exits served so far.
     pub exits: u64,
+    /// Number of MMIO exits served by devices so far.
+    pub mmio_exits: u64,
 }
 
 fn segment(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
@@ -118,9 +149,86 @@ fn boot_control_registers(solo5_hvt_boot: bool) -> (u64, u64, u64) {
     (cr0, cr4, efer)
 }
 
+/// What a vCPU exit asks of the host, decoded from KVM's exit (separate
+/// from serving it, so that decoding is tested without a VM).
+#[derive(Debug, PartialEq, Eq)]
+enum Exit<'a> {
+    /// A hypercall: a 4-byte `out` of `arg` to `port`.
+    Hypercall { port: u16, arg: u64 },
+    /// A read of `data.len()` bytes at guest address `addr`, outside RAM.
+    MmioRead { addr: u64, data: &'a mut [u8] },
+    /// A write of `data` at guest address `addr`, outside RAM.
+    MmioWrite { addr: u64, data: &'a [u8] },
+    /// Anything else: the host stops the guest, saying why.
+    Stop(String),
+}
+
+fn decode(exit: VcpuExit<'_>) -> Exit<'_> {
+    let stop = |s: &str| Exit::Stop(s.to_string());
+    match exit {
+        VcpuExit::IoOut(port, data) => match <[u8; 4]>::try_from(data) {
+            Ok(word) => Exit::Hypercall {
+                port,
+                arg: u32::from_le_bytes(word) as u64,
+            },
+            Err(_) => Exit::Stop(format!(
+                "invalid guest port access: {}-byte write to port {port:#x} (hypercalls are 4-byte writes)",
+                data.len()
+            )),
+        },
+        VcpuExit::IoIn(port, _) => {
+            Exit::Stop(format!("invalid guest port access: read from port {port:#x}"))
+        }
+        VcpuExit::MmioRead(addr, data) => Exit::MmioRead { addr, data },
+        VcpuExit::MmioWrite(addr, data) => Exit::MmioWrite { addr, data },
+        VcpuExit::Shutdown => stop("guest triple fault (an exception the guest could not handle)"),
+        VcpuExit::Hlt => stop("guest executed HLT with interrupts off and will never wake"),
+        VcpuExit::InternalError => stop(
+            "KVM internal error: this host's KVM could not emulate a guest instruction \
+             (on kvm-pvm, SSE at CPL 0 can cause this)",
+        ),
+        VcpuExit::FailEntry(reason, _) => Exit::Stop(format!(
+            "KVM could not enter the guest (hardware reason {reason:#x})"
+        )),
+        other => Exit::Stop(format!("unexpected KVM exit {other:?}")),
+    }
+}
+
 impl Vm {
-    /// Create the VM for `p` with these device modules.
-    pub fn new(p: &BootParams, modules: Vec<Box<dyn Module>>) -> Result<Vm, VmError> {
+    /// Create the VM for `p` with these device modules and these devices
+    /// in the MMIO window (the k-th of n at [`layout::MMIO_BASE`] +
+    /// k * [`layout::MMIO_PAGE`]; the window is mapped in the guest's page
+    /// tables, except in solo5-hvt's boot state, which has none). Each
+    /// device gets guest memory ([`MmioDevice::attach_memory`]) before the
+    /// guest runs.
+    pub fn new(
+        p: &BootParams,
+        modules: Vec<Box<dyn Module>>,
+        regions: Vec<MmioRegion>,
+    ) -> Result<Vm, VmError> {
+        let window_end = layout::MMIO_BASE + regions.len() as u64 * layout::MMIO_PAGE;
+        let mut bus = Bus::new();
+        for r in &regions {
+            if r.base < layout::MMIO_BASE || r.base.saturating_add(r.len) > window_end {
+                return Err(VmError::OutsideMmioWindow {
+                    base: r.base,
+                    len: r.len,
+                    end: window_end,
+                    n: regions.len(),
+                });
+            }
+            for &(addr, _, _) in &r.notify {
+                if addr < r.base || addr.saturating_add(4) > r.base + r.len {
+                    return Err(VmError::NotifyOutsideRegion {
+                        addr,
+                        base: r.base,
+                        len: r.len,
+                    });
+                }
+            }
+            bus.insert(r.base, r.len, r.device.clone())?;
+        }
+
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
 
@@ -151,7 +259,7 @@ impl Vm {
         let low = if p.solo5_hvt_boot {
             layout::build_solo5_hvt(p.mem_size)
         } else {
-            layout::build(p.image, p.mem_size)?
+            layout::build(p.image, p.mem_size, regions.len() as u64)?
         };
         mem.write_slice(&low.bytes, GuestAddress(layout::GDT_BASE))
             .expect("low memory fits");
@@ -231,6 +339,24 @@ impl Vm {
         };
         vcpu.set_regs(&regs).map_err(kvm_err("set regs"))?;
 
+        for r in &regions {
+            r.device
+                .lock()
+                .map_err(|_| VmError::DevicePoisoned(r.base))?
+                .attach_memory(mem.clone());
+        }
+        let mut notify = Vec::new();
+        let mut notify_by_eventfd = true;
+        for (addr, queue, fd) in regions.into_iter().flat_map(|r| r.notify) {
+            // A 4-byte write of `queue` signals `fd` instead of exiting. If
+            // KVM refuses (kvm-pvm might), the write exits as any other and
+            // the device treats it as the kick.
+            match vm.register_ioevent(&fd, &IoEventAddress::Mmio(addr), queue) {
+                Ok(()) => notify.push(fd),
+                Err(_) => notify_by_eventfd = false,
+            }
+        }
+
         let mut route = [None; 9];
         for (i, m) in modules.iter().enumerate() {
             for &h in m.hypercalls() {
@@ -246,9 +372,20 @@ impl Vm {
             _vm: vm,
             mem,
             modules,
+            bus,
+            _notify: notify,
+            notify_by_eventfd,
             route,
             exits: 0,
+            mmio_exits: 0,
         })
+    }
+
+    /// Whether KVM signals every queue-notification eventfd itself
+    /// (KVM_IOEVENTFD); if not, some notifications reach their device as
+    /// MMIO writes.
+    pub fn notify_by_eventfd(&self) -> bool {
+        self.notify_by_eventfd
     }
 
     /// Run the guest until it halts. Returns its exit status, or the
@@ -297,50 +434,23 @@ impl Vm {
                     })
                 }
             };
-            let (port, arg) = match exit {
-                VcpuExit::IoOut(port, data) if data.len() == 4 => {
-                    (port, u32::from_le_bytes(data.try_into().unwrap()) as u64)
-                }
-                VcpuExit::IoOut(port, data) => {
-                    let msg = format!(
-                        "invalid guest port access: {}-byte write to port {port:#x} (hypercalls are 4-byte writes)",
-                        data.len()
-                    );
-                    return Err(self.fault(&msg));
-                }
-                VcpuExit::IoIn(port, _) => {
-                    let msg = format!("invalid guest port access: read from port {port:#x}");
-                    return Err(self.fault(&msg));
-                }
-                VcpuExit::MmioRead(addr, _) | VcpuExit::MmioWrite(addr, _) => {
-                    let msg = format!("guest accessed {addr:#x}, outside guest memory");
-                    return Err(self.fault(&msg));
-                }
-                VcpuExit::Shutdown => {
-                    return Err(
-                        self.fault("guest triple fault (an exception the guest could not handle)")
-                    );
-                }
-                VcpuExit::Hlt => {
-                    return Err(
-                        self.fault("guest executed HLT with interrupts off and will never wake")
-                    );
-                }
-                VcpuExit::InternalError => {
-                    return Err(self.fault(
-                        "KVM internal error: this host's KVM could not emulate a guest instruction \
-                         (on kvm-pvm, SSE at CPL 0 can cause this)",
-                    ));
-                }
-                VcpuExit::FailEntry(reason, _) => {
-                    let msg =
-                        format!("KVM could not enter the guest (hardware reason {reason:#x})");
-                    return Err(self.fault(&msg));
-                }
-                other => {
-                    let msg = format!("unexpected KVM exit {other:?}");
-                    return Err(self.fault(&msg));
-                }
+            let (port, arg) = match decode(exit) {
+                Exit::Hypercall { port, arg } => (port, arg),
+                Exit::MmioRead { addr, data } => match self.bus.read(addr, data) {
+                    Ok(()) => {
+                        self.mmio_exits += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(self.fault(&e.to_string())),
+                },
+                Exit::MmioWrite { addr, data } => match self.bus.write(addr, data) {
+                    Ok(()) => {
+                        self.mmio_exits += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(self.fault(&e.to_string())),
+                },
+                Exit::Stop(msg) => return Err(self.fault(&msg)),
             };
             let Some(call) = Hypercall::from_port(port) else {
                 let msg = format!("invalid guest port access: port {port:#x} is not a hypercall");
@@ -375,5 +485,50 @@ impl Vm {
             _ => String::new(),
         };
         VmError::Fault(format!("{what}{regs}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn four_byte_port_writes_are_hypercalls_and_other_port_accesses_stop() {
+        let arg = 0x1234_5678u32.to_le_bytes();
+        assert_eq!(
+            decode(VcpuExit::IoOut(0x508, &arg)),
+            Exit::Hypercall {
+                port: 0x508,
+                arg: 0x1234_5678
+            }
+        );
+        let Exit::Stop(msg) = decode(VcpuExit::IoOut(0x508, &[1, 2])) else {
+            panic!("a 2-byte out is no hypercall");
+        };
+        assert!(msg.contains("2-byte write to port 0x508"), "{msg}");
+        let Exit::Stop(msg) = decode(VcpuExit::IoIn(0x501, &mut [0; 4])) else {
+            panic!("an in is no hypercall");
+        };
+        assert!(msg.contains("read from port 0x501"), "{msg}");
+    }
+
+    #[test]
+    fn mmio_exits_keep_their_address_size_and_data() {
+        let mut buf = [0u8; 2];
+        let Exit::MmioRead { addr, data } = decode(VcpuExit::MmioRead(0x1_0000_0070, &mut buf))
+        else {
+            panic!("not a read");
+        };
+        assert_eq!((addr, data.len()), (0x1_0000_0070, 2));
+        data.copy_from_slice(&[7, 8]);
+        assert_eq!(buf, [7, 8], "the read's data goes back to KVM's buffer");
+        assert_eq!(
+            decode(VcpuExit::MmioWrite(0x1_0000_0050, &[1, 0, 0, 0])),
+            Exit::MmioWrite {
+                addr: 0x1_0000_0050,
+                data: &[1, 0, 0, 0]
+            }
+        );
+        assert!(matches!(decode(VcpuExit::Shutdown), Exit::Stop(m) if m.contains("triple fault")));
     }
 }
