@@ -5,6 +5,7 @@ use crate::cli::RunArgs;
 use crate::loader::{self, manifest::DeviceInfo, Image};
 use crate::modules::console::Console;
 use crate::modules::kind::{self, DeviceError, DeviceKind, Given};
+use crate::modules::poll::Poll;
 use crate::modules::Module;
 use crate::resources::Unikernel;
 use crate::vmm::{layout, BootParams, Vm, VmError};
@@ -201,14 +202,17 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
 
     // Each kind attaches its devices; its module serves their hypercalls.
     let mut info = Vec::new();
+    let mut readiness = Vec::new();
     let mut modules: Vec<Box<dyn Module>> = vec![Box::new(Console::new(std::io::stdout()))];
     for kind in kind::kinds() {
         let attached = kind
             .attach(&given_devices(&image, args, *kind), &ctx)
             .map_err(LaunchError::Device)?;
         info.extend(attached.info);
+        readiness.extend(attached.readiness);
         modules.push(attached.module);
     }
+    modules.push(Box::new(Poll::new(readiness)));
     if let Some(e) =
         (image.manifest.entries.iter()).find(|e| info.iter().all(|(h, _)| *h != e.handle))
     {

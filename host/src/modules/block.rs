@@ -503,6 +503,7 @@ impl DeviceKind for BlockKind {
         Ok(Attached {
             info,
             module: Box::new(Block::new(opened)),
+            readiness: vec![],
         })
     }
 }

@@ -79,6 +79,8 @@ pub struct Attached {
     pub info: Vec<(u64, DeviceInfo)>,
     /// The module that serves the devices' hypercalls.
     pub module: Box<dyn Module>,
+    /// What the POLL hypercall waits on for these devices.
+    pub readiness: Vec<Box<dyn super::poll::Readiness>>,
 }
 
 /// What a kind's devices are attached with.
@@ -239,6 +241,7 @@ pub(crate) mod tests {
             Ok(Attached {
                 info: vec![],
                 module: Box::new(DummyModule),
+                readiness: vec![],
             })
         }
     }

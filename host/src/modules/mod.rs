@@ -18,6 +18,7 @@ pub mod block;
 pub mod console;
 pub mod kind;
 pub mod net;
+pub mod poll;
 
 use crate::abi::Hypercall;
 use std::marker::PhantomData;

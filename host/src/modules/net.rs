@@ -13,8 +13,9 @@
 //! says so.
 
 use super::kind::{Attached, Context, DeviceError, DeviceKind, Given, OptionSpec};
+use super::poll::Readiness;
 use super::{check_range, read_args, set_out, Action, GuestError, Module};
-use crate::abi::{ret, HcNetRead, HcNetWrite, HcPoll, Hypercall};
+use crate::abi::{ret, HcNetRead, HcNetWrite, Hypercall};
 use crate::loader::manifest::DeviceInfo;
 use crate::resources::Unikernel;
 use std::fs::File;
@@ -521,63 +522,20 @@ impl Net {
         }
     }
 
-    fn poll(&mut self, arg: u64, mem: &GuestMemoryMmap) -> Result<Action, GuestError> {
-        let (
-            HcPoll {
-                timeout_nsecs: timeout,
-                ..
-            },
-            at,
-        ) = read_args::<HcPoll>(mem, arg)?;
-        let mut fds: Vec<libc::pollfd> = self
-            .devices
+    /// What POLL waits on for each TAP: a frame to read, or the TAP
+    /// failed (then a read returns the error). Each holds its own
+    /// descriptor of the TAP (a duplicate), so it lives on its own.
+    pub fn readiness(&self) -> std::io::Result<Vec<Box<dyn Readiness>>> {
+        self.devices
             .iter()
-            .map(|d| libc::pollfd {
-                fd: d.tap.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
+            .map(|d| {
+                let tap = d.tap.try_clone()?;
+                Ok(Box::new(TapReady {
+                    handle: d.handle,
+                    tap,
+                }) as Box<dyn Readiness>)
             })
-            .collect();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_nanos(timeout);
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let ts = libc::timespec {
-                tv_sec: left.as_secs().min(i64::MAX as u64) as libc::time_t,
-                tv_nsec: left.subsec_nanos() as libc::c_long,
-            };
-            // SAFETY: fds is a valid array of fds.len() pollfds; ts is valid.
-            let n = unsafe {
-                libc::ppoll(
-                    fds.as_mut_ptr(),
-                    fds.len() as libc::nfds_t,
-                    &ts,
-                    std::ptr::null(),
-                )
-            };
-            if n < 0
-                && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
-                && crate::vmm::signal::received().is_none()
-            {
-                continue;
-            }
-            break;
-        }
-        // A failed TAP (its interface deleted, for one) polls as POLLERR
-        // forever, never POLLIN: report it ready, as solo5-hvt's epoll
-        // does, so that the guest's read returns the error. Otherwise a
-        // guest that reads only what poll reports ready (the Solo5 model)
-        // polls in a loop, each poll returning at once, and never learns.
-        let failed = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
-        let mut ready = 0u64;
-        for (d, p) in self.devices.iter().zip(&fds) {
-            if p.revents & (libc::POLLIN | failed) != 0 && d.handle < 64 {
-                ready |= 1 << d.handle;
-            }
-        }
-        set_out!(mem, at, HcPoll.ready_set = ready);
-        // As solo5-hvt: `ret` is the number of ready devices (0 on timeout).
-        set_out!(mem, at, HcPoll.ret = ready.count_ones() as i32);
-        Ok(Action::Continue)
+            .collect()
     }
 
     /// NET_WRITE: send one frame of `len` bytes.
@@ -652,6 +610,21 @@ impl Net {
     }
 }
 
+/// A TAP as POLL waits on it: ready when a frame waits or it failed.
+struct TapReady {
+    handle: u64,
+    tap: File,
+}
+
+impl Readiness for TapReady {
+    fn handle(&self) -> u64 {
+        self.handle
+    }
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.tap.as_raw_fd()
+    }
+}
+
 /// Ethernet header: the shortest frame a guest may send.
 const ETH_HEADER: u64 = 14;
 
@@ -689,7 +662,7 @@ impl Module for Net {
     }
 
     fn hypercalls(&self) -> &'static [Hypercall] {
-        &[Hypercall::NetWrite, Hypercall::NetRead, Hypercall::Poll]
+        &[Hypercall::NetWrite, Hypercall::NetRead]
     }
 
     fn handle(
@@ -699,7 +672,6 @@ impl Module for Net {
         mem: &GuestMemoryMmap,
     ) -> Result<Action, GuestError> {
         match call {
-            Hypercall::Poll => self.poll(arg, mem),
             Hypercall::NetWrite => self.write(arg, mem),
             Hypercall::NetRead => self.read(arg, mem),
             _ => unreachable!("net registered only its own hypercalls"),
@@ -812,9 +784,14 @@ impl DeviceKind for NetKind {
                 (n.handle, info)
             })
             .collect();
+        let net = Net::new(opened);
+        let readiness = net
+            .readiness()
+            .map_err(|e| format!("cannot duplicate a TAP descriptor for POLL: {e}"))?;
         Ok(Attached {
             info,
-            module: Box::new(Net::new(opened)),
+            module: Box::new(net),
+            readiness,
         })
     }
 }
@@ -887,12 +864,14 @@ mod tests {
         Ok((ret, len))
     }
 
-    /// Issue POLL; the guest-visible (`ready_set`, `ret`).
+    /// Issue POLL over the net devices; the guest-visible (`ready_set`,
+    /// `ret`).
     fn poll(net: &mut Net, m: &GuestMemoryMmap, timeout_nsecs: u64) -> (u64, i32) {
         m.write_obj(timeout_nsecs, GuestAddress(ARG)).unwrap();
         m.write_obj(0xdeadu64, GuestAddress(ARG + 8)).unwrap();
         m.write_obj(0xdeadi32, GuestAddress(ARG + 16)).unwrap();
-        assert_eq!(net.handle(Hypercall::Poll, ARG, m), Ok(Action::Continue));
+        let mut poll = crate::modules::poll::Poll::new(net.readiness().unwrap());
+        assert_eq!(poll.handle(Hypercall::Poll, ARG, m), Ok(Action::Continue));
         (
             m.read_obj(GuestAddress(ARG + 8)).unwrap(),
             m.read_obj(GuestAddress(ARG + 16)).unwrap(),
