@@ -141,6 +141,11 @@ struct State {
     /// committer wakes once per batch, not once per push.
     wake_at: usize,
     flush_requested: bool,
+    /// The applier is gathering durable ops for `flush_interval` before it
+    /// performs them: a commit need not wake it (it would only look and
+    /// sleep again, a task switch per commit); a flush request or a stop
+    /// still does.
+    gathering: bool,
     accepting: bool,
     stopping: bool,
     /// A commit failed: the journal no longer accepts pushes.
@@ -410,6 +415,7 @@ where
                 committing: false,
                 wake_at: usize::MAX,
                 flush_requested: false,
+                gathering: false,
                 accepting: true,
                 stopping: false,
                 broken: None,
@@ -761,7 +767,9 @@ fn publish<D: BlockDevice>(sh: &Shared<D>, st: &mut State, ops: &[(u64, Vec<u8>)
     for (s, rec) in ops {
         st.pending.push_back((*s, rec.len() as u64));
     }
-    sh.applier.notify_one();
+    if !st.gathering {
+        sh.applier.notify_one();
+    }
 }
 
 /// Write `batch` to the ring and advance; returns how long the last
@@ -1012,6 +1020,7 @@ where
                     && !sh.config.flush_interval.is_zero()
                     && !st.flush_requested
                 {
+                    st.gathering = true;
                     let (g, _) = sh
                         .applier
                         .wait_timeout_while(st, sh.config.flush_interval, |st| {
@@ -1019,6 +1028,7 @@ where
                         })
                         .unwrap_or_else(|e| e.into_inner());
                     st = g;
+                    st.gathering = false;
                 }
                 force_free = st.flush_requested;
                 st.flush_requested = false;
