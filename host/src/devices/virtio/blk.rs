@@ -172,6 +172,14 @@ impl VirtioBlk {
         self.last_error.as_ref()
     }
 
+    /// The ready queue's guest addresses and size: (descriptor table,
+    /// driver area, device area, size); `None` while it is not ready.
+    pub fn queue(&self) -> Option<(u64, u64, u64, u16)> {
+        let q = &self.transport.queue;
+        q.ready()
+            .then(|| (q.desc_table(), q.avail_ring(), q.used_ring(), q.size()))
+    }
+
     /// Requests submitted to the backend and not completed yet.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
@@ -220,7 +228,7 @@ impl VirtioBlk {
                 taken += 1;
                 let head = chain.head_index();
                 if self.in_flight.contains_key(&self.key(head)) {
-                    self.fail(Some(ParseError::Unterminated { head }));
+                    self.fail(Some(ParseError::HeadInFlight { head }));
                     break;
                 }
                 match request::parse(chain, &mem, &self.limits()) {
@@ -426,7 +434,9 @@ impl MmioDevice for VirtioBlk {
             Action::Reset | Action::QueueStop => self.drop_requests(),
             Action::QueueReady => self.queue_ready(),
             Action::DriverOk => {
+                // Serve what the driver made available before DRIVER_OK.
                 self.process_queue();
+                self.reap();
             }
         }
     }

@@ -74,6 +74,8 @@ pub enum ParseError {
         #[source]
         source: RequestError,
     },
+    #[error("descriptor chain {head} was made available again while still in flight")]
+    HeadInFlight { head: u16 },
     #[error("descriptor chain {head}: reading guest memory failed")]
     Memory { head: u16 },
 }

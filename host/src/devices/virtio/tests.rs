@@ -829,3 +829,19 @@ fn more_data_buffers_than_seg_max_get_ioerr() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Found by the fuzzer: what was available at DRIVER_OK was submitted
+/// but its completion waited for the next kick.
+#[test]
+fn requests_available_before_driver_ok_complete_at_driver_ok() {
+    let rig = Rig::new();
+    let q = MockSplitQueue::create(&rig.mem, GuestAddress(0), QSIZE);
+    rig.header(HDR, VIRTIO_BLK_T_IN, 0);
+    q.add_desc_chains(&req(0, HDR, DATA, 512, WRITE, ST), 0)
+        .unwrap();
+    let mut dev = rig.device(vec![]);
+    bring_up(&mut dev, &q, v1());
+    assert_eq!(dev.in_flight(), 0);
+    assert_eq!(used(&rig.mem), vec![(0, 513)]);
+    assert_eq!(rig.status(ST), VIRTIO_BLK_S_OK);
+}
