@@ -845,3 +845,98 @@ fn requests_available_before_driver_ok_complete_at_driver_ok() {
     assert_eq!(used(&rig.mem), vec![(0, 513)]);
     assert_eq!(rig.status(ST), VIRTIO_BLK_S_OK);
 }
+
+/// A journal ring whose sync is slow (as an `fdatasync` is) and counted.
+struct SlowRing {
+    dev: tt_ring::FaultyDevice,
+    syncs: std::sync::atomic::AtomicU32,
+}
+
+impl tt_ring::BlockDevice for SlowRing {
+    fn sector_size(&self) -> u32 {
+        self.dev.sector_size()
+    }
+    fn size(&self) -> u64 {
+        self.dev.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.dev.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.dev.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        self.dev.sync()
+    }
+}
+
+/// The point of many requests in flight: writes submitted together share
+/// journal commits, and each completes (on the device thread) once durable.
+#[test]
+fn writes_in_flight_together_share_journal_commits() {
+    use crate::block::journaled::{JournaledBackend, Options};
+    use crate::block::testing::ModelImage;
+    use tt_ring::BlockDevice as _;
+    let rig = Rig::new();
+    let ring = Arc::new(SlowRing {
+        dev: tt_ring::FaultyDevice::new(256 << 10, 512),
+        syncs: 0.into(),
+    });
+    tt_ring::Producer::create(&*ring).unwrap();
+    let image = Arc::new(tt_ring::FaultyDevice::new(CAPACITY, 512));
+    let backend = JournaledBackend::start(
+        info(),
+        "/img",
+        ring.clone(),
+        Arc::new(ModelImage(image.clone())),
+        Options::default(),
+        None,
+    )
+    .unwrap();
+    let q = MockSplitQueue::create(&rig.mem, GuestAddress(0), QSIZE);
+    let mut dev = rig.device_on(Box::new(backend), vec![]);
+    bring_up(&mut dev, &q, v1());
+    let dev = Arc::new(Mutex::new(dev));
+    let worker = Worker::spawn(dev.clone()).unwrap();
+    let n = 5u16;
+    let before = ring.syncs.load(std::sync::atomic::Ordering::SeqCst);
+    for i in 0..n {
+        let hdr = HDR + u64::from(i) * 16;
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        h[8..].copy_from_slice(&u64::from(i).to_le_bytes());
+        rig.mem.write_slice(&h, GuestAddress(hdr)).unwrap();
+        let data = DATA + u64::from(i) * 512;
+        rig.mem
+            .write_slice(&[i as u8 + 1; 512], GuestAddress(data))
+            .unwrap();
+        let descs = req(i * 3, hdr, data, 512, 0, ST + u64::from(i));
+        q.add_desc_chains(&descs, i * 3).unwrap();
+    }
+    dev.lock().unwrap().notify_event().write(1).unwrap();
+    let t = std::time::Instant::now();
+    while used(&rig.mem).len() < usize::from(n) {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "{:?}",
+            used(&rig.mem)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let syncs = ring.syncs.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(
+        syncs < u32::from(n),
+        "{n} writes in flight together took {syncs} journal syncs"
+    );
+    for i in 0..n {
+        assert_eq!(rig.status(ST + u64::from(i)), VIRTIO_BLK_S_OK);
+    }
+    worker.shutdown().unwrap();
+    for i in 0..n {
+        let mut b = [0u8; 512];
+        image.read_at(&mut b, u64::from(i) * 512).unwrap();
+        assert_eq!(b, [i as u8 + 1; 512], "sector {i} after the drain");
+    }
+}
