@@ -19,6 +19,7 @@
 //! - [`vmm`]: create the KVM VM and vCPU, lay out guest memory and page
 //!   tables (W^X from the ELF segment flags), run the vCPU;
 //! - [`block`]: the block layer: request checks, plain and journaled backends;
+//! - [`devices`]: guest devices in the MMIO window (virtio-mmio, virtio-blk);
 //! - [`modules`]: the hypercall handlers, one module per device kind
 //!   (console and time, block, net), in the spirit of Solo5's tender modules.
 //!
@@ -29,6 +30,7 @@ pub mod abi;
 pub mod admission;
 pub mod block;
 pub mod cli;
+pub mod devices;
 pub mod launch;
 pub mod loader;
 pub mod modules;
