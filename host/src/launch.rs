@@ -201,6 +201,13 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     };
 
     // Each kind attaches its devices; its module serves their hypercalls.
+    // The threads devices start (a journal's, a virtio queue's) must not
+    // take SIGINT or SIGTERM, which must reach this, the vCPU's, thread.
+    let blocked = crate::vmm::signal::Blocked::new().map_err(|err| {
+        LaunchError::Devices(format!(
+            "cannot block SIGINT/SIGTERM for device threads: {err}"
+        ))
+    })?;
     let mut info = Vec::new();
     let mut readiness = Vec::new();
     let mut modules: Vec<Box<dyn Module>> = vec![Box::new(Console::new(std::io::stdout()))];
@@ -213,6 +220,7 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
         modules.push(attached.module);
     }
     modules.push(Box::new(Poll::new(readiness)));
+    drop(blocked);
     if let Some(e) =
         (image.manifest.entries.iter()).find(|e| info.iter().all(|(h, _)| *h != e.handle))
     {

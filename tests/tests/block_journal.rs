@@ -573,6 +573,58 @@ fn sigterm_during_writes_drains_the_journal_into_the_image() {
     assert_image_holds(&writes, &s.image);
 }
 
+/// The signal mask (`SigBlk`) of every thread of process `pid` but its
+/// first, with the thread's name.
+fn other_threads_sigblk(pid: u32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap();
+        if t.file_name().to_str() == Some(&pid.to_string()) {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let mask = u64::from_str_radix(&field("SigBlk:"), 16).unwrap_or(0);
+        out.push((field("Name:"), mask));
+    }
+    out
+}
+
+/// SIGTERM and SIGINT must reach the vCPU's thread, the only one where
+/// they interrupt `KVM_RUN` or POLL's wait: the journal's threads block
+/// them.
+#[test]
+fn device_threads_never_take_sigterm_or_sigint() {
+    if !kvm() {
+        return;
+    }
+    let s = Setup::new("sigmask");
+    let mut w = Running::start(&mut s.writer(
+        &s.image,
+        &[],
+        &["seed=3".into(), "start=1".into(), "count=0".into()],
+    ));
+    w.wait_acks(3);
+    let threads = other_threads_sigblk(w.child.0.id());
+    assert!(!threads.is_empty(), "the journal runs threads of its own");
+    let both = (1u64 << (libc::SIGTERM - 1)) | (1u64 << (libc::SIGINT - 1));
+    for (name, mask) in &threads {
+        assert_eq!(
+            mask & both,
+            both,
+            "thread {name} takes SIGTERM or SIGINT: {threads:?}"
+        );
+    }
+    let r = w.stop(libc::SIGTERM);
+    assert_error(&r, "exiting on signal 15 (SIGTERM)");
+}
+
 /// A link named `solo5-hvt` to the tt-host binary, in `dir`.
 fn solo5_hvt(dir: &Scratch) -> PathBuf {
     let p = dir.path("solo5-hvt");

@@ -59,6 +59,42 @@ pub fn received() -> Option<i32> {
     }
 }
 
+/// While alive, SIGINT and SIGTERM are blocked in this thread and in
+/// every thread it starts (they inherit the mask); dropping it unblocks
+/// them here, and one that came meanwhile is delivered then. A launch
+/// holds one while it attaches devices, whose threads (a journal's
+/// committer and applier, a virtio device's worker) must never take the
+/// signal: the vCPU thread must, since only there does it interrupt
+/// `KVM_RUN` or POLL's `ppoll`.
+pub struct Blocked(libc::sigset_t);
+
+impl Blocked {
+    pub fn new() -> std::io::Result<Blocked> {
+        // SAFETY: sigset_t is plain data; sigemptyset/sigaddset fill it,
+        // and pthread_sigmask reads `set` and writes the old mask to
+        // `old`, both live locals.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+            if rc != 0 {
+                return Err(std::io::Error::from_raw_os_error(rc));
+            }
+            Ok(Blocked(old))
+        }
+    }
+}
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved by `new`, a valid sigset_t.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+    }
+}
+
 /// Its name, for messages.
 pub fn name(signo: i32) -> &'static str {
     match signo {
