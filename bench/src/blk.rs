@@ -154,13 +154,33 @@ impl Setup {
     /// for [`WINDOW`]. Returns aggregate writes/s over the window from
     /// the first start to the last end, the latest start's delay, and the
     /// 8 tt-hosts' CPU time per write (µs).
-    fn write8(&self) -> Result<(f64, Duration, f64), String> {
+    fn write8(&self) -> Result<(f64, Duration, f64, f64), String> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let at = (now + START_MARGIN).as_nanos() as u64;
         let until = at + WINDOW.as_nanos() as u64;
+        // Machine-wide busy cores over the middle of the window (all
+        // guests writing), sampled by one more thread.
+        let busy = std::sync::Mutex::new(0.0);
         let runs: Vec<Result<GuestRun, String>> = std::thread::scope(|s| {
+            s.spawn(|| {
+                let sleep_until = |ns: u64| {
+                    let now = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_nanos() as u64;
+                    std::thread::sleep(Duration::from_nanos(ns.saturating_sub(now)));
+                };
+                let quarter = (until - at) / 4;
+                sleep_until(at + quarter);
+                let b = cpu_now().0;
+                let t = Instant::now();
+                sleep_until(until - quarter);
+                if let Ok(mut x) = busy.lock() {
+                    *x = (cpu_now().0 - b) / t.elapsed().as_secs_f64();
+                }
+            });
             let hs: Vec<_> = (0..GUESTS)
                 .map(|d| {
                     s.spawn(move || {
@@ -182,6 +202,7 @@ impl Setup {
                 })
                 .collect()
         });
+        let busy = busy.lock().map(|b| *b).unwrap_or(0.0);
         let runs = runs.into_iter().collect::<Result<Vec<_>, _>>()?;
         let first = runs.iter().map(|r| r.wall_start).min().unwrap_or(at);
         let last = runs.iter().map(|r| r.wall_end).max().unwrap_or(until);
@@ -198,6 +219,7 @@ impl Setup {
             total as f64 / secs,
             Duration::from_nanos(late),
             cpu * 1e6 / total.max(1) as f64,
+            busy,
         ))
     }
 }
@@ -235,14 +257,57 @@ fn host_loop(
     Ok((done, t.elapsed()))
 }
 
+/// The machine's busy CPU time so far (all cores, from /proc/stat), in
+/// seconds, and this process's own CPU time (user + system).
+fn cpu_now() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    let busy = ticks.iter().take(8).sum::<f64>() - idle;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // SAFETY: rusage is plain old data; all-zero is a valid value, and
+    // getrusage only writes into it.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is valid for writes.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (busy / hz, tv(u.ru_utime) + tv(u.ru_stime))
+}
+
+/// Machine-wide busy cores and this process's CPU time per op (µs)
+/// while `f` ran `ops` operations in `secs`.
+struct CpuUse {
+    busy_cores: f64,
+    own_us: f64,
+}
+
+fn cpu_use(before: (f64, f64), secs: f64, ops: f64) -> CpuUse {
+    let after = cpu_now();
+    CpuUse {
+        busy_cores: (after.0 - before.0) / secs.max(1e-9),
+        own_us: (after.1 - before.1) * 1e6 / ops.max(1.0),
+    }
+}
+
 fn base1(s: &Setup, n: u64) -> Result<f64, String> {
     let (c, d) = host_loop(&s.bases[0], 1, n, None)?;
     Ok(c as f64 / d.as_secs_f64())
 }
 
-/// 8 threads, each on its own file, for [`WINDOW`]: aggregate ops/s.
-fn base8(s: &Setup) -> Result<f64, String> {
+/// 8 threads, each on its own file, for [`WINDOW`]: aggregate ops/s, and
+/// the CPU used meanwhile.
+fn base8(s: &Setup) -> Result<(f64, CpuUse), String> {
     let start = Barrier::new(GUESTS);
+    let before = cpu_now();
     let runs: Vec<Result<(u64, Duration), String>> = std::thread::scope(|sc| {
         let hs: Vec<_> = s
             .bases
@@ -271,7 +336,7 @@ fn base8(s: &Setup) -> Result<f64, String> {
         .max()
         .unwrap_or(WINDOW)
         .as_secs_f64();
-    Ok(total as f64 / secs)
+    Ok((total as f64 / secs, cpu_use(before, secs, total as f64)))
 }
 
 fn setup(o: &Opts) -> Result<Setup, String> {
@@ -312,6 +377,11 @@ struct Rounds {
     late: Vec<Duration>,
     g1_cpu: Vec<f64>,
     g8_cpu: Vec<f64>,
+    /// Busy cores (machine-wide) while 8 guests / 8 baseline threads ran.
+    g8_busy: Vec<f64>,
+    b8_busy: Vec<f64>,
+    /// The 8 baseline threads' own CPU time per op, µs.
+    b8_cpu: Vec<f64>,
     unapplied_us: Vec<f64>,
     applied_us: Vec<f64>,
 }
@@ -377,10 +447,14 @@ pub fn run(o: &Opts) -> Result<Vec<Verdict>, String> {
         r.g1.push(g.rate());
         r.g1_cpu.push(g.cpu_us());
         r.none.push(s.write(0, true, writes)?.rate());
-        r.b8.push(base8(&s)?);
-        let (agg, late, cpu) = s.write8()?;
+        let (b8, cpu) = base8(&s)?;
+        r.b8.push(b8);
+        r.b8_busy.push(cpu.busy_cores);
+        r.b8_cpu.push(cpu.own_us);
+        let (agg, late, cpu, busy) = s.write8()?;
         r.g8.push(agg);
         r.g8_cpu.push(cpu);
+        r.g8_busy.push(busy);
         r.late.push(late);
         let n = READS.to_string();
         r.unapplied_us.push(
@@ -410,7 +484,7 @@ pub fn run(o: &Opts) -> Result<Vec<Verdict>, String> {
         );
     }
     r.b1.push(base1(&s, writes)?);
-    r.b8.push(base8(&s)?);
+    r.b8.push(base8(&s)?.0);
     println!(
         "closing baselines: base1 {:.0}/s, base8 {:.0}/s",
         r.b1[rounds], r.b8[rounds]
@@ -477,11 +551,7 @@ pub fn run(o: &Opts) -> Result<Vec<Verdict>, String> {
         "info: --block-durability=none (page cache, not durable): {:.2}x the durable baseline",
         median(&none)
     );
-    breakdown(
-        &s,
-        writes,
-        median(&r.g1.iter().map(|x| 1e6 / x).collect::<Vec<_>>()),
-    )?;
+    breakdown(&s, writes, &r)?;
     v.push(Verdict::Reported);
     let _ = std::fs::remove_dir_all(&s.dir);
     Ok(v)
@@ -495,11 +565,26 @@ fn have(prog: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Where one durable write's time goes (item 5): exits counted by perf,
-/// system calls timed by strace. Both are optional.
-fn breakdown(s: &Setup, writes: u64, guest_us: f64) -> Result<(), String> {
+/// Where one durable write's time goes (item 5): tt-host's CPU time,
+/// exits counted by perf, an interleaved pass that splits a write into
+/// the exit path and the ring's commit, and the system calls per write
+/// counted (and, inflated, timed) by strace. perf and strace are optional.
+fn breakdown(s: &Setup, writes: u64, r: &Rounds) -> Result<(), String> {
+    println!("where a durable 4 KiB write's time goes:");
     println!(
-        "where a durable 4 KiB write's time goes (guest-measured: {guest_us:.0} µs per write):"
+        "  tt-host CPU time per write (user + system, boot included; the machine has {} \
+         cores): 1 guest median {:.0} µs, 8 guests median {:.0} µs",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        median(&r.g1_cpu),
+        median(&r.g8_cpu)
+    );
+    println!(
+        "  busy cores, machine-wide: 8 guests writing {:.2} (median; rounds {}), 8 baseline \
+         threads {:.2} (their own CPU time {:.0} µs per op)",
+        median(&r.g8_busy),
+        list(&r.g8_busy, 2),
+        median(&r.b8_busy),
+        median(&r.b8_cpu)
     );
     // Exits: KVM's tracepoints for exits to user space and port I/O.
     if have("perf") {
@@ -539,6 +624,35 @@ fn breakdown(s: &Setup, writes: u64, guest_us: f64) -> Result<(), String> {
     } else {
         println!("  exits: perf not installed (not counted)");
     }
+    // Interleaved, so that all four see the same disk: the exit path
+    // (a guest write with --block-durability=none: exit, copy, page-cache
+    // pwrite), the disk's cost of tt-ring's commit at queue depth 1 (a
+    // 4608-byte record at the next offset, a 512-byte control block
+    // alternating between two sectors, one fdatasync), the baseline, and
+    // the durable guest write.
+    let (mut plain, mut ring, mut none, mut journal) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..3 {
+        let (c, d) = host_loop(&s.bases[2], 3, writes, None)?;
+        plain.push(d.as_secs_f64() * 1e6 / c as f64);
+        ring.push(ring_loop(&s.bases[3], writes)?);
+        none.push(s.write(0, true, writes)?.per_op_us());
+        journal.push(s.write(0, false, writes)?.per_op_us());
+    }
+    let (p, c, n, j) = (
+        median(&plain),
+        median(&ring),
+        median(&none),
+        median(&journal),
+    );
+    println!(
+        "  interleaved pass, µs per write (median of 3): durable guest write {j:.0} = exit path \
+         {n:.0} (guest write with durability none) + tt-ring commit shape on this disk {c:.0} \
+         (host loop) + rest {:.0} (the applier's image writes and syncs and ring frees on the \
+         same disk, the control block's read, wake-ups); baseline pwrite+fdatasync {p:.0}, \
+         so 0.8x needs <= {:.0}",
+        j - n - c,
+        p / 0.8
+    );
     if !have("strace") {
         println!("  commit/perform: strace not installed (apt-get install strace); not measured");
         return Ok(());
@@ -572,7 +686,8 @@ fn breakdown(s: &Setup, writes: u64, guest_us: f64) -> Result<(), String> {
     }
     sums.sort_by(|a, b| a.0.cmp(&b.0));
     println!(
-        "  strace -T of one run (everything slower under strace: {:.0} µs per write), per guest write:",
+        "  strace -ff -T of one run: calls per write are exact; times are inflated by strace \
+         ({:.0} µs per write under it):",
         g.per_op_us()
     );
     for ((thread, file, call), (n, secs)) in &sums {
@@ -583,23 +698,6 @@ fn breakdown(s: &Setup, writes: u64, guest_us: f64) -> Result<(), String> {
             secs * 1e6 / g.count as f64
         );
     }
-    // The floor of the ring's commit on this disk: what tt-ring writes
-    // per 4 KiB record at queue depth 1 (a 4608-byte record at the next
-    // offset and a 512-byte control block, alternating between two
-    // sectors, then one fdatasync), against the baseline; interleaved.
-    let (mut plain, mut ring) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        let (c, d) = host_loop(&s.bases[2], 3, writes, None)?;
-        plain.push(d.as_secs_f64() * 1e6 / c as f64);
-        ring.push(ring_loop(&s.bases[3], writes)?);
-    }
-    println!(
-        "  host loops (no guest, no strace), µs per op, median of 3 interleaved: \
-         pwrite 4 KiB + fdatasync {:.0}; tt-ring's commit shape (pwrite 4608 B + pwrite 512 B \
-         elsewhere + fdatasync) {:.0}",
-        median(&plain),
-        median(&ring)
-    );
     Ok(())
 }
 
