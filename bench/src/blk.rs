@@ -101,6 +101,8 @@ fn parse_line(out: &str, mode: &str) -> Option<GuestRun> {
 
 struct Setup {
     tt_host: PathBuf,
+    /// `--compare`: another tt-host for the single-guest writes.
+    compare: Option<PathBuf>,
     image: PathBuf,
     dir: PathBuf,
     state: PathBuf,
@@ -110,7 +112,11 @@ struct Setup {
 
 impl Setup {
     fn command(&self, disk: usize, none: bool, args: &[String]) -> Command {
-        let mut c = Command::new(&self.tt_host);
+        self.command_with(&self.tt_host, disk, none, args)
+    }
+
+    fn command_with(&self, tt_host: &Path, disk: usize, none: bool, args: &[String]) -> Command {
+        let mut c = Command::new(tt_host);
         c.arg("run")
             .arg(format!("--block:storage={}", self.images[disk].display()))
             .arg(format!("--state-dir={}", self.state.display()));
@@ -128,7 +134,18 @@ impl Setup {
         mode: &str,
         args: &[String],
     ) -> Result<GuestRun, String> {
-        let r = child::run(&mut self.command(disk, none, args))?;
+        self.guest_with(&self.tt_host, disk, none, mode, args)
+    }
+
+    fn guest_with(
+        &self,
+        tt_host: &Path,
+        disk: usize,
+        none: bool,
+        mode: &str,
+        args: &[String],
+    ) -> Result<GuestRun, String> {
+        let r = child::run(&mut self.command_with(tt_host, disk, none, args))?;
         r.check_status(&format!("blkbench {mode}"), 0)?;
         let mut g = parse_line(&r.stdout, mode).ok_or_else(|| {
             format!(
@@ -356,8 +373,15 @@ fn setup(o: &Opts) -> Result<Setup, String> {
         images.push(p);
         bases.push(zeroed_file(&dir.join(format!("baseline{i}")), FILE_BYTES));
     }
+    let compare = o.compare.clone();
+    if let Some(c) = &compare {
+        if !c.is_file() {
+            return Err(format!("--compare {}: no such file", c.display()));
+        }
+    }
     Ok(Setup {
         tt_host,
+        compare,
         image,
         dir,
         state,
@@ -377,6 +401,8 @@ struct Rounds {
     late: Vec<Duration>,
     g1_cpu: Vec<f64>,
     g8_cpu: Vec<f64>,
+    /// `--compare`'s single-guest writes/s.
+    alt: Vec<f64>,
     /// Busy cores (machine-wide) while 8 guests / 8 baseline threads ran.
     g8_busy: Vec<f64>,
     b8_busy: Vec<f64>,
@@ -443,9 +469,24 @@ pub fn run(o: &Opts) -> Result<Vec<Verdict>, String> {
     );
     for i in 0..rounds {
         r.b1.push(base1(&s, writes)?);
+        // With --compare, the two binaries take turns going first.
+        let alt = |r: &mut Rounds| -> Result<(), String> {
+            if let Some(alt) = &s.compare {
+                let args = ["write".into(), writes.to_string(), "seed=1".into()];
+                r.alt
+                    .push(s.guest_with(alt, 0, false, "write", &args)?.rate());
+            }
+            Ok(())
+        };
+        if i % 2 == 1 {
+            alt(&mut r)?;
+        }
         let g = s.write(0, false, writes)?;
         r.g1.push(g.rate());
         r.g1_cpu.push(g.cpu_us());
+        if i % 2 == 0 {
+            alt(&mut r)?;
+        }
         r.none.push(s.write(0, true, writes)?.rate());
         let (b8, cpu) = base8(&s)?;
         r.b8.push(b8);
@@ -551,6 +592,19 @@ pub fn run(o: &Opts) -> Result<Vec<Verdict>, String> {
         "info: --block-durability=none (page cache, not durable): {:.2}x the durable baseline",
         median(&none)
     );
+    if let Some(c) = &s.compare {
+        let alt = ratios(&r.alt, &r.b1);
+        let paired: Vec<f64> = r.alt.iter().zip(&r.g1).map(|(a, g)| a / g).collect();
+        println!(
+            "compare: 1 guest with {} / base1: median {:.2}, rounds {}; / the same round's \
+             tt-host: median {:.2}, rounds {}",
+            c.display(),
+            median(&alt),
+            list(&alt, 2),
+            median(&paired),
+            list(&paired, 2)
+        );
+    }
     breakdown(&s, writes, &r)?;
     v.push(Verdict::Reported);
     let _ = std::fs::remove_dir_all(&s.dir);

@@ -45,7 +45,8 @@ usage:
   tt-bench compute   [--iters N] [--runs N] [--tt-host PATH] [--image PATH] [--check]
   tt-bench hypercall [--iters N] [--runs N] [--tt-host PATH] [--image PATH]
   tt-bench rss       [--runs N] [--tt-host PATH] [--image PATH] [--expect-status S] [--check]
-  tt-bench blk       [--runs ROUNDS] [--iters WRITES] [--tt-host PATH] [--image PATH] [--check]
+  tt-bench blk       [--runs ROUNDS] [--iters WRITES] [--tt-host PATH] [--image PATH]
+                     [--compare TT_HOST] [--check]
   tt-bench all       [--check]
 
 defaults (relative to the workspace root):
@@ -63,6 +64,9 @@ pub struct Opts {
     pub iters: Option<u64>,
     pub tt_host: Option<PathBuf>,
     pub image: Option<PathBuf>,
+    /// `blk`: a second tt-host binary whose single-guest writes run in
+    /// every round too (to measure a change against the same baseline).
+    pub compare: Option<PathBuf>,
     pub expect_status: Option<i32>,
     pub check: bool,
 }
@@ -98,6 +102,7 @@ fn parse(args: &[String], allowed: &[&str]) -> Result<Opts, String> {
             }
             "--tt-host" => o.tt_host = Some(value.into()),
             "--image" => o.image = Some(value.into()),
+            "--compare" => o.compare = Some(value.into()),
             _ => unreachable!("every allowed option is handled"),
         }
     }
@@ -211,7 +216,7 @@ fn dispatch(args: &[String]) -> Result<Vec<Verdict>, String> {
             (vec![rss::run(&o)?], o.check)
         }
         Some("blk") => {
-            let o = parse(rest, &with(&["--runs", "--iters", "--check"]))?;
+            let o = parse(rest, &with(&["--runs", "--iters", "--compare", "--check"]))?;
             (blk::run(&o)?, o.check)
         }
         Some("all") => {
