@@ -41,7 +41,7 @@ use tt_benchutil::{bench_dir, median, print_setting, zeroed_file};
 const BS: u64 = 4096;
 const FILE_BYTES: u64 = 32 << 20;
 const GUESTS: usize = 8;
-const DEFAULT_ROUNDS: usize = 5;
+const DEFAULT_ROUNDS: usize = 7;
 /// Writes per single-guest run and per single-thread baseline.
 const DEFAULT_WRITES: u64 = 1000;
 /// Blocks written and read back by each read run.
