@@ -51,6 +51,8 @@ const WINDOW: Duration = Duration::from_millis(1500);
 /// Time given to 8 tt-hosts to start before their common start time.
 const START_MARGIN: Duration = Duration::from_millis(1500);
 const WRITE_TARGET: f64 = 0.8;
+/// Rounds of the breakdown's interleaved pass.
+const BREAKDOWN_ROUNDS: usize = 5;
 const READ_TARGET: f64 = 2.0;
 const VAR: &str = "TT_BLK_BENCH_DIR";
 
@@ -685,27 +687,45 @@ fn breakdown(s: &Setup, writes: u64, r: &Rounds) -> Result<(), String> {
     // alternating between two sectors, one fdatasync), the baseline, and
     // the durable guest write.
     let (mut plain, mut ring, mut none, mut journal) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..3 {
+    for _ in 0..BREAKDOWN_ROUNDS {
         let (c, d) = host_loop(&s.bases[2], 3, writes, None)?;
         plain.push(d.as_secs_f64() * 1e6 / c as f64);
         ring.push(ring_loop(&s.bases[3], writes)?);
         none.push(s.write(0, true, writes)?.per_op_us());
         journal.push(s.write(0, false, writes)?.per_op_us());
     }
-    let (p, c, n, j) = (
-        median(&plain),
-        median(&ring),
-        median(&none),
-        median(&journal),
+    let rest: Vec<f64> = (0..journal.len())
+        .map(|i| journal[i] - none[i] - ring[i])
+        .collect();
+    println!(
+        "  interleaved pass, µs per write, {BREAKDOWN_ROUNDS} rounds: durable guest write = exit \
+         path (a guest write with durability none) + tt-ring's commit shape on this disk (host \
+         loop) + rest (the applier's image writes and syncs and ring frees on the same disk, the \
+         control block's read, wake-ups); baseline pwrite+fdatasync beside it"
     );
     println!(
-        "  interleaved pass, µs per write (median of 3): durable guest write {j:.0} = exit path \
-         {n:.0} (guest write with durability none) + tt-ring commit shape on this disk {c:.0} \
-         (host loop) + rest {:.0} (the applier's image writes and syncs and ring frees on the \
-         same disk, the control block's read, wake-ups); baseline pwrite+fdatasync {p:.0}, \
-         so 0.8x needs <= {:.0}",
-        j - n - c,
-        p / 0.8
+        "    {:>7} {:>10} {:>10} {:>12} {:>8} {:>10}",
+        "round", "durable", "exit path", "ring commit", "rest", "baseline"
+    );
+    for i in 0..journal.len() {
+        println!(
+            "    {:>7} {:>10.0} {:>10.0} {:>12.0} {:>8.0} {:>10.0}",
+            i + 1,
+            journal[i],
+            none[i],
+            ring[i],
+            rest[i],
+            plain[i]
+        );
+    }
+    println!(
+        "    {:>7} {:>10.0} {:>10.0} {:>12.0} {:>8.0} {:>10.0}",
+        "median",
+        median(&journal),
+        median(&none),
+        median(&ring),
+        median(&rest),
+        median(&plain)
     );
     if !have("strace") {
         println!("  commit/perform: strace not installed (apt-get install strace); not measured");
