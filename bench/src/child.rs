@@ -29,6 +29,8 @@ pub struct ChildRun {
     /// `VmHWM` of the exec'd program just before it exited, KiB (only
     /// from [`run_hwm`]).
     pub hwm_kib: Option<u64>,
+    /// The child's CPU time, user + system (`wait4`'s rusage).
+    pub cpu: Duration,
     pub stdout: String,
     pub stderr: String,
 }
@@ -69,6 +71,10 @@ fn read_back(mut f: File) -> String {
     let _ = f.seek(SeekFrom::Start(0));
     let _ = f.read_to_end(&mut s);
     String::from_utf8_lossy(&s).into_owned()
+}
+
+fn tv(t: libc::timeval) -> Duration {
+    Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
 }
 
 /// Run `cmd` to completion and measure it.
@@ -226,6 +232,7 @@ fn run_inner(cmd: &mut Command, trace: bool) -> Result<ChildRun, String> {
         code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
         maxrss_kib: usage.ru_maxrss.max(0) as u64,
         hwm_kib,
+        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
         stdout: read_back(out),
         stderr: read_back(err),
     })

@@ -14,11 +14,17 @@
 //!   cost of one tt-host hypercall from a tt guest. Reported, no target.
 //! - `rss`: peak RSS of `tt-host run` for hello (`wait4`'s `ru_maxrss`).
 //!   Target: <= 16 MiB.
+//! - `blk`: guest disks on the journal: durable 4 KiB writes at queue
+//!   depth 1 from one guest and from 8 at once, against host threads
+//!   doing `pwrite`+`fdatasync`; reads of unapplied against applied data;
+//!   where a write's time goes (see [`blk`]). Targets: >= 0.8x, >= 0.8x,
+//!   <= 2x. Not part of `all` (it writes about 1 GiB to the disk).
 //!
 //! Each prints a table and its verdict. Only with `--check` does a missed
 //! target make the exit status non-zero (2); errors always exit 1.
 //! docs/BENCHMARKS.md records the figures and how to reproduce them.
 
+mod blk;
 mod child;
 mod compute;
 mod hypercall;
@@ -39,11 +45,14 @@ usage:
   tt-bench compute   [--iters N] [--runs N] [--tt-host PATH] [--image PATH] [--check]
   tt-bench hypercall [--iters N] [--runs N] [--tt-host PATH] [--image PATH]
   tt-bench rss       [--runs N] [--tt-host PATH] [--image PATH] [--expect-status S] [--check]
+  tt-bench blk       [--runs ROUNDS] [--iters WRITES] [--tt-host PATH] [--image PATH]
+                     [--compare TT_HOST] [--check]
   tt-bench all       [--check]
 
 defaults (relative to the workspace root):
   --tt-host target/release/tt-host
-  --image   guest-sdk/target/release/{hello,compute,hcall}
+  --image   guest-sdk/target/release/{hello,compute,hcall,blkbench}
+blk puts its files in $TT_BLK_BENCH_DIR, default target/tt-blk-bench (removed at the end).
   --expect-status 0 (the guest's exit status; a run that ends otherwise is an error)
 
 --check: exit with status 2 if a target is missed (default: only report).";
@@ -55,6 +64,9 @@ pub struct Opts {
     pub iters: Option<u64>,
     pub tt_host: Option<PathBuf>,
     pub image: Option<PathBuf>,
+    /// `blk`: a second tt-host binary whose single-guest writes run in
+    /// every round too (to measure a change against the same baseline).
+    pub compare: Option<PathBuf>,
     pub expect_status: Option<i32>,
     pub check: bool,
 }
@@ -90,6 +102,7 @@ fn parse(args: &[String], allowed: &[&str]) -> Result<Opts, String> {
             }
             "--tt-host" => o.tt_host = Some(value.into()),
             "--image" => o.image = Some(value.into()),
+            "--compare" => o.compare = Some(value.into()),
             _ => unreachable!("every allowed option is handled"),
         }
     }
@@ -181,7 +194,7 @@ fn dispatch(args: &[String]) -> Result<Vec<Verdict>, String> {
     };
     if matches!(
         cmd,
-        Some("launch" | "compute" | "hypercall" | "rss" | "all")
+        Some("launch" | "compute" | "hypercall" | "rss" | "blk" | "all")
     ) {
         machine();
     }
@@ -201,6 +214,10 @@ fn dispatch(args: &[String]) -> Result<Vec<Verdict>, String> {
         Some("rss") => {
             let o = parse(rest, &with(&["--runs", "--expect-status", "--check"]))?;
             (vec![rss::run(&o)?], o.check)
+        }
+        Some("blk") => {
+            let o = parse(rest, &with(&["--runs", "--iters", "--compare", "--check"]))?;
+            (blk::run(&o)?, o.check)
         }
         Some("all") => {
             let o = parse(rest, &["--check"])?;
