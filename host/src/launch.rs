@@ -121,13 +121,12 @@ fn read_image(path: &Path) -> std::io::Result<Vec<u8>> {
 /// (`--block:NAME=PATH`), and every option naming a device names one the
 /// manifest declares, of the option's kind.
 pub fn match_devices(image: &Image, args: &RunArgs) -> Result<(), LaunchError> {
-    let owner = |option: &str| kind::option_owner(option).map(|(k, _)| k);
     for e in &image.manifest.entries {
         // The loader takes only entries of registered kinds.
         let Some(k) = kind::kind_of_type(e.ty) else {
             continue;
         };
-        let first = &k.options()[0];
+        let first = k.given_by();
         let given = args
             .devices
             .iter()
@@ -145,18 +144,18 @@ pub fn match_devices(image: &Image, args: &RunArgs) -> Result<(), LaunchError> {
         }
     }
     for o in &args.devices {
-        let (Some(name), Some(k)) = (&o.device, owner(o.option)) else {
+        let (Some(name), Some((owner, _))) = (&o.device, kind::option_owner(o.option)) else {
             continue;
         };
-        let declared = image
-            .manifest
-            .entries
-            .iter()
-            .any(|e| e.ty == k.mft_type() && &e.name == name);
+        // Declared, by a kind that takes the option (a `--block` option
+        // serves hvt block and virtio-blk devices alike).
+        let declared = image.manifest.entries.iter().any(|e| {
+            &e.name == name && kind::kind_of_type(e.ty).is_some_and(|k| k.takes(o.option))
+        });
         if !declared {
             return Err(LaunchError::Devices(format!(
                 "{} device '{name}' is not declared in the image's manifest",
-                k.name()
+                owner.name()
             )));
         }
     }
@@ -195,9 +194,11 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     let admitted = uk.clone();
     let state = StateDir::resolve(args.state_dir.as_deref());
     let _admitted = state.admit(args.name.as_ref(), &fallback, uk)?;
-    let ctx = kind::Context {
+    let mut ctx = kind::Context {
         admitted: &admitted,
         state_dir: state.path(),
+        image: &image,
+        mmio_slots_used: 0,
     };
 
     // Each kind attaches its devices; its module serves their hypercalls.
@@ -210,6 +211,7 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     })?;
     let mut info = Vec::new();
     let mut readiness = Vec::new();
+    let mut mmio = Vec::new();
     let mut modules: Vec<Box<dyn Module>> = vec![Box::new(Console::new(std::io::stdout()))];
     for kind in kind::kinds() {
         let attached = kind
@@ -217,6 +219,8 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
             .map_err(LaunchError::Device)?;
         info.extend(attached.info);
         readiness.extend(attached.readiness);
+        ctx.mmio_slots_used += attached.mmio.len();
+        mmio.extend(attached.mmio);
         modules.push(attached.module);
     }
     modules.push(Box::new(Poll::new(readiness)));
@@ -247,7 +251,15 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
         manifest: &manifest,
         solo5_hvt_boot: args.solo5_hvt_boot,
     };
-    let mut vm = Vm::new(&params, modules, Vec::new())?;
+    if args.solo5_hvt_boot && !mmio.is_empty() {
+        // solo5-hvt has no MMIO window, and its boot state maps none.
+        return Err(LaunchError::Devices(
+            "--x-solo5-hvt-boot: the image has virtio devices, which solo5-hvt's boot state \
+             cannot reach (solo5-hvt has no virtio)"
+                .into(),
+        ));
+    }
+    let mut vm = Vm::new(&params, modules, mmio)?;
     Ok(vm.run()?)
 }
 
@@ -306,6 +318,8 @@ mod tests {
         let ctx = kind::Context {
             admitted: &uk,
             state_dir: &dir,
+            image: &image,
+            mmio_slots_used: 0,
         };
         assert!(k.attach(&given_devices(&image, &given, k), &ctx).is_ok());
         let failing = args(&["--dummy:thing=fail", "img"]);

@@ -65,6 +65,12 @@ pub enum DeviceInfo {
         mac: [u8; 6],
         mtu: u16,
     },
+    /// A virtio device: where its registers are.
+    Virtio {
+        mmio_base: u64,
+        mmio_size: u32,
+        queue_max: u16,
+    },
     /// A kind whose entries carry no properties.
     Plain,
 }
@@ -218,6 +224,16 @@ impl Manifest {
                     _pad: [0; 6],
                 }),
                 DeviceInfo::Net { mac, mtu } => MftProps::from_net_basic(MftNetBasic { mac, mtu }),
+                DeviceInfo::Virtio {
+                    mmio_base,
+                    mmio_size,
+                    queue_max,
+                } => MftProps::from_virtio(crate::abi::MftVirtio {
+                    mmio_base,
+                    mmio_size,
+                    queue_max,
+                    _pad: 0,
+                }),
                 DeviceInfo::Plain => MftProps::ZERO,
             };
             *e = MftEntry {

@@ -382,8 +382,9 @@ impl BlockKind {
         Ok(())
     }
 
-    /// Open device `d` with its durability.
-    fn open(d: &Given, ctx: &Context) -> Result<Box<dyn Backend>, BlockError> {
+    /// Open device `d` with its durability (its `--block` options): the
+    /// backend of an hvt block device or a virtio-blk device.
+    pub(crate) fn open(d: &Given, ctx: &Context) -> Result<Box<dyn Backend>, BlockError> {
         Self::check(d)?;
         let (path, sector) = (Self::path(d), Self::sector_size(d));
         let home_err = |source| BlockError::Home {
@@ -504,6 +505,7 @@ impl DeviceKind for BlockKind {
             info,
             module: Box::new(Block::new(opened)),
             readiness: vec![],
+            mmio: vec![],
         })
     }
 }

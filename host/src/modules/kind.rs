@@ -81,6 +81,8 @@ pub struct Attached {
     pub module: Box<dyn Module>,
     /// What the POLL hypercall waits on for these devices.
     pub readiness: Vec<Box<dyn super::poll::Readiness>>,
+    /// Their register windows in the MMIO window, if they have any.
+    pub mmio: Vec<crate::vmm::bus::MmioRegion>,
 }
 
 /// What a kind's devices are attached with.
@@ -90,6 +92,12 @@ pub struct Context<'a> {
     pub admitted: &'a Unikernel,
     /// The state directory (`--state-dir`): block journals live in it.
     pub state_dir: &'a std::path::Path,
+    /// The image, for what its devices must not touch (its read-only and
+    /// executable segments).
+    pub image: &'a crate::loader::Image,
+    /// MMIO window slots taken by the kinds attached before this one: this
+    /// kind's devices take the next ones.
+    pub mmio_slots_used: usize,
 }
 
 /// A device that could not be given, admitted or attached. The message
@@ -102,9 +110,25 @@ pub trait DeviceKind: Sync {
     fn name(&self) -> &'static str;
     /// The manifest entry type (`mft_type`) its devices have.
     fn mft_type(&self) -> u32;
-    /// The options it owns. The first gives a device (`--block:NAME=PATH`);
-    /// every device the manifest declares must be given with it.
+    /// The options it owns (its help lists them).
     fn options(&self) -> &'static [OptionSpec];
+    /// The option that gives one of its devices: every device of the kind
+    /// that the manifest declares must be given with it. The first option
+    /// it owns, unless it takes another kind's (a virtio-blk device is
+    /// given with `--block:NAME=PATH`, as an hvt block device is).
+    fn given_by(&self) -> &'static OptionSpec {
+        &self.options()[0]
+    }
+    /// Options another kind owns that this kind's devices take too (the
+    /// owner checks their values; the manifest says which kind a device
+    /// is).
+    fn shares(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// Does a device of this kind take `option`?
+    fn takes(&self, option: &str) -> bool {
+        self.options().iter().any(|o| o.name == option) || self.shares().contains(&option)
+    }
     /// Check an option's value when the command line is parsed (its
     /// syntax only: no files, no devices). The error says what is wrong.
     fn check(&self, option: &str, value: &str) -> Result<(), String> {
@@ -122,6 +146,7 @@ pub trait DeviceKind: Sync {
 static KINDS: &[&dyn DeviceKind] = &[
     &super::block::KIND,
     &super::net::KIND,
+    &crate::devices::virtio::kind::KIND,
     #[cfg(test)]
     &tests::DUMMY,
 ];
@@ -242,6 +267,7 @@ pub(crate) mod tests {
                 info: vec![],
                 module: Box::new(DummyModule),
                 readiness: vec![],
+                mmio: vec![],
             })
         }
     }

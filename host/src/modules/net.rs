@@ -792,6 +792,7 @@ impl DeviceKind for NetKind {
             info,
             module: Box::new(net),
             readiness,
+            mmio: vec![],
         })
     }
 }

@@ -180,6 +180,28 @@ impl VirtioBlk {
             .then(|| (q.desc_table(), q.avail_ring(), q.used_ring(), q.size()))
     }
 
+    /// Is there something for the guest to see, as POLL asks: the device
+    /// needs a reset, or (with `VIRTIO_RING_F_EVENT_IDX`) the used ring's
+    /// index has passed the `used_event` the guest wrote, the index up to
+    /// which it has seen. `None` without EVENT_IDX: then only the ready
+    /// eventfd tells.
+    pub fn unseen(&self) -> Option<bool> {
+        if self.status() & super::status::DEVICE_NEEDS_RESET != 0 {
+            return Some(true);
+        }
+        if !self.transport.has_feature(features::RING_F_EVENT_IDX) {
+            return None;
+        }
+        let (Some(mem), Some((_, avail, used, size))) = (&self.mem, self.queue()) else {
+            return Some(false);
+        };
+        let at = |a: u64| mem.read_obj::<u16>(GuestAddress(a)).ok().map(u16::from_le);
+        let (Some(idx), Some(seen)) = (at(used + 2), at(avail + 4 + 2 * u64::from(size))) else {
+            return Some(false);
+        };
+        Some((idx.wrapping_sub(seen) as i16) > 0)
+    }
+
     /// Requests submitted to the backend and not completed yet.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()

@@ -30,18 +30,9 @@ pub mod blk;
 pub mod mmio;
 pub mod request;
 
-/// One device in the MMIO window, as the bus sees it.
-// TODO(integration): this is vmm::bus::MmioDevice
-pub trait MmioDevice: Send {
-    /// A guest read of `data.len()` bytes at `offset` into the device's window.
-    fn read(&mut self, offset: u64, data: &mut [u8]);
-    /// A guest write of `data` at `offset` into the device's window.
-    fn write(&mut self, offset: u64, data: &[u8]);
-    /// Guest memory, once the VM exists (before the guest runs).
-    fn attach_memory(&mut self, mem: vm_memory::GuestMemoryMmap) {
-        let _ = mem;
-    }
-}
+pub mod kind;
+
+pub use crate::vmm::bus::MmioDevice;
 
 /// Feature bits (virtio 1.x section 6 and 5.2.3).
 pub mod features {
