@@ -23,14 +23,20 @@ pub struct Writes {
     maybe: BTreeSet<u64>,
 }
 
-/// Parse `ack N off=S len=L` lines from a run's console output.
+/// Parse the acknowledgements in a run's console output: blkwriter's
+/// `ack N off=S len=L`, and vblk's `ack N sector=S` (a 4 KiB write: 8
+/// sectors of 512 bytes), as (write, first sector, sectors).
 pub fn acks(stdout: &str) -> Vec<(u64, u64, u64)> {
     stdout
         .lines()
         .filter_map(|l| {
             let mut w = l.strip_prefix("ack ")?.split(' ');
             let n = w.next()?.parse().ok()?;
-            let off = w.next()?.strip_prefix("off=")?.parse().ok()?;
+            let at = w.next()?;
+            if let Some(s) = at.strip_prefix("sector=") {
+                return Some((n, s.parse().ok()?, 8));
+            }
+            let off = at.strip_prefix("off=")?.parse().ok()?;
             let len = w.next()?.strip_prefix("len=")?.parse().ok()?;
             Some((n, off, len))
         })

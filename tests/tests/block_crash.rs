@@ -12,6 +12,9 @@
 //!   acknowledged write survives; with `--block-durability=none` (a plain
 //!   `pwrite`, as solo5-hvt does) writes are lost, which shows that the
 //!   test can tell the two apart.
+//! - Both again through virtio-blk, with the `vblk` guest keeping 32 writes
+//!   in flight (`ack N sector=S` per completed write; any of the 32 in
+//!   flight at the kill may or may not be on the disk).
 
 #[path = "../writes.rs"]
 mod writes;
@@ -49,24 +52,53 @@ impl Rng {
 
 const SECTOR: u64 = 512;
 
-/// `tt-host run` of blkwriter on `image`, with `extra` tt-host options.
-fn writer(state: &std::path::Path, image: &str, extra: &[&str], guest_args: &[String]) -> Command {
+/// Which guest writes: blkwriter on the hvt block device (one write at a
+/// time), or vblk on a virtio-blk device keeping `depth` writes in flight.
+#[derive(Clone, Copy)]
+enum Guest {
+    Hvt,
+    Virtio { depth: u64 },
+}
+
+/// `tt-host run` of the writer on `image`, with `extra` tt-host options.
+fn writer(
+    state: &std::path::Path,
+    image: &str,
+    extra: &[&str],
+    guest_args: &[String],
+    g: Guest,
+) -> Command {
     let mut cmd = Command::new(tt_host());
     cmd.arg("run")
-        .arg("--mem=16")
-        .arg(format!("--state-dir={}", state.display()))
-        .arg(format!("--block:storage={image}"))
-        .args(extra)
-        .arg(guest("blkwriter"))
-        .arg("--")
-        .args(guest_args);
+        .arg("--mem=32")
+        .arg(format!("--state-dir={}", state.display()));
+    match g {
+        Guest::Hvt => cmd
+            .arg(format!("--block:storage={image}"))
+            .args(extra)
+            .arg(guest("blkwriter"))
+            .arg("--"),
+        Guest::Virtio { depth } => cmd
+            .arg(format!("--block:disk={image}"))
+            .args(extra)
+            .arg(guest("vblk"))
+            .arg("--")
+            .arg("ack")
+            .arg(format!("depth={depth}")),
+    };
+    cmd.args(guest_args);
     cmd
 }
 
-/// Run blkwriter until it has acknowledged at least one write, then for a
+/// Run a writer until it has acknowledged at least one write, then for a
 /// random time more, then SIGKILL it. Returns its acknowledged writes and
-/// the number of the write that may have been in flight.
-fn run_and_kill(cmd: &mut Command, rng: &mut Rng, start: u64) -> (Vec<(u64, u64, u64)>, u64) {
+/// the numbers of the writes that may have been in flight.
+fn run_and_kill(
+    cmd: &mut Command,
+    rng: &mut Rng,
+    start: u64,
+    depth: u64,
+) -> (Vec<(u64, u64, u64)>, Vec<u64>) {
     let mut child = Guard(
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -108,9 +140,13 @@ fn run_and_kill(cmd: &mut Command, rng: &mut Rng, start: u64) -> (Vec<(u64, u64,
         panic!("the guest failed:\n{out}");
     }
     let acked = acks(&out);
-    // The guest writes one request at a time: the one after the last
-    // acknowledged one may have been in flight.
-    let last = acked.last().map_or(start, |a| a.0 + 1);
+    // Up to `depth` writes are in flight, numbered in submission order:
+    // every write up to `depth` past the highest acknowledged one that was
+    // not acknowledged may have reached the disk.
+    let top = acked.iter().map(|a| a.0).max().unwrap_or(start) + depth;
+    let last: Vec<u64> = (start..=top)
+        .filter(|n| !acked.iter().any(|a| a.0 == *n))
+        .collect();
     (acked, last)
 }
 
@@ -139,7 +175,12 @@ fn crash_rounds(
     extra: &[&str],
     maxlens: &[u64],
     tolerate: bool,
+    g: Guest,
 ) -> Option<Vec<String>> {
+    let depth = match g {
+        Guest::Hvt => 1,
+        Guest::Virtio { depth } => depth,
+    };
     let image = disk.dir().join("disk.img");
     std::fs::write(&image, vec![0u8; 4 << 20]).unwrap();
     sync_new_file(&image);
@@ -155,23 +196,29 @@ fn crash_rounds(
         let start = writes.last() + 1;
         let maxlen = maxlens[round as usize % maxlens.len()];
         let args = |count: u64| {
-            vec![
+            let mut a = vec![
                 format!("seed={}", rng.0 ^ round),
                 format!("start={start}"),
                 format!("count={count}"),
-                format!("maxlen={maxlen}"),
-            ]
+            ];
+            if matches!(g, Guest::Hvt) {
+                a.push(format!("maxlen={maxlen}"));
+            }
+            a
         };
         let (acked, inflight) = run_and_kill(
-            &mut writer(&state, &image, extra, &args(0)),
+            &mut writer(&state, &image, extra, &args(0), g),
             &mut rng,
             start,
+            depth,
         );
         disk.after_kill();
         for (n, off, len) in acked {
             writes.ack(n, off, len);
         }
-        writes.maybe(inflight);
+        for n in inflight {
+            writes.maybe(n);
+        }
         // Start again on the same image: replay, one write, halt.
         let start = writes.last() + 1;
         let clean = tt_with(&mut writer(
@@ -183,6 +230,7 @@ fn crash_rounds(
                 format!("start={start}"),
                 "count=1".into(),
             ],
+            g,
         ));
         assert_eq!(clean.status, 0, "round {round}: restart failed: {clean:?}");
         for (n, off, len) in acks(&clean.stdout) {
@@ -230,7 +278,7 @@ fn every_acknowledged_write_survives_sigkill() {
         return;
     }
     let mut dir = Scratch::new("blkcrash");
-    crash_rounds(&mut dir, rounds(), &[], &[8, 64, 4096], false);
+    crash_rounds(&mut dir, rounds(), &[], &[8, 64, 4096], false, Guest::Hvt);
 }
 
 /// The image and state directory on tt-lazyfs: a power cut after each
@@ -277,7 +325,7 @@ fn every_acknowledged_write_survives_a_power_cut() {
     let Some(mut disk) = PowerCut::new() else {
         return;
     };
-    crash_rounds(&mut disk, 20, &[], &[8, 64, 4096], false);
+    crash_rounds(&mut disk, 20, &[], &[8, 64, 4096], false, Guest::Hvt);
 }
 
 /// Without the journal (solo5-hvt's plain `pwrite`), a power cut loses
@@ -290,8 +338,63 @@ fn without_the_journal_a_power_cut_loses_acknowledged_writes() {
     let Some(mut disk) = PowerCut::new() else {
         return;
     };
-    let problems = crash_rounds(&mut disk, 5, &["--block-durability=none"], &[8], true);
+    let problems = crash_rounds(
+        &mut disk,
+        5,
+        &["--block-durability=none"],
+        &[8],
+        true,
+        Guest::Hvt,
+    );
     let problems = problems.expect("no acknowledged write was lost without the journal");
+    assert!(
+        problems.iter().any(|p| p.contains("want write Some")),
+        "{problems:?}"
+    );
+}
+
+/// The power cut again, with the writes going through virtio-blk, 32 in
+/// flight: every completed request is on the image after the restart.
+#[test]
+fn every_completed_virtio_write_at_depth_32_survives_a_power_cut() {
+    if !kvm() {
+        return;
+    }
+    let Some(mut disk) = PowerCut::new() else {
+        return;
+    };
+    crash_rounds(&mut disk, 20, &[], &[0], false, Guest::Virtio { depth: 32 });
+}
+
+/// And SIGKILL alone, with virtio-blk at depth 32.
+#[test]
+fn every_completed_virtio_write_at_depth_32_survives_sigkill() {
+    if !kvm() {
+        return;
+    }
+    let mut dir = Scratch::new("vblkcrash");
+    crash_rounds(&mut dir, 30, &[], &[0], false, Guest::Virtio { depth: 32 });
+}
+
+/// Without the journal, the virtio path loses completed writes in a power
+/// cut: the test above can fail.
+#[test]
+fn without_the_journal_a_power_cut_loses_completed_virtio_writes() {
+    if !kvm() {
+        return;
+    }
+    let Some(mut disk) = PowerCut::new() else {
+        return;
+    };
+    let problems = crash_rounds(
+        &mut disk,
+        5,
+        &["--block-durability=none"],
+        &[0],
+        true,
+        Guest::Virtio { depth: 32 },
+    );
+    let problems = problems.expect("no completed write was lost without the journal");
     assert!(
         problems.iter().any(|p| p.contains("want write Some")),
         "{problems:?}"

@@ -204,3 +204,36 @@ fn solo5_net_mtu_image_sees_the_taps_mtu() {
     assert!(r.stdout.contains("MTU is 9000"), "{r:?}");
     expect_success(&r);
 }
+
+/// An image that asks for a virtio-blk device (tt-host's manifest type)
+/// is refused cleanly by the real solo5-hvt, which does not know the type,
+/// instead of running without its disk: given no disk, the device is
+/// "declared but not attached"; given one with `--block`, that name is no
+/// block device of the manifest.
+#[test]
+fn solo5_hvt_refuses_a_virtio_image_cleanly() {
+    let Some(t) = solo5_tests() else { return };
+    let hvt = t.join("../tenders/hvt/solo5-hvt");
+    let dir = Scratch::new("solo5virtio");
+    let disk = dir.file("disk.img", &vec![0u8; 1 << 20]);
+    let r = tt_with(
+        Command::new(&hvt)
+            .args(["--mem=64", "--"])
+            .arg(guest("vblk")),
+    );
+    assert_eq!(r.status, 1, "{r:?}");
+    assert!(r.stderr.contains("declared but not attached"), "{r:?}");
+    let r = tt_with(
+        Command::new(&hvt)
+            .arg("--mem=64")
+            .arg(format!("--block:disk={}", disk.display()))
+            .arg("--")
+            .arg(guest("vblk")),
+    );
+    assert_eq!(r.status, 1, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("Resource not declared in manifest: 'disk'"),
+        "{r:?}"
+    );
+}
