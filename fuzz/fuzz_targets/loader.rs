@@ -116,7 +116,19 @@ fn check_layout(mem_size: u64, image: &Image) {
             .get(o..o + 8)
             .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
     };
-    let ptes = (low.bytes.len() as u64 + layout::GDT_BASE - layout::PT_BASE) / 8;
+    // The image's page tables, then the MMIO window's page directory and
+    // page table (2 pages, as layout.rs places them).
+    let window = 2 * layout::PAGE;
+    let tables_end = layout::GDT_BASE + low.bytes.len() as u64;
+    let ptes = (tables_end - window - layout::PT_BASE) / 8;
+    // The window's leaf entries: its device pages, never executable.
+    for k in 0..layout::PAGE / 8 {
+        let pte = entry(tables_end - layout::PAGE + k * 8).unwrap();
+        assert!(
+            pte & layout::PTE_P == 0 || pte & layout::PTE_NX != 0,
+            "MMIO window page {k} is executable (pte {pte:#x})"
+        );
+    }
     for page in 0..ptes {
         let pte = entry(layout::PT_BASE + page * 8).unwrap();
         let present = pte & layout::PTE_P != 0;

@@ -327,10 +327,10 @@ fuzz_target!(|data: &[u8]| {
                             continue;
                         }
                         let sector = u64_at(m, hdr + 8).unwrap_or(0);
-                        let total: u64 = chain[1..chain.len().saturating_sub(1)]
-                            .iter()
-                            .map(|c| u64::from(c.1))
-                            .sum();
+                        // Data descriptors: between the header and the
+                        // status (none in a chain of one or two).
+                        let data = chain.get(1..chain.len().saturating_sub(1)).unwrap_or(&[]);
+                        let total: u64 = data.iter().map(|c| u64::from(c.1)).sum();
                         outs.push(range(sector.saturating_mul(512), total));
                     }
                 }
