@@ -9,19 +9,20 @@
 //! block allocation in the timings) and tt-host's state directory, where
 //! the journals' rings go; removed at the end.
 //!
-//! Interleaved rounds (the disk's speed drifts within minutes). Each round
-//! runs, in turn: the host loop of `pwrite`+`fdatasync` per 4 KiB
-//! (`base1`), one `blkbench` guest writing through the hvt BLOCK_WRITE
-//! path (queue depth 1), the host `pread` loop of 64 KiB over the read
-//! image (`pread`), then the two ceilings (`ceil32`: one 32 x 4 KiB
-//! `pwrite` and one `fdatasync` per 32 writes; `ceil32+perform`: the same
-//! plus what the journal's perform adds, 32 random 4 KiB `pwrite`s to an
-//! image file and its `fdatasync`), one `vblk randwrite` guest (queue
-//! depth 32, journal) and one `vblk seqread` guest (64 KiB at queue depth
-//! 8). A last `base1`, `blkbench` and `pread` close the final round. A
-//! round's vblk figures are divided by the mean of the same reference
-//! measured just before and just after it; the verdicts use the median
-//! over the rounds.
+//! Interleaved rounds (the disk's speed changes several-fold within
+//! seconds on this machine). Each round runs, in turn: one `blkbench`
+//! guest writing through the hvt BLOCK_WRITE path (queue depth 1,
+//! `hvt`), the host loop of `pwrite`+`fdatasync` per 4 KiB (`base1`),
+//! each for 300 ms, one `vblk randwrite` guest (queue depth 32, journal),
+//! `base1` and `hvt` again; then the two ceilings (`ceil32`: one
+//! 32 x 4 KiB `pwrite` and one `fdatasync` per 32 writes;
+//! `ceil32+perform`: the same plus what the journal's perform adds, 32
+//! random 4 KiB `pwrite`s to an image file and its `fdatasync`); then the
+//! host `pread` loop of 64 KiB over the read image (`pread`), one `vblk
+//! seqread` guest (64 KiB at queue depth 8) on that image, and `pread`
+//! again. A round's vblk figures are divided by the mean of the same
+//! reference measured just before and just after them; the verdicts use
+//! the median over the rounds.
 //!
 //! 1. durable 4 KiB random writes at queue depth 32 >= 10 x `base1`;
 //! 2. the same >= 5 x `blkbench` (hvt BLOCK_WRITE, queue depth 1);
@@ -47,8 +48,10 @@ const DEPTH: u64 = 32;
 const DEFAULT_ROUNDS: usize = 7;
 /// Writes per `vblk randwrite` run.
 const DEFAULT_WRITES: u64 = 4000;
-/// Writes per `base1` and per `blkbench` run.
-const SLOW_WRITES: u64 = 1000;
+/// How long each `base1` loop and each `blkbench` guest writes (the
+/// disk's speed changes within seconds: the references stay short and
+/// next to the run they judge).
+const WINDOW: Duration = Duration::from_millis(300);
 /// Reads of [`READ_SIZE`] per `seqread` run and per `pread` loop.
 const READS: u64 = 4096;
 const READ_SIZE: u64 = 64 << 10;
@@ -212,8 +215,19 @@ impl Setup {
         )
     }
 
-    fn hvt_write(&self, n: u64) -> Result<GuestRun, String> {
-        let args = ["write".into(), n.to_string(), "seed=1".into()];
+    /// blkbench writing for [`WINDOW`] once booted (about 50 ms allowed).
+    fn hvt_write(&self) -> Result<GuestRun, String> {
+        let until = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            + WINDOW
+            + Duration::from_millis(50);
+        let args = [
+            "write".into(),
+            u64::MAX.to_string(),
+            "seed=1".into(),
+            format!("until={}", until.as_nanos()),
+        ];
         self.guest(
             &self.blkbench,
             "storage",
@@ -239,12 +253,14 @@ fn io(what: &str) -> impl Fn(std::io::Error) -> String + '_ {
 }
 
 /// `base1`: 4 KiB `pwrite` at a random 4 KiB-aligned offset, then
-/// `fdatasync`, `n` times. Writes/s.
-fn base1(f: &File, seed: u64, n: u64) -> Result<f64, String> {
+/// `fdatasync`, for `window`. Writes/s.
+fn base1(f: &File, seed: u64, window: Duration) -> Result<f64, String> {
     let mut rng = seed;
     let buf = vec![0x5au8; BS as usize];
     let t = Instant::now();
-    for _ in 0..n {
+    let mut n = 0u64;
+    while t.elapsed() < window {
+        n += 1;
         let off = next(&mut rng) % (FILE_BYTES / BS) * BS;
         f.write_all_at(&buf, off).map_err(io("baseline pwrite"))?;
         f.sync_data().map_err(io("baseline fdatasync"))?;
@@ -339,11 +355,12 @@ struct Rounds {
     read: Vec<GuestRun>,
 }
 
-/// `xs[i]` over the mean of `base[i]` and `base[i + 1]`.
+/// `xs[i]` over the mean of `base[2i]` and `base[2i + 1]` (measured
+/// just before and just after it).
 fn ratios(xs: &[f64], base: &[f64]) -> Vec<f64> {
     xs.iter()
         .enumerate()
-        .map(|(i, x)| x / ((base[i] + base[i + 1]) / 2.0))
+        .map(|(i, x)| x / ((base[2 * i] + base[2 * i + 1]) / 2.0))
         .collect()
 }
 
@@ -377,18 +394,19 @@ pub fn run(o: &Opts) -> Result<Vec<Verdict>, String> {
 fn measure(s: &Setup, rounds: usize, writes: u64) -> Result<Rounds, String> {
     println!(
         "== vblk: {rounds} interleaved rounds; {writes} random 4 KiB writes at depth {DEPTH} per \
-         vblk run, {SLOW_WRITES} per base1 and blkbench run, {READS} reads of {} KiB at depth \
+         vblk run, {} ms per base1 and blkbench run, {READS} reads of {} KiB at depth \
          {READ_DEPTH} per read run ==",
+        WINDOW.as_millis(),
         READ_SIZE >> 10
     );
     // Untimed: creates both images' rings (zero-filled), warms the
     // binaries and brings the read image into the page cache (the host
     // loop and the guest read the same file).
     let boot = s.randwrite(0, 99)?;
-    s.hvt_write(50)?;
+    s.hvt_write()?;
     s.seqread()?;
     pread_loop(&s.read_file)?;
-    base1(&s.base, 9, 50)?;
+    base1(&s.base, 9, Duration::from_millis(50))?;
     println!(
         "a vblk run with no requests: {} KVM_RUN returns ({} hypercalls, {} MMIO exits)",
         boot.run_returns, boot.hypercalls, boot.mmio
@@ -407,43 +425,49 @@ fn measure(s: &Setup, rounds: usize, writes: u64) -> Result<Rounds, String> {
         "vblk MB/s"
     );
     let mut r = Rounds::default();
-    let refs = |r: &mut Rounds| -> Result<(), String> {
-        r.base1.push(base1(&s.base, 1, SLOW_WRITES)?);
-        r.hvt.push(s.hvt_write(SLOW_WRITES)?.rate());
-        r.pread.push(pread_loop(&s.read_file)?);
-        Ok(())
-    };
+    // Each round: hvt, base1, the vblk writes, base1, hvt (the references
+    // on both sides, closest first); the ceilings; pread, the vblk reads,
+    // pread.
     for i in 0..rounds {
-        refs(&mut r)?;
-        r.ceil.push(ceiling(&s.ring, None, 1, writes)?);
+        let seed = i as u64 + 1;
+        r.hvt.push(s.hvt_write()?.rate());
+        r.base1.push(base1(&s.base, seed, WINDOW)?);
+        r.write.push(s.randwrite(writes, seed)?);
+        r.base1.push(base1(&s.base, seed + 100, WINDOW)?);
+        r.hvt.push(s.hvt_write()?.rate());
+        r.ceil.push(ceiling(&s.ring, None, seed, writes)?);
         r.ceil_perform
-            .push(ceiling(&s.ring, Some(&s.perform), 1, writes)?);
-        r.write.push(s.randwrite(writes, i as u64 + 1)?);
+            .push(ceiling(&s.ring, Some(&s.perform), seed, writes)?);
+        r.pread.push(pread_loop(&s.read_file)?);
         r.read.push(s.seqread()?);
+        r.pread.push(pread_loop(&s.read_file)?);
         let (w, rd) = (&r.write[i], &r.read[i]);
+        let mean = |v: &[f64]| (v[2 * i] + v[2 * i + 1]) / 2.0;
         println!(
             "{:>5} {:>8.0} {:>8.0} {:>8.0} {:>9.0} {:>8.0} {:>8.3} {:>7.1} {:>8.0} {:>8.0}",
             i + 1,
-            r.base1[i],
-            r.hvt[i],
+            mean(&r.base1),
+            mean(&r.hvt),
             r.ceil[i],
             r.ceil_perform[i],
             w.rate(),
             w.exits_per_req(),
             w.cpu_us(),
-            r.pread[i],
+            mean(&r.pread),
             rd.mb_s()
         );
     }
-    refs(&mut r)?;
-    println!(
-        "closing references: base1 {:.0}/s, hvt {:.0}/s, pread {:.0} MB/s",
-        r.base1[rounds], r.hvt[rounds], r.pread[rounds]
-    );
     Ok(r)
 }
 
 fn report(r: &Rounds) -> Result<Vec<Verdict>, String> {
+    let tail = |v: &[f64]| list(v, 0);
+    println!(
+        "references (before, after each round): base1/s {}; hvt/s {}; pread MB/s {}",
+        tail(&r.base1),
+        tail(&r.hvt),
+        tail(&r.pread)
+    );
     let rates: Vec<f64> = r.write.iter().map(GuestRun::rate).collect();
     let mb: Vec<f64> = r.read.iter().map(GuestRun::mb_s).collect();
     let w_base = ratios(&rates, &r.base1);
