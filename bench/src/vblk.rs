@@ -546,3 +546,34 @@ fn report(r: &Rounds) -> Result<Vec<Verdict>, String> {
         ),
     ])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_and_stats_lines_are_parsed_and_a_missing_field_is_refused() {
+        let out = "vblk: capacity 65536\nvblk: randwrite count=4000 depth=32 bytes=16384000 \
+                   ns=200000000\nvblk: OK\n";
+        let mut g = parse_line(out, "vblk: ", "randwrite").expect("result line");
+        assert_eq!((g.count, g.bytes, g.ns), (4000, 16_384_000, 200_000_000));
+        assert!((g.rate() - 20_000.0).abs() < 1e-6);
+        let err = "tt-host: stats: run_returns=200 hypercalls=162 mmio_exits=38\n";
+        assert!(parse_stats(err, &mut g).is_some());
+        assert_eq!((g.run_returns, g.hypercalls, g.mmio), (200, 162, 38));
+        assert!((g.exits_per_req() - 0.05).abs() < 1e-9);
+        // Another mode's line, or a line without ns=, is not a result.
+        assert!(parse_line(out, "vblk: ", "seqread").is_none());
+        assert!(parse_line("vblk: seqread count=1 bytes=2\n", "vblk: ", "seqread").is_none());
+        assert!(parse_stats("tt-host: stats: run_returns=1\n", &mut g).is_none());
+    }
+
+    #[test]
+    fn each_figure_is_judged_against_the_references_on_both_sides() {
+        // Round 0 between 100 and 300, round 1 between 50 and 150.
+        assert_eq!(
+            ratios(&[400.0, 300.0], &[100.0, 300.0, 50.0, 150.0]),
+            [2.0, 3.0]
+        );
+    }
+}
