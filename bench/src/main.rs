@@ -19,6 +19,11 @@
 //!   doing `pwrite`+`fdatasync`; reads of unapplied against applied data;
 //!   where a write's time goes (see [`blk`]). Targets: >= 0.8x, >= 0.8x,
 //!   <= 2x. Not part of `all` (it writes about 1 GiB to the disk).
+//! - `vblk`: virtio-blk (issue 15): durable 4 KiB random writes at queue
+//!   depth 32 against `pwrite`+`fdatasync` per 4 KiB (>= 10x) and against
+//!   the hvt path (>= 5x), with the batching ceilings; exits per request
+//!   (< 0.1); 64 KiB sequential reads at depth 8 against a host `pread`
+//!   loop (>= 0.5x). See [`vblk`]. Not part of `all`.
 //!
 //! Each prints a table and its verdict. Only with `--check` does a missed
 //! target make the exit status non-zero (2); errors always exit 1.
@@ -33,6 +38,7 @@ mod minimal;
 mod rawvm;
 mod rss;
 mod stats;
+mod vblk;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -47,12 +53,14 @@ usage:
   tt-bench rss       [--runs N] [--tt-host PATH] [--image PATH] [--expect-status S] [--check]
   tt-bench blk       [--runs ROUNDS] [--iters WRITES] [--tt-host PATH] [--image PATH]
                      [--compare TT_HOST] [--check]
+  tt-bench vblk      [--runs ROUNDS] [--iters WRITES] [--tt-host PATH] [--image PATH] [--check]
   tt-bench all       [--check]
 
 defaults (relative to the workspace root):
   --tt-host target/release/tt-host
-  --image   guest-sdk/target/release/{hello,compute,hcall,blkbench}
-blk puts its files in $TT_BLK_BENCH_DIR, default target/tt-blk-bench (removed at the end).
+  --image   guest-sdk/target/release/{hello,compute,hcall,blkbench,vblk}
+blk puts its files in $TT_BLK_BENCH_DIR, default target/tt-blk-bench (removed at the end);
+vblk in $TT_VBLK_BENCH_DIR, default target/tt-vblk-bench (also needs blkbench built).
   --expect-status 0 (the guest's exit status; a run that ends otherwise is an error)
 
 --check: exit with status 2 if a target is missed (default: only report).";
@@ -194,7 +202,7 @@ fn dispatch(args: &[String]) -> Result<Vec<Verdict>, String> {
     };
     if matches!(
         cmd,
-        Some("launch" | "compute" | "hypercall" | "rss" | "blk" | "all")
+        Some("launch" | "compute" | "hypercall" | "rss" | "blk" | "vblk" | "all")
     ) {
         machine();
     }
@@ -218,6 +226,10 @@ fn dispatch(args: &[String]) -> Result<Vec<Verdict>, String> {
         Some("blk") => {
             let o = parse(rest, &with(&["--runs", "--iters", "--compare", "--check"]))?;
             (blk::run(&o)?, o.check)
+        }
+        Some("vblk") => {
+            let o = parse(rest, &with(&["--runs", "--iters", "--check"]))?;
+            (vblk::run(&o)?, o.check)
         }
         Some("all") => {
             let o = parse(rest, &["--check"])?;

@@ -260,7 +260,15 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
         ));
     }
     let mut vm = Vm::new(&params, modules, mmio)?;
-    Ok(vm.run()?)
+    let status = vm.run();
+    if std::env::var_os("TT_HOST_STATS").is_some_and(|v| v == "1") {
+        // Opt-in, for tt-bench: the run's exits from tt-host's own counters.
+        eprintln!(
+            "tt-host: stats: run_returns={} hypercalls={} mmio_exits={}",
+            vm.run_returns, vm.exits, vm.mmio_exits
+        );
+    }
+    Ok(status?)
 }
 
 #[cfg(test)]

@@ -103,6 +103,9 @@ pub struct Vm {
     pub exits: u64,
     /// Number of MMIO exits served by devices so far.
     pub mmio_exits: u64,
+    /// Every return of KVM_RUN to tt-host so far (hypercalls, MMIO,
+    /// signals and anything else): the exits to user space.
+    pub run_returns: u64,
 }
 
 fn segment(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
@@ -378,6 +381,7 @@ impl Vm {
             route,
             exits: 0,
             mmio_exits: 0,
+            run_returns: 0,
         })
     }
 
@@ -421,7 +425,9 @@ impl Vm {
             if let Some(sig) = signal::received() {
                 return Err(VmError::Signal(sig));
             }
-            let exit = match self.vcpu.run() {
+            let exit = self.vcpu.run();
+            self.run_returns += 1;
+            let exit = match exit {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
                 Err(e) if e.errno() == libc::EFAULT => {

@@ -13,6 +13,16 @@
 //! completed with status OK (so, under tt-host's journal, once it is
 //! durable). Ends with `vblk: done`.
 //!
+//! `vblk randwrite [depth=N] [count=M] [seed=S]` (defaults 32, 2000, 1)
+//! and `vblk seqread [depth=N] [count=M] [size=B]` (defaults 8, 2048,
+//! 65536): the benchmark modes `tt-bench vblk` runs. randwrite writes M
+//! 4 KiB blocks at random 4 KiB-aligned offsets (splitmix64, as
+//! `blkbench`), N in flight, each carrying only its number (cheap to
+//! fill); seqread reads M requests of B bytes in order from the start of
+//! the disk, wrapping at its end, N in flight, unchecked. Both time the
+//! loop with the TSC and print one line,
+//! `vblk: MODE count=C depth=N bytes=B ns=E`, then `vblk: OK`.
+//!
 //! Every 512-byte sector written holds what the `blkwriter` example
 //! writes: the magic `TTWRITE1`, the write's number, the sector's own
 //! index on the disk, an FNV-1a 64 checksum of the rest, then bytes
@@ -86,8 +96,16 @@ fn arg(key: &str, default: u64) -> Result<u64, String> {
 }
 
 fn app_main() -> i32 {
-    let ack = tt_guest::boot::args().any(|a| a == "ack");
-    let r = if ack { ack_mode() } else { verify_mode() };
+    let has = |m: &str| tt_guest::boot::args().any(|a| a == m);
+    let r = if has("ack") {
+        ack_mode()
+    } else if has("randwrite") {
+        randwrite_mode()
+    } else if has("seqread") {
+        seqread_mode()
+    } else {
+        verify_mode()
+    };
     match r {
         Ok(()) => 0,
         Err(e) => {
@@ -270,5 +288,90 @@ fn ack_mode() -> Result<(), String> {
         }
     }
     println!("vblk: done");
+    Ok(())
+}
+
+/// The benchmark modes' result line.
+fn report(mode: &str, count: u64, depth: u64, bytes: u64, ns: u64) {
+    println!(
+        "vblk: {} count={} depth={} bytes={} ns={}",
+        mode, count, depth, bytes, ns
+    );
+    println!("vblk: OK");
+}
+
+/// Run `count` requests of `size` bytes, `depth` in flight; `submit`
+/// puts request number `i` on the queue with the buffer it is given.
+/// Returns the loop's time in ns.
+fn pump(
+    disk: &mut VirtioBlk,
+    depth: u64,
+    count: u64,
+    size: usize,
+    mut submit: impl FnMut(&mut VirtioBlk, u64, Vec<u8>) -> Result<(), String>,
+) -> Result<u64, String> {
+    let mut out: Vec<Completion> = (0..depth).map(|_| Completion::EMPTY).collect();
+    let mut pool: Vec<Vec<u8>> = (0..depth).map(|_| vec![0u8; size]).collect();
+    let t0 = Instant::now();
+    let (mut i, mut done) = (0u64, 0u64);
+    while done < count {
+        while i < count && (disk.in_flight() as u64) < depth {
+            let buf = pool.pop().unwrap_or_else(|| vec![0u8; size]);
+            submit(disk, i, buf)?;
+            i += 1;
+        }
+        let n = wait(disk, &mut out)?;
+        for c in &mut out[..n] {
+            c.result
+                .map_err(|e| format!("request at sector {}: {e}", c.sector))?;
+            pool.push(core::mem::take(&mut c.buf));
+            done += 1;
+        }
+    }
+    Ok(t0.elapsed().as_nanos() as u64)
+}
+
+fn randwrite_mode() -> Result<(), String> {
+    let depth = arg("depth", 32)?;
+    let count = arg("count", 2000)?;
+    let mut rng = arg("seed", 1)?;
+    let mut disk = open(depth)?;
+    let blocks = disk.capacity_sectors() / SECTORS_PER_BLOCK;
+    if blocks == 0 {
+        return Err("the disk holds no 4 KiB block".into());
+    }
+    let ns = pump(&mut disk, depth, count, BLOCK, |disk, i, mut buf| {
+        let sector = next(&mut rng) % blocks * SECTORS_PER_BLOCK;
+        buf[..8].copy_from_slice(&i.to_le_bytes());
+        disk.submit_write(sector, buf)
+            .map(|_| ())
+            .map_err(|r| format!("submit write {i} at sector {sector}: {}", r.error))
+    })?;
+    report("randwrite", count, depth, count * BLOCK as u64, ns);
+    Ok(())
+}
+
+fn seqread_mode() -> Result<(), String> {
+    let depth = arg("depth", 8)?;
+    let count = arg("count", 2048)?;
+    let size = arg("size", 65536)?;
+    let mut disk = open(depth)?;
+    if size == 0 || size % 512 != 0 || size > 1 << 20 {
+        return Err(format!(
+            "size={size}: must be a multiple of 512 up to 1 MiB"
+        ));
+    }
+    let per = size / 512;
+    let slots = disk.capacity_sectors() / per;
+    if slots == 0 {
+        return Err(format!("size={size}: larger than the disk"));
+    }
+    let ns = pump(&mut disk, depth, count, size as usize, |disk, i, buf| {
+        let sector = i % slots * per;
+        disk.submit_read(sector, buf)
+            .map(|_| ())
+            .map_err(|r| format!("submit read {i} at sector {sector}: {}", r.error))
+    })?;
+    report("seqread", count, depth, count * size, ns);
     Ok(())
 }
