@@ -15,13 +15,15 @@
 //!   the launch ([`admission`]: the policy tree of [`resources`], kept in a
 //!   state directory shared by all `tt-host` processes, checked against
 //!   every ancestor's policy before any device or VM exists), attach the
-//!   devices;
+//!   devices (each device kind attaches its own: [`modules::kind`]);
 //! - [`vmm`]: create the KVM VM and vCPU, lay out guest memory and page
 //!   tables (W^X from the ELF segment flags), run the vCPU;
 //! - [`block`]: the block layer: request checks, plain and journaled backends;
 //! - [`devices`]: guest devices in the MMIO window (virtio-mmio, virtio-blk);
-//! - [`modules`]: the hypercall handlers, one module per device kind
-//!   (console and time, block, net), in the spirit of Solo5's tender modules.
+//! - [`modules`]: device kinds ([`modules::kind`]: each owns its
+//!   command-line options, admission and attach, as Solo5's tender modules
+//!   do) and the hypercall handlers (console and time, block, net, POLL
+//!   over every device's readiness).
 //!
 //! The admission's reservation is released when the launch ends.
 //! [`abi`] holds the shared layouts. docs/ABI.md says what a guest may rely on.
