@@ -278,8 +278,11 @@ fuzz_target!(|data: &[u8]| {
                     }
                 }
             }
-            // A lone completion's status byte holds a status.
-            if new == 1 {
+            // A lone completion's status byte holds a status (unless the
+            // device gave up in this step: after DEVICE_NEEDS_RESET the
+            // guest must reset it, and which entries are new is not
+            // modelled).
+            if new == 1 && dev.status() & status::DEVICE_NEEDS_RESET == 0 {
                 let h = heads[0];
                 let (wb, wa) = (walk(&before, d, size, h), walk(&after, d, size, h));
                 if let (true, Some(&(st, _, _))) = (wb == wa, wb.last()) {
