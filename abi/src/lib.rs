@@ -70,6 +70,7 @@ macro_rules! abi_struct {
 
 mod mft;
 pub use mft::*;
+pub mod virtio;
 
 /// The hvt ABI version (`HVT_ABI_VERSION`) this crate describes.
 pub const ABI_VERSION: u32 = 2;

@@ -86,24 +86,25 @@ pub use regs::{Mmio, Transport};
 use ring::{Ring, DESC_F_NEXT, DESC_F_WRITE, USED_F_NO_NOTIFY};
 
 /// Bytes per virtio-blk sector: request offsets and lengths are in these.
-pub const SECTOR_SIZE: u64 = 512;
+pub const SECTOR_SIZE: u64 = tt_hvt_abi::virtio::blk::SECTOR;
 /// Bytes of the device ID a GET_ID request returns.
-pub const ID_LEN: usize = 20;
+pub const ID_LEN: usize = tt_hvt_abi::virtio::blk::ID_LEN;
 
-/// Feature bits.
+/// Feature bits, as masks of tt-hvt-abi's bit numbers.
 pub mod feature {
+    use tt_hvt_abi::virtio::feature as bit;
     /// `VIRTIO_BLK_F_SEG_MAX`: `seg_max` in the config is valid.
-    pub const BLK_SEG_MAX: u64 = 1 << 2;
+    pub const BLK_SEG_MAX: u64 = 1 << bit::BLK_F_SEG_MAX;
     /// `VIRTIO_BLK_F_RO`: the device is read-only.
-    pub const BLK_RO: u64 = 1 << 5;
+    pub const BLK_RO: u64 = 1 << bit::BLK_F_RO;
     /// `VIRTIO_BLK_F_BLK_SIZE`: `blk_size` in the config is valid.
-    pub const BLK_SIZE: u64 = 1 << 6;
+    pub const BLK_SIZE: u64 = 1 << bit::BLK_F_BLK_SIZE;
     /// `VIRTIO_BLK_F_FLUSH`: FLUSH requests are served.
-    pub const BLK_FLUSH: u64 = 1 << 9;
+    pub const BLK_FLUSH: u64 = 1 << bit::BLK_F_FLUSH;
     /// `VIRTIO_RING_F_EVENT_IDX`: `used_event` / `avail_event`.
-    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    pub const RING_EVENT_IDX: u64 = 1 << bit::RING_F_EVENT_IDX;
     /// `VIRTIO_F_VERSION_1`: a virtio 1.x device.
-    pub const VERSION_1: u64 = 1 << 32;
+    pub const VERSION_1: u64 = 1 << bit::F_VERSION_1;
     /// Everything this driver accepts when offered.
     pub const SUPPORTED: u64 =
         VERSION_1 | BLK_FLUSH | BLK_SIZE | BLK_SEG_MAX | BLK_RO | RING_EVENT_IDX;
@@ -111,17 +112,14 @@ pub mod feature {
 
 /// `VIRTIO_BLK_T_*` request types.
 mod req {
-    pub const IN: u32 = 0;
-    pub const OUT: u32 = 1;
-    pub const FLUSH: u32 = 4;
-    pub const GET_ID: u32 = 8;
+    pub use tt_hvt_abi::virtio::blk::{
+        T_FLUSH as FLUSH, T_GET_ID as GET_ID, T_IN as IN, T_OUT as OUT,
+    };
 }
 
 /// `VIRTIO_BLK_S_*` status values.
 mod blk_status {
-    pub const OK: u8 = 0;
-    pub const IOERR: u8 = 1;
-    pub const UNSUPP: u8 = 2;
+    pub use tt_hvt_abi::virtio::blk::{S_IOERR as IOERR, S_OK as OK, S_UNSUPP as UNSUPP};
 }
 
 /// Longest single POLL in [`VirtioBlk::wait`]: a wake-up the host misses
@@ -372,7 +370,7 @@ fn window(entries: &[manifest::MftEntry], name: &str) -> Result<(u64, MftVirtio)
 fn window_ok(v: &MftVirtio) -> bool {
     let base = v.mmio_base;
     let size = v.mmio_size;
-    base != 0 && base % 4096 == 0 && size >= CONFIG + blk_config::LEN
+    base != 0 && base % 4096 == 0 && u64::from(size) >= CONFIG + blk_config::LEN
 }
 
 impl<T: Transport> VirtioBlk<T> {

@@ -234,7 +234,7 @@ impl Model {
 }
 
 impl Transport for Model {
-    fn read32(&mut self, offset: u32) -> u32 {
+    fn read32(&mut self, offset: u64) -> u32 {
         let mut d = self.dev();
         match offset {
             MAGIC_VALUE => d.magic,
@@ -260,7 +260,7 @@ impl Transport for Model {
         }
     }
 
-    fn write32(&mut self, offset: u32, value: u32) {
+    fn write32(&mut self, offset: u64, value: u32) {
         let mut d = self.dev();
         let hi = |old: u64| (old & 0xffff_ffff) | (value as u64) << 32;
         let lo = |old: u64| (old & !0xffff_ffff) | value as u64;

@@ -93,7 +93,7 @@ use std::sync::Mutex;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Length of a device identifier (virtio-blk `GET_ID`).
-pub const ID_LEN: usize = 20;
+pub const ID_LEN: usize = tt_hvt_abi::virtio::blk::ID_LEN;
 
 /// What a device needs to know about its backend.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -370,7 +370,7 @@ fn timed(cpl3: bool, trip: Trip, iters: u32) -> Duration {
 /// Not a check: prints what one round trip costs (`cargo test -p tt-host
 /// --lib mmio_exit_cost -- --ignored --nocapture`).
 #[test]
-#[ignore]
+#[ignore = "a measurement, not a check: run by hand with --ignored --nocapture (docs/BENCHMARKS.md, virtio-blk)"]
 fn mmio_exit_cost() {
     assert!(kvm());
     let iters = 20_000u32;

@@ -26,7 +26,7 @@ use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// virtio device id of a block device.
-pub const DEVICE_ID: u32 = 2;
+pub const DEVICE_ID: u32 = tt_hvt_abi::virtio::blk::DEVICE_ID;
 
 /// Why a device could not be made or run.
 #[derive(Debug, thiserror::Error)]

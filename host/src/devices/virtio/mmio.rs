@@ -13,41 +13,9 @@ use virtio_queue::{Queue, QueueT};
 
 /// Size of one device's register window.
 pub const REGS_SIZE: u64 = 0x1000;
-/// Where the device-specific configuration space starts.
-pub const CONFIG: u64 = 0x100;
-/// "virt", little-endian.
-pub const MAGIC: u32 = 0x7472_6976;
 /// tt-host's vendor id: "tt" then the first two letters of "host".
 pub const VENDOR_ID: u32 = u32::from_le_bytes(*b"ttho");
-
-pub const MAGIC_VALUE: u64 = 0x000;
-pub const VERSION: u64 = 0x004;
-pub const DEVICE_ID: u64 = 0x008;
-pub const VENDOR: u64 = 0x00c;
-pub const DEVICE_FEATURES: u64 = 0x010;
-pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-pub const DRIVER_FEATURES: u64 = 0x020;
-pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-pub const QUEUE_SEL: u64 = 0x030;
-pub const QUEUE_NUM_MAX: u64 = 0x034;
-pub const QUEUE_NUM: u64 = 0x038;
-pub const QUEUE_READY: u64 = 0x044;
-pub const QUEUE_NOTIFY: u64 = 0x050;
-pub const INTERRUPT_STATUS: u64 = 0x060;
-pub const INTERRUPT_ACK: u64 = 0x064;
-pub const STATUS: u64 = 0x070;
-pub const QUEUE_DESC_LOW: u64 = 0x080;
-pub const QUEUE_DESC_HIGH: u64 = 0x084;
-pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-pub const SHM_SEL: u64 = 0x0ac;
-pub const SHM_LEN_LOW: u64 = 0x0b0;
-pub const SHM_LEN_HIGH: u64 = 0x0b4;
-pub const SHM_BASE_LOW: u64 = 0x0b8;
-pub const SHM_BASE_HIGH: u64 = 0x0bc;
-pub const CONFIG_GENERATION: u64 = 0x0fc;
+pub use tt_hvt_abi::virtio::mmio::*;
 
 /// What a register write asks of the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,7 +173,7 @@ impl Transport {
         let q0 = self.queue_sel == 0;
         let v: u32 = match offset {
             MAGIC_VALUE => MAGIC,
-            VERSION => 2,
+            VERSION => VERSION_2,
             DEVICE_ID => self.device_id,
             VENDOR => VENDOR_ID,
             DEVICE_FEATURES => match self.device_features_sel {

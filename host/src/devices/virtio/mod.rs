@@ -34,29 +34,9 @@ pub mod kind;
 
 pub use crate::vmm::bus::MmioDevice;
 
-/// Feature bits (virtio 1.x section 6 and 5.2.3).
-pub mod features {
-    /// virtio-blk: `seg_max` in the config is valid.
-    pub const BLK_F_SEG_MAX: u32 = 2;
-    /// virtio-blk: `blk_size` in the config is valid.
-    pub const BLK_F_BLK_SIZE: u32 = 6;
-    /// virtio-blk: FLUSH requests are served.
-    pub const BLK_F_FLUSH: u32 = 9;
-    /// `used_event` / `avail_event` notification suppression.
-    pub const RING_F_EVENT_IDX: u32 = 29;
-    /// A virtio 1.x device (not legacy).
-    pub const F_VERSION_1: u32 = 32;
-}
-
-/// Device status bits (virtio 1.x section 2.1).
-pub mod status {
-    pub const ACKNOWLEDGE: u32 = 1;
-    pub const DRIVER: u32 = 2;
-    pub const DRIVER_OK: u32 = 4;
-    pub const FEATURES_OK: u32 = 8;
-    pub const DEVICE_NEEDS_RESET: u32 = 64;
-    pub const FAILED: u32 = 128;
-}
+/// Feature bits and device status bits, as tt-hvt-abi defines them for
+/// both sides.
+pub use tt_hvt_abi::virtio::{feature as features, status};
 
 /// A guest-physical range `[start, start + len)` the device must not
 /// touch: request buffers and queue rings that overlap one are refused.

@@ -15,17 +15,12 @@ use std::ops::Deref;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
-
-/// virtio-blk sectors are 512 bytes, whatever the device's block size.
-pub const SECTOR: u64 = 512;
+/// Request types, status codes and the 512-byte sector, from tt-hvt-abi.
+pub use tt_hvt_abi::virtio::blk::{
+    SECTOR, S_IOERR as VIRTIO_BLK_S_IOERR, S_OK as VIRTIO_BLK_S_OK,
+    S_UNSUPP as VIRTIO_BLK_S_UNSUPP, T_FLUSH as VIRTIO_BLK_T_FLUSH,
+    T_GET_ID as VIRTIO_BLK_T_GET_ID, T_IN as VIRTIO_BLK_T_IN, T_OUT as VIRTIO_BLK_T_OUT,
+};
 /// Size of the request header.
 pub const HEADER_LEN: u64 = 16;
 /// The largest request served (data bytes); larger ones get IOERR. It
