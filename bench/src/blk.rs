@@ -29,7 +29,7 @@
 //!    perform (`strace -T` of one guest run, if strace is installed).
 
 use crate::child;
-use crate::{Opts, Verdict};
+use crate::{at_least, list, Opts, Verdict};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -419,24 +419,6 @@ fn ratios(xs: &[f64], base: &[f64]) -> Vec<f64> {
         .enumerate()
         .map(|(i, x)| x / ((base[i] + base[i + 1]) / 2.0))
         .collect()
-}
-
-fn list(xs: &[f64], prec: usize) -> String {
-    xs.iter()
-        .map(|x| format!("{x:.prec$}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn at_least(what: &str, value: f64, min: f64) -> Verdict {
-    if value >= min {
-        println!("target: {what} {value:.2}x >= {min}x: met");
-        Verdict::Met
-    } else {
-        let under = (1.0 - value / min) * 100.0;
-        println!("target: {what} {value:.2}x >= {min}x: MISSED by {under:.0}%");
-        Verdict::Missed
-    }
 }
 
 pub fn run(o: &Opts) -> Result<Vec<Verdict>, String> {

@@ -180,6 +180,27 @@ pub fn judge(what: &str, value: f64, limit: f64, unit: &str) -> Verdict {
     }
 }
 
+/// Print "target: VALUE >= MIN: met|MISSED by X%" (a ratio, `x`) and
+/// return the verdict: the other side of [`judge`].
+pub fn at_least(what: &str, value: f64, min: f64) -> Verdict {
+    if value >= min {
+        println!("target: {what} {value:.2}x >= {min}x: met");
+        Verdict::Met
+    } else {
+        let under = (1.0 - value / min) * 100.0;
+        println!("target: {what} {value:.2}x >= {min}x: MISSED by {under:.0}%");
+        Verdict::Missed
+    }
+}
+
+/// `xs` with `prec` decimals, space-separated (per-round figures).
+pub fn list(xs: &[f64], prec: usize) -> String {
+    xs.iter()
+        .map(|x| format!("{x:.prec$}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// One line on the machine's state: the figures depend on it.
 fn machine() {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
