@@ -667,6 +667,26 @@ where
         }
     }
 
+    fn read_into(&mut self, span: Span, dst: &[vm_memory::VolatileSlice<'_>]) -> Result<(), Error> {
+        if self.shut {
+            return Err(self.shut_down());
+        }
+        check(&self.info, span)?;
+        // Snapshot first, then read the image, as `read`.
+        let over = lock(&self.shared.state).overlay.overlapping(span);
+        super::read_image_into(&self.info, &*self.shared.image, span, dst)?;
+        for (_, o, d) in over {
+            let s = o.max(span.offset());
+            let e = (o + d.len() as u64).min(span.end());
+            super::scatter(
+                dst,
+                (s - span.offset()) as usize,
+                &d[(s - o) as usize..(e - o) as usize],
+            );
+        }
+        Ok(())
+    }
+
     fn shutdown(&mut self) -> Result<(), Error> {
         if self.shut {
             return Ok(());

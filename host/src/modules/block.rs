@@ -22,11 +22,11 @@ use super::kind::{Attached, Context, DeviceError, DeviceKind, Given, OptionSpec}
 use super::{check_range, read_args, set_out, Action, GuestError, Module, CHUNK};
 use crate::abi::{ret, HcBlockRead, HcBlockWrite, Hypercall};
 use crate::block::home::{self, HomeError, JournalOptions};
-use crate::block::{Backend, Request, Response};
+use crate::block::{Backend, Request};
 use crate::loader::manifest::DeviceInfo;
 use crate::resources::Unikernel;
 use std::path::Path;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Why a block device could not be attached.
 #[derive(Debug, thiserror::Error)]
@@ -172,21 +172,29 @@ impl BlockDevice {
         while done < len {
             let n = (len - done).min(piece);
             let at = GuestAddress(data + done);
-            let request = if write {
-                let mut buf = vec![0u8; n as usize];
-                let _ = mem.read_slice(&mut buf, at);
-                Request::write(&geometry, offset + done, buf)
-            } else {
-                Request::read(&geometry, offset + done, n)
-            };
+            if !write {
+                // Straight from the backend into guest memory.
+                let (Ok(span), Ok(slice)) = (
+                    geometry.span(offset + done, n),
+                    mem.get_slice(at, n as usize),
+                ) else {
+                    return Ok(ret::EINVAL);
+                };
+                if let Err(e) = self.backend.read_into(span, &[slice]) {
+                    self.report(&e);
+                    return Ok(ret::EUNSPEC);
+                }
+                done += n;
+                continue;
+            }
+            let mut buf = vec![0u8; n as usize];
+            let _ = mem.read_slice(&mut buf, at);
+            let request = Request::write(&geometry, offset + done, buf);
             // Checked above: every piece is a valid request.
             let Ok(request) = request else {
                 return Ok(ret::EINVAL);
             };
             match self.backend.execute(request) {
-                Ok(Response::Read(bytes)) => {
-                    let _ = mem.write_slice(&bytes, at);
-                }
                 Ok(_) => {}
                 Err(e) => {
                     self.report(&e);

@@ -61,6 +61,25 @@ fn read(b: &mut dyn Backend, at: u64, len: u64) -> Vec<u8> {
     }
 }
 
+/// `read` through [`Backend::read_into`], into three buffers cut at
+/// byte offsets that are not sector boundaries.
+fn read_split(b: &mut dyn Backend, at: u64, len: u64) -> Vec<u8> {
+    let g = b.info().geometry;
+    let n = (len * SECTOR) as usize;
+    let (c1, c2) = (n / 3 + 1, n / 2 + 7);
+    let mut buf = vec![0xeeu8; n];
+    let (p, rest) = buf.split_at_mut(c1.min(n));
+    let (q, r) = rest.split_at_mut(c2.min(rest.len()));
+    let dst = [
+        vm_memory::VolatileSlice::from(p),
+        vm_memory::VolatileSlice::from(q),
+        vm_memory::VolatileSlice::from(r),
+    ];
+    b.read_into(g.span(at * SECTOR, len * SECTOR).unwrap(), &dst)
+        .unwrap();
+    buf
+}
+
 /// Wait on the backend's eventfd and poll until `n` completions came.
 fn reap(b: &mut dyn Backend, n: usize) -> Vec<Completion> {
     let mut out = Vec::new();
@@ -467,6 +486,7 @@ fn same_as_model(ops: &[(bool, u64, u64, u8)], queued: bool) {
                     want.fill(tag);
                 }
                 assert_eq!(read(be, at, len), want, "read {at}+{len}");
+                assert_eq!(read_split(be, at, len), want, "read_into {at}+{len}");
             }
         }
         if is_write {

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// virtio device id of a block device.
@@ -95,6 +95,55 @@ pub struct VirtioBlk {
     /// Used entries added since the last notification decision.
     unpublished: bool,
     last_error: Option<ParseError>,
+    watch: Arc<Watch>,
+}
+
+/// What POLL needs to know about a device, kept apart from it: the worker
+/// holds the device's lock while it serves a batch of requests, and a
+/// guest waiting in POLL must see each completion as it is published, not
+/// when the batch is done.
+#[derive(Default)]
+pub struct Watch {
+    state: Mutex<WatchState>,
+}
+
+#[derive(Default)]
+struct WatchState {
+    mem: Option<GuestMemoryMmap>,
+    /// The ready queue's driver area, device area and size.
+    ring: Option<(u64, u64, u16)>,
+    event_idx: bool,
+    needs_reset: bool,
+}
+
+fn lock_watch(w: &Watch) -> std::sync::MutexGuard<'_, WatchState> {
+    // Plain data, consistent after every critical section.
+    w.state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Watch {
+    /// Is there something for the guest to see: the device needs a
+    /// reset, or (with `VIRTIO_RING_F_EVENT_IDX`) the used ring's index
+    /// has passed the `used_event` the guest wrote, the index up to which
+    /// it has seen. `None` without EVENT_IDX: then only the ready eventfd
+    /// tells.
+    pub fn unseen(&self) -> Option<bool> {
+        let w = lock_watch(self);
+        if w.needs_reset {
+            return Some(true);
+        }
+        if !w.event_idx {
+            return None;
+        }
+        let (Some(mem), Some((avail, used, size))) = (&w.mem, w.ring) else {
+            return Some(false);
+        };
+        let at = |a: u64| mem.read_obj::<u16>(GuestAddress(a)).ok().map(u16::from_le);
+        let (Some(idx), Some(seen)) = (at(used + 2), at(avail + 4 + 2 * u64::from(size))) else {
+            return Some(false);
+        };
+        Some((idx.wrapping_sub(seen) as i16) > 0)
+    }
 }
 
 impl VirtioBlk {
@@ -144,6 +193,7 @@ impl VirtioBlk {
             scratch: Vec::new(),
             unpublished: false,
             last_error: None,
+            watch: Arc::default(),
         })
     }
 
@@ -180,26 +230,26 @@ impl VirtioBlk {
             .then(|| (q.desc_table(), q.avail_ring(), q.used_ring(), q.size()))
     }
 
-    /// Is there something for the guest to see, as POLL asks: the device
-    /// needs a reset, or (with `VIRTIO_RING_F_EVENT_IDX`) the used ring's
-    /// index has passed the `used_event` the guest wrote, the index up to
-    /// which it has seen. `None` without EVENT_IDX: then only the ready
-    /// eventfd tells.
+    /// Is there something for the guest to see, as POLL asks: see
+    /// [`Watch::unseen`].
     pub fn unseen(&self) -> Option<bool> {
-        if self.status() & super::status::DEVICE_NEEDS_RESET != 0 {
-            return Some(true);
-        }
-        if !self.transport.has_feature(features::RING_F_EVENT_IDX) {
-            return None;
-        }
-        let (Some(mem), Some((_, avail, used, size))) = (&self.mem, self.queue()) else {
-            return Some(false);
-        };
-        let at = |a: u64| mem.read_obj::<u16>(GuestAddress(a)).ok().map(u16::from_le);
-        let (Some(idx), Some(seen)) = (at(used + 2), at(avail + 4 + 2 * u64::from(size))) else {
-            return Some(false);
-        };
-        Some((idx.wrapping_sub(seen) as i16) > 0)
+        self.watch.unseen()
+    }
+
+    /// What POLL reads without this device's lock.
+    pub fn watch(&self) -> Arc<Watch> {
+        self.watch.clone()
+    }
+
+    /// Bring the [`Watch`] up to date with the transport: after every
+    /// register write and every failure.
+    fn sync_watch(&self) {
+        let mut w = lock_watch(&self.watch);
+        w.ring = self
+            .queue()
+            .map(|(_, avail, used, size)| (avail, used, size));
+        w.event_idx = self.transport.has_feature(features::RING_F_EVENT_IDX);
+        w.needs_reset = self.status() & super::status::DEVICE_NEEDS_RESET != 0;
     }
 
     /// Requests submitted to the backend and not completed yet.
@@ -220,6 +270,7 @@ impl VirtioBlk {
             self.last_error = why;
         }
         self.transport.fail();
+        self.sync_watch();
         // Wake a guest waiting in POLL so it sees the status.
         let _ = self.ready.write(1);
     }
@@ -254,6 +305,23 @@ impl VirtioBlk {
                     break;
                 }
                 match request::parse(chain, &mem, &self.limits()) {
+                    Ok(request::Parsed {
+                        head,
+                        request: block::Request::Read(span),
+                        data_in,
+                        status,
+                    }) => {
+                        let code = self.read_now(&mem, span, &data_in);
+                        let len = if code == request::VIRTIO_BLK_S_OK {
+                            span.len() as u32
+                        } else {
+                            0
+                        };
+                        self.complete(&mem, head, status, code, len);
+                        // Tell a waiting guest now: it reaps and submits
+                        // while the rest of the batch is read.
+                        self.publish(&mem);
+                    }
                     Ok(p) => {
                         let key = self.key(p.head);
                         self.in_flight.insert(
@@ -306,6 +374,24 @@ impl VirtioBlk {
         }
         self.publish(&mem);
         taken
+    }
+
+    /// Serve a read at once, from the backend straight into the guest's
+    /// buffers (checked by `parse`: in RAM, clear of forbidden ranges,
+    /// `span.len()` bytes in all). Returns the status code.
+    fn read_now(&mut self, mem: &GuestMemoryMmap, span: block::Span, bufs: &[Buf]) -> u8 {
+        let slices: Result<Vec<_>, _> = bufs
+            .iter()
+            .map(|b| mem.get_slice(GuestAddress(b.addr), b.len as usize))
+            .collect();
+        let Ok(slices) = slices else {
+            // A buffer across two memory regions (the VMM maps one).
+            return request::VIRTIO_BLK_S_IOERR;
+        };
+        match self.backend.read_into(span, &slices) {
+            Ok(()) => request::VIRTIO_BLK_S_OK,
+            Err(_) => request::VIRTIO_BLK_S_IOERR,
+        }
     }
 
     /// Complete what the backend finished: write read data and status,
@@ -446,7 +532,9 @@ impl MmioDevice for VirtioBlk {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        match self.transport.write(offset, data) {
+        let action = self.transport.write(offset, data);
+        self.sync_watch();
+        match action {
             Action::None => {}
             Action::Notify => {
                 // No ioeventfd: a kick on the vCPU thread.
@@ -464,6 +552,7 @@ impl MmioDevice for VirtioBlk {
     }
 
     fn attach_memory(&mut self, mem: GuestMemoryMmap) {
+        lock_watch(&self.watch).mem = Some(mem.clone());
         self.mem = Some(mem);
     }
 }

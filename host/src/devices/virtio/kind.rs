@@ -7,7 +7,7 @@
 //! RAM (its address goes into the manifest entry), a thread that serves its
 //! queue, and a place in POLL's ready set.
 
-use super::blk::{VirtioBlk, Worker};
+use super::blk::{VirtioBlk, Watch, Worker};
 use super::Forbidden;
 use crate::abi::{self, Hypercall};
 use crate::loader::manifest::DeviceInfo;
@@ -100,6 +100,7 @@ impl DeviceKind for VirtioBlkKind {
             let dev = VirtioBlk::new(backend, QUEUE_MAX, forbidden.clone())?;
             let notify = dev.notify_event().try_clone()?;
             let ready = dev.ready_event().try_clone()?;
+            let watch = dev.watch();
             let dev = Arc::new(Mutex::new(dev));
             let slot = (ctx.mmio_slots_used + i) as u64;
             let base = abi::VIRTIO_MMIO_BASE + slot * abi::VIRTIO_MMIO_SIZE;
@@ -107,7 +108,7 @@ impl DeviceKind for VirtioBlkKind {
             readiness.push(Box::new(Ready {
                 handle: d.handle,
                 event: ready,
-                device: dev.clone(),
+                watch,
             }));
             mmio.push(MmioRegion {
                 base,
@@ -138,7 +139,9 @@ impl DeviceKind for VirtioBlkKind {
 struct Ready {
     handle: u64,
     event: EventFd,
-    device: Arc<Mutex<VirtioBlk>>,
+    /// Read without the device's lock, which its worker holds while it
+    /// serves a batch.
+    watch: Arc<Watch>,
 }
 
 impl Readiness for Ready {
@@ -155,8 +158,7 @@ impl Readiness for Ready {
             // Clear it: the device signals again with its next entries.
             let _ = self.event.read();
         }
-        let d = self.device.lock().unwrap_or_else(|e| e.into_inner());
-        d.unseen().unwrap_or(woken)
+        self.watch.unseen().unwrap_or(woken)
     }
 }
 
