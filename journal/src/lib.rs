@@ -228,6 +228,16 @@ impl<D: BlockDevice> Pending<D> {
         self.seq
     }
 
+    /// Is the operation known durable already, so that [`wait`](Self::wait)
+    /// returns `Ok` at once? `false` says nothing (it may become durable,
+    /// or fail, at any time): then `wait` tells.
+    pub fn is_durable(&self) -> bool {
+        let sh = &self.shared;
+        self.committed
+            || (sh.durable.load(Ordering::Acquire) > self.seq
+                && sh.failures.load(Ordering::Relaxed) == 0)
+    }
+
     /// Wait until the operation is durable.
     ///
     /// Outcomes:

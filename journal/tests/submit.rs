@@ -39,6 +39,34 @@ fn ops_submitted_by_one_thread_share_commits_and_keep_their_order() {
     assert_eq!(*log.lock().unwrap(), (0..400).collect::<Vec<_>>());
 }
 
+/// `is_durable` is false while the op's commit is in flight (a 200 ms
+/// sync here), true once it is, and never true for an op that is not.
+#[test]
+fn is_durable_says_when_wait_would_return_at_once() {
+    let log = Log::default();
+    let dev = common::slow_ring(1 << 20, Duration::from_millis(200));
+    let j = Journal::start(dev, Config::default(), recorder(&log)).unwrap();
+    let first = j.submit(&0u64).unwrap();
+    assert!(
+        !first.is_durable(),
+        "durable before its 200 ms commit ended"
+    );
+    let second = j.submit(&1u64).unwrap();
+    let seq = first.wait().unwrap().seq();
+    assert_eq!(seq, 0);
+    let second = second.wait().unwrap();
+    let third = j.submit(&2u64).unwrap();
+    assert!(!third.is_durable(), "submitted after the last commit");
+    let _ = second;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !third.is_durable() {
+        assert!(std::time::Instant::now() < deadline, "never durable");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(third.wait().unwrap().seq(), 2);
+    j.shutdown(true);
+}
+
 #[test]
 fn a_pending_dropped_unwaited_is_still_committed_and_performed() {
     let log = Log::default();

@@ -409,13 +409,29 @@ where
         let waiter = std::thread::Builder::new()
             .name(format!("tt-block-{device}"))
             .spawn(move || {
-                for job in rx {
+                // Completions of one commit are posted together, with one
+                // wake-up of the device: gather while the next job's
+                // records are durable already (its wait returns at once).
+                let mut batch = Vec::new();
+                let mut next = rx.recv();
+                while let Ok(job) = next {
                     let result = s.finish(job.parts, job.error.map(|e| *e), &f);
-                    c.post(Completion {
+                    batch.push(Completion {
                         user_data: job.user_data,
                         result,
                     });
+                    next = rx.try_recv().map_err(|_| mpsc::RecvError);
+                    let ready = next
+                        .as_ref()
+                        .is_ok_and(|j| j.parts.iter().all(|p| p.pending.is_durable()));
+                    if !ready {
+                        c.post_all(&mut batch);
+                        if next.is_err() {
+                            next = rx.recv();
+                        }
+                    }
                 }
+                c.post_all(&mut batch);
             })
             .map_err(|source| Error::Io {
                 device: device.clone(),

@@ -273,6 +273,16 @@ impl Completions {
         let _ = self.event.write(1);
     }
 
+    /// Queue every completion of `batch` (emptied), then signal once: a
+    /// batch wakes the device once, not once per request.
+    pub(crate) fn post_all(&self, batch: &mut Vec<Completion>) {
+        if batch.is_empty() {
+            return;
+        }
+        lock(&self.queue).extend(batch.drain(..));
+        let _ = self.event.write(1);
+    }
+
     pub(crate) fn drain(&self, out: &mut Vec<Completion>) -> usize {
         // Reset first: a completion posted after this is signalled again.
         let _ = self.event.read();
