@@ -248,6 +248,10 @@ struct Dev {
     boot: u64,
 }
 
+/// Where the write in flight at a reset goes: the image then holds the
+/// good pattern there, or what it held before.
+const IN_FLIGHT_SECTOR: u64 = 48;
+
 /// tt-host's page tables start here (docs/ABI.md: GDT and page tables in
 /// 0x0-0x7ffff; the PML4 is at 0x2000).
 const PAGE_TABLES: u64 = 0x2000;
@@ -347,6 +351,15 @@ impl Dev {
     /// Descriptor `i` of the table in AREA.
     fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let o = DESC + 16 * usize::from(i);
+        put::<u64>(o, addr);
+        put::<u32>(o + 8, len);
+        put::<u16>(o + 12, flags);
+        put::<u16>(o + 14, next);
+    }
+
+    /// Entry `i` of the indirect table in AREA.
+    fn indirect(&self, i: usize, addr: u64, len: u32, flags: u16, next: u16) {
+        let o = INDIRECT + 16 * i;
         put::<u64>(o, addr);
         put::<u32>(o + 8, len);
         put::<u16>(o + 12, flags);
@@ -528,20 +541,34 @@ fn cases() -> Vec<Case> {
         // must still end the chain.
         d.start()?;
         let h = d.header(0, T_OUT, 0);
-        let t = |i: usize, a: u64, len: u32, flags: u16, next: u16| {
-            let o = INDIRECT + 16 * i;
-            put::<u64>(o, a);
-            put::<u32>(o + 8, len);
-            put::<u16>(o + 12, flags);
-            put::<u16>(o + 14, next);
-        };
-        t(0, h, 16, DESC_F_NEXT, 1);
-        t(1, addr(BUF_W), 512, DESC_F_NEXT, 2);
-        t(2, addr(BUF_W), 512, DESC_F_NEXT, 1);
+        d.indirect(0, h, 16, DESC_F_NEXT, 1);
+        d.indirect(1, addr(BUF_W), 512, DESC_F_NEXT, 2);
+        d.indirect(2, addr(BUF_W), 512, DESC_F_NEXT, 1);
         d.desc(0, addr(INDIRECT), 3 * 16, DESC_F_INDIRECT, 0);
         d.offer(0);
         Ok(d.wait(ANSWER_NS))
     }));
+    v.push(c("indirect table outside RAM", RESET, |d: &mut Dev| {
+        d.start()?;
+        d.desc(0, d.mem, 3 * 16, DESC_F_INDIRECT, 0);
+        d.offer(0);
+        Ok(d.wait(ANSWER_NS))
+    }));
+    v.push(c(
+        "data lengths past 4 GiB in total",
+        RESET,
+        |d: &mut Dev| {
+            // virtio-queue stops walking a chain of 2^32 bytes or more.
+            d.start()?;
+            let h = d.header(0, T_OUT, 0);
+            d.desc(0, h, 16, DESC_F_NEXT, 1);
+            d.desc(1, addr(BUF_W), 0x8000_0000, DESC_F_NEXT, 2);
+            d.desc(2, addr(BUF_W), 0x8000_0000, DESC_F_NEXT, 3);
+            d.desc(3, d.status_addr(0), 1, DESC_F_WRITE, 0);
+            d.offer(0);
+            Ok(d.wait(ANSWER_NS))
+        },
+    ));
     // The available ring.
     v.push(c("head index >= queue size", RESET, |d: &mut Dev| {
         d.start()?;
@@ -582,6 +609,13 @@ fn cases() -> Vec<Case> {
         d.start()?;
         d.chain(0, T_IN, 0, addr(BUF_R), BLOCK as u32, DESC_F_WRITE);
         d.desc(2, d.text, 1, DESC_F_WRITE, 0);
+        d.offer(0);
+        Ok(d.wait(ANSWER_NS))
+    }));
+    v.push(c("status byte over the boot info page", RESET, |d| {
+        d.start()?;
+        d.chain(0, T_IN, 0, addr(BUF_R), BLOCK as u32, DESC_F_WRITE);
+        d.desc(2, d.boot + 0x40, 1, DESC_F_WRITE, 0);
         d.offer(0);
         Ok(d.wait(ANSWER_NS))
     }));
@@ -708,6 +742,18 @@ fn cases() -> Vec<Case> {
             Ok(d.wait_for(SILENCE_NS, false))
         },
     ));
+    // A reset with a request in flight: its completion must not reach
+    // the queue set up after the reset.
+    v.push(c("reset with a write in flight", Expect::Silence, |d| {
+        d.start()?;
+        for j in 0..BLOCK {
+            put::<u8>(BUF_W + j, good_byte(IN_FLIGHT_SECTOR, j));
+        }
+        d.chain(0, T_OUT, IN_FLIGHT_SECTOR, addr(BUF_W), BLOCK as u32, 0);
+        d.offer(0);
+        d.start()?;
+        Ok(d.wait(SILENCE_NS))
+    }));
     v
 }
 
