@@ -37,6 +37,15 @@ admission (see 'tt-host policy --help'):
   --state-dir=DIR               policies and running unikernels (default
                                 $TT_HOST_STATE_DIR, else /var/lib/tt-host)
 
+  --cpl=0|3|auto                where the image's code runs (default auto):
+                                0 as solo5-hvt runs it; 3 under tt-host's
+                                small CPL 0 monitor, which emulates the few
+                                privileged instructions Solo5 images run
+                                (native speed on kvm-pvm, where CPL 0 code
+                                is emulated); auto = 3 on kvm-pvm, else 0.
+                                Images that drop to CPL 3 themselves
+                                (tt-guest) always start at CPL 0
+
 developer options:
   --x-solo5-hvt-boot            start the guest in solo5-hvt's boot state
                                 (2 MiB read-write pages over all memory, no
@@ -71,6 +80,20 @@ pub struct RunArgs {
     pub cpu: Option<u16>,
     /// `--state-dir`.
     pub state_dir: Option<PathBuf>,
+    /// `--cpl`.
+    pub cpl: Cpl,
+}
+
+/// `--cpl`: the privilege level an image's code runs at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Cpl {
+    /// CPL 3 where CPL 0 code is slow (kvm-pvm), else CPL 0.
+    #[default]
+    Auto,
+    /// As solo5-hvt runs it.
+    Zero,
+    /// Under tt-host's CPL 0 monitor.
+    Three,
 }
 
 /// Result of parsing: run, print help, or print the version.
@@ -182,6 +205,7 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
     let mut dashdash = false;
     let mut solo5_hvt_boot = false;
     let (mut name, mut cpu, mut state_dir) = (None, None, None);
+    let mut cpl = Cpl::Auto;
     while i < args.len() {
         let a = args[i].as_str();
         if a == "--" {
@@ -228,6 +252,13 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
                 return Err(CliError::run("--state-dir needs a directory"));
             }
             state_dir = Some(PathBuf::from(v));
+        } else if let Some(v) = value_of(args, &mut i, "--cpl") {
+            cpl = match v {
+                "0" => Cpl::Zero,
+                "3" => Cpl::Three,
+                "auto" => Cpl::Auto,
+                _ => return Err(CliError::run(format!("--cpl={v}: expected 0, 3 or auto"))),
+            };
         } else if a == "--x-solo5-hvt-boot" {
             solo5_hvt_boot = true;
         } else if let Some(opt) = a.strip_prefix("--").and_then(device_option) {
@@ -268,6 +299,7 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
         name,
         cpu,
         state_dir,
+        cpl,
     })))
 }
 

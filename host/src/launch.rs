@@ -1,7 +1,7 @@
 //! One launch: image + command line -> attached devices -> VM -> exit status.
 
 use crate::admission::{self, AdmitError, StateDir};
-use crate::cli::RunArgs;
+use crate::cli::{Cpl, RunArgs};
 use crate::loader::{self, manifest::DeviceInfo, Image};
 use crate::modules::console::Console;
 use crate::modules::kind::{self, DeviceError, DeviceKind, Given};
@@ -32,6 +32,31 @@ pub enum LaunchError {
     Vm(#[from] VmError),
     #[error(transparent)]
     Admission(#[from] AdmitError),
+}
+
+/// Does the image run at CPL 3 under the monitor (`--cpl`)? Images that
+/// drop to CPL 3 themselves (tt-guest's, with supervisor-only segments)
+/// and solo5-hvt's boot state start at CPL 0; asking for CPL 3 for them
+/// is refused.
+fn run_at_cpl3(image: &Image, args: &RunArgs) -> Result<bool, LaunchError> {
+    let own_supervisor = image.segments.iter().any(|s| s.prot.supervisor);
+    match args.cpl {
+        Cpl::Zero => Ok(false),
+        Cpl::Auto => Ok(!own_supervisor
+            && !args.solo5_hvt_boot
+            && crate::vmm::monitor::cpl0_is_emulated()),
+        Cpl::Three if own_supervisor => Err(LaunchError::Devices(
+            "--cpl=3: the image has supervisor-only segments (a tt-guest image): it runs its \
+             own code at CPL 3 already; use --cpl=0 or auto"
+                .into(),
+        )),
+        Cpl::Three if args.solo5_hvt_boot => Err(LaunchError::Devices(
+            "--cpl=3 and --x-solo5-hvt-boot: solo5-hvt's boot state has no CPL 3 monitor; \
+             give one or the other"
+                .into(),
+        )),
+        Cpl::Three => Ok(true),
+    }
 }
 
 /// The devices of `kind` that the manifest declares, with their options.
@@ -250,6 +275,7 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
         cmdline: &cmdline,
         manifest: &manifest,
         solo5_hvt_boot: args.solo5_hvt_boot,
+        cpl3: run_at_cpl3(&image, args)?,
     };
     if args.solo5_hvt_boot && !mmio.is_empty() {
         // solo5-hvt has no MMIO window, and its boot state maps none.
@@ -267,6 +293,12 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
             "tt-host: stats: run_returns={} hypercalls={} mmio_exits={}",
             vm.run_returns, vm.exits, vm.mmio_exits
         );
+        if let Some(m) = &vm.monitor {
+            eprintln!(
+                "tt-host: stats: cpl3 traps emulated={} delivered={}",
+                m.counts.emulated, m.counts.delivered
+            );
+        }
     }
     Ok(status?)
 }

@@ -9,6 +9,8 @@
 //! 0x0000_8000  page tables for 4 KiB mappings of [0, align_up(kernel_end, 2 MiB)),
 //!              then, if the VM has MMIO devices, the page directory and the
 //!              page table of the MMIO window (2 pages)
+//! 0x0007_c000  the CPL 3 monitor (`--cpl=3`, see [`super::monitor`]): its
+//!              IDT, TSS, exception stubs and stack, supervisor-only
 //! 0x0008_0000  struct hvt_boot_info, then the manifest
 //! 0x0008_2000  command line (8192 bytes)
 //! 0x0010_0000  the image (PT_LOAD segments), then heap ... stack at the top
@@ -46,7 +48,10 @@ pub const PDPT_BASE: u64 = 0x3000;
 pub const PD_BASE: u64 = 0x4000;
 pub const PD_COUNT: u64 = 4;
 pub const PT_BASE: u64 = 0x8000;
-pub const PT_LIMIT: u64 = 0x8_0000;
+pub const PT_LIMIT: u64 = MONITOR_BASE;
+/// The CPL 3 monitor's 4 pages (IDT, TSS, stubs, stack), below the boot
+/// info; mapped only when it runs ([`super::monitor`]).
+pub const MONITOR_BASE: u64 = 0x7_c000;
 pub const BOOT_INFO_BASE: u64 = 0x8_0000;
 pub const MFT_BASE: u64 = BOOT_INFO_BASE + 64;
 pub const CMDLINE_BASE: u64 = 0x8_2000;
@@ -94,11 +99,19 @@ pub enum LayoutError {
 }
 
 /// Build the GDT and page tables for `image` in `mem_size` bytes, with an
-/// MMIO window of `mmio_devices` pages at [`MMIO_BASE`].
+/// MMIO window of `mmio_devices` pages at [`MMIO_BASE`]. With `monitor`
+/// (the image runs at CPL 3 under [`super::monitor`]), the GDT gets the
+/// monitor's user segments and TSS, and the GDT and monitor pages are
+/// mapped supervisor-only.
 ///
 /// `mem_size` must be a multiple of 2 MiB between [`MIN_MEM`] and
 /// [`MAX_MEM`] (the caller rounds and checks it).
-pub fn build(image: &Image, mem_size: u64, mmio_devices: u64) -> Result<LowMem, LayoutError> {
+pub fn build(
+    image: &Image,
+    mem_size: u64,
+    mmio_devices: u64,
+    monitor: bool,
+) -> Result<LowMem, LayoutError> {
     assert!(mem_size % HUGE == 0 && (MIN_MEM..=MAX_MEM).contains(&mem_size));
     if mmio_devices > MAX_MMIO_DEVICES {
         return Err(LayoutError::TooManyMmioDevices(mmio_devices));
@@ -124,6 +137,11 @@ pub fn build(image: &Image, mem_size: u64, mmio_devices: u64) -> Result<LowMem, 
     put(GDT_BASE, 0);
     put(GDT_BASE + 8, 0x00af_9b00_0000_ffff);
     put(GDT_BASE + 16, 0x00cf_9300_0000_ffff);
+    if monitor {
+        for (offset, desc) in super::monitor::gdt_entries() {
+            put(GDT_BASE + offset, desc);
+        }
+    }
 
     put(PML4_BASE, PDPT_BASE | PTE_P | PTE_RW | PTE_US);
     for i in 0..PD_COUNT {
@@ -149,6 +167,12 @@ pub fn build(image: &Image, mem_size: u64, mmio_devices: u64) -> Result<LowMem, 
     // guest read-only; W^X from the segments; the rest R+W, NX.
     for page in 1..small_end / PAGE {
         let addr = page * PAGE;
+        if monitor {
+            if let Some(flags) = super::monitor::page_flags(addr) {
+                put(PT_BASE + page * 8, addr | flags);
+                continue;
+            }
+        }
         if addr < BOOT_INFO_BASE && !split {
             continue;
         }
@@ -284,7 +308,7 @@ mod tests {
             },
         });
         img.kernel_end = 0x10_7000;
-        let low = build(&img, 64 << 20, 0).unwrap();
+        let low = build(&img, 64 << 20, 0, false).unwrap();
         for addr in [0x10_5000, 0x10_6000] {
             assert_eq!(pte(&low, addr), addr | PTE_P | PTE_RW | PTE_NX, "{addr:#x}");
         }
@@ -305,7 +329,7 @@ mod tests {
 
     #[test]
     fn segment_flags_become_page_protections() {
-        let low = build(&image(), 64 << 20, 0).unwrap();
+        let low = build(&image(), 64 << 20, 0, false).unwrap();
         assert_eq!(pte(&low, 0), 0, "page 0 must be unmapped");
         // boot info, manifest, command line: read-only, readable from user mode
         assert_eq!(pte(&low, 0x8_0000), 0x8_0000 | PTE_P | PTE_US | PTE_NX);
@@ -331,7 +355,7 @@ mod tests {
     /// GDT nor its page tables, and low memory above them read-only.
     #[test]
     fn tender_structures_are_unmapped_and_low_memory_read_only() {
-        let low = build(&image(), 64 << 20, 0).unwrap();
+        let low = build(&image(), 64 << 20, 0, false).unwrap();
         for addr in (0..BOOT_INFO_BASE).step_by(PAGE as usize) {
             assert_eq!(pte(&low, addr), 0, "{addr:#x} must be unmapped");
         }
@@ -347,7 +371,7 @@ mod tests {
     fn images_with_supervisor_segments_keep_the_page_tables_mapped() {
         let mut img = image();
         img.segments[2].prot.supervisor = true;
-        let low = build(&img, 64 << 20, 0).unwrap();
+        let low = build(&img, 64 << 20, 0, false).unwrap();
         assert_eq!(pte(&low, 0), 0, "page 0 must be unmapped");
         for addr in [GDT_BASE, PML4_BASE, PD_BASE, PT_BASE] {
             assert_eq!(pte(&low, addr), addr | PTE_P | PTE_RW | PTE_NX, "{addr:#x}");
@@ -395,7 +419,7 @@ mod tests {
 
     #[test]
     fn no_page_is_writable_and_executable() {
-        let low = build(&image(), 64 << 20, 0).unwrap();
+        let low = build(&image(), 64 << 20, 0, false).unwrap();
         for page in 0..HUGE / PAGE {
             let e = pte(&low, page * PAGE);
             assert!(e & PTE_RW == 0 || e & PTE_NX != 0, "page {page:#x} is W+X");
@@ -404,7 +428,7 @@ mod tests {
 
     #[test]
     fn pml4_advertises_user_mode_pages() {
-        let low = build(&image(), 64 << 20, 0).unwrap();
+        let low = build(&image(), 64 << 20, 0, false).unwrap();
         let o = (PML4_BASE - GDT_BASE) as usize;
         let pml4e = u64::from_le_bytes(low.bytes[o..o + 8].try_into().unwrap());
         assert_ne!(pml4e & PTE_US, 0);
@@ -412,7 +436,7 @@ mod tests {
 
     #[test]
     fn memory_above_the_image_uses_huge_non_executable_pages() {
-        let low = build(&image(), 64 << 20, 0).unwrap();
+        let low = build(&image(), 64 << 20, 0, false).unwrap();
         let o = (PD_BASE + 8 * 5 - GDT_BASE) as usize;
         let pde = u64::from_le_bytes(low.bytes[o..o + 8].try_into().unwrap());
         assert_eq!(pde, (5 * HUGE) | PTE_P | PTE_RW | PTE_US | PTE_PS | PTE_NX);
@@ -468,7 +492,7 @@ mod tests {
     fn the_mmio_window_is_mapped_rw_nx_user_and_nothing_else_above_ram() {
         for mem in [MIN_MEM, 64 << 20, MAX_MEM] {
             for n in [1, 3, MAX_MMIO_DEVICES] {
-                let low = build(&image(), mem, n).unwrap();
+                let low = build(&image(), mem, n, false).unwrap();
                 let above: Vec<_> = leaves(&low)
                     .into_iter()
                     .filter(|&(va, _, _)| va >= mem)
@@ -484,7 +508,7 @@ mod tests {
                 let pdpte = table_entry(&low, PDPT_BASE + 4 * 8);
                 assert_eq!(pdpte & (PTE_P | PTE_RW | PTE_US), PTE_P | PTE_RW | PTE_US);
                 // RAM is mapped as without the window.
-                let without = build(&image(), mem, 0).unwrap();
+                let without = build(&image(), mem, 0, false).unwrap();
                 let ram = |l: &LowMem| -> Vec<_> {
                     leaves(l)
                         .into_iter()
@@ -499,7 +523,7 @@ mod tests {
     #[test]
     fn without_mmio_devices_nothing_above_ram_is_mapped() {
         let mem = 64 << 20;
-        let low = build(&image(), mem, 0).unwrap();
+        let low = build(&image(), mem, 0, false).unwrap();
         assert!(leaves(&low).iter().all(|&(va, _, _)| va < mem));
         assert_eq!(table_entry(&low, PDPT_BASE + 4 * 8), 0);
         // And no page-table page is spent on it.
@@ -515,23 +539,23 @@ mod tests {
         // The largest image that leaves room for the window's two tables.
         let max = ((PT_LIMIT - PT_BASE) / PAGE - 2) * HUGE;
         img.kernel_end = max;
-        let low = build(&img, MAX_MEM, MAX_MMIO_DEVICES).unwrap();
+        let low = build(&img, MAX_MEM, MAX_MMIO_DEVICES, false).unwrap();
         assert!(GDT_BASE + low.bytes.len() as u64 <= PT_LIMIT);
         let pd = table_entry(&low, PDPT_BASE + 4 * 8) & !0xfff;
         assert!((PT_BASE..PT_LIMIT - PAGE).contains(&pd), "{pd:#x}");
         img.kernel_end = max + 1;
         assert_eq!(
-            build(&img, MAX_MEM, 1).err(),
+            build(&img, MAX_MEM, 1, false).err(),
             Some(LayoutError::ImageTooLarge { end: max + 1, max })
         );
         // Without devices, the larger image still fits.
-        build(&img, MAX_MEM, 0).unwrap();
+        build(&img, MAX_MEM, 0, false).unwrap();
     }
 
     #[test]
     fn more_than_64_mmio_devices_are_refused() {
         assert_eq!(
-            build(&image(), 64 << 20, MAX_MMIO_DEVICES + 1).err(),
+            build(&image(), 64 << 20, MAX_MMIO_DEVICES + 1, false).err(),
             Some(LayoutError::TooManyMmioDevices(MAX_MMIO_DEVICES + 1))
         );
     }

@@ -16,6 +16,7 @@ pub mod bus;
 #[cfg(test)]
 mod kvm_tests;
 pub mod layout;
+pub mod monitor;
 pub mod signal;
 
 use crate::abi::{self, Hypercall};
@@ -83,6 +84,8 @@ pub struct BootParams<'a> {
     /// Start the guest in solo5-hvt's boot state instead of tt-host's
     /// (see [`layout::build_solo5_hvt`]); for portability tests.
     pub solo5_hvt_boot: bool,
+    /// Run the image's code at CPL 3 under the [`monitor`].
+    pub cpl3: bool,
 }
 
 /// A created, ready-to-run VM.
@@ -106,6 +109,11 @@ pub struct Vm {
     /// Every return of KVM_RUN to tt-host so far (hypercalls, MMIO,
     /// signals and anything else): the exits to user space.
     pub run_returns: u64,
+    /// The CPL 3 monitor, when the image runs under it.
+    pub monitor: Option<monitor::emulate::Monitor>,
+    /// What the image may not write through the monitor (its read-only
+    /// and executable segments), as `[start, end)` ranges.
+    readonly: Vec<(u64, u64)>,
 }
 
 fn segment(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
@@ -162,6 +170,9 @@ enum Exit<'a> {
     MmioRead { addr: u64, data: &'a mut [u8] },
     /// A write of `data` at guest address `addr`, outside RAM.
     MmioWrite { addr: u64, data: &'a [u8] },
+    /// A stub of the CPL 3 monitor: a 1-byte `out` to
+    /// [`monitor::TRAP_PORT`].
+    Trap,
     /// Anything else: the host stops the guest, saying why.
     Stop(String),
 }
@@ -169,6 +180,7 @@ enum Exit<'a> {
 fn decode(exit: VcpuExit<'_>) -> Exit<'_> {
     let stop = |s: &str| Exit::Stop(s.to_string());
     match exit {
+        VcpuExit::IoOut(monitor::TRAP_PORT, [_]) => Exit::Trap,
         VcpuExit::IoOut(port, data) => match <[u8; 4]>::try_from(data) {
             Ok(word) => Exit::Hypercall {
                 port,
@@ -262,7 +274,7 @@ impl Vm {
         let low = if p.solo5_hvt_boot {
             layout::build_solo5_hvt(p.mem_size)
         } else {
-            layout::build(p.image, p.mem_size, regions.len() as u64)?
+            layout::build(p.image, p.mem_size, regions.len() as u64, p.cpl3)?
         };
         mem.write_slice(&low.bytes, GuestAddress(layout::GDT_BASE))
             .expect("low memory fits");
@@ -324,6 +336,27 @@ impl Vm {
             unusable: 1,
             ..Default::default()
         };
+        if p.cpl3 {
+            // The image starts at CPL 3 on the monitor's user segments,
+            // with the monitor's IDT and TSS (see monitor's module doc).
+            monitor::install(&mem);
+            let mut code = segment(monitor::SEL_USER_CODE, 0xb, 1, 0);
+            let mut data = segment(monitor::SEL_USER_DATA, 0x3, 0, 1);
+            (code.dpl, data.dpl) = (3, 3);
+            sregs.cs = code;
+            (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+            sregs.gdt.limit = monitor::GDT_LIMIT;
+            sregs.idt.base = monitor::IDT;
+            sregs.idt.limit = (monitor::VECTORS * 16 - 1) as u16;
+            sregs.tr = kvm_segment {
+                base: monitor::TSS,
+                limit: monitor::TSS_LIMIT,
+                selector: monitor::SEL_TSS,
+                type_: 11, // 64-bit TSS, busy
+                present: 1,
+                ..Default::default()
+            };
+        }
         vcpu.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
 
         let regs = kvm_bindings::kvm_regs {
@@ -382,6 +415,14 @@ impl Vm {
             exits: 0,
             mmio_exits: 0,
             run_returns: 0,
+            monitor: p.cpl3.then(monitor::emulate::Monitor::default),
+            readonly: p
+                .image
+                .segments
+                .iter()
+                .filter(|s| !s.prot.write || s.prot.exec)
+                .map(|s| (s.page_start(), s.page_end()))
+                .collect(),
         })
     }
 
@@ -456,6 +497,17 @@ impl Vm {
                     }
                     Err(e) => return Err(self.fault(&e.to_string())),
                 },
+                Exit::Trap if self.monitor.is_some() => {
+                    self.serve_trap()?;
+                    continue;
+                }
+                Exit::Trap => {
+                    return Err(self.fault(&format!(
+                        "invalid guest port access: 1-byte write to port {:#x} (hypercalls \
+                         are 4-byte writes)",
+                        monitor::TRAP_PORT
+                    )))
+                }
                 Exit::Stop(msg) => return Err(self.fault(&msg)),
             };
             let Some(call) = Hypercall::from_port(port) else {
@@ -476,6 +528,69 @@ impl Vm {
                 }
             }
         }
+    }
+
+    /// Serve a trap of the CPL 3 monitor: the stub's stack holds the
+    /// vector, the error code and the CPU's frame; the monitor edits the
+    /// frame (and registers), and the stub `iretq`s to it.
+    fn serve_trap(&mut self) -> Result<(), VmError> {
+        let mut regs = self.vcpu.get_regs().map_err(kvm_err("get regs"))?;
+        let at = regs.rsp;
+        let mut w = [0u64; 7];
+        for (i, v) in w.iter_mut().enumerate() {
+            *v = self
+                .mem
+                .read_obj(GuestAddress(at + 8 * i as u64))
+                .map_err(|_| self.fault("the CPL 3 monitor's stack is outside guest memory"))?;
+        }
+        let [vector, error, rip, cs, rflags, rsp, ss] = w;
+        if cs as u16 != monitor::SEL_USER_CODE {
+            return Err(self.fault(&format!(
+                "tt-host's CPL 3 monitor took exception {vector} at CPL 0 (rip {rip:#x})"
+            )));
+        }
+        let mut t = monitor::emulate::Trapped {
+            vector: vector as u8,
+            error,
+            frame: monitor::emulate::Frame {
+                rip,
+                cs,
+                rflags,
+                rsp,
+                ss,
+            },
+            gprs: [
+                regs.rax, regs.rcx, regs.rdx, regs.rbx, rsp, regs.rbp, regs.rsi, regs.rdi, regs.r8,
+                regs.r9, regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
+            ],
+            gprs_changed: false,
+        };
+        let mut machine = monitor::KvmMachine {
+            vcpu: &self.vcpu,
+            mem: &self.mem,
+            readonly: &self.readonly,
+            control: None,
+        };
+        let monitor = self.monitor.as_mut().expect("served only with a monitor");
+        if let Err(monitor::emulate::Stop(msg)) = monitor.trap(&mut t, &mut machine) {
+            let cr2 = monitor.shadow.cr2;
+            return Err(VmError::Fault(format!(
+                "{msg} [rip={:#x} rsp={:#x} cr2={cr2:#x} cpl=3]",
+                t.frame.rip, t.frame.rsp
+            )));
+        }
+        for (i, v) in [(2, t.frame.rip), (4, t.frame.rflags), (5, t.frame.rsp)] {
+            let _ = self.mem.write_obj(v, GuestAddress(at + 8 * i));
+        }
+        if t.gprs_changed {
+            let g = t.gprs;
+            (regs.rax, regs.rcx, regs.rdx, regs.rbx) = (g[0], g[1], g[2], g[3]);
+            (regs.rbp, regs.rsi, regs.rdi) = (g[5], g[6], g[7]);
+            (regs.r8, regs.r9, regs.r10, regs.r11) = (g[8], g[9], g[10], g[11]);
+            (regs.r12, regs.r13, regs.r14, regs.r15) = (g[12], g[13], g[14], g[15]);
+            self.vcpu.set_regs(&regs).map_err(kvm_err("set regs"))?;
+        }
+        Ok(())
     }
 
     /// A host-detected guest fault, with the vCPU's registers.
