@@ -64,6 +64,7 @@ fn run_with(fail: &[bool]) -> Result<i32, VmError> {
         cmdline: "",
         manifest: &manifest,
         solo5_hvt_boot: false,
+        cpl3: false,
     };
     let devices = fail
         .iter()

@@ -91,6 +91,7 @@ fn new_vm(code: Vec<u8>, regions: Vec<MmioRegion>) -> Vm {
         cmdline: "",
         manifest: &manifest,
         solo5_hvt_boot: false,
+        cpl3: false,
     };
     let console: Box<dyn Module> = Box::new(Console::new(std::io::sink()));
     Vm::new(&p, vec![console], regions).unwrap()
@@ -223,6 +224,7 @@ fn regions_outside_the_window_or_overlapping_are_refused() {
         cmdline: "",
         manifest: &[],
         solo5_hvt_boot: false,
+        cpl3: false,
     };
     let err = |regions| Vm::new(&p, Vec::new(), regions).err().unwrap();
     // One device: only the window's first page.
