@@ -348,6 +348,13 @@ impl Vm {
             sregs.gdt.limit = monitor::GDT_LIMIT;
             sregs.idt.base = monitor::IDT;
             sregs.idt.limit = (monitor::VECTORS * 16 - 1) as u16;
+            let umip = cpuid
+                .as_slice()
+                .iter()
+                .any(|e| e.function == 7 && e.index == 0 && e.ecx & (1 << 2) != 0);
+            if umip {
+                sregs.cr4 |= monitor::emulate::CR4_UMIP;
+            }
             sregs.tr = kvm_segment {
                 base: monitor::TSS,
                 limit: monitor::TSS_LIMIT,

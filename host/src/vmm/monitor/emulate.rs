@@ -48,14 +48,20 @@ pub trait Machine {
     /// Write image memory the image may write itself; `false` otherwise.
     fn write(&mut self, gpa: u64, buf: &[u8]) -> bool;
     fn control(&mut self) -> Control;
-    /// FS_BASE, GS_BASE or KERNEL_GS_BASE.
+    /// An MSR as the vCPU has it; `None` if KVM has no such MSR.
     fn msr(&mut self, index: u32) -> Option<u64>;
+    /// Set FS_BASE, GS_BASE or KERNEL_GS_BASE.
     fn set_msr(&mut self, index: u32, value: u64) -> bool;
 }
 
 pub const MSR_FS_BASE: u32 = 0xc000_0100;
 pub const MSR_GS_BASE: u32 = 0xc000_0101;
 pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+
+/// CR4.UMIP: tt-host sets it under the monitor (where the CPU has it) so
+/// that `sgdt`, `sidt`, `sldt`, `str` and `smsw` trap at CPL 3 and show
+/// the image its own values; the image never sees the bit.
+pub const CR4_UMIP: u64 = 1 << 11;
 
 const RFLAGS_TF: u64 = 1 << 8;
 const RFLAGS_IF: u64 = 1 << 9;
@@ -221,12 +227,58 @@ impl Monitor {
                     _ => return Ok(None),
                 }
             }
+            Mnemonic::Sgdt | Mnemonic::Sidt => {
+                // Privileged only because tt-host sets CR4.UMIP (where the
+                // CPU has it): the image sees its own tables.
+                let Some(at) = self.address(insn, 0, t, m) else {
+                    return Ok(None);
+                };
+                let (base, limit) = if insn.mnemonic() == Mnemonic::Sgdt {
+                    self.shadow.gdt
+                } else {
+                    self.shadow.idt
+                };
+                let mut b = [0u8; 10];
+                b[..2].copy_from_slice(&limit.to_le_bytes());
+                b[2..].copy_from_slice(&base.to_le_bytes());
+                if !m.write(at, &b) {
+                    return self.page_fault(at, true, t, m);
+                }
+            }
+            Mnemonic::Str | Mnemonic::Sldt | Mnemonic::Smsw => {
+                let value = match insn.mnemonic() {
+                    Mnemonic::Str => u64::from(self.shadow.tr),
+                    Mnemonic::Sldt => u64::from(self.shadow.ldt),
+                    _ => m.control().cr0 & 0xffff,
+                };
+                match insn.op0_kind() {
+                    OpKind::Register => {
+                        let r = insn.op0_register();
+                        if r.size() == 2 {
+                            let i = r.full_register().number() % 16;
+                            t.gprs[i] = (t.gprs[i] & !0xffff) | value;
+                            t.gprs_changed = true;
+                        } else {
+                            set_gpr(t, r, value);
+                        }
+                    }
+                    OpKind::Memory => {
+                        let Some(at) = self.address(insn, 0, t, m) else {
+                            return Ok(None);
+                        };
+                        if !m.write(at, &(value as u16).to_le_bytes()) {
+                            return self.page_fault(at, true, t, m);
+                        }
+                    }
+                    _ => return Ok(None),
+                }
+            }
             Mnemonic::Mov if insn.op1_register().is_cr() => {
                 let value = match insn.op1_register() {
                     Register::CR0 => m.control().cr0,
                     Register::CR2 => self.shadow.cr2,
                     Register::CR3 => m.control().cr3,
-                    Register::CR4 => m.control().cr4,
+                    Register::CR4 => m.control().cr4 & !CR4_UMIP,
                     Register::CR8 => 0,
                     _ => return Ok(None),
                 };
@@ -242,7 +294,7 @@ impl Monitor {
                     }
                     Register::CR0 => m.control().cr0,
                     Register::CR3 => m.control().cr3,
-                    Register::CR4 => m.control().cr4,
+                    Register::CR4 => m.control().cr4 & !CR4_UMIP,
                     Register::CR8 => 0,
                     _ => return Ok(None),
                 };
@@ -307,21 +359,34 @@ impl Monitor {
                     "guest executed HLT with interrupts off and will never wake".into()
                 }))
             }
-            Mnemonic::Wrmsr | Mnemonic::Rdmsr => {
+            Mnemonic::Rdmsr => {
+                // Any MSR reads as it would at CPL 0; one KVM does not
+                // have raises #GP, as on a CPU.
                 let index = t.gprs[1] as u32;
-                if ![MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE].contains(&index) {
-                    return Err(unsupported(format!("{} of MSR {index:#x}", name())));
-                }
-                if insn.mnemonic() == Mnemonic::Wrmsr {
-                    let value = (t.gprs[2] << 32) | (t.gprs[0] & 0xffff_ffff);
+                let Some(value) = m.msr(index) else {
+                    return self
+                        .deliver(13, Some(0), t.frame.rip, t, m)
+                        .map(|()| Some(false));
+                };
+                t.gprs[0] = value & 0xffff_ffff;
+                t.gprs[2] = value >> 32;
+                t.gprs_changed = true;
+            }
+            Mnemonic::Wrmsr => {
+                // The segment bases are the image's; any other MSR only
+                // keeps its value.
+                let index = t.gprs[1] as u32;
+                let value = (t.gprs[2] << 32) | (t.gprs[0] & 0xffff_ffff);
+                if [MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE].contains(&index) {
                     if !is_canonical(value) || !m.set_msr(index, value) {
-                        return self.deliver(13, Some(0), t.frame.rip, t, m).map(|()| Some(false));
+                        return self
+                            .deliver(13, Some(0), t.frame.rip, t, m)
+                            .map(|()| Some(false));
                     }
-                } else {
-                    let value = m.msr(index).unwrap_or(0);
-                    t.gprs[0] = value & 0xffff_ffff;
-                    t.gprs[2] = value >> 32;
-                    t.gprs_changed = true;
+                } else if m.msr(index) != Some(value) {
+                    return Err(unsupported(format!(
+                        "wrmsr of {value:#x} to MSR {index:#x}"
+                    )));
                 }
             }
             Mnemonic::Swapgs => {
@@ -480,8 +545,8 @@ impl Monitor {
             }
         };
         // As the CPU pushed it (RF set for a fault), with the image's IF.
-        let flags = (t.frame.rflags & !RFLAGS_IF)
-            | if self.shadow.interrupts { RFLAGS_IF } else { 0 };
+        let flags =
+            (t.frame.rflags & !RFLAGS_IF) | if self.shadow.interrupts { RFLAGS_IF } else { 0 };
         let mut words = vec![
             u64::from(self.shadow.ss),
             t.frame.rsp,
@@ -521,7 +586,8 @@ impl Monitor {
         }
         let lo = u64::from_le_bytes(d[..8].try_into().ok()?);
         let hi = u64::from_le_bytes(d[8..].try_into().ok()?);
-        let tss = ((lo >> 16) & 0xff_ffff) | ((lo >> 32) & 0xff00_0000) | ((hi & 0xffff_ffff) << 32);
+        let tss =
+            ((lo >> 16) & 0xff_ffff) | ((lo >> 32) & 0xff00_0000) | ((hi & 0xffff_ffff) << 32);
         pop(m, tss + 0x24 + 8 * (n - 1), 8)
     }
 }
