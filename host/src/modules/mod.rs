@@ -44,6 +44,36 @@ pub enum GuestError {
         gpa: u64,
         len: u64,
     },
+    /// Below the boot info lie tt-host's GDT, page tables and CPL 3
+    /// monitor: the host never reads or writes them for the guest.
+    #[error(
+        "invalid hypercall address: {what} at {gpa:#x} (+{len} bytes) lies in tt-host's own \
+         memory below {floor:#x} (GDT, page tables, CPL 3 monitor), which hypercalls cannot \
+         use"
+    )]
+    Reserved {
+        what: &'static str,
+        gpa: u64,
+        len: u64,
+        floor: u64,
+    },
+}
+
+impl GuestError {
+    /// The error for `[gpa, gpa+len)`, which `mem` does not hold.
+    fn bad(what: &'static str, gpa: u64, len: u64) -> GuestError {
+        let floor = crate::vmm::layout::BOOT_INFO_BASE;
+        if gpa < floor {
+            GuestError::Reserved {
+                what,
+                gpa,
+                len,
+                floor,
+            }
+        } else {
+            GuestError::BadAddress { what, gpa, len }
+        }
+    }
 }
 
 /// A device kind's hypercall handlers.
@@ -77,11 +107,7 @@ pub fn read_args<T: ByteValued>(
 ) -> Result<(T, ArgAt<T>), GuestError> {
     let val = mem
         .read_obj::<T>(GuestAddress(gpa))
-        .map_err(|_| GuestError::BadAddress {
-            what: "hypercall argument",
-            gpa,
-            len: size_of::<T>() as u64,
-        })?;
+        .map_err(|_| GuestError::bad("hypercall argument", gpa, size_of::<T>() as u64))?;
     Ok((
         val,
         ArgAt {
@@ -143,7 +169,7 @@ pub fn check_range(
     if fits {
         Ok(())
     } else {
-        Err(GuestError::BadAddress { what, gpa, len })
+        Err(GuestError::bad(what, gpa, len))
     }
 }
 

@@ -94,6 +94,11 @@ pub struct Vm {
     vcpu: VcpuFd,
     _vm: VmFd,
     mem: GuestMemoryMmap,
+    /// Guest memory from [`layout::BOOT_INFO_BASE`] up: what hypercall
+    /// handlers and devices read and write on the guest's behalf. Below it
+    /// lie the GDT, the page tables and the CPL 3 monitor, which no guest
+    /// request can name.
+    guest: GuestMemoryMmap,
     modules: Vec<Box<dyn Module>>,
     bus: Bus,
     /// The queue-notification eventfds KVM signals (kept open for as long
@@ -209,6 +214,25 @@ fn decode(exit: VcpuExit<'_>) -> Exit<'_> {
     }
 }
 
+/// Guest RAM of `size` bytes, as two regions split at
+/// [`layout::BOOT_INFO_BASE`] (one KVM memory slot each; the guest sees
+/// one block), and the view of it without the first: see `Vm::guest`.
+fn guest_memory(size: u64) -> Result<(GuestMemoryMmap, GuestMemoryMmap), VmError> {
+    use std::sync::Arc;
+    use vm_memory::GuestRegionMmap;
+    let err = |_| VmError::Memory(size >> 20);
+    let split = layout::BOOT_INFO_BASE;
+    let low = GuestRegionMmap::<()>::from_range(GuestAddress(0), split as usize, None)
+        .map_err(|_| VmError::Memory(size >> 20))?;
+    let high =
+        GuestRegionMmap::<()>::from_range(GuestAddress(split), (size - split) as usize, None)
+            .map_err(|_| VmError::Memory(size >> 20))?;
+    let high = Arc::new(high);
+    let all = GuestMemoryMmap::from_arc_regions(vec![Arc::new(low), high.clone()]).map_err(err)?;
+    let guest = GuestMemoryMmap::from_arc_regions(vec![high]).map_err(err)?;
+    Ok((all, guest))
+}
+
 impl Vm {
     /// Create the VM for `p` with these device modules and these devices
     /// in the MMIO window (the k-th of n at [`layout::MMIO_BASE`] +
@@ -247,8 +271,7 @@ impl Vm {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
 
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), p.mem_size as usize)])
-            .map_err(|_| VmError::Memory(p.mem_size >> 20))?;
+        let (mem, guest) = guest_memory(p.mem_size)?;
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
@@ -386,7 +409,7 @@ impl Vm {
             r.device
                 .lock()
                 .map_err(|_| VmError::DevicePoisoned(r.base))?
-                .attach_memory(mem.clone());
+                .attach_memory(guest.clone());
         }
         let mut notify = Vec::new();
         let mut notify_by_eventfd = true;
@@ -414,6 +437,7 @@ impl Vm {
             vcpu,
             _vm: vm,
             mem,
+            guest,
             modules,
             bus,
             _notify: notify,
@@ -526,7 +550,7 @@ impl Vm {
                 return Err(self.fault(&msg));
             };
             self.exits += 1;
-            match self.modules[module].handle(call, arg, &self.mem) {
+            match self.modules[module].handle(call, arg, &self.guest) {
                 Ok(Action::Continue) => {}
                 Ok(Action::Exit(status)) => return Ok(status),
                 Err(e) => {
@@ -619,6 +643,34 @@ impl Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hypercall handlers and devices get guest memory from the boot info
+    /// up: a request that names the GDT, the page tables or the CPL 3
+    /// monitor is refused with a message that says so, never served.
+    #[test]
+    fn guest_requests_cannot_name_tt_hosts_low_memory() {
+        use crate::modules::{check_range, read_args, GuestError};
+        let (all, guest) = guest_memory(8 << 20).unwrap();
+        for at in [
+            layout::GDT_BASE,
+            layout::PML4_BASE,
+            monitor::IDT,
+            monitor::STACK,
+        ] {
+            assert!(all.read_obj::<u64>(GuestAddress(at)).is_ok());
+            let e = read_args::<abi::HcWalltime>(&guest, at).unwrap_err();
+            assert!(matches!(e, GuestError::Reserved { .. }), "{e:?}");
+            assert!(e.to_string().contains("CPL 3 monitor"), "{e}");
+            let e = check_range(&guest, "block buffer", at, 512).unwrap_err();
+            assert!(matches!(e, GuestError::Reserved { .. }), "{e:?}");
+        }
+        // Straddling the floor is refused too; the boot info and above
+        // are the guest's.
+        let floor = layout::BOOT_INFO_BASE;
+        assert!(check_range(&guest, "buffer", floor - 8, 16).is_err());
+        assert!(check_range(&guest, "buffer", floor, 16).is_ok());
+        assert!(read_args::<abi::HcWalltime>(&guest, 0x10_0000).is_ok());
+    }
 
     #[test]
     fn four_byte_port_writes_are_hypercalls_and_other_port_accesses_stop() {
