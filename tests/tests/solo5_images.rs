@@ -10,8 +10,12 @@
 //!   host's nested page tables and ends with "host/guest translation
 //!   fault" (exit 1); tt-host maps W^X in the guest's own page tables, so
 //!   the guest's trap handler sees a page fault and aborts (255).
-//! - `fpu`: SSE at CPL 0 fails under kvm-pvm, in solo5-hvt too; a
-//!   separate issue covers it, so it is not run here.
+//! - `fpu`: SSE at CPL 0 fails under kvm-pvm (in solo5-hvt too), so it
+//!   runs at `--cpl=3` only, where it passes.
+//!
+//! Every case runs twice: at `--cpl=0`, as solo5-hvt runs images, and at
+//! `--cpl=3`, under tt-host's monitor (docs/ABI.md, "CPL 3 for Solo5
+//! images"), with the same expectations.
 //! - `dumpcore` and the `net` flood tests need solo5-hvt-debug or `ping
 //!   -f`; they are not run.
 
@@ -41,15 +45,19 @@ fn solo5_tests() -> Option<PathBuf> {
     Some(tests)
 }
 
-/// `hvt_run` of tests.bats: `--mem=4096` (the largest tt-host takes) and
-/// the arguments, with a state directory of the test's own.
-fn hvt_run(dir: &Scratch, tests: &std::path::Path, args: &[&str]) -> Run {
+/// Both ways tt-host runs a Solo5 image.
+const CPLS: [&str; 2] = ["--cpl=0", "--cpl=3"];
+
+/// `hvt_run` of tests.bats: `--mem=4096` (the largest tt-host takes),
+/// `cpl` and the arguments, with a state directory of the test's own.
+fn hvt_run(dir: &Scratch, tests: &std::path::Path, cpl: &str, args: &[&str]) -> Run {
     tt_with(
         Command::new(tt_host())
             .current_dir(tests)
             .env("TT_HOST_STATE_DIR", dir.path("state"))
             .arg("run")
             .arg("--mem=4096")
+            .arg(cpl)
             .args(args),
     )
 }
@@ -82,8 +90,16 @@ fn expect_error(r: &Run, text: &str) {
 fn solo5_test_images_behave_as_tests_bats_expects() {
     let Some(t) = solo5_tests() else { return };
     let dir = Scratch::new("solo5");
-    let run = |args: &[&str]| hvt_run(&dir, &t, args);
+    for cpl in CPLS {
+        let run = |args: &[&str]| hvt_run(&dir, &t, cpl, args);
+        eprintln!("{cpl}");
+        solo5_test_images(&run);
+    }
+    // SSE works at CPL 3 (at CPL 0, kvm-pvm's emulator cannot run it).
+    expect_success(&hvt_run(&dir, &t, "--cpl=3", &["test_fpu/test_fpu.hvt"]));
+}
 
+fn solo5_test_images(run: &dyn Fn(&[&str]) -> Run) {
     expect_success(&run(&["test_hello/test_hello.hvt", "Hello_Solo5"]));
     let quiet = run(&["--", "test_quiet/test_quiet.hvt", "--solo5:quiet"]);
     expect_success(&quiet);
@@ -114,7 +130,13 @@ fn solo5_test_images_behave_as_tests_bats_expects() {
 fn solo5_block_images_behave_as_tests_bats_expects() {
     let Some(t) = solo5_tests() else { return };
     let dir = Scratch::new("solo5blk");
-    let run = |args: &[&str]| hvt_run(&dir, &t, args);
+    for cpl in CPLS {
+        eprintln!("{cpl}");
+        solo5_block_images(&dir, &|args: &[&str]| hvt_run(&dir, &t, cpl, args));
+    }
+}
+
+fn solo5_block_images(dir: &Scratch, run: &dyn Fn(&[&str]) -> Run) {
     let img = |name: &str, len: usize| {
         dir.file(name, &vec![0u8; len])
             .to_str()
