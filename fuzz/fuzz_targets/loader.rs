@@ -100,14 +100,15 @@ fn check_image(file: &[u8], mem_size: u64, image: &Image) {
 /// executable; low memory (with one MMIO device's tables) stays below the
 /// boot info.
 fn check_layout(mem_size: u64, image: &Image) {
-    let low = match layout::build(image, mem_size, 1) {
+    // With the CPL 3 monitor's pages mapped too.
+    let low = match layout::build(image, mem_size, 1, true) {
         Ok(low) => low,
         Err(layout::LayoutError::ImageTooLarge { .. }) => return,
         Err(e @ layout::LayoutError::TooManyMmioDevices(_)) => panic!("1 device: {e}"),
     };
     assert!(
-        layout::GDT_BASE + low.bytes.len() as u64 <= layout::BOOT_INFO_BASE,
-        "low memory ({} bytes) runs into the boot info",
+        layout::GDT_BASE + low.bytes.len() as u64 <= layout::MONITOR_BASE,
+        "low memory ({} bytes) runs into the CPL 3 monitor",
         low.bytes.len()
     );
     let entry = |gpa: u64| {
@@ -138,6 +139,18 @@ fn check_layout(mem_size: u64, image: &Image) {
             !(present && writable && exec),
             "page {:#x} is W+X",
             page * layout::PAGE
+        );
+    }
+    // The GDT and the monitor's pages: mapped, never for CPL 3.
+    for addr in [
+        layout::GDT_BASE,
+        layout::MONITOR_BASE,
+        layout::MONITOR_BASE + 0x3000,
+    ] {
+        let pte = entry(layout::PT_BASE + addr / layout::PAGE * 8).unwrap();
+        assert!(
+            pte & layout::PTE_P != 0 && pte & layout::PTE_US == 0,
+            "page {addr:#x} is not supervisor-only (pte {pte:#x})"
         );
     }
     let pte = entry(layout::PT_BASE + image.entry / layout::PAGE * 8)
