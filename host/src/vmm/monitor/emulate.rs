@@ -144,7 +144,8 @@ impl Monitor {
                     }
                     return Ok(());
                 }
-                self.deliver(t.vector, Some(t.error), t.frame.rip, t, m)
+                let error = has_error_code(t.vector).then_some(t.error);
+                self.deliver(t.vector, error, t.frame.rip, t, m)
             }
             14 => {
                 let cr2 = m.control().cr2;
