@@ -72,11 +72,17 @@ fn fs_gs_and_kernel_gs_base_are_set_read_and_swapped() -> Asm {
     img.expect(rax, SCRATCH + 16, 7)?;
     img.rdmsr(MSR_KERNEL_GS_BASE)?;
     img.expect(rax, SCRATCH + 8, 8)?;
+    // Other MSRs read as at CPL 0, and may be written unchanged.
+    img.rdmsr(MSR_EFER)?;
+    img.expect(rax, BOOT_EFER, 9)?;
+    img.wrmsr(MSR_EFER, BOOT_EFER)?;
+    img.rdmsr(MSR_APIC_BASE)?;
+    img.expect(rax, 0, 10)?;
     img.puts("msr ok\n")?;
     img.halt(0)?;
     let o = both_succeed(&img.build(), "msr ok\n");
-    // The boot's 9, 4 wrmsr, 4 rdmsr, swapgs.
-    assert_eq!(o.traps, Some((18, 0)), "{o:#?}");
+    // The boot's 9, 5 wrmsr, 6 rdmsr, swapgs.
+    assert_eq!(o.traps, Some((21, 0)), "{o:#?}");
     Ok(())
 }
 
@@ -105,6 +111,56 @@ fn control_registers_read_as_at_boot_and_can_be_written_unchanged() -> Asm {
     let o = both_succeed(&img.build(), "cr ok\n");
     // 3 reads and 3 writes, the cr8 read, the cr2 write and read.
     assert_eq!(o.traps, Some((9, 0)), "{o:#?}");
+    Ok(())
+}
+
+#[test]
+fn sgdt_sidt_str_sldt_and_smsw_show_the_images_own_values() -> Asm {
+    if !kvm() {
+        return Ok(());
+    }
+    let mut img = Image::new();
+    img.solo5_boot()?;
+    // At CPL 3 these are privileged only with CR4.UMIP, which tt-host
+    // sets where the CPU has it (CPUID.7.0:ECX bit 2).
+    let mut no_umip = img.a.create_label();
+    img.a.mov(eax, 7)?;
+    img.a.xor(ecx, ecx)?;
+    img.a.cpuid()?;
+    img.a.test(ecx, 1 << 2)?;
+    img.a.jz(no_umip)?;
+    img.a.sgdt(ptr(SCRATCH))?;
+    img.a.movzx(eax, word_ptr(SCRATCH))?;
+    img.expect(rax, u64::from(GDT_LIMIT), 1)?;
+    img.a.mov(rax, qword_ptr(SCRATCH + 2))?;
+    img.expect(rax, GDT, 2)?;
+    img.a.sidt(ptr(SCRATCH + 16))?;
+    img.a.movzx(eax, word_ptr(SCRATCH + 16))?;
+    img.expect(rax, u64::from(IDT_LIMIT), 3)?;
+    img.a.mov(rax, qword_ptr(SCRATCH + 18))?;
+    img.expect(rax, IDT, 4)?;
+    img.a.xor(eax, eax)?;
+    img.a.str(ax)?;
+    img.expect(rax, u64::from(SEL_TSS), 5)?;
+    img.a.mov(eax, 0x1234)?;
+    img.a.sldt(ax)?;
+    img.expect(rax, 0, 6)?;
+    img.a.xor(eax, eax)?;
+    img.a.smsw(ax)?;
+    img.expect(rax, BOOT_CR0 & 0xffff, 7)?;
+    img.puts("tables ok\n")?;
+    img.halt(0)?;
+    img.a.set_label(&mut no_umip)?;
+    img.puts("no umip\n")?;
+    img.halt(0)?;
+    let umip = std::fs::read_to_string("/proc/cpuinfo")
+        .is_ok_and(|c| c.split_whitespace().any(|flag| flag == "umip"));
+    let (_, o) = both(&img.build(), &[]);
+    assert_eq!(o.status, 0, "{o:#?}");
+    if umip {
+        assert_eq!(o.stdout, "tables ok\n", "{o:#?}");
+        assert_eq!(o.traps, Some((14, 0)), "{o:#?}");
+    }
     Ok(())
 }
 
@@ -214,10 +270,9 @@ fn what_the_monitor_does_not_emulate_stops_the_run_at_cpl3() -> Asm {
             }),
         ),
         (
-            "wrmsr of MSR 0xc0000080",
-            Box::new(|img| img.wrmsr(0xc000_0080, 0x901)), // EFER
+            "wrmsr of 0x901 to MSR 0xc0000080",
+            Box::new(|img| img.wrmsr(MSR_EFER, 0x901)), // EFER.SCE, no NXE
         ),
-        ("rdmsr of MSR 0x1b", Box::new(|img| img.rdmsr(0x1b))),
         (
             "lldt 0x18",
             Box::new(|img| {
@@ -572,6 +627,11 @@ fn exceptions_reach_the_images_own_handlers_with_a_cpl0_frame() -> Asm {
             fault("load from a non-canonical address", 13, 0),
             Box::new(|a| a.mov(rax, 0x8000_0000_0000_0000u64)),
             Box::new(|a| a.mov(rax, qword_ptr(rax))),
+        ),
+        (
+            fault("rdmsr of an MSR the vCPU does not have", 13, 0),
+            Box::new(|a| a.mov(ecx, 0x4b56_4d99u32)),
+            Box::new(|a| a.rdmsr()),
         ),
         (
             fault("wrmsr of a non-canonical FS_BASE", 13, 0),

@@ -73,6 +73,10 @@ pub const DATA_SIZE: usize = 0x3000;
 pub const MSR_FS_BASE: u32 = 0xc000_0100;
 pub const MSR_GS_BASE: u32 = 0xc000_0101;
 pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+pub const MSR_EFER: u32 = 0xc000_0080;
+pub const MSR_APIC_BASE: u32 = 0x1b;
+/// EFER at entry: LME | LMA | NXE.
+pub const BOOT_EFER: u64 = 0xd00;
 
 /// An image's data segment, and its devices.
 pub struct Data {
