@@ -202,7 +202,7 @@ fn decode(exit: VcpuExit<'_>) -> Exit<'_> {
         VcpuExit::MmioRead(addr, data) => Exit::MmioRead { addr, data },
         VcpuExit::MmioWrite(addr, data) => Exit::MmioWrite { addr, data },
         VcpuExit::Shutdown => stop("guest triple fault (an exception the guest could not handle)"),
-        VcpuExit::Hlt => stop("guest executed HLT with interrupts off and will never wake"),
+        VcpuExit::Hlt => stop(monitor::emulate::HLT),
         VcpuExit::InternalError => stop(
             "KVM internal error: this host's KVM could not emulate a guest instruction \
              (on kvm-pvm, SSE at CPL 0 can cause this)",

@@ -130,6 +130,9 @@ pub struct Monitor {
 pub struct Stop(pub String);
 
 const TRIPLE_FAULT: &str = "guest triple fault (an exception the guest could not handle)";
+/// The stop message for HLT, at CPL 0 (`vmm::decode`) and 3: the guest
+/// has no interrupt controller, so nothing can wake it.
+pub const HLT: &str = "guest executed HLT and will never wake (it has no interrupts)";
 
 impl Monitor {
     /// Serve one trap: afterwards `t.frame` (and `t.gprs` if
@@ -148,6 +151,18 @@ impl Monitor {
                 self.deliver(t.vector, error, t.frame.rip, t, m)
             }
             14 => {
+                // A far return or `iretq` to CPL 0 near the top of the
+                // stack: at CPL 3 the CPU reads a return frame of the
+                // outer-privilege size (4 or 5 words) before it refuses
+                // the return, so it can fault on words a CPL 0 return
+                // never reads. Emulate it, reading what CPL 0 would.
+                let insn = fetch(t.frame.rip, m);
+                if matches!(insn.mnemonic(), Mnemonic::Retf | Mnemonic::Iretq) {
+                    if let Some(true) = self.emulate(&insn, t, m)? {
+                        self.counts.emulated += 1;
+                        return Ok(());
+                    }
+                }
                 let cr2 = m.control().cr2;
                 self.shadow.cr2 = cr2;
                 // As the image would have seen it at CPL 0: a supervisor
@@ -204,10 +219,34 @@ impl Monitor {
                 }
             }
             Mnemonic::Ltr | Mnemonic::Lldt => {
-                let Some(sel) = self.operand16(insn, 0, t, m) else {
-                    return Ok(None);
+                let sel = match self.operand16(insn, 0, t, m) {
+                    None => return Ok(None),
+                    Some(Err(at)) => return self.page_fault(at, false, t, m),
+                    Some(Ok(sel)) => sel,
                 };
                 if insn.mnemonic() == Mnemonic::Ltr {
+                    // As the CPU: an available 64-bit TSS of the image's
+                    // GDT, which `ltr` marks busy; else #GP(selector).
+                    let (gdt, limit) = self.shadow.gdt;
+                    let index = u64::from(sel & !7);
+                    let mut d = [0u8; 8];
+                    let at = gdt.wrapping_add(index);
+                    if index == 0 || index + 15 > u64::from(limit) || !m.read(at, &mut d) {
+                        let error = u64::from(sel & !3);
+                        return self
+                            .deliver(13, Some(error), t.frame.rip, t, m)
+                            .map(|()| Some(false));
+                    }
+                    let desc = u64::from_le_bytes(d);
+                    if (desc >> 40) & 0x1f != 0x09 {
+                        let error = u64::from(sel & !3);
+                        return self
+                            .deliver(13, Some(error), t.frame.rip, t, m)
+                            .map(|()| Some(false));
+                    }
+                    if !m.write(at, &(desc | (2 << 40)).to_le_bytes()) {
+                        return self.page_fault(at, true, t, m);
+                    }
                     self.shadow.tr = sel;
                 } else if sel & !3 == 0 {
                     self.shadow.ldt = 0;
@@ -216,8 +255,10 @@ impl Monitor {
                 }
             }
             Mnemonic::Mov if insn.op0_register().is_segment_register() => {
-                let Some(sel) = self.operand16(insn, 1, t, m) else {
-                    return Ok(None);
+                let sel = match self.operand16(insn, 1, t, m) {
+                    None => return Ok(None),
+                    Some(Err(at)) => return self.page_fault(at, false, t, m),
+                    Some(Ok(sel)) => sel,
                 };
                 match insn.op0_register() {
                     Register::SS => self.shadow.ss = sel,
@@ -354,11 +395,9 @@ impl Monitor {
             Mnemonic::Cli => self.shadow.interrupts = false,
             Mnemonic::Sti => self.shadow.interrupts = true,
             Mnemonic::Hlt => {
-                return Err(Stop(if self.shadow.interrupts {
-                    "guest executed HLT and will never wake (it has no interrupts)".into()
-                } else {
-                    "guest executed HLT with interrupts off and will never wake".into()
-                }))
+                // As at CPL 0, where KVM reports the HLT past it.
+                t.frame.rip = next;
+                return Err(Stop(HLT.into()));
             }
             Mnemonic::Rdmsr => {
                 // Any MSR reads as it would at CPL 0; one KVM does not
@@ -450,20 +489,25 @@ impl Monitor {
         })
     }
 
-    /// A 16-bit source operand (register or memory).
+    /// A 16-bit source operand (register or memory): `Err(address)` if
+    /// it is memory the image may not read (a page fault there).
     fn operand16(
         &self,
         insn: &Instruction,
         op: u32,
         t: &Trapped,
         m: &mut dyn Machine,
-    ) -> Option<u16> {
+    ) -> Option<Result<u16, u64>> {
         match insn.op_kind(op) {
-            OpKind::Register => Some(gpr(t, insn.op_register(op)) as u16),
+            OpKind::Register => Some(Ok(gpr(t, insn.op_register(op)) as u16)),
             OpKind::Memory => {
                 let at = self.address(insn, op, t, m)?;
                 let mut b = [0u8; 2];
-                m.read(at, &mut b).then(|| u16::from_le_bytes(b))
+                Some(if m.read(at, &mut b) {
+                    Ok(u16::from_le_bytes(b))
+                } else {
+                    Err(at)
+                })
             }
             _ => None,
         }

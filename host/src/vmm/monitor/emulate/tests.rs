@@ -129,7 +129,9 @@ fn descriptor_table_and_segment_loads_go_to_the_shadow_and_step_over() {
     mon.trap(&mut t, &mut m).unwrap();
     assert_eq!(mon.shadow.idt, (IDT, 0xfff));
     assert_eq!(t.frame.rip, CODE + 5);
-    // ltr ax; mov ss, eax; mov ds, eax
+    // ltr ax (an available TSS at 0x28, marked busy); mov ss, eax; mov
+    // ds, eax.
+    m.gdt_with_tss();
     for (code, check) in [
         (&[0x0f, 0x00, 0xd8][..], 0),
         (&[0x8e, 0xd0][..], 1),
@@ -144,6 +146,15 @@ fn descriptor_table_and_segment_loads_go_to_the_shadow_and_step_over() {
         assert!(!t.gprs_changed);
     }
     assert_eq!(mon.counts.emulated, 5);
+    assert_eq!((m.word(GDT + 0x28) >> 40) & 0xf, 0xb, "the TSS is busy");
+    // ltr of it again (busy now), or of a selector past the GDT: #GP,
+    // delivered (no IDT here: a triple fault).
+    for sel in [0x28, 0x40] {
+        let mut t = trapped(&mut m, 13, 0, &[0x0f, 0x00, 0xd8], STACK_TOP);
+        t.gprs[0] = sel;
+        let Stop(msg) = mon.trap(&mut t, &mut m).unwrap_err();
+        assert!(msg.contains("exception 13"), "{msg}");
+    }
 }
 
 #[test]
@@ -323,10 +334,8 @@ fn hlt_and_port_io_stop_as_at_cpl0() {
     mon.trap(&mut t, &mut m).unwrap();
     let mut t = trapped(&mut m, 13, 0, &[0xf4], STACK_TOP);
     let Stop(msg) = mon.trap(&mut t, &mut m).unwrap_err();
-    assert_eq!(
-        msg,
-        "guest executed HLT with interrupts off and will never wake"
-    );
+    assert_eq!(msg, HLT);
+    assert_eq!(t.frame.rip, CODE + 1, "reported past the HLT, as at CPL 0");
     let mut t = trapped(&mut m, 13, 0, &[0xe6, 0x80], STACK_TOP); // out 0x80, al
     let Stop(msg) = mon.trap(&mut t, &mut m).unwrap_err();
     assert!(
