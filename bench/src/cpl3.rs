@@ -24,6 +24,7 @@
 //! 3. Solo5's `test_hello`, launch to exit (spawn to `wait4`): tt-host
 //!    `--cpl=3` at most 0.5x solo5-hvt, 50 runs each, interleaved; ratio
 //!    of the medians (and of each block of 10, to show the spread).
+//!    tt-host `--cpl=0` runs as often beside them, reported.
 //!
 //! Solo5 is not in the repository: targets 1 and 3 take a Solo5 tree
 //! built with `./configure.sh && make` from `$SOLO5_DIR` (its
@@ -614,12 +615,12 @@ fn cpu_loop(o: &Opts, tt_host: &Path, state: &Path, dir: &Path) -> Result<Verdic
 fn hello(tt_host: &Path, state: &Path, s: &Solo5) -> Result<Verdict, String> {
     let image = s.image("hello");
     println!(
-        "== target 3: Solo5 test_hello launch to exit, {HELLO_RUNS} runs each, interleaved \
-         (load average {}) ==",
+        "== target 3: Solo5 test_hello launch to exit, {HELLO_RUNS} runs each, interleaved, \
+         tt-host --cpl=0 beside them (load average {}) ==",
         load()
     );
     let img = image.to_str().ok_or("SOLO5_DIR is not UTF-8")?;
-    let tt = || tt_cmd(tt_host, state, "3", &[HELLO_MEM, img]);
+    let tt = |cpl: &str| tt_cmd(tt_host, state, cpl, &[HELLO_MEM, img]);
     let hvt = || {
         let mut c = Command::new(&s.hvt);
         c.args([HELLO_MEM, img]);
@@ -636,29 +637,36 @@ fn hello(tt_host: &Path, state: &Path, s: &Solo5) -> Result<Verdict, String> {
             ))
         }
     };
-    show_stats("tt-host --cpl=3 test_hello", tt())?;
+    show_stats("tt-host --cpl=3 test_hello", tt("3"))?;
+    // The three commands: tt-host --cpl=3 (judged), solo5-hvt (the
+    // baseline), tt-host --cpl=0 (reported: tt-host's launch without the
+    // monitor).
+    let what = [
+        "tt-host --cpl=3 test_hello",
+        "solo5-hvt test_hello",
+        "tt-host --cpl=0 test_hello",
+    ];
+    let cmd = |j: usize| match j {
+        0 => tt("3"),
+        1 => hvt(),
+        _ => tt("0"),
+    };
     for _ in 0..2 {
-        check(&child::run(&mut hvt())?, "solo5-hvt test_hello")?;
-        check(&child::run(&mut tt())?, "tt-host test_hello")?;
-    }
-    let (mut t_tt, mut t_hvt) = (vec![], vec![]);
-    for i in 0..HELLO_RUNS {
-        // Alternate which goes first, so neither always follows the other.
-        let (first_tt, mut a, mut b) = (i % 2 == 0, None, None);
-        for k in 0..2 {
-            if (k == 0) == first_tt {
-                let r = child::run(&mut tt())?;
-                check(&r, "tt-host --cpl=3 test_hello")?;
-                a = Some(secs(r.wall) * 1e3);
-            } else {
-                let r = child::run(&mut hvt())?;
-                check(&r, "solo5-hvt test_hello")?;
-                b = Some(secs(r.wall) * 1e3);
-            }
+        for (j, what) in what.iter().enumerate() {
+            check(&child::run(&mut cmd(j))?, what)?;
         }
-        t_tt.extend(a);
-        t_hvt.extend(b);
     }
+    let mut times: [Vec<f64>; 3] = Default::default();
+    for i in 0..HELLO_RUNS {
+        // Rotate which goes first, so that none always follows another.
+        for k in 0..3 {
+            let j = (i + k) % 3;
+            let r = child::run(&mut cmd(j))?;
+            check(&r, what[j])?;
+            times[j].push(secs(r.wall) * 1e3);
+        }
+    }
+    let [t_tt, t_hvt, t_tt0] = times;
     let block = HELLO_RUNS / HELLO_BLOCKS;
     let blocks: Vec<f64> = t_tt
         .chunks(block)
@@ -678,6 +686,7 @@ fn hello(tt_host: &Path, state: &Path, s: &Solo5) -> Result<Verdict, String> {
     };
     row("tt-host --cpl=3", &t_tt);
     row("solo5-hvt", &t_hvt);
+    row("tt-host --cpl=0", &t_tt0);
     println!(
         "  tt-host / solo5-hvt, ratio of medians per block of {block}: {} (load {})",
         list(&blocks, 2),

@@ -42,9 +42,9 @@ fn run_at_cpl3(image: &Image, args: &RunArgs) -> Result<bool, LaunchError> {
     let own_supervisor = image.segments.iter().any(|s| s.prot.supervisor);
     match args.cpl {
         Cpl::Zero => Ok(false),
-        Cpl::Auto => Ok(!own_supervisor
-            && !args.solo5_hvt_boot
-            && crate::vmm::monitor::cpl0_is_emulated()),
+        Cpl::Auto => {
+            Ok(!own_supervisor && !args.solo5_hvt_boot && crate::vmm::monitor::cpl0_is_emulated())
+        }
         Cpl::Three if own_supervisor => Err(LaunchError::Devices(
             "--cpl=3: the image has supervisor-only segments (a tt-guest image): it runs its \
              own code at CPL 3 already; use --cpl=0 or auto"

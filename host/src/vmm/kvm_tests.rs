@@ -421,37 +421,60 @@ fn probe_cpl3_monitor() {
         (0x28, tss_lo),
         (0x30, tss >> 32),
     ] {
-        mem.write_obj(desc, GuestAddress(layout::GDT_BASE + sel)).unwrap();
+        mem.write_obj(desc, GuestAddress(layout::GDT_BASE + sel))
+            .unwrap();
     }
-    for (page, flags) in [(0x1000u64, 3u64), (idt, 3 | (1 << 63)), (tss, 3 | (1 << 63)), (stub, 1), (stack, 3 | (1 << 63))] {
-        mem.write_obj(page | flags, GuestAddress(layout::PT_BASE + page / 4096 * 8)).unwrap();
+    for (page, flags) in [
+        (0x1000u64, 3u64),
+        (idt, 3 | (1 << 63)),
+        (tss, 3 | (1 << 63)),
+        (stub, 1),
+        (stack, 3 | (1 << 63)),
+    ] {
+        mem.write_obj(
+            page | flags,
+            GuestAddress(layout::PT_BASE + page / 4096 * 8),
+        )
+        .unwrap();
     }
     // TSS: rsp0, iomap base, bitmap (ports >= 0x500 open), end byte.
-    mem.write_obj(stack + 0x1000, GuestAddress(tss + 4)).unwrap();
+    mem.write_obj(stack + 0x1000, GuestAddress(tss + 4))
+        .unwrap();
     mem.write_obj(0x68u16, GuestAddress(tss + 0x66)).unwrap();
     for p in 0..iomap {
         let v: u8 = if p * 8 >= 0x500 { 0 } else { 0xff };
         mem.write_obj(v, GuestAddress(tss + 0x68 + p)).unwrap();
     }
-    mem.write_obj(0xffu8, GuestAddress(tss + 0x68 + iomap)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(tss + 0x68 + iomap))
+        .unwrap();
     for v in 0..32u64 {
         let at = stub + v * 16;
         let gate = (at & 0xffff) | (0x08 << 16) | (0x8eu64 << 40) | (((at >> 16) & 0xffff) << 48);
         mem.write_obj(gate, GuestAddress(idt + v * 16)).unwrap();
-        mem.write_obj(at >> 32, GuestAddress(idt + v * 16 + 8)).unwrap();
+        mem.write_obj(at >> 32, GuestAddress(idt + v * 16 + 8))
+            .unwrap();
         let has_ec = matches!(v, 8 | 10..=14 | 17);
         let mut s = Vec::new();
         if !has_ec {
             s.extend([0x6a, 0x00]);
         }
-        s.extend([0x6a, v as u8, 0xe6, 0xe0, 0x48, 0x83, 0xc4, 0x10, 0x48, 0xcf]);
+        s.extend([
+            0x6a, v as u8, 0xe6, 0xe0, 0x48, 0x83, 0xc4, 0x10, 0x48, 0xcf,
+        ]);
         mem.write_slice(&s, GuestAddress(at)).unwrap();
     }
     let mut sregs = vm.vcpu.get_sregs().unwrap();
     sregs.gdt.limit = 0x37;
     sregs.idt.base = idt;
     sregs.idt.limit = 0xfff;
-    sregs.tr = kvm_segment { base: tss, limit: limit as u32, selector: 0x28, type_: 11, present: 1, ..Default::default() };
+    sregs.tr = kvm_segment {
+        base: tss,
+        limit: limit as u32,
+        selector: 0x28,
+        type_: 11,
+        present: 1,
+        ..Default::default()
+    };
     let mut cs = segment(0x23, 0xb, 1, 0);
     cs.dpl = 3;
     let mut ds = segment(0x1b, 0x3, 0, 1);
@@ -468,14 +491,19 @@ fn probe_cpl3_monitor() {
                 let regs = vm.vcpu.get_regs().unwrap();
                 let mut f = [0u64; 7];
                 for (i, w) in f.iter_mut().enumerate() {
-                    *w = vm.mem.read_obj(GuestAddress(regs.rsp + 8 * i as u64)).unwrap();
+                    *w = vm
+                        .mem
+                        .read_obj(GuestAddress(regs.rsp + 8 * i as u64))
+                        .unwrap();
                 }
                 if traps == 0 {
                     println!("first trap frame {f:x?} rsp={:#x}", regs.rsp);
                 }
                 assert_eq!(f[0], 13, "{f:x?}");
                 let len = if traps == 0 { 8 } else { 1 };
-                vm.mem.write_obj(f[2] + len, GuestAddress(regs.rsp + 16)).unwrap();
+                vm.mem
+                    .write_obj(f[2] + len, GuestAddress(regs.rsp + 16))
+                    .unwrap();
                 traps += 1;
             }
             Ok(VcpuExit::IoOut(0x508, _)) => break,
@@ -483,7 +511,11 @@ fn probe_cpl3_monitor() {
                 let e = format!("{e:?}");
                 let r = vm.vcpu.get_regs().unwrap();
                 let s = vm.vcpu.get_sregs().unwrap();
-                panic!("{e} rip={:#x} cpl={} after {traps}", r.rip, s.cs.selector & 3);
+                panic!(
+                    "{e} rip={:#x} cpl={} after {traps}",
+                    r.rip,
+                    s.cs.selector & 3
+                );
             }
             Err(e) => panic!("{e}"),
         }

@@ -315,7 +315,9 @@ impl Monitor {
                 if insn.mnemonic() == Mnemonic::Wrmsr {
                     let value = (t.gprs[2] << 32) | (t.gprs[0] & 0xffff_ffff);
                     if !is_canonical(value) || !m.set_msr(index, value) {
-                        return self.deliver(13, Some(0), t.frame.rip, t, m).map(|()| Some(false));
+                        return self
+                            .deliver(13, Some(0), t.frame.rip, t, m)
+                            .map(|()| Some(false));
                     }
                 } else {
                     let value = m.msr(index).unwrap_or(0);
@@ -480,8 +482,8 @@ impl Monitor {
             }
         };
         // As the CPU pushed it (RF set for a fault), with the image's IF.
-        let flags = (t.frame.rflags & !RFLAGS_IF)
-            | if self.shadow.interrupts { RFLAGS_IF } else { 0 };
+        let flags =
+            (t.frame.rflags & !RFLAGS_IF) | if self.shadow.interrupts { RFLAGS_IF } else { 0 };
         let mut words = vec![
             u64::from(self.shadow.ss),
             t.frame.rsp,
@@ -521,7 +523,8 @@ impl Monitor {
         }
         let lo = u64::from_le_bytes(d[..8].try_into().ok()?);
         let hi = u64::from_le_bytes(d[8..].try_into().ok()?);
-        let tss = ((lo >> 16) & 0xff_ffff) | ((lo >> 32) & 0xff00_0000) | ((hi & 0xffff_ffff) << 32);
+        let tss =
+            ((lo >> 16) & 0xff_ffff) | ((lo >> 32) & 0xff00_0000) | ((hi & 0xffff_ffff) << 32);
         pop(m, tss + 0x24 + 8 * (n - 1), 8)
     }
 }
