@@ -24,6 +24,10 @@
 //!   the hvt path (>= 5x), with the batching ceilings; exits per request
 //!   (< 0.1); 64 KiB sequential reads at depth 8 against a host `pread`
 //!   loop (>= 0.5x). See [`vblk`]. Not part of `all`.
+//! - `cpl3`: the CPL 3 monitor (issue 16): Solo5 test_blk against
+//!   solo5-hvt (<= 1/16), a CPL 0-style loop image against the same loop
+//!   natively (<= 1.5x), Solo5 hello launch against solo5-hvt (<= 0.5x).
+//!   See [`cpl3`]. Targets 1 and 3 need `$SOLO5_DIR`. Not part of `all`.
 //!
 //! Each prints a table and its verdict. Only with `--check` does a missed
 //! target make the exit status non-zero (2); errors always exit 1.
@@ -32,6 +36,7 @@
 mod blk;
 mod child;
 mod compute;
+mod cpl3;
 mod hypercall;
 mod launch;
 mod minimal;
@@ -54,6 +59,7 @@ usage:
   tt-bench blk       [--runs ROUNDS] [--iters WRITES] [--tt-host PATH] [--image PATH]
                      [--compare TT_HOST] [--check]
   tt-bench vblk      [--runs ROUNDS] [--iters WRITES] [--tt-host PATH] [--image PATH] [--check]
+  tt-bench cpl3      [--runs ROUNDS] [--iters LOOP_ITERS] [--tt-host PATH] [--check]
   tt-bench all       [--check]
 
 defaults (relative to the workspace root):
@@ -61,6 +67,8 @@ defaults (relative to the workspace root):
   --image   guest-sdk/target/release/{hello,compute,hcall,blkbench,vblk}
 blk puts its files in $TT_BLK_BENCH_DIR, default target/tt-blk-bench (removed at the end);
 vblk in $TT_VBLK_BENCH_DIR, default target/tt-vblk-bench (also needs blkbench built).
+cpl3 in $TT_CPL3_BENCH_DIR, default target/tt-cpl3-bench; its Solo5 targets need
+$SOLO5_DIR, a Solo5 tree built with ./configure.sh && make (else they are skipped).
   --expect-status 0 (the guest's exit status; a run that ends otherwise is an error)
 
 --check: exit with status 2 if a target is missed (default: only report).";
@@ -223,7 +231,7 @@ fn dispatch(args: &[String]) -> Result<Vec<Verdict>, String> {
     };
     if matches!(
         cmd,
-        Some("launch" | "compute" | "hypercall" | "rss" | "blk" | "vblk" | "all")
+        Some("launch" | "compute" | "hypercall" | "rss" | "blk" | "vblk" | "cpl3" | "all")
     ) {
         machine();
     }
@@ -251,6 +259,10 @@ fn dispatch(args: &[String]) -> Result<Vec<Verdict>, String> {
         Some("vblk") => {
             let o = parse(rest, &with(&["--runs", "--iters", "--check"]))?;
             (vblk::run(&o)?, o.check)
+        }
+        Some("cpl3") => {
+            let o = parse(rest, &["--tt-host", "--runs", "--iters", "--check"])?;
+            (cpl3::run(&o)?, o.check)
         }
         Some("all") => {
             let o = parse(rest, &["--check"])?;
