@@ -62,7 +62,19 @@ impl Poll {
                 revents: 0,
             })
             .collect();
+        // After the sources (`collect` reads only theirs): readable once a
+        // stopping signal came, even one that lands before `ppoll` starts.
+        if let Some(fd) = crate::vmm::signal::wake_fd() {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
         loop {
+            if crate::vmm::signal::received().is_some() {
+                return ready;
+            }
             // With something ready already, only look (timeout 0).
             let left = if ready != 0 {
                 Duration::ZERO
@@ -87,7 +99,7 @@ impl Poll {
             };
             let interrupted =
                 n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted;
-            if interrupted && crate::vmm::signal::received().is_some() {
+            if crate::vmm::signal::received().is_some() {
                 return ready;
             }
             if n > 0 {

@@ -11,7 +11,9 @@
 //! about to start returns at once because of `immediate_exit` (the flag
 //! alone would miss a signal that lands between the loop's check and the
 //! ioctl). A `ppoll` for the POLL hypercall returns `EINTR` too and goes
-//! back to the loop instead of sleeping on.
+//! back to the loop instead of sleeping on; and since a signal can land
+//! just before the `ppoll` starts, the handler also writes an eventfd
+//! ([`wake_fd`]) that POLL waits on.
 
 use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering};
 
@@ -19,9 +21,18 @@ use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering};
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
 /// The running vCPU's `kvm_run.immediate_exit`, or null.
 static IMMEDIATE_EXIT: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
+/// An eventfd the handler writes, or -1: readable once a signal came.
+static WAKE: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_signal(signo: libc::c_int) {
     RECEIVED.store(signo, Ordering::SeqCst);
+    let fd = WAKE.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one = 1u64;
+        // SAFETY: `write` is async-signal-safe; `one` is 8 valid bytes
+        // and `fd` an eventfd that stays open for the process's life.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
     let p = IMMEDIATE_EXIT.load(Ordering::SeqCst);
     if !p.is_null() {
         // SAFETY: `p` is registered by `Armed` only while the kvm_run
@@ -32,8 +43,16 @@ extern "C" fn on_signal(signo: libc::c_int) {
 }
 
 /// Install the handler for SIGINT and SIGTERM (without `SA_RESTART`, so
-/// blocking calls return `EINTR`).
+/// blocking calls return `EINTR`), and create the [`wake_fd`].
 pub fn install() -> std::io::Result<()> {
+    if WAKE.load(Ordering::SeqCst) < 0 {
+        // SAFETY: plain syscall; the fd is kept for the process's life.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        WAKE.store(fd, Ordering::SeqCst);
+    }
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: a zeroed sigaction is a valid "no flags, empty mask"
         // value; we then set a handler that only does async-signal-safe
@@ -49,6 +68,14 @@ pub fn install() -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A descriptor that polls readable once SIGINT or SIGTERM came (after
+/// [`install`]): a wait that includes it cannot miss a signal that lands
+/// just before it starts.
+pub fn wake_fd() -> Option<std::os::fd::RawFd> {
+    let fd = WAKE.load(Ordering::SeqCst);
+    (fd >= 0).then_some(fd)
 }
 
 /// The signal that asked tt-host to stop, if one did.
