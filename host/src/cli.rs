@@ -46,6 +46,12 @@ admission (see 'tt-host policy --help'):
                                 Images that drop to CPL 3 themselves
                                 (tt-guest) always start at CPL 0
 
+debugging:
+  --no-seccomp                  do not confine tt-host to its system-call
+                                allowlist once the VM is built (the default
+                                kills tt-host on any other call); for
+                                debugging only
+
 developer options:
   --x-solo5-hvt-boot            start the guest in solo5-hvt's boot state
                                 (2 MiB read-write pages over all memory, no
@@ -82,6 +88,8 @@ pub struct RunArgs {
     pub state_dir: Option<PathBuf>,
     /// `--cpl`.
     pub cpl: Cpl,
+    /// `--no-seccomp`: skip the system-call filter (debugging).
+    pub no_seccomp: bool,
 }
 
 /// `--cpl`: the privilege level an image's code runs at.
@@ -206,6 +214,7 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
     let mut solo5_hvt_boot = false;
     let (mut name, mut cpu, mut state_dir) = (None, None, None);
     let mut cpl = Cpl::Auto;
+    let mut no_seccomp = false;
     while i < args.len() {
         let a = args[i].as_str();
         if a == "--" {
@@ -259,6 +268,8 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
                 "auto" => Cpl::Auto,
                 _ => return Err(CliError::run(format!("--cpl={v}: expected 0, 3 or auto"))),
             };
+        } else if a == "--no-seccomp" {
+            no_seccomp = true;
         } else if a == "--x-solo5-hvt-boot" {
             solo5_hvt_boot = true;
         } else if let Some(opt) = a.strip_prefix("--").and_then(device_option) {
@@ -300,6 +311,7 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
         cpu,
         state_dir,
         cpl,
+        no_seccomp,
     })))
 }
 
