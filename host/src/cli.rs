@@ -6,6 +6,7 @@
 //! ARGS` and solo5-hvt's `[OPTIONS] [--] IMAGE ARGS` orders are accepted.
 
 use crate::modules::kind::{self, DeviceOption};
+use crate::text::{number, quote};
 use std::path::PathBuf;
 
 /// `tt-host run --help`: the general options here, then each device
@@ -180,15 +181,25 @@ fn device_option(arg: &str) -> Option<Result<DeviceOption, CliError>> {
             }
         };
         let Some(value) = value else {
-            return Err(CliError::run(format!("{spelled} expected, got '--{arg}'")));
+            return Err(CliError::run(format!(
+                "{spelled} expected, got '--{}'",
+                quote(arg)
+            )));
         };
         if let Some(name) = device {
+            if name.contains(':') {
+                return Err(CliError::run(format!(
+                    "{spelled} expected, got '--{}'",
+                    quote(arg)
+                )));
+            }
             if name.is_empty()
                 || name.len() > 67
                 || !name.bytes().all(|b| b.is_ascii_alphanumeric())
             {
                 return Err(CliError::run(format!(
-                    "--{option}: device name '{name}' must be 1 to 67 ASCII letters or digits"
+                    "--{option}: device name '{}' must be 1 to 67 ASCII letters or digits",
+                    quote(name)
                 )));
             }
         }
@@ -196,7 +207,7 @@ fn device_option(arg: &str) -> Option<Result<DeviceOption, CliError>> {
             return Err(CliError::run(format!("--{key}= needs a value")));
         }
         kind.check(option, value)
-            .map_err(|why| CliError::run(format!("--{key}={value}: {why}")))?;
+            .map_err(|why| CliError::run(format!("--{}={}: {why}", quote(key), quote(value))))?;
         Ok(DeviceOption {
             option: spec.name,
             device: device.map(String::from),
@@ -215,6 +226,15 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
     let (mut name, mut cpu, mut state_dir) = (None, None, None);
     let mut cpl = Cpl::Auto;
     let mut no_seccomp = false;
+    // Options that take one value, each at most once (as device options).
+    let mut seen: Vec<&'static str> = Vec::new();
+    let mut once = |opt: &'static str| {
+        if seen.contains(&opt) {
+            return Err(CliError::run(format!("{opt} given twice")));
+        }
+        seen.push(opt);
+        Ok(())
+    };
     while i < args.len() {
         let a = args[i].as_str();
         if a == "--" {
@@ -237,40 +257,50 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
                 args.get(i).map(String::as_str).unwrap_or("")
             })
         }) {
-            mem_mb = v
-                .parse::<u64>()
-                .ok()
+            once("--mem")?;
+            mem_mb = number::<u64>(v)
                 .filter(|m| (4..=MAX_MEM_MB).contains(m))
                 .ok_or_else(|| {
                     CliError::run(format!(
-                        "--mem={v}: expected a size in MiB from 4 to {MAX_MEM_MB}"
+                        "--mem={}: expected a size in MiB from 4 to {MAX_MEM_MB}",
+                        quote(v)
                     ))
                 })?;
         } else if let Some(v) = value_of(args, &mut i, "--name") {
+            once("--name")?;
             let n: crate::resources::Name = v
                 .parse()
-                .map_err(|e| CliError::run(format!("--name={v}: {e}")))?;
+                .map_err(|e| CliError::run(format!("--name={}: {e}", quote(v))))?;
             name = Some(n);
         } else if let Some(v) = value_of(args, &mut i, "--cpu") {
-            cpu =
-                Some(v.parse::<u16>().map_err(|_| {
-                    CliError::run(format!("--cpu={v}: expected a host CPU number"))
-                })?);
+            once("--cpu")?;
+            cpu = Some(number::<u16>(v).ok_or_else(|| {
+                CliError::run(format!("--cpu={}: expected a host CPU number", quote(v)))
+            })?);
         } else if let Some(v) = value_of(args, &mut i, "--state-dir") {
+            once("--state-dir")?;
             if v.is_empty() {
                 return Err(CliError::run("--state-dir needs a directory"));
             }
             state_dir = Some(PathBuf::from(v));
         } else if let Some(v) = value_of(args, &mut i, "--cpl") {
+            once("--cpl")?;
             cpl = match v {
                 "0" => Cpl::Zero,
                 "3" => Cpl::Three,
                 "auto" => Cpl::Auto,
-                _ => return Err(CliError::run(format!("--cpl={v}: expected 0, 3 or auto"))),
+                _ => {
+                    return Err(CliError::run(format!(
+                        "--cpl={}: expected 0, 3 or auto",
+                        quote(v)
+                    )))
+                }
             };
         } else if a == "--no-seccomp" {
+            once("--no-seccomp")?;
             no_seccomp = true;
         } else if a == "--x-solo5-hvt-boot" {
+            once("--x-solo5-hvt-boot")?;
             solo5_hvt_boot = true;
         } else if let Some(opt) = a.strip_prefix("--").and_then(device_option) {
             let opt = opt?;
@@ -287,10 +317,11 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
             devices.push(opt);
         } else if a == "--gdb" || a.starts_with("--gdb-port=") || a.starts_with("--dumpcore=") {
             return Err(CliError::run(format!(
-                "'{a}' is a solo5-hvt-debug option; tt-host has no gdb stub or core dumps"
+                "'{}' is a solo5-hvt-debug option; tt-host has no gdb stub or core dumps",
+                quote(a)
             )));
         } else {
-            return Err(CliError::run(format!("unknown option '{a}'")));
+            return Err(CliError::run(format!("unknown option '{}'", quote(a))));
         }
         i += 1;
     }
@@ -446,7 +477,8 @@ pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
     let mut i = 1;
     while i < args.len() {
         let a = args[i].as_str();
-        let bad = |opt: &str, v: &str, why: &str| CliError::policy(format!("{opt}={v}: {why}"));
+        let bad =
+            |opt: &str, v: &str, why: &str| CliError::policy(format!("{opt}={}: {why}", quote(v)));
         if a == "-h" || a == "--help" {
             return Ok(PolicyCmd::Help);
         } else if let Some(v) = value_of(args, &mut i, "--state-dir") {
@@ -457,16 +489,17 @@ pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
         } else if !a.starts_with("--") {
             if path.is_some() {
                 return Err(CliError::policy(format!(
-                    "policy {verb}: unexpected argument '{a}'"
+                    "policy {verb}: unexpected argument '{}'",
+                    quote(a)
                 )));
             }
-            path = Some(
-                a.parse()
-                    .map_err(|e| CliError::policy(format!("policy {verb}: path '{a}': {e}")))?,
-            );
+            path = Some(a.parse().map_err(|e| {
+                CliError::policy(format!("policy {verb}: path '{}': {e}", quote(a)))
+            })?);
         } else if verb != "set" {
             return Err(CliError::policy(format!(
-                "policy {verb}: unknown option '{a}'"
+                "policy {verb}: unknown option '{}'",
+                quote(a)
             )));
         } else if let Some((opt, resource, v)) = POLICY_FIELDS
             .iter()
@@ -481,10 +514,10 @@ pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
                     change.inherit.insert(resource);
                 }
                 Resource::Unikernels => {
-                    set.unikernels = Some(v.parse().map_err(|_| bad(opt, v, "not a count"))?);
+                    set.unikernels = Some(number(v).ok_or_else(|| bad(opt, v, "not a count"))?);
                 }
                 Resource::Memory => {
-                    set.memory_mb = Some(v.parse().map_err(|_| bad(opt, v, "not a size in MB"))?);
+                    set.memory_mb = Some(number(v).ok_or_else(|| bad(opt, v, "not a size in MB"))?);
                 }
                 Resource::Cpus => {
                     let cpus = crate::resources::parse_cpu_list(v);
@@ -495,7 +528,7 @@ pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
                         None
                     } else {
                         let why = "not a size in MB, 'none' or 'inherit'";
-                        Some(v.parse().map_err(|_| bad(opt, v, why))?)
+                        Some(number(v).ok_or_else(|| bad(opt, v, why))?)
                     });
                 }
                 Resource::Bridges => {
@@ -504,7 +537,8 @@ pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
             }
         } else {
             return Err(CliError::policy(format!(
-                "policy set: unknown option '{a}'"
+                "policy set: unknown option '{}'",
+                quote(a)
             )));
         }
         i += 1;
@@ -529,7 +563,8 @@ pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
             state_dir,
         }),
         other => Err(CliError::policy(format!(
-            "policy: unknown command '{other}' (expected set, remove or show)"
+            "policy: unknown command '{}' (expected set, remove or show)",
+            quote(other)
         ))),
     }
 }
@@ -589,7 +624,10 @@ pub fn parse_journal(args: &[String]) -> Result<JournalCmd, CliError> {
         return Ok(JournalCmd::Help);
     }
     if !matches!(verb, "list" | "drain" | "discard") {
-        return Err(journal_error(format!("unknown command 'journal {verb}'")));
+        return Err(journal_error(format!(
+            "unknown command 'journal {}'",
+            quote(verb)
+        )));
     }
     let (mut state_dir, mut image, mut yes) = (None, None, false);
     let mut i = 1;
@@ -606,7 +644,8 @@ pub fn parse_journal(args: &[String]) -> Result<JournalCmd, CliError> {
             yes = true;
         } else if a.starts_with("--") || verb == "list" || image.is_some() {
             return Err(journal_error(format!(
-                "journal {verb}: unexpected argument '{a}'"
+                "journal {verb}: unexpected argument '{}'",
+                quote(a)
             )));
         } else {
             image = Some(PathBuf::from(a));

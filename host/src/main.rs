@@ -222,6 +222,9 @@ fn main() -> ExitCode {
             println!("{}", cli::version_text());
             ExitCode::SUCCESS
         }
-        Some(other) => fail(format!("unknown command '{other}' (see 'tt-host --help')")),
+        Some(other) => fail(format!(
+            "unknown command '{}' (see 'tt-host --help')",
+            tt_host::text::quote(other)
+        )),
     }
 }

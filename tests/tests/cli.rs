@@ -296,3 +296,89 @@ fn errors_point_to_the_commands_own_help() {
     assert_error(&r, "(see 'tt-host run --help')");
     assert_eq!(r.stderr.matches("--help").count(), 1, "{r:?}");
 }
+
+/// Options that take one value are refused when given twice, as device
+/// options are; the last spelling does not silently win.
+#[test]
+fn single_value_options_given_twice_are_refused() {
+    for (a, b, name) in [
+        ("--mem=64", "--mem=128", "--mem"),
+        ("--name=web", "--name=db", "--name"),
+        ("--cpu=0", "--cpu=1", "--cpu"),
+        ("--state-dir=/a", "--state-dir=/b", "--state-dir"),
+        ("--cpl=0", "--cpl=3", "--cpl"),
+    ] {
+        let r = tt(&["run", a, b, "x.hvt"]);
+        assert_error(&r, &format!("{name} given twice"));
+    }
+}
+
+/// A number is digits: `+64` is not one (Rust's parser takes it), in
+/// `run` options, device options and policies alike.
+#[test]
+fn numbers_with_a_sign_are_refused() {
+    for (args, needle) in [
+        (
+            &["run", "--mem=+64", "x.hvt"][..],
+            "--mem=+64: expected a size",
+        ),
+        (
+            &["run", "--cpu=+0", "x.hvt"][..],
+            "--cpu=+0: expected a host CPU",
+        ),
+        (
+            &["run", "--block-sector-size:d=+512", "x.hvt"][..],
+            "--block-sector-size:d=+512: not a number",
+        ),
+        (
+            &["policy", "set", ":", "--mem=+1"][..],
+            "--mem=+1: not a size",
+        ),
+        (
+            &["policy", "set", ":", "--cpus=+1"][..],
+            "'+1' is not a CPU number",
+        ),
+        (
+            &["policy", "set", ":", "--unikernels=+1"][..],
+            "not a count",
+        ),
+    ] {
+        assert_error(&tt(args), needle);
+    }
+}
+
+/// Error messages quote at most about 100 characters of what was typed.
+#[test]
+fn long_input_is_quoted_short() {
+    let long = "9".repeat(5000);
+    for args in [
+        vec!["run".to_string(), format!("--mem={long}"), "x.hvt".into()],
+        vec!["run".to_string(), format!("--{long}"), "x.hvt".into()],
+        vec!["run".to_string(), format!("--name={long}"), "x.hvt".into()],
+        vec![long.clone()],
+        vec![
+            "policy".into(),
+            "set".into(),
+            ":".into(),
+            format!("--mem={long}"),
+        ],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = tt(&args);
+        assert_eq!(r.status, 1, "{args:?}");
+        assert!(
+            r.stderr.len() < 400,
+            "{} bytes: {}",
+            r.stderr.len(),
+            r.stderr
+        );
+        assert!(r.stderr.contains("more characters)"), "{}", r.stderr);
+    }
+}
+
+#[test]
+fn a_device_option_with_a_colon_in_the_name_asks_for_name_and_path() {
+    for a in ["--block::", "--block::=x", "--block:a:b=x"] {
+        assert_error(&tt(&["run", a, "x.hvt"]), "--block:NAME=PATH expected");
+    }
+}

@@ -341,7 +341,7 @@ impl BlockKind {
 
     fn sector_size(d: &Given) -> u64 {
         d.option("block-sector-size")
-            .and_then(|s| s.parse().ok())
+            .and_then(crate::text::number)
             .unwrap_or(512)
     }
 
@@ -462,7 +462,7 @@ impl DeviceKind for BlockKind {
 
     fn check(&self, option: &str, value: &str) -> Result<(), String> {
         match option {
-            "block-sector-size" if value.parse::<u64>().is_err() => {
+            "block-sector-size" if crate::text::number::<u64>(value).is_none() => {
                 Err("not a number of bytes".into())
             }
             "block-durability" => Durability::parse(value).map(|_| ()),

@@ -18,13 +18,16 @@ pub const MAX_LABEL_LEN: usize = 63;
 /// the depth of the resource tree, so walking it never runs out of stack.
 pub const MAX_DEPTH: usize = 32;
 
+use crate::text::quote;
+
 /// What the text `Path`, `Name` and `Label` parsers refuse; each names the
 /// offending label or position.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
     /// Two `:` in a row, or a leading or trailing `:`.
     #[error(
-        "empty label at position {position} in '{input}' (labels are separated by single ':')"
+        "empty label at position {position} in '{}' (labels are separated by single ':')",
+        quote(.input)
     )]
     EmptyLabel {
         /// The whole text given.
@@ -33,18 +36,25 @@ pub enum NameError {
         position: usize,
     },
     /// A label longer than [`MAX_LABEL_LEN`].
-    #[error("label '{label}' is {len} characters long, at most {MAX_LABEL_LEN} are allowed")]
+    #[error(
+        "label '{}' is {len} characters long, at most {MAX_LABEL_LEN} are allowed",
+        quote(.label)
+    )]
     LabelTooLong { label: String, len: usize },
     /// A label with a character other than a letter, digit, `-` or `.`.
     #[error(
-        "label '{label}' contains {ch:?}; only ASCII letters, digits, '-' and '.' are allowed"
+        "label '{}' contains {ch:?}; only ASCII letters, digits, '-' and '.' are allowed",
+        quote(.label)
     )]
     BadCharacter { label: String, ch: char },
     /// More than [`MAX_DEPTH`] labels in a path.
-    #[error("'{input}' has {depth} path labels, at most {MAX_DEPTH} are allowed")]
+    #[error(
+        "'{}' has {depth} path labels, at most {MAX_DEPTH} are allowed",
+        quote(.input)
+    )]
     TooDeep { input: String, depth: usize },
     /// A unikernel name must have at least its own label.
-    #[error("a unikernel name needs at least one label, got '{input}'")]
+    #[error("a unikernel name needs at least one label, got '{}'", quote(.input))]
     EmptyName { input: String },
 }
 

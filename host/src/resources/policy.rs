@@ -361,9 +361,8 @@ pub fn parse_cpu_list(s: &str) -> Result<BTreeSet<u16>, CpuListError> {
     }
     for part in s.split(',') {
         let num = |x: &str| {
-            x.trim()
-                .parse::<u16>()
-                .map_err(|_| CpuListError::NotANumber(x.to_string()))
+            crate::text::number::<u16>(x.trim())
+                .ok_or_else(|| CpuListError::NotANumber(crate::text::quote(x).into_owned()))
         };
         match part.split_once('-') {
             Some((a, b)) => {
