@@ -34,6 +34,15 @@
 //! kernel gives that process (`/proc/PID/stat`): gone, a zombie, or
 //! another process that reused the id is dead.
 //!
+//! The directory is its owner's alone (module `private`): made 0700 with
+//! 0600 files whatever the umask; one that another user owns or others
+//! can write is refused, as is a symbolic link inside it (every file is
+//! opened relative to its directory with `O_NOFOLLOW`); and cleanup
+//! removes only files named as tt-host names its entries. So no other
+//! user can hold the state lock or an entry's lock. A wait for the state
+//! lock ends on SIGINT or SIGTERM ([`AdmitError::Signal`]), and a
+//! `state.json` over [`STATE_FILE_MAX`] is refused unread.
+//!
 //! A policy stores only the fields `tt-host policy set` was given
 //! ([`PartialPolicy`]); the others are inherited, when each launch is
 //! checked, from the nearest policy above that sets them, and at the root from the host as it is at that moment:
