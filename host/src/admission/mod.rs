@@ -34,6 +34,15 @@
 //! kernel gives that process (`/proc/PID/stat`): gone, a zombie, or
 //! another process that reused the id is dead.
 //!
+//! The directory is its owner's alone (module `private`): made 0700 with
+//! 0600 files whatever the umask; one that another user owns or others
+//! can write is refused, as is a symbolic link inside it (every file is
+//! opened relative to its directory with `O_NOFOLLOW`); and cleanup
+//! removes only files named as tt-host names its entries. So no other
+//! user can hold the state lock or an entry's lock. A wait for the state
+//! lock ends on SIGINT or SIGTERM ([`AdmitError::Signal`]), and a
+//! `state.json` over [`STATE_FILE_MAX`] is refused unread.
+//!
 //! A policy stores only the fields `tt-host policy set` was given
 //! ([`PartialPolicy`]); the others are inherited, when each launch is
 //! checked, from the nearest policy above that sets them, and at the root from the host as it is at that moment:
@@ -53,18 +62,21 @@
 mod host;
 mod legacy;
 mod names;
+mod private;
 mod store;
 #[cfg(test)]
 mod tests;
 
 pub use crate::resources::PolicyChange;
 pub use host::{host_cpus, host_policy, network_of_tap, online_cpus, pin_to_cpu};
+pub use private::{create_private_dir, NotPrivate, DIR_MODE, FILE_MODE};
+pub use store::STATE_FILE_MAX;
 
 use crate::resources::{Name, PartialPolicy, Path, Policy, Refusal, Resources, Unikernel};
 use legacy::own_start_time;
 use names::unique_name;
 use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path as FsPath, PathBuf};
 use store::{try_flock, Locked, Running, ENTRY_N, RUNNING_DIR, STATE_FILE};
@@ -91,6 +103,16 @@ pub enum AdmitError {
     BadState { dir: String, what: String },
     #[error("{0}")]
     Invalid(String),
+    /// A path in the state directory is not the user's own, or others
+    /// can write it, or it is a symbolic link.
+    #[error("state directory: {0}")]
+    NotPrivate(#[from] private::NotPrivate),
+    /// SIGINT or SIGTERM came while waiting for the state lock.
+    #[error(
+        "exiting on signal {0} ({name}) while waiting for the state directory's lock",
+        name = crate::vmm::signal::name(*.0)
+    )]
+    Signal(i32),
 }
 
 /// The state directory.
@@ -129,6 +151,13 @@ impl StateDir {
         }
     }
 
+    fn open_err(&self, what: impl Into<String>, e: private::OpenError) -> AdmitError {
+        match e {
+            private::OpenError::NotPrivate(p) => AdmitError::NotPrivate(p),
+            private::OpenError::Io(err) => self.io(what)(err),
+        }
+    }
+
     fn bad(&self, what: impl Into<String>) -> AdmitError {
         AdmitError::BadState {
             dir: self.dir.display().to_string(),
@@ -157,32 +186,38 @@ impl StateDir {
         let (pid, start) = (std::process::id(), own_start_time());
         // Lock this entry's file before the entry is visible: a reaper
         // that sees the entry sees it held.
-        let dir = self.dir.join(RUNNING_DIR);
-        std::fs::create_dir_all(&dir).map_err(self.io("cannot create running/"))?;
-        // A new file of its own: the name (pid, start time) can be taken
-        // by a tt-host in another PID namespace, or by a file left over.
+        let dir = match st.running.take() {
+            Some(d) => d,
+            None => st
+                .dir
+                .subdir(RUNNING_DIR, true)
+                .map_err(|e| self.open_err(format!("cannot create {RUNNING_DIR}/"), e))?
+                .ok_or_else(|| self.bad(format!("{RUNNING_DIR}/ vanished")))?,
+        };
+        // A new file of its own (0600): the name (pid, start time) can be
+        // taken by a tt-host in another PID namespace, or by a file left
+        // over.
         let mut tries = 0;
         let (lock_name, held) = loop {
             let n = ENTRY_N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let lock_name = format!("{pid}-{start}-{n}.lock");
-            match OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(dir.join(&lock_name))
-            {
+            match dir.create_new(&lock_name) {
                 Ok(f) => break (lock_name, f),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 1000 => {
+                Err(private::OpenError::Io(e))
+                    if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 1000 =>
+                {
                     tries += 1;
                 }
-                Err(e) => return Err(self.io(format!("cannot create running/{lock_name}"))(e)),
+                Err(e) => {
+                    return Err(self.open_err(format!("cannot create running/{lock_name}"), e))
+                }
             }
         };
         // Nobody else opens a file no entry names yet (reapers open only
         // those, under the state lock that this process holds).
         if !try_flock(&held) {
             let err = std::io::Error::last_os_error();
-            let _ = std::fs::remove_file(dir.join(&lock_name));
+            let _ = dir.unlink(&lock_name);
             return Err(self.io(format!("cannot lock running/{lock_name}"))(err));
         }
         // The entry goes into the file: visible to the next reader (under
@@ -199,12 +234,12 @@ impl StateDir {
         let bytes = serde_json::to_vec(&entry)
             .map_err(|e| self.bad(format!("cannot encode the entry: {e}")))?;
         if let Err(e) = (&held).write_all(&bytes) {
-            let _ = std::fs::remove_file(dir.join(&lock_name));
+            let _ = dir.unlink(&lock_name);
             return Err(self.io(format!("cannot write running/{lock_name}"))(e));
         }
         drop(st);
         Ok(Admission {
-            sd: self.clone(),
+            running: dir,
             name,
             lock_name,
             _held: held,
@@ -397,7 +432,8 @@ impl Locked<'_> {
 /// process that dies without dropping it is reaped instead.
 #[derive(Debug)]
 pub struct Admission {
-    sd: StateDir,
+    /// `running/`, open.
+    running: private::Dir,
     name: Name,
     /// Its file in `running/`, and that file open with its flock held.
     lock_name: String,
@@ -417,8 +453,7 @@ impl Drop for Admission {
     /// find it, or takes the freed flock and reaps it: never a partial
     /// entry, and no state lock or `state.json` write is needed.
     fn drop(&mut self) {
-        let path = self.sd.dir.join(RUNNING_DIR).join(&self.lock_name);
-        if let Err(e) = std::fs::remove_file(&path) {
+        if let Err(e) = self.running.unlink(&self.lock_name) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 // Reaped by the next reader once this process has gone.
                 eprintln!("tt-host: cannot release {}: {e}", self.name);

@@ -3,14 +3,14 @@
 //! one flock-held file per running unikernel.
 
 use super::legacy::{self, alive};
+use super::private::Dir;
 use super::{AdmitError, StateDir};
 use crate::resources::{PartialPolicy, Unikernel};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::io::AsRawFd;
-use std::path::Path as FsPath;
 
 /// Version of `state.json`'s layout.
 pub(super) const STATE_VERSION: u32 = 1;
@@ -43,14 +43,20 @@ pub(super) const RUNNING_DIR: &str = "running";
 /// Numbers this process's entry files in `running/` apart.
 pub(super) static ENTRY_N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-/// Open `path` read-only without waiting for a FIFO's writer (a plain
-/// open of a FIFO blocks until one comes).
-pub(super) fn open_nonblocking(path: &FsPath) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
+/// Largest `state.json` read: policies take a few hundred bytes each.
+pub const STATE_FILE_MAX: u64 = 16 << 20;
+
+/// Is `name` one tt-host gives its entry files in `running/`
+/// (`PID-START-N.lock`)? Only those are read as entries or removed.
+pub(super) fn is_entry_name(name: &str) -> bool {
+    let Some(stem) = name.strip_suffix(".lock") else {
+        return false;
+    };
+    let parts: Vec<&str> = stem.split('-').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Try to take `file`'s flock without waiting: true if it was free (then
@@ -74,47 +80,67 @@ pub(super) struct Stored {
 /// The state, read under the exclusive lock (held until this is dropped).
 pub(super) struct Locked<'a> {
     pub(super) sd: &'a StateDir,
+    /// The state directory and its `running/` (if there is one), open.
+    pub(super) dir: Dir,
+    pub(super) running: Option<Dir>,
     pub(super) _lock: File,
     pub(super) stored: Stored,
 }
 
 impl StateDir {
+    /// Open the state directory (made 0700 if absent) and check it: see
+    /// [`private`](super::private).
+    pub(super) fn open_dir(&self) -> Result<Dir, AdmitError> {
+        Dir::open(&self.dir, true).map_err(|e| self.open_err("cannot create or open it", e))
+    }
+
     /// Take the lock and read the state (an absent file is the empty state).
+    /// While another process holds the lock, SIGINT or SIGTERM (once
+    /// [`crate::vmm::signal::install`]ed) ends the wait with
+    /// [`AdmitError::Signal`] within a few milliseconds.
     pub(super) fn lock(&self) -> Result<Locked<'_>, AdmitError> {
-        std::fs::create_dir_all(&self.dir).map_err(self.io("cannot create it"))?;
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(self.dir.join(LOCK_FILE))
-            .map_err(self.io("cannot open its lock file"))?;
-        loop {
-            // SAFETY: flock on a file descriptor we own; no memory involved.
-            let r = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-            if r == 0 {
-                break;
-            }
-            let err = std::io::Error::last_os_error();
-            if err.kind() != std::io::ErrorKind::Interrupted {
-                return Err(self.io("cannot lock it")(err));
-            }
-        }
-        let state = self.dir.join(STATE_FILE);
+        let dir = self.open_dir()?;
+        let lock = dir
+            .file(LOCK_FILE, true, true)
+            .map_err(|e| self.open_err("cannot open its lock file", e))?
+            .ok_or_else(|| self.bad(format!("{LOCK_FILE} vanished")))?;
+        self.wait_for(&lock)?;
         // Reading a FIFO (or a device) would block or never end: the file
         // opened (not the path, which may change meanwhile) must be a
-        // regular file.
-        let read = |mut f: File| -> std::io::Result<Result<Vec<u8>, AdmitError>> {
-            if !f.metadata()?.is_file() {
-                return Ok(Err(self.bad(format!("{STATE_FILE} is not a regular file"))));
+        // regular file, and one of a sane size.
+        let path = self.dir.join(STATE_FILE);
+        let read = |f: File| -> Result<Vec<u8>, AdmitError> {
+            let len = f
+                .metadata()
+                .map_err(self.io(format!("cannot read {STATE_FILE}")))?
+                .len();
+            let too_big = || {
+                self.bad(format!(
+                    "{} is {len} bytes, over the limit of {STATE_FILE_MAX} bytes (16 MiB): \
+                     it is not one tt-host wrote; move it away",
+                    path.display()
+                ))
+            };
+            if len > STATE_FILE_MAX {
+                return Err(too_big());
             }
             let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut f, &mut bytes)?;
-            Ok(Ok(bytes))
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(&f, STATE_FILE_MAX + 1),
+                &mut bytes,
+            )
+            .map_err(self.io(format!("cannot read {STATE_FILE}")))?;
+            if bytes.len() as u64 > STATE_FILE_MAX {
+                return Err(too_big());
+            }
+            Ok(bytes)
         };
-        let stored = match open_nonblocking(&state).and_then(read) {
-            Ok(bytes) => {
-                let bytes = bytes?;
+        let stored = match dir
+            .file(STATE_FILE, false, false)
+            .map_err(|e| self.open_err(format!("cannot read {STATE_FILE}"), e))?
+        {
+            Some(f) => {
+                let bytes = read(f)?;
                 let s: Stored = serde_json::from_slice(&bytes)
                     .map_err(|e| self.bad(format!("{STATE_FILE} does not parse: {e}")))?;
                 if s.version != STATE_VERSION {
@@ -127,61 +153,95 @@ impl StateDir {
                     .map_err(|e| self.bad(format!("{STATE_FILE}: {e}")))?;
                 s
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Stored {
+            None => Stored {
                 version: STATE_VERSION,
                 ..Stored::default()
             },
-            Err(e) => return Err(self.io(format!("cannot read {STATE_FILE}"))(e)),
         };
         let mut stored = stored;
-        self.load_entry_files(&mut stored)?;
+        let running = dir
+            .subdir(RUNNING_DIR, false)
+            .map_err(|e| self.open_err(format!("cannot open {RUNNING_DIR}/"), e))?;
+        if let Some(running) = &running {
+            self.load_entry_files(running, &mut stored)?;
+        }
         Ok(Locked {
             sd: self,
+            dir,
+            running,
             _lock: lock,
             stored,
         })
+    }
+
+    /// Take `lock`'s flock, waiting while another process holds it; a
+    /// SIGINT or SIGTERM that comes meanwhile ends the wait.
+    fn wait_for(&self, lock: &File) -> Result<(), AdmitError> {
+        let mut pause_ms = 1;
+        loop {
+            // SAFETY: flock on a file descriptor we own; no memory involved.
+            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(());
+            }
+            let err = std::io::Error::last_os_error();
+            if !matches!(
+                err.raw_os_error(),
+                Some(libc::EWOULDBLOCK) | Some(libc::EINTR)
+            ) {
+                return Err(self.io("cannot lock it")(err));
+            }
+            if let Some(sig) = crate::vmm::signal::received() {
+                return Err(AdmitError::Signal(sig));
+            }
+            // Sleep a little, or until a signal comes (the handler makes
+            // the wake fd readable, so one that lands just before the
+            // poll is not missed).
+            let mut fds = [libc::pollfd {
+                fd: crate::vmm::signal::wake_fd().unwrap_or(-1),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            // SAFETY: `fds` is a live array of one pollfd (a negative fd
+            // is ignored by poll).
+            unsafe { libc::poll(fds.as_mut_ptr(), 1, pause_ms) };
+            pause_ms = (pause_ms * 2).min(20);
+        }
     }
 
     /// Add the running entries kept in their own files in `running/`: since
     /// 2026-12-02 a launch writes its entry into the file whose flock it
     /// holds, instead of rewriting (and syncing) `state.json` on launch
     /// and on exit. A file nobody holds is a dead entry (or one whose
-    /// launch died before it was complete): it is removed. Files named by
-    /// `state.json` entries (written by an older tt-host) are left to
-    /// [`Locked::reap`]; other names, non-regular files and empty held
-    /// files are not entries. A held file that does not parse is an error
-    /// naming it (fail closed: it may be a running unikernel).
-    fn load_entry_files(&self, stored: &mut Stored) -> Result<(), AdmitError> {
-        let dir = self.dir.join(RUNNING_DIR);
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(self.io("cannot list running/")(e)),
-        };
+    /// launch died before it was complete): it is removed. Only files
+    /// named as tt-host names them ([`is_entry_name`]) are entries; files
+    /// named by `state.json` entries (written by an older tt-host) are
+    /// left to [`Locked::reap`]; empty held files are not entries. An
+    /// entry file that is not the user's own regular file, or that is held
+    /// and does not parse, is an error naming it (fail closed: it may be a
+    /// running unikernel).
+    fn load_entry_files(&self, dir: &Dir, stored: &mut Stored) -> Result<(), AdmitError> {
+        let names = dir
+            .names()
+            .map_err(self.io(format!("cannot list {RUNNING_DIR}/")))?;
         let listed: BTreeSet<String> = stored
             .running
             .iter()
             .filter_map(|r| r.lock.clone())
             .collect();
-        for e in entries {
-            let e = e.map_err(self.io("cannot list running/"))?;
-            let Some(file) = e.file_name().to_str().map(str::to_owned) else {
+        for name in names {
+            let Some(file) = name.to_str().map(str::to_owned) else {
                 continue;
             };
-            if !file.ends_with(".lock") || listed.contains(&file) {
+            if !is_entry_name(&file) || listed.contains(&file) {
                 continue;
             }
-            let path = dir.join(&file);
-            let f = match open_nonblocking(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(self.io(format!("cannot open running/{file}"))(e)),
+            let f = match dir.file(&file, false, false) {
+                Ok(Some(f)) => f,
+                Ok(None) => continue,
+                Err(e) => return Err(self.open_err(format!("cannot open running/{file}"), e)),
             };
-            if !f.metadata().is_ok_and(|m| m.is_file()) {
-                continue;
-            }
             if try_flock(&f) {
-                let _ = std::fs::remove_file(&path);
+                let _ = dir.unlink(&file);
                 continue;
             }
             let mut bytes = Vec::new();
@@ -209,30 +269,38 @@ impl StateDir {
 
 impl Locked<'_> {
     /// Drop every running entry whose process is gone. Returns how many.
+    /// An entry's file is removed only if tt-host named it
+    /// ([`is_entry_name`]) and it is the user's own regular file (opened
+    /// in `running/` itself, never through a link).
     pub(super) fn reap(&mut self) -> usize {
         let before = self.stored.running.len();
-        let dir = self.sd.dir.join(RUNNING_DIR);
+        let running = self.running.as_ref();
         self.stored.running.retain(|r| {
             let Some(lock) = &r.lock else {
                 return alive(r.pid, r.start);
             };
-            let path = dir.join(lock);
-            // Unreadable (but present) counts as held: fail closed. Not
-            // waiting: opening a FIFO put there would block, state lock held.
-            let live = match open_nonblocking(&path) {
-                Ok(f) => !try_flock(&f),
-                Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+            let Some(dir) = running else {
+                // No running/: no file, nobody holds it.
+                return false;
             };
-            if !live {
-                let _ = std::fs::remove_file(&path);
+            // Not the user's own regular file (a link, a FIFO, another
+            // user's) counts as held: fail closed. Opening does not wait
+            // (a FIFO put there would block, state lock held).
+            let live = match dir.file(lock, false, false) {
+                Ok(Some(f)) => !try_flock(&f),
+                Ok(None) => false,
+                Err(_) => true,
+            };
+            if !live && is_entry_name(lock) {
+                let _ = dir.unlink(lock);
             }
             live
         });
         before - self.stored.running.len()
     }
 
-    /// Write the state crash-safely: temporary file, fdatasync, rename,
-    /// fsync of the directory.
+    /// Write the state crash-safely: temporary file (0600), fdatasync,
+    /// rename, fsync of the directory.
     pub(super) fn save(&self) -> Result<(), AdmitError> {
         let sd = self.sd;
         // Entries kept in their own files stay there.
@@ -240,28 +308,28 @@ impl Locked<'_> {
         on_disk.running.retain(|r| !r.in_file);
         let bytes = serde_json::to_vec_pretty(&on_disk)
             .map_err(|e| sd.bad(format!("cannot encode the state: {e}")))?;
-        let tmp = sd.dir.join(format!("{STATE_FILE}.tmp"));
-        // One left behind (a crash, another user, a hostile one) is
-        // replaced: opening it would write through a symlink, block on a
-        // FIFO, or fail on another user's file.
-        if let Err(e) = std::fs::remove_file(&tmp) {
+        let tmp = format!("{STATE_FILE}.tmp");
+        // One left behind (a crash, a hostile user) is replaced: opening
+        // it would write through a symlink, block on a FIFO, or fail on
+        // another user's file. Unlinking removes a link, not its target.
+        if let Err(e) = self.dir.unlink(&tmp) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(sd.io(format!("cannot remove the old {STATE_FILE}.tmp"))(e));
+                return Err(sd.io(format!("cannot remove the old {tmp}"))(e));
             }
         }
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(sd.io(format!("cannot create {STATE_FILE}.tmp")))?;
+        let mut f = self
+            .dir
+            .create_new(&tmp)
+            .map_err(|e| sd.open_err(format!("cannot create {tmp}"), e))?;
         f.write_all(&bytes)
             .and_then(|_| f.sync_data())
-            .map_err(sd.io(format!("cannot write {STATE_FILE}.tmp")))?;
+            .map_err(sd.io(format!("cannot write {tmp}")))?;
         drop(f);
-        std::fs::rename(&tmp, sd.dir.join(STATE_FILE))
+        self.dir
+            .rename(&tmp, STATE_FILE)
             .map_err(sd.io(format!("cannot replace {STATE_FILE}")))?;
-        File::open(&sd.dir)
-            .and_then(|d| d.sync_all())
+        self.dir
+            .sync()
             .map_err(sd.io("cannot sync the directory"))?;
         Ok(())
     }

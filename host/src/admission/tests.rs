@@ -306,15 +306,15 @@ fn entries_live_while_their_lock_is_held_whatever_their_pid() {
     // is nobody here, its file locked (by this test, standing in for
     // that process).
     std::fs::create_dir_all(&running).unwrap();
-    let held = File::create(running.join("foreign.lock")).unwrap();
+    let held = File::create(running.join("8388608-1-0.lock")).unwrap();
     assert!(try_flock(&held));
     // One left by a killed process: its file exists, nobody holds it.
-    File::create(running.join("killed.lock")).unwrap();
+    File::create(running.join("8388608-1-1.lock")).unwrap();
     store(
         &sd,
         [
-            gone("foreign", Some("foreign.lock")),
-            gone("killed", Some("killed.lock")),
+            gone("foreign", Some("8388608-1-0.lock")),
+            gone("killed", Some("8388608-1-1.lock")),
         ],
     );
     let a = sd.admit(None, "live", uk(8)).unwrap();
@@ -324,7 +324,7 @@ fn entries_live_while_their_lock_is_held_whatever_their_pid() {
         "{shown}"
     );
     assert!(
-        !running.join("killed.lock").exists(),
+        !running.join("8388608-1-1.lock").exists(),
         "a reaped entry's file is removed"
     );
     // The limit of 2 is reached: foreign + live.
@@ -393,8 +393,10 @@ fn a_fifo_in_running_does_not_hang_the_reaper() {
     store(&sd, [gone("x", Some("x.lock"))]);
     let sd2 = sd.clone();
     let shown = within(move || sd2.show(&Path::root())).unwrap();
-    // Nobody holds it: the entry is dead.
-    assert!(!shown.contains(" x "), "{shown}");
+    // Not a file tt-host made: the entry counts as live (fail closed)
+    // and the FIFO is left alone.
+    assert!(shown.contains("x"), "{shown}");
+    assert!(sd.path().join(RUNNING_DIR).join("x.lock").exists());
     std::fs::remove_dir_all(sd.path()).unwrap();
 }
 
@@ -757,5 +759,86 @@ fn a_second_policy_set_keeps_what_the_first_set() {
         )
         .unwrap();
     assert_eq!((now.unikernels, now.memory_mb), (3, 512));
+    std::fs::remove_dir_all(sd.path()).unwrap();
+}
+
+/// Cleanup removes only the files tt-host names its entries
+/// (`PID-START-N.lock`), in running/ itself: another name that nobody
+/// holds is left alone, and so is a link (never followed).
+#[test]
+fn cleanup_removes_only_tt_hosts_own_entry_files() {
+    let sd = scratch("ownnames");
+    let running = sd.path().join(RUNNING_DIR);
+    let a = sd.admit(None, "x", uk(8)).unwrap();
+    let victim = sd.path().join("victim.lock");
+    std::fs::write(&victim, b"").unwrap();
+    for n in ["notes.lock", "1-2-3.lock.bak", "1-2.lock"] {
+        std::fs::write(running.join(n), b"").unwrap();
+    }
+    std::fs::write(running.join("8388608-1-7.lock"), b"").unwrap();
+    sd.show(&Path::root()).unwrap();
+    assert!(
+        !running.join("8388608-1-7.lock").exists(),
+        "a dead entry of ours is removed"
+    );
+    for n in ["notes.lock", "1-2-3.lock.bak", "1-2.lock"] {
+        assert!(running.join(n).exists(), "{n} is not ours: left alone");
+    }
+    std::os::unix::fs::symlink(&victim, running.join("8388608-1-8.lock")).unwrap();
+    let e = sd.show(&Path::root()).unwrap_err();
+    assert!(e.to_string().contains("is a symbolic link"), "{e}");
+    assert!(victim.exists());
+    drop(a);
+    std::fs::remove_dir_all(sd.path()).unwrap();
+}
+
+#[test]
+fn entry_names_are_tt_hosts_pattern_only() {
+    assert!(is_entry_name("12-345-0.lock"));
+    for n in [
+        "x.lock",
+        "1-2.lock",
+        "1-2-3-4.lock",
+        "1--3.lock",
+        "a-1-2.lock",
+        "1-2-3",
+    ] {
+        assert!(!is_entry_name(n), "{n}");
+    }
+}
+
+/// What tt-host creates is 0700 and 0600 (not the umask's 0755 and
+/// 0644); the journals directory is made by the same rules. (The umask
+/// is the process's: tests/tests/state_dir.rs runs tt-host under 000.)
+#[test]
+fn created_state_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let sd = scratch("private");
+    let mode = |p: &FsPath| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let a = sd.admit(None, "x", uk(8)).unwrap();
+    let journals = sd.path().join("journals");
+    create_private_dir(&journals).unwrap();
+    assert_eq!(mode(sd.path()), 0o700);
+    assert_eq!(mode(&sd.path().join(RUNNING_DIR)), 0o700);
+    assert_eq!(mode(&journals), 0o700);
+    assert_eq!(mode(&sd.path().join(LOCK_FILE)), 0o600);
+    drop(a);
+    std::fs::remove_dir_all(sd.path()).unwrap();
+}
+
+#[test]
+fn a_state_file_over_16_mib_is_refused_unread() {
+    let sd = scratch("huge");
+    std::fs::create_dir_all(sd.path()).unwrap();
+    let f = File::create(sd.path().join(STATE_FILE)).unwrap();
+    f.set_len(STATE_FILE_MAX + 1).unwrap();
+    let e = sd.show(&Path::root()).unwrap_err();
+    assert!(
+        e.to_string().contains(&format!(
+            "{} bytes, over the limit of 16777216",
+            STATE_FILE_MAX + 1
+        )),
+        "{e}"
+    );
     std::fs::remove_dir_all(sd.path()).unwrap();
 }

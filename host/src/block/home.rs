@@ -440,23 +440,11 @@ fn remove_stale(dir: &Path, keep: &str) {
 /// Create `dir` and its missing parents durably: each new directory is
 /// synced, and so is the parent that holds its entry (otherwise a power
 /// cut can take the directory away with every journal in it, though each
-/// ring and metadata file in it was synced).
+/// ring and metadata file in it was synced). Each is made 0700, and `dir`
+/// must be the user's own, writable by no one else (the state
+/// directory's rules: [`crate::admission::create_private_dir`]).
 fn create_dir_durable(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    create_dir_durable(parent)?;
-    match std::fs::create_dir(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => return Err(e),
-    }
-    sync_dir(dir)?;
-    sync_dir(parent)
+    crate::admission::create_private_dir(dir)
 }
 
 /// Replace `path` with `meta` crash-safely: temporary file, fdatasync,
