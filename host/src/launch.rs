@@ -107,37 +107,51 @@ pub(crate) fn open_checked(
     Ok(file)
 }
 
-/// Read the image at `path`: a regular file of at most
-/// [`layout::MAX_MEM`] bytes (the largest guest memory, so nothing larger
-/// can be loaded), never a FIFO that blocks or a device that never ends.
-fn read_image(path: &Path) -> std::io::Result<Vec<u8>> {
-    let too_big = |len: u64| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!(
-                "{len} bytes is larger than the largest guest memory ({} MiB)",
-                layout::MAX_MEM >> 20
-            ),
-        )
+/// Read the image at `path`, a regular file (never a FIFO that blocks or
+/// a device that never ends), doing bounded work on a wrong file: its ELF
+/// header is read and checked first, then its size is bounded by
+/// [`loader::MAX_FILE_SIZE`], and only the leading bytes the loader uses
+/// are read ([`loader::span`], at most [`loader::MAX_SPAN`]).
+fn read_image(path: &Path) -> Result<Vec<u8>, LaunchError> {
+    use std::io::{Seek, SeekFrom};
+    let p = path.display().to_string();
+    let io = |err| LaunchError::ReadImage {
+        path: p.clone(),
+        err,
     };
-    let file = open_checked(path, |m| {
-        if !m.is_file() {
+    let load = |err| LaunchError::Image {
+        path: p.clone(),
+        err,
+    };
+    let mut file = open_checked(path, |m| {
+        if m.is_file() {
+            Ok(())
+        } else {
             Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "not a regular file",
             ))
-        } else if m.len() > layout::MAX_MEM {
-            Err(too_big(m.len()))
-        } else {
-            Ok(())
         }
-    })?;
-    let mut buf = Vec::new();
-    // The file may grow while it is read.
-    file.take(layout::MAX_MEM + 1).read_to_end(&mut buf)?;
-    if buf.len() as u64 > layout::MAX_MEM {
-        return Err(too_big(buf.len() as u64));
+    })
+    .map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut head = Vec::new();
+    (&mut file).take(64).read_to_end(&mut head).map_err(io)?;
+    let header = loader::parse_header(&head).map_err(load)?;
+    loader::check_file_size(len).map_err(load)?;
+    let mut phdrs = Vec::new();
+    if header.phoff < len {
+        file.seek(SeekFrom::Start(header.phoff)).map_err(io)?;
+        (&mut file)
+            .take(header.phdrs_len() as u64)
+            .read_to_end(&mut phdrs)
+            .map_err(io)?;
     }
+    let span = loader::span(&header, &phdrs, len).map_err(load)?;
+    // The file may have changed since: parse_image checks what was read.
+    let mut buf = Vec::new();
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
+    file.take(span).read_to_end(&mut buf).map_err(io)?;
     Ok(buf)
 }
 
@@ -196,10 +210,7 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
         LaunchError::Devices(format!("cannot install the SIGINT/SIGTERM handler: {err}"))
     })?;
     let path = args.image.display().to_string();
-    let file = read_image(&args.image).map_err(|err| LaunchError::ReadImage {
-        path: path.clone(),
-        err,
-    })?;
+    let file = read_image(&args.image)?;
     let mem_size = (args.mem_mb << 20) / layout::HUGE * layout::HUGE;
     let image =
         loader::parse_image(&file, mem_size).map_err(|err| LaunchError::Image { path, err })?;

@@ -22,7 +22,11 @@
 //! [`open`] locks the image (`flock(LOCK_EX | LOCK_NB)` on the descriptor
 //! the backend then uses, so the lock lasts the whole run): a second
 //! opener through any path, hard link or symlink is refused with
-//! [`HomeError::Locked`]. The ring file is locked the same way (so `journal
+//! [`HomeError::Locked`]. An image that cannot be written is refused
+//! here, before the guest runs, not at its first write: one whose owner
+//! has no write permission bit, even for root ([`HomeError::NotWritable`]),
+//! one on a read-only mount or a read-only block device
+//! ([`HomeError::ReadOnly`]). The ring file is locked the same way (so `journal
 //! drain` and `discard` never run under a live tt-host). If the ring holds
 //! unapplied records, they are replayed into the image before `open`
 //! returns, that is before the guest boots, unless the image no longer is
@@ -175,6 +179,24 @@ pub enum HomeError {
     },
     #[error("block image {path} is {what}, not a regular file or block device")]
     NotAFile { path: String, what: &'static str },
+    /// The owner's write permission bit is clear: refused even for root,
+    /// who could open it anyway.
+    #[error(
+        "block image {path} is read-only (mode {mode:04o}: no write permission for its \
+         owner); tt-host opens block images read-write and refuses read-only ones, even \
+         as root: `chmod u+w {path}` if the guest may write it"
+    )]
+    NotWritable { path: String, mode: u32 },
+    /// On a read-only mount, or a read-only block device.
+    #[error(
+        "block image {path} is {what}; tt-host opens block images read-write and refuses \
+         read-only ones at start: {fix}"
+    )]
+    ReadOnly {
+        path: String,
+        what: &'static str,
+        fix: &'static str,
+    },
     #[error(
         "block image {path} is {size} bytes: it must be a whole, non-zero number of \
          {sector}-byte sectors"
@@ -290,26 +312,73 @@ fn flock_nb(f: &File) -> io::Result<bool> {
     }
 }
 
+/// Refuse what `lock_image` must not open read-write: anything but a
+/// regular file or block device, and one whose owner may not write it
+/// (`chmod a-w` marks an image read-only; root's open would succeed).
+fn check_openable(path: &str, meta: &std::fs::Metadata) -> Result<(), HomeError> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(what) = file_kind(meta) {
+        return Err(HomeError::NotAFile {
+            path: path.into(),
+            what,
+        });
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o200 == 0 {
+        return Err(HomeError::NotWritable {
+            path: path.into(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Is the block device open as `file` read-only (`BLKROGET`)? Writes to
+/// it would fail only once the guest makes one.
+fn block_device_read_only(file: &File) -> io::Result<bool> {
+    /// `_IO(0x12, 94)` from linux/fs.h.
+    const BLKROGET: libc::c_ulong = 0x125e;
+    let mut ro: libc::c_int = 0;
+    // SAFETY: BLKROGET writes one int through the pointer, which points to
+    // `ro`, alive for the call.
+    if unsafe { libc::ioctl(file.as_raw_fd(), BLKROGET as _, &mut ro) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ro != 0)
+}
+
 /// Open `path` read-write and lock it; refused if another holder has it
-/// locked (through any path).
+/// locked (through any path), if it is not writable (see
+/// [`HomeError::NotWritable`]), or if it is read-only below the file: on a
+/// read-only mount, or a read-only block device ([`HomeError::ReadOnly`]).
 pub fn lock_image(path: &Path) -> Result<LockedImage, HomeError> {
+    use std::os::unix::fs::FileTypeExt;
     let p = path.display().to_string();
     let open_err = |source| HomeError::Open {
         path: p.clone(),
         source,
     };
     // stat first: opening a FIFO would block.
-    let meta = std::fs::metadata(path).map_err(open_err)?;
-    if let Some(what) = file_kind(&meta) {
-        return Err(HomeError::NotAFile { path: p, what });
-    }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(open_err)?;
-    if let Some(what) = file_kind(&file.metadata().map_err(open_err)?) {
-        return Err(HomeError::NotAFile { path: p, what });
+    check_openable(&p, &std::fs::metadata(path).map_err(open_err)?)?;
+    let file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+            return Err(HomeError::ReadOnly {
+                path: p,
+                what: "on a read-only file system",
+                fix: "remount it read-write, or copy the image to a writable one",
+            })
+        }
+        Err(e) => return Err(open_err(e)),
+    };
+    let meta = file.metadata().map_err(open_err)?;
+    check_openable(&p, &meta)?;
+    if meta.file_type().is_block_device() && block_device_read_only(&file).map_err(open_err)? {
+        return Err(HomeError::ReadOnly {
+            path: p,
+            what: "a read-only block device",
+            fix: "`blockdev --setrw` it if the guest may write it",
+        });
     }
     if !flock_nb(&file).map_err(open_err)? {
         return Err(HomeError::Locked { path: p });

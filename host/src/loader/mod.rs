@@ -36,6 +36,19 @@ const PAGE: u64 = 4096;
 pub enum LoadError {
     #[error("not an ELF file (bad magic)")]
     NotElf,
+    #[error(
+        "the file is {size} bytes ({} MiB); tt-host reads image files of at most {} MiB: \
+         is this the right file?",
+        size >> 20,
+        max >> 20
+    )]
+    FileTooLarge { size: u64, max: u64 },
+    #[error(
+        "its program headers and segments span {span} bytes of the file; tt-host reads at \
+         most {} MiB of an image (guest images are mapped below 232 MiB)",
+        max >> 20
+    )]
+    SpanTooLarge { span: u64, max: u64 },
     #[error("truncated ELF: {0}")]
     Truncated(&'static str),
     #[error("unsupported ELF: {0}")]
@@ -135,28 +148,67 @@ struct Phdr {
     memsz: u64,
 }
 
-/// Validate `file` as an hvt image for a guest with `mem_size` bytes.
-pub fn parse_image(file: &[u8], mem_size: u64) -> Result<Image, LoadError> {
-    if file.len() < 4 || &file[..4] != b"\x7fELF" {
+/// The largest image file tt-host reads at all. Far larger than any
+/// image that can be loaded (see [`MAX_SPAN`]); anything bigger is the
+/// wrong file, and is refused after its first 64 bytes are read.
+pub const MAX_FILE_SIZE: u64 = 1 << 30;
+
+/// The most leading bytes of an image file that tt-host reads: its ELF
+/// header, program headers and the file bytes of its loadable and note
+/// segments must all lie below this. The layout maps images that end
+/// below 232 MiB of guest memory (`vmm::layout`), so no loadable image
+/// needs more; what lies beyond the last segment (symbols, debug
+/// information) is never read.
+pub const MAX_SPAN: u64 = 256 << 20;
+
+// Every image the layout can map fits in MAX_SPAN.
+const _: () = {
+    use crate::vmm::layout;
+    assert!((layout::PT_LIMIT - layout::PT_BASE) / layout::PAGE * layout::HUGE <= MAX_SPAN);
+};
+
+/// An ELF header that passed [`parse_header`]'s checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub entry: u64,
+    /// File offset of the program header table.
+    pub phoff: u64,
+    /// Number of program headers (1 to 256).
+    pub phnum: usize,
+}
+
+impl Header {
+    /// Size in bytes of the program header table.
+    pub fn phdrs_len(&self) -> usize {
+        self.phnum * PHDR_SIZE
+    }
+}
+
+/// Check the ELF header at the start of `head` (the file's first 64 bytes,
+/// or the whole file if it is shorter): an ELF64 little-endian x86-64
+/// executable with well-formed program header sizes. Looks at nothing past
+/// the header, so a caller can refuse a wrong file before reading it.
+pub fn parse_header(head: &[u8]) -> Result<Header, LoadError> {
+    if head.len() < 4 || &head[..4] != b"\x7fELF" {
         return Err(LoadError::NotElf);
     }
-    if file.len() < EHDR_SIZE {
+    if head.len() < EHDR_SIZE {
         return Err(LoadError::Truncated("file ends inside the ELF header"));
     }
-    if file[4] != 2 {
+    if head[4] != 2 {
         return Err(LoadError::Unsupported("not a 64-bit ELF (EI_CLASS)".into()));
     }
-    if file[5] != 1 {
+    if head[5] != 1 {
         return Err(LoadError::Unsupported("not little-endian (EI_DATA)".into()));
     }
-    let e_type = u16_at(file, 16).unwrap();
-    let e_machine = u16_at(file, 18).unwrap();
-    let e_version = u32_at(file, 20).unwrap();
-    let e_entry = u64_at(file, 24).unwrap();
-    let e_phoff = u64_at(file, 32).unwrap();
-    let e_ehsize = u16_at(file, 52).unwrap() as usize;
-    let e_phentsize = u16_at(file, 54).unwrap() as usize;
-    let e_phnum = u16_at(file, 56).unwrap() as usize;
+    let e_type = u16_at(head, 16).unwrap();
+    let e_machine = u16_at(head, 18).unwrap();
+    let e_version = u32_at(head, 20).unwrap();
+    let e_entry = u64_at(head, 24).unwrap();
+    let e_phoff = u64_at(head, 32).unwrap();
+    let e_ehsize = u16_at(head, 52).unwrap() as usize;
+    let e_phentsize = u16_at(head, 54).unwrap() as usize;
+    let e_phnum = u16_at(head, 56).unwrap() as usize;
     if e_version != 1 {
         return Err(LoadError::Unsupported(format!(
             "ELF version {e_version}, expected 1 (EV_CURRENT)"
@@ -187,6 +239,65 @@ pub fn parse_image(file: &[u8], mem_size: u64) -> Result<Image, LoadError> {
             "{e_phnum} program headers (expected 1 to {MAX_PHDRS})"
         )));
     }
+    Ok(Header {
+        entry: e_entry,
+        phoff: e_phoff,
+        phnum: e_phnum,
+    })
+}
+
+/// Refuse an image file of `len` bytes larger than [`MAX_FILE_SIZE`].
+pub fn check_file_size(len: u64) -> Result<(), LoadError> {
+    if len > MAX_FILE_SIZE {
+        return Err(LoadError::FileTooLarge {
+            size: len,
+            max: MAX_FILE_SIZE,
+        });
+    }
+    Ok(())
+}
+
+/// How many leading bytes of a file of `file_len` bytes [`parse_image`]
+/// needs, given its checked `header` and the `phdrs` table it points to
+/// (shorter if the file ends inside it): the header, the table, and the
+/// file bytes of every loadable and note segment, or the whole file if it
+/// ends before them (then `parse_image` says what is cut off). More than
+/// [`MAX_SPAN`] is refused.
+pub fn span(header: &Header, phdrs: &[u8], file_len: u64) -> Result<u64, LoadError> {
+    let table_end = header
+        .phoff
+        .saturating_add(header.phdrs_len() as u64)
+        .max(EHDR_SIZE as u64);
+    let span = phdrs
+        .chunks_exact(PHDR_SIZE)
+        .map(|ph| {
+            let p_type = u32_at(ph, 0).unwrap();
+            let used = p_type == PT_NOTE || (p_type == PT_LOAD && u64_at(ph, 40).unwrap() != 0);
+            match used {
+                true => u64_at(ph, 8)
+                    .unwrap()
+                    .saturating_add(u64_at(ph, 32).unwrap()),
+                false => 0,
+            }
+        })
+        .fold(table_end, u64::max)
+        .min(file_len);
+    if span > MAX_SPAN {
+        return Err(LoadError::SpanTooLarge {
+            span,
+            max: MAX_SPAN,
+        });
+    }
+    Ok(span)
+}
+
+/// Validate `file` as an hvt image for a guest with `mem_size` bytes.
+pub fn parse_image(file: &[u8], mem_size: u64) -> Result<Image, LoadError> {
+    let Header {
+        entry: e_entry,
+        phoff: e_phoff,
+        phnum: e_phnum,
+    } = parse_header(file)?;
     let ph_end = e_phoff
         .checked_add((e_phnum * PHDR_SIZE) as u64)
         .filter(|&end| end <= file.len() as u64)

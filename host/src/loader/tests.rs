@@ -382,3 +382,60 @@ fn manifest_error(base: &Synth, edit: &dyn Fn(&mut Vec<u8>)) -> String {
         .unwrap_err()
         .to_string()
 }
+
+#[test]
+fn the_header_is_checked_on_its_own_before_the_file_is_read() {
+    let file = Synth::default().build();
+    let h = parse_header(&file[..EHDR_SIZE]).unwrap();
+    assert_eq!(h.entry, synth::TEXT);
+    assert_eq!(parse_header(&[0u8; 64]), Err(LoadError::NotElf));
+    let mut bad = file[..EHDR_SIZE].to_vec();
+    bad[18] = 3; // EM_386
+    assert!(matches!(
+        parse_header(&bad),
+        Err(LoadError::Unsupported(m)) if m.contains("x86-64")
+    ));
+    assert!(check_file_size(MAX_FILE_SIZE).is_ok());
+    let e = check_file_size(4 << 30).unwrap_err();
+    assert_eq!(
+        e,
+        LoadError::FileTooLarge {
+            size: 4 << 30,
+            max: MAX_FILE_SIZE
+        }
+    );
+    assert!(e.to_string().contains("4294967296 bytes"), "{e}");
+}
+
+#[test]
+fn only_the_span_of_headers_and_segments_is_needed() {
+    let file = Synth::default().build();
+    let h = parse_header(&file).unwrap();
+    let table = &file[h.phoff as usize..][..h.phdrs_len()];
+    // Bytes after the last segment (symbols, debug information) are not
+    // part of the span, and the image parses the same without them.
+    let mut long = file.clone();
+    long.resize(file.len() + (1 << 20), 0xcc);
+    let span = span(&h, table, long.len() as u64).unwrap();
+    assert!(span <= file.len() as u64, "{span} > {}", file.len());
+    let whole = parse_image(&long, MEM).unwrap();
+    let prefix = parse_image(&long[..span as usize], MEM).unwrap();
+    assert_eq!(whole.segments, prefix.segments);
+    assert_eq!(whole.manifest, prefix.manifest);
+    // A file that ends early: the span is the file, and parse_image says
+    // what is cut off.
+    assert_eq!(super::span(&h, table, 100).unwrap(), 100);
+
+    // A segment whose bytes lie 300 MiB into a file that long.
+    let mut far = table.to_vec();
+    let load = (0..h.phnum)
+        .find(|i| u32_at(&far, i * PHDR_SIZE) == Some(PT_LOAD))
+        .unwrap();
+    far[load * PHDR_SIZE + 8..][..8].copy_from_slice(&(300u64 << 20).to_le_bytes());
+    let e = super::span(&h, &far, 400 << 20).unwrap_err();
+    assert!(
+        matches!(e, LoadError::SpanTooLarge { max: MAX_SPAN, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("256 MiB"), "{e}");
+}
