@@ -6,7 +6,8 @@
 //! a block device, start at a sector-aligned offset, cover a whole,
 //! non-zero number of sectors and end inside the device; otherwise the
 //! guest gets `EINVAL` and nothing is read or written. A buffer outside
-//! guest memory stops the guest. The request is then served by the
+//! guest memory, or a BLOCK_READ buffer (or an argument struct) where the
+//! guest may not write itself ([`super::check_writable`]), stops the guest. The request is then served by the
 //! device's [`Backend`] with one request in flight (one vCPU, one
 //! hypercall): with the journal (`--block-durability=journal`, the
 //! default) a write returns only once it is durable; with `none` it is in
