@@ -35,7 +35,7 @@ use tt_host::block::{FileBackend, Geometry, Image, Info, ID_LEN};
 use tt_host::modules::block::{Block, BlockDevice};
 use tt_host::modules::console::Console;
 use tt_host::modules::net::Net;
-use tt_host::modules::{Action, GuestError, Module};
+use tt_host::modules::{Action, GuestError, GuestMem, Module};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MEM: u64 = 1 << 20;
@@ -110,6 +110,8 @@ fuzz_target!(|data: &[u8]| {
     let window = &window[..window.len().min(WINDOW)];
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
     mem.write_slice(window, GuestAddress(BASE)).unwrap();
+    // Nothing protected: every address in memory may be written.
+    let mem = GuestMem::unprotected(mem);
 
     let out = Out::default();
     let mut console = Console::new(out.clone());

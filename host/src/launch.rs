@@ -248,7 +248,7 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     let mut info = Vec::new();
     let mut readiness = Vec::new();
     let mut mmio = Vec::new();
-    let mut modules: Vec<Box<dyn Module>> = vec![Box::new(Console::new(std::io::stdout()))];
+    let mut modules: Vec<Box<dyn Module>> = vec![Box::new(Console::stdout())];
     for kind in kind::kinds() {
         let attached = kind
             .attach(&given_devices(&image, args, *kind), &ctx)

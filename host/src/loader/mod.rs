@@ -112,10 +112,63 @@ pub struct Image {
     pub manifest: Manifest,
 }
 
+/// A guest-physical range `[start, end)` (page-aligned) that the guest's
+/// own code at CPL 3 cannot write, and so no device or hypercall may write
+/// for it either. See [`Image::protected_ranges`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Protected {
+    pub start: u64,
+    pub end: u64,
+    /// What it is, for messages (e.g. "the image's code").
+    pub what: &'static str,
+}
+
+impl Protected {
+    /// Does `[addr, addr + len)` overlap it? An empty range overlaps
+    /// nothing; a range past 2^64 overlaps everything above `addr`.
+    pub fn overlaps(&self, addr: u64, len: u64) -> bool {
+        len > 0 && addr < self.end && self.start < addr.saturating_add(len)
+    }
+}
+
 impl Image {
     /// The bytes of `seg` in `file` (checked at parse time).
     pub fn segment_bytes<'a>(&self, file: &'a [u8], seg: &Segment) -> &'a [u8] {
         &file[seg.offset as usize..(seg.offset + seg.filesz) as usize]
+    }
+
+    /// What in guest memory the host must never write on the guest's
+    /// behalf (a hypercall's OUT field or buffer, a virtio request's
+    /// buffer), because the guest's CPL 3 code could not write it itself:
+    /// everything below 1 MiB (tt-host's GDT, page tables and CPL 3
+    /// monitor, then the boot info, manifest and command line, which the
+    /// guest may only read), and every page of a segment that is not plain
+    /// writable data: code (R+X), read-only data (R), and tt-guest's
+    /// supervisor-only structures (`PF_TT_SUPERVISOR`). Page-aligned, in
+    /// that order.
+    pub fn protected_ranges(&self) -> Vec<Protected> {
+        let mut out = vec![Protected {
+            start: 0,
+            end: abi::GUEST_MIN_BASE,
+            what: "tt-host's boot structures below 1 MiB (read-only to the guest)",
+        }];
+        for s in &self.segments {
+            let what = if s.prot.exec {
+                "the image's code (an executable segment)"
+            } else if !s.prot.write {
+                "the image's read-only data"
+            } else if s.prot.supervisor {
+                "the image's supervisor-only segment"
+            } else {
+                continue;
+            };
+            out.push(Protected {
+                start: s.page_start(),
+                end: s.page_end(),
+                what,
+            });
+        }
+        out
     }
 }
 

@@ -439,3 +439,19 @@ fn only_the_span_of_headers_and_segments_is_needed() {
     );
     assert!(e.to_string().contains("256 MiB"), "{e}");
 }
+
+#[test]
+fn protected_ranges_are_low_memory_and_every_segment_but_plain_data() {
+    let img = parse_image(&Synth::default().build(), 16 << 20).unwrap();
+    let r: Vec<(u64, u64)> = img
+        .protected_ranges()
+        .iter()
+        .map(|p| (p.start, p.end))
+        .collect();
+    // Low memory, then the text page; the R+W data page is not protected.
+    assert_eq!(r, vec![(0, 0x10_0000), (synth::TEXT, synth::TEXT + 0x1000)]);
+    assert!(img.protected_ranges()[1].what.contains("code"));
+    let p = img.protected_ranges()[1];
+    assert!(p.overlaps(synth::TEXT + 0xfff, 1) && !p.overlaps(synth::TEXT + 0x1000, 8));
+    assert!(!p.overlaps(synth::TEXT, 0) && p.overlaps(0, u64::MAX));
+}

@@ -6,7 +6,8 @@
 //! a block device, start at a sector-aligned offset, cover a whole,
 //! non-zero number of sectors and end inside the device; otherwise the
 //! guest gets `EINVAL` and nothing is read or written. A buffer outside
-//! guest memory stops the guest. The request is then served by the
+//! guest memory, or a BLOCK_READ buffer (or an argument struct) where the
+//! guest may not write itself ([`super::check_writable`]), stops the guest. The request is then served by the
 //! device's [`Backend`] with one request in flight (one vCPU, one
 //! hypercall): with the journal (`--block-durability=journal`, the
 //! default) a write returns only once it is durable; with `none` it is in
@@ -19,14 +20,17 @@
 //! a read in pieces of 1 MiB.
 
 use super::kind::{Attached, Context, DeviceError, DeviceKind, Given, OptionSpec};
-use super::{check_range, read_args, set_out, Action, GuestError, Module, CHUNK};
+use super::{
+    check_range, check_writable, read_args_mut, set_out, Action, GuestError, GuestMem, Module,
+    CHUNK,
+};
 use crate::abi::{ret, HcBlockRead, HcBlockWrite, Hypercall};
 use crate::block::home::{self, HomeError, JournalOptions};
 use crate::block::{Backend, Request};
 use crate::loader::manifest::DeviceInfo;
 use crate::resources::Unikernel;
 use std::path::Path;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Why a block device could not be attached.
 #[derive(Debug, thiserror::Error)]
@@ -153,14 +157,19 @@ impl BlockDevice {
         offset: u64,
         data: u64,
         len: u64,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
     ) -> Result<i32, GuestError> {
         let info = self.backend.info();
         let geometry = info.geometry;
         if geometry.span(offset, len).is_err() {
             return Ok(ret::EINVAL);
         }
-        check_range(mem, "block buffer", data, len)?;
+        if write {
+            check_range(mem, "block buffer", data, len)?;
+        } else {
+            // The host fills it: only where the guest could write itself.
+            check_writable(mem, "block buffer", data, len)?;
+        }
         let sector = geometry.sector_size;
         let piece = if write {
             info.max_atomic_write.max(CHUNK as u64)
@@ -231,21 +240,16 @@ impl Module for Block {
         &[Hypercall::BlockWrite, Hypercall::BlockRead]
     }
 
-    fn handle(
-        &mut self,
-        call: Hypercall,
-        arg: u64,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Action, GuestError> {
+    fn handle(&mut self, call: Hypercall, arg: u64, mem: &GuestMem) -> Result<Action, GuestError> {
         if call == Hypercall::BlockWrite {
-            let (a, at) = read_args::<HcBlockWrite>(mem, arg)?;
+            let (a, at) = read_args_mut::<HcBlockWrite>(mem, arg)?;
             let r = match self.device(a.handle) {
                 Some(d) => d.transfer(true, a.offset, a.data, a.len, mem)?,
                 None => ret::EINVAL,
             };
             set_out!(mem, at, HcBlockWrite.ret = r);
         } else {
-            let (a, at) = read_args::<HcBlockRead>(mem, arg)?;
+            let (a, at) = read_args_mut::<HcBlockRead>(mem, arg)?;
             let r = match self.device(a.handle) {
                 Some(d) => d.transfer(false, a.offset, a.data, a.len, mem)?,
                 None => ret::EINVAL,
@@ -614,5 +618,73 @@ mod tests {
             let e = parse_size(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn block_read_into_protected_memory_is_refused_and_changes_nothing() {
+        use crate::abi::HcBlockRead;
+        use crate::loader::Protected;
+        use vm_memory::GuestMemoryMmap;
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let text = Protected {
+            start: 0x10000,
+            end: 0x12000,
+            what: "the image's code",
+        };
+        let rodata = Protected {
+            start: 0x20000,
+            end: 0x21000,
+            what: "the image's read-only data",
+        };
+        let mem = GuestMem::new(m, vec![text, rodata]);
+        mem.write_slice(&[0xc3; 0x2000], GuestAddress(0x10000))
+            .unwrap();
+        let mut block = Block::new(vec![device("d", 1 << 16)]);
+        let read = |block: &mut Block, arg: u64, data: u64, len: u64| {
+            let a = HcBlockRead {
+                handle: 1,
+                offset: 0,
+                data,
+                len,
+                ret: 77,
+                ..Default::default()
+            };
+            mem.write_obj(a, GuestAddress(arg)).unwrap();
+            block.handle(Hypercall::BlockRead, arg, &mem)
+        };
+        // The buffer over the code, or straddling into it: refused.
+        for data in [0x10000, 0x11e00, 0xff00] {
+            let r = read(&mut block, 0x1000, data, 1024);
+            let Err(GuestError::ReadOnly { start, end, .. }) = r else {
+                panic!("{data:#x}: {r:?}");
+            };
+            assert_eq!((start, end), (0x10000, 0x12000));
+            let ret: HcBlockRead = mem.read_obj(GuestAddress(0x1000)).unwrap();
+            assert_eq!(ret.ret, 77, "nothing written back");
+        }
+        let mut text_now = vec![0u8; 0x2000];
+        mem.read_slice(&mut text_now, GuestAddress(0x10000))
+            .unwrap();
+        assert!(text_now.iter().all(|&b| b == 0xc3), "the code was changed");
+        // The struct in read-only data: refused before anything is read.
+        let r = read(&mut block, 0x20010, 0x3000, 512);
+        assert!(matches!(r, Err(GuestError::ReadOnly { .. })), "{r:?}");
+        // Elsewhere it is served.
+        assert_eq!(read(&mut block, 0x1000, 0x3000, 512), Ok(Action::Continue));
+        let ret: HcBlockRead = mem.read_obj(GuestAddress(0x1000)).unwrap();
+        assert_eq!(ret.ret, crate::abi::ret::OK);
+        // A BLOCK_WRITE from the code only reads it: served.
+        let w = crate::abi::HcBlockWrite {
+            handle: 1,
+            offset: 0,
+            data: 0x10000,
+            len: 512,
+            ..Default::default()
+        };
+        mem.write_obj(w, GuestAddress(0x1000)).unwrap();
+        assert_eq!(
+            block.handle(Hypercall::BlockWrite, 0x1000, &mem),
+            Ok(Action::Continue)
+        );
     }
 }

@@ -198,8 +198,7 @@ pub(crate) mod tests {
     //! one `DeviceKind` and one line in [`kinds`].
     use super::*;
     use crate::abi::Hypercall;
-    use crate::modules::{Action, GuestError};
-    use vm_memory::GuestMemoryMmap;
+    use crate::modules::{Action, GuestError, GuestMem};
 
     /// Manifest type of the dummy kind (below `MFT_RESERVED_FIRST`, unused
     /// by Solo5).
@@ -216,12 +215,7 @@ pub(crate) mod tests {
         fn hypercalls(&self) -> &'static [Hypercall] {
             &[]
         }
-        fn handle(
-            &mut self,
-            _: Hypercall,
-            _: u64,
-            _: &GuestMemoryMmap,
-        ) -> Result<Action, GuestError> {
+        fn handle(&mut self, _: Hypercall, _: u64, _: &GuestMem) -> Result<Action, GuestError> {
             Ok(Action::Continue)
         }
     }

@@ -6,13 +6,23 @@
 //! module that registered it. Adding a device kind means adding a module.
 //!
 //! A module reads its argument struct (one of the `Hc*` structs of
-//! [`crate::abi`]) from guest memory with [`read_args`], and writes each
-//! OUT field back on its own with `set_out!`: never the whole struct,
-//! so the guest's IN fields are left as they were. A guest address or
-//! length outside guest memory is a [`GuestError`], which stops the guest
-//! with exit status 1. A request that is well-addressed but wrong (bad
-//! handle, unaligned block offset...) is answered with an error code in the
+//! [`crate::abi`]) from guest memory with [`read_args`], or, when the
+//! struct has OUT fields, with [`read_args_mut`], and writes each OUT field
+//! back on its own with `set_out!`: never the whole struct, so the guest's
+//! IN fields are left as they were. A guest address or length outside
+//! guest memory is a [`GuestError`], which stops the guest with exit
+//! status 1. A request that is well-addressed but wrong (bad handle,
+//! unaligned block offset...) is answered with an error code in the
 //! struct's `ret` field instead.
+//!
+//! Handlers see guest memory as a [`GuestMem`]: RAM from the boot info up,
+//! and the ranges the host must never write for the guest
+//! ([`crate::loader::Image::protected_ranges`]: the boot data below 1 MiB,
+//! the image's code, read-only data and supervisor-only segments). An
+//! argument struct with OUT fields, or a buffer the host fills, that
+//! overlaps one is a [`GuestError::ReadOnly`], refused before anything is
+//! served. The host still reads from them (PUTS of read-only data, a
+//! BLOCK_WRITE of code).
 
 pub mod block;
 pub mod console;
@@ -21,9 +31,53 @@ pub mod net;
 pub mod poll;
 
 use crate::abi::Hypercall;
+use crate::loader::Protected;
 use std::marker::PhantomData;
 use std::mem::size_of;
+use std::sync::Arc;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Guest memory as hypercall handlers see it: the memory (it derefs to
+/// it, to read and to check ranges) and what in it the host must never
+/// write for the guest, which [`check_writable`] and [`read_args_mut`]
+/// enforce.
+#[derive(Debug, Clone)]
+pub struct GuestMem {
+    mem: GuestMemoryMmap,
+    protected: Arc<[Protected]>,
+}
+
+impl GuestMem {
+    /// `mem`, of which the host may not write `protected` for the guest.
+    pub fn new(mem: GuestMemoryMmap, protected: Vec<Protected>) -> Self {
+        GuestMem {
+            mem,
+            protected: protected.into(),
+        }
+    }
+
+    /// `mem` with nothing protected (tests and fuzzing).
+    pub fn unprotected(mem: GuestMemoryMmap) -> Self {
+        GuestMem::new(mem, Vec::new())
+    }
+
+    /// The memory itself.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The ranges the host may not write for the guest.
+    pub fn protected(&self) -> &[Protected] {
+        &self.protected
+    }
+}
+
+impl std::ops::Deref for GuestMem {
+    type Target = GuestMemoryMmap;
+    fn deref(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+}
 
 /// What the run loop does after a hypercall.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +111,20 @@ pub enum GuestError {
         len: u64,
         floor: u64,
     },
+    /// The host would write where the guest itself may not.
+    #[error(
+        "invalid hypercall address: {what} at {gpa:#x} (+{len} bytes) overlaps {start:#x}..{end:#x}, \
+         {range}, which the host does not write for the guest: use writable memory (data, \
+         heap or stack)"
+    )]
+    ReadOnly {
+        what: &'static str,
+        gpa: u64,
+        len: u64,
+        start: u64,
+        end: u64,
+        range: &'static str,
+    },
 }
 
 impl GuestError {
@@ -83,31 +151,37 @@ pub trait Module {
     /// The hypercalls this module handles.
     fn hypercalls(&self) -> &'static [Hypercall];
     /// Serve `call` with its argument struct at guest address `arg`.
-    fn handle(
-        &mut self,
-        call: Hypercall,
-        arg: u64,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Action, GuestError>;
+    fn handle(&mut self, call: Hypercall, arg: u64, mem: &GuestMem) -> Result<Action, GuestError>;
     /// Called once when the guest stops: flush devices. An error (a
     /// message naming the device) means what the guest wrote may not be
     /// durable; the run then fails even if the guest exited cleanly.
     fn shutdown(&mut self) -> Result<(), String> {
         Ok(())
     }
+    /// Something the user should know about the run that is not a failure
+    /// (console output that was lost, say): asked once after
+    /// [`Module::shutdown`], and printed on stderr.
+    fn notice(&mut self) -> Option<String> {
+        None
+    }
 }
 
-/// Read the argument struct `T` of a hypercall from guest address `gpa`.
-/// Returns a copy of it (the guest may change the original meanwhile;
-/// use the copy only) and where it is, to write OUT fields back with
+/// Read the argument struct `T` of a hypercall from guest address `gpa`,
+/// for a hypercall that writes nothing back (PUTS, HALT). Returns a copy
+/// of it: the guest may change the original meanwhile; use the copy only.
+pub fn read_args<T: ByteValued>(mem: &GuestMemoryMmap, gpa: u64) -> Result<T, GuestError> {
+    mem.read_obj::<T>(GuestAddress(gpa))
+        .map_err(|_| GuestError::bad("hypercall argument", gpa, size_of::<T>() as u64))
+}
+
+/// Read the argument struct `T` of a hypercall that has OUT fields: the
+/// whole struct must be memory the host may write for the guest
+/// ([`check_writable`]), else nothing is served. Returns a copy of it (use
+/// the copy only) and where it is, to write OUT fields back with
 /// `set_out!`.
-pub fn read_args<T: ByteValued>(
-    mem: &GuestMemoryMmap,
-    gpa: u64,
-) -> Result<(T, ArgAt<T>), GuestError> {
-    let val = mem
-        .read_obj::<T>(GuestAddress(gpa))
-        .map_err(|_| GuestError::bad("hypercall argument", gpa, size_of::<T>() as u64))?;
+pub fn read_args_mut<T: ByteValued>(mem: &GuestMem, gpa: u64) -> Result<(T, ArgAt<T>), GuestError> {
+    let val = read_args::<T>(mem, gpa)?;
+    check_writable(mem, "hypercall argument", gpa, size_of::<T>() as u64)?;
     Ok((
         val,
         ArgAt {
@@ -118,7 +192,7 @@ pub fn read_args<T: ByteValued>(
 }
 
 /// Where a hypercall's argument struct `T` lies in guest memory, as
-/// [`read_args`] found it.
+/// [`read_args_mut`] found it: writable for the guest.
 #[derive(Debug, Clone, Copy)]
 pub struct ArgAt<T> {
     gpa: u64,
@@ -131,15 +205,15 @@ impl<T: ByteValued> ArgAt<T> {
     /// the field's type.
     pub(crate) fn write_field<F: ByteValued>(&self, mem: &GuestMemoryMmap, offset: usize, val: F) {
         debug_assert!(offset + size_of::<F>() <= size_of::<T>());
-        // The whole struct was readable, so this part of it is writable
-        // too (guest RAM is mapped read-write for the host).
+        // The whole struct was checked by read_args_mut: in guest memory
+        // and clear of protected ranges.
         let _ = mem.write_obj(val, GuestAddress(self.gpa + offset as u64));
     }
 }
 
 /// Write one OUT field of a hypercall's argument struct back to guest
 /// memory: `set_out!(mem, at, HcBlockRead.len = n)`, with `at` from
-/// [`read_args`]. The field's place comes from `core::mem::offset_of!`,
+/// [`read_args_mut`]. The field's place comes from `core::mem::offset_of!`,
 /// and `n` must have the field's type (checked at compile time).
 macro_rules! set_out {
     ($mem:expr, $at:expr, $ty:ident . $field:ident = $val:expr) => {{
@@ -173,6 +247,30 @@ pub fn check_range(
     }
 }
 
+/// Check that the host may write `[gpa, gpa+len)` for the guest: it is
+/// guest memory ([`check_range`]) and overlaps none of `mem`'s protected
+/// ranges (the guest's code, read-only data, supervisor-only segments and
+/// the boot data below 1 MiB). Otherwise a bad address, naming the range.
+pub fn check_writable(
+    mem: &GuestMem,
+    what: &'static str,
+    gpa: u64,
+    len: u64,
+) -> Result<(), GuestError> {
+    check_range(mem, what, gpa, len)?;
+    match mem.protected.iter().find(|p| p.overlaps(gpa, len)) {
+        None => Ok(()),
+        Some(p) => Err(GuestError::ReadOnly {
+            what,
+            gpa,
+            len,
+            start: p.start,
+            end: p.end,
+            range: p.what,
+        }),
+    }
+}
+
 /// Bounce buffer size for copying guest data to and from host files.
 pub const CHUNK: usize = 1 << 20;
 
@@ -192,7 +290,10 @@ mod tests {
             _pad: 0xdead_beef,
         };
         mem.write_obj(guest, GuestAddress(0x1000)).unwrap();
-        let (a, at) = read_args::<HcNetRead>(&mem, 0x1000).unwrap();
+        let mem = GuestMem::unprotected(mem);
+        let a = read_args::<HcNetRead>(&mem, 0x1000).unwrap();
+        assert_eq!(a, guest);
+        let (a, at) = read_args_mut::<HcNetRead>(&mem, 0x1000).unwrap();
         assert_eq!(a, guest);
         set_out!(&mem, at, HcNetRead.len = 60);
         set_out!(&mem, at, HcNetRead.ret = ret::OK);
@@ -212,12 +313,64 @@ mod tests {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let r = read_args::<HcNetRead>(&mem, (1 << 20) - 31);
         assert_eq!(
-            r.map(|(a, _)| a),
+            r,
             Err(GuestError::BadAddress {
                 what: "hypercall argument",
                 gpa: (1 << 20) - 31,
                 len: 32
             })
         );
+    }
+
+    /// Memory of 1 MiB whose page 0x2000 is code and 0x3000 read-only data.
+    fn protected_mem() -> GuestMem {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let p = |start, what| Protected {
+            start,
+            end: start + 0x1000,
+            what,
+        };
+        GuestMem::new(mem, vec![p(0x2000, "code"), p(0x3000, "rodata")])
+    }
+
+    #[test]
+    fn a_struct_with_out_fields_in_protected_memory_is_refused_before_it_is_served() {
+        let mem = protected_mem();
+        for at in [0x2000, 0x3ff0, 0x1ff8] {
+            mem.write_obj(0x5555u64, GuestAddress(at)).unwrap();
+            // Readable for a hypercall that writes nothing back...
+            assert!(read_args::<HcNetRead>(&mem, at).is_ok());
+            // ... but not one that would write OUT fields.
+            let e = read_args_mut::<HcNetRead>(&mem, at).unwrap_err();
+            assert!(
+                matches!(e, GuestError::ReadOnly { gpa, .. } if gpa == at),
+                "{e:?}"
+            );
+            assert_eq!(mem.read_obj::<u64>(GuestAddress(at)).unwrap(), 0x5555);
+        }
+        let e = read_args_mut::<HcNetRead>(&mem, 0x3000).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("0x3000..0x4000, rodata"), "{msg}");
+        assert!(read_args_mut::<HcNetRead>(&mem, 0x1fe0).is_ok());
+        assert!(read_args_mut::<HcNetRead>(&mem, 0x4000).is_ok());
+    }
+
+    #[test]
+    fn check_writable_refuses_any_overlap_with_a_protected_range() {
+        let mem = protected_mem();
+        assert!(check_writable(&mem, "buf", 0x1000, 0x1000).is_ok());
+        assert!(check_writable(&mem, "buf", 0x4000, 0x1000).is_ok());
+        // Empty: writes nothing, overlaps nothing.
+        assert!(check_writable(&mem, "buf", 0x2000, 0).is_ok());
+        for (at, len) in [(0x1fff, 2), (0x2000, 1), (0x3fff, 1), (0x1000, 0x4000)] {
+            let e = check_writable(&mem, "buf", at, len).unwrap_err();
+            assert!(
+                matches!(e, GuestError::ReadOnly { .. }),
+                "{at:#x}+{len}: {e:?}"
+            );
+        }
+        // Outside memory is still that error first.
+        let e = check_writable(&mem, "buf", 1 << 20, 1).unwrap_err();
+        assert!(matches!(e, GuestError::BadAddress { .. }), "{e:?}");
     }
 }

@@ -14,14 +14,16 @@
 
 use super::kind::{Attached, Context, DeviceError, DeviceKind, Given, OptionSpec};
 use super::poll::Readiness;
-use super::{check_range, read_args, set_out, Action, GuestError, Module};
+use super::{
+    check_range, check_writable, read_args_mut, set_out, Action, GuestError, GuestMem, Module,
+};
 use crate::abi::{ret, HcNetRead, HcNetWrite, Hypercall};
 use crate::loader::manifest::DeviceInfo;
 use crate::resources::Unikernel;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Why a network device could not be attached.
 #[derive(Debug, thiserror::Error)]
@@ -539,13 +541,13 @@ impl Net {
     }
 
     /// NET_WRITE: send one frame of `len` bytes.
-    fn write(&mut self, arg: u64, mem: &GuestMemoryMmap) -> Result<Action, GuestError> {
+    fn write(&mut self, arg: u64, mem: &GuestMem) -> Result<Action, GuestError> {
         let (
             HcNetWrite {
                 handle, data, len, ..
             },
             at,
-        ) = read_args::<HcNetWrite>(mem, arg)?;
+        ) = read_args_mut::<HcNetWrite>(mem, arg)?;
         let set_ret = |r: i32| set_out!(mem, at, HcNetWrite.ret = r);
         let Some(dev) = self.devices.iter_mut().find(|d| d.handle == handle) else {
             set_ret(ret::EINVAL);
@@ -577,19 +579,20 @@ impl Net {
 
     /// NET_READ: receive one frame into a buffer of at least MTU + 14
     /// bytes; `len` becomes the frame's length.
-    fn read(&mut self, arg: u64, mem: &GuestMemoryMmap) -> Result<Action, GuestError> {
+    fn read(&mut self, arg: u64, mem: &GuestMem) -> Result<Action, GuestError> {
         let (
             HcNetRead {
                 handle, data, len, ..
             },
             at,
-        ) = read_args::<HcNetRead>(mem, arg)?;
+        ) = read_args_mut::<HcNetRead>(mem, arg)?;
         let set_ret = |r: i32| set_out!(mem, at, HcNetRead.ret = r);
         let Some(dev) = self.devices.iter_mut().find(|d| d.handle == handle) else {
             set_ret(ret::EINVAL);
             return Ok(Action::Continue);
         };
-        check_range(mem, "net buffer", data, len)?;
+        // The host fills it: only where the guest could write itself.
+        check_writable(mem, "net buffer", data, len)?;
         if len < dev.frame_max() as u64 {
             set_ret(ret::EINVAL);
             return Ok(Action::Continue);
@@ -665,12 +668,7 @@ impl Module for Net {
         &[Hypercall::NetWrite, Hypercall::NetRead]
     }
 
-    fn handle(
-        &mut self,
-        call: Hypercall,
-        arg: u64,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Action, GuestError> {
+    fn handle(&mut self, call: Hypercall, arg: u64, mem: &GuestMem) -> Result<Action, GuestError> {
         match call {
             Hypercall::NetWrite => self.write(arg, mem),
             Hypercall::NetRead => self.read(arg, mem),
@@ -801,13 +799,16 @@ impl DeviceKind for NetKind {
 mod tests {
     use super::*;
     use std::os::fd::{FromRawFd, OwnedFd};
+    use vm_memory::GuestMemoryMmap;
 
     const MEM: u64 = 1 << 20;
     const ARG: u64 = 0x1000;
     const BUF: u64 = 0x10000;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap()
+    fn mem() -> GuestMem {
+        GuestMem::unprotected(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap(),
+        )
     }
 
     /// A device whose "TAP" is one end of a non-blocking datagram socket
@@ -850,7 +851,7 @@ mod tests {
     /// `len`); the guest-visible (`ret`, `len`) fields afterwards.
     fn net_io(
         net: &mut Net,
-        m: &GuestMemoryMmap,
+        m: &GuestMem,
         call: Hypercall,
         handle: u64,
         data: u64,
@@ -867,7 +868,7 @@ mod tests {
 
     /// Issue POLL over the net devices; the guest-visible (`ready_set`,
     /// `ret`).
-    fn poll(net: &mut Net, m: &GuestMemoryMmap, timeout_nsecs: u64) -> (u64, i32) {
+    fn poll(net: &mut Net, m: &GuestMem, timeout_nsecs: u64) -> (u64, i32) {
         m.write_obj(timeout_nsecs, GuestAddress(ARG)).unwrap();
         m.write_obj(0xdeadu64, GuestAddress(ARG + 8)).unwrap();
         m.write_obj(0xdeadi32, GuestAddress(ARG + 16)).unwrap();
@@ -1025,6 +1026,37 @@ mod tests {
             assert_eq!(net.devices[0].dropped, 1);
             assert_eq!(read(&mut net, 65536).unwrap().0, ret::AGAIN);
         }
+    }
+
+    #[test]
+    fn net_read_into_protected_memory_is_refused_and_the_frame_stays() {
+        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        let text = crate::loader::Protected {
+            start: BUF,
+            end: BUF + 0x1000,
+            what: "the image's code",
+        };
+        let m = GuestMem::new(m, vec![text]);
+        let (dev, mut peer) = fake(0);
+        let mut net = Net::new(vec![dev]);
+        let frame = [0x5au8; 60];
+        peer.write_all(&frame).unwrap();
+        for data in [BUF, BUF - 100] {
+            let r = net_io(&mut net, &m, Hypercall::NetRead, 0, data, 2048);
+            assert!(matches!(r, Err(GuestError::ReadOnly { .. })), "{r:?}");
+        }
+        let mut text_now = vec![0u8; 0x1000];
+        m.read_slice(&mut text_now, GuestAddress(BUF)).unwrap();
+        assert!(text_now.iter().all(|&b| b == 0), "the code was written");
+        // The struct itself in the code: refused too.
+        for (off, v) in [(0, 0u64), (8, BUF + 0x2000), (16, 2048)] {
+            m.write_obj(v, GuestAddress(BUF + 0x10 + off)).unwrap();
+        }
+        let r = net.handle(Hypercall::NetRead, BUF + 0x10, &m);
+        assert!(matches!(r, Err(GuestError::ReadOnly { .. })), "{r:?}");
+        // The frame is still there for a good buffer.
+        let r = net_io(&mut net, &m, Hypercall::NetRead, 0, BUF + 0x2000, 2048);
+        assert_eq!(r, Ok((ret::OK, 60)));
     }
 
     #[test]

@@ -13,11 +13,10 @@
 //! not to be ready (a stale notification) does not end the POLL: it waits
 //! on until the timeout.
 
-use super::{read_args, set_out, Action, GuestError, Module};
+use super::{read_args_mut, set_out, Action, GuestError, GuestMem, Module};
 use crate::abi::{HcPoll, Hypercall};
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
-use vm_memory::GuestMemoryMmap;
 
 /// Something the POLL hypercall waits on.
 pub trait Readiness: Send {
@@ -139,13 +138,8 @@ impl Module for Poll {
         &[Hypercall::Poll]
     }
 
-    fn handle(
-        &mut self,
-        _call: Hypercall,
-        arg: u64,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Action, GuestError> {
-        let (a, at) = read_args::<HcPoll>(mem, arg)?;
+    fn handle(&mut self, _call: Hypercall, arg: u64, mem: &GuestMem) -> Result<Action, GuestError> {
+        let (a, at) = read_args_mut::<HcPoll>(mem, arg)?;
         let ready = self.wait(Duration::from_nanos(a.timeout_nsecs));
         set_out!(mem, at, HcPoll.ready_set = ready);
         // As solo5-hvt: `ret` is the number of ready devices (0 on timeout).

@@ -21,7 +21,7 @@ pub mod signal;
 
 use crate::abi::{self, Hypercall};
 use crate::loader::Image;
-use crate::modules::{Action, Module};
+use crate::modules::{Action, GuestMem, Module};
 pub use bus::{Bus, BusError, MmioDevice, MmioRegion};
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
@@ -97,8 +97,9 @@ pub struct Vm {
     /// Guest memory from [`layout::BOOT_INFO_BASE`] up: what hypercall
     /// handlers and devices read and write on the guest's behalf. Below it
     /// lie the GDT, the page tables and the CPL 3 monitor, which no guest
-    /// request can name.
-    guest: GuestMemoryMmap,
+    /// request can name. Hypercall handlers also get the image's protected
+    /// ranges ([`Image::protected_ranges`]), which they never write.
+    guest: GuestMem,
     modules: Vec<Box<dyn Module>>,
     bus: Bus,
     /// The queue-notification eventfds KVM signals (kept open for as long
@@ -116,8 +117,9 @@ pub struct Vm {
     pub run_returns: u64,
     /// The CPL 3 monitor, when the image runs under it.
     pub monitor: Option<monitor::emulate::Monitor>,
-    /// What the image may not write through the monitor (its read-only
-    /// and executable segments), as `[start, end)` ranges.
+    /// What the image may not write through the monitor
+    /// ([`Image::protected_ranges`]: low memory, its read-only and
+    /// executable segments), as `[start, end)` ranges.
     readonly: Vec<(u64, u64)>,
 }
 
@@ -411,6 +413,7 @@ impl Vm {
                 .map_err(|_| VmError::DevicePoisoned(r.base))?
                 .attach_memory(guest.clone());
         }
+        let guest = GuestMem::new(guest, p.image.protected_ranges());
         let mut notify = Vec::new();
         let mut notify_by_eventfd = true;
         for (addr, queue, fd) in regions.into_iter().flat_map(|r| r.notify) {
@@ -449,10 +452,9 @@ impl Vm {
             monitor: p.cpl3.then(monitor::emulate::Monitor::default),
             readonly: p
                 .image
-                .segments
+                .protected_ranges()
                 .iter()
-                .filter(|s| !s.prot.write || s.prot.exec)
-                .map(|s| (s.page_start(), s.page_end()))
+                .map(|r| (r.start, r.end))
                 .collect(),
         })
     }
@@ -477,6 +479,9 @@ impl Vm {
         for m in &mut self.modules {
             if let Err(e) = m.shutdown() {
                 failed.push(e);
+            }
+            if let Some(n) = m.notice() {
+                eprintln!("tt-host: {n}");
             }
         }
         match result {

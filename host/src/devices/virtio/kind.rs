@@ -14,12 +14,11 @@ use crate::loader::manifest::DeviceInfo;
 use crate::modules::block::{BlockKind, KIND as BLOCK};
 use crate::modules::kind::{Attached, Context, DeviceError, DeviceKind, Given, OptionSpec};
 use crate::modules::poll::Readiness;
-use crate::modules::{Action, GuestError, Module};
+use crate::modules::{Action, GuestError, GuestMem, Module};
 use crate::resources::Unikernel;
 use crate::vmm::bus::{MmioDevice, MmioRegion};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Entries of the queue each device offers: room for 64 requests of 3
@@ -36,27 +35,19 @@ pub struct VirtioBlkKind;
 /// [`crate::modules::kind::kinds`].
 pub static KIND: VirtioBlkKind = VirtioBlkKind;
 
-/// What a device must never read or write in guest memory: everything
-/// below the image (tt-host's GDT, page tables, boot info and command
-/// line), and every segment of the image that is not plain writable data
-/// (code, read-only data, tt-guest's supervisor-only structures).
+/// What a device must never read or write in guest memory: what the host
+/// may not write for the guest ([`crate::loader::Image::protected_ranges`]:
+/// everything below the image, its code, read-only data and
+/// supervisor-only structures).
 pub fn forbidden_ranges(image: &crate::loader::Image) -> Vec<Forbidden> {
-    let page = |a: u64| a & !0xfff;
-    let mut out = vec![Forbidden {
-        start: 0,
-        len: abi::GUEST_MIN_BASE,
-    }];
-    for s in &image.segments {
-        if !s.prot.write || s.prot.exec || s.prot.supervisor {
-            let start = page(s.vaddr);
-            let end = (s.vaddr + s.memsz).div_ceil(0x1000) * 0x1000;
-            out.push(Forbidden {
-                start,
-                len: end - start,
-            });
-        }
-    }
-    out
+    image
+        .protected_ranges()
+        .iter()
+        .map(|p| Forbidden {
+            start: p.start,
+            len: p.end - p.start,
+        })
+        .collect()
 }
 
 impl DeviceKind for VirtioBlkKind {
@@ -177,7 +168,7 @@ impl Module for Devices {
         &[]
     }
 
-    fn handle(&mut self, _: Hypercall, _: u64, _: &GuestMemoryMmap) -> Result<Action, GuestError> {
+    fn handle(&mut self, _: Hypercall, _: u64, _: &GuestMem) -> Result<Action, GuestError> {
         Ok(Action::Continue)
     }
 
