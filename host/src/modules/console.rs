@@ -3,10 +3,13 @@
 //! Guest console output must never stall the guest: a stdout that nobody
 //! reads (a full pipe) would block PUTS in `write` forever, and with it
 //! the vCPU thread, which is the one that takes SIGTERM. So for `tt-host
-//! run` ([`Console::stdout`]) PUTS only copies the bytes into a buffer of
+//! run` ([`Console::stdout`]) PUTS copies the bytes into a buffer of
 //! [`CONSOLE_BUFFER`] bytes, which a writer thread of its own drains into
-//! stdout. When the buffer is full, what does not fit is dropped and
-//! counted. When the guest stops, tt-host waits for the buffer to drain
+//! stdout, and waits until they are written, as solo5-hvt's PUTS does (so
+//! the output of a guest killed right after is out), but for at most
+//! [`PUTS_WAIT`]: then stdout is stalled, and PUTS returns at once until
+//! the writer has caught up. When the buffer is full, what does not fit
+//! is dropped and counted. When the guest stops, tt-host waits for the buffer to drain
 //! while stdout takes something at least every [`EXIT_STALL`] (and for at
 //! most [`SIGNAL_WAIT`] after SIGINT or SIGTERM), then reports on stderr
 //! how many bytes were dropped or never written ([`Module::notice`]).
@@ -32,6 +35,11 @@ pub const SIGNAL_WAIT: Duration = Duration::from_millis(200);
 /// The writer hands stdout at most this much at a time (a pipe's default
 /// size), so that a slow reader is seen to make progress.
 const PIECE: usize = 64 << 10;
+/// PUTS returns once its bytes are written, as with solo5-hvt (so what
+/// the guest printed before a crash or a SIGKILL is out), but waits at
+/// most this long: then stdout counts as stalled, and PUTS stops waiting
+/// until the writer has caught up.
+pub const PUTS_WAIT: Duration = Duration::from_millis(100);
 
 /// Serves WALLTIME, PUTS and HALT; writes guest console output to a host
 /// writer (stdout for `tt-host run`).
@@ -89,6 +97,10 @@ struct State {
     error: Option<String>,
     /// No more output: the writer exits once the buffer is empty.
     closing: bool,
+    /// Bytes queued so far (written, failed or waiting).
+    accepted: u64,
+    /// A PUTS gave up waiting for stdout; cleared once all is written.
+    stalled: bool,
 }
 
 struct Shared {
@@ -164,9 +176,29 @@ impl Queue {
             st.pending.resize(start + take, 0);
             // In range: checked by the caller.
             let _ = mem.read_slice(&mut st.pending[start..], GuestAddress(data));
+            st.accepted += take as u64;
             self.shared.changed.notify_all();
         }
         st.dropped += len - take as u64;
+        // Wait for the bytes to be written, unless stdout is stalled.
+        let target = st.accepted;
+        let deadline = Instant::now() + PUTS_WAIT;
+        while !st.stalled && st.written + st.failed < target {
+            if crate::vmm::signal::received().is_some() {
+                return;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                st.stalled = true;
+                return;
+            }
+            // Short slices, to see a signal promptly.
+            let slice = (deadline - now).min(Duration::from_millis(20));
+            st = match self.shared.changed.wait_timeout(st, slice) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
     }
 
     /// Let the writer finish: wait while stdout takes the buffered output
@@ -268,6 +300,10 @@ fn drain(shared: &Shared, mut out: BoxedOut) {
                     st.failed += piece.len() as u64;
                     st.error.get_or_insert_with(|| e.to_string());
                 }
+            }
+            if st.pending.is_empty() && st.in_flight == 0 {
+                // Caught up: PUTS waits for its output again.
+                st.stalled = false;
             }
             shared.changed.notify_all();
         }
@@ -505,6 +541,25 @@ mod tests {
         c.shutdown().unwrap();
         assert_eq!(*out.0.lock().unwrap(), want);
         assert_eq!(c.notice(), None);
+    }
+
+    /// While stdout keeps up, PUTS returns only once its bytes are
+    /// written, as solo5-hvt's does: a guest killed right after a PUTS
+    /// (the crash tests SIGKILL tt-host after reading the guest's
+    /// acknowledgements) has had its output written.
+    #[test]
+    fn while_stdout_keeps_up_puts_returns_with_its_bytes_written() {
+        let out = Shared::default();
+        let mut c = Console::queued(out.clone(), 1 << 20);
+        let mem = mem_with_arg(HcPuts::default());
+        let mut want = Vec::new();
+        for i in 0..50 {
+            let line = format!("ack {i}\n");
+            put(&mut c, &mem, line.as_bytes());
+            want.extend_from_slice(line.as_bytes());
+            assert_eq!(*out.0.lock().unwrap(), want, "after PUTS {i}");
+        }
+        c.shutdown().unwrap();
     }
 
     /// A stdout nobody reads: every write blocks until the test ends.
