@@ -37,4 +37,5 @@ pub mod launch;
 pub mod loader;
 pub mod modules;
 pub mod resources;
+pub mod sandbox;
 pub mod vmm;
