@@ -254,6 +254,14 @@ pub fn confine(enabled: bool) -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// Install [`filter`] on the calling thread only (no TSYNC), after
+/// `PR_SET_NO_NEW_PRIVS`: for tt-bench, which times system calls through
+/// the filter on a thread of its own. The thread keeps the filter until
+/// it ends.
+pub fn confine_this_thread() -> Result<(), SandboxError> {
+    seccompiler::apply_filter(&filter()?).map_err(SandboxError::Install)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
