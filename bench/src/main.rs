@@ -11,7 +11,8 @@
 //!   same loop run natively here. Target: ratio <= 1.5.
 //! - `hypercall`: the raw KVM exit round trip at CPL 0 (a real-mode guest
 //!   looping on `out`), and, if a guest SDK `hcall` example is built, the
-//!   cost of one tt-host hypercall from a tt guest. Reported, no target.
+//!   cost of one tt-host hypercall from a tt guest, with and without the
+//!   seccomp filter (`--no-seccomp`). Reported, no target.
 //! - `rss`: peak RSS of `tt-host run` for hello (`wait4`'s `ru_maxrss`).
 //!   Target: <= 16 MiB.
 //! - `blk`: guest disks on the journal: durable 4 KiB writes at queue

@@ -37,5 +37,6 @@ pub mod launch;
 pub mod loader;
 pub mod modules;
 pub mod resources;
+pub mod sandbox;
 pub mod text;
 pub mod vmm;

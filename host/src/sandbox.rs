@@ -1,0 +1,295 @@
+//! The sandbox: once the devices are open and the VM is built, tt-host
+//! confines itself to the system calls that running a guest needs.
+//!
+//! [`confine`] sets `PR_SET_NO_NEW_PRIVS` and installs a seccomp BPF
+//! allowlist ([`filter`]) on every thread of the process at once
+//! (`SECCOMP_FILTER_FLAG_TSYNC`): the vCPU thread and the device threads
+//! that already run (journal committer and applier, virtio-blk worker,
+//! block completion waiter). Any other system call kills the whole process
+//! (`SECCOMP_RET_KILL_PROCESS`): it dies by `SIGSYS`, which a shell reports
+//! as status 159 (128 + 31). A compromised VMM can then do little more than
+//! the guest could: it cannot open sockets, execute programs, create
+//! threads or processes, map executable memory, or issue KVM ioctls other
+//! than those of the run loop.
+//!
+//! What stays allowed, and why:
+//! - `ioctl` only with the request numbers of the run loop and the CPL 3
+//!   monitor: `KVM_RUN`, `KVM_GET/SET_REGS`, `KVM_GET/SET_SREGS`,
+//!   `KVM_GET/SET_MSRS`; no TUN or socket ioctl (nets are set up before);
+//! - reads and writes on open descriptors (console, TAPs, block images,
+//!   journals, eventfds), `fdatasync`/`fsync`, `ppoll`/`poll`;
+//! - memory: `mmap`/`mprotect` without `PROT_EXEC`, `munmap`, `mremap`,
+//!   `madvise`, `brk`;
+//! - threads already running: `futex`, `sched_yield`, sleeps, clocks,
+//!   signal return and masks, `exit`; and the last steps of a thread's
+//!   start-up, which a device thread spawned just before may not have
+//!   finished when the filter reaches it (`rseq`, `set_robust_list`,
+//!   `prctl(PR_SET_NAME)`, `sigaltstack`, memory);
+//! - `openat` read-only only, and `sched_getaffinity` (glibc's malloc
+//!   reads a `/proc` file and counts CPUs as a thread first allocates): nothing is created or opened for writing;
+//! - the end of a run: releasing the admission entry (`unlink`/`unlinkat`
+//!   of the file in the state directory's `running/`, `flock`, `close`),
+//!   `exit_group`.
+//!
+//! `tt-host run --no-seccomp` skips the filter, for debugging.
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+use std::collections::BTreeMap;
+
+/// The environment variable of the test-only probe: set to `1`, tt-host
+/// attempts a forbidden system call (`socket`) right after [`confine`], so
+/// that a test can see the filter kill it. Without the filter the call
+/// succeeds and the run goes on.
+pub const PROBE_ENV: &str = "TT_HOST_TEST_SECCOMP_PROBE";
+
+/// Why the sandbox could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("cannot build the seccomp filter: {0} (a bug in tt-host's allowlist)")]
+    Build(#[source] seccompiler::BackendError),
+    #[error(
+        "cannot install the seccomp filter: {0} (the kernel needs seccomp filters with TSYNC, \
+         Linux 3.17 or later; run with --no-seccomp to go without the sandbox)"
+    )]
+    Install(#[source] seccompiler::Error),
+}
+
+// The ioctl request numbers the run loop and the CPL 3 monitor use.
+vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_REGS,
+    kvm_bindings::KVMIO,
+    0x81,
+    kvm_bindings::kvm_regs
+);
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_SET_REGS,
+    kvm_bindings::KVMIO,
+    0x82,
+    kvm_bindings::kvm_regs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_SREGS,
+    kvm_bindings::KVMIO,
+    0x83,
+    kvm_bindings::kvm_sregs
+);
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_SET_SREGS,
+    kvm_bindings::KVMIO,
+    0x84,
+    kvm_bindings::kvm_sregs
+);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_MSRS,
+    kvm_bindings::KVMIO,
+    0x88,
+    kvm_bindings::kvm_msrs
+);
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_SET_MSRS,
+    kvm_bindings::KVMIO,
+    0x89,
+    kvm_bindings::kvm_msrs
+);
+
+/// The ioctl request numbers allowed after setup.
+pub fn allowed_ioctls() -> [std::os::raw::c_ulong; 7] {
+    [
+        KVM_RUN(),
+        KVM_GET_REGS(),
+        KVM_SET_REGS(),
+        KVM_GET_SREGS(),
+        KVM_SET_SREGS(),
+        KVM_GET_MSRS(),
+        KVM_SET_MSRS(),
+    ]
+}
+
+/// System calls allowed whatever their arguments.
+const ALLOWED: &[libc::c_long] = &[
+    // I/O on descriptors opened during setup.
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_lseek,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_ppoll,
+    libc::SYS_poll,
+    libc::SYS_close,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fcntl,
+    libc::SYS_flock,
+    // Releasing the admission entry at exit (openat: see `rules`).
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    // Memory (mmap and mprotect: see `rules`).
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    // glibc's malloc counts CPUs as a thread makes its first arena.
+    libc::SYS_sched_getaffinity,
+    // Threads that already run, time, signals.
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_clock_gettime,
+    libc::SYS_gettimeofday,
+    libc::SYS_getrandom,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    // A device thread spawned just before the filter may still be
+    // starting when TSYNC reaches it: glibc's and std's thread start-up
+    // (prctl: see `rules`).
+    libc::SYS_rseq,
+    libc::SYS_set_robust_list,
+];
+
+type Built<T> = Result<T, seccompiler::BackendError>;
+
+/// Argument `index` equals `value`.
+fn arg_eq(index: u8, value: u64) -> Built<SeccompRule> {
+    let cond = SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)?;
+    SeccompRule::new(vec![cond])
+}
+
+/// Argument `index`, a `PROT_*` set, lacks `PROT_EXEC`.
+fn no_exec(index: u8) -> Built<SeccompRule> {
+    let cond = SeccompCondition::new(
+        index,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+        0,
+    )?;
+    SeccompRule::new(vec![cond])
+}
+
+/// The allowlist: system call number -> rules on its arguments (an empty
+/// list allows the call whatever its arguments; otherwise one rule must
+/// match).
+pub fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
+    let built = || -> Built<_> {
+        let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+            ALLOWED.iter().map(|&n| (n, Vec::new())).collect();
+        let ioctls = allowed_ioctls().into_iter().map(|req| arg_eq(1, req));
+        rules.insert(libc::SYS_ioctl, ioctls.collect::<Built<_>>()?);
+        // Allocation maps memory; nothing maps it executable.
+        rules.insert(libc::SYS_mmap, vec![no_exec(2)?]);
+        rules.insert(libc::SYS_mprotect, vec![no_exec(2)?]);
+        // Read-only opens (glibc reads /proc/sys/vm/overcommit_memory as
+        // a thread first allocates; the state directory's `running/` is
+        // opened to release the entry): nothing is created, truncated or
+        // opened for writing.
+        let writes = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64;
+        let cond = SeccompCondition::new(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(writes),
+            libc::O_RDONLY as u64,
+        )?;
+        // Naming a thread as it starts; no other prctl.
+        let name = arg_eq(0, libc::PR_SET_NAME as u64)?;
+        rules.insert(libc::SYS_prctl, vec![name]);
+        rules.insert(libc::SYS_openat, vec![SeccompRule::new(vec![cond])?]);
+        Ok(rules)
+    };
+    built().map_err(SandboxError::Build)
+}
+
+/// The BPF program of the allowlist, every other call killing the process.
+pub fn filter() -> Result<BpfProgram, SandboxError> {
+    let filter = SeccompFilter::new(
+        rules()?,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(SandboxError::Build)?;
+    filter.try_into().map_err(SandboxError::Build)
+}
+
+/// Enter the sandbox, unless `enabled` is false (`--no-seccomp`): set
+/// `PR_SET_NO_NEW_PRIVS` and install [`filter`] on every thread. Then, if
+/// [`PROBE_ENV`] is `1`, attempt a forbidden call (a test hook).
+pub fn confine(enabled: bool) -> Result<(), SandboxError> {
+    // Read before the filter: a test hook that costs nothing otherwise.
+    let probe = std::env::var_os(PROBE_ENV).is_some_and(|v| v == "1");
+    if enabled {
+        let program = filter()?;
+        // seccompiler sets PR_SET_NO_NEW_PRIVS, then installs the
+        // program with SECCOMP_FILTER_FLAG_TSYNC.
+        seccompiler::apply_filter_all_threads(&program).map_err(SandboxError::Install)?;
+    }
+    if probe {
+        // SAFETY: socket takes no pointers; the descriptor, if any, is
+        // closed at once.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        if fd >= 0 {
+            // SAFETY: fd was just returned by socket and is owned here.
+            unsafe { libc::close(fd) };
+        }
+    }
+    Ok(())
+}
+
+/// Install [`filter`] on the calling thread only (no TSYNC), after
+/// `PR_SET_NO_NEW_PRIVS`: for tt-bench, which times system calls through
+/// the filter on a thread of its own. The thread keeps the filter until
+/// it ends.
+pub fn confine_this_thread() -> Result<(), SandboxError> {
+    seccompiler::apply_filter(&filter()?).map_err(SandboxError::Install)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_filter_compiles_and_allows_only_the_run_loops_ioctls() {
+        let program = filter().unwrap();
+        assert!(!program.is_empty());
+        let ioctls = allowed_ioctls();
+        // Request numbers as Linux's headers give them.
+        assert!(ioctls.contains(&0xae80), "KVM_RUN");
+        assert!(ioctls.contains(&0x8090ae81), "KVM_GET_REGS");
+        assert!(ioctls.contains(&0xc008ae88), "KVM_GET_MSRS");
+        assert!(!ioctls.contains(&libc::TUNSETIFF));
+        let r = rules().unwrap();
+        for forbidden in [
+            libc::SYS_socket,
+            libc::SYS_execve,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_fork,
+            libc::SYS_ptrace,
+            libc::SYS_setns,
+            libc::SYS_open,
+            libc::SYS_rename,
+            libc::SYS_kill,
+        ] {
+            assert!(!r.contains_key(&forbidden), "syscall {forbidden} allowed");
+        }
+    }
+}
