@@ -301,7 +301,7 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     let mut vm = Vm::new(&params, modules, mmio)?;
     // Every device is open and every thread started: from here on, only
     // the system calls of the run loop and of shutdown (sandbox).
-    crate::sandbox::confine(!args.no_seccomp)?;
+    crate::sandbox::confine(!args.no_seccomp, Some(_admitted.running_dir_fd()))?;
     let status = vm.run();
     if std::env::var_os("TT_HOST_STATS").is_some_and(|v| v == "1") {
         // Opt-in, for tt-bench: the run's exits from tt-host's own counters.

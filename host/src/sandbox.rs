@@ -27,8 +27,9 @@
 //!   `prctl(PR_SET_NAME)`, `sigaltstack`, memory);
 //! - `openat` read-only only, and `sched_getaffinity` (glibc's malloc
 //!   reads a `/proc` file and counts CPUs as a thread first allocates): nothing is created or opened for writing;
-//! - the end of a run: releasing the admission entry (`unlink`/`unlinkat`
-//!   of the file in the state directory's `running/`, `flock`, `close`),
+//! - the end of a run: releasing the admission entry (`unlinkat` on the
+//!   descriptor of the state directory's `running/`, which admission
+//!   keeps open, and on no other; `flock`, `close`),
 //!   `exit_group`.
 //!
 //! `tt-host run --no-seccomp` skips the filter, for debugging.
@@ -38,6 +39,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 use std::collections::BTreeMap;
+use std::os::fd::RawFd;
 
 /// The environment variable of the test-only probe: set to `1`, tt-host
 /// attempts a forbidden system call (`socket`) right after [`confine`], so
@@ -133,9 +135,8 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_statx,
     libc::SYS_fcntl,
     libc::SYS_flock,
-    // Releasing the admission entry at exit (openat: see `rules`).
-    libc::SYS_unlink,
-    libc::SYS_unlinkat,
+    // Releasing the admission entry at exit: `unlinkat` in `running/`
+    // only (see `rules`).
     libc::SYS_getuid,
     libc::SYS_geteuid,
     libc::SYS_getpid,
@@ -189,7 +190,11 @@ fn no_exec(index: u8) -> Built<SeccompRule> {
 /// The allowlist: system call number -> rules on its arguments (an empty
 /// list allows the call whatever its arguments; otherwise one rule must
 /// match).
-pub fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
+///
+/// `release_dir`: the descriptor of the state directory's `running/`,
+/// the one directory a file may be removed from (the admission entry, at
+/// exit); `None`: no file may be removed.
+pub fn rules(release_dir: Option<RawFd>) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
     let built = || -> Built<_> {
         let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
             ALLOWED.iter().map(|&n| (n, Vec::new())).collect();
@@ -198,9 +203,18 @@ pub fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
         // Allocation maps memory; nothing maps it executable.
         rules.insert(libc::SYS_mmap, vec![no_exec(2)?]);
         rules.insert(libc::SYS_mprotect, vec![no_exec(2)?]);
+        // `unlinkat(running/, NAME, 0)` only: never a path of the host's
+        // choosing relative to the working directory, never a directory.
+        if let Some(fd) = release_dir.and_then(|fd| u64::try_from(fd).ok()) {
+            let dir = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, fd)?;
+            let flags = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, 0)?;
+            rules.insert(
+                libc::SYS_unlinkat,
+                vec![SeccompRule::new(vec![dir, flags])?],
+            );
+        }
         // Read-only opens (glibc reads /proc/sys/vm/overcommit_memory as
-        // a thread first allocates; the state directory's `running/` is
-        // opened to release the entry): nothing is created, truncated or
+        // a thread first allocates): nothing is created, truncated or
         // opened for writing.
         let writes = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64;
         let cond = SeccompCondition::new(
@@ -218,10 +232,11 @@ pub fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
     built().map_err(SandboxError::Build)
 }
 
-/// The BPF program of the allowlist, every other call killing the process.
-pub fn filter() -> Result<BpfProgram, SandboxError> {
+/// The BPF program of the allowlist, every other call killing the process
+/// (`release_dir`: see [`rules`]).
+pub fn filter(release_dir: Option<RawFd>) -> Result<BpfProgram, SandboxError> {
     let filter = SeccompFilter::new(
-        rules()?,
+        rules(release_dir)?,
         SeccompAction::KillProcess,
         SeccompAction::Allow,
         TargetArch::x86_64,
@@ -233,11 +248,11 @@ pub fn filter() -> Result<BpfProgram, SandboxError> {
 /// Enter the sandbox, unless `enabled` is false (`--no-seccomp`): set
 /// `PR_SET_NO_NEW_PRIVS` and install [`filter`] on every thread. Then, if
 /// [`PROBE_ENV`] is `1`, attempt a forbidden call (a test hook).
-pub fn confine(enabled: bool) -> Result<(), SandboxError> {
+pub fn confine(enabled: bool, release_dir: Option<RawFd>) -> Result<(), SandboxError> {
     // Read before the filter: a test hook that costs nothing otherwise.
     let probe = std::env::var_os(PROBE_ENV).is_some_and(|v| v == "1");
     if enabled {
-        let program = filter()?;
+        let program = filter(release_dir)?;
         // seccompiler sets PR_SET_NO_NEW_PRIVS, then installs the
         // program with SECCOMP_FILTER_FLAG_TSYNC.
         seccompiler::apply_filter_all_threads(&program).map_err(SandboxError::Install)?;
@@ -259,7 +274,7 @@ pub fn confine(enabled: bool) -> Result<(), SandboxError> {
 /// the filter on a thread of its own. The thread keeps the filter until
 /// it ends.
 pub fn confine_this_thread() -> Result<(), SandboxError> {
-    seccompiler::apply_filter(&filter()?).map_err(SandboxError::Install)
+    seccompiler::apply_filter(&filter(None)?).map_err(SandboxError::Install)
 }
 
 #[cfg(test)]
@@ -268,7 +283,7 @@ mod tests {
 
     #[test]
     fn the_filter_compiles_and_allows_only_the_run_loops_ioctls() {
-        let program = filter().unwrap();
+        let program = filter(Some(7)).unwrap();
         assert!(!program.is_empty());
         let ioctls = allowed_ioctls();
         // Request numbers as Linux's headers give them.
@@ -276,8 +291,14 @@ mod tests {
         assert!(ioctls.contains(&0x8090ae81), "KVM_GET_REGS");
         assert!(ioctls.contains(&0xc008ae88), "KVM_GET_MSRS");
         assert!(!ioctls.contains(&libc::TUNSETIFF));
-        let r = rules().unwrap();
+        let r = rules(Some(7)).unwrap();
+        // Files are removed only from `running/`, by descriptor: one rule
+        // for unlinkat, none for unlink; and none at all without it.
+        assert_eq!(r.get(&libc::SYS_unlinkat).map(Vec::len), Some(1));
+        assert!(!rules(None).unwrap().contains_key(&libc::SYS_unlinkat));
         for forbidden in [
+            libc::SYS_unlink,
+            libc::SYS_rmdir,
             libc::SYS_socket,
             libc::SYS_execve,
             libc::SYS_clone,

@@ -445,6 +445,12 @@ impl Admission {
     pub fn name(&self) -> &Name {
         &self.name
     }
+
+    /// The descriptor of `running/`, which releasing the entry removes a
+    /// file from (the sandbox allows `unlinkat` there only).
+    pub fn running_dir_fd(&self) -> std::os::fd::RawFd {
+        self.running.raw_fd()
+    }
 }
 
 impl Drop for Admission {

@@ -344,6 +344,11 @@ impl Dir {
     }
 
     /// Remove the entry `name` (a link itself, never its target).
+    /// The directory's descriptor.
+    pub(super) fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+
     pub(super) fn unlink(&self, name: &str) -> io::Result<()> {
         let c = cstr(OsStr::new(name))?;
         // SAFETY: `c` is NUL-terminated and outlives the call; the fd is open.
