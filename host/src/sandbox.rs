@@ -1,7 +1,8 @@
 //! The sandbox: once the devices are open and the VM is built, tt-host
 //! confines itself to the system calls that running a guest needs.
 //!
-//! [`confine`] sets `PR_SET_NO_NEW_PRIVS` and installs a seccomp BPF
+//! [`confine`] first clears every capability of every thread
+//! ([`drop_capabilities`]), then sets `PR_SET_NO_NEW_PRIVS` and installs a seccomp BPF
 //! allowlist ([`filter`]) on every thread of the process at once
 //! (`SECCOMP_FILTER_FLAG_TSYNC`): the vCPU thread and the device threads
 //! that already run (journal committer and applier, virtio-blk worker,
@@ -57,6 +58,101 @@ pub enum SandboxError {
          Linux 3.17 or later; run with --no-seccomp to go without the sandbox)"
     )]
     Install(#[source] seccompiler::Error),
+    #[error(
+        "cannot drop the capabilities of tt-host's threads: {0} (run with --no-seccomp to go \
+         without the sandbox)"
+    )]
+    Capabilities(String),
+}
+
+/// Threads that have dropped their capabilities, and those that failed.
+static DROPPED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static DROP_FAILED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Clear the calling thread's capability sets (effective, permitted,
+/// inheritable): async-signal-safe, one system call.
+fn clear_own_capabilities() -> bool {
+    // struct __user_cap_header_struct and two __user_cap_data_struct
+    // (version 3: 64 capability bits), all zero but the version.
+    let header: [u32; 2] = [0x2008_0522, 0]; // _LINUX_CAPABILITY_VERSION_3, this thread
+    let data = [0u32; 6];
+    // SAFETY: both pointers are valid for the sizes capset reads
+    // (8 bytes of header, 2 x 12 bytes of data) for the call.
+    unsafe { libc::syscall(libc::SYS_capset, header.as_ptr(), data.as_ptr()) == 0 }
+}
+
+extern "C" fn on_drop_signal(_: libc::c_int) {
+    let counter = if clear_own_capabilities() {
+        &DROPPED
+    } else {
+        &DROP_FAILED
+    };
+    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Clear the capabilities of every thread of tt-host (they are per
+/// thread, and the device threads run already): each other thread gets
+/// `SIGUSR2`, whose handler clears its own, as glibc makes every thread
+/// take a `setuid`. After this, the process keeps root's user id (its
+/// state directory and journals are root's) but no privilege beyond it:
+/// no `CAP_DAC_OVERRIDE`, `CAP_NET_ADMIN`, `CAP_SYS_ADMIN`, ...
+pub fn drop_capabilities() -> Result<(), SandboxError> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let err = |what: String| SandboxError::Capabilities(what);
+    // SAFETY: a zeroed sigaction is "no flags, empty mask"; the handler
+    // does one system call and atomic increments (async-signal-safe).
+    // SA_RESTART: the threads' own system calls go on after it.
+    let rc = unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_drop_signal as *const () as libc::sighandler_t;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(err(format!(
+            "sigaction: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: plain system calls without pointers.
+    let (pid, me) = unsafe { (libc::getpid(), libc::gettid()) };
+    let tasks =
+        std::fs::read_dir("/proc/self/task").map_err(|e| err(format!("/proc/self/task: {e}")))?;
+    let (before, failed_before) = (DROPPED.load(SeqCst), DROP_FAILED.load(SeqCst));
+    let mut signalled = 0;
+    for t in tasks.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if tid == me {
+            continue;
+        }
+        // SAFETY: plain system call; a thread that has ended meanwhile
+        // gives ESRCH, which is fine.
+        if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGUSR2) } == 0 {
+            signalled += 1;
+        }
+    }
+    if !clear_own_capabilities() {
+        return Err(err(format!("capset: {}", std::io::Error::last_os_error())));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let done = DROPPED.load(SeqCst) - before;
+        let failed = DROP_FAILED.load(SeqCst) - failed_before;
+        if failed > 0 {
+            return Err(err(format!("{failed} threads could not clear theirs")));
+        }
+        if done >= signalled {
+            // SAFETY: restoring the default disposition; no pointers kept.
+            unsafe { libc::signal(libc::SIGUSR2, libc::SIG_DFL) };
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(err(format!("{} of {signalled} threads answered", done)));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 // The ioctl request numbers the run loop and the CPL 3 monitor use.
@@ -252,6 +348,7 @@ pub fn confine(enabled: bool, release_dir: Option<RawFd>) -> Result<(), SandboxE
     // Read before the filter: a test hook that costs nothing otherwise.
     let probe = std::env::var_os(PROBE_ENV).is_some_and(|v| v == "1");
     if enabled {
+        drop_capabilities()?;
         let program = filter(release_dir)?;
         // seccompiler sets PR_SET_NO_NEW_PRIVS, then installs the
         // program with SECCOMP_FILTER_FLAG_TSYNC.

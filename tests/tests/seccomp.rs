@@ -81,3 +81,79 @@ fn a_guest_runs_to_its_exit_status_under_the_filter() {
     assert_eq!(r.status, 7, "{r:?}");
     assert!(r.stdout.contains("Hello, world"), "{r:?}");
 }
+
+/// The capability sets of every thread of a running tt-host (from
+/// /proc), read once the guest has printed `ready`.
+fn capabilities_while_running(extra: &[&str]) -> Vec<(String, String)> {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(tt_host())
+        .env("TT_HOST_STATE_DIR", state_dir())
+        .args(["run", "--mem=16"])
+        .args(extra)
+        .arg(guest("time"))
+        .arg("sleep-forever")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn tt-host");
+    let pid = child.id();
+    // Killed whatever happens below.
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            kill(self.0, libc::SIGKILL);
+        }
+    }
+    let _guard = Kill(pid);
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) if line.contains("time: sleeping") => break,
+            Ok(_) => {}
+            Err(_) => panic!("the guest never said it was sleeping"),
+        }
+    }
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        for l in status.lines() {
+            if l.starts_with("CapEff:") || l.starts_with("CapPrm:") {
+                out.push((comm.trim().to_string(), l.to_string()));
+            }
+        }
+    }
+    kill(pid, libc::SIGTERM);
+    let _ = child.wait();
+    out
+}
+
+/// In the sandbox no thread of tt-host keeps a capability (root's
+/// CAP_DAC_OVERRIDE, CAP_NET_ADMIN, ...: capabilities are per thread, so
+/// each thread drops its own); it keeps root's user id for its own
+/// files. With `--no-seccomp` they stay.
+#[test]
+fn no_thread_keeps_a_capability_in_the_sandbox() {
+    if !kvm() {
+        return;
+    }
+    let caps = capabilities_while_running(&[]);
+    assert!(caps.len() >= 2, "{caps:?}");
+    for (thread, line) in &caps {
+        assert!(line.ends_with("0000000000000000"), "{thread}: {line}");
+    }
+    let caps = capabilities_while_running(&["--no-seccomp"]);
+    assert!(
+        caps.iter().any(|(_, l)| !l.ends_with("0000000000000000")),
+        "tests run as root: without the sandbox tt-host keeps root's capabilities: {caps:?}"
+    );
+}
