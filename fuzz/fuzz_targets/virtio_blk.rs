@@ -300,9 +300,17 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
         }
+        // A head completed twice in one step was made available again
+        // after its first completion, and that completion may have
+        // rewritten its own chain (a status byte or read data inside its
+        // descriptor or indirect table): the buffers of its second pass
+        // are in neither snapshot, so only the forbidden range is checked.
+        let mut sorted = heads.clone();
+        sorted.sort_unstable();
+        let rewritten = sorted.windows(2).any(|w| w[0] == w[1]);
         for (i, (x, y)) in before.iter().zip(&after).enumerate() {
             let i = i as u64;
-            if x != y {
+            if x != y && !rewritten {
                 assert!(
                     allowed.iter().any(|&(s, e)| s <= i && i < e),
                     "guest memory at {i:#x} changed outside the request's writable buffers"
