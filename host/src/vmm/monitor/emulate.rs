@@ -233,16 +233,12 @@ impl Monitor {
                     let at = gdt.wrapping_add(index);
                     if index == 0 || index + 15 > u64::from(limit) || !m.read(at, &mut d) {
                         let error = u64::from(sel & !3);
-                        return self
-                            .deliver(13, Some(error), t.frame.rip, t, m)
-                            .map(|()| Some(false));
+                        return self.general_protection(error, t, m);
                     }
                     let desc = u64::from_le_bytes(d);
                     if (desc >> 40) & 0x1f != 0x09 {
                         let error = u64::from(sel & !3);
-                        return self
-                            .deliver(13, Some(error), t.frame.rip, t, m)
-                            .map(|()| Some(false));
+                        return self.general_protection(error, t, m);
                     }
                     if !m.write(at, &(desc | (2 << 40)).to_le_bytes()) {
                         return self.page_fault(at, true, t, m);
@@ -404,9 +400,7 @@ impl Monitor {
                 // have raises #GP, as on a CPU.
                 let index = t.gprs[1] as u32;
                 let Some(value) = m.msr(index) else {
-                    return self
-                        .deliver(13, Some(0), t.frame.rip, t, m)
-                        .map(|()| Some(false));
+                    return self.general_protection(0, t, m);
                 };
                 t.gprs[0] = value & 0xffff_ffff;
                 t.gprs[2] = value >> 32;
@@ -419,9 +413,7 @@ impl Monitor {
                 let value = (t.gprs[2] << 32) | (t.gprs[0] & 0xffff_ffff);
                 if [MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE].contains(&index) {
                     if !is_canonical(value) || !m.set_msr(index, value) {
-                        return self
-                            .deliver(13, Some(0), t.frame.rip, t, m)
-                            .map(|()| Some(false));
+                        return self.general_protection(0, t, m);
                     }
                 } else if m.msr(index) != Some(value) {
                     return Err(unsupported(format!(
@@ -511,6 +503,17 @@ impl Monitor {
             }
             _ => None,
         }
+    }
+
+    /// The instruction faults as it would at CPL 0: deliver #GP(`error`).
+    fn general_protection(
+        &mut self,
+        error: u64,
+        t: &mut Trapped,
+        m: &mut dyn Machine,
+    ) -> Result<Option<bool>, Stop> {
+        self.deliver(13, Some(error), t.frame.rip, t, m)
+            .map(|()| Some(false))
     }
 
     /// The image touched memory it may not (at CPL 0 too, as far as the
