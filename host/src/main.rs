@@ -10,6 +10,10 @@ usage:
   tt-host run [OPTIONS] IMAGE [--] [GUEST ARGS...]   boot a unikernel (see 'tt-host run --help')
   tt-host policy set|remove|show ...                delegate resources (see 'tt-host policy --help')
   tt-host journal list|drain|discard ...            block journals (see 'tt-host journal --help')
+  tt-host daemon [OPTIONS]                          keep unikernels running (see 'tt-host daemon --help')
+  tt-host create NAME [OPTIONS] IMAGE [--] [ARGS]   start a unikernel under the daemon
+  tt-host destroy|restart|info NAME                 (see 'tt-host create --help' for these)
+  tt-host list [PATH] | console NAME | stats [NAME]
   tt-host demo                                      build and boot the bundled hello unikernel
   tt-host --help | --version
 
@@ -44,6 +48,12 @@ fn run(args: &[String]) -> ExitCode {
 fn policy(args: &[String]) -> ExitCode {
     use tt_host::admission::StateDir;
     use tt_host::cli::PolicyCmd;
+    if let Some(result) = tt_host::daemon::client::policy(args) {
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        };
+    }
     let cmd = match cli::parse_policy(args) {
         Ok(c) => c,
         Err(e) => return fail(e),
@@ -141,6 +151,21 @@ fn journal(args: &[String]) -> ExitCode {
     }
 }
 
+fn daemon(args: &[String]) -> ExitCode {
+    use tt_host::daemon;
+    match daemon::parse_args(args) {
+        Ok(None) => {
+            println!("{}", daemon::USAGE);
+            ExitCode::SUCCESS
+        }
+        Ok(Some(a)) => match daemon::main(&a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
+        Err(e) => fail(e),
+    }
+}
+
 /// Build the hello example with the guest SDK from this source tree and boot it.
 fn demo() -> ExitCode {
     let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk");
@@ -210,6 +235,13 @@ fn main() -> ExitCode {
         Some("policy") => policy(&args[1..]),
         Some("journal") => journal(&args[1..]),
         Some("demo") => demo(),
+        Some("daemon") => daemon(&args[1..]),
+        Some(cmd @ ("create" | "destroy" | "restart" | "list" | "info" | "console" | "stats")) => {
+            match tt_host::daemon::client::run(cmd, &args[1..]) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             if args.is_empty() {

@@ -1,0 +1,578 @@
+//! The CLI side of the daemon: `tt-host create`, `destroy`, `restart`,
+//! `list`, `info`, `console`, `stats` and `policy --daemon`, each one
+//! request on the control socket (blocking; no runtime needed).
+
+use super::proto::{self, Op, Reply, Request, UnitInfo, UnitStats, VERSION};
+use crate::cli::{self, Cpl, Parsed};
+use crate::text::{number, quote};
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+pub const USAGE: &str = "\
+usage: tt-host create NAME [--restart-on-fail[=CODES]] [RUN OPTIONS] IMAGE [--] [ARGS...]
+       tt-host destroy NAME
+       tt-host restart NAME
+       tt-host list [PATH]
+       tt-host info NAME
+       tt-host console NAME [--since=TIME | --last=N] [--follow] [--timestamps]
+       tt-host stats [NAME] [--prometheus]
+       tt-host policy set|remove|show ... --daemon
+each also takes --socket=PATH (default $TT_HOST_SOCKET, else
+/run/tt-host/control.sock, or $TT_HOST_RUNTIME_DIR/control.sock)
+
+These ask the daemon ('tt-host daemon --help'). NAME is a unikernel's name
+in the policy tree (alice:bob:web); a caller who is not root acts only
+below the paths a policy grants it ('tt-host policy --help').
+
+create   start IMAGE as NAME with 'tt-host run' options (--mem=, --block:,
+         --net:, --cpu=, --cpl=; paths are taken from here, and the daemon
+         opens them with the caller's rights), admitted through the policy
+         tree as 'tt-host run' is, and keep it: it is started again after
+         a reboot, and after a failure with --restart-on-fail: on any exit
+         status but 0, or only on CODES (3,4,10-12) if given; never after
+         exit 1 (tt-host's own failure) or 60-64 (MirageOS's usage
+         errors), a signal, or a destroy; each restart in a row waits
+         twice as long as the one before
+destroy  stop NAME (SIGTERM, then SIGKILL) and forget it
+restart  stop NAME, wait until it is gone, and start it again
+list     the unikernels (below PATH), with state, pid, restarts, last end
+info     one unikernel: how it was created, its state, tt-host's last lines
+console  what NAME printed (the last 1 MiB by default): all that is kept,
+         the last N lines, or since TIME (RFC 3339, or a duration ago such
+         as 5m or 1h 30m); --follow goes on with what comes next
+stats    CPU time, peak memory, block and net counters, VM exits;
+         --prometheus in Prometheus' text format";
+
+/// A failure: one line for the user.
+pub type Fail = String;
+
+/// Split `--socket=PATH` off `args`.
+fn take_socket(args: &mut Vec<String>) -> Result<Option<PathBuf>, Fail> {
+    let mut socket = None;
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == "--" {
+            break;
+        }
+        if let Some(v) = args[i].strip_prefix("--socket=") {
+            if socket.is_some() {
+                return Err("--socket given twice".into());
+            }
+            socket = Some(PathBuf::from(v));
+            args.remove(i);
+        } else {
+            i += 1;
+        }
+    }
+    Ok(socket)
+}
+
+/// One request, one reply (or, for a console, replies until the end).
+pub struct Connection {
+    stream: UnixStream,
+}
+
+impl Connection {
+    pub fn open(socket: Option<PathBuf>) -> Result<Connection, Fail> {
+        let path = super::socket_path(socket.as_deref());
+        let stream = UnixStream::connect(&path).map_err(|e| {
+            format!(
+                "cannot reach the daemon at {}: {e} (is 'tt-host daemon' running? \
+                 --socket=PATH or $TT_HOST_SOCKET names another)",
+                path.display()
+            )
+        })?;
+        Ok(Connection { stream })
+    }
+
+    pub fn send(&mut self, op: Op) -> Result<(), Fail> {
+        proto::write_frame(&mut self.stream, &Request { v: VERSION, op })
+            .map_err(|e| format!("cannot send the request: {e}"))
+    }
+
+    pub fn reply(&mut self) -> Result<Reply, Fail> {
+        let body = proto::read_frame(&mut self.stream)
+            .map_err(|e| format!("cannot read the daemon's reply: {e}"))?
+            .ok_or("the daemon closed the connection without a reply")?;
+        serde_json::from_slice(&body).map_err(|e| format!("malformed reply from the daemon: {e}"))
+    }
+
+    /// Send `op` and read its reply; an error reply is a [`Fail`].
+    pub fn call(&mut self, op: Op) -> Result<Reply, Fail> {
+        self.send(op)?;
+        match self.reply()? {
+            Reply::Error { message } => Err(message),
+            r => Ok(r),
+        }
+    }
+}
+
+fn unexpected(r: Reply) -> Fail {
+    format!("unexpected reply from the daemon: {r:?}")
+}
+
+/// `tt-host create`'s command line, made canonical for the daemon: every
+/// option as `--OPT=VALUE`, every path absolute, IMAGE, `--`, ARGS.
+pub fn create_request(args: &[String]) -> Result<(Option<PathBuf>, Op), Fail> {
+    let mut args = args.to_vec();
+    let socket = take_socket(&mut args)?;
+    let name = match args.first() {
+        Some(n) if !n.starts_with('-') => args.remove(0),
+        _ => return Err("create: expected NAME first (see 'tt-host create --help')".into()),
+    };
+    name.parse::<crate::resources::Name>()
+        .map_err(|e| format!("create: bad NAME: {e}"))?;
+    let mut restart_on_fail = None;
+    let mut i = 0;
+    while i < args.len() && args[i].starts_with('-') && args[i] != "--" {
+        let a = &args[i];
+        if a == "--restart-on-fail" || a.starts_with("--restart-on-fail=") {
+            if restart_on_fail.is_some() {
+                return Err("create: --restart-on-fail given twice".into());
+            }
+            restart_on_fail = Some(match a.strip_prefix("--restart-on-fail=") {
+                None => vec![],
+                Some(v) => parse_codes(v)?,
+            });
+            args.remove(i);
+        } else {
+            i += 1;
+        }
+    }
+    let run = match cli::parse_run(&args) {
+        Ok(Parsed::Run(r)) => r,
+        Ok(_) => return Err("create: expected IMAGE (see 'tt-host create --help')".into()),
+        Err(e) => return Err(format!("create: {}", e.msg)),
+    };
+    let refuse = |what: &str| Err(format!("create: {what} cannot be given to create"));
+    if run.name.is_some() {
+        return refuse("--name (NAME is the name)");
+    }
+    if run.state_dir.is_some() {
+        return refuse("--state-dir (the daemon's is used)");
+    }
+    if run.no_seccomp {
+        return refuse("--no-seccomp");
+    }
+    let absolute = |p: &std::path::Path| {
+        std::path::absolute(p).map_err(|e| format!("create: {}: {e}", p.display()))
+    };
+    let mut out = vec![format!("--mem={}", run.mem_mb)];
+    for d in &run.devices {
+        if d.value.starts_with('@') {
+            return Err(format!(
+                "create: --{}={}: the daemon cannot take a file descriptor; name the file or TAP",
+                d.option, d.value
+            ));
+        }
+        let value = if d.option == "block" {
+            absolute(std::path::Path::new(&d.value))?
+                .display()
+                .to_string()
+        } else {
+            d.value.clone()
+        };
+        out.push(match &d.device {
+            Some(dev) => format!("--{}:{dev}={value}", d.option),
+            None => format!("--{}={value}", d.option),
+        });
+    }
+    if let Some(c) = run.cpu {
+        out.push(format!("--cpu={c}"));
+    }
+    out.push(
+        match run.cpl {
+            Cpl::Auto => "--cpl=auto",
+            Cpl::Zero => "--cpl=0",
+            Cpl::Three => "--cpl=3",
+        }
+        .into(),
+    );
+    if run.solo5_hvt_boot {
+        out.push("--x-solo5-hvt-boot".into());
+    }
+    out.push(absolute(&run.image)?.display().to_string());
+    out.push("--".into());
+    out.extend(run.guest_args.iter().cloned());
+    Ok((
+        socket,
+        Op::Create {
+            name,
+            args: out,
+            restart_on_fail,
+        },
+    ))
+}
+
+/// `3,4,10-12`: exit statuses 0 to 255.
+fn parse_codes(v: &str) -> Result<Vec<u8>, Fail> {
+    let mut codes = Vec::new();
+    for part in v.split(',') {
+        let bad = || {
+            format!(
+                "create: --restart-on-fail={}: expected exit statuses 0-255 \
+                 as a list such as 3,4,10-12",
+                quote(v)
+            )
+        };
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (
+                number::<u8>(a).ok_or_else(bad)?,
+                number::<u8>(b).ok_or_else(bad)?,
+            ),
+            None => {
+                let c = number::<u8>(part).ok_or_else(bad)?;
+                (c, c)
+            }
+        };
+        if a > b {
+            return Err(bad());
+        }
+        codes.extend(a..=b);
+    }
+    codes.sort_unstable();
+    codes.dedup();
+    Ok(codes)
+}
+
+fn one_name(cmd: &str, args: &[String]) -> Result<(Option<PathBuf>, String), Fail> {
+    let mut args = args.to_vec();
+    let socket = take_socket(&mut args)?;
+    match args.as_slice() {
+        [n] if !n.starts_with('-') => Ok((socket, n.clone())),
+        _ => Err(format!("{cmd}: expected NAME (see 'tt-host {cmd} --help')")),
+    }
+}
+
+fn time(ns: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn print_list(units: &[UnitInfo]) {
+    println!(
+        "{:<32} {:<10} {:>8} {:>8}  LAST END",
+        "NAME", "STATE", "PID", "RESTARTS"
+    );
+    for u in units {
+        println!(
+            "{:<32} {:<10} {:>8} {:>8}  {}",
+            u.name,
+            u.state,
+            u.pid.map_or("-".into(), |p| p.to_string()),
+            u.restarts,
+            u.last_end.as_deref().unwrap_or("-")
+        );
+    }
+}
+
+fn print_info(u: &UnitInfo) {
+    println!("name: {}", u.name);
+    println!("state: {}", u.state);
+    if let Some(p) = u.pid {
+        println!("pid: {p}");
+    }
+    if let Some(t) = u.started_ns {
+        println!("started: {}", time(t));
+    }
+    println!("restarts: {}", u.restarts);
+    if let Some(e) = &u.last_end {
+        println!("last end: {e}");
+    }
+    if let Some(t) = u.restart_at_ns {
+        println!("restart at: {}", time(t));
+    }
+    println!(
+        "restart on fail: {}",
+        match &u.restart_on_fail {
+            None => "no".to_string(),
+            Some(c) if c.is_empty() => "any exit status but 0, 1 and 60-64".into(),
+            Some(c) => format!("{c:?}"),
+        }
+    );
+    println!("owner uid: {}", u.owner_uid);
+    println!("command: tt-host run {}", u.args.join(" "));
+    if !u.log.is_empty() {
+        println!("tt-host's last messages:");
+        for l in &u.log {
+            println!("  {l}");
+        }
+    }
+}
+
+fn print_stats(s: &UnitStats) {
+    println!("{}:", s.name);
+    println!("  running: {}", if s.running { "yes" } else { "no" });
+    println!(
+        "  cpu: {:.3} s user, {:.3} s system",
+        s.cpu_user_us as f64 / 1e6,
+        s.cpu_system_us as f64 / 1e6
+    );
+    println!("  peak rss: {} KiB", s.peak_rss_kib);
+    println!(
+        "  block: {} reads ({} bytes), {} writes ({} bytes)",
+        s.block_read_ops, s.block_read_bytes, s.block_write_ops, s.block_write_bytes
+    );
+    println!(
+        "  net: {} packets in ({} bytes), {} packets out ({} bytes)",
+        s.net_rx_packets, s.net_rx_bytes, s.net_tx_packets, s.net_tx_bytes
+    );
+    println!("  vm exits: {}", s.vm_exits);
+    println!("  restarts: {}", s.restarts);
+}
+
+/// `--since`: RFC 3339, or a duration ago (`5m`, `1h 30m`).
+fn parse_since(v: &str) -> Result<u64, Fail> {
+    let t = humantime::parse_rfc3339_weak(v)
+        .or_else(|_| {
+            humantime::parse_duration(v).map(|d| std::time::SystemTime::now() - d)
+        })
+        .map_err(|_| {
+            format!(
+                "console: --since={}: expected a time (2026-12-05T10:00:00Z) or a duration ago (5m)",
+                quote(v)
+            )
+        })?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0))
+}
+
+fn console(args: &[String]) -> Result<(), Fail> {
+    let mut args = args.to_vec();
+    let socket = take_socket(&mut args)?;
+    let (mut name, mut since_ns, mut last, mut follow, mut stamps) =
+        (None, None, None, false, false);
+    for a in &args {
+        if let Some(v) = a.strip_prefix("--since=") {
+            since_ns = Some(parse_since(v)?);
+        } else if let Some(v) = a.strip_prefix("--last=") {
+            last = Some(number::<u32>(v).ok_or_else(|| {
+                format!("console: --last={}: expected a number of lines", quote(v))
+            })?);
+        } else if a == "--follow" || a == "-f" {
+            follow = true;
+        } else if a == "--timestamps" {
+            stamps = true;
+        } else if a.starts_with('-') || name.is_some() {
+            return Err(format!(
+                "console: unexpected '{}' (see 'tt-host console --help')",
+                quote(a)
+            ));
+        } else {
+            name = Some(a.clone());
+        }
+    }
+    if since_ns.is_some() && last.is_some() {
+        return Err("console: give --since or --last, not both".into());
+    }
+    let name = name.ok_or("console: expected NAME (see 'tt-host console --help')")?;
+    let mut c = Connection::open(socket)?;
+    c.send(Op::Console {
+        name,
+        since_ns,
+        last,
+        follow,
+    })?;
+    let mut out = std::io::stdout().lock();
+    loop {
+        match c.reply()? {
+            Reply::Console { records, lost } => {
+                if lost > 0 {
+                    let _ = writeln!(out, "[tt-host: {lost} bytes of console output were overwritten before they were read]");
+                }
+                for r in records {
+                    if stamps {
+                        let _ = write!(out, "{} ", time(r.time_ns));
+                    }
+                    let _ = write!(out, "{}", r.text);
+                    if !r.partial {
+                        let _ = writeln!(out);
+                    }
+                }
+                if out.flush().is_err() {
+                    return Ok(());
+                }
+            }
+            Reply::Ok { .. } => return Ok(()),
+            Reply::Error { message } => return Err(message),
+            r => return Err(unexpected(r)),
+        }
+    }
+}
+
+/// Run a daemon command (`cmd` is create, destroy, ...); the error is the
+/// line to print.
+pub fn run(cmd: &str, args: &[String]) -> Result<(), Fail> {
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    match cmd {
+        "create" => {
+            let (socket, op) = create_request(args)?;
+            match Connection::open(socket)?.call(op)? {
+                Reply::Started { name, pid, .. } => println!("{name}: created, pid {pid}"),
+                r => return Err(unexpected(r)),
+            }
+        }
+        "destroy" => {
+            let (socket, name) = one_name(cmd, args)?;
+            match Connection::open(socket)?.call(Op::Destroy { name })? {
+                Reply::Ok { message } => println!("{message}"),
+                r => return Err(unexpected(r)),
+            }
+        }
+        "restart" => {
+            let (socket, name) = one_name(cmd, args)?;
+            match Connection::open(socket)?.call(Op::Restart { name })? {
+                Reply::Started { name, pid, .. } => println!("{name}: restarted, pid {pid}"),
+                r => return Err(unexpected(r)),
+            }
+        }
+        "list" => {
+            let mut args = args.to_vec();
+            let socket = take_socket(&mut args)?;
+            let path = match args.as_slice() {
+                [] => None,
+                [p] if !p.starts_with('-') => Some(p.clone()),
+                _ => return Err("list: expected at most a PATH".into()),
+            };
+            match Connection::open(socket)?.call(Op::List { path })? {
+                Reply::List { units } => print_list(&units),
+                r => return Err(unexpected(r)),
+            }
+        }
+        "info" => {
+            let (socket, name) = one_name(cmd, args)?;
+            match Connection::open(socket)?.call(Op::Info { name })? {
+                Reply::Info { unit } => print_info(&unit),
+                r => return Err(unexpected(r)),
+            }
+        }
+        "console" => console(args)?,
+        "stats" => {
+            let mut args = args.to_vec();
+            let socket = take_socket(&mut args)?;
+            let prometheus = args.iter().any(|a| a == "--prometheus");
+            args.retain(|a| a != "--prometheus");
+            let name = match args.as_slice() {
+                [] => None,
+                [n] if !n.starts_with('-') => Some(n.clone()),
+                _ => return Err("stats: expected at most a NAME, and --prometheus".into()),
+            };
+            let mut c = Connection::open(socket)?;
+            if prometheus && name.is_none() {
+                match c.call(Op::Metrics)? {
+                    Reply::Text { text } => print!("{text}"),
+                    r => return Err(unexpected(r)),
+                }
+                return Ok(());
+            }
+            match c.call(Op::Stats { name })? {
+                Reply::Stats { units } if prometheus => {
+                    print!("{}", super::metrics::render(&units))
+                }
+                Reply::Stats { units } => units.iter().for_each(print_stats),
+                r => return Err(unexpected(r)),
+            }
+        }
+        _ => return Err(format!("unknown daemon command {cmd}")),
+    }
+    Ok(())
+}
+
+/// `tt-host policy ... --daemon` or `--socket=PATH`: the policy command
+/// done by the daemon, with the caller's rights. `None`: not for the
+/// daemon (done locally).
+pub fn policy(args: &[String]) -> Option<Result<(), Fail>> {
+    let mut args = args.to_vec();
+    let daemon = args.iter().any(|a| a == "--daemon");
+    let socket = match take_socket(&mut args) {
+        Ok(s) => s,
+        Err(e) => return Some(Err(e)),
+    };
+    if !daemon && socket.is_none() {
+        return None;
+    }
+    args.retain(|a| a != "--daemon");
+    Some((|| {
+        match Connection::open(socket)?.call(Op::Policy { args })? {
+            Reply::Ok { message } if message.is_empty() => {}
+            Reply::Ok { message } => println!("{message}"),
+            Reply::Text { text } => print!("{text}"),
+            r => return Err(unexpected(r)),
+        }
+        Ok(())
+    })())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(a: &[&str]) -> Vec<String> {
+        a.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn create_makes_the_command_line_canonical_and_absolute() {
+        let (socket, op) = create_request(&s(&[
+            "alice:web",
+            "--socket=/tmp/s",
+            "--restart-on-fail=3,10-12",
+            "--mem=16",
+            "--block:storage=disk.img",
+            "img.hvt",
+            "a",
+            "--b",
+        ]))
+        .unwrap();
+        assert_eq!(socket, Some(PathBuf::from("/tmp/s")));
+        let Op::Create {
+            name,
+            args,
+            restart_on_fail,
+        } = op
+        else {
+            panic!()
+        };
+        assert_eq!(name, "alice:web");
+        assert_eq!(restart_on_fail, Some(vec![3, 10, 11, 12]));
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            args,
+            s(&[
+                "--mem=16",
+                &format!("--block:storage={}", cwd.join("disk.img").display()),
+                "--cpl=auto",
+                &cwd.join("img.hvt").display().to_string(),
+                "--",
+                "a",
+                "--b",
+            ])
+        );
+        // The daemon reads it back as the same launch.
+        assert!(matches!(cli::parse_run(&args), Ok(Parsed::Run(_))));
+    }
+
+    #[test]
+    fn create_refuses_what_is_the_daemons() {
+        for (a, want) in [
+            (&["web", "--name=x", "img"][..], "--name"),
+            (&["web", "--state-dir=/x", "img"], "--state-dir"),
+            (&["web", "--no-seccomp", "img"], "--no-seccomp"),
+            (&["web", "--net:n=@3", "img"], "file descriptor"),
+            (&["--mem=8", "img"], "expected NAME"),
+            (&["a::b", "img"], "bad NAME"),
+            (&["web", "--restart-on-fail=x", "img"], "exit statuses"),
+            (&["web", "--restart-on-fail=5-3", "img"], "exit statuses"),
+            (&["web", "--restart-on-fail=256", "img"], "exit statuses"),
+            (&["web", "--mem=8"], "IMAGE"),
+        ] {
+            let e = create_request(&s(a)).unwrap_err();
+            assert!(e.contains(want), "{a:?}: {e}");
+        }
+    }
+}

@@ -1,0 +1,461 @@
+//! The control socket: one task per connection, requests in order, each
+//! checked against the peer's rights before it is done.
+
+use super::access::{Peer, Rights};
+use super::desired::Spec;
+use super::proto::{self, ConsoleRecord, Op, Reply, Request};
+use super::supervisor::Supervisor;
+use super::sys;
+use crate::admission::StateDir;
+use crate::cli::{self, Parsed, PolicyCmd};
+use crate::resources::{Name, Path};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+/// A client has this long to send a whole request once it started one,
+/// so that a stalled client holds nothing for long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A console follower looks for new output this often.
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
+
+/// Serve `listener` until the task is dropped.
+pub async fn serve(sup: Arc<Supervisor>, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let sup = sup.clone();
+                tokio::spawn(async move { connection(sup, stream).await });
+            }
+            Err(e) => {
+                log::warn!("control socket: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
+    stream.write_all(&proto::encode(reply)).await
+}
+
+fn error(message: impl Into<String>) -> Reply {
+    Reply::Error {
+        message: message.into(),
+    }
+}
+
+/// Read one frame: `Ok(None)` at the end of the stream; an error reply's
+/// message for a frame that is too long or cut short.
+async fn read_request(stream: &mut UnixStream) -> Result<Option<Vec<u8>>, String> {
+    let mut h = [0u8; 4];
+    // Waiting for the next request has no limit; once it starts, it must
+    // come whole within REQUEST_TIMEOUT.
+    match stream.read(&mut h[..1]).await {
+        Ok(0) => return Ok(None),
+        Ok(_) => {}
+        Err(e) => return Err(format!("cannot read the request: {e}")),
+    }
+    let rest = async {
+        stream.read_exact(&mut h[1..]).await?;
+        let len = proto::frame_len(h).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut body = vec![0; len];
+        stream.read_exact(&mut body).await?;
+        Ok::<_, std::io::Error>(body)
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, rest).await {
+        Ok(Ok(body)) => Ok(Some(body)),
+        Ok(Err(e)) => Err(format!("bad request frame: {e}")),
+        Err(_) => Err(format!(
+            "request not received whole within {REQUEST_TIMEOUT:?}"
+        )),
+    }
+}
+
+async fn connection(sup: Arc<Supervisor>, mut stream: UnixStream) {
+    let peer = match stream.peer_cred() {
+        Ok(c) => Peer {
+            uid: c.uid(),
+            gid: c.gid(),
+            groups: sys::peer_groups(stream.as_raw_fd()).unwrap_or_default(),
+        },
+        Err(e) => {
+            let _ = send(
+                &mut stream,
+                &error(format!("cannot identify the peer: {e}")),
+            )
+            .await;
+            return;
+        }
+    };
+    loop {
+        let body = match read_request(&mut stream).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
+            Err(msg) => {
+                let _ = send(&mut stream, &error(msg)).await;
+                return;
+            }
+        };
+        let received = Instant::now();
+        let req = match proto::decode_request(&body) {
+            Ok(r) => r,
+            Err(msg) => {
+                let _ = send(&mut stream, &error(msg)).await;
+                return;
+            }
+        };
+        if let Op::Console { .. } = req.op {
+            console(&sup, &peer, req, &mut stream).await;
+            return;
+        }
+        let reply = handle(&sup, &peer, req.op, received).await;
+        if send(&mut stream, &reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn parse_name(s: &str) -> Result<Name, String> {
+    s.parse::<Name>()
+        .map_err(|e| format!("bad unikernel name: {e}"))
+}
+
+fn rights(sup: &Supervisor, peer: &Peer) -> Result<Rights, String> {
+    Rights::load(&StateDir::resolve(Some(&sup.cfg.state_dir)), peer)
+}
+
+/// Check that the caller may act on the unikernel `name`.
+fn may_act(sup: &Supervisor, peer: &Peer, name: &str) -> Result<Name, String> {
+    let n = parse_name(name)?;
+    if !peer.is_root() {
+        rights(sup, peer)?.may_act_on(&n)?;
+    }
+    Ok(n)
+}
+
+/// The names the caller may see, below `path` if given.
+fn visible(sup: &Supervisor, peer: &Peer, path: Option<&Path>) -> Result<Vec<String>, String> {
+    let rights = if peer.is_root() {
+        None
+    } else {
+        Some(rights(sup, peer)?)
+    };
+    Ok(sup
+        .names()
+        .into_iter()
+        .filter(|n| {
+            let Ok(name) = n.parse::<Name>() else {
+                return false;
+            };
+            path.is_none_or(|p| p.is_prefix_of(&name.to_path()) && *p != name.to_path())
+                && rights.as_ref().is_none_or(|r| r.sees(&name))
+        })
+        .collect())
+}
+
+/// Check a `create`'s command line: a `tt-host run` one, with nothing
+/// that is the daemon's to set, and every path absolute.
+fn check_run_args(name: &str, args: &[String]) -> Result<(), String> {
+    let run = match cli::parse_run(args) {
+        Ok(Parsed::Run(r)) => r,
+        Ok(_) => return Err("create: no IMAGE given".into()),
+        Err(e) => return Err(e.msg),
+    };
+    let daemons = [
+        (
+            run.name.is_some(),
+            "--name (the unikernel's name is create's NAME)",
+        ),
+        (
+            run.state_dir.is_some(),
+            "--state-dir (the daemon's own is used)",
+        ),
+        (run.no_seccomp, "--no-seccomp"),
+    ];
+    if let Some((_, what)) = daemons.iter().find(|(given, _)| *given) {
+        return Err(format!(
+            "create {name}: {what} cannot be given through the daemon"
+        ));
+    }
+    if !run.image.is_absolute() {
+        return Err(format!(
+            "create {name}: the image path {} is not absolute",
+            run.image.display()
+        ));
+    }
+    for d in &run.devices {
+        if d.option == "block" && !std::path::Path::new(&d.value).is_absolute() {
+            return Err(format!(
+                "create {name}: the block image path {} is not absolute",
+                d.value
+            ));
+        }
+        if d.value.starts_with('@') {
+            return Err(format!(
+                "create {name}: --{}={}: file descriptors cannot be passed to the daemon; \
+                 name the file or TAP",
+                d.option, d.value
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -> Reply {
+    match op {
+        Op::Create {
+            name,
+            args,
+            restart_on_fail,
+        } => {
+            let r = (|| {
+                let n = may_act(sup, peer, &name)?;
+                check_run_args(&name, &args)?;
+                Ok::<_, String>(n)
+            })();
+            let n = match r {
+                Ok(n) => n,
+                Err(e) => return error(e),
+            };
+            let spec = Spec {
+                name: n.to_string(),
+                args,
+                restart_on_fail,
+                owner: peer.owner(),
+                created_ns: sys::now_ns(),
+            };
+            match sup.create(spec, received).await {
+                Ok(s) => Reply::Started {
+                    name: n.to_string(),
+                    pid: s.pid,
+                    daemon_us: s.daemon_us,
+                    persist_us: s.persist_us,
+                },
+                Err(e) => error(e),
+            }
+        }
+        Op::Destroy { name } => match may_act(sup, peer, &name) {
+            Ok(n) => match sup.destroy(&n.to_string()).await {
+                Ok(message) => Reply::Ok { message },
+                Err(e) => error(e),
+            },
+            Err(e) => error(e),
+        },
+        Op::Restart { name } => match may_act(sup, peer, &name) {
+            Ok(n) => match sup.restart(&n.to_string(), received).await {
+                Ok(s) => Reply::Started {
+                    name: n.to_string(),
+                    pid: s.pid,
+                    daemon_us: s.daemon_us,
+                    persist_us: s.persist_us,
+                },
+                Err(e) => error(e),
+            },
+            Err(e) => error(e),
+        },
+        Op::List { path } => {
+            let path = match path.map(|p| p.parse::<Path>()).transpose() {
+                Ok(p) => p,
+                Err(e) => return error(format!("bad path: {e}")),
+            };
+            match visible(sup, peer, path.as_ref()) {
+                Ok(names) => Reply::List {
+                    units: names.iter().filter_map(|n| sup.info(n, false)).collect(),
+                },
+                Err(e) => error(e),
+            }
+        }
+        Op::Info { name } => match may_act(sup, peer, &name) {
+            Ok(n) => match sup.info(&n.to_string(), true) {
+                Some(unit) => Reply::Info { unit },
+                None => error(format!("no unikernel named {n}")),
+            },
+            Err(e) => error(e),
+        },
+        Op::Stats { name: Some(name) } => match may_act(sup, peer, &name) {
+            Ok(n) => match sup.stats(&n.to_string()) {
+                Some(s) => Reply::Stats { units: vec![s] },
+                None => error(format!("no unikernel named {n}")),
+            },
+            Err(e) => error(e),
+        },
+        Op::Stats { name: None } => match visible(sup, peer, None) {
+            Ok(names) => Reply::Stats {
+                units: names.iter().filter_map(|n| sup.stats(n)).collect(),
+            },
+            Err(e) => error(e),
+        },
+        Op::Metrics => match visible(sup, peer, None) {
+            Ok(names) => {
+                let units: Vec<_> = names.iter().filter_map(|n| sup.stats(n)).collect();
+                Reply::Text {
+                    text: super::metrics::render(&units),
+                }
+            }
+            Err(e) => error(e),
+        },
+        Op::Policy { args } => policy(sup, peer, &args),
+        Op::Console { .. } => error("console requests are served on their own"),
+    }
+}
+
+fn policy(sup: &Supervisor, peer: &Peer, args: &[String]) -> Reply {
+    let state = StateDir::resolve(Some(&sup.cfg.state_dir));
+    let cmd = match cli::parse_policy(args) {
+        Ok(c) => c,
+        Err(e) => return error(e.msg),
+    };
+    let check = |f: &dyn Fn(&Rights) -> Result<(), String>| {
+        if peer.is_root() {
+            return Ok(());
+        }
+        f(&rights(sup, peer)?)
+    };
+    let dir_given = || error("policy: --state-dir cannot be given through the daemon");
+    match cmd {
+        PolicyCmd::Help => Reply::Text {
+            text: cli::POLICY_USAGE.to_string(),
+        },
+        PolicyCmd::Set {
+            path,
+            change,
+            state_dir,
+        } => {
+            if state_dir.is_some() {
+                return dir_given();
+            }
+            if let Err(e) = check(&|r| r.may_change_policy(&path)) {
+                return error(e);
+            }
+            match state.set_policy(&path, &change) {
+                Ok(_) => Reply::Ok {
+                    message: String::new(),
+                },
+                Err(e) => error(e.to_string()),
+            }
+        }
+        PolicyCmd::Remove { path, state_dir } => {
+            if state_dir.is_some() {
+                return dir_given();
+            }
+            if let Err(e) = check(&|r| r.may_change_policy(&path)) {
+                return error(e);
+            }
+            match state.remove_policy(&path) {
+                Ok(()) => Reply::Ok {
+                    message: String::new(),
+                },
+                Err(e) => error(e.to_string()),
+            }
+        }
+        PolicyCmd::Show { path, state_dir } => {
+            if state_dir.is_some() {
+                return dir_given();
+            }
+            if let Err(e) = check(&|r| r.may_show(&path)) {
+                return error(e);
+            }
+            match state.show(&path) {
+                Ok(text) => Reply::Text { text },
+                Err(e) => error(e.to_string()),
+            }
+        }
+    }
+}
+
+fn records(read: super::unitfiles::Read) -> (Vec<ConsoleRecord>, u64, u64) {
+    (read.records, read.next, read.lost)
+}
+
+/// `console`: what is kept (all, the last N lines, or since a time), then
+/// with `follow` what comes, until the client closes or the unit goes.
+async fn console(sup: &Arc<Supervisor>, peer: &Peer, req: Request, stream: &mut UnixStream) {
+    let Op::Console {
+        name,
+        since_ns,
+        last,
+        follow,
+    } = req.op
+    else {
+        return;
+    };
+    let name = match may_act(sup, peer, &name) {
+        Ok(n) => n.to_string(),
+        Err(e) => {
+            let _ = send(stream, &error(e)).await;
+            return;
+        }
+    };
+    if !sup.exists(&name) {
+        let _ = send(stream, &error(format!("no unikernel named {name}"))).await;
+        return;
+    }
+    let mut log = None;
+    let mut pos = 0u64;
+    let mut first = true;
+    loop {
+        if log.is_none() {
+            log = sup.console(&name).ok();
+        }
+        if let Some(c) = &log {
+            let read = if first {
+                first = false;
+                match (last, since_ns) {
+                    (Some(n), _) => c.last(n as usize),
+                    (None, Some(t)) => c.since(t),
+                    (None, None) => c.read_from(0),
+                }
+            } else {
+                c.read_from(pos)
+            };
+            match read {
+                Ok(r) => {
+                    let (records, next, lost) = records(r);
+                    let progressed = next != pos;
+                    pos = next;
+                    if (!records.is_empty() || lost > 0)
+                        && send(stream, &Reply::Console { records, lost })
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                    if progressed {
+                        // More may be waiting right away.
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    let _ = send(stream, &error(format!("{name}: console: {e}"))).await;
+                    return;
+                }
+            }
+        } else if !follow {
+            let _ = send(stream, &error(format!("{name}: no console yet"))).await;
+            return;
+        }
+        if !follow || !sup.exists(&name) {
+            let _ = send(
+                stream,
+                &Reply::Ok {
+                    message: String::new(),
+                },
+            )
+            .await;
+            return;
+        }
+        // Wait for more, or for the client to go.
+        let mut b = [0u8; 1];
+        tokio::select! {
+            _ = tokio::time::sleep(FOLLOW_POLL) => {}
+            r = stream.read(&mut b) => {
+                if matches!(r, Ok(0) | Err(_)) {
+                    return;
+                }
+            }
+        }
+    }
+}
