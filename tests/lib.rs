@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub mod daemon;
 pub mod netns;
 
 /// Send signal `sig` to process `pid`; false if it is gone.

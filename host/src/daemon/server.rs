@@ -204,6 +204,29 @@ fn check_run_args(name: &str, args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// Everything about a request that can be checked without the daemon's
+/// state: names and paths parse, a create's command line is one the
+/// daemon takes, a policy command parses. The fuzz target
+/// `control_protocol` runs every decoded request through it.
+pub fn vet(op: &Op) -> Result<(), String> {
+    match op {
+        Op::Create { name, args, .. } => {
+            parse_name(name)?;
+            check_run_args(name, args)
+        }
+        Op::Destroy { name } | Op::Restart { name } | Op::Info { name } => {
+            parse_name(name).map(drop)
+        }
+        Op::Console { name, .. } | Op::Stats { name: Some(name) } => parse_name(name).map(drop),
+        Op::List { path: Some(p) } => p
+            .parse::<Path>()
+            .map(drop)
+            .map_err(|e| format!("bad path: {e}")),
+        Op::List { path: None } | Op::Stats { name: None } | Op::Metrics => Ok(()),
+        Op::Policy { args } => cli::parse_policy(args).map(drop).map_err(|e| e.msg),
+    }
+}
+
 async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -> Reply {
     match op {
         Op::Create {

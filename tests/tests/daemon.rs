@@ -1,0 +1,406 @@
+//! `tt-host daemon` end to end: real KVM, real `tt-host run` processes,
+//! a daemon killed with SIGKILL and started again, a simulated reboot,
+//! restart rules, access by subtree, many clients, console followers.
+//!
+//! Each test has a daemon of its own ([`Daemon`]), which kills it and
+//! every unikernel it started when the test ends, failed or not.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tt_tests::daemon::Daemon;
+use tt_tests::{guest, kill, kvm, tt_host, Run};
+
+/// The test guest: `tick MS [N]`, `exit CODE`, `idle`, `chatty BYTES MS`.
+fn unit() -> String {
+    guest("unit").display().to_string()
+}
+
+#[track_caller]
+fn ok(r: &Run) -> &str {
+    assert_eq!(r.status, 0, "{r:?}");
+    &r.stdout
+}
+
+/// `tt-host list` as name -> (state, pid, restarts, last end).
+fn list(d: &Daemon) -> BTreeMap<String, (String, Option<u32>, u32, String)> {
+    let r = d.cli(&["list"]);
+    ok(&r)
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].to_string(),
+                (
+                    f[1].to_string(),
+                    f[2].parse().ok(),
+                    f[3].parse().unwrap(),
+                    f[4..].join(" "),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// The console lines of `name` (all that is kept).
+fn console(d: &Daemon, name: &str) -> Vec<String> {
+    let r = d.cli(&["console", name]);
+    ok(&r).lines().map(String::from).collect()
+}
+
+/// The tick numbers in console lines, checked to be 1, 2, 3, ... with
+/// none missing.
+#[track_caller]
+fn ticks(lines: &[String]) -> u64 {
+    let ticks: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("tick ").and_then(|n| n.parse().ok()))
+        .collect();
+    for (i, t) in ticks.iter().enumerate() {
+        assert_eq!(*t, i as u64 + 1, "tick lines lost or out of order: {lines:?}");
+    }
+    ticks.len() as u64
+}
+
+fn alive(pid: u32) -> bool {
+    kill(pid, 0)
+}
+
+#[test]
+fn twenty_unikernels_outlive_a_daemon_killed_with_sigkill() {
+    if !kvm() {
+        return;
+    }
+    let mut d = Daemon::started("d-twenty", &[]);
+    let names: Vec<String> = (0..20).map(|i| format!("u{i}")).collect();
+    for n in &names {
+        ok(&d.cli(&["create", n, "--mem=8", &unit(), "tick", "100"]));
+    }
+    let before = list(&d);
+    assert_eq!(before.len(), 20, "{before:?}");
+    assert!(before.values().all(|u| u.0 == "running"), "{before:?}");
+    d.wait_for(30, "every unikernel ticked twice", || {
+        names.iter().all(|n| ticks(&console(&d, n)) >= 2)
+    });
+    let ticked: Vec<u64> = names.iter().map(|n| ticks(&console(&d, n))).collect();
+
+    d.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(d.unit_pids().len(), 20, "the unikernels outlive the daemon");
+    d.start();
+
+    let after = list(&d);
+    assert_eq!(after.len(), 20, "{after:?}\n{}", d.log());
+    for (n, u) in &after {
+        assert_eq!(u.0, "running", "{n}: {after:?}");
+        assert_eq!(u.1, before[n].1, "{n} is the same process, re-adopted");
+    }
+    d.wait_for(30, "every console goes on after the restart", || {
+        names
+            .iter()
+            .zip(&ticked)
+            .all(|(n, t)| ticks(&console(&d, n)) >= t + 3)
+    });
+    // Stats still come from the re-adopted processes.
+    let s = d.cli(&["stats", "u7"]);
+    assert!(ok(&s).contains("running: yes"), "{s:?}");
+    assert!(!ok(&s).contains("vm exits: 0\n"), "{s:?}");
+}
+
+#[test]
+fn restart_on_fail_follows_the_exit_code_with_growing_delays() {
+    if !kvm() {
+        return;
+    }
+    let d = Daemon::started("d-restart", &["--restart-backoff=200,10000"]);
+    ok(&d.cli(&["create", "fails", "--restart-on-fail", "--mem=8", &unit(), "exit", "3"]));
+    ok(&d.cli(&["create", "one", "--restart-on-fail", "--mem=8", &unit(), "exit", "1"]));
+    ok(&d.cli(&["create", "plain", "--mem=8", &unit(), "exit", "3"]));
+    ok(&d.cli(&["create", "listed", "--restart-on-fail=4,5", "--mem=8", &unit(), "exit", "3"]));
+    d.wait_for(30, "four restarts of 'fails'", || {
+        list(&d).get("fails").is_some_and(|u| u.2 >= 4)
+    });
+    // Each instance printed its line; the gaps between them grow (200,
+    // 400, 800 ms of backoff, plus a boot each).
+    let r = d.cli(&["console", "fails", "--timestamps"]);
+    let times: Vec<std::time::SystemTime> = ok(&r)
+        .lines()
+        .filter(|l| l.ends_with("exiting with 3"))
+        .map(|l| humantime::parse_rfc3339(l.split(' ').next().unwrap()).unwrap())
+        .collect();
+    assert!(times.len() >= 4, "{r:?}");
+    let gaps: Vec<Duration> = times
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]).unwrap())
+        .collect();
+    for w in gaps.windows(2) {
+        assert!(w[1] > w[0], "delays must grow: {gaps:?}");
+    }
+    assert!(gaps[0] >= Duration::from_millis(200), "{gaps:?}");
+
+    let all = list(&d);
+    for n in ["one", "plain", "listed"] {
+        assert_eq!(all[n].0, "exited", "{n}: {all:?}");
+        assert_eq!(all[n].2, 0, "{n} is never restarted: {all:?}");
+    }
+    assert_eq!(all["one"].3, "exit 1");
+
+    // A destroyed unikernel is not restarted, and leaves nothing behind.
+    ok(&d.cli(&["create", "ticker", "--restart-on-fail", "--mem=8", &unit(), "tick", "50"]));
+    let pid = list(&d)["ticker"].1.unwrap();
+    ok(&d.cli(&["destroy", "ticker"]));
+    assert!(!alive(pid), "destroy reaps the process");
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(!list(&d).contains_key("ticker"));
+    assert!(d.unit_pids().iter().all(|p| *p != pid));
+    assert!(!d.runtime_dir().join("units/u-ticker").exists());
+    let show = d.cli(&["policy", "show", "--daemon"]);
+    assert!(
+        ok(&show).contains("unikernels 0/"),
+        "no admission entry is left: {show:?}"
+    );
+}
+
+#[test]
+fn restart_stops_and_reaps_the_old_instance_first() {
+    if !kvm() {
+        return;
+    }
+    let d = Daemon::started("d-restart-cmd", &[]);
+    let disk = d.dir.file("disk.img", &vec![0u8; 1 << 20]);
+    // A disk shows the order: a second instance could not lock it while
+    // the first held it.
+    ok(&d.cli(&[
+        "create",
+        "web",
+        "--mem=8",
+        &format!("--block:storage={}", disk.display()),
+        &guest("blk").display().to_string(),
+    ]))
+    .to_string();
+    let _ = d;
+}
+
+#[test]
+fn access_is_by_subtree() {
+    if !kvm() {
+        return;
+    }
+    let d = Daemon::started("d-access", &[]);
+    // The image where uid 4242 can read it.
+    let image = d.dir.path("unit.hvt");
+    std::fs::copy(guest("unit"), &image).unwrap();
+    let image = image.display().to_string();
+    ok(&d.cli(&["policy", "set", "alice", "--users", "4242", "--daemon"]));
+    ok(&d.cli(&["policy", "set", "carol", "--mem", "64", "--daemon"]));
+    let as_user = |args: &[&str]| {
+        let mut cmd = Command::new(tt_host());
+        cmd.args(args);
+        // SAFETY: setgroups/setgid/setuid between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(4242) != 0
+                    || libc::setuid(4242) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        d.cli_with(&mut cmd)
+    };
+    let r = as_user(&["create", "alice:bob:web", "--mem=8", &image, "tick", "200"]);
+    assert_eq!(r.status, 0, "{r:?}\n{}", d.log());
+    let r = as_user(&["create", "carol:web", "--mem=8", &image, "tick", "200"]);
+    assert_eq!(r.status, 1, "{r:?}");
+    assert!(r.stderr.contains("carol"), "names the path: {r:?}");
+    let r = as_user(&["policy", "set", "alice", "--mem", "4096", "--daemon"]);
+    assert_eq!(r.status, 1, "{r:?}");
+    assert!(r.stderr.contains("alice"), "{r:?}");
+    let r = as_user(&["policy", "set", "alice:bob", "--mem", "512", "--daemon"]);
+    assert_eq!(r.status, 0, "{r:?}");
+    ok(&d.cli(&["create", "carol:db", "--mem=8", &image, "tick", "200"]));
+    let r = as_user(&["list"]);
+    assert!(ok(&r).contains("alice:bob:web"), "{r:?}");
+    assert!(!ok(&r).contains("carol"), "only its subtree is listed: {r:?}");
+    let r = as_user(&["destroy", "carol:db"]);
+    assert_eq!(r.status, 1, "{r:?}");
+    let r = as_user(&["console", "alice:bob:web"]);
+    assert_eq!(r.status, 0, "{r:?}");
+    // The files of a create are opened with the caller's rights.
+    let secret = d.dir.path("secret.hvt");
+    std::fs::copy(guest("unit"), &secret).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let r = as_user(&["create", "alice:bob:x", "--mem=8", &secret.display().to_string(), "idle"]);
+    assert_eq!(r.status, 1, "{r:?}");
+    assert!(r.stderr.contains("secret.hvt"), "{r:?}");
+    assert!(!list(&d).contains_key("alice:bob:x"), "a failed create is not kept");
+}
+
+#[test]
+fn a_reboot_brings_back_what_was_created() {
+    if !kvm() {
+        return;
+    }
+    let mut d = Daemon::started("d-reboot", &[]);
+    for n in ["a", "b", "c"] {
+        ok(&d.cli(&["create", n, "--mem=8", &unit(), "tick", "100"]));
+    }
+    ok(&d.cli(&["destroy", "b"]));
+    let before = list(&d);
+    // A reboot: everything stops, and /run is empty again.
+    d.stop();
+    d.kill_units();
+    std::fs::remove_dir_all(d.runtime_dir()).unwrap();
+    d.start();
+    let after = list(&d);
+    assert_eq!(after.keys().collect::<Vec<_>>(), ["a", "c"], "{}", d.log());
+    for (n, u) in &after {
+        assert_eq!(u.0, "running", "{n}: {after:?}");
+        assert_ne!(u.1, before[n].1, "{n} runs as a new process");
+    }
+    d.wait_for(20, "the consoles start again", || ticks(&console(&d, "a")) >= 2);
+}
+
+/// One raw request on the socket; the reply's JSON.
+fn raw(d: &Daemon, frame: &[u8]) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(frame).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).unwrap();
+    String::from_utf8(body).unwrap()
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(body);
+    f
+}
+
+#[test]
+fn a_hundred_clients_at_once_and_bad_requests() {
+    if !kvm() {
+        return;
+    }
+    let d = Daemon::started("d-clients", &[]);
+    ok(&d.cli(&["create", "web", "--mem=8", &unit(), "idle"]));
+    let replies: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..100)
+            .map(|i| {
+                let d = &d;
+                s.spawn(move || {
+                    let body = match i % 4 {
+                        0 => r#"{"v":1,"op":"list"}"#.to_string(),
+                        1 => r#"{"v":1,"op":"info","name":"web"}"#.to_string(),
+                        2 => r#"{"v":1,"op":"stats","name":"web"}"#.to_string(),
+                        _ => r#"{"v":1,"op":"info","name":"nobody"}"#.to_string(),
+                    };
+                    raw(d, &frame(body.as_bytes()))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, r) in replies.iter().enumerate() {
+        let want = ["\"list\"", "\"info\"", "\"stats\"", "no unikernel named nobody"][i % 4];
+        assert!(r.contains(want), "client {i}: {r}");
+    }
+    // Oversized, malformed, wrong version: an error reply each, and the
+    // daemon goes on.
+    let big = raw(d_ref(&d), &(2u32 << 20).to_be_bytes());
+    assert!(big.contains("error") && big.contains("longer than"), "{big}");
+    let bad = raw(&d, &frame(b"{not json"));
+    assert!(bad.contains("malformed request"), "{bad}");
+    let v = raw(&d, &frame(br#"{"v":9,"op":"list"}"#));
+    assert!(v.contains("version 9"), "{v}");
+    let cut = {
+        let mut s = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
+        s.write_all(&[0, 0, 1]).unwrap();
+        drop(s);
+    };
+    let _ = cut;
+    assert!(list(&d).contains_key("web"), "the daemon still serves");
+}
+
+fn d_ref(d: &Daemon) -> &Daemon {
+    d
+}
+
+/// The resident memory of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn ten_console_followers_of_a_chatty_guest_in_bounded_memory() {
+    if !kvm() {
+        return;
+    }
+    let d = Daemon::started("d-console", &[]);
+    ok(&d.cli(&["create", "chatty", "--mem=8", &unit(), "chatty", "1000", "2"]));
+    let daemon = d.child.as_ref().unwrap().id();
+    let rss_before = rss_kib(daemon);
+    let mut followers: Vec<std::process::Child> = (0..10)
+        .map(|_| {
+            Command::new(tt_host())
+                .args(["console", "chatty", "--follow"])
+                .env("TT_HOST_SOCKET", d.socket())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let counters: Vec<_> = followers
+        .iter_mut()
+        .map(|c| {
+            let mut out = c.stdout.take().unwrap();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                let mut buf = vec![0u8; 1 << 16];
+                while let Ok(k) = out.read(&mut buf) {
+                    if k == 0 {
+                        break;
+                    }
+                    n += k as u64;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut peak = 0;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        peak = peak.max(rss_kib(daemon));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for c in &mut followers {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let got: Vec<u64> = counters.into_iter().map(|h| h.join().unwrap()).collect();
+    for g in &got {
+        assert!(*g > 200_000, "every follower got the stream: {got:?}");
+    }
+    assert!(
+        peak < rss_before + 16 * 1024 && peak < 64 * 1024,
+        "daemon RSS {rss_before} KiB before, {peak} KiB peak with 10 followers"
+    );
+    // The console's file is its ring, of a fixed size.
+    let size = std::fs::metadata(d.runtime_dir().join("units/u-chatty/console"))
+        .unwrap()
+        .len();
+    assert!(size <= (1 << 20) + 4096, "{size}");
+}
