@@ -363,6 +363,7 @@ pub fn value_of<'a>(args: &'a [String], i: &mut usize, opt: &str) -> Option<&'a 
 pub const POLICY_USAGE: &str = "\
 usage: tt-host policy set PATH [--unikernels N] [--mem MB] [--cpus LIST]
                               [--block MB|none] [--bridges LIST]
+                              [--users LIST] [--groups LIST]
                               (each also takes 'inherit')
        tt-host policy remove PATH
        tt-host policy show [PATH]
@@ -390,16 +391,31 @@ set     set the policy at PATH. An option left out is not set by this
                             allowed at all
           --bridges LIST    networks (bridges, or TAPs in no bridge) they
                             may attach to (br0,br1; 'none')
+          --users LIST      Unix users (names or uids: alice,1001; 'none')
+                            granted PATH's subtree through tt-host daemon
+          --groups LIST     Unix groups (names or gids), as --users
+        A grant at PATH lets those users, and the members of those
+        groups, create, destroy, restart, list, inspect and read the
+        console and stats of the unikernels named below PATH
+        (PATH:web, PATH:x:web), set and remove the policies strictly below
+        PATH (PATH:x), and show PATH and below; never change PATH's own
+        policy nor anything above or beside it. Grants are not inherited
+        like resources: a request is allowed if any policy above it
+        grants it, so a policy below cannot narrow a grant. 'inherit'
+        removes the grant at PATH. root may do anything. Names are
+        resolved to ids when the policy is set.
 remove  remove the policy at PATH (what runs below stays bounded by the
         policies above; at the root: go back to the host's resources)
-show    the tree below PATH (default: all), with usage against limits";
+show    the tree below PATH (default: all), with usage against limits
+        and the grants (as ids)";
 
 /// A parsed `tt-host policy` command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PolicyCmd {
     Set {
         path: crate::resources::Path,
-        change: crate::resources::PolicyChange,
+        /// Boxed: a change is much larger than the other commands.
+        change: Box<crate::resources::PolicyChange>,
         state_dir: Option<PathBuf>,
     },
     Remove {
@@ -462,9 +478,106 @@ fn parse_bridges(v: &str) -> Result<std::collections::BTreeSet<String>, String> 
     Ok(names.into_iter().map(String::from).collect())
 }
 
+/// `--users`' or `--groups`' list: names or numeric ids, `1000,bob`, or
+/// `none` (or nothing) for nobody. A name is resolved now, through the
+/// system's user or group database; a number is taken as an id as it is.
+fn parse_ids(
+    v: &str,
+    who: crate::resources::Grantee,
+) -> Result<std::collections::BTreeSet<u32>, String> {
+    use crate::resources::Grantee;
+    let kind = match who {
+        Grantee::Users => "user",
+        Grantee::Groups => "group",
+    };
+    if v == "none" || v.is_empty() {
+        return Ok(Default::default());
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for item in v.split(',').map(str::trim) {
+        let id = match item {
+            "" => return Err(format!("empty {kind} in the list")),
+            "none" => return Err(format!("'none' (no {kind}s) cannot be part of a list")),
+            "inherit" => return Err("'inherit' (not set here) cannot be part of a list".into()),
+            _ if item.bytes().all(|b| b.is_ascii_digit()) => {
+                number::<u32>(item).ok_or_else(|| format!("{kind} id {item} is too large"))?
+            }
+            _ => match lookup_id(item, who) {
+                Ok(Some(id)) => id,
+                Ok(None) => {
+                    return Err(format!(
+                        "no {kind} named '{}' on this host (give a numeric id)",
+                        quote(item)
+                    ))
+                }
+                Err(e) => return Err(format!("cannot look up the {kind} '{}': {e}", quote(item))),
+            },
+        };
+        ids.insert(id);
+    }
+    Ok(ids)
+}
+
+/// The uid of the user, or the gid of the group, called `name`, through
+/// the C library (`getpwnam_r`, `getgrnam_r`: /etc/passwd, /etc/group or
+/// whatever NSS is configured to use). `Ok(None)`: no such name.
+fn lookup_id(name: &str, who: crate::resources::Grantee) -> std::io::Result<Option<u32>> {
+    use crate::resources::Grantee;
+    let Ok(cname) = std::ffi::CString::new(name) else {
+        return Ok(None);
+    };
+    let mut buf: Vec<libc::c_char> = vec![0; 1024];
+    loop {
+        let (ret, found) = match who {
+            Grantee::Users => {
+                // SAFETY: an all-zero passwd is a valid value (null
+                // pointers, zero ids) that getpwnam_r overwrites.
+                let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+                let mut out: *mut libc::passwd = std::ptr::null_mut();
+                // SAFETY: `cname` is NUL-terminated; `pwd`, `buf` (of the
+                // length given) and `out` are valid for writes for the
+                // call; the strings it points into `buf` are not read.
+                let ret = unsafe {
+                    libc::getpwnam_r(
+                        cname.as_ptr(),
+                        &mut pwd,
+                        buf.as_mut_ptr(),
+                        buf.len(),
+                        &mut out,
+                    )
+                };
+                (ret, (!out.is_null()).then_some(pwd.pw_uid))
+            }
+            Grantee::Groups => {
+                // SAFETY: as for passwd above.
+                let mut grp: libc::group = unsafe { std::mem::zeroed() };
+                let mut out: *mut libc::group = std::ptr::null_mut();
+                // SAFETY: as for getpwnam_r above.
+                let ret = unsafe {
+                    libc::getgrnam_r(
+                        cname.as_ptr(),
+                        &mut grp,
+                        buf.as_mut_ptr(),
+                        buf.len(),
+                        &mut out,
+                    )
+                };
+                (ret, (!out.is_null()).then_some(grp.gr_gid))
+            }
+        };
+        match ret {
+            0 => return Ok(found),
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            // What glibc and musl return for a name they do not know.
+            libc::ENOENT | libc::ESRCH => return Ok(None),
+            e => return Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
 /// Parse the arguments after `policy`.
 pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
-    use crate::resources::{PolicyChange, Resource};
+    use crate::resources::{Grantee, PolicyChange, Resource};
     let Some(verb) = args.first().map(String::as_str) else {
         return Err(CliError::policy("policy: expected set, remove or show"));
     };
@@ -535,6 +648,23 @@ pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
                     set.bridges = Some(parse_bridges(v).map_err(|why| bad(opt, v, &why))?);
                 }
             }
+        } else if let Some((opt, who, v)) =
+            [("--users", Grantee::Users), ("--groups", Grantee::Groups)]
+                .into_iter()
+                .find_map(|(opt, g)| value_of(args, &mut i, opt).map(|v| (opt, g, v)))
+        {
+            // The last spelling of an option wins.
+            change.unset_grants.remove(&who);
+            let ids = if v == "inherit" {
+                change.unset_grants.insert(who);
+                None
+            } else {
+                Some(parse_ids(v, who).map_err(|why| bad(opt, v, &why))?)
+            };
+            match who {
+                Grantee::Users => change.set.users = ids,
+                Grantee::Groups => change.set.groups = ids,
+            }
         } else {
             return Err(CliError::policy(format!(
                 "policy set: unknown option '{}'",
@@ -551,7 +681,7 @@ pub fn parse_policy(args: &[String]) -> Result<PolicyCmd, CliError> {
     match verb {
         "set" => Ok(PolicyCmd::Set {
             path: need_path()?,
-            change,
+            change: Box::new(change),
             state_dir,
         }),
         "remove" => Ok(PolicyCmd::Remove {
@@ -976,6 +1106,57 @@ mod tests {
             panic!("not set")
         };
         assert_eq!(change, Default::default());
+    }
+
+    /// `--users` and `--groups` take names (resolved now) and ids, 'none'
+    /// for nobody and 'inherit' to remove the grant; the last one wins.
+    #[test]
+    fn policy_set_takes_users_and_groups() {
+        use crate::resources::Grantee;
+        let Ok(PolicyCmd::Set { change, .. }) =
+            pol(&["set", "alice", "--users", "root,4242", "--groups=root, 100"])
+        else {
+            panic!("not set")
+        };
+        // root is uid 0 and gid 0 on every Linux system.
+        assert_eq!(change.set.users, Some([0, 4242].into()));
+        assert_eq!(change.set.groups, Some([0, 100].into()));
+        assert!(change.unset_grants.is_empty());
+        let Ok(PolicyCmd::Set { change, .. }) = pol(&[
+            "set",
+            "alice",
+            "--users=none",
+            "--groups=7",
+            "--groups=inherit",
+        ]) else {
+            panic!("not set")
+        };
+        assert_eq!(change.set.users, Some(Default::default()));
+        assert_eq!(change.set.groups, None);
+        assert_eq!(change.unset_grants, [Grantee::Groups].into());
+        for (args, needle) in [
+            (
+                &["set", "a", "--users=no-such-user-tt"][..],
+                "--users=no-such-user-tt: no user named 'no-such-user-tt' on this host",
+            ),
+            (
+                &["set", "a", "--groups=no-such-group-tt"][..],
+                "no group named 'no-such-group-tt'",
+            ),
+            (&["set", "a", "--users=1,,2"][..], "empty user in the list"),
+            (
+                &["set", "a", "--users=1,none"][..],
+                "'none' (no users) cannot be part of a list",
+            ),
+            (
+                &["set", "a", "--users=4294967296"][..],
+                "user id 4294967296 is too large",
+            ),
+            (&["show", "--users=1"][..], "unknown option '--users=1'"),
+        ] {
+            let e = pol(args).unwrap_err();
+            assert!(e.msg.contains(needle), "{args:?}: {e}");
+        }
     }
 
     #[test]

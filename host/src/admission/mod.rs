@@ -57,7 +57,10 @@
 //! since) widens the default, so the stored tree stays consistent. A
 //! policy stored by an older tt-host, with every field copied from above,
 //! still loads, with every field set; `policy set PATH --FIELD inherit`
-//! unsets one.
+//! unsets one. A policy's access grants (`users`, `groups`: uids and
+//! gids) are stored with it when set and left out otherwise, so a
+//! `state.json` without them loads as before and an older tt-host reads
+//! one with them (and drops them if it rewrites the file).
 
 mod host;
 mod legacy;
@@ -316,6 +319,18 @@ impl StateDir {
             ""
         };
         Ok(format!("{root_note}{}", tree.render(path)))
+    }
+}
+
+impl StateDir {
+    /// The policy tree and the unikernels running in it, as stored now
+    /// (after reaping), as a copy: for access checks
+    /// ([`Resources::may_act_on_unikernel`] and the others) and listings.
+    /// It may be out of date as soon as it is returned.
+    pub fn resources(&self) -> Result<Resources, AdmitError> {
+        let mut st = self.lock()?;
+        st.reap();
+        st.tree()
     }
 }
 

@@ -842,3 +842,84 @@ fn a_state_file_over_16_mib_is_refused_unread() {
     );
     std::fs::remove_dir_all(sd.path()).unwrap();
 }
+
+/// Access grants are stored with the policy, shown by `policy show`, left
+/// out of `state.json` when not set (so an older tt-host's file and ours
+/// read the same), and unset by `inherit` without touching the limits.
+#[test]
+fn grants_are_stored_shown_and_unset() {
+    use crate::resources::{Caller, Grantee};
+    let sd = scratch("grants");
+    let alice: Path = "alice".parse().unwrap();
+    sd.set_policy(
+        &alice,
+        &PolicyChange {
+            set: PartialPolicy {
+                unikernels: Some(2),
+                ..PartialPolicy::default()
+            },
+            ..PolicyChange::default()
+        },
+    )
+    .unwrap();
+    let state = sd.path().join(STATE_FILE);
+    let json = std::fs::read_to_string(&state).unwrap();
+    assert!(
+        !json.contains("users") && !json.contains("groups"),
+        "{json}"
+    );
+    sd.set_policy(
+        &alice,
+        &PolicyChange {
+            set: PartialPolicy {
+                users: Some([4242, 4243].into()),
+                groups: Some(BTreeSet::new()),
+                ..PartialPolicy::default()
+            },
+            ..PolicyChange::default()
+        },
+    )
+    .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let stored = &json["policies"][0][1];
+    assert_eq!(stored["users"], serde_json::json!([4242, 4243]), "{json}");
+    assert_eq!(stored["groups"], serde_json::json!([]), "{json}");
+    let shown = sd.show(&alice).unwrap();
+    assert!(
+        shown.contains("unikernels 0/2") && shown.contains("  users 4242,4243  groups none"),
+        "{shown}"
+    );
+    // Another process reads the grant back.
+    let other = StateDir::resolve(Some(sd.path()));
+    let tree = other.resources().unwrap();
+    let u = Caller {
+        uid: 4243,
+        gid: 1,
+        groups: vec![],
+    };
+    tree.may_act_on_unikernel(&u, &"alice:web".parse().unwrap())
+        .unwrap();
+    tree.may_change_policy(&u, &"alice:bob".parse().unwrap())
+        .unwrap();
+    assert!(tree.may_change_policy(&u, &alice).is_err());
+    // `--users inherit`: the grant goes, the limits stay.
+    sd.set_policy(
+        &alice,
+        &PolicyChange {
+            unset_grants: [Grantee::Users].into(),
+            ..PolicyChange::default()
+        },
+    )
+    .unwrap();
+    let tree = other.resources().unwrap();
+    assert!(tree
+        .may_act_on_unikernel(&u, &"alice:web".parse().unwrap())
+        .is_err());
+    let set = tree.find_set_fields(&alice).unwrap();
+    assert_eq!(
+        (set.unikernels, set.users.as_ref(), set.groups.as_ref()),
+        (Some(2), None, Some(&BTreeSet::new()))
+    );
+    std::fs::remove_dir_all(sd.path()).unwrap();
+}

@@ -43,10 +43,18 @@
 //! [`Resources::remove_policy`] removes any policy but the root's, even with
 //! things below it, which stay bounded by the policies above.
 //!
+//! A policy may also grant its subtree to Unix users and groups, who may
+//! then act on the unikernels below it and change the policies strictly
+//! below it ([`Resources::may_act_on_unikernel`],
+//! [`Resources::may_change_policy`]; module `access` has the rules).
+//! Grants are not resources: they are not inherited, and any policy above
+//! a request that grants it allows it.
+//!
 //! This module is pure bookkeeping: it starts nothing and reads nothing from
 //! the host. Sums use checked arithmetic, so an absurd request is refused,
 //! never wrapped.
 
+mod access;
 mod name;
 mod policy;
 mod tree;
@@ -54,9 +62,10 @@ mod tree;
 #[cfg(test)]
 mod tests;
 
+pub use access::{AccessRefusal, Caller};
 pub use name::{Label, Name, NameError, Path, MAX_DEPTH, MAX_LABEL_LEN};
 pub use policy::{
-    parse_cpu_list, BridgeList, CpuList, CpuListError, FitError, PartialPolicy, Policy,
+    parse_cpu_list, BridgeList, CpuList, CpuListError, FitError, Grantee, PartialPolicy, Policy,
     PolicyChange, Resource, Unikernel, Usage,
 };
 pub use tree::{Refusal, RemovePolicyError, Resources};

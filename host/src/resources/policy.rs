@@ -45,6 +45,15 @@ pub struct PartialPolicy {
     pub block_mb: Option<Option<u64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridges: Option<BTreeSet<String>>,
+    /// Unix users (uids) granted the subtree below this path (see
+    /// [`super::access`]). Not a resource: never inherited nor compared,
+    /// and absent from the file when not set, so a state file without
+    /// grants reads as before and an older tt-host reads one with them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<BTreeSet<u32>>,
+    /// Unix groups (gids) granted the subtree below this path, as `users`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<BTreeSet<u32>>,
 }
 
 /// A field that is present, `null` included, is set (`Some`); an absent
@@ -62,6 +71,8 @@ impl From<Policy> for PartialPolicy {
             cpus: Some(p.cpus),
             block_mb: Some(p.block_mb),
             bridges: Some(p.bridges),
+            users: None,
+            groups: None,
         }
     }
 }
@@ -117,11 +128,20 @@ impl PartialPolicy {
 
 /// What `tt-host policy set` changes in the policy at a path: the fields
 /// in `set` are set, the resources in `inherit` are unset (then inherited
-/// from above); the others stay as they are (on a new policy: not set).
+/// from above), the grants in `unset_grants` are removed; the others stay
+/// as they are (on a new policy: not set).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicyChange {
     pub set: PartialPolicy,
     pub inherit: BTreeSet<Resource>,
+    pub unset_grants: BTreeSet<Grantee>,
+}
+
+/// Who a policy's access grant names: its `users` or its `groups`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Grantee {
+    Users,
+    Groups,
 }
 
 impl PolicyChange {
@@ -143,8 +163,20 @@ impl PolicyChange {
         if s.bridges.is_some() {
             p.bridges.clone_from(&s.bridges);
         }
+        if s.users.is_some() {
+            p.users.clone_from(&s.users);
+        }
+        if s.groups.is_some() {
+            p.groups.clone_from(&s.groups);
+        }
         for r in &self.inherit {
             p.unset(*r);
+        }
+        for g in &self.unset_grants {
+            match g {
+                Grantee::Users => p.users = None,
+                Grantee::Groups => p.groups = None,
+            }
         }
     }
 }
@@ -499,6 +531,25 @@ mod tests {
         assert_eq!(serde_json::from_str::<PartialPolicy>(&json).unwrap(), none);
     }
 
+    /// Grants are stored only when set, as lists of ids.
+    #[test]
+    fn grants_are_stored_only_when_set() {
+        let p = PartialPolicy {
+            users: Some([1000, 7].into()),
+            groups: Some(BTreeSet::new()),
+            ..PartialPolicy::default()
+        };
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(json, r#"{"users":[7,1000],"groups":[]}"#);
+        assert_eq!(serde_json::from_str::<PartialPolicy>(&json).unwrap(), p);
+        let p = PartialPolicy::from(policy(2, 1024, None));
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(
+            !json.contains("users") && !json.contains("groups"),
+            "{json}"
+        );
+    }
+
     #[test]
     fn a_change_sets_unsets_and_keeps() {
         let mut p = PartialPolicy::from(policy(2, 1024, Some(10)));
@@ -508,6 +559,7 @@ mod tests {
                 ..PartialPolicy::default()
             },
             inherit: [Resource::Block, Resource::Bridges].into(),
+            ..PolicyChange::default()
         };
         change.apply(&mut p);
         assert_eq!(p.unikernels, Some(2), "kept");

@@ -8,7 +8,9 @@
 //! (so paths and names collide) must get the same decision, the same
 //! refusal, and the same usage at every path after every step. Policies
 //! set only some of their fields; the model finds each field in force by
-//! looking up the nearest policy that sets it.
+//! looking up the nearest policy that sets it. Some policies grant their
+//! subtree to users or groups: after every step, the access decisions for
+//! a few callers at every path must be those of a scan of all policies.
 
 use super::*;
 use proptest::prelude::*;
@@ -439,26 +441,49 @@ fn policy() -> impl Strategy<Value = Policy> {
         )
 }
 
-/// A [`policy`] that sets some of its fields: mostly all, often some.
+/// Grants of users 1, 2 and groups 10, 11: mostly none.
+fn grant_ids(ids: [u32; 2]) -> impl Strategy<Value = Option<BTreeSet<u32>>> {
+    prop_oneof![
+        3 => Just(None),
+        1 => (0u8..4).prop_map(move |m| Some(
+            ids.iter()
+                .enumerate()
+                .filter(|(i, _)| m >> i & 1 == 1)
+                .map(|(_, id)| *id)
+                .collect()
+        )),
+    ]
+}
+
+/// A [`policy`] that sets some of its fields: mostly all, often some; some
+/// grant their subtree.
 fn partial_policy() -> impl Strategy<Value = PartialPolicy> {
-    (policy(), prop_oneof![1 => Just(0b11111u8), 2 => 0u8..32]).prop_map(|(p, mask)| {
-        let mut set = PartialPolicy::from(p);
-        for (i, r) in [
-            Resource::Unikernels,
-            Resource::Memory,
-            Resource::Block,
-            Resource::Cpus,
-            Resource::Bridges,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            if mask >> i & 1 == 0 {
-                set.unset(r);
+    (
+        policy(),
+        prop_oneof![1 => Just(0b11111u8), 2 => 0u8..32],
+        grant_ids([1, 2]),
+        grant_ids([10, 11]),
+    )
+        .prop_map(|(p, mask, users, groups)| {
+            let mut set = PartialPolicy::from(p);
+            set.users = users;
+            set.groups = groups;
+            for (i, r) in [
+                Resource::Unikernels,
+                Resource::Memory,
+                Resource::Block,
+                Resource::Cpus,
+                Resource::Bridges,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                if mask >> i & 1 == 0 {
+                    set.unset(r);
+                }
             }
-        }
-        set
-    })
+            set
+        })
 }
 
 /// A generous root: every other generated policy may fit in it.
@@ -552,7 +577,7 @@ fn kind(r: &Refusal) -> String {
 fn run(root: Policy, ops: &[Op], paths: &[Labels], stats: &mut Stats) -> Result<(), TestCaseError> {
     let mut tree = Resources::new(root.clone());
     let mut model = Model::new(root);
-    for op in ops {
+    for (step, op) in ops.iter().enumerate() {
         match op {
             Op::Launch(p, l, uk) => {
                 let name = to_name(p, l);
@@ -639,10 +664,87 @@ fn run(root: Policy, ops: &[Op], paths: &[Labels], stats: &mut Stats) -> Result<
         for (p, l, uk) in &model.running {
             prop_assert_eq!(tree.find_unikernel(&to_name(p, l)), Some(uk));
         }
+        // Every few steps (a scan of every path is slow in a debug build).
+        if step % 8 == 7 || step + 1 == ops.len() {
+            check_access(&tree, &model, paths)?;
+        }
         // The printout shows one line per node at least for each policy
         // and unikernel.
         let lines = tree.to_string().lines().count();
         prop_assert!(lines >= model.policies.len() + model.running.len());
+    }
+    Ok(())
+}
+
+/// Whether the fields set at one path grant `c`.
+fn model_grants(set: &PartialPolicy, c: &Caller) -> bool {
+    set.users.as_ref().is_some_and(|u| u.contains(&c.uid))
+        || set
+            .groups
+            .as_ref()
+            .is_some_and(|g| g.contains(&c.gid) || c.groups.iter().any(|x| g.contains(x)))
+}
+
+/// The tree's access decisions at every path in `paths`, for a few
+/// callers, against a scan of every policy in the model: acting on a
+/// unikernel and showing need a grant at or above the path, changing a
+/// policy one strictly above it; root needs none.
+fn check_access(tree: &Resources, model: &Model, paths: &[Labels]) -> Result<(), TestCaseError> {
+    let callers = [
+        Caller {
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+        },
+        Caller {
+            uid: 1,
+            gid: 100,
+            groups: vec![],
+        },
+        Caller {
+            uid: 3,
+            gid: 10,
+            groups: vec![],
+        },
+        Caller {
+            uid: 4,
+            gid: 4,
+            groups: vec![5, 11],
+        },
+    ];
+    for c in &callers {
+        for p in paths {
+            let granted = |strict: bool| {
+                c.uid == 0
+                    || model.policies.iter().any(|(k, set)| {
+                        p.starts_with(k) && (!strict || k.len() < p.len()) && model_grants(set, c)
+                    })
+            };
+            let path = to_path(p);
+            let name = to_name(p, "a");
+            prop_assert_eq!(
+                tree.may_act_on_unikernel(c, &name).is_ok(),
+                granted(false),
+                "uid {} acts on {}",
+                c.uid,
+                name
+            );
+            prop_assert_eq!(tree.visible_to(c, &name), granted(false));
+            prop_assert_eq!(
+                tree.may_show(c, &path).is_ok(),
+                granted(false),
+                "uid {} shows {}",
+                c.uid,
+                path
+            );
+            prop_assert_eq!(
+                tree.may_change_policy(c, &path).is_ok(),
+                granted(true),
+                "uid {} changes {}",
+                c.uid,
+                path
+            );
+        }
     }
     Ok(())
 }

@@ -260,6 +260,26 @@ impl Resources {
         node.policy.as_ref().map(|_| &node.set)
     }
 
+    /// The fields set (grants included) at every path from the root down
+    /// to `path`, both included, that has a policy, each with its depth
+    /// (0 for the root), root first. O(depth of `path`).
+    pub(super) fn set_fields_along<'a>(
+        &'a self,
+        path: &'a Path,
+    ) -> impl Iterator<Item = (usize, &'a PartialPolicy)> + 'a {
+        let mut node = Some(&self.root);
+        let mut depth = 0;
+        std::iter::from_fn(move || loop {
+            let n = node?;
+            let at = depth;
+            node = path.labels().get(depth).and_then(|l| n.child(l));
+            depth += 1;
+            if n.policy.is_some() {
+                return Some((at, &n.set));
+            }
+        })
+    }
+
     /// The policy in force just above `path`: that of the nearest path
     /// above with a policy; for the root, the default of its fields.
     fn inherited(&self, path: &Path) -> &Policy {
@@ -800,7 +820,7 @@ fn render_node(
             m(Resource::Cpus),
             BridgeList(&p.bridges),
             m(Resource::Bridges),
-        )
+        ) + &grants(&node.set)
     } else {
         format!(
             "no policy  unikernels {}  memory {} MB  block {} MB",
@@ -813,6 +833,25 @@ fn render_node(
         render_node(child, at, l.to_string(), indent + 2, &from, lines);
         at.pop();
     }
+}
+
+/// A policy's access grants as `policy show` appends them to its line:
+/// `  users 1000,1001  groups 100`, `none` for a list set empty, nothing
+/// for one not set.
+fn grants(set: &PartialPolicy) -> String {
+    let mut out = String::new();
+    for (what, ids) in [("users", &set.users), ("groups", &set.groups)] {
+        if let Some(ids) = ids {
+            let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+            let list = if list.is_empty() {
+                "none".to_string()
+            } else {
+                list.join(",")
+            };
+            out.push_str(&format!("  {what} {list}"));
+        }
+    }
+    out
 }
 
 /// Make every policy below `node` (whose policy in force is `above`)
