@@ -4,7 +4,7 @@
 
 use super::desired::Owner;
 use crate::admission::StateDir;
-use crate::resources::{Name, Path};
+use crate::resources::{Caller, Name, Path, Resources};
 
 /// The peer of a connection.
 #[derive(Debug, Clone)]
@@ -26,40 +26,44 @@ impl Peer {
             groups: self.groups.clone(),
         }
     }
+
+    fn caller(&self) -> Caller {
+        Caller {
+            uid: self.uid,
+            gid: self.gid,
+            groups: self.groups.clone(),
+        }
+    }
 }
 
 /// The grants in force, read once per request (only for a caller that is
 /// not root).
 pub struct Rights {
-    peer: Peer,
+    caller: Caller,
+    tree: Resources,
 }
 
 impl Rights {
-    pub fn load(_state: &StateDir, peer: &Peer) -> Result<Rights, String> {
-        Ok(Rights { peer: peer.clone() })
-    }
-
-    fn root_only(&self, what: String) -> Result<(), String> {
-        if self.peer.is_root() {
-            Ok(())
-        } else {
-            Err(format!("uid {} may not {what}", self.peer.uid))
-        }
+    pub fn load(state: &StateDir, peer: &Peer) -> Result<Rights, String> {
+        Ok(Rights {
+            caller: peer.caller(),
+            tree: state.resources().map_err(|e| e.to_string())?,
+        })
     }
 
     pub fn may_act_on(&self, name: &Name) -> Result<(), String> {
-        self.root_only(format!("act on {name}"))
+        (self.tree.may_act_on_unikernel(&self.caller, name)).map_err(|e| e.to_string())
     }
 
     pub fn may_change_policy(&self, path: &Path) -> Result<(), String> {
-        self.root_only(format!("change the policy of {path}"))
+        (self.tree.may_change_policy(&self.caller, path)).map_err(|e| e.to_string())
     }
 
     pub fn may_show(&self, path: &Path) -> Result<(), String> {
-        self.root_only(format!("show {path}"))
+        (self.tree.may_show(&self.caller, path)).map_err(|e| e.to_string())
     }
 
     pub fn sees(&self, name: &Name) -> bool {
-        self.may_act_on(name).is_ok()
+        self.tree.visible_to(&self.caller, name)
     }
 }
