@@ -135,7 +135,10 @@ impl Daemon {
             for p in &pids {
                 kill(*p, libc::SIGKILL);
             }
-            assert!(t.elapsed() < Duration::from_secs(30), "units do not die: {pids:?}");
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "units do not die: {pids:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

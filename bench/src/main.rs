@@ -29,6 +29,11 @@
 //!   solo5-hvt (<= 1/16), a CPL 0-style loop image against the same loop
 //!   natively (<= 1.5x), Solo5 hello launch against solo5-hvt (<= 0.5x).
 //!   See [`cpl3`]. Targets 1 and 3 need `$SOLO5_DIR`. Not part of `all`.
+//! - `daemon`: tt-host daemon (issue 18): its own time per create against
+//!   one fdatasync (<= 1 ms beyond it), create-to-first-console-line
+//!   beside `tt-host run`'s, its RSS and CPU with 200 idle unikernels
+//!   (< 64 MiB, < 1%), and `tt-host list` with them (< 20 ms). See
+//!   [`daemon`]. Not part of `all`.
 //!
 //! Each prints a table and its verdict. Only with `--check` does a missed
 //! target make the exit status non-zero (2); errors always exit 1.
@@ -38,6 +43,7 @@ mod blk;
 mod child;
 mod compute;
 mod cpl3;
+mod daemon;
 mod hypercall;
 mod launch;
 mod minimal;
@@ -61,6 +67,7 @@ usage:
                      [--compare TT_HOST] [--check]
   tt-bench vblk      [--runs ROUNDS] [--iters WRITES] [--tt-host PATH] [--image PATH] [--check]
   tt-bench cpl3      [--runs ROUNDS] [--iters LOOP_ITERS] [--tt-host PATH] [--check]
+  tt-bench daemon    [--runs N] [--iters IDLE_UNIKERNELS] [--tt-host PATH] [--image PATH] [--check]
   tt-bench all       [--check]
 
 defaults (relative to the workspace root):
@@ -127,7 +134,7 @@ fn parse(args: &[String], allowed: &[&str]) -> Result<Opts, String> {
 }
 
 /// The workspace root: this crate's parent directory.
-fn root() -> PathBuf {
+pub fn root() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     p.canonicalize().unwrap_or(p)
 }
@@ -232,7 +239,9 @@ fn dispatch(args: &[String]) -> Result<Vec<Verdict>, String> {
     };
     if matches!(
         cmd,
-        Some("launch" | "compute" | "hypercall" | "rss" | "blk" | "vblk" | "cpl3" | "all")
+        Some(
+            "launch" | "compute" | "hypercall" | "rss" | "blk" | "vblk" | "cpl3" | "daemon" | "all"
+        )
     ) {
         machine();
     }
@@ -264,6 +273,10 @@ fn dispatch(args: &[String]) -> Result<Vec<Verdict>, String> {
         Some("cpl3") => {
             let o = parse(rest, &["--tt-host", "--runs", "--iters", "--check"])?;
             (cpl3::run(&o)?, o.check)
+        }
+        Some("daemon") => {
+            let o = parse(rest, &with(&["--runs", "--iters", "--check"]))?;
+            (daemon::run(&o)?, o.check)
         }
         Some("all") => {
             let o = parse(rest, &["--check"])?;

@@ -60,7 +60,11 @@ fn ticks(lines: &[String]) -> u64 {
         .filter_map(|l| l.strip_prefix("tick ").and_then(|n| n.parse().ok()))
         .collect();
     for (i, t) in ticks.iter().enumerate() {
-        assert_eq!(*t, i as u64 + 1, "tick lines lost or out of order: {lines:?}");
+        assert_eq!(
+            *t,
+            i as u64 + 1,
+            "tick lines lost or out of order: {lines:?}"
+        );
     }
     ticks.len() as u64
 }
@@ -116,10 +120,34 @@ fn restart_on_fail_follows_the_exit_code_with_growing_delays() {
         return;
     }
     let d = Daemon::started("d-restart", &["--restart-backoff=200,10000"]);
-    ok(&d.cli(&["create", "fails", "--restart-on-fail", "--mem=8", &unit(), "exit", "3"]));
-    ok(&d.cli(&["create", "one", "--restart-on-fail", "--mem=8", &unit(), "exit", "1"]));
+    ok(&d.cli(&[
+        "create",
+        "fails",
+        "--restart-on-fail",
+        "--mem=8",
+        &unit(),
+        "exit",
+        "3",
+    ]));
+    ok(&d.cli(&[
+        "create",
+        "one",
+        "--restart-on-fail",
+        "--mem=8",
+        &unit(),
+        "exit",
+        "1",
+    ]));
     ok(&d.cli(&["create", "plain", "--mem=8", &unit(), "exit", "3"]));
-    ok(&d.cli(&["create", "listed", "--restart-on-fail=4,5", "--mem=8", &unit(), "exit", "3"]));
+    ok(&d.cli(&[
+        "create",
+        "listed",
+        "--restart-on-fail=4,5",
+        "--mem=8",
+        &unit(),
+        "exit",
+        "3",
+    ]));
     d.wait_for(30, "four restarts of 'fails'", || {
         list(&d).get("fails").is_some_and(|u| u.2 >= 4)
     });
@@ -149,7 +177,15 @@ fn restart_on_fail_follows_the_exit_code_with_growing_delays() {
     assert_eq!(all["one"].3, "exit 1");
 
     // A destroyed unikernel is not restarted, and leaves nothing behind.
-    ok(&d.cli(&["create", "ticker", "--restart-on-fail", "--mem=8", &unit(), "tick", "50"]));
+    ok(&d.cli(&[
+        "create",
+        "ticker",
+        "--restart-on-fail",
+        "--mem=8",
+        &unit(),
+        "tick",
+        "50",
+    ]));
     let pid = list(&d)["ticker"].1.unwrap();
     ok(&d.cli(&["destroy", "ticker"]));
     assert!(!alive(pid), "destroy reaps the process");
@@ -226,7 +262,10 @@ fn access_is_by_subtree() {
     ok(&d.cli(&["create", "carol:db", "--mem=8", &image, "tick", "200"]));
     let r = as_user(&["list"]);
     assert!(ok(&r).contains("alice:bob:web"), "{r:?}");
-    assert!(!ok(&r).contains("carol"), "only its subtree is listed: {r:?}");
+    assert!(
+        !ok(&r).contains("carol"),
+        "only its subtree is listed: {r:?}"
+    );
     let r = as_user(&["destroy", "carol:db"]);
     assert_eq!(r.status, 1, "{r:?}");
     let r = as_user(&["console", "alice:bob:web"]);
@@ -236,10 +275,19 @@ fn access_is_by_subtree() {
     std::fs::copy(guest("unit"), &secret).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let r = as_user(&["create", "alice:bob:x", "--mem=8", &secret.display().to_string(), "idle"]);
+    let r = as_user(&[
+        "create",
+        "alice:bob:x",
+        "--mem=8",
+        &secret.display().to_string(),
+        "idle",
+    ]);
     assert_eq!(r.status, 1, "{r:?}");
     assert!(r.stderr.contains("secret.hvt"), "{r:?}");
-    assert!(!list(&d).contains_key("alice:bob:x"), "a failed create is not kept");
+    assert!(
+        !list(&d).contains_key("alice:bob:x"),
+        "a failed create is not kept"
+    );
 }
 
 #[test]
@@ -264,7 +312,9 @@ fn a_reboot_brings_back_what_was_created() {
         assert_eq!(u.0, "running", "{n}: {after:?}");
         assert_ne!(u.1, before[n].1, "{n} runs as a new process");
     }
-    d.wait_for(20, "the consoles start again", || ticks(&console(&d, "a")) >= 2);
+    d.wait_for(20, "the consoles start again", || {
+        ticks(&console(&d, "a")) >= 2
+    });
 }
 
 /// One raw request on the socket; the reply's JSON.
@@ -310,13 +360,21 @@ fn a_hundred_clients_at_once_and_bad_requests() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for (i, r) in replies.iter().enumerate() {
-        let want = ["\"list\"", "\"info\"", "\"stats\"", "no unikernel named nobody"][i % 4];
+        let want = [
+            "\"list\"",
+            "\"info\"",
+            "\"stats\"",
+            "no unikernel named nobody",
+        ][i % 4];
         assert!(r.contains(want), "client {i}: {r}");
     }
     // Oversized, malformed, wrong version: an error reply each, and the
     // daemon goes on.
     let big = raw(d_ref(&d), &(2u32 << 20).to_be_bytes());
-    assert!(big.contains("error") && big.contains("longer than"), "{big}");
+    assert!(
+        big.contains("error") && big.contains("longer than"),
+        "{big}"
+    );
     let bad = raw(&d, &frame(b"{not json"));
     assert!(bad.contains("malformed request"), "{bad}");
     let v = raw(&d, &frame(br#"{"v":9,"op":"list"}"#));
@@ -350,7 +408,15 @@ fn ten_console_followers_of_a_chatty_guest_in_bounded_memory() {
         return;
     }
     let d = Daemon::started("d-console", &[]);
-    ok(&d.cli(&["create", "chatty", "--mem=8", &unit(), "chatty", "1000", "2"]));
+    ok(&d.cli(&[
+        "create",
+        "chatty",
+        "--mem=8",
+        &unit(),
+        "chatty",
+        "1000",
+        "2",
+    ]));
     let daemon = d.child.as_ref().unwrap().id();
     let rss_before = rss_kib(daemon);
     let mut followers: Vec<std::process::Child> = (0..10)
