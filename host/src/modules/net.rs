@@ -230,6 +230,12 @@ impl NetDevice {
         })
     }
 
+    /// The /dev/net/tun file attached to the TAP, for a launcher that
+    /// passes it on as `--net:NAME=@FD` (`tt-host run --x-client`).
+    pub fn into_file(self) -> File {
+        self.tap
+    }
+
     /// Attach the TAP that file descriptor `fd` (inherited from a launcher)
     /// holds, as device `name`. The descriptor must be a /dev/net/tun file
     /// attached to a TAP interface with `IFF_NO_PI` (checked where /sys
