@@ -10,9 +10,10 @@
 //! clears the effective capabilities, so `CAP_DAC_OVERRIDE` and
 //! `CAP_NET_ADMIN` no longer apply; the real and saved uids stay 0, which
 //! is what lets tt-host take its own identity back. As the client it
-//! opens the image read-only, every `--block` image read-write, and every
-//! `--net` TAP (`/dev/net/tun` and `TUNSETIFF`, which checks the TAP's
-//! owner and group against the effective ids). Paths are resolved without
+//! opens the image read-only, every `--block` image read-write, and
+//! attaches every `--net` TAP (`TUNSETIFF`, which checks the TAP's owner
+//! and group against the effective ids, on a `/dev/net/tun` file tt-host
+//! opened as itself, as it opens `/dev/kvm`). Paths are resolved without
 //! following `/proc` magic links (`openat2` `RESOLVE_NO_MAGICLINKS`), so
 //! `/proc/self/fd/N` cannot reach a file tt-host itself holds. Then it
 //! returns to its own identity, checks that it did, and rewrites the
@@ -124,6 +125,17 @@ pub enum ClientError {
         path: String,
         uid: u32,
         err: io::Error,
+    },
+    #[error(
+        "net device '{device}': TAP interface '{tap}' {why}, and the client (uid {uid}) may \
+         not open /dev/net/tun itself: give the TAP to the client (e.g. `ip tuntap add {tap} \
+         mode tap user {uid}`)"
+    )]
+    TapNotGiven {
+        device: String,
+        tap: String,
+        uid: u32,
+        why: String,
     },
     #[error("{source} (opened with the client's rights, uid {uid})")]
     Net { uid: u32, source: NetError },
@@ -284,6 +296,60 @@ pub fn open_no_magic_links(path: &Path, flags: libc::c_int) -> io::Result<File> 
     Ok(unsafe { File::from_raw_fd(fd as libc::c_int) })
 }
 
+/// The /dev/net/tun file through which the client attaches TAP `tap`
+/// (called with the client's identity): its own if it may open
+/// /dev/net/tun, and then the kernel's check of the TAP's owner and group
+/// is all there is, as if the client did it itself. If it may not,
+/// tt-host's `ours`, but only for a TAP that has an owner or a group (the
+/// kernel then checks that the client is that owner and in that group):
+/// an ownerless TAP is open to whoever holds /dev/net/tun.
+fn tun_for_client(
+    device: &str,
+    tap: &str,
+    uid: u32,
+    ours: Option<File>,
+) -> Result<File, ClientError> {
+    let err = |err| ClientError::Net {
+        uid,
+        source: NetError::Attach {
+            name: device.into(),
+            tap: tap.into(),
+            err,
+        },
+    };
+    let denied = match NetDevice::open_tun() {
+        Ok(f) => return Ok(f),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)) => e,
+        Err(e) => return Err(err(e)),
+    };
+    let Some(ours) = ours else {
+        return Err(err(denied));
+    };
+    let not_given = |why: String| ClientError::TapNotGiven {
+        device: device.into(),
+        tap: tap.into(),
+        uid,
+        why,
+    };
+    // The owner and group the kernel checks, as /sys shows them (-1: none).
+    let valid = !tap.is_empty() && !tap.contains('/') && tap != "." && tap != "..";
+    let id = |what: &str| -> Result<i64, String> {
+        let p = format!("/sys/class/net/{tap}/{what}");
+        let text = std::fs::read_to_string(&p).map_err(|e| format!("{p}: {e}"))?;
+        text.trim()
+            .parse()
+            .map_err(|_| format!("{p} holds '{}'", text.trim()))
+    };
+    match (valid.then(|| id("owner")), valid.then(|| id("group"))) {
+        (Some(Ok(-1)), Some(Ok(-1))) => Err(not_given("has no owner or group".into())),
+        (Some(Ok(_)), Some(Ok(_))) => Ok(ours),
+        (Some(Err(e)), _) | (_, Some(Err(e))) => Err(not_given(format!(
+            "is not a TAP whose owner tt-host can read ({e})"
+        ))),
+        _ => Err(not_given("is not a valid interface name".into())),
+    }
+}
+
 /// Clear `O_NONBLOCK`, set only so the open did not wait on a FIFO.
 fn blocking(file: &File) -> io::Result<()> {
     // SAFETY: F_GETFL/F_SETFL take no pointers; the results are checked.
@@ -321,6 +387,21 @@ pub fn open_as_client(args: &mut RunArgs, client: &Client) -> Result<OpenedFiles
         }
     }
     let uid = client.uid;
+    // /dev/net/tun is tt-host's, as /dev/kvm is (it may be root's alone):
+    // opened as tt-host; attaching it to a TAP is what the client may or
+    // may not do, and the kernel checks that with the client's identity.
+    let mut tuns = Vec::new();
+    for o in args.devices.iter().filter(|o| o.option == "net") {
+        tuns.push(NetDevice::open_tun().map_err(|err| ClientError::Net {
+            uid,
+            source: NetError::Attach {
+                name: o.device.clone().unwrap_or_default(),
+                tap: o.value.clone(),
+                err,
+            },
+        })?);
+    }
+    let mut tuns = tuns.into_iter();
     let opened = with_identity(client, || -> Result<OpenedFiles, ClientError> {
         let image =
             open_no_magic_links(&args.image, libc::O_RDONLY | libc::O_NONBLOCK).map_err(|err| {
@@ -340,9 +421,12 @@ pub fn open_as_client(args: &mut RunArgs, client: &Client) -> Result<OpenedFiles
                     uid,
                     err,
                 })?,
-                "net" => NetDevice::open_tap(&device, 0, &o.value, [2, 0, 0, 0, 0, 1])
-                    .map_err(|source| ClientError::Net { uid, source })?
-                    .into_file(),
+                "net" => {
+                    let tun = tun_for_client(&device, &o.value, uid, tuns.next())?;
+                    NetDevice::open_tap_with(&device, 0, &o.value, [2, 0, 0, 0, 0, 1], || Ok(tun))
+                        .map_err(|source| ClientError::Net { uid, source })?
+                        .into_file()
+                }
                 _ => continue,
             };
             devices.push(file);
