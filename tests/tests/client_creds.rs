@@ -180,6 +180,38 @@ fn the_client_s_own_files_boot_and_its_writes_land() {
     );
 }
 
+/// virtio-blk devices take the same `--block` option: the client's own
+/// disk serves the guest; one it may not write is refused.
+#[test]
+fn a_virtio_blk_disk_is_opened_with_the_client_s_rights() {
+    if !kvm() {
+        return;
+    }
+    let s = Setup::new("xc-vblk", "vblk");
+    std::fs::File::options()
+        .write(true)
+        .open(&s.disk)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    let run = |s: &Setup| {
+        tt_with(
+            Command::new(tt_host())
+                .arg("run")
+                .arg("--mem=32")
+                .arg(X_CLIENT)
+                .arg(format!("--state-dir={}", s.state.display()))
+                .arg(format!("--block:disk={}", s.disk.display()))
+                .arg(&s.image),
+        )
+    };
+    assert_error(&run(&s), "block device 'disk': cannot open");
+    chown(&s.disk, CLIENT);
+    let r = run(&s);
+    assert_eq!(r.status, 0, "{r:?}");
+    assert!(r.stdout.contains("vblk: OK"), "{r:?}");
+}
+
 /// What a client names must be a path or a TAP name that tt-host opens
 /// with its rights: a descriptor of tt-host's, or a path through /proc's
 /// magic links to one, is refused.
