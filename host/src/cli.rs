@@ -58,6 +58,12 @@ developer options:
                                 (2 MiB read-write pages over all memory, no
                                 NX, no CR0.WP) instead of tt-host's W^X one,
                                 to check that an image is portable to it
+  --x-client=UID:GID[:G1,G2,...]
+                                for tt-host's daemon, which runs as root:
+                                open IMAGE, every --block file and every
+                                --net TAP with this user's rights (uid,
+                                gid, supplementary groups), not root's;
+                                they must be paths and TAP names, not @FD
 
 Every device in the image's manifest must be given, and every device given
 must be in the manifest, each once. An option shown as --OPT[:NAME]=VALUE
@@ -87,6 +93,9 @@ pub struct RunArgs {
     pub cpu: Option<u16>,
     /// `--state-dir`.
     pub state_dir: Option<PathBuf>,
+    /// `--x-client`: open what the command line names with this
+    /// identity's rights ([`crate::client_creds`]).
+    pub client: Option<crate::client_creds::Client>,
     /// `--cpl`.
     pub cpl: Cpl,
     /// `--no-seccomp`: skip the system-call filter (debugging).
@@ -224,6 +233,7 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
     let mut dashdash = false;
     let mut solo5_hvt_boot = false;
     let (mut name, mut cpu, mut state_dir) = (None, None, None);
+    let mut client = None;
     let mut cpl = Cpl::Auto;
     let mut no_seccomp = false;
     // Options that take one value, each at most once (as device options).
@@ -296,6 +306,12 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
                     )))
                 }
             };
+        } else if let Some(v) = value_of(args, &mut i, "--x-client") {
+            once("--x-client")?;
+            client = Some(
+                v.parse()
+                    .map_err(|e| CliError::run(format!("--x-client={}: {e}", quote(v))))?,
+            );
         } else if a == "--no-seccomp" {
             once("--no-seccomp")?;
             no_seccomp = true;
@@ -341,6 +357,7 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
         name,
         cpu,
         state_dir,
+        client,
         cpl,
         no_seccomp,
     })))
@@ -1223,5 +1240,19 @@ mod tests {
             .msg
             .contains("--name=a::b"));
         assert!(p(&["--cpu=x", "x"]).unwrap_err().msg.contains("--cpu=x"));
+    }
+
+    #[test]
+    fn x_client_takes_ids_and_groups_once() {
+        let r = run(&["--x-client=4242:100:7,8", "--block:d=@5", "app.hvt"]);
+        let c = r.client.clone().unwrap();
+        assert_eq!((c.uid, c.gid, c.groups), (4242, 100, vec![7, 8]));
+        assert_eq!(given(&r, "block"), pair("d", "@5"));
+        assert_eq!(run(&["x"]).client, None);
+        let e = p(&["--x-client=4242", "x"]).unwrap_err();
+        assert!(e.msg.contains("--x-client=4242: expected UID:GID"), "{e}");
+        let e = p(&["--x-client=1:1", "--x-client=1:1", "x"]).unwrap_err();
+        assert!(e.msg.contains("--x-client given twice"), "{e}");
+        assert!(run_usage().contains("--x-client=UID:GID[:G1,G2,...]"));
     }
 }

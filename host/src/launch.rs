@@ -34,6 +34,9 @@ pub enum LaunchError {
     Admission(#[from] AdmitError),
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
+    /// `--x-client`: a file could not be opened with the client's rights.
+    #[error(transparent)]
+    Client(#[from] crate::client_creds::ClientError),
 }
 
 /// Does the image run at CPL 3 under the monitor (`--cpl`)? Images that
@@ -115,6 +118,27 @@ pub(crate) fn open_checked(
 /// [`loader::MAX_FILE_SIZE`], and only the leading bytes the loader uses
 /// are read ([`loader::span`], at most [`loader::MAX_SPAN`]).
 fn read_image(path: &Path) -> Result<Vec<u8>, LaunchError> {
+    let file = open_checked(path, check_image_type).map_err(|err| LaunchError::ReadImage {
+        path: path.display().to_string(),
+        err,
+    })?;
+    read_image_file(file, path)
+}
+
+fn check_image_type(m: &Metadata) -> std::io::Result<()> {
+    if m.is_file() {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ))
+    }
+}
+
+/// [`read_image`] from `file`, already open (by `--x-client`, with the
+/// client's rights), whose path was `path`: the same checks.
+fn read_image_file(mut file: File, path: &Path) -> Result<Vec<u8>, LaunchError> {
     use std::io::{Seek, SeekFrom};
     let p = path.display().to_string();
     let io = |err| LaunchError::ReadImage {
@@ -125,18 +149,9 @@ fn read_image(path: &Path) -> Result<Vec<u8>, LaunchError> {
         path: p.clone(),
         err,
     };
-    let mut file = open_checked(path, |m| {
-        if m.is_file() {
-            Ok(())
-        } else {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not a regular file",
-            ))
-        }
-    })
-    .map_err(io)?;
-    let len = file.metadata().map_err(io)?.len();
+    let meta = file.metadata().map_err(io)?;
+    check_image_type(&meta).map_err(io)?;
+    let len = meta.len();
     let mut head = Vec::new();
     (&mut file).take(64).read_to_end(&mut head).map_err(io)?;
     let header = loader::parse_header(&head).map_err(load)?;
@@ -211,8 +226,27 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     crate::vmm::signal::install().map_err(|err| {
         LaunchError::Devices(format!("cannot install the SIGINT/SIGTERM handler: {err}"))
     })?;
+    // --x-client: before anything else touches what the client named (and
+    // while tt-host has one thread), open it with the client's rights; the
+    // device options now name the open files (@FD), kept open by `_opened`.
+    let mut client_args;
+    let (args, file, _opened) = match &args.client {
+        None => (args, read_image(&args.image)?, None),
+        Some(client) => {
+            client_args = args.clone();
+            let opened = crate::client_creds::open_as_client(&mut client_args, client)?;
+            let image = opened
+                .image
+                .try_clone()
+                .map_err(|err| LaunchError::ReadImage {
+                    path: args.image.display().to_string(),
+                    err,
+                })?;
+            let file = read_image_file(image, &args.image)?;
+            (&client_args, file, Some(opened))
+        }
+    };
     let path = args.image.display().to_string();
-    let file = read_image(&args.image)?;
     let mem_size = (args.mem_mb << 20) / layout::HUGE * layout::HUGE;
     let image =
         loader::parse_image(&file, mem_size).map_err(|err| LaunchError::Image { path, err })?;

@@ -32,6 +32,7 @@ pub mod abi;
 pub mod admission;
 pub mod block;
 pub mod cli;
+pub mod client_creds;
 pub mod daemon;
 pub mod devices;
 pub mod launch;

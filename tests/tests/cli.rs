@@ -378,6 +378,6 @@ fn long_input_is_quoted_short() {
 #[test]
 fn a_device_option_with_a_colon_in_the_name_asks_for_name_and_path() {
     for a in ["--block::", "--block::=x", "--block:a:b=x"] {
-        assert_error(&tt(&["run", a, "x.hvt"]), "--block:NAME=PATH expected");
+        assert_error(&tt(&["run", a, "x.hvt"]), "--block:NAME=PATH|@FD expected");
     }
 }

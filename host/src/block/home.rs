@@ -42,7 +42,7 @@ use super::{id_from_identity, FileBackend, Geometry, Info, JournaledBackend};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tt_ring::{BlockDevice, Consumer, FileDevice, Producer};
@@ -179,6 +179,18 @@ pub enum HomeError {
     },
     #[error("block image {path} is {what}, not a regular file or block device")]
     NotAFile { path: String, what: &'static str },
+    /// `--block:NAME=@FD` names a descriptor tt-host does not have open.
+    #[error(
+        "block image fd {fd}: the descriptor is not open (the launcher must pass the open \
+         image to tt-host without FD_CLOEXEC)"
+    )]
+    FdNotOpen { fd: RawFd },
+    /// `--block:NAME=@FD` names a descriptor not open for reading and writing.
+    #[error(
+        "block image fd {fd} is open {mode}; tt-host opens block images read-write and \
+         refuses read-only ones: pass a descriptor opened O_RDWR"
+    )]
+    FdNotReadWrite { fd: RawFd, mode: &'static str },
     /// The owner's write permission bit is clear: refused even for root,
     /// who could open it anyway.
     #[error(
@@ -263,8 +275,10 @@ pub struct Mismatch {
 /// An image opened read-write and locked for as long as `file` is open.
 pub struct LockedImage {
     pub file: File,
-    /// As given, for messages.
+    /// As given, for messages (`fd N (PATH)` for a descriptor).
     pub path: PathBuf,
+    /// The descriptor it was given as (`--block:NAME=@FD`), if it was.
+    pub fd: Option<RawFd>,
     /// Canonical, for the metadata.
     pub canonical: PathBuf,
     pub identity: Identity,
@@ -389,10 +403,108 @@ pub fn lock_image(path: &Path) -> Result<LockedImage, HomeError> {
     Ok(LockedImage {
         file,
         path: path.to_path_buf(),
+        fd: None,
         canonical,
         identity,
         size,
     })
+}
+
+/// A duplicate of descriptor `fd` (`--block:NAME=@FD`) if it can back a
+/// block device: open, for reading and writing (a read-only descriptor is
+/// refused, as a read-only image is), and a regular file or block device.
+/// `fd` itself stays open; the duplicate shares its open file (its lock
+/// and offset) and is closed on exec.
+pub fn image_fd(fd: RawFd) -> Result<File, HomeError> {
+    // SAFETY: F_GETFL takes no pointer; on a closed or negative fd it
+    // fails EBADF.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if fd < 0 || flags < 0 {
+        return Err(HomeError::FdNotOpen { fd });
+    }
+    // SAFETY: fd is open (checked above) and stays open while borrowed:
+    // nothing here closes it.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let label = format!("fd {fd}");
+    let open_err = |source| HomeError::Open {
+        path: label.clone(),
+        source,
+    };
+    let file: File = borrowed.try_clone_to_owned().map_err(open_err)?.into();
+    if let Some(what) = file_kind(&file.metadata().map_err(open_err)?) {
+        return Err(HomeError::NotAFile { path: label, what });
+    }
+    match flags & libc::O_ACCMODE {
+        libc::O_RDWR => Ok(file),
+        libc::O_WRONLY => Err(HomeError::FdNotReadWrite {
+            fd,
+            mode: "write-only",
+        }),
+        _ => Err(HomeError::FdNotReadWrite {
+            fd,
+            mode: "read-only",
+        }),
+    }
+}
+
+/// [`lock_image`] for an image a launcher opened read-write and passed as
+/// descriptor `fd` (`--block:NAME=@FD`): the same checks, lock, size and
+/// identity, from the descriptor. Messages name it `fd N (PATH)`, with
+/// the path the kernel has for it; that path is its canonical one for the
+/// journal's metadata.
+pub fn lock_image_fd(fd: RawFd) -> Result<LockedImage, HomeError> {
+    use std::os::unix::fs::FileTypeExt;
+    let file = image_fd(fd)?;
+    let known = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .ok()
+        .filter(|p| p.is_absolute() && !p.to_string_lossy().ends_with(" (deleted)"));
+    let (path, canonical) = match known {
+        Some(p) => (PathBuf::from(format!("fd {fd} ({})", p.display())), p),
+        None => (
+            PathBuf::from(format!("fd {fd}")),
+            PathBuf::from(format!("fd {fd}")),
+        ),
+    };
+    let p = path.display().to_string();
+    let open_err = |source| HomeError::Open {
+        path: p.clone(),
+        source,
+    };
+    let meta = file.metadata().map_err(open_err)?;
+    check_openable(&p, &meta)?;
+    if meta.file_type().is_block_device() && block_device_read_only(&file).map_err(open_err)? {
+        return Err(HomeError::ReadOnly {
+            path: p,
+            what: "a read-only block device",
+            fix: "`blockdev --setrw` it if the guest may write it",
+        });
+    }
+    if !flock_nb(&file).map_err(open_err)? {
+        return Err(HomeError::Locked { path: p });
+    }
+    // The offset is shared with `fd`; every backend reads and writes at
+    // explicit offsets.
+    let size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0)).map_err(open_err)?;
+    let identity = Identity::of(&file).map_err(open_err)?;
+    Ok(LockedImage {
+        file,
+        path,
+        fd: Some(fd),
+        canonical,
+        identity,
+        size,
+    })
+}
+
+impl LockedImage {
+    /// The image as `tt-host journal` commands name it: its path, or for a
+    /// descriptor the path the kernel has for it.
+    fn command_path(&self) -> &Path {
+        match self.fd {
+            Some(_) => &self.canonical,
+            None => &self.path,
+        }
+    }
 }
 
 fn check_size(img: &LockedImage, sector: u64) -> Result<Geometry, HomeError> {
@@ -412,7 +524,16 @@ fn check_size(img: &LockedImage, sector: u64) -> Result<Geometry, HomeError> {
 /// Open an image for `--block-durability=none`: locked, served by the
 /// plain backend.
 pub fn open_plain(device: &str, image: &Path, sector: u64) -> Result<FileBackend, HomeError> {
-    let img = lock_image(image)?;
+    open_plain_locked(device, lock_image(image)?, sector)
+}
+
+/// [`open_plain`] for an image already locked ([`lock_image`],
+/// [`lock_image_fd`]).
+pub fn open_plain_locked(
+    device: &str,
+    img: LockedImage,
+    sector: u64,
+) -> Result<FileBackend, HomeError> {
     let geometry = check_size(&img, sector)?;
     let info = Info {
         name: device.into(),
@@ -694,7 +815,7 @@ fn replaced_error(
         fix: format!(
             "Put the original file back at {p} and start again, or throw the writes away \
              with `{}`",
-            journal_command(dir, "discard", &img.path)
+            journal_command(dir, "discard", img.command_path())
         ),
     }))
 }
@@ -709,7 +830,18 @@ pub fn open(
     sector: u64,
     opts: &JournalOptions,
 ) -> Result<JournaledBackend<FileDevice, File>, HomeError> {
-    let img = lock_image(image)?;
+    open_image(dir, device, lock_image(image)?, sector, opts)
+}
+
+/// [`open`] for an image already locked ([`lock_image`],
+/// [`lock_image_fd`]).
+pub fn open_image(
+    dir: &Path,
+    device: &str,
+    img: LockedImage,
+    sector: u64,
+    opts: &JournalOptions,
+) -> Result<JournaledBackend<FileDevice, File>, HomeError> {
     let geometry = check_size(&img, sector)?;
     open_locked(dir, device, img, geometry, opts, false)
 }
@@ -783,8 +915,8 @@ fn open_locked(
                     fix: format!(
                         "If {p} is the disk they belong to, apply them with `{}`; to \
                          throw them away, `{}`",
-                        journal_command(dir, "drain", &img.path),
-                        journal_command(dir, "discard", &img.path)
+                        journal_command(dir, "drain", img.command_path()),
+                        journal_command(dir, "discard", img.command_path())
                     ),
                 })));
             }
@@ -821,7 +953,7 @@ fn open_locked(
         max_atomic_write: geometry.sector_size,
     };
     let name = img.path.display().to_string();
-    let drain = journal_command(dir, "drain", &img.path);
+    let drain = journal_command(dir, "drain", img.command_path());
     let mut b = JournaledBackend::start(
         info,
         &name,

@@ -29,6 +29,7 @@ use crate::block::home::{self, HomeError, JournalOptions};
 use crate::block::{Backend, Request};
 use crate::loader::manifest::DeviceInfo;
 use crate::resources::Unikernel;
+use std::os::fd::RawFd;
 use std::path::Path;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -63,6 +64,12 @@ pub enum BlockError {
         name: String,
         path: String,
         size: u64,
+    },
+    #[error("block device '{name}': '{value}' {why}")]
+    BadImage {
+        name: String,
+        value: String,
+        why: String,
     },
     #[error(
         "the block devices grew while tt-host started: {admitted_mb} MB admitted, {now_mb} MB now"
@@ -337,10 +344,51 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// A block device's image as `--block:NAME=` gives it: a path, or `@FD`,
+/// a descriptor a launcher opened read-write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageArg<'a> {
+    Path(&'a Path),
+    Fd(RawFd),
+}
+
+impl<'a> ImageArg<'a> {
+    /// `value` as an image: `@` and decimal digits is a descriptor (a
+    /// file whose name starts with `@` is given as `./@...`).
+    pub fn parse(value: &'a str) -> Result<ImageArg<'a>, String> {
+        let Some(digits) = value.strip_prefix('@') else {
+            return Ok(ImageArg::Path(Path::new(value)));
+        };
+        (!digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit()))
+            .then(|| digits.parse().ok())
+            .flatten()
+            .map(ImageArg::Fd)
+            .ok_or_else(|| {
+                "not a file descriptor: use @FD with FD a decimal number, e.g. @3 (a file \
+                 whose name starts with '@' is ./@...)"
+                    .into()
+            })
+    }
+
+    /// For messages: the path, or `fd N`.
+    fn label(&self) -> String {
+        match self {
+            ImageArg::Path(p) => p.display().to_string(),
+            ImageArg::Fd(fd) => format!("fd {fd}"),
+        }
+    }
+}
+
 impl BlockKind {
-    fn path<'a>(d: &Given<'a>) -> &'a Path {
-        // match_devices checked that every declared device is given.
-        Path::new(d.option("block").unwrap_or_default())
+    fn image<'a>(d: &Given<'a>) -> Result<ImageArg<'a>, BlockError> {
+        // match_devices checked that every declared device is given, and
+        // the command line that its value parses.
+        let value = d.option("block").unwrap_or_default();
+        ImageArg::parse(value).map_err(|why| BlockError::BadImage {
+            name: d.name.into(),
+            value: value.into(),
+            why,
+        })
     }
 
     fn sector_size(d: &Given) -> u64 {
@@ -364,29 +412,25 @@ impl BlockKind {
     /// Check the sector size and the image's size as solo5-hvt checks
     /// them (with its messages, which scripts look for), before opening.
     fn check(d: &Given) -> Result<(), BlockError> {
-        let (name, path, size) = (d.name, Self::path(d), Self::sector_size(d));
+        let (name, image, size) = (d.name, Self::image(d)?, Self::sector_size(d));
         if !size.is_power_of_two() || !(512..=32768).contains(&size) {
             return Err(BlockError::SectorSize {
                 name: name.into(),
                 size,
             });
         }
-        let len = backing_size(path).map_err(|err| BlockError::Open {
-            name: name.into(),
-            path: path.display().to_string(),
-            err,
-        })?;
+        let len = backing_size(name, image)?;
         if len == 0 {
             return Err(BlockError::Empty {
                 name: name.into(),
-                path: path.display().to_string(),
+                path: image.label(),
                 size,
             });
         }
         if len % size != 0 {
             return Err(BlockError::NotMultiple {
                 name: name.into(),
-                path: path.display().to_string(),
+                path: image.label(),
                 len,
                 size,
             });
@@ -398,20 +442,27 @@ impl BlockKind {
     /// backend of an hvt block device or a virtio-blk device.
     pub(crate) fn open(d: &Given, ctx: &Context) -> Result<Box<dyn Backend>, BlockError> {
         Self::check(d)?;
-        let (path, sector) = (Self::path(d), Self::sector_size(d));
+        let sector = Self::sector_size(d);
         let home_err = |source| BlockError::Home {
             name: d.name.into(),
             source,
         };
+        let img = match Self::image(d)? {
+            ImageArg::Path(path) => home::lock_image(path),
+            ImageArg::Fd(fd) => home::lock_image_fd(fd),
+        }
+        .map_err(home_err)?;
         Ok(match Self::durability(d) {
-            Durability::None => Box::new(home::open_plain(d.name, path, sector).map_err(home_err)?),
+            Durability::None => {
+                Box::new(home::open_plain_locked(d.name, img, sector).map_err(home_err)?)
+            }
             Durability::Journal => {
                 let opts = JournalOptions {
                     ring_size: Self::journal_size(d),
                     ..JournalOptions::default()
                 };
                 let dir = ctx.state_dir.join("journals");
-                Box::new(home::open(&dir, d.name, path, sector, &opts).map_err(home_err)?)
+                Box::new(home::open_image(&dir, d.name, img, sector, &opts).map_err(home_err)?)
             }
         })
     }
@@ -430,10 +481,12 @@ impl DeviceKind for BlockKind {
         &[
             OptionSpec {
                 name: "block",
-                value: "PATH",
+                value: "PATH|@FD",
                 default_for_all: false,
-                help: "attach the file or block device at PATH as
-                       the manifest's block device NAME",
+                help: "attach the file or block device at PATH, or
+                       the one a launcher opened read-write and
+                       passed as file descriptor FD, as the
+                       manifest's block device NAME",
             },
             OptionSpec {
                 name: "block-sector-size",
@@ -471,6 +524,7 @@ impl DeviceKind for BlockKind {
             }
             "block-durability" => Durability::parse(value).map(|_| ()),
             "block-journal" => parse_size(value).map(|_| ()),
+            "block" => ImageArg::parse(value).map(|_| ()),
             _ => Ok(()),
         }
     }
@@ -478,12 +532,7 @@ impl DeviceKind for BlockKind {
     fn resources(&self, devices: &[Given], uk: &mut Unikernel) -> Result<(), DeviceError> {
         let mut bytes = 0u64;
         for d in devices {
-            let path = Self::path(d);
-            let size = backing_size(path).map_err(|err| BlockError::Open {
-                name: d.name.into(),
-                path: path.display().to_string(),
-                err,
-            })?;
+            let size = backing_size(d.name, Self::image(d)?)?;
             bytes = bytes.saturating_add(size);
             if Self::durability(d) == Durability::Journal {
                 bytes = bytes.saturating_add(Self::journal_size(d));
@@ -522,12 +571,26 @@ impl DeviceKind for BlockKind {
     }
 }
 
-/// Size in bytes of the regular file or block device at `path` (whatever
-/// else it is gives an error, not a size or a hang).
-fn backing_size(path: &Path) -> std::io::Result<u64> {
+/// Size in bytes of block device `name`'s image: the regular file or
+/// block device at its path, or its descriptor, which must be open
+/// read-write (whatever else it is gives an error, not a size or a hang).
+fn backing_size(name: &str, image: ImageArg) -> Result<u64, BlockError> {
     use std::io::{Seek, SeekFrom};
-    let mut file = crate::launch::open_checked(path, check_type)?;
-    file.seek(SeekFrom::End(0))
+    let open = |err| BlockError::Open {
+        name: name.into(),
+        path: image.label(),
+        err,
+    };
+    let mut file = match image {
+        ImageArg::Path(path) => crate::launch::open_checked(path, check_type).map_err(open)?,
+        ImageArg::Fd(fd) => home::image_fd(fd).map_err(|source| BlockError::Home {
+            name: name.into(),
+            source,
+        })?,
+    };
+    // For a descriptor, its offset moves; every backend reads and writes
+    // at explicit offsets.
+    file.seek(SeekFrom::End(0)).map_err(open)
 }
 
 /// The block devices were sized for admission before they were opened:
@@ -585,6 +648,90 @@ mod tests {
         let _ = std::fs::remove_file(&p);
         f.set_len(len).unwrap();
         f
+    }
+
+    /// What admitting device "disk" given as `--block:disk=VALUE` says.
+    fn admit(value: &str) -> Result<u64, String> {
+        use crate::modules::kind::DeviceOption;
+        let opts = [DeviceOption {
+            option: "block",
+            device: Some("disk".into()),
+            value: value.into(),
+        }];
+        let mut uk = Unikernel {
+            memory_mb: 0,
+            cpus: Default::default(),
+            block_mb: 0,
+            bridges: Default::default(),
+        };
+        let d = [Given::new("disk", 0, &opts)];
+        KIND.resources(&d, &mut uk).map_err(|e| e.to_string())?;
+        // The lock and the checks of attaching, without a journal.
+        let opts = [
+            opts[0].clone(),
+            DeviceOption {
+                option: "block-durability",
+                device: None,
+                value: "none".into(),
+            },
+        ];
+        let image =
+            crate::loader::parse_image(&crate::loader::synth::Synth::default().build(), 16 << 20)
+                .unwrap();
+        let dir = std::env::temp_dir();
+        let ctx = Context {
+            admitted: &uk,
+            state_dir: &dir,
+            image: &image,
+            mmio_slots_used: 0,
+        };
+        let b = BlockKind::open(&Given::new("disk", 0, &opts), &ctx).map_err(|e| e.to_string())?;
+        Ok(b.info().geometry.capacity)
+    }
+
+    /// `--block:NAME=@FD`: a descriptor open read-write is sized, checked
+    /// and locked as a path is; the command line refuses what is no
+    /// number, and the launch a descriptor that is not open, is open
+    /// read-only, or is a directory, naming the device and the descriptor.
+    #[test]
+    fn block_images_given_as_descriptors() {
+        use std::os::fd::AsRawFd;
+        let rw = tempfile_of(1 << 20);
+        assert_eq!(admit(&format!("@{}", rw.as_raw_fd())), Ok(1 << 20));
+
+        for bad in ["@", "@x", "@-1", "@3x", "@99999999999"] {
+            let e = KIND.check("block", bad).unwrap_err();
+            assert!(e.contains("not a file descriptor: use @FD"), "{bad}: {e}");
+        }
+        assert!(KIND.check("block", "./@3").is_ok());
+
+        let e = admit("@1000000").unwrap_err();
+        assert!(
+            e.contains("block device 'disk'") && e.contains("fd 1000000"),
+            "{e}"
+        );
+        assert!(e.contains("not open"), "{e}");
+
+        let path = std::env::temp_dir().join(format!("tt-block-ro-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let ro = std::fs::File::open(&path);
+        let _ = std::fs::remove_file(&path);
+        let ro = ro.unwrap();
+        let e = admit(&format!("@{}", ro.as_raw_fd())).unwrap_err();
+        assert!(
+            e.contains(&format!(
+                "block image fd {} is open read-only",
+                ro.as_raw_fd()
+            )),
+            "{e}"
+        );
+
+        let dir = std::fs::File::open(std::env::temp_dir()).unwrap();
+        let e = admit(&format!("@{}", dir.as_raw_fd())).unwrap_err();
+        assert!(
+            e.contains(&format!("fd {} is a directory", dir.as_raw_fd())),
+            "{e}"
+        );
     }
 
     #[test]

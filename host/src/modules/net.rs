@@ -163,6 +163,28 @@ impl NetDevice {
 
     /// Attach the existing TAP interface `tap` as device `name`.
     pub fn open_tap(name: &str, handle: u64, tap: &str, mac: [u8; 6]) -> Result<Self, NetError> {
+        Self::open_tap_with(name, handle, tap, mac, Self::open_tun)
+    }
+
+    /// Open /dev/net/tun, non-blocking, for [`Self::open_tap_with`].
+    pub fn open_tun() -> std::io::Result<File> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+    }
+
+    /// [`Self::open_tap`] through the /dev/net/tun file `tun` gives
+    /// (`--x-client` opens it beforehand, as tt-host, and attaches it to
+    /// the TAP with the client's rights, which the kernel checks then).
+    pub fn open_tap_with(
+        name: &str,
+        handle: u64,
+        tap: &str,
+        mac: [u8; 6],
+        tun: impl FnOnce() -> std::io::Result<File>,
+    ) -> Result<Self, NetError> {
         if tap.is_empty() || tap.len() >= libc::IFNAMSIZ || tap.contains(['/', ':', ' ', '\0']) {
             return Err(NetError::BadTapName {
                 name: name.into(),
@@ -193,12 +215,7 @@ impl NetDevice {
             }
             Err(err) => return Err(attach(err)),
         }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(attach)?;
+        let file = tun().map_err(attach)?;
         let mut ifr = ifreq(tap);
         ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes one struct ifreq, which we own.
@@ -228,6 +245,12 @@ impl NetDevice {
             dropped: 0,
             reported: false,
         })
+    }
+
+    /// The /dev/net/tun file attached to the TAP, for a launcher that
+    /// passes it on as `--net:NAME=@FD` (`tt-host run --x-client`).
+    pub fn into_file(self) -> File {
+        self.tap
     }
 
     /// Attach the TAP that file descriptor `fd` (inherited from a launcher)

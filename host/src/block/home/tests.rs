@@ -347,3 +347,42 @@ fn a_new_journal_clears_empty_journals_of_images_that_are_gone() {
         "the one with a write stays"
     );
 }
+
+/// An image given as a descriptor (`--block:NAME=@FD`) is the same image
+/// as by its path: the same lock, the same journal (keyed by what fstat
+/// says), recorded under its path, replayed whichever way it comes next.
+#[test]
+fn an_image_given_as_a_descriptor_is_locked_and_journaled_as_its_path() {
+    let (_t, img, journals) = setup("fd");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let fd = f.as_raw_fd();
+    let locked = lock_image_fd(fd).unwrap();
+    let canonical = std::fs::canonicalize(&img).unwrap();
+    assert_eq!(
+        locked.path.display().to_string(),
+        format!("fd {fd} ({})", canonical.display())
+    );
+    let mut b = open_image(&journals, "disk", locked, 512, &opts()).unwrap();
+    let e = open(&journals, "disk", &img, 512, &opts()).err().unwrap();
+    assert!(matches!(e, HomeError::Locked { .. }), "{e}");
+    let g = b.info().geometry;
+    b.execute(Request::write(&g, 0, vec![7; 512]).unwrap())
+        .unwrap();
+    b.shutdown().unwrap();
+    drop(b);
+    let l = list(&journals).unwrap();
+    assert_eq!(l.len(), 1);
+    assert_eq!(
+        l[0].meta.as_ref().map(|m| m.path.clone()),
+        Some(canonical.display().to_string())
+    );
+    leave_records(&ring_of(&journals, &img), &[(1024, 5)]);
+    drop(f);
+    let _b = open(&journals, "disk", &img, 512, &opts()).unwrap();
+    assert_eq!(file_bytes(&img, 0, 512), vec![7; 512]);
+    assert_eq!(file_bytes(&img, 1024, 512), vec![5; 512]);
+}
