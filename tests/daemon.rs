@@ -178,7 +178,7 @@ pub fn unit_pids(state_dir: &Path) -> Vec<u32> {
         };
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
         let is_run = args.get(1) == Some(&&b"run"[..]);
-        if is_run && args.iter().any(|a| *a == needle.as_bytes()) {
+        if is_run && args.contains(&needle.as_bytes()) {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let zombie = stat
                 .rfind(')')

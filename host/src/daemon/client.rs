@@ -155,6 +155,9 @@ pub fn create_request(args: &[String]) -> Result<(Option<PathBuf>, Op), Fail> {
     if run.no_seccomp {
         return refuse("--no-seccomp");
     }
+    if run.client.is_some() {
+        return refuse("--x-client (the daemon names the caller)");
+    }
     let absolute = |p: &std::path::Path| {
         std::path::absolute(p).map_err(|e| format!("create: {}: {e}", p.display()))
     };

@@ -174,6 +174,10 @@ fn check_run_args(name: &str, args: &[String]) -> Result<(), String> {
             "--state-dir (the daemon's own is used)",
         ),
         (run.no_seccomp, "--no-seccomp"),
+        (
+            run.client.is_some(),
+            "--x-client (the caller is the client)",
+        ),
     ];
     if let Some((_, what)) = daemons.iter().find(|(given, _)| *given) {
         return Err(format!(
