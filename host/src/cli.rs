@@ -47,6 +47,15 @@ admission (see 'tt-host policy --help'):
                                 Images that drop to CPL 3 themselves
                                 (tt-guest) always start at CPL 0
 
+supervision (for a supervisor such as tt-host's daemon):
+  --console-log=PATH            write the guest's console to the ring file
+                                PATH (created 0600, fixed size, read with
+                                the daemon) instead of stdout
+  --console-log-size=BYTES      that ring's data size (default 1048576;
+                                4096 to 67108864)
+  --stats-file=PATH             publish counters (block, net, VM exits) and
+                                how the run ended in the file PATH (0600)
+
 debugging:
   --no-seccomp                  do not confine tt-host to its system-call
                                 allowlist once the VM is built (the default
@@ -58,6 +67,9 @@ developer options:
                                 (2 MiB read-write pages over all memory, no
                                 NX, no CR0.WP) instead of tt-host's W^X one,
                                 to check that an image is portable to it
+  --x-ready-fd=N                the daemon's: write 'R' to the open file
+                                descriptor N, then close it, once the VM is
+                                built and the guest is about to run
 
 Every device in the image's manifest must be given, and every device given
 must be in the manifest, each once. An option shown as --OPT[:NAME]=VALUE
@@ -91,6 +103,15 @@ pub struct RunArgs {
     pub cpl: Cpl,
     /// `--no-seccomp`: skip the system-call filter (debugging).
     pub no_seccomp: bool,
+    /// `--console-log`: the console ring file ([`crate::runfile::console`]).
+    pub console_log: Option<PathBuf>,
+    /// `--console-log-size`: its data capacity in bytes.
+    pub console_log_size: u64,
+    /// `--stats-file` ([`crate::runfile::stats`]).
+    pub stats_file: Option<PathBuf>,
+    /// `--x-ready-fd`: the descriptor to write `R` to once the guest is
+    /// about to run.
+    pub ready_fd: Option<i32>,
 }
 
 /// `--cpl`: the privilege level an image's code runs at.
@@ -226,6 +247,8 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
     let (mut name, mut cpu, mut state_dir) = (None, None, None);
     let mut cpl = Cpl::Auto;
     let mut no_seccomp = false;
+    let (mut console_log, mut stats_file, mut ready_fd) = (None, None, None);
+    let mut console_log_size = crate::runfile::console::DEFAULT_CAPACITY;
     // Options that take one value, each at most once (as device options).
     let mut seen: Vec<&'static str> = Vec::new();
     let mut once = |opt: &'static str| {
@@ -296,6 +319,32 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
                     )))
                 }
             };
+        } else if let Some(v) = value_of(args, &mut i, "--console-log") {
+            once("--console-log")?;
+            console_log = Some(run_file("--console-log", v)?);
+        } else if let Some(v) = value_of(args, &mut i, "--console-log-size") {
+            once("--console-log-size")?;
+            use crate::runfile::console::{MAX_CAPACITY, MIN_CAPACITY};
+            console_log_size = number::<u64>(v)
+                .filter(|n| (MIN_CAPACITY..=MAX_CAPACITY).contains(n))
+                .ok_or_else(|| {
+                    CliError::run(format!(
+                        "--console-log-size={}: expected a number of bytes from \
+                         {MIN_CAPACITY} to {MAX_CAPACITY}",
+                        quote(v)
+                    ))
+                })?;
+        } else if let Some(v) = value_of(args, &mut i, "--stats-file") {
+            once("--stats-file")?;
+            stats_file = Some(run_file("--stats-file", v)?);
+        } else if let Some(v) = value_of(args, &mut i, "--x-ready-fd") {
+            once("--x-ready-fd")?;
+            ready_fd = Some(number::<i32>(v).filter(|&n| n > 2).ok_or_else(|| {
+                CliError::run(format!(
+                    "--x-ready-fd={}: expected an open file descriptor number, 3 or more",
+                    quote(v)
+                ))
+            })?);
         } else if a == "--no-seccomp" {
             once("--no-seccomp")?;
             no_seccomp = true;
@@ -343,7 +392,19 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
         state_dir,
         cpl,
         no_seccomp,
+        console_log,
+        console_log_size,
+        stats_file,
+        ready_fd,
     })))
+}
+
+/// The path given to a run-file option (`--console-log`, `--stats-file`).
+fn run_file(opt: &str, v: &str) -> Result<PathBuf, CliError> {
+    if v.is_empty() {
+        return Err(CliError::run(format!("{opt} needs a file path")));
+    }
+    Ok(PathBuf::from(v))
 }
 
 /// The value of option `opt` at `args[*i]`, spelled `--opt=V` or
