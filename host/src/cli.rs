@@ -49,7 +49,7 @@ admission (see 'tt-host policy --help'):
 
 supervision (for a supervisor such as tt-host's daemon):
   --console-log=PATH            write the guest's console to the ring file
-                                PATH (created 0600, fixed size, read with
+                                PATH (created 0600, fixed size, read by
                                 the daemon) instead of stdout
   --console-log-size=BYTES      that ring's data size (default 1048576;
                                 4096 to 67108864)
@@ -249,6 +249,7 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
     let mut no_seccomp = false;
     let (mut console_log, mut stats_file, mut ready_fd) = (None, None, None);
     let mut console_log_size = crate::runfile::console::DEFAULT_CAPACITY;
+    let mut seen_size = false;
     // Options that take one value, each at most once (as device options).
     let mut seen: Vec<&'static str> = Vec::new();
     let mut once = |opt: &'static str| {
@@ -324,6 +325,7 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
             console_log = Some(run_file("--console-log", v)?);
         } else if let Some(v) = value_of(args, &mut i, "--console-log-size") {
             once("--console-log-size")?;
+            seen_size = true;
             use crate::runfile::console::{MAX_CAPACITY, MIN_CAPACITY};
             console_log_size = number::<u64>(v)
                 .filter(|n| (MIN_CAPACITY..=MAX_CAPACITY).contains(n))
@@ -373,6 +375,16 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
             return Err(CliError::run(format!("unknown option '{}'", quote(a))));
         }
         i += 1;
+    }
+    if seen_size && console_log.is_none() {
+        return Err(CliError::run(
+            "--console-log-size is the size of --console-log's ring: give --console-log=PATH",
+        ));
+    }
+    if console_log.is_some() && console_log == stats_file {
+        return Err(CliError::run(
+            "--console-log and --stats-file name the same file: give each its own",
+        ));
     }
     let image = args
         .get(i)
@@ -758,6 +770,56 @@ mod tests {
 
     fn pair(a: &str, b: &str) -> Vec<(String, String)> {
         vec![(a.into(), b.into())]
+    }
+
+    #[test]
+    fn supervision_options_parse_and_bad_values_are_named() {
+        let r = run(&[
+            "--console-log=/run/u/console",
+            "--console-log-size=4096",
+            "--stats-file",
+            "/run/u/stats",
+            "--x-ready-fd=5",
+            "app.hvt",
+        ]);
+        assert_eq!(r.console_log, Some(PathBuf::from("/run/u/console")));
+        assert_eq!(r.console_log_size, 4096);
+        assert_eq!(r.stats_file, Some(PathBuf::from("/run/u/stats")));
+        assert_eq!(r.ready_fd, Some(5));
+        let d = run(&["app.hvt"]);
+        assert_eq!(
+            (d.console_log, d.stats_file, d.ready_fd),
+            (None, None, None)
+        );
+        assert_eq!(d.console_log_size, 1 << 20);
+        for (args, msg) in [
+            (
+                &["--console-log=c", "--console-log-size=4095"][..],
+                "--console-log-size=4095: expected a number of bytes from 4096 to 67108864",
+            ),
+            (
+                &["--console-log=c", "--console-log-size=+8192"],
+                "--console-log-size=+8192: expected",
+            ),
+            (
+                &["--console-log=c", "--console-log-size=67108865"],
+                "expected a number of bytes",
+            ),
+            (&["--console-log-size=8192"], "give --console-log=PATH"),
+            (&["--console-log="], "--console-log needs a file path"),
+            (&["--console-log=x", "--stats-file=x"], "name the same file"),
+            (&["--x-ready-fd=2"], "3 or more"),
+            (&["--x-ready-fd=-1"], "--x-ready-fd=-1: expected"),
+            (
+                &["--stats-file=a", "--stats-file=b"],
+                "--stats-file given twice",
+            ),
+        ] {
+            let mut all = args.to_vec();
+            all.push("app.hvt");
+            let e = p(&all).unwrap_err().to_string();
+            assert!(e.contains(msg), "{args:?}: {e}");
+        }
     }
 
     #[test]
