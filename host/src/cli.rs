@@ -47,6 +47,15 @@ admission (see 'tt-host policy --help'):
                                 Images that drop to CPL 3 themselves
                                 (tt-guest) always start at CPL 0
 
+supervision (for a supervisor such as tt-host's daemon):
+  --console-log=PATH            write the guest's console to the ring file
+                                PATH (created 0600, fixed size, read by
+                                the daemon) instead of stdout
+  --console-log-size=BYTES      that ring's data size (default 1048576;
+                                4096 to 67108864)
+  --stats-file=PATH             publish counters (block, net, VM exits) and
+                                how the run ended in the file PATH (0600)
+
 debugging:
   --no-seccomp                  do not confine tt-host to its system-call
                                 allowlist once the VM is built (the default
@@ -64,6 +73,9 @@ developer options:
                                 --net TAP with this user's rights (uid,
                                 gid, supplementary groups), not root's;
                                 they must be paths and TAP names, not @FD
+  --x-ready-fd=N                the daemon's: write 'R' to the open file
+                                descriptor N, then close it, once the VM is
+                                built and the guest is about to run
 
 Every device in the image's manifest must be given, and every device given
 must be in the manifest, each once. An option shown as --OPT[:NAME]=VALUE
@@ -100,6 +112,15 @@ pub struct RunArgs {
     pub cpl: Cpl,
     /// `--no-seccomp`: skip the system-call filter (debugging).
     pub no_seccomp: bool,
+    /// `--console-log`: the console ring file ([`crate::runfile::console`]).
+    pub console_log: Option<PathBuf>,
+    /// `--console-log-size`: its data capacity in bytes.
+    pub console_log_size: u64,
+    /// `--stats-file` ([`crate::runfile::stats`]).
+    pub stats_file: Option<PathBuf>,
+    /// `--x-ready-fd`: the descriptor to write `R` to once the guest is
+    /// about to run.
+    pub ready_fd: Option<i32>,
 }
 
 /// `--cpl`: the privilege level an image's code runs at.
@@ -236,6 +257,9 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
     let mut client = None;
     let mut cpl = Cpl::Auto;
     let mut no_seccomp = false;
+    let (mut console_log, mut stats_file, mut ready_fd) = (None, None, None);
+    let mut console_log_size = crate::runfile::console::DEFAULT_CAPACITY;
+    let mut seen_size = false;
     // Options that take one value, each at most once (as device options).
     let mut seen: Vec<&'static str> = Vec::new();
     let mut once = |opt: &'static str| {
@@ -312,6 +336,33 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
                 v.parse()
                     .map_err(|e| CliError::run(format!("--x-client={}: {e}", quote(v))))?,
             );
+        } else if let Some(v) = value_of(args, &mut i, "--console-log") {
+            once("--console-log")?;
+            console_log = Some(run_file("--console-log", v)?);
+        } else if let Some(v) = value_of(args, &mut i, "--console-log-size") {
+            once("--console-log-size")?;
+            seen_size = true;
+            use crate::runfile::console::{MAX_CAPACITY, MIN_CAPACITY};
+            console_log_size = number::<u64>(v)
+                .filter(|n| (MIN_CAPACITY..=MAX_CAPACITY).contains(n))
+                .ok_or_else(|| {
+                    CliError::run(format!(
+                        "--console-log-size={}: expected a number of bytes from \
+                         {MIN_CAPACITY} to {MAX_CAPACITY}",
+                        quote(v)
+                    ))
+                })?;
+        } else if let Some(v) = value_of(args, &mut i, "--stats-file") {
+            once("--stats-file")?;
+            stats_file = Some(run_file("--stats-file", v)?);
+        } else if let Some(v) = value_of(args, &mut i, "--x-ready-fd") {
+            once("--x-ready-fd")?;
+            ready_fd = Some(number::<i32>(v).filter(|&n| n > 2).ok_or_else(|| {
+                CliError::run(format!(
+                    "--x-ready-fd={}: expected an open file descriptor number, 3 or more",
+                    quote(v)
+                ))
+            })?);
         } else if a == "--no-seccomp" {
             once("--no-seccomp")?;
             no_seccomp = true;
@@ -341,6 +392,16 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
         }
         i += 1;
     }
+    if seen_size && console_log.is_none() {
+        return Err(CliError::run(
+            "--console-log-size is the size of --console-log's ring: give --console-log=PATH",
+        ));
+    }
+    if console_log.is_some() && console_log == stats_file {
+        return Err(CliError::run(
+            "--console-log and --stats-file name the same file: give each its own",
+        ));
+    }
     let image = args
         .get(i)
         .ok_or_else(|| CliError::run("missing IMAGE (the unikernel to run)"))?;
@@ -360,7 +421,19 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
         client,
         cpl,
         no_seccomp,
+        console_log,
+        console_log_size,
+        stats_file,
+        ready_fd,
     })))
+}
+
+/// The path given to a run-file option (`--console-log`, `--stats-file`).
+fn run_file(opt: &str, v: &str) -> Result<PathBuf, CliError> {
+    if v.is_empty() {
+        return Err(CliError::run(format!("{opt} needs a file path")));
+    }
+    Ok(PathBuf::from(v))
 }
 
 /// The value of option `opt` at `args[*i]`, spelled `--opt=V` or
@@ -844,6 +917,56 @@ mod tests {
 
     fn pair(a: &str, b: &str) -> Vec<(String, String)> {
         vec![(a.into(), b.into())]
+    }
+
+    #[test]
+    fn supervision_options_parse_and_bad_values_are_named() {
+        let r = run(&[
+            "--console-log=/run/u/console",
+            "--console-log-size=4096",
+            "--stats-file",
+            "/run/u/stats",
+            "--x-ready-fd=5",
+            "app.hvt",
+        ]);
+        assert_eq!(r.console_log, Some(PathBuf::from("/run/u/console")));
+        assert_eq!(r.console_log_size, 4096);
+        assert_eq!(r.stats_file, Some(PathBuf::from("/run/u/stats")));
+        assert_eq!(r.ready_fd, Some(5));
+        let d = run(&["app.hvt"]);
+        assert_eq!(
+            (d.console_log, d.stats_file, d.ready_fd),
+            (None, None, None)
+        );
+        assert_eq!(d.console_log_size, 1 << 20);
+        for (args, msg) in [
+            (
+                &["--console-log=c", "--console-log-size=4095"][..],
+                "--console-log-size=4095: expected a number of bytes from 4096 to 67108864",
+            ),
+            (
+                &["--console-log=c", "--console-log-size=+8192"],
+                "--console-log-size=+8192: expected",
+            ),
+            (
+                &["--console-log=c", "--console-log-size=67108865"],
+                "expected a number of bytes",
+            ),
+            (&["--console-log-size=8192"], "give --console-log=PATH"),
+            (&["--console-log="], "--console-log needs a file path"),
+            (&["--console-log=x", "--stats-file=x"], "name the same file"),
+            (&["--x-ready-fd=2"], "3 or more"),
+            (&["--x-ready-fd=-1"], "--x-ready-fd=-1: expected"),
+            (
+                &["--stats-file=a", "--stats-file=b"],
+                "--stats-file given twice",
+            ),
+        ] {
+            let mut all = args.to_vec();
+            all.push("app.hvt");
+            let e = p(&all).unwrap_err().to_string();
+            assert!(e.contains(msg), "{args:?}: {e}");
+        }
     }
 
     #[test]

@@ -37,6 +37,42 @@ pub enum LaunchError {
     /// `--x-client`: a file could not be opened with the client's rights.
     #[error(transparent)]
     Client(#[from] crate::client_creds::ClientError),
+    #[error(transparent)]
+    ConsoleLog(#[from] crate::runfile::console::ConsoleError),
+    #[error(
+        "--x-ready-fd={fd}: file descriptor {fd} is not open (the supervisor must pass it \
+         open to tt-host run)"
+    )]
+    ReadyFd { fd: i32 },
+}
+
+/// How a run ended, for the stats file's end record
+/// ([`crate::runfile::stats`]): the status `tt-host run` exits with.
+pub fn end_state(result: &Result<i32, LaunchError>) -> crate::runfile::stats::State {
+    use crate::runfile::stats::{counters, State};
+    match result {
+        Ok(status) => State::Exited(*status),
+        Err(LaunchError::Vm(VmError::Signal(sig))) => State::Signaled(*sig),
+        // A fault after the guest started: the exit status 1 of a
+        // host-detected fault.
+        Err(_) if counters().guest_started() => State::Exited(1),
+        Err(_) => State::Failed,
+    }
+}
+
+/// Take `--x-ready-fd`: check that it is open, and own it (closed when
+/// dropped, with the process at the latest).
+fn ready_fd(fd: Option<i32>) -> Result<Option<std::os::fd::OwnedFd>, LaunchError> {
+    use std::os::fd::FromRawFd;
+    let Some(fd) = fd else { return Ok(None) };
+    // SAFETY: F_GETFD reads the descriptor's flags; no pointers.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(LaunchError::ReadyFd { fd });
+    }
+    // SAFETY: the descriptor is open and was handed to tt-host for this
+    // use alone; nothing else in tt-host owns it (it was open before
+    // tt-host opened anything).
+    Ok(Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
 }
 
 /// Does the image run at CPL 3 under the monitor (`--cpl`)? Images that
@@ -226,6 +262,14 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     crate::vmm::signal::install().map_err(|err| {
         LaunchError::Devices(format!("cannot install the SIGINT/SIGTERM handler: {err}"))
     })?;
+    let ready = ready_fd(args.ready_fd)?;
+    let console = match &args.console_log {
+        Some(p) => Console::new(crate::runfile::console::ConsoleRing::create(
+            p,
+            args.console_log_size,
+        )?),
+        None => Console::stdout(),
+    };
     // --x-client: before anything else touches what the client named (and
     // while tt-host has one thread), open it with the client's rights; the
     // device options now name the open files (@FD), kept open by `_opened`.
@@ -284,7 +328,7 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     let mut info = Vec::new();
     let mut readiness = Vec::new();
     let mut mmio = Vec::new();
-    let mut modules: Vec<Box<dyn Module>> = vec![Box::new(Console::stdout())];
+    let mut modules: Vec<Box<dyn Module>> = vec![Box::new(console)];
     for kind in kind::kinds() {
         let attached = kind
             .attach(&given_devices(&image, args, *kind), &ctx)
@@ -336,6 +380,12 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     // Every device is open and every thread started: from here on, only
     // the system calls of the run loop and of shutdown (sandbox).
     crate::sandbox::confine(!args.no_seccomp, Some(_admitted.running_dir_fd()))?;
+    crate::runfile::stats::counters().guest_starts();
+    if let Some(fd) = ready {
+        // A write on an open descriptor, then a close: both allowed. A
+        // supervisor that has gone (SIGKILLed) does not stop the guest.
+        let _ = std::io::Write::write_all(&mut std::fs::File::from(fd), b"R");
+    }
     let status = vm.run();
     if std::env::var_os("TT_HOST_STATS").is_some_and(|v| v == "1") {
         // Opt-in, for tt-bench: the run's exits from tt-host's own counters.

@@ -26,6 +26,7 @@
 //!   over every device's readiness).
 //!
 //! The admission's reservation is released when the launch ends.
+//! [`runfile`] holds the console ring and stats files a supervisor reads.
 //! [`abi`] holds the shared layouts. docs/ABI.md says what a guest may rely on.
 
 pub mod abi;
@@ -39,6 +40,7 @@ pub mod launch;
 pub mod loader;
 pub mod modules;
 pub mod resources;
+pub mod runfile;
 pub mod sandbox;
 pub mod text;
 pub mod vmm;

@@ -39,7 +39,23 @@ fn run(args: &[String]) -> ExitCode {
         }
         Err(e) => return fail(e),
     };
-    match tt_host::launch::run(&run_args) {
+    // The stats file first, so that even a launch that fails early
+    // leaves its end record.
+    let stats = match &run_args.stats_file {
+        Some(p) => match tt_host::runfile::stats::StatsFile::create(p) {
+            Ok(s) => {
+                s.install();
+                Some(s)
+            }
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
+    let result = tt_host::launch::run(&run_args);
+    if let Some(s) = &stats {
+        s.finish(tt_host::launch::end_state(&result));
+    }
+    match result {
         Ok(status) => ExitCode::from((status & 0xff) as u8),
         Err(e) => fail(e),
     }

@@ -30,8 +30,8 @@
 //!   reads a `/proc` file and counts CPUs as a thread first allocates): nothing is created or opened for writing;
 //! - the end of a run: releasing the admission entry (`unlinkat` on the
 //!   descriptor of the state directory's `running/`, which admission
-//!   keeps open, and on no other; `flock`, `close`),
-//!   `exit_group`.
+//!   keeps open, and on no other; `flock`, `close`), `getrusage` (the
+//!   stats file's end record), `exit_group`.
 //!
 //! `tt-host run --no-seccomp` skips the filter, for debugging.
 
@@ -237,6 +237,8 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_geteuid,
     libc::SYS_getpid,
     libc::SYS_gettid,
+    // The stats file's end record: this process's CPU time and peak RSS.
+    libc::SYS_getrusage,
     // Memory (mmap and mprotect: see `rules`).
     libc::SYS_munmap,
     libc::SYS_mremap,

@@ -158,6 +158,9 @@ pub fn create_request(args: &[String]) -> Result<(Option<PathBuf>, Op), Fail> {
     if run.client.is_some() {
         return refuse("--x-client (the daemon names the caller)");
     }
+    if run.console_log.is_some() || run.stats_file.is_some() || run.ready_fd.is_some() {
+        return refuse("--console-log, --stats-file or --x-ready-fd (the daemon's own)");
+    }
     let absolute = |p: &std::path::Path| {
         std::path::absolute(p).map_err(|e| format!("create: {}: {e}", p.display()))
     };

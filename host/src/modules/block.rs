@@ -254,6 +254,9 @@ impl Module for Block {
                 Some(d) => d.transfer(true, a.offset, a.data, a.len, mem)?,
                 None => ret::EINVAL,
             };
+            if r == ret::OK {
+                crate::runfile::stats::counters().block_write(a.len);
+            }
             set_out!(mem, at, HcBlockWrite.ret = r);
         } else {
             let (a, at) = read_args_mut::<HcBlockRead>(mem, arg)?;
@@ -261,6 +264,9 @@ impl Module for Block {
                 Some(d) => d.transfer(false, a.offset, a.data, a.len, mem)?,
                 None => ret::EINVAL,
             };
+            if r == ret::OK {
+                crate::runfile::stats::counters().block_read(a.len);
+            }
             set_out!(mem, at, HcBlockRead.ret = r);
         }
         Ok(Action::Continue)

@@ -586,7 +586,10 @@ impl Net {
         let mut buf = vec![0u8; len as usize];
         let _ = mem.read_slice(&mut buf, GuestAddress(data));
         let r = match dev.tap.write(&buf) {
-            Ok(n) if n == buf.len() => ret::OK,
+            Ok(n) if n == buf.len() => {
+                crate::runfile::stats::counters().net_tx(n as u64);
+                ret::OK
+            }
             Ok(n) => {
                 dev.report(&format!("wrote {n} of a {}-byte frame", buf.len()));
                 ret::EUNSPEC
@@ -625,6 +628,7 @@ impl Net {
                 let _ = mem.write_slice(&self.rx[..n], GuestAddress(data));
                 set_out!(mem, at, HcNetRead.len = n as u64);
                 set_ret(ret::OK);
+                crate::runfile::stats::counters().net_rx(n as u64);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => set_ret(ret::AGAIN),
             Err(e) => {

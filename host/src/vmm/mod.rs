@@ -504,6 +504,7 @@ impl Vm {
             }
             let exit = self.vcpu.run();
             self.run_returns += 1;
+            crate::runfile::stats::counters().vm_exit();
             let exit = match exit {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,

@@ -77,6 +77,8 @@ struct InFlight {
     head: u16,
     data_in: Vec<Buf>,
     status: u64,
+    /// Bytes of a write (counted once it completes); 0 for other types.
+    write_len: u64,
 }
 
 /// The virtio-blk device.
@@ -313,6 +315,7 @@ impl VirtioBlk {
                     }) => {
                         let code = self.read_now(&mem, span, &data_in);
                         let len = if code == request::VIRTIO_BLK_S_OK {
+                            crate::runfile::stats::counters().block_read(span.len());
                             span.len() as u32
                         } else {
                             0
@@ -324,12 +327,17 @@ impl VirtioBlk {
                     }
                     Ok(p) => {
                         let key = self.key(p.head);
+                        let write_len = match &p.request {
+                            block::Request::Write(w) => w.span().len(),
+                            _ => 0,
+                        };
                         self.in_flight.insert(
                             key,
                             InFlight {
                                 head: p.head,
                                 data_in: p.data_in,
                                 status: p.status,
+                                write_len,
                             },
                         );
                         if self.backend.submit(key, p.request).is_err() {
@@ -428,6 +436,13 @@ impl VirtioBlk {
             }
             _ => None,
         };
+        match &result {
+            Ok(Response::Written) => crate::runfile::stats::counters().block_write(f.write_len),
+            Ok(Response::Read(data)) => {
+                crate::runfile::stats::counters().block_read(data.len() as u64)
+            }
+            _ => {}
+        }
         let code = if result.is_ok() {
             request::VIRTIO_BLK_S_OK
         } else {
