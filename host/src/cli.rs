@@ -50,7 +50,8 @@ admission (see 'tt-host policy --help'):
 supervision (for a supervisor such as tt-host's daemon):
   --console-log=PATH            write the guest's console to the ring file
                                 PATH (created 0600, fixed size, read by
-                                the daemon) instead of stdout
+                                the daemon) instead of stdout; a ring of
+                                the same size there is appended to
   --console-log-size=BYTES      that ring's data size (default 1048576;
                                 4096 to 67108864)
   --stats-file=PATH             publish counters (block, net, VM exits) and

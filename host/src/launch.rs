@@ -264,7 +264,7 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     })?;
     let ready = ready_fd(args.ready_fd)?;
     let console = match &args.console_log {
-        Some(p) => Console::new(crate::runfile::console::ConsoleRing::create(
+        Some(p) => Console::new(crate::runfile::console::ConsoleRing::open_or_create(
             p,
             args.console_log_size,
         )?),

@@ -433,7 +433,7 @@ async fn console(sup: &Arc<Supervisor>, peer: &Peer, req: Request, stream: &mut 
                 match (last, since_ns) {
                     (Some(n), _) => c.last(n as usize),
                     (None, Some(t)) => c.since(t),
-                    (None, None) => c.read_from(0),
+                    (None, None) => c.oldest().and_then(|from| c.read_from(from)),
                 }
             } else {
                 c.read_from(pos)

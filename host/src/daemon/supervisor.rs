@@ -186,7 +186,7 @@ impl Supervisor {
             match published {
                 Err(_) => start = true,
                 Ok(p) if p.boot_id != sup.boot_id => start = true,
-                Ok(p) if p.end.is_none() && unitfiles::same_process(&p) => {
+                Ok(p) if p.end.is_none() && p.running => {
                     match sys::pidfd_open(p.pid) {
                         Ok(fd) => {
                             let started_ns = now_ns();

@@ -166,6 +166,93 @@ impl ConsoleRing {
         })
     }
 
+    /// Go on appending to the ring file at `path` if it is one of
+    /// `capacity` bytes (a unikernel started again keeps one console
+    /// across its runs), else make a new one: written beside it and
+    /// renamed over it, so that a reader holding the old file never sees
+    /// it shrink.
+    pub fn open_or_create(path: &Path, capacity: u64) -> Result<ConsoleRing, ConsoleError> {
+        if !(MIN_CAPACITY..=MAX_CAPACITY).contains(&capacity) {
+            return Err(ConsoleError::Capacity(capacity));
+        }
+        let io = |err| ConsoleError::Io {
+            path: path.display().to_string(),
+            err,
+        };
+        if let Some(ring) = Self::reopen(path, capacity).map_err(io)? {
+            return Ok(ring);
+        }
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".new");
+        let tmp = std::path::PathBuf::from(tmp);
+        let ring = Self::create(&tmp, capacity)?;
+        std::fs::rename(&tmp, path).map_err(io)?;
+        Ok(ring)
+    }
+
+    /// The ring at `path`, mapped to go on at its `written`, if it is a
+    /// regular file with this layout and `capacity`; `None` otherwise.
+    fn reopen(path: &Path, capacity: u64) -> std::io::Result<Option<ConsoleRing>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            // A link or something else odd: replaced by a new ring.
+            Err(_) => return Ok(None),
+        };
+        let meta = file.metadata()?;
+        let len = HEADER_SIZE as u64 + capacity;
+        if !meta.is_file() || meta.len() != len {
+            return Ok(None);
+        }
+        let mut raw = [0u8; HEADER_SIZE];
+        read_at(&file, &mut raw, 0)?;
+        // SAFETY: `raw` holds HEADER_SIZE bytes and every bit pattern is a
+        // valid `Header` (integers, atomic integers, byte arrays).
+        let h: Header = unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) };
+        if h.magic != MAGIC
+            || h.version != VERSION
+            || h.header_size as usize != HEADER_SIZE
+            || h.capacity != capacity
+        {
+            return Ok(None);
+        }
+        // SAFETY: a new shared mapping of the whole file, whose size was
+        // just checked; no Rust object aliases it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ring = ConsoleRing {
+            base: ptr.cast(),
+            capacity,
+            pos: 0,
+        };
+        // An append the last writer did not finish (it was killed) may
+        // have left torn bytes past `written`: the next append overwrites
+        // them, and announces it in `writing` first, as every append does.
+        let written = ring.header().written.load(Ordering::Acquire);
+        ring.header().writing.store(written, Ordering::Relaxed);
+        Ok(Some(ConsoleRing {
+            pos: written,
+            ..ring
+        }))
+    }
+
     /// The most guest bytes one record holds in this ring.
     pub fn max_piece(&self) -> usize {
         MAX_PIECE.min(self.capacity as usize / 4)
@@ -374,6 +461,15 @@ impl ConsoleLog {
             written,
             h.writing.load(Ordering::Relaxed).max(written),
         ))
+    }
+
+    /// Is this the file at `path` now (not one renamed over it since)?
+    pub fn is_current(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.file.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
     }
 
     /// The data area's size.

@@ -437,3 +437,34 @@ fn damaged_stats_files_give_errors() {
     // Unused here, but the daemon reads a file another process writes.
     let _ = std::fs::File::open(&p).unwrap().read_at(&mut [0; 1], 0);
 }
+
+#[test]
+fn a_ring_opened_again_goes_on_and_one_of_another_size_is_replaced() {
+    let d = Dir::new("reopen");
+    let p = d.path("console");
+    let mut w = ConsoleRing::open_or_create(&p, 4096).unwrap();
+    w.append(1, b"first run\n");
+    let old = ConsoleLog::open(&p).unwrap();
+    let mut w = ConsoleRing::open_or_create(&p, 4096).unwrap();
+    w.append(2, b"second run\n");
+    let c = ConsoleLog::open(&p).unwrap().read_from(0).unwrap();
+    assert_eq!(
+        c.records,
+        vec![rec(1, false, "first run"), rec(2, false, "second run")]
+    );
+    assert!(old.is_current(&p), "the same file went on");
+    // Another size: a new ring, renamed over the old one, which a reader
+    // holding it still reads whole.
+    let mut w = ConsoleRing::open_or_create(&p, 8192).unwrap();
+    w.append(3, b"third run\n");
+    assert!(!old.is_current(&p));
+    assert_eq!(old.read_from(0).unwrap().records.len(), 2);
+    let c = ConsoleLog::open(&p).unwrap().read_from(0).unwrap();
+    assert_eq!(c.records, vec![rec(3, false, "third run")]);
+    // Garbage there is replaced too.
+    std::fs::write(&p, b"not a ring").unwrap();
+    let mut w = ConsoleRing::open_or_create(&p, 4096).unwrap();
+    w.append(4, b"fresh\n");
+    let c = ConsoleLog::open(&p).unwrap().read_from(0).unwrap();
+    assert_eq!(c.records, vec![rec(4, false, "fresh")]);
+}
