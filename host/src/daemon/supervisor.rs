@@ -186,17 +186,15 @@ impl Supervisor {
             match published {
                 Err(_) => start = true,
                 Ok(p) if p.boot_id != sup.boot_id => start = true,
-                Ok(p) if p.end.is_none() && p.running => {
-                    match sys::pidfd_open(p.pid) {
-                        Ok(fd) => {
-                            let started_ns = now_ns();
-                            sup.watch(&name, &mut unit, p.pid, fd, started_ns, None, false);
-                            unit.state = State::Running;
-                            log::info!("{name}: re-adopted pid {}", p.pid);
-                        }
-                        Err(_) => unit.last_end = Some(End::Killed(None)),
+                Ok(p) if p.end.is_none() && p.running => match sys::pidfd_open(p.pid) {
+                    Ok(fd) => {
+                        let started_ns = now_ns();
+                        sup.watch(&name, &mut unit, p.pid, fd, started_ns, None, false);
+                        unit.state = State::Running;
+                        log::info!("{name}: re-adopted pid {}", p.pid);
                     }
-                }
+                    Err(_) => unit.last_end = Some(End::Killed(None)),
+                },
                 Ok(p) => {
                     let end = p.end.unwrap_or(End::Killed(None));
                     unit.last_end = Some(end);
