@@ -475,3 +475,81 @@ fn ten_console_followers_of_a_chatty_guest_in_bounded_memory() {
         .len();
     assert!(size <= (1 << 20) + 4096, "{size}");
 }
+
+#[test]
+fn a_readopted_unikernel_s_exit_still_drives_its_restart() {
+    if !kvm() {
+        return;
+    }
+    let mut d = Daemon::started("d-adopt-exit", &["--restart-backoff=100,1000"]);
+    // Both exit 0 after a while, which --restart-on-fail=0 restarts:
+    // 'early' while the daemon is away, 'late' after it re-adopted it.
+    ok(&d.cli(&[
+        "create",
+        "early",
+        "--restart-on-fail=0",
+        "--mem=8",
+        &unit(),
+        "tick",
+        "200",
+        "4",
+    ]));
+    ok(&d.cli(&[
+        "create",
+        "late",
+        "--restart-on-fail=0",
+        "--mem=8",
+        &unit(),
+        "tick",
+        "300",
+        "12",
+    ]));
+    d.kill9();
+    std::thread::sleep(Duration::from_millis(2000));
+    d.start();
+    let l = list(&d);
+    assert_eq!(l["late"].0, "running", "re-adopted: {l:?}\n{}", d.log());
+    d.wait_for(30, "both restarted after exit 0", || {
+        let l = list(&d);
+        l["early"].2 >= 1 && l["late"].2 >= 1
+    });
+    let l = list(&d);
+    assert_eq!(l["late"].3, "exit 0", "the end it recorded itself: {l:?}");
+}
+
+#[test]
+fn counters_in_prometheus_format_on_the_cli_and_the_metrics_listener() {
+    if !kvm() {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = Daemon::started("d-metrics", &[&format!("--metrics={port}")]);
+    ok(&d.cli(&["create", "web", "--mem=8", &unit(), "tick", "50"]));
+    d.wait_for(20, "some exits", || ticks(&console(&d, "web")) >= 3);
+    let r = d.cli(&["stats", "--prometheus"]);
+    let text = ok(&r);
+    assert!(
+        text.contains("# TYPE tt_host_unikernel_vm_exits_total counter"),
+        "{text}"
+    );
+    let exits: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tt_host_unikernel_vm_exits_total{name=\"web\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(exits > 3, "{text}");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut http = String::new();
+    s.read_to_string(&mut http).unwrap();
+    assert!(http.starts_with("HTTP/1.1 200 OK"), "{http}");
+    assert!(
+        http.contains("tt_host_unikernel_up{name=\"web\"} 1"),
+        "{http}"
+    );
+}
