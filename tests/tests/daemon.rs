@@ -242,8 +242,12 @@ fn access_is_by_subtree() {
     let image = image.display().to_string();
     ok(&d.cli(&["policy", "set", "alice", "--users", "4242", "--daemon"]));
     ok(&d.cli(&["policy", "set", "carol", "--mem", "64", "--daemon"]));
+    // tt-host itself where uid 4242 can run it (the checkout may be in a
+    // directory it cannot traverse, such as /root).
+    let client = d.dir.path("tt-host");
+    std::fs::copy(tt_host(), &client).unwrap();
     let as_user = |args: &[&str]| {
-        let mut cmd = Command::new(tt_host());
+        let mut cmd = Command::new(&client);
         cmd.args(args);
         // SAFETY: setgroups/setgid/setuid between fork and exec.
         unsafe {
@@ -298,6 +302,16 @@ fn access_is_by_subtree() {
         !list(&d).contains_key("alice:bob:x"),
         "a failed create is not kept"
     );
+}
+
+#[test]
+fn without_a_daemon_the_cli_says_so_in_one_line() {
+    let r = tt_tests::tt(&["list", "--socket=/nonexistent/control.sock"]);
+    tt_tests::assert_error(&r, "cannot reach the daemon at /nonexistent/control.sock");
+    let r = tt_tests::tt(&["create", "web", "--socket=/nonexistent/s", "--no-seccomp", "img"]);
+    tt_tests::assert_error(&r, "--no-seccomp cannot be given to create");
+    let r = tt_tests::tt(&["console", "web", "--last=3", "--since=5m"]);
+    tt_tests::assert_error(&r, "give --since or --last, not both");
 }
 
 #[test]
