@@ -291,3 +291,45 @@ fn a_running_guest_is_seen_through_its_files_and_sigterm_is_its_end_record() {
     assert_eq!(s.state.exit_status(), Some(1));
     assert!(!s.still_running());
 }
+
+#[test]
+fn virtio_blk_requests_are_counted_when_they_complete() {
+    if !kvm() {
+        return;
+    }
+    for durability in ["journal", "none"] {
+        let dir = Scratch::new("runfile-vblk");
+        let disk = dir.path("disk.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        let stats = dir.path("stats");
+        let r = tt(&[
+            "run",
+            "--mem=64",
+            &format!("--state-dir={}", dir.path("state").display()),
+            &format!("--stats-file={}", stats.display()),
+            &format!("--block:disk={}", disk.display()),
+            &format!("--block-durability={durability}"),
+            &img("vblk"),
+            "depth=8",
+            "count=64",
+        ]);
+        assert_eq!(r.status, 0, "{durability}: {r:?}");
+        assert!(r.stdout.contains("vblk: OK"), "{durability}: {r:?}");
+        let s = StatsFile::read(&stats).unwrap();
+        // 64 writes of 4 KiB, a flush (not counted), 64 reads of 4 KiB.
+        assert_eq!(
+            (s.block_write_ops, s.block_write_bytes),
+            (64, 64 * 4096),
+            "{durability}: {s:?}"
+        );
+        assert_eq!(
+            (s.block_read_ops, s.block_read_bytes),
+            (64, 64 * 4096),
+            "{durability}: {s:?}"
+        );
+        assert_eq!(s.state, State::Exited(0));
+    }
+}
