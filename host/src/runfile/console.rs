@@ -516,7 +516,7 @@ impl ConsoleLog {
         let end = w1.min(start + MAX_CHUNK);
         let mut buf = vec![0u8; (end - start) as usize];
         self.copy(start, &mut buf)?;
-        let (_, w2, writing) = self.header()?;
+        let (_, _, writing) = self.header()?;
         // What the writer may have overwritten while we copied, including
         // the append it is in the middle of.
         let valid = start.max(writing.saturating_sub(cap));
@@ -529,17 +529,26 @@ impl ConsoleLog {
                     at += i as u64 + 1;
                     data = &data[i + 1..];
                 }
-                None => {
-                    // No boundary in what is left: `written` is one.
-                    let next = if w1 >= writing.saturating_sub(cap) {
-                        w1
-                    } else {
-                        w2
-                    };
+                None if w1 >= writing.saturating_sub(cap) => {
+                    // No boundary in what is left, all of it valid: the
+                    // bytes up to `written` (a boundary) are a record's
+                    // tail.
                     return Ok(Chunk {
                         records: vec![],
-                        next,
-                        lost: next - pos,
+                        next: w1,
+                        lost: w1 - pos,
+                    });
+                }
+                None => {
+                    // The append in progress may overwrite all we copied.
+                    // Nothing is known lost yet: what it publishes is read
+                    // on the next call, from where the ring then starts
+                    // (jumping to the new `written` would skip that whole append,
+                    // which stays readable).
+                    return Ok(Chunk {
+                        records: vec![],
+                        next: pos,
+                        lost: 0,
                     });
                 }
             }

@@ -468,3 +468,25 @@ fn a_ring_opened_again_goes_on_and_one_of_another_size_is_replaced() {
     let c = ConsoleLog::open(&p).unwrap().read_from(0).unwrap();
     assert_eq!(c.records, vec![rec(4, false, "fresh")]);
 }
+
+#[test]
+fn an_append_that_may_overwrite_everything_read_is_waited_for_not_skipped() {
+    let d = Dir::new("inprogress");
+    let p = d.path("console");
+    let mut w = ConsoleRing::create(&p, 4096).unwrap();
+    for i in 0..10 {
+        w.append(i, b"line\n");
+    }
+    let log = ConsoleLog::open(&p).unwrap();
+    let end = log.end().unwrap();
+    // The writer announces an append longer than the ring (`writing`, at
+    // offset 32 of the header): everything the reader copies may be torn.
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_at(&(end + 8192).to_le_bytes(), 32).unwrap();
+    let c = log.read_from(0).unwrap();
+    assert_eq!((c.records.len(), c.next, c.lost), (0, 0, 0), "{c:?}");
+    // Published (here: withdrawn): the records are read, none skipped.
+    f.write_at(&end.to_le_bytes(), 32).unwrap();
+    let c = log.read_from(0).unwrap();
+    assert_eq!((c.records.len(), c.next, c.lost), (10, end, 0), "{c:?}");
+}
