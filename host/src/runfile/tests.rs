@@ -179,7 +179,13 @@ fn a_reader_racing_a_writer_never_returns_a_torn_or_overwritten_record() {
     let (mut pos, mut prev, mut lost, mut gaps) = (0u64, 0u64, 0u64, 0u64);
     // Bytes lost since the last record read: a gap needs some.
     let mut unexplained = 0u64;
+    let started = std::time::Instant::now();
     while prev < lines {
+        // A reader that stops making progress fails, not hangs.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "reader stuck at {pos} after line {prev}"
+        );
         let c = log.read_from(pos).unwrap();
         unexplained += c.lost;
         lost += c.lost;
