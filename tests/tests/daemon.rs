@@ -308,7 +308,13 @@ fn access_is_by_subtree() {
 fn without_a_daemon_the_cli_says_so_in_one_line() {
     let r = tt_tests::tt(&["list", "--socket=/nonexistent/control.sock"]);
     tt_tests::assert_error(&r, "cannot reach the daemon at /nonexistent/control.sock");
-    let r = tt_tests::tt(&["create", "web", "--socket=/nonexistent/s", "--no-seccomp", "img"]);
+    let r = tt_tests::tt(&[
+        "create",
+        "web",
+        "--socket=/nonexistent/s",
+        "--no-seccomp",
+        "img",
+    ]);
     tt_tests::assert_error(&r, "--no-seccomp cannot be given to create");
     let r = tt_tests::tt(&["console", "web", "--last=3", "--since=5m"]);
     tt_tests::assert_error(&r, "give --since or --last, not both");

@@ -27,7 +27,7 @@ pub mod units;
 
 pub use index::{Pools, PoolsError, ScanPools};
 pub use pool::{seconds_to_ns, Pool, PoolError, Unit};
-pub use units::{Draw, Resources, MICRO, NANOS_PER_SECOND, PER_UNIT_SECOND};
+pub use units::{Draw, Workload, MICRO, NANOS_PER_SECOND, PER_UNIT_SECOND};
 
 #[cfg(test)]
 mod tests;

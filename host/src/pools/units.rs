@@ -52,9 +52,9 @@ pub const CU_VCPUS: u64 = 2;
 /// Bytes of disk in one SU (300 GB, decimal).
 pub const SU_DISK_BYTES: u64 = 300 * 1_000_000_000;
 
-/// The resources of one unikernel that its pool charges for.
+/// What one workload (a unikernel) holds that its pool charges for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Resources {
+pub struct Workload {
     /// Guest memory, in MiB (tt-host's `--mem`).
     pub memory_mib: u64,
     /// vCPUs: 1 for every tt-host unikernel today.
@@ -88,17 +88,17 @@ impl Draw {
 
     /// The draw of a unikernel with these resources (see the module doc
     /// for the formulas and the rounding, which is up).
-    pub fn of(r: &Resources) -> Draw {
+    pub fn of(w: &Workload) -> Draw {
         // ceil(MiB * MICRO / 4096) and ceil(vcpus * MICRO / 2): since
         // ceil is monotone, the min of the two ceilings is the ceiling of
         // the min. u128 so no input overflows; the result saturates.
-        let by_memory = div_ceil(r.memory_mib as u128 * MICRO as u128, CU_MEMORY_MIB as u128);
-        let by_vcpus = div_ceil(r.vcpus as u128 * MICRO as u128, CU_VCPUS as u128);
-        let su = div_ceil(r.block_bytes as u128 * MICRO as u128, SU_DISK_BYTES as u128);
+        let by_memory = div_ceil(w.memory_mib as u128 * MICRO as u128, CU_MEMORY_MIB as u128);
+        let by_vcpus = div_ceil(w.vcpus as u128 * MICRO as u128, CU_VCPUS as u128);
+        let su = div_ceil(w.block_bytes as u128 * MICRO as u128, SU_DISK_BYTES as u128);
         Draw {
             cu: saturate(by_memory.min(by_vcpus)),
             su: saturate(su),
-            ipv4u: r.ipv4.saturating_mul(MICRO),
+            ipv4u: w.ipv4.saturating_mul(MICRO),
         }
     }
 
@@ -139,7 +139,7 @@ mod tests {
     use super::*;
 
     fn draw(memory_mib: u64, vcpus: u64, block_bytes: u64, ipv4: u64) -> Draw {
-        Draw::of(&Resources {
+        Draw::of(&Workload {
             memory_mib,
             vcpus,
             block_bytes,
