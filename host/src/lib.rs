@@ -39,6 +39,7 @@ pub mod devices;
 pub mod launch;
 pub mod loader;
 pub mod modules;
+pub mod pools;
 pub mod resources;
 pub mod runfile;
 pub mod sandbox;
