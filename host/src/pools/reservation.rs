@@ -763,6 +763,15 @@ pub(crate) mod tests {
         }
 
         #[test]
+        fn any_changed_payload_byte_is_refused(at in 0usize..72, flip in 1u8..=255) {
+            let p = payload("r1", "web", "alice");
+            prop_assume!(at < p.len());
+            let mut e = Envelope::parse(&sign(&p, &key(ALICE), None)).unwrap();
+            e.payload[at] ^= flip;
+            prop_assert!(check(&e.to_json()).is_err());
+        }
+
+        #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = check(&bytes);
             let _ = Reservation::parse(&bytes);
