@@ -84,6 +84,11 @@ pub enum AuditError {
     },
     #[error("replayed id '{0}': a reservation with this id was already accepted")]
     Replayed(String),
+    #[error(
+        "{path}: a failed append could not be undone, so nothing more is appended; \
+         restart the daemon (opening the log cuts the torn line off)"
+    )]
+    Broken { path: String },
 }
 
 /// The log, open for appending, with what it holds.
@@ -91,6 +96,10 @@ pub enum AuditError {
 pub struct AuditLog {
     path: PathBuf,
     file: File,
+    /// The length of the log's whole lines.
+    len: u64,
+    /// Set when a failed append could not be cut off again.
+    broken: bool,
     ids: HashSet<String>,
     totals: BTreeMap<String, Totals>,
 }
@@ -219,6 +228,8 @@ impl AuditLog {
         let mut log = AuditLog {
             path: path.to_path_buf(),
             file,
+            len: valid as u64,
+            broken: false,
             ids: HashSet::new(),
             totals: BTreeMap::new(),
         };
@@ -253,7 +264,8 @@ impl AuditLog {
     /// durable before returning. An id already in the log is refused
     /// ([`AuditError::Replayed`]) and nothing is written. On an I/O error
     /// the reservation must be reported as not accepted; its id stays
-    /// free.
+    /// free, and what was written of its line is cut off again (if that
+    /// fails too, every later call returns [`AuditError::Broken`]).
     pub fn record(&mut self, accepted: &Accepted, time_ns: u64) -> Result<Entry, AuditError> {
         let r = accepted.reservation();
         if self.contains(&r.id) {
@@ -273,8 +285,25 @@ impl AuditLog {
             path: self.path.display().to_string(),
             err,
         };
-        self.file.write_all(&line_of(&entry)).map_err(io)?;
-        self.file.sync_data().map_err(io)?;
+        if self.broken {
+            return Err(AuditError::Broken {
+                path: self.path.display().to_string(),
+            });
+        }
+        let line = line_of(&entry);
+        let written = self
+            .file
+            .write_all(&line)
+            .and_then(|()| self.file.sync_data());
+        if let Err(err) = written {
+            let undone = self
+                .file
+                .set_len(self.len)
+                .and_then(|()| self.file.sync_data());
+            self.broken = undone.is_err();
+            return Err(io(err));
+        }
+        self.len += line.len() as u64;
         self.note(&entry);
         Ok(entry)
     }
