@@ -14,16 +14,23 @@
 //! daemon sets one timer for [`Pools::next_expiry`] instead of polling
 //! every pool.
 //!
-//! This module is pure: no files, no daemon, and no clock of its own.
+//! Reservations fill pools: [`keys`] (users' ed25519 public keys),
+//! [`reservation`] (the signed envelope, its strict payload parser,
+//! [`reservation::verify`] and [`reservation::sign`]) and [`audit`] (the
+//! append-only log of accepted reservations: every accepted id, for
+//! replay protection across restarts, and each pool's totals).
+//!
+//! The model is pure: no files, no daemon, and no clock of its own.
 //! Every instant is a parameter, in nanoseconds on the caller's clock (an
 //! epoch clock, so time passed while the daemon was down is charged when
 //! it comes back). All amounts are integers (see [`units`]).
 
+pub mod audit;
 pub mod index;
+pub mod keys;
 pub mod pool;
+pub mod reservation;
 pub mod units;
-// Lead: the reservations helper adds `reservation.rs`; declare it here with
-// `pub mod reservation;` when merging.
 
 pub use index::{Pools, PoolsError, ScanPools};
 pub use pool::{seconds_to_ns, Pool, PoolError, Unit};
