@@ -14,6 +14,8 @@ usage:
   tt-host create NAME [OPTIONS] IMAGE [--] [ARGS]   start a unikernel under the daemon
   tt-host destroy|restart|info NAME                 (see 'tt-host create --help' for these)
   tt-host list [PATH] | console NAME | stats [NAME]
+  tt-host pool create|show|list|reserve|sign ...    capacity pools (see 'tt-host pool --help')
+  tt-host key add|gen ...                           reservation signing keys
   tt-host demo                                      build and boot the bundled hello unikernel
   tt-host --help | --version
 
@@ -252,6 +254,14 @@ fn main() -> ExitCode {
         Some("journal") => journal(&args[1..]),
         Some("demo") => demo(),
         Some("daemon") => daemon(&args[1..]),
+        Some("pool") => match tt_host::daemon::client::pool(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
+        Some("key") => match tt_host::daemon::client::key(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
         Some(cmd @ ("create" | "destroy" | "restart" | "list" | "info" | "console" | "stats")) => {
             match tt_host::daemon::client::run(cmd, &args[1..]) {
                 Ok(()) => ExitCode::SUCCESS,

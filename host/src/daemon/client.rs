@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 pub const USAGE: &str = "\
-usage: tt-host create NAME [--restart-on-fail[=CODES]] [RUN OPTIONS] IMAGE [--] [ARGS...]
+usage: tt-host create NAME [--restart-on-fail[=CODES]] [--pool=POOL] [RUN OPTIONS] IMAGE [--] [ARGS...]
        tt-host destroy NAME
        tt-host restart NAME
        tt-host list [PATH]
@@ -124,10 +124,17 @@ pub fn create_request(args: &[String]) -> Result<(Option<PathBuf>, Op), Fail> {
     name.parse::<crate::resources::Name>()
         .map_err(|e| format!("create: bad NAME: {e}"))?;
     let mut restart_on_fail = None;
+    let mut pool = None;
     let mut i = 0;
     while i < args.len() && args[i].starts_with('-') && args[i] != "--" {
         let a = &args[i];
-        if a == "--restart-on-fail" || a.starts_with("--restart-on-fail=") {
+        if let Some(p) = a.strip_prefix("--pool=") {
+            if pool.is_some() {
+                return Err("create: --pool given twice".into());
+            }
+            pool = Some(p.to_string());
+            args.remove(i);
+        } else if a == "--restart-on-fail" || a.starts_with("--restart-on-fail=") {
             if restart_on_fail.is_some() {
                 return Err("create: --restart-on-fail given twice".into());
             }
@@ -207,6 +214,7 @@ pub fn create_request(args: &[String]) -> Result<(Option<PathBuf>, Op), Fail> {
             name,
             args: out,
             restart_on_fail,
+            pool,
         },
     ))
 }
@@ -580,5 +588,155 @@ mod tests {
             let e = create_request(&s(a)).unwrap_err();
             assert!(e.contains(want), "{a:?}: {e}");
         }
+    }
+}
+
+pub const POOL_USAGE: &str = "\
+usage: tt-host pool create NAME --owner=USER [--sponsor=USER]
+       tt-host pool show [NAME] | pool list
+       tt-host pool reserve RESERVATION.json
+       tt-host pool sign --key=SEED_FILE [--sponsor-key=SEED_FILE] PAYLOAD.json
+       tt-host key add USER PUBKEY
+       tt-host key gen SEED_FILE
+each but sign and gen also takes --socket=PATH
+
+Capacity pools (after threefoldtech tfexplorer): a pool holds CU-, SU- and
+IPv4U-seconds; each unikernel created into it ('tt-host create --pool=NAME')
+draws, every second, CU = min(memory GiB / 4, vCPUs / 2), SU = disk GB / 300
+and IPv4U = its public addresses and port forwards (0 for now). When the
+first counter it draws on reaches zero (its EmptyAt), its unikernels are
+stopped. A create is refused if the pool would be empty within the
+daemon's --pool-min-run (default 120 s).
+
+create   an empty pool owned by USER (root only); with --sponsor, every
+         reservation must be signed by the sponsor too
+show     per counter: what is left, the draw, the last sync, and EmptyAt
+reserve  top a pool up with a signed reservation: the JSON envelope
+         {\"payload\": BASE64, \"customer_signature\": BASE64,
+          \"sponsor_signature\": BASE64} whose payload is the JSON
+         {\"id\": ID, \"pool\": NAME, \"customer\": USER, \"cu\": N, \"su\": N,
+          \"ipv4u\": N} (whole unit-seconds), signed with ed25519 by the
+         pool's owner (and sponsor). Every reservation accepted is kept in
+         an append-only audit log; an id is accepted once
+sign     make that envelope from a payload file and seed files (local)
+key add  register USER's ed25519 public key (base64 or hex; root only)
+key gen  write a new secret seed to SEED_FILE (0600) and print its public key";
+
+fn read_file(path: &str) -> Result<Vec<u8>, Fail> {
+    std::fs::read(path).map_err(|e| format!("{path}: {e}"))
+}
+
+/// `tt-host pool ...`.
+pub fn pool(args: &[String]) -> Result<(), Fail> {
+    if args.is_empty() || args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{POOL_USAGE}");
+        return Ok(());
+    }
+    let mut args = args.to_vec();
+    let socket = take_socket(&mut args)?;
+    let verb = args.remove(0);
+    let opt = |args: &mut Vec<String>, name: &str| -> Option<String> {
+        let i = args.iter().position(|a| a.starts_with(&format!("--{name}=")))?;
+        let v = args.remove(i);
+        Some(v[name.len() + 3..].to_string())
+    };
+    let op = match verb.as_str() {
+        "create" => {
+            let owner = opt(&mut args, "owner").ok_or("pool create: --owner=USER is required")?;
+            let sponsor = opt(&mut args, "sponsor");
+            let [name] = args.as_slice() else {
+                return Err("pool create: expected NAME --owner=USER [--sponsor=USER]".into());
+            };
+            Op::PoolCreate {
+                name: name.clone(),
+                owner,
+                sponsor,
+            }
+        }
+        "show" | "list" => match args.as_slice() {
+            [] => Op::PoolShow { name: None },
+            [n] if verb == "show" => Op::PoolShow {
+                name: Some(n.clone()),
+            },
+            _ => return Err(format!("pool {verb}: unexpected arguments")),
+        },
+        "reserve" => {
+            let [file] = args.as_slice() else {
+                return Err("pool reserve: expected RESERVATION.json".into());
+            };
+            let envelope = String::from_utf8(read_file(file)?)
+                .map_err(|_| format!("{file}: not UTF-8 (a reservation is JSON)"))?;
+            Op::PoolReserve { envelope }
+        }
+        "sign" => {
+            let key = opt(&mut args, "key").ok_or("pool sign: --key=SEED_FILE is required")?;
+            let sponsor = opt(&mut args, "sponsor-key");
+            let [payload] = args.as_slice() else {
+                return Err("pool sign: expected PAYLOAD.json".into());
+            };
+            let payload = read_file(payload)?;
+            let payload = payload.trim_ascii_end();
+            let seed = |p: &str| {
+                crate::pools::keys::read_secret_seed_file(std::path::Path::new(p))
+                    .map_err(|e| e.to_string())
+            };
+            let customer = seed(&key)?;
+            let sponsor = sponsor.map(|s| seed(&s)).transpose()?;
+            let env = crate::pools::reservation::sign(payload, &customer, sponsor.as_ref());
+            println!("{}", String::from_utf8_lossy(&env));
+            return Ok(());
+        }
+        other => return Err(format!("pool: unknown command '{}'", quote(other))),
+    };
+    match Connection::open(socket)?.call(op)? {
+        Reply::Ok { message } => println!("{message}"),
+        Reply::Text { text } => print!("{text}"),
+        r => return Err(unexpected(r)),
+    }
+    Ok(())
+}
+
+/// `tt-host key ...`.
+pub fn key(args: &[String]) -> Result<(), Fail> {
+    if args.is_empty() || args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{POOL_USAGE}");
+        return Ok(());
+    }
+    let mut args = args.to_vec();
+    let socket = take_socket(&mut args)?;
+    match args.as_slice() {
+        [verb, user, key] if verb == "add" => {
+            match Connection::open(socket)?.call(Op::KeyAdd {
+                user: user.clone(),
+                key: key.clone(),
+            })? {
+                Reply::Ok { message } => println!("{message}"),
+                r => return Err(unexpected(r)),
+            }
+            Ok(())
+        }
+        [verb, file] if verb == "gen" => {
+            use std::io::Read;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut seed = [0u8; 32];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut seed))
+                .map_err(|e| format!("/dev/urandom: {e}"))?;
+            let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(file)
+                .map_err(|e| format!("{file}: {e}"))?;
+            writeln!(f, "{}", crate::pools::keys::encode_secret_seed(&key))
+                .map_err(|e| format!("{file}: {e}"))?;
+            println!(
+                "{}",
+                crate::pools::keys::encode_public_key(&key.verifying_key())
+            );
+            Ok(())
+        }
+        _ => Err("key: expected 'add USER PUBKEY' or 'gen SEED_FILE'".into()),
     }
 }

@@ -39,6 +39,9 @@ pub struct Spec {
     pub owner: Owner,
     /// When it was created (Unix ns).
     pub created_ns: u64,
+    /// The capacity pool it draws from (`create --pool`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -205,6 +208,7 @@ mod tests {
                 groups: vec![],
             },
             created_ns: t,
+            pool: None,
         }
     }
 

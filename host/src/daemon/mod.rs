@@ -23,6 +23,7 @@ pub mod access;
 pub mod client;
 pub mod desired;
 pub mod metrics;
+pub mod pools;
 pub mod proto;
 pub mod server;
 pub mod supervisor;
@@ -71,6 +72,7 @@ pub const USAGE: &str = "\
 usage: tt-host daemon [--state-dir=DIR] [--runtime-dir=DIR] [--socket=PATH]
                       [--metrics=[ADDR:]PORT] [--console-size=BYTES]
                       [--restart-backoff=MIN_MS,MAX_MS] [--stop-timeout=SECONDS]
+                      [--pool-min-run=SECONDS] [--pool-warning=SECONDS]
 
 Keep unikernels running: serve the control socket on which 'tt-host create',
 'destroy', 'restart', 'list', 'info', 'console', 'stats' and 'policy
@@ -94,7 +96,11 @@ starts those created and not destroyed that have no process this boot
                          MAX_MS or longer starts again from MIN_MS
                          (default 1000,300000)
   --stop-timeout=SECONDS destroy and restart send SIGTERM, then SIGKILL after
-                         this long (default 10)";
+                         this long (default 10)
+  --pool-min-run=SECONDS create --pool refuses a unikernel whose pool would be
+                         empty within this long (default 120, as tfexplorer)
+  --pool-warning=SECONDS log a pool's coming expiry this long before it
+                         (default 60)";
 
 /// `tt-host daemon`'s options.
 #[derive(Debug, Clone, PartialEq)]
@@ -106,6 +112,8 @@ pub struct DaemonArgs {
     pub console_size: u64,
     pub backoff: (Duration, Duration),
     pub stop_timeout: Duration,
+    pub pool_min_run: Duration,
+    pub pool_warning: Duration,
 }
 
 /// Parse `tt-host daemon`'s options; `Ok(None)`: --help.
@@ -118,6 +126,8 @@ pub fn parse_args(args: &[String]) -> Result<Option<DaemonArgs>, String> {
         console_size: 1 << 20,
         backoff: (Duration::from_secs(1), Duration::from_secs(300)),
         stop_timeout: Duration::from_secs(10),
+        pool_min_run: Duration::from_secs(120),
+        pool_warning: Duration::from_secs(60),
     };
     let mut seen = Vec::new();
     for a in args {
@@ -160,6 +170,16 @@ pub fn parse_args(args: &[String]) -> Result<Option<DaemonArgs>, String> {
                     .filter(|(a, b)| *a >= 1 && a <= b)
                     .ok_or_else(|| bad("MIN_MS,MAX_MS with 1 <= MIN_MS <= MAX_MS"))?;
                 d.backoff = (Duration::from_millis(min), Duration::from_millis(max));
+            }
+            "--pool-min-run" | "--pool-warning" => {
+                let s = number::<u64>(v)
+                    .filter(|s| *s <= 365 * 86400)
+                    .ok_or_else(|| bad("seconds"))?;
+                if opt == "--pool-min-run" {
+                    d.pool_min_run = Duration::from_secs(s);
+                } else {
+                    d.pool_warning = Duration::from_secs(s);
+                }
             }
             "--stop-timeout" => {
                 let s = number::<u64>(v)
@@ -275,6 +295,8 @@ pub fn main(args: &DaemonArgs) -> Result<(), String> {
         backoff_min: args.backoff.0,
         backoff_max: args.backoff.1,
         stop_timeout: args.stop_timeout,
+        pool_min_run: args.pool_min_run,
+        pool_warning: args.pool_warning,
     };
     let listener = bind(&socket)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -292,6 +314,7 @@ pub fn main(args: &DaemonArgs) -> Result<(), String> {
             log::info!("metrics on http://{addr}/metrics");
             tokio::spawn(metrics_http(sup.clone(), l));
         }
+        tokio::spawn(sup.clone().expire_pools());
         log::info!("serving {}", socket.display());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("cannot catch SIGTERM: {e}"))?;

@@ -40,6 +40,9 @@ pub enum Op {
         /// exit code but 0, 1 and 60-64; `Some(codes)`: on those codes.
         #[serde(default)]
         restart_on_fail: Option<Vec<u8>>,
+        /// `--pool`: the capacity pool it draws from.
+        #[serde(default)]
+        pool: Option<String>,
     },
     Destroy {
         name: String,
@@ -78,6 +81,22 @@ pub enum Op {
     Policy {
         args: Vec<String>,
     },
+    /// A capacity pool, empty, owned by `owner` (root only).
+    PoolCreate {
+        name: String,
+        owner: String,
+        #[serde(default)]
+        sponsor: Option<String>,
+    },
+    /// One pool, or all the caller may see.
+    PoolShow {
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// A signed reservation's envelope (JSON text) to top up a pool.
+    PoolReserve { envelope: String },
+    /// Register an ed25519 public key for `user` (root only).
+    KeyAdd { user: String, key: String },
 }
 
 /// The daemon's answer.
@@ -266,6 +285,7 @@ mod tests {
                 name: "alice:web".into(),
                 args: vec!["--mem=8".into(), "/img".into()],
                 restart_on_fail: Some(vec![3]),
+                pool: None,
             },
         };
         let framed = encode(&req);

@@ -228,6 +228,9 @@ pub fn vet(op: &Op) -> Result<(), String> {
             .map_err(|e| format!("bad path: {e}")),
         Op::List { path: None } | Op::Stats { name: None } | Op::Metrics => Ok(()),
         Op::Policy { args } => cli::parse_policy(args).map(drop).map_err(|e| e.msg),
+        Op::PoolCreate { .. } | Op::PoolShow { .. } | Op::PoolReserve { .. } | Op::KeyAdd { .. } => {
+            Ok(())
+        }
     }
 }
 
@@ -237,6 +240,7 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
             name,
             args,
             restart_on_fail,
+            pool,
         } => {
             let r = (|| {
                 let n = may_act(sup, peer, &name)?;
@@ -247,12 +251,18 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
                 Ok(n) => n,
                 Err(e) => return error(e),
             };
+            if let Some(p) = &pool {
+                if let Err(e) = may_use_pool(sup, peer, p) {
+                    return error(e);
+                }
+            }
             let spec = Spec {
                 name: n.to_string(),
                 args,
                 restart_on_fail,
                 owner: peer.owner(),
                 created_ns: sys::now_ns(),
+                pool,
             };
             match sup.create(spec, received).await {
                 Ok(s) => Reply::Started {
@@ -326,6 +336,107 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
         },
         Op::Policy { args } => policy(sup, peer, &args),
         Op::Console { .. } => error("console requests are served on their own"),
+        Op::PoolCreate {
+            name,
+            owner,
+            sponsor,
+        } => {
+            if !peer.is_root() {
+                return error(format!("uid {} may not create pools (root only)", peer.uid));
+            }
+            let r = sup.pools.lock().unwrap_or_else(|p| p.into_inner()).create(
+                &name,
+                super::pools::Meta { owner, sponsor },
+                sys::now_ns(),
+            );
+            match r {
+                Ok(()) => Reply::Ok {
+                    message: format!("pool {name} created (empty: top it up with 'tt-host pool reserve')"),
+                },
+                Err(e) => error(e),
+            }
+        }
+        Op::PoolShow { name } => {
+            let mut pools = sup.pools.lock().unwrap_or_else(|p| p.into_inner());
+            let names = match name {
+                Some(n) => vec![n],
+                None => pools.names(),
+            };
+            let mut text = String::new();
+            for n in names {
+                let owner = pools.meta(&n).map(|m| (m.owner.clone(), m.sponsor.clone()));
+                let allowed = peer.is_root()
+                    || owner.as_ref().is_some_and(|(o, s)| {
+                        user_is(peer.uid, o) || s.as_ref().is_some_and(|s| user_is(peer.uid, s))
+                    });
+                if !allowed {
+                    continue;
+                }
+                match pools.show(&n, sys::now_ns(), false) {
+                    Ok(t) => text += &t,
+                    Err(e) => return error(e),
+                }
+            }
+            Reply::Text { text }
+        }
+        Op::PoolReserve { envelope } => {
+            let r = sup
+                .pools
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .reserve(envelope.as_bytes(), sys::now_ns());
+            sup.pools_changed.notify_one();
+            match r {
+                Ok(message) => Reply::Ok { message },
+                Err(e) => error(format!("reservation refused: {e}")),
+            }
+        }
+        Op::KeyAdd { user, key } => {
+            if !peer.is_root() {
+                return error(format!("uid {} may not add keys (root only)", peer.uid));
+            }
+            match sup.pools.lock().unwrap_or_else(|p| p.into_inner()).add_key(&user, &key) {
+                Ok(true) => Reply::Ok {
+                    message: format!("key added for {user}"),
+                },
+                Ok(false) => Reply::Ok {
+                    message: format!("{user} has that key already"),
+                },
+                Err(e) => error(e),
+            }
+        }
+    }
+}
+
+/// Is `name` the user `uid` (its number, or its name in the passwd
+/// database)?
+fn user_is(uid: u32, name: &str) -> bool {
+    if name == uid.to_string() {
+        return true;
+    }
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: pw, result and buf are live and sized for getpwuid_r.
+    unsafe {
+        let mut pw: libc::passwd = std::mem::zeroed();
+        let mut result = std::ptr::null_mut();
+        let rc = libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr().cast(), buf.len(), &mut result);
+        rc == 0
+            && !result.is_null()
+            && std::ffi::CStr::from_ptr(pw.pw_name).to_bytes() == name.as_bytes()
+    }
+}
+
+/// May the caller create unikernels into `pool`? root, or its owner.
+fn may_use_pool(sup: &Supervisor, peer: &Peer, pool: &str) -> Result<(), String> {
+    let pools = sup.pools.lock().unwrap_or_else(|p| p.into_inner());
+    let meta = pools.meta(pool).ok_or_else(|| format!("no pool named {pool}"))?;
+    if peer.is_root() || user_is(peer.uid, &meta.owner) {
+        Ok(())
+    } else {
+        Err(format!(
+            "uid {} may not create into pool {pool} (it is {}'s)",
+            peer.uid, meta.owner
+        ))
     }
 }
 

@@ -10,6 +10,7 @@
 //! parent can read an exit status from the kernel.
 
 use super::desired::{Desired, Spec};
+use super::pools::PoolState;
 use super::proto::{UnitInfo, UnitStats};
 use super::sys::{self, now_ns};
 use super::unitfiles::{self, Console, End};
@@ -39,6 +40,10 @@ pub struct Config {
     pub backoff_max: Duration,
     /// How long a stop waits after SIGTERM before SIGKILL.
     pub stop_timeout: Duration,
+    /// A unikernel is refused if its pool would be empty within this.
+    pub pool_min_run: Duration,
+    /// A pool's emptying is logged this long before.
+    pub pool_warning: Duration,
 }
 
 /// The largest tt-host log (its own messages) kept per unikernel; a
@@ -91,6 +96,8 @@ struct Unit {
     /// generation leaves the unit alone.
     gen: u64,
     console: Option<Arc<Console>>,
+    /// Stopped because its pool was empty.
+    pool_emptied: Option<String>,
 }
 
 struct Inner {
@@ -103,6 +110,10 @@ pub struct Supervisor {
     pub cfg: Config,
     inner: Mutex<Inner>,
     boot_id: String,
+    /// The capacity pools (lock order: `inner`, then `pools`).
+    pub pools: Mutex<PoolState>,
+    /// Wakes the expiry timer when a pool's EmptyAt may have changed.
+    pub pools_changed: tokio::sync::Notify,
 }
 
 /// Does albatross's rule restart a unikernel that ended with `end`?
@@ -161,6 +172,7 @@ impl Supervisor {
             .map_err(|e| format!("cannot create {}/units: {e}", cfg.runtime_dir.display()))?;
         let (desired, specs) =
             Desired::open(&dir.join("desired.log")).map_err(|e| e.to_string())?;
+        let pools = PoolState::open(&dir, now_ns())?;
         let sup = Arc::new(Supervisor {
             cfg,
             inner: Mutex::new(Inner {
@@ -168,6 +180,8 @@ impl Supervisor {
                 units: BTreeMap::new(),
             }),
             boot_id: sys::boot_id(),
+            pools: Mutex::new(pools),
+            pools_changed: tokio::sync::Notify::new(),
         });
         for (name, spec) in specs {
             let mut unit = Unit {
@@ -180,6 +194,7 @@ impl Supervisor {
                 restart_at: None,
                 gen: 0,
                 console: None,
+                pool_emptied: None,
             };
             let published = unitfiles::read_stats(&sup.unit_dir(&name).join("stats"));
             let mut start = false;
@@ -212,6 +227,9 @@ impl Supervisor {
                         unit.last_end = Some(End::Failed);
                     }
                 }
+            }
+            if unit.state == State::Exited {
+                sup.stop_drawing(&name);
             }
             sup.lock().units.insert(name, unit);
         }
@@ -432,6 +450,118 @@ impl Supervisor {
             self.schedule_restart(&name, unit, delay);
         } else {
             unit.state = State::Exited;
+            drop(inner);
+            self.stop_drawing(name);
+        }
+    }
+
+    fn pools(&self) -> MutexGuard<'_, PoolState> {
+        self.pools.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `name` no longer draws from its pool (if it did).
+    fn stop_drawing(&self, name: &str) {
+        if let Err(e) = self.pools().stop_drawing(name, now_ns()) {
+            log::warn!("{name}: {e}");
+        }
+        self.pools_changed.notify_one();
+    }
+
+    /// The draw of the unikernel `spec` describes.
+    pub fn draw_of(spec: &Spec) -> Result<crate::pools::Draw, String> {
+        let run = match crate::cli::parse_run(&spec.args) {
+            Ok(crate::cli::Parsed::Run(r)) => r,
+            _ => return Err(format!("{}: its command line does not parse", spec.name)),
+        };
+        let mut block = 0u64;
+        for d in run.devices.iter().filter(|d| d.option == "block") {
+            block += std::fs::metadata(&d.value).map(|m| m.len()).unwrap_or(0);
+        }
+        Ok(super::pools::draw_of(run.mem_mb, block))
+    }
+
+    /// Admission to `spec`'s pool, and its draw from then on.
+    fn start_drawing(&self, spec: &Spec) -> Result<(), String> {
+        let Some(pool) = &spec.pool else {
+            return Ok(());
+        };
+        let draw = Self::draw_of(spec)?;
+        let now = now_ns();
+        let mut pools = self.pools();
+        pools.admit(pool, draw, now, self.cfg.pool_min_run.as_nanos() as u64)?;
+        pools.start_drawing(&spec.name, pool, draw, now)?;
+        drop(pools);
+        self.pools_changed.notify_one();
+        Ok(())
+    }
+
+    /// The expiry timer: sleeps until the next pool empties (or the
+    /// warning before it), stops that pool's unikernels, and sleeps again;
+    /// woken early when a pool changes. No work per pool while waiting.
+    pub async fn expire_pools(self: Arc<Self>) {
+        let mut warned: std::collections::BTreeSet<(String, u64)> = Default::default();
+        loop {
+            let now = now_ns();
+            let due = self.pools().due(now);
+            for (_, pool) in due {
+                self.empty_pool(pool.as_str()).await;
+            }
+            let warn = self.cfg.pool_warning.as_nanos() as u64;
+            let next = self.pools().next_expiry();
+            let mut wake = next.as_ref().map(|(t, _)| *t);
+            if let Some((t, pool)) = &next {
+                let key = (pool.clone(), *t);
+                if now + warn >= *t && !warned.contains(&key) {
+                    log::warn!(
+                        "pool {pool} empties at {}: its unikernels will be stopped then",
+                        humantime::format_rfc3339_millis(
+                            std::time::UNIX_EPOCH + Duration::from_nanos(*t)
+                        )
+                    );
+                    warned.insert(key);
+                } else if !warned.contains(&key) {
+                    wake = Some(t - warn);
+                }
+            }
+            let sleep = match wake {
+                Some(t) => Duration::from_nanos(t.saturating_sub(now_ns())),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = self.pools_changed.notified() => {}
+            }
+        }
+    }
+
+    /// `pool` is empty: stop every unikernel drawing from it.
+    async fn empty_pool(self: &Arc<Self>, pool: &str) {
+        let units = self.pools().drawing_from(pool);
+        log::warn!("pool {pool} is empty: stopping {}", units.join(", "));
+        for name in units {
+            let name: String = name;
+            let _ = self.stop(&name).await;
+            {
+                let mut inner = self.lock();
+                if let Some(u) = inner.units.get_mut(&name) {
+                    u.state = State::Exited;
+                    u.pool_emptied = Some(pool.to_string());
+                }
+            }
+            self.stop_drawing(&name);
+            let ring = self.unit_dir(&name).join("console");
+            match crate::runfile::console::ConsoleRing::open_or_create(&ring, self.cfg.console_size)
+            {
+                Ok(mut r) => r.append(
+                    now_ns(),
+                    format!("[tt-host daemon] pool {pool} is empty: unikernel stopped\n").as_bytes(),
+                ),
+                Err(e) => log::warn!("{name}: {e}"),
+            }
+        }
+        // Nothing draws from it any more: its EmptyAt is gone.
+        if !self.pools().drawing_from(pool).is_empty() {
+            log::warn!("pool {pool}: unikernels still draw from it");
         }
     }
 
@@ -471,8 +601,13 @@ impl Supervisor {
             if inner.units.contains_key(&name) {
                 return Err(format!("{name} exists (destroy it first, or restart it)"));
             }
+            self.start_drawing(&spec)?;
             let t = Instant::now();
-            inner.desired.create(&spec).map_err(|e| e.to_string())?;
+            if let Err(e) = inner.desired.create(&spec) {
+                drop(inner);
+                self.stop_drawing(&name);
+                return Err(e.to_string());
+            }
             let persist_us = t.elapsed().as_micros() as u64;
             let mut unit = Unit {
                 spec,
@@ -484,6 +619,7 @@ impl Supervisor {
                 restart_at: None,
                 gen: 0,
                 console: None,
+                pool_emptied: None,
             };
             let started = self.spawn(&name, &mut unit);
             inner.units.insert(name.clone(), unit);
@@ -520,6 +656,7 @@ impl Supervisor {
             }
             inner.units.remove(name);
         }
+        self.stop_drawing(name);
         let _ = std::fs::remove_dir_all(self.unit_dir(name));
         // The admission entry of an instance that was killed is reaped
         // by the next reader of the state directory: this one.
@@ -591,6 +728,12 @@ impl Supervisor {
                 .ok_or_else(|| format!("{name} was destroyed meanwhile"))?;
             unit.consecutive = 0;
             unit.restarts += 1;
+            unit.pool_emptied = None;
+            if let Err(e) = self.start_drawing(&unit.spec) {
+                unit.state = State::Exited;
+                inner.units.insert(name.to_string(), unit);
+                return Err(e);
+            }
             let r = self.spawn(name, &mut unit);
             if r.is_err() {
                 unit.state = State::Exited;
@@ -625,7 +768,10 @@ impl Supervisor {
                 name: name.to_string(),
                 state: u.state.name().to_string(),
                 pid: u.instance.as_ref().map(|i| i.pid),
-                last_end: u.last_end.map(|e| e.to_string()),
+                last_end: match &u.pool_emptied {
+                    Some(p) => Some(format!("stopped: pool {p} empty")),
+                    None => u.last_end.map(|e| e.to_string()),
+                },
                 restarts: u.restarts,
                 restart_on_fail: u.spec.restart_on_fail.clone(),
                 restart_at_ns: u.restart_at,
