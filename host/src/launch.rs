@@ -263,13 +263,6 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
         LaunchError::Devices(format!("cannot install the SIGINT/SIGTERM handler: {err}"))
     })?;
     let ready = ready_fd(args.ready_fd)?;
-    let console = match &args.console_log {
-        Some(p) => Console::new(crate::runfile::console::ConsoleRing::open_or_create(
-            p,
-            args.console_log_size,
-        )?),
-        None => Console::stdout(),
-    };
     // --x-client: before anything else touches what the client named (and
     // while tt-host has one thread), open it with the client's rights; the
     // device options now name the open files (@FD), kept open by `_opened`.
@@ -289,6 +282,14 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
             let file = read_image_file(image, &args.image)?;
             (&client_args, file, Some(opened))
         }
+    };
+    // After --x-client's open: Console::stdout starts a writer thread.
+    let console = match &args.console_log {
+        Some(p) => Console::new(crate::runfile::console::ConsoleRing::open_or_create(
+            p,
+            args.console_log_size,
+        )?),
+        None => Console::stdout(),
     };
     let path = args.image.display().to_string();
     let mem_size = (args.mem_mb << 20) / layout::HUGE * layout::HUGE;
