@@ -636,7 +636,9 @@ pub fn pool(args: &[String]) -> Result<(), Fail> {
     let socket = take_socket(&mut args)?;
     let verb = args.remove(0);
     let opt = |args: &mut Vec<String>, name: &str| -> Option<String> {
-        let i = args.iter().position(|a| a.starts_with(&format!("--{name}=")))?;
+        let i = args
+            .iter()
+            .position(|a| a.starts_with(&format!("--{name}=")))?;
         let v = args.remove(i);
         Some(v[name.len() + 3..].to_string())
     };

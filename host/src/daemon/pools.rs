@@ -56,10 +56,16 @@ pub fn show(pool: &Pool, meta: Option<&Meta>, warned: bool) -> String {
     out += "\n";
     let draw = pool.draw();
     let time = |ns: u64| {
-        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns))
-            .to_string()
+        humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns),
+        )
+        .to_string()
     };
-    for (unit, d) in [(Unit::Cu, draw.cu), (Unit::Su, draw.su), (Unit::Ipv4u, draw.ipv4u)] {
+    for (unit, d) in [
+        (Unit::Cu, draw.cu),
+        (Unit::Su, draw.su),
+        (Unit::Ipv4u, draw.ipv4u),
+    ] {
         let left = pool.left(unit) as f64 / PER_UNIT_SECOND as f64;
         out += &format!(
             "  {unit:<6} left {left:.3} unit-seconds  draw {:.6} per second\n",
@@ -68,7 +74,11 @@ pub fn show(pool: &Pool, meta: Option<&Meta>, warned: bool) -> String {
     }
     out += &format!("  last sync {}\n", time(pool.last_sync_ns()));
     out += &match pool.empty_at() {
-        Some(t) => format!("  empty at {}{}\n", time(t), if warned { " (warned)" } else { "" }),
+        Some(t) => format!(
+            "  empty at {}{}\n",
+            time(t),
+            if warned { " (warned)" } else { "" }
+        ),
         None => "  empty at never (nothing draws from it)\n".into(),
     };
     out
@@ -99,8 +109,7 @@ impl PoolState {
     pub fn open(dir: &Path, now_ns: u64) -> Result<PoolState, String> {
         let path = dir.join("pools.json");
         let mut stored: Stored = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| format!("{}: {e}", path.display()))?,
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Stored::default(),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
@@ -177,19 +186,32 @@ impl PoolState {
     }
 
     pub fn names(&self) -> Vec<String> {
-        self.stored.pools.iter().map(|p| p.name().to_string()).collect()
+        self.stored
+            .pools
+            .iter()
+            .map(|p| p.name().to_string())
+            .collect()
     }
 
     /// Charge `pool` to now and show it.
     pub fn show(&mut self, pool: &str, now_ns: u64, warned: bool) -> Result<String, String> {
-        self.stored.pools.sync(pool, now_ns).map_err(|e| e.to_string())?;
+        self.stored
+            .pools
+            .sync(pool, now_ns)
+            .map_err(|e| e.to_string())?;
         let p = self.stored.pools.get(pool).expect("synced just above");
         Ok(show(p, self.stored.meta.get(pool), warned))
     }
 
     /// Admission: refuse a unikernel whose draw would empty `pool` within
     /// `min_run_ns`.
-    pub fn admit(&self, pool: &str, draw: Draw, now_ns: u64, min_run_ns: u64) -> Result<(), String> {
+    pub fn admit(
+        &self,
+        pool: &str,
+        draw: Draw,
+        now_ns: u64,
+        min_run_ns: u64,
+    ) -> Result<(), String> {
         match self
             .stored
             .pools
@@ -209,7 +231,13 @@ impl PoolState {
     }
 
     /// The unikernel `unit` draws `draw` from `pool` from now on.
-    pub fn start_drawing(&mut self, unit: &str, pool: &str, draw: Draw, now_ns: u64) -> Result<(), String> {
+    pub fn start_drawing(
+        &mut self,
+        unit: &str,
+        pool: &str,
+        draw: Draw,
+        now_ns: u64,
+    ) -> Result<(), String> {
         if self.stored.drawing.contains_key(unit) {
             return Ok(());
         }

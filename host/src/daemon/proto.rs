@@ -94,9 +94,14 @@ pub enum Op {
         name: Option<String>,
     },
     /// A signed reservation's envelope (JSON text) to top up a pool.
-    PoolReserve { envelope: String },
+    PoolReserve {
+        envelope: String,
+    },
     /// Register an ed25519 public key for `user` (root only).
-    KeyAdd { user: String, key: String },
+    KeyAdd {
+        user: String,
+        key: String,
+    },
 }
 
 /// The daemon's answer.

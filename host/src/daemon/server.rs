@@ -228,9 +228,10 @@ pub fn vet(op: &Op) -> Result<(), String> {
             .map_err(|e| format!("bad path: {e}")),
         Op::List { path: None } | Op::Stats { name: None } | Op::Metrics => Ok(()),
         Op::Policy { args } => cli::parse_policy(args).map(drop).map_err(|e| e.msg),
-        Op::PoolCreate { .. } | Op::PoolShow { .. } | Op::PoolReserve { .. } | Op::KeyAdd { .. } => {
-            Ok(())
-        }
+        Op::PoolCreate { .. }
+        | Op::PoolShow { .. }
+        | Op::PoolReserve { .. }
+        | Op::KeyAdd { .. } => Ok(()),
     }
 }
 
@@ -351,7 +352,9 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
             );
             match r {
                 Ok(()) => Reply::Ok {
-                    message: format!("pool {name} created (empty: top it up with 'tt-host pool reserve')"),
+                    message: format!(
+                        "pool {name} created (empty: top it up with 'tt-host pool reserve')"
+                    ),
                 },
                 Err(e) => error(e),
             }
@@ -395,7 +398,12 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
             if !peer.is_root() {
                 return error(format!("uid {} may not add keys (root only)", peer.uid));
             }
-            match sup.pools.lock().unwrap_or_else(|p| p.into_inner()).add_key(&user, &key) {
+            match sup
+                .pools
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .add_key(&user, &key)
+            {
                 Ok(true) => Reply::Ok {
                     message: format!("key added for {user}"),
                 },
@@ -419,7 +427,13 @@ fn user_is(uid: u32, name: &str) -> bool {
     unsafe {
         let mut pw: libc::passwd = std::mem::zeroed();
         let mut result = std::ptr::null_mut();
-        let rc = libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr().cast(), buf.len(), &mut result);
+        let rc = libc::getpwuid_r(
+            uid,
+            &mut pw,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        );
         rc == 0
             && !result.is_null()
             && std::ffi::CStr::from_ptr(pw.pw_name).to_bytes() == name.as_bytes()
@@ -429,7 +443,9 @@ fn user_is(uid: u32, name: &str) -> bool {
 /// May the caller create unikernels into `pool`? root, or its owner.
 fn may_use_pool(sup: &Supervisor, peer: &Peer, pool: &str) -> Result<(), String> {
     let pools = sup.pools.lock().unwrap_or_else(|p| p.into_inner());
-    let meta = pools.meta(pool).ok_or_else(|| format!("no pool named {pool}"))?;
+    let meta = pools
+        .meta(pool)
+        .ok_or_else(|| format!("no pool named {pool}"))?;
     if peer.is_root() || user_is(peer.uid, &meta.owner) {
         Ok(())
     } else {

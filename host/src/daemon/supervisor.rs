@@ -554,7 +554,8 @@ impl Supervisor {
             {
                 Ok(mut r) => r.append(
                     now_ns(),
-                    format!("[tt-host daemon] pool {pool} is empty: unikernel stopped\n").as_bytes(),
+                    format!("[tt-host daemon] pool {pool} is empty: unikernel stopped\n")
+                        .as_bytes(),
                 ),
                 Err(e) => log::warn!("{name}: {e}"),
             }
