@@ -524,7 +524,11 @@ impl Supervisor {
                 }
             }
             let sleep = match wake {
-                Some(t) => Duration::from_nanos(t.saturating_sub(now_ns())),
+                // A pool still due after its unikernels were stopped (a
+                // draw nothing accounts for) is looked at again in a
+                // while, not in a busy loop.
+                Some(t) => Duration::from_nanos(t.saturating_sub(now_ns()))
+                    .max(Duration::from_millis(100)),
                 None => Duration::from_secs(3600),
             };
             tokio::select! {
