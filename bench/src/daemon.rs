@@ -134,6 +134,7 @@ fn create(d: &Daemon, name: &str, image: &Path, args: &[&str]) -> Result<(u64, u
         name: name.into(),
         args: a,
         restart_on_fail: None,
+        pool: None,
     })? {
         Reply::Started {
             daemon_us,

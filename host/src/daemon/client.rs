@@ -522,75 +522,6 @@ pub fn policy(args: &[String]) -> Option<Result<(), Fail>> {
     })())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn s(a: &[&str]) -> Vec<String> {
-        a.iter().map(|x| x.to_string()).collect()
-    }
-
-    #[test]
-    fn create_makes_the_command_line_canonical_and_absolute() {
-        let (socket, op) = create_request(&s(&[
-            "alice:web",
-            "--socket=/tmp/s",
-            "--restart-on-fail=3,10-12",
-            "--mem=16",
-            "--block:storage=disk.img",
-            "img.hvt",
-            "a",
-            "--b",
-        ]))
-        .unwrap();
-        assert_eq!(socket, Some(PathBuf::from("/tmp/s")));
-        let Op::Create {
-            name,
-            args,
-            restart_on_fail,
-        } = op
-        else {
-            panic!()
-        };
-        assert_eq!(name, "alice:web");
-        assert_eq!(restart_on_fail, Some(vec![3, 10, 11, 12]));
-        let cwd = std::env::current_dir().unwrap();
-        assert_eq!(
-            args,
-            s(&[
-                "--mem=16",
-                &format!("--block:storage={}", cwd.join("disk.img").display()),
-                "--cpl=auto",
-                &cwd.join("img.hvt").display().to_string(),
-                "--",
-                "a",
-                "--b",
-            ])
-        );
-        // The daemon reads it back as the same launch.
-        assert!(matches!(cli::parse_run(&args), Ok(Parsed::Run(_))));
-    }
-
-    #[test]
-    fn create_refuses_what_is_the_daemons() {
-        for (a, want) in [
-            (&["web", "--name=x", "img"][..], "--name"),
-            (&["web", "--state-dir=/x", "img"], "--state-dir"),
-            (&["web", "--no-seccomp", "img"], "--no-seccomp"),
-            (&["web", "--net:n=@3", "img"], "file descriptor"),
-            (&["--mem=8", "img"], "expected NAME"),
-            (&["a::b", "img"], "bad NAME"),
-            (&["web", "--restart-on-fail=x", "img"], "exit statuses"),
-            (&["web", "--restart-on-fail=5-3", "img"], "exit statuses"),
-            (&["web", "--restart-on-fail=256", "img"], "exit statuses"),
-            (&["web", "--mem=8"], "IMAGE"),
-        ] {
-            let e = create_request(&s(a)).unwrap_err();
-            assert!(e.contains(want), "{a:?}: {e}");
-        }
-    }
-}
-
 pub const POOL_USAGE: &str = "\
 usage: tt-host pool create NAME --owner=USER [--sponsor=USER]
        tt-host pool show [NAME] | pool list
@@ -740,5 +671,75 @@ pub fn key(args: &[String]) -> Result<(), Fail> {
             Ok(())
         }
         _ => Err("key: expected 'add USER PUBKEY' or 'gen SEED_FILE'".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(a: &[&str]) -> Vec<String> {
+        a.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn create_makes_the_command_line_canonical_and_absolute() {
+        let (socket, op) = create_request(&s(&[
+            "alice:web",
+            "--socket=/tmp/s",
+            "--restart-on-fail=3,10-12",
+            "--mem=16",
+            "--block:storage=disk.img",
+            "img.hvt",
+            "a",
+            "--b",
+        ]))
+        .unwrap();
+        assert_eq!(socket, Some(PathBuf::from("/tmp/s")));
+        let Op::Create {
+            name,
+            args,
+            restart_on_fail,
+            ..
+        } = op
+        else {
+            panic!()
+        };
+        assert_eq!(name, "alice:web");
+        assert_eq!(restart_on_fail, Some(vec![3, 10, 11, 12]));
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            args,
+            s(&[
+                "--mem=16",
+                &format!("--block:storage={}", cwd.join("disk.img").display()),
+                "--cpl=auto",
+                &cwd.join("img.hvt").display().to_string(),
+                "--",
+                "a",
+                "--b",
+            ])
+        );
+        // The daemon reads it back as the same launch.
+        assert!(matches!(cli::parse_run(&args), Ok(Parsed::Run(_))));
+    }
+
+    #[test]
+    fn create_refuses_what_is_the_daemons() {
+        for (a, want) in [
+            (&["web", "--name=x", "img"][..], "--name"),
+            (&["web", "--state-dir=/x", "img"], "--state-dir"),
+            (&["web", "--no-seccomp", "img"], "--no-seccomp"),
+            (&["web", "--net:n=@3", "img"], "file descriptor"),
+            (&["--mem=8", "img"], "expected NAME"),
+            (&["a::b", "img"], "bad NAME"),
+            (&["web", "--restart-on-fail=x", "img"], "exit statuses"),
+            (&["web", "--restart-on-fail=5-3", "img"], "exit statuses"),
+            (&["web", "--restart-on-fail=256", "img"], "exit statuses"),
+            (&["web", "--mem=8"], "IMAGE"),
+        ] {
+            let e = create_request(&s(a)).unwrap_err();
+            assert!(e.contains(want), "{a:?}: {e}");
+        }
     }
 }

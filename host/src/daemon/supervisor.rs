@@ -527,8 +527,9 @@ impl Supervisor {
                 // A pool still due after its unikernels were stopped (a
                 // draw nothing accounts for) is looked at again in a
                 // while, not in a busy loop.
-                Some(t) => Duration::from_nanos(t.saturating_sub(now_ns()))
-                    .max(Duration::from_millis(100)),
+                Some(t) => {
+                    Duration::from_nanos(t.saturating_sub(now_ns())).max(Duration::from_millis(100))
+                }
                 None => Duration::from_secs(3600),
             };
             tokio::select! {
@@ -892,6 +893,8 @@ mod tests {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(3),
             stop_timeout: Duration::from_secs(5),
+            pool_min_run: Duration::from_secs(120),
+            pool_warning: Duration::from_secs(60),
         }
     }
 
