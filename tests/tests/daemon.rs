@@ -336,6 +336,10 @@ fn a_reboot_brings_back_what_was_created() {
     d.kill_units();
     std::fs::remove_dir_all(d.runtime_dir()).unwrap();
     d.start();
+    // Started again at the daemon's start; running once each has booted.
+    d.wait_for(20, "both running again", || {
+        list(&d).values().all(|u| u.0 == "running")
+    });
     let after = list(&d);
     assert_eq!(after.keys().collect::<Vec<_>>(), ["a", "c"], "{}", d.log());
     for (n, u) in &after {
