@@ -298,3 +298,52 @@ pub fn draw_of(mem_mb: u64, block_bytes: u64) -> Draw {
         ipv4: 0,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pools::keys::encode_public_key;
+    use ed25519_dalek::SigningKey;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn counters_and_draws_survive_reopening_and_the_time_away_is_charged() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice = SigningKey::from_bytes(&[7; 32]);
+        let mut p = PoolState::open(dir.path(), 100 * S).unwrap();
+        p.create(
+            "p1",
+            Meta {
+                owner: "alice".into(),
+                sponsor: None,
+            },
+            100 * S,
+        )
+        .unwrap();
+        p.add_key("alice", &encode_public_key(&alice.verifying_key()))
+            .unwrap();
+        let payload = br#"{"id":"r1","pool":"p1","customer":"alice","cu":100,"su":0,"ipv4u":0}"#;
+        let env = crate::pools::reservation::sign(payload, &alice, None);
+        p.reserve(&env, 100 * S).unwrap();
+        // 2 GiB: 0.5 CU/s, so 100 CU-s last 200 s.
+        let draw = draw_of(2048, 0);
+        p.admit("p1", draw, 100 * S, 120 * S).unwrap();
+        let e = p.admit("p1", draw, 100 * S, 250 * S).unwrap_err();
+        assert!(e.contains("pool p1 would be empty at"), "{e}");
+        p.start_drawing("web", "p1", draw, 100 * S).unwrap();
+        assert_eq!(p.next_expiry(), Some((300 * S, "p1".to_string())));
+        drop(p);
+        // Back 50 s later: charged for them; the same EmptyAt.
+        let mut p = PoolState::open(dir.path(), 150 * S).unwrap();
+        assert_eq!(p.next_expiry(), Some((300 * S, "p1".to_string())));
+        let shown = p.show("p1", 150 * S, false).unwrap();
+        assert!(shown.contains("CU left 75.000"), "{shown}");
+        assert_eq!(p.drawing_from("p1"), ["web"]);
+        // The replay is refused after reopening, from the audit log.
+        assert!(p.reserve(&env, 150 * S).unwrap_err().contains("replayed"));
+        p.stop_drawing("web", 160 * S).unwrap();
+        assert_eq!(p.next_expiry(), None);
+        assert!(p.due(1000 * S).is_empty());
+    }
+}
