@@ -1,0 +1,3 @@
+fn main() {
+    tt_guest_build::link();
+}
