@@ -56,6 +56,10 @@ supervision (for a supervisor such as tt-host's daemon):
                                 4096 to 67108864)
   --stats-file=PATH             publish counters (block, net, VM exits) and
                                 how the run ended in the file PATH (0600)
+  --control=PATH                serve a control socket at PATH: 'tt-host
+                                pause|resume|snapshot --control=PATH'
+                                (a stale socket there is replaced; it is
+                                removed when the run ends)
 
 debugging:
   --no-seccomp                  do not confine tt-host to its system-call
@@ -122,6 +126,8 @@ pub struct RunArgs {
     /// `--x-ready-fd`: the descriptor to write `R` to once the guest is
     /// about to run.
     pub ready_fd: Option<i32>,
+    /// `--control`: the control socket's path ([`crate::control`]).
+    pub control: Option<PathBuf>,
 }
 
 /// `--cpl`: the privilege level an image's code runs at.
@@ -190,6 +196,90 @@ impl CliError {
 /// Parse a device option, `--OPT:NAME=VALUE` or (for an option that is a
 /// default for every device of its kind) `--OPT=VALUE`, whose `OPT` a
 /// device kind owns; `None` if no kind owns it. `arg` has no leading `--`.
+/// `tt-host restore --help`.
+pub const RESTORE_USAGE: &str = "\
+usage: tt-host restore [OPTIONS] DIR
+
+Resume the guest saved in the snapshot directory DIR ('tt-host snapshot').
+It runs on with the memory, vCPU and devices it had, admitted as a launch
+is. The options are those of 'tt-host run'; the image, memory size, guest
+arguments and CPL come from the snapshot. A device named by an option here
+(--block:NAME=PATH, --net:NAME=TAP, ...) takes all its options from here;
+the others keep the snapshot's. A disk image that changed since the
+snapshot is refused. See docs/SNAPSHOT.md.";
+
+/// `tt-host pause|resume|snapshot --help`.
+pub const CONTROL_USAGE: &str = "\
+usage: tt-host pause --control=SOCK
+       tt-host resume --control=SOCK
+       tt-host status --control=SOCK
+       tt-host snapshot --control=SOCK DIR [--stop]
+
+Act on the guest of 'tt-host run --control=SOCK'. pause stops it between
+two instructions with its disks flushed (every acknowledged write on its
+image); resume lets it run on. snapshot saves it to the directory DIR
+(created if needed; its files 'state' and 'memory' are replaced), pausing
+it meanwhile: it runs on afterwards, or with --stop the run ends (exit 0).
+'tt-host restore DIR' resumes it.";
+
+/// `tt-host pause|resume|status|snapshot`, parsed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ControlCmd {
+    pub socket: PathBuf,
+    /// snapshot's directory.
+    pub dir: Option<PathBuf>,
+    pub stop: bool,
+}
+
+/// Parse the arguments of control command `cmd`; `None` for `--help`.
+pub fn parse_control(cmd: &str, args: &[String]) -> Result<Option<ControlCmd>, CliError> {
+    let err = |msg: String| CliError {
+        msg,
+        command: "snapshot",
+    };
+    let (mut socket, mut dir, mut stop) = (None, None, false);
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if a == "-h" || a == "--help" {
+            return Ok(None);
+        }
+        if let Some(v) = value_of(args, &mut i, "--control") {
+            if v.is_empty() {
+                return Err(err("--control needs the socket's path".into()));
+            }
+            socket = Some(PathBuf::from(v));
+        } else if a == "--stop" && cmd == "snapshot" {
+            stop = true;
+        } else if !a.starts_with('-') && cmd == "snapshot" && dir.is_none() {
+            dir = Some(PathBuf::from(a));
+        } else {
+            return Err(err(format!("{cmd}: unexpected argument '{}'", quote(a))));
+        }
+        i += 1;
+    }
+    let socket = socket.ok_or_else(|| err(format!("{cmd} needs --control=SOCK")))?;
+    if cmd == "snapshot" && dir.is_none() {
+        return Err(err("snapshot needs the directory DIR to write".into()));
+    }
+    Ok(Some(ControlCmd { socket, dir, stop }))
+}
+
+/// A device option from its parts (as a snapshot keeps it), checked as
+/// the command line's would be.
+pub fn parse_device_option(
+    option: &str,
+    device: Option<&str>,
+    value: &str,
+) -> Result<DeviceOption, CliError> {
+    let arg = match device {
+        Some(d) => format!("{option}:{d}={value}"),
+        None => format!("{option}={value}"),
+    };
+    device_option(&arg)
+        .unwrap_or_else(|| Err(CliError::run(format!("unknown option '--{}'", quote(option)))))
+}
+
 fn device_option(arg: &str) -> Option<Result<DeviceOption, CliError>> {
     let (key, value) = match arg.split_once('=') {
         Some((k, v)) => (k, Some(v)),
@@ -259,6 +349,7 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
     let mut cpl = Cpl::Auto;
     let mut no_seccomp = false;
     let (mut console_log, mut stats_file, mut ready_fd) = (None, None, None);
+    let mut control = None;
     let mut console_log_size = crate::runfile::console::DEFAULT_CAPACITY;
     let mut seen_size = false;
     // Options that take one value, each at most once (as device options).
@@ -356,6 +447,9 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
         } else if let Some(v) = value_of(args, &mut i, "--stats-file") {
             once("--stats-file")?;
             stats_file = Some(run_file("--stats-file", v)?);
+        } else if let Some(v) = value_of(args, &mut i, "--control") {
+            once("--control")?;
+            control = Some(run_file("--control", v)?);
         } else if let Some(v) = value_of(args, &mut i, "--x-ready-fd") {
             once("--x-ready-fd")?;
             ready_fd = Some(number::<i32>(v).filter(|&n| n > 2).ok_or_else(|| {
@@ -426,6 +520,7 @@ pub fn parse_run(args: &[String]) -> Result<Parsed, CliError> {
         console_log_size,
         stats_file,
         ready_fd,
+        control,
     })))
 }
 

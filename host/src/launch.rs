@@ -44,6 +44,19 @@ pub enum LaunchError {
          open to tt-host run)"
     )]
     ReadyFd { fd: i32 },
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    /// A snapshot cannot be read or does not fit this host.
+    #[error("snapshot {dir}: {msg}")]
+    Snapshot { dir: String, msg: String },
+}
+
+/// A snapshot to resume instead of booting the image.
+pub struct Resume {
+    pub snapshot: crate::snapshot::Snapshot,
+    pub memory: File,
+    /// The snapshot directory, for messages.
+    pub dir: String,
 }
 
 /// How a run ended, for the stats file's end record
@@ -256,6 +269,95 @@ pub fn match_devices(image: &Image, args: &RunArgs) -> Result<(), LaunchError> {
 
 /// Boot the image described by `args` and run it to the end.
 pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
+    run_or_resume(args, None, None)
+}
+
+/// `tt-host restore`: resume the snapshot in directory `args.image`, with
+/// the devices the snapshot's launch had, except those `args` names (a
+/// device named by any option on the restoring command line takes all its
+/// options from there).
+pub fn restore(args: &RunArgs) -> Result<i32, LaunchError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = args.image.display().to_string();
+    let err = |msg: String| LaunchError::Snapshot {
+        dir: dir.clone(),
+        msg,
+    };
+    let open = |name: &str| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(args.image.join(name))
+            .map_err(|e| err(format!("cannot open {name}: {e}")))
+    };
+    let state = open(crate::snapshot::STATE_FILE)?;
+    let limit = crate::snapshot::MAX_BODY + 64;
+    let mut bytes = Vec::new();
+    (&state)
+        .take(limit)
+        .read_to_end(&mut bytes)
+        .map_err(|e| err(format!("cannot read state: {e}")))?;
+    let snapshot = crate::snapshot::decode(&bytes).map_err(|e| err(e.to_string()))?;
+    let memory = open(crate::snapshot::MEMORY_FILE)?;
+    if args.client.is_some() {
+        return Err(err("--x-client is not supported by restore".into()));
+    }
+    let l = &snapshot.launch;
+    let mut merged = args.clone();
+    merged.mem_mb = l.mem_mb;
+    merged.image = l.image_path.clone().into();
+    merged.guest_args = l.guest_args.clone();
+    merged.solo5_hvt_boot = l.solo5_hvt_boot;
+    merged.cpl = if l.cpl3 { Cpl::Three } else { Cpl::Zero };
+    if merged.name.is_none() {
+        merged.name = match &l.name {
+            Some(n) => Some(n.parse().map_err(|e| err(format!("its name '{n}': {e}")))?),
+            None => None,
+        };
+    }
+    merged.devices.clear();
+    for (option, device, value) in &l.devices {
+        if args.devices.iter().any(|o| o.device == *device) {
+            continue;
+        }
+        let spec = crate::cli::parse_device_option(option, device.as_deref(), value)
+            .map_err(|e| err(format!("its device option --{option}: {e}")))?;
+        merged.devices.push(spec);
+    }
+    merged.devices.extend(args.devices.iter().cloned());
+    let image = snapshot.launch.image.clone();
+    let resume = Resume {
+        snapshot,
+        memory,
+        dir: dir.clone(),
+    };
+    run_or_resume(&merged, Some(image), Some(resume))
+}
+
+/// The snapshot's description of this launch.
+fn launch_info(args: &RunArgs, file: &[u8], cpl3: bool) -> crate::snapshot::Launch {
+    crate::snapshot::Launch {
+        image: file.to_vec(),
+        image_path: args.image.display().to_string(),
+        mem_mb: args.mem_mb,
+        devices: args
+            .devices
+            .iter()
+            .map(|o| (o.option.to_string(), o.device.clone(), o.value.clone()))
+            .collect(),
+        guest_args: args.guest_args.clone(),
+        cpl3,
+        solo5_hvt_boot: args.solo5_hvt_boot,
+        name: args.name.as_ref().map(|n| n.to_string()),
+    }
+}
+
+/// Boot the image (`file`: its bytes, already read) or resume a snapshot.
+fn run_or_resume(
+    args: &RunArgs,
+    file: Option<Vec<u8>>,
+    resume: Option<Resume>,
+) -> Result<i32, LaunchError> {
     // From here on SIGINT and SIGTERM stop the launch cleanly: before the
     // guest runs, it does not start; while it runs, it is stopped as on a
     // halt (vmm::signal).
@@ -267,9 +369,10 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
     // while tt-host has one thread), open it with the client's rights; the
     // device options now name the open files (@FD), kept open by `_opened`.
     let mut client_args;
-    let (args, file, _opened) = match &args.client {
-        None => (args, read_image(&args.image)?, None),
-        Some(client) => {
+    let (args, file, _opened) = match (&args.client, file) {
+        (_, Some(file)) => (args, file, None),
+        (None, None) => (args, read_image(&args.image)?, None),
+        (Some(client), None) => {
             client_args = args.clone();
             let opened = crate::client_creds::open_as_client(&mut client_args, client)?;
             let image = opened
@@ -326,6 +429,10 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
             "cannot block SIGINT/SIGTERM for device threads: {err}"
         ))
     })?;
+    let control = match &args.control {
+        Some(p) => Some(crate::control::Server::start(p)?),
+        None => None,
+    };
     let mut info = Vec::new();
     let mut readiness = Vec::new();
     let mut mmio = Vec::new();
@@ -378,9 +485,19 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
         ));
     }
     let mut vm = Vm::new(&params, modules, mmio)?;
+    if let Some(r) = &resume {
+        resume_vm(&mut vm, r)?;
+    }
+    if let Some(c) = &control {
+        vm.set_control(c.inbox(), launch_info(args, &file, params.cpl3));
+    }
     // Every device is open and every thread started: from here on, only
     // the system calls of the run loop and of shutdown (sandbox).
-    crate::sandbox::confine(!args.no_seccomp, Some(_admitted.running_dir_fd()))?;
+    crate::sandbox::confine(
+        !args.no_seccomp,
+        Some(_admitted.running_dir_fd()),
+        control.as_ref().map(|c| c.dir_fd()),
+    )?;
     crate::runfile::stats::counters().guest_starts();
     if let Some(fd) = ready {
         // A write on an open descriptor, then a close: both allowed. A
@@ -402,6 +519,36 @@ pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
         }
     }
     Ok(status?)
+}
+
+/// Put the snapshot `r` into the VM just built for its launch: memory,
+/// vCPU, monitor; and check that every disk is the one the snapshot saw.
+fn resume_vm(vm: &mut Vm, r: &Resume) -> Result<(), LaunchError> {
+    let err = |msg: String| LaunchError::Snapshot {
+        dir: r.dir.clone(),
+        msg,
+    };
+    let s = &r.snapshot;
+    let now = vm.disks().map_err(err)?;
+    for then in &s.disks {
+        let Some(id) = now.iter().find(|d| d.device == then.device) else {
+            return Err(err(format!(
+                "block device '{}' was a file ({}) and is not one now",
+                then.device, then.path
+            )));
+        };
+        if let Some(why) = crate::snapshot::disk_changed(then, id) {
+            return Err(err(format!(
+                "block device '{}': its image is not the one the snapshot saw ({why}); \
+                 the guest's memory would not match its disk",
+                then.device
+            )));
+        }
+    }
+    vm.read_memory(&r.memory)
+        .and_then(|()| vm.restore_vcpu(&s.vcpu))
+        .and_then(|()| vm.restore_monitor(s.monitor.as_ref()))
+        .map_err(|e| err(e.to_string()))
 }
 
 #[cfg(test)]

@@ -16,6 +16,9 @@ usage:
   tt-host list [PATH] | console NAME | stats [NAME]
   tt-host pool create|show|list|reserve|sign ...    capacity pools (see 'tt-host pool --help')
   tt-host key add|gen ...                           reservation signing keys
+  tt-host pause|resume --control=SOCK               pause or resume a 'tt-host run --control=SOCK'
+  tt-host snapshot --control=SOCK DIR [--stop]      save its guest to DIR (see docs/SNAPSHOT.md)
+  tt-host restore [OPTIONS] DIR                     resume a snapshot (options as for run)
   tt-host demo                                      build and boot the bundled hello unikernel
   tt-host --help | --version
 
@@ -59,6 +62,68 @@ fn run(args: &[String]) -> ExitCode {
     }
     match result {
         Ok(status) => ExitCode::from((status & 0xff) as u8),
+        Err(e) => fail(e),
+    }
+}
+
+/// `tt-host restore [run options] DIR`.
+fn restore(args: &[String]) -> ExitCode {
+    let run_args = match cli::parse_run(args) {
+        Ok(Parsed::Run(r)) => r,
+        Ok(Parsed::Help | Parsed::Version) => {
+            println!("{}", cli::RESTORE_USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return fail(e),
+    };
+    let stats = match &run_args.stats_file {
+        Some(p) => match tt_host::runfile::stats::StatsFile::create(p) {
+            Ok(s) => {
+                s.install();
+                Some(s)
+            }
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
+    let result = tt_host::launch::restore(&run_args);
+    if let Some(s) = &stats {
+        s.finish(tt_host::launch::end_state(&result));
+    }
+    match result {
+        Ok(status) => ExitCode::from((status & 0xff) as u8),
+        Err(e) => fail(e),
+    }
+}
+
+/// `tt-host pause|resume|snapshot --control=SOCK ...`.
+fn control(cmd: &str, args: &[String]) -> ExitCode {
+    match cli::parse_control(cmd, args) {
+        Ok(None) => {
+            println!("{}", cli::CONTROL_USAGE);
+            ExitCode::SUCCESS
+        }
+        Ok(Some(c)) => {
+            use tt_host::control;
+            let r = match &c.dir {
+                Some(dir) => control::snapshot(&c.socket, dir, c.stop),
+                None => control::call(
+                    &c.socket,
+                    &control::Request {
+                        op: cmd.into(),
+                        stop: false,
+                    },
+                    &[],
+                ),
+            };
+            match r {
+                Ok(msg) => {
+                    println!("{msg}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
         Err(e) => fail(e),
     }
 }
@@ -253,6 +318,8 @@ fn main() -> ExitCode {
         Some("policy") => policy(&args[1..]),
         Some("journal") => journal(&args[1..]),
         Some("demo") => demo(),
+        Some("restore") => restore(&args[1..]),
+        Some(cmd @ ("pause" | "resume" | "snapshot" | "status")) => control(cmd, &args[1..]),
         Some("daemon") => daemon(&args[1..]),
         Some("pool") => match tt_host::daemon::client::pool(&args[1..]) {
             Ok(()) => ExitCode::SUCCESS,

@@ -207,6 +207,45 @@ pub fn allowed_ioctls() -> [std::os::raw::c_ulong; 7] {
     ]
 }
 
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_XSAVE,
+    kvm_bindings::KVMIO,
+    0xa4,
+    kvm_bindings::kvm_xsave
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_XCRS,
+    kvm_bindings::KVMIO,
+    0xa6,
+    kvm_bindings::kvm_xcrs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_VCPU_EVENTS,
+    kvm_bindings::KVMIO,
+    0x9f,
+    kvm_bindings::kvm_vcpu_events
+);
+
+/// The ioctls a snapshot adds (`--control`): the vCPU's state beyond its
+/// registers.
+pub fn snapshot_ioctls() -> [std::os::raw::c_ulong; 3] {
+    [KVM_GET_XSAVE(), KVM_GET_XCRS(), KVM_GET_VCPU_EVENTS()]
+}
+
+/// System calls a control socket adds (`--control`).
+const CONTROL: &[libc::c_long] = &[
+    libc::SYS_accept4,
+    libc::SYS_accept,
+    libc::SYS_recvmsg,
+    libc::SYS_recvfrom,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    // Kicking the vCPU thread out of KVM_RUN (pthread_kill).
+    libc::SYS_tgkill,
+    // Sizing the snapshot's files.
+    libc::SYS_ftruncate,
+];
+
 /// System calls allowed whatever their arguments.
 const ALLOWED: &[libc::c_long] = &[
     // I/O on descriptors opened during setup.
@@ -292,24 +331,45 @@ fn no_exec(index: u8) -> Built<SeccompRule> {
 /// `release_dir`: the descriptor of the state directory's `running/`,
 /// the one directory a file may be removed from (the admission entry, at
 /// exit); `None`: no file may be removed.
-pub fn rules(release_dir: Option<RawFd>) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
+///
+/// `control_dir`: with a control socket (`--control`), the descriptor of
+/// its directory, from which the socket is removed at exit; the socket's
+/// calls (accepting a client, messages with descriptors, kicking the vCPU
+/// thread) and a snapshot's (the vCPU's other state, sizing the files it
+/// writes) are then allowed too.
+pub fn rules(
+    release_dir: Option<RawFd>,
+    control_dir: Option<RawFd>,
+) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
     let built = || -> Built<_> {
         let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
             ALLOWED.iter().map(|&n| (n, Vec::new())).collect();
-        let ioctls = allowed_ioctls().into_iter().map(|req| arg_eq(1, req));
+        let mut requests = allowed_ioctls().to_vec();
+        if control_dir.is_some() {
+            requests.extend(snapshot_ioctls());
+            for n in CONTROL {
+                rules.insert(*n, Vec::new());
+            }
+        }
+        let ioctls = requests.into_iter().map(|req| arg_eq(1, req));
         rules.insert(libc::SYS_ioctl, ioctls.collect::<Built<_>>()?);
         // Allocation maps memory; nothing maps it executable.
         rules.insert(libc::SYS_mmap, vec![no_exec(2)?]);
         rules.insert(libc::SYS_mprotect, vec![no_exec(2)?]);
         // `unlinkat(running/, NAME, 0)` only: never a path of the host's
         // choosing relative to the working directory, never a directory.
-        if let Some(fd) = release_dir.and_then(|fd| u64::try_from(fd).ok()) {
+        let mut unlink = Vec::new();
+        for fd in [release_dir, control_dir]
+            .into_iter()
+            .flatten()
+            .filter_map(|fd| u64::try_from(fd).ok())
+        {
             let dir = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, fd)?;
             let flags = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, 0)?;
-            rules.insert(
-                libc::SYS_unlinkat,
-                vec![SeccompRule::new(vec![dir, flags])?],
-            );
+            unlink.push(SeccompRule::new(vec![dir, flags])?);
+        }
+        if !unlink.is_empty() {
+            rules.insert(libc::SYS_unlinkat, unlink);
         }
         // Read-only opens (glibc reads /proc/sys/vm/overcommit_memory as
         // a thread first allocates): nothing is created, truncated or
@@ -331,10 +391,13 @@ pub fn rules(release_dir: Option<RawFd>) -> Result<BTreeMap<i64, Vec<SeccompRule
 }
 
 /// The BPF program of the allowlist, every other call killing the process
-/// (`release_dir`: see [`rules`]).
-pub fn filter(release_dir: Option<RawFd>) -> Result<BpfProgram, SandboxError> {
+/// (`release_dir`, `control_dir`: see [`rules`]).
+pub fn filter(
+    release_dir: Option<RawFd>,
+    control_dir: Option<RawFd>,
+) -> Result<BpfProgram, SandboxError> {
     let filter = SeccompFilter::new(
-        rules(release_dir)?,
+        rules(release_dir, control_dir)?,
         SeccompAction::KillProcess,
         SeccompAction::Allow,
         TargetArch::x86_64,
@@ -346,12 +409,16 @@ pub fn filter(release_dir: Option<RawFd>) -> Result<BpfProgram, SandboxError> {
 /// Enter the sandbox, unless `enabled` is false (`--no-seccomp`): set
 /// `PR_SET_NO_NEW_PRIVS` and install [`filter`] on every thread. Then, if
 /// [`PROBE_ENV`] is `1`, attempt a forbidden call (a test hook).
-pub fn confine(enabled: bool, release_dir: Option<RawFd>) -> Result<(), SandboxError> {
+pub fn confine(
+    enabled: bool,
+    release_dir: Option<RawFd>,
+    control_dir: Option<RawFd>,
+) -> Result<(), SandboxError> {
     // Read before the filter: a test hook that costs nothing otherwise.
     let probe = std::env::var_os(PROBE_ENV).is_some_and(|v| v == "1");
     if enabled {
         drop_capabilities()?;
-        let program = filter(release_dir)?;
+        let program = filter(release_dir, control_dir)?;
         // seccompiler sets PR_SET_NO_NEW_PRIVS, then installs the
         // program with SECCOMP_FILTER_FLAG_TSYNC.
         seccompiler::apply_filter_all_threads(&program).map_err(SandboxError::Install)?;
@@ -373,7 +440,7 @@ pub fn confine(enabled: bool, release_dir: Option<RawFd>) -> Result<(), SandboxE
 /// the filter on a thread of its own. The thread keeps the filter until
 /// it ends.
 pub fn confine_this_thread() -> Result<(), SandboxError> {
-    seccompiler::apply_filter(&filter(None)?).map_err(SandboxError::Install)
+    seccompiler::apply_filter(&filter(None, None)?).map_err(SandboxError::Install)
 }
 
 #[cfg(test)]
@@ -382,7 +449,7 @@ mod tests {
 
     #[test]
     fn the_filter_compiles_and_allows_only_the_run_loops_ioctls() {
-        let program = filter(Some(7)).unwrap();
+        let program = filter(Some(7), None).unwrap();
         assert!(!program.is_empty());
         let ioctls = allowed_ioctls();
         // Request numbers as Linux's headers give them.
@@ -390,11 +457,11 @@ mod tests {
         assert!(ioctls.contains(&0x8090ae81), "KVM_GET_REGS");
         assert!(ioctls.contains(&0xc008ae88), "KVM_GET_MSRS");
         assert!(!ioctls.contains(&libc::TUNSETIFF));
-        let r = rules(Some(7)).unwrap();
+        let r = rules(Some(7), None).unwrap();
         // Files are removed only from `running/`, by descriptor: one rule
         // for unlinkat, none for unlink; and none at all without it.
         assert_eq!(r.get(&libc::SYS_unlinkat).map(Vec::len), Some(1));
-        assert!(!rules(None).unwrap().contains_key(&libc::SYS_unlinkat));
+        assert!(!rules(None, None).unwrap().contains_key(&libc::SYS_unlinkat));
         for forbidden in [
             libc::SYS_unlink,
             libc::SYS_rmdir,

@@ -144,6 +144,21 @@ impl<I: Image> Backend for FileBackend<I> {
         super::read_image_into(&self.info, &*self.image, span, dst)
     }
 
+    fn quiesce(&mut self) -> Result<(), Error> {
+        if self.shut {
+            return Err(Error::ShutDown {
+                device: self.info.name.clone(),
+            });
+        }
+        self.image
+            .sync_data()
+            .map_err(|e| self.io("could not be synced for a snapshot".into(), e))
+    }
+
+    fn image_file(&self) -> Option<&std::fs::File> {
+        self.image.as_file()
+    }
+
     fn shutdown(&mut self) -> Result<(), Error> {
         if self.shut {
             return Ok(());

@@ -713,10 +713,32 @@ where
         if let Some(w) = self.waiter.take() {
             let _ = w.join();
         }
-        // Wait until every acknowledged write is applied (and the image
-        // synced), giving up when the applier stops making progress.
-        // (The journal is asked to perform at once, with our lock not
-        // held: the applier takes it in `perform`.)
+        let drained = self.drain();
+        self.journal.shutdown(drained.is_ok());
+        drained
+    }
+
+    fn quiesce(&mut self) -> Result<(), Error> {
+        if self.shut {
+            return Err(Error::ShutDown {
+                device: self.info.name.clone(),
+            });
+        }
+        self.drain()
+    }
+
+    fn image_file(&self) -> Option<&std::fs::File> {
+        self.shared.image.as_file()
+    }
+}
+
+impl<D: BlockDevice + Send + Sync + 'static, I: Image> JournaledBackend<D, I> {
+    /// Wait until every acknowledged write is applied (and the image
+    /// synced), giving up when the applier stops making progress. (The
+    /// journal is asked to perform at once, with our lock not held: the
+    /// applier takes it in `perform`.) The caller has no request in
+    /// flight.
+    fn drain(&mut self) -> Result<(), Error> {
         let sh = &self.shared;
         let mut left = usize::MAX;
         let mut since = Instant::now();
@@ -744,7 +766,6 @@ where
         let pending = st.overlay.entries.len();
         let why = st.last_error.clone();
         drop(st);
-        self.journal.shutdown(pending == 0);
         if pending > 0 {
             return Err(Error::Drain {
                 device: self.info.name.clone(),

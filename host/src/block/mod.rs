@@ -244,6 +244,13 @@ pub trait Backend: Send {
     /// Allowed with requests in flight.
     fn read_into(&mut self, span: Span, dst: &[VolatileSlice<'_>]) -> Result<(), Error>;
     fn shutdown(&mut self) -> Result<(), Error>;
+    /// Make every completed write durable on the image (draining a
+    /// journal) and keep serving: for a snapshot, with nothing in flight.
+    fn quiesce(&mut self) -> Result<(), Error>;
+    /// The image's file, when it is one: its identity goes in a snapshot.
+    fn image_file(&self) -> Option<&std::fs::File> {
+        None
+    }
 }
 
 /// A queue of completions and the eventfd that announces them. Shared by
@@ -310,6 +317,10 @@ pub trait Image: Send + Sync + 'static {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()>;
     fn sync_data(&self) -> std::io::Result<()>;
+    /// The file, if the image is one.
+    fn as_file(&self) -> Option<&std::fs::File> {
+        None
+    }
     /// Fill `dst` from `offset`. By default through a host buffer; a file
     /// reads straight into it.
     fn read_into_at(&self, dst: &VolatileSlice<'_>, offset: u64) -> std::io::Result<()> {
@@ -329,6 +340,9 @@ impl Image for std::fs::File {
     }
     fn sync_data(&self) -> std::io::Result<()> {
         std::fs::File::sync_data(self)
+    }
+    fn as_file(&self) -> Option<&std::fs::File> {
+        Some(self)
     }
     fn read_into_at(&self, dst: &VolatileSlice<'_>, offset: u64) -> std::io::Result<()> {
         use std::os::fd::AsRawFd;

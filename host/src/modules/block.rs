@@ -272,6 +272,26 @@ impl Module for Block {
         Ok(Action::Continue)
     }
 
+    fn quiesce(&mut self) -> Result<(), String> {
+        for d in &mut self.devices {
+            d.backend.quiesce().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn disks(&self) -> Result<Vec<crate::snapshot::DiskIdentity>, String> {
+        let mut out = Vec::new();
+        for d in &self.devices {
+            if let Some(f) = d.backend.image_file() {
+                let id = crate::snapshot::disk_identity(d.name(), f).map_err(|e| {
+                    format!("block device '{}': cannot read its image: {e}", d.name())
+                })?;
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
     fn shutdown(&mut self) -> Result<(), String> {
         // Drain and flush every device, even after one failed.
         let failed: Vec<String> = self

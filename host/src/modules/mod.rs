@@ -164,6 +164,18 @@ pub trait Module {
     fn notice(&mut self) -> Option<String> {
         None
     }
+    /// With the vCPU paused, for a snapshot or a migration: make what the
+    /// guest was told is done complete on the host (every acknowledged
+    /// block write durable on its image). The module keeps serving
+    /// afterwards. An error names the device.
+    fn quiesce(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// After [`quiesce`](Self::quiesce): the identity of each image
+    /// backing the module's devices.
+    fn disks(&self) -> Result<Vec<crate::snapshot::DiskIdentity>, String> {
+        Ok(Vec::new())
+    }
 }
 
 /// Read the argument struct `T` of a hypercall from guest address `gpa`,

@@ -71,7 +71,7 @@ impl Poll {
             });
         }
         loop {
-            if crate::vmm::signal::received().is_some() {
+            if crate::vmm::signal::interrupted() {
                 return ready;
             }
             // With something ready already, only look (timeout 0).
@@ -98,7 +98,7 @@ impl Poll {
             };
             let interrupted =
                 n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted;
-            if crate::vmm::signal::received().is_some() {
+            if crate::vmm::signal::interrupted() {
                 return ready;
             }
             if n > 0 {

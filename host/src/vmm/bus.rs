@@ -79,6 +79,11 @@ impl Bus {
         Bus::default()
     }
 
+    /// Does no device serve any range?
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
     /// Serve `[base, base + len)` with `device`.
     pub fn insert(
         &mut self,

@@ -13,11 +13,13 @@
 //! one, such a write reaches the device as an ordinary MMIO write instead.
 
 pub mod bus;
+pub mod control;
 #[cfg(test)]
 mod kvm_tests;
 pub mod layout;
 pub mod monitor;
 pub mod signal;
+pub mod state;
 
 use crate::abi::{self, Hypercall};
 use crate::loader::Image;
@@ -67,6 +69,9 @@ pub enum VmError {
     /// as solo5-hvt exits on either.
     #[error("exiting on signal {0} ({name}); the guest was stopped", name = signal::name(*.0))]
     Signal(i32),
+    /// A snapshot or migration could not be saved or restored.
+    #[error("{0}")]
+    Restore(String),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -121,6 +126,14 @@ pub struct Vm {
     /// ([`Image::protected_ranges`]: low memory, its read-only and
     /// executable segments), as `[start, end)` ranges.
     readonly: Vec<(u64, u64)>,
+    /// The TSC frequency the guest was told, in kHz.
+    tsc_khz: u32,
+    /// Control requests ([`control`]), with `--control`.
+    control: Option<std::sync::Arc<control::Inbox>>,
+    /// How the guest was launched, for a snapshot.
+    launch: Option<crate::snapshot::Launch>,
+    /// The guest's TSC when it paused, while it is paused.
+    frozen_tsc: Option<u64>,
 }
 
 fn segment(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
@@ -456,7 +469,22 @@ impl Vm {
                 .iter()
                 .map(|r| (r.start, r.end))
                 .collect(),
+            tsc_khz,
+            control: None,
+            launch: None,
+            frozen_tsc: None,
         })
+    }
+
+    /// Serve control requests from `inbox`; `launch` describes the launch
+    /// for snapshots.
+    pub fn set_control(
+        &mut self,
+        inbox: std::sync::Arc<control::Inbox>,
+        launch: crate::snapshot::Launch,
+    ) {
+        self.control = Some(inbox);
+        self.launch = Some(launch);
     }
 
     /// Whether KVM signals every queue-notification eventfd itself
@@ -501,6 +529,12 @@ impl Vm {
         loop {
             if let Some(sig) = signal::received() {
                 return Err(VmError::Signal(sig));
+            }
+            if signal::take_kick() {
+                match self.serve_control()? {
+                    control::Flow::Run => {}
+                    control::Flow::Exit(status) => return Ok(status),
+                }
             }
             let exit = self.vcpu.run();
             self.run_returns += 1;

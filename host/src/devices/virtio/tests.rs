@@ -617,6 +617,9 @@ impl Backend for Held {
     fn shutdown(&mut self) -> Result<(), crate::block::Error> {
         self.inner.shutdown()
     }
+    fn quiesce(&mut self) -> Result<(), crate::block::Error> {
+        self.inner.quiesce()
+    }
 }
 
 fn held(rig: &Rig) -> (Held, Arc<std::sync::atomic::AtomicBool>) {

@@ -1,0 +1,243 @@
+//! Requests to a running VM from another thread (the control socket's,
+//! [`crate::control`]): pause, resume, snapshot.
+//!
+//! The vCPU thread owns the VM; a request is queued in the [`Inbox`] and
+//! the vCPU is kicked out of `KVM_RUN` (or out of a POLL hypercall's wait:
+//! the guest sees POLL return early with nothing ready, as Solo5's tender
+//! returns it on `EINTR`) by [`signal::kick`]. At the top of its loop the
+//! vCPU thread serves every queued request ([`Vm::serve_control`]) and
+//! answers each on its own channel. While paused it waits for the next
+//! request, or for SIGINT/SIGTERM, which stop a paused guest as a running
+//! one.
+
+use super::{signal, Vm, VmError};
+use crate::snapshot;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// What a request asks.
+#[derive(Debug)]
+pub enum Op {
+    /// Stop running guest code, with every device quiesced.
+    Pause,
+    /// Run again after a pause.
+    Resume,
+    /// Save the guest (pausing it first if it runs) to `state` and
+    /// `memory` (empty files, open for writing); then resume it, or with
+    /// `stop` end the run (tt-host exits 0).
+    Snapshot {
+        state: File,
+        memory: File,
+        stop: bool,
+    },
+    /// Is the guest running or paused?
+    Status,
+}
+
+/// The answer: a one-line report, or why the request failed.
+pub type Reply = Result<String, String>;
+
+struct Request {
+    op: Op,
+    reply: mpsc::Sender<Reply>,
+}
+
+/// Requests waiting for the vCPU thread.
+pub struct Inbox {
+    queue: Mutex<VecDeque<Request>>,
+    /// Readable while the queue may hold requests: a paused vCPU waits
+    /// on it.
+    event: EventFd,
+}
+
+impl Inbox {
+    pub fn new() -> std::io::Result<Arc<Inbox>> {
+        Ok(Arc::new(Inbox {
+            queue: Mutex::new(VecDeque::new()),
+            event: EventFd::new(EFD_NONBLOCK)?,
+        }))
+    }
+
+    /// Queue `op` for the vCPU thread, kick it, and wait for its answer.
+    /// If the VM stops before it answers: an error saying so.
+    pub fn call(&self, op: Op) -> Reply {
+        let (tx, rx) = mpsc::channel();
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(Request { op, reply: tx });
+        let _ = self.event.write(1);
+        signal::kick();
+        rx.recv()
+            .unwrap_or_else(|_| Err("the guest has stopped".into()))
+    }
+
+    fn pop(&self) -> Option<Request> {
+        let _ = self.event.read();
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
+    }
+
+    /// Wait until a request is queued or a stopping signal came.
+    fn wait(&self) {
+        let mut fds = vec![libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.event),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(fd) = signal::wake_fd() {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfds; no
+        // timeout (null) and no signal mask change (null).
+        unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+    }
+}
+
+/// What the run loop does after serving the control requests.
+pub enum Flow {
+    Run,
+    /// End the run with this status.
+    Exit(i32),
+}
+
+impl Vm {
+    /// Serve the control requests queued (and, while paused, wait for
+    /// more until one resumes the guest).
+    pub(super) fn serve_control(&mut self) -> Result<Flow, VmError> {
+        let Some(inbox) = self.control.clone() else {
+            return Ok(Flow::Run);
+        };
+        let mut paused = false;
+        loop {
+            if let Some(sig) = signal::received() {
+                return Err(VmError::Signal(sig));
+            }
+            let Some(req) = inbox.pop() else {
+                if !paused {
+                    return Ok(Flow::Run);
+                }
+                inbox.wait();
+                continue;
+            };
+            let (reply, flow) = match req.op {
+                Op::Status => (Ok(if paused { "paused" } else { "running" }.into()), None),
+                Op::Pause if paused => (Ok("paused (already)".into()), None),
+                Op::Pause => match self.pause() {
+                    Ok(()) => {
+                        paused = true;
+                        (Ok("paused".into()), None)
+                    }
+                    Err(e) => (Err(e), None),
+                },
+                Op::Resume if !paused => (Ok("running (was not paused)".into()), None),
+                Op::Resume => match self.unfreeze_tsc() {
+                    Ok(()) => (Ok("resumed".into()), Some(Flow::Run)),
+                    Err(e) => (Err(e.to_string()), None),
+                },
+                Op::Snapshot {
+                    state,
+                    memory,
+                    stop,
+                } => {
+                    let r = (if paused { Ok(()) } else { self.pause() })
+                        .and_then(|()| self.snapshot(&state, &memory));
+                    match r {
+                        Ok(n) if stop => (
+                            Ok(format!("snapshot written ({n}); the guest is stopped")),
+                            Some(Flow::Exit(0)),
+                        ),
+                        Ok(n) if paused => (Ok(format!("snapshot written ({n})")), None),
+                        Ok(n) => match self.unfreeze_tsc() {
+                            Ok(()) => (
+                                Ok(format!("snapshot written ({n}); the guest runs on")),
+                                Some(Flow::Run),
+                            ),
+                            Err(e) => (Err(e.to_string()), None),
+                        },
+                        Err(e) if paused => (Err(e), None),
+                        Err(e) => match self.unfreeze_tsc() {
+                            Ok(()) => (Err(e), Some(Flow::Run)),
+                            Err(e2) => (Err(format!("{e}; {e2}")), None),
+                        },
+                    }
+                }
+            };
+            let _ = req.reply.send(reply);
+            if let Some(flow) = flow {
+                return Ok(flow);
+            }
+        }
+    }
+
+    /// Stop between instructions with every device quiesced. The guest's
+    /// TSC is frozen: read now, and written back on resume, so that the
+    /// guest's clock does not count the pause (its timers do not all fire
+    /// at once when it runs again).
+    fn pause(&mut self) -> Result<(), String> {
+        self.complete_exit().map_err(|e| e.to_string())?;
+        self.freeze_tsc().map_err(|e| e.to_string())?;
+        for m in &mut self.modules {
+            m.quiesce()?;
+        }
+        Ok(())
+    }
+
+    /// Write the paused guest's state and memory; a summary.
+    fn snapshot(&mut self, state: &File, memory: &File) -> Result<String, String> {
+        use std::os::unix::fs::FileExt;
+        let Some(launch) = self.launch.clone() else {
+            return Err("this VM was not started by a launch that can be restored".into());
+        };
+        if !self.bus.is_empty() {
+            return Err(
+                "the guest has virtio devices, whose queues cannot be snapshotted yet (hvt \
+                 devices can)"
+                    .into(),
+            );
+        }
+        let mut disks = self.disks()?;
+        for d in &mut disks {
+            d.path = launch
+                .devices
+                .iter()
+                .find(|(o, dev, _)| o == "block" && dev.as_deref() == Some(&d.device))
+                .map(|(_, _, v)| v.clone())
+                .unwrap_or_default();
+        }
+        let s = snapshot::Snapshot {
+            launch,
+            mem_size: self.mem_size(),
+            vcpu: self.save_vcpu().map_err(|e| e.to_string())?,
+            monitor: self.save_monitor(),
+            disks,
+        };
+        let io = |what: &str, e: std::io::Error| format!("cannot write the {what} file: {e}");
+        self.write_memory(memory).map_err(|e| io("memory", e))?;
+        let bytes = snapshot::encode(&s);
+        state.set_len(0).map_err(|e| io("state", e))?;
+        state.write_all_at(&bytes, 0).map_err(|e| io("state", e))?;
+        state.sync_data().map_err(|e| io("state", e))?;
+        Ok(format!(
+            "{} MiB of memory, {} bytes of state",
+            s.mem_size >> 20,
+            bytes.len()
+        ))
+    }
+}
