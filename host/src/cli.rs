@@ -222,6 +222,120 @@ image); resume lets it run on. snapshot saves it to the directory DIR
 it meanwhile: it runs on afterwards, or with --stop the run ends (exit 0).
 'tt-host restore DIR' resumes it.";
 
+/// `tt-host migrate-send|migrate-receive --help`.
+pub const MIGRATE_USAGE: &str = "\
+usage: tt-host migrate-send --control=SOCK --to=ADDR [--psk=FILE]
+                            [--downtime-ms=MS] [--timeout=SECONDS]
+       tt-host migrate-receive --listen=ADDR [--psk=FILE] [RUN OPTIONS]
+
+Move the guest of 'tt-host run --control=SOCK' to the tt-host that
+'migrate-receive' started, while it runs. ADDR is a Unix socket path
+(unix:PATH, the default kind) or HOST:PORT (tcp:HOST:PORT), which needs
+--psk=FILE on both ends: a pre-shared key of at least 16 bytes that each
+side proves it knows (the stream itself is not encrypted).
+
+Memory is copied while the guest runs, again and again as it dirties it,
+until what is left takes at most --downtime-ms (default 50) to send; then
+the guest pauses, the rest and its state go over, and it resumes on the
+target. If that does not happen within --timeout (default 30 s), or the
+target fails, the guest runs on here. Over a Unix socket (same host: a
+live upgrade to another tt-host binary) memory is not copied: the target
+maps the same memory, and takes over the admission entry.
+
+The target's RUN OPTIONS are those of 'tt-host run' without IMAGE: its
+devices (--block:NAME=PATH, --net:NAME=TAP) come from its own command
+line, never from the stream. Disks are drained at the switch: both ends
+must see the same image (docs/SNAPSHOT.md).";
+
+/// `tt-host migrate-send`, parsed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MigrateSend {
+    pub control: PathBuf,
+    pub to: crate::migration::Addr,
+    pub psk: Option<PathBuf>,
+    pub downtime_ms: Option<u64>,
+    pub max_ms: Option<u64>,
+}
+
+/// Parse `migrate-send`'s arguments; `None` for `--help`.
+pub fn parse_migrate_send(args: &[String]) -> Result<Option<MigrateSend>, CliError> {
+    let err = |msg: String| CliError {
+        msg,
+        command: "migrate-send",
+    };
+    let (mut control, mut to, mut psk, mut downtime_ms, mut max_ms) = (None, None, None, None, None);
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if a == "-h" || a == "--help" {
+            return Ok(None);
+        }
+        if let Some(v) = value_of(args, &mut i, "--control") {
+            control = Some(PathBuf::from(v));
+        } else if let Some(v) = value_of(args, &mut i, "--to") {
+            to = Some(v.parse().map_err(|e| err(format!("--to: {e}")))?);
+        } else if let Some(v) = value_of(args, &mut i, "--psk") {
+            psk = Some(PathBuf::from(v));
+        } else if let Some(v) = value_of(args, &mut i, "--downtime-ms") {
+            downtime_ms = Some(number::<u64>(v).filter(|&n| n <= 60_000).ok_or_else(|| {
+                err(format!("--downtime-ms={}: expected milliseconds, at most 60000", quote(v)))
+            })?);
+        } else if let Some(v) = value_of(args, &mut i, "--timeout") {
+            let s = number::<u64>(v).filter(|&n| (1..=3600).contains(&n)).ok_or_else(|| {
+                err(format!("--timeout={}: expected seconds from 1 to 3600", quote(v)))
+            })?;
+            max_ms = Some(s * 1000);
+        } else {
+            return Err(err(format!("unexpected argument '{}'", quote(a))));
+        }
+        i += 1;
+    }
+    Ok(Some(MigrateSend {
+        control: control.ok_or_else(|| err("migrate-send needs --control=SOCK".into()))?,
+        to: to.ok_or_else(|| err("migrate-send needs --to=ADDR".into()))?,
+        psk,
+        downtime_ms,
+        max_ms,
+    }))
+}
+
+/// Split `migrate-receive`'s own options from the run options that
+/// follow (returned with a placeholder image for [`parse_run`]); `None`
+/// for `--help`.
+#[allow(clippy::type_complexity)]
+pub fn parse_migrate_receive(
+    args: &[String],
+) -> Result<Option<(crate::migration::Addr, Option<PathBuf>, Vec<String>)>, CliError> {
+    let err = |msg: String| CliError {
+        msg,
+        command: "migrate-receive",
+    };
+    let (mut listen, mut psk, mut rest) = (None, None, Vec::new());
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if a == "-h" || a == "--help" {
+            return Ok(None);
+        }
+        if let Some(v) = value_of(args, &mut i, "--listen") {
+            listen = Some(v.parse().map_err(|e| err(format!("--listen: {e}")))?);
+        } else if let Some(v) = value_of(args, &mut i, "--psk") {
+            psk = Some(PathBuf::from(v));
+        } else if !a.starts_with("--") {
+            return Err(err(format!(
+                "unexpected argument '{}': the image and its arguments come from the source",
+                quote(a)
+            )));
+        } else {
+            rest.push(args[i].clone());
+        }
+        i += 1;
+    }
+    rest.push("migrated-image".into());
+    let listen = listen.ok_or_else(|| err("migrate-receive needs --listen=ADDR".into()))?;
+    Ok(Some((listen, psk, rest)))
+}
+
 /// `tt-host pause|resume|status|snapshot`, parsed.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ControlCmd {

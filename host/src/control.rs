@@ -48,6 +48,12 @@ pub struct Request {
     pub op: String,
     #[serde(default)]
     pub stop: bool,
+    /// migrate: the downtime budget, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// migrate: how long pre-copy may take before giving up, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ms: Option<u64>,
 }
 
 /// One answer as it travels.
@@ -151,7 +157,13 @@ fn serve(conn: UnixStream, inbox: &Inbox) -> std::io::Result<()> {
             None => return Ok(()),
         };
         let answer = match decode(&line, fds) {
-            Ok(op) => inbox.call(op),
+            Ok(Decoded::Op(op)) => inbox.call(op),
+            Ok(Decoded::Migrate(conn, opts)) => {
+                match crate::migration::Conn::from_file(conn) {
+                    Ok(c) => crate::migration::send::send(c, inbox, &opts),
+                    Err(e) => Err(format!("the migration's socket: {e}")),
+                }
+            }
             Err(e) => Err(e),
         };
         let answer = match answer {
@@ -201,11 +213,22 @@ fn read_request(conn: &UnixStream) -> std::io::Result<Option<(Vec<u8>, Vec<File>
     Ok(Some((buf, files)))
 }
 
+/// What a request asks for.
+enum Decoded {
+    Op(Op),
+    /// Migrate over this connected socket.
+    Migrate(File, crate::migration::send::Options),
+}
+
 /// The operation a request line asks for.
-fn decode(line: &[u8], mut fds: Vec<File>) -> Result<Op, String> {
+fn decode(line: &[u8], mut fds: Vec<File>) -> Result<Decoded, String> {
     let r: Request =
         serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))?;
-    let want = if r.op == "snapshot" { 2 } else { 0 };
+    let want = match r.op.as_str() {
+        "snapshot" => 2,
+        "migrate" => 1,
+        _ => 0,
+    };
     if fds.len() != want {
         return Err(format!(
             "'{}' takes {want} file descriptors, {} came",
@@ -213,7 +236,17 @@ fn decode(line: &[u8], mut fds: Vec<File>) -> Result<Op, String> {
             fds.len()
         ));
     }
-    Ok(match r.op.as_str() {
+    if r.op == "migrate" {
+        let mut opts = crate::migration::send::Options::default();
+        if let Some(ms) = r.downtime_ms {
+            opts.downtime = std::time::Duration::from_millis(ms);
+        }
+        if let Some(ms) = r.max_ms {
+            opts.max_time = std::time::Duration::from_millis(ms);
+        }
+        return Ok(Decoded::Migrate(fds.pop().expect("one descriptor"), opts));
+    }
+    Ok(Decoded::Op(match r.op.as_str() {
         "pause" => Op::Pause,
         "resume" => Op::Resume,
         "status" => Op::Status,
@@ -228,11 +261,11 @@ fn decode(line: &[u8], mut fds: Vec<File>) -> Result<Op, String> {
         }
         other => {
             return Err(format!(
-                "unknown operation '{}' (pause, resume, status, snapshot)",
+                "unknown operation '{}' (pause, resume, status, snapshot, migrate)",
                 crate::text::quote(other)
             ))
         }
-    })
+    }))
 }
 
 /// Send `req` (with `fds`) to the control socket at `path`; its answer.
@@ -298,6 +331,8 @@ pub fn snapshot(control: &Path, dir: &Path, stop: bool) -> Result<String, Contro
     let req = Request {
         op: "snapshot".into(),
         stop,
+        downtime_ms: None,
+        max_ms: None,
     };
     let r = call(control, &req, &[state.as_raw_fd(), memory.as_raw_fd()]);
     if r.is_err() {
@@ -307,6 +342,47 @@ pub fn snapshot(control: &Path, dir: &Path, stop: bool) -> Result<String, Contro
     let answer = r?;
     sync_dir(dir).map_err(|e| io("cannot sync the snapshot directory", e))?;
     Ok(answer)
+}
+
+/// `tt-host migrate-send`'s side: connect to the target at `to`
+/// (authenticating with `psk` over TCP), and have the VM at `control`
+/// migrate over that connection; its answer.
+pub fn migrate(
+    control: &Path,
+    to: &crate::migration::Addr,
+    psk: Option<&[u8]>,
+    downtime_ms: Option<u64>,
+    max_ms: Option<u64>,
+) -> Result<String, ControlError> {
+    use crate::migration::Addr;
+    let fail = |msg: String| ControlError::Reply {
+        path: control.display().to_string(),
+        msg,
+    };
+    let conn: OwnedFd = match to {
+        Addr::Unix(p) => UnixStream::connect(p)
+            .map_err(|e| fail(format!("cannot connect to {}: {e}", p.display())))?
+            .into(),
+        Addr::Tcp(a) => {
+            let key = psk.ok_or_else(|| {
+                fail("migrating over TCP needs --psk=FILE (the target's pre-shared key)".into())
+            })?;
+            let mut s = std::net::TcpStream::connect(a)
+                .map_err(|e| fail(format!("cannot connect to {a}: {e}")))?;
+            s.set_read_timeout(Some(crate::migration::PEER_TIMEOUT))
+                .map_err(|e| fail(e.to_string()))?;
+            crate::migration::auth::client(&mut s, key).map_err(fail)?;
+            s.set_read_timeout(None).map_err(|e| fail(e.to_string()))?;
+            s.into()
+        }
+    };
+    let req = Request {
+        op: "migrate".into(),
+        stop: false,
+        downtime_ms,
+        max_ms,
+    };
+    call(control, &req, &[conn.as_raw_fd()])
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {

@@ -46,6 +46,9 @@ pub enum LaunchError {
     ReadyFd { fd: i32 },
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    /// A migration failed on this, the target's, side.
+    #[error("migration: {0}")]
+    Migration(String),
     /// A snapshot cannot be read or does not fit this host.
     #[error("snapshot {dir}: {msg}")]
     Snapshot { dir: String, msg: String },
@@ -269,7 +272,38 @@ pub fn match_devices(image: &Image, args: &RunArgs) -> Result<(), LaunchError> {
 
 /// Boot the image described by `args` and run it to the end.
 pub fn run(args: &RunArgs) -> Result<i32, LaunchError> {
-    run_or_resume(args, None, None)
+    run_or_resume(args, None, Start::Boot)
+}
+
+/// How a launch's guest starts.
+enum Start {
+    /// From the image's entry point.
+    Boot,
+    /// Where a snapshot left it.
+    Snapshot(Resume),
+    /// Where a migration's source left it.
+    Migration(Box<crate::migration::receive::Incoming>),
+}
+
+/// `tt-host migrate-receive`: run the guest that `incoming` brings, with
+/// the devices of `args` (the target's own command line: never the
+/// source's files). `args.image` is ignored.
+pub fn receive(
+    args: &RunArgs,
+    incoming: crate::migration::receive::Incoming,
+) -> Result<i32, LaunchError> {
+    let l = &incoming.config.launch;
+    let mut merged = args.clone();
+    merged.mem_mb = l.mem_mb;
+    merged.image = l.image_path.clone().into();
+    merged.guest_args = l.guest_args.clone();
+    merged.solo5_hvt_boot = l.solo5_hvt_boot;
+    merged.cpl = if l.cpl3 { Cpl::Three } else { Cpl::Zero };
+    if merged.name.is_none() {
+        merged.name = l.name.as_ref().and_then(|n| n.parse().ok());
+    }
+    let image = l.image.clone();
+    run_or_resume(&merged, Some(image), Start::Migration(Box::new(incoming)))
 }
 
 /// `tt-host restore`: resume the snapshot in directory `args.image`, with
@@ -331,7 +365,7 @@ pub fn restore(args: &RunArgs) -> Result<i32, LaunchError> {
         memory,
         dir: dir.clone(),
     };
-    run_or_resume(&merged, Some(image), Some(resume))
+    run_or_resume(&merged, Some(image), Start::Snapshot(resume))
 }
 
 /// The snapshot's description of this launch.
@@ -356,7 +390,7 @@ fn launch_info(args: &RunArgs, file: &[u8], cpl3: bool) -> crate::snapshot::Laun
 fn run_or_resume(
     args: &RunArgs,
     file: Option<Vec<u8>>,
-    resume: Option<Resume>,
+    mut start: Start,
 ) -> Result<i32, LaunchError> {
     // From here on SIGINT and SIGTERM stop the launch cleanly: before the
     // guest runs, it does not start; while it runs, it is stopped as on a
@@ -401,7 +435,7 @@ fn run_or_resume(
     match_devices(&image, args)?;
 
     // Admission, before any device is attached or the VM is created; the
-    // reservation is released when `_admitted` drops, as run returns.
+    // reservation is released when `admission` drops, as run returns.
     let uk = unikernel_resources(&image, args)?;
     if let Some(cpu) = args.cpu {
         admission::pin_to_cpu(cpu)?;
@@ -413,7 +447,39 @@ fn run_or_resume(
         .unwrap_or_default();
     let admitted = uk.clone();
     let state = StateDir::resolve(args.state_dir.as_deref());
-    let _admitted = state.admit(args.name.as_ref(), &fallback, uk)?;
+    // A migration's RAM arrives (while the guest still runs at the source)
+    // before anything here is admitted or attached: the source holds the
+    // devices until it sends the state.
+    let mut memory = None;
+    let mut arrived = None;
+    if let Start::Migration(incoming) = &mut start {
+        let mem = if incoming.memfd {
+            None
+        } else {
+            Some(crate::vmm::guest_memory(incoming.config.mem_size, None)?)
+        };
+        let a = incoming
+            .receive(mem.as_ref().map(|m| &m.all))
+            .map_err(LaunchError::Migration)?;
+        memory = Some(match mem {
+            Some(m) => crate::vmm::Memory { incoming: true, ..m },
+            None => crate::vmm::guest_memory(
+                incoming.config.mem_size,
+                Some(a.memfd.as_ref().expect("memfd mode").try_clone().map_err(
+                    |e| LaunchError::Migration(format!("the memfd: {e}")),
+                )?),
+            )?,
+        });
+        arrived = Some(a);
+    }
+    // A local migration hands its admission entry over (adopted once the
+    // source commits): the guest is not admitted twice. Otherwise, admit.
+    let handed_entry = arrived.as_mut().and_then(|a| a.entry.take());
+    let mut admission = match &handed_entry {
+        Some(_) => None,
+        None => Some(state.admit(args.name.as_ref(), &fallback, uk)?),
+    };
+
     let mut ctx = kind::Context {
         admitted: &admitted,
         state_dir: state.path(),
@@ -484,18 +550,47 @@ fn run_or_resume(
                 .into(),
         ));
     }
-    let mut vm = Vm::new(&params, modules, mmio)?;
-    if let Some(r) = &resume {
-        resume_vm(&mut vm, r)?;
+    let mut vm = match memory {
+        Some(m) => Vm::with_memory(&params, modules, mmio, m)?,
+        None => Vm::new(&params, modules, mmio)?,
+    };
+    match &mut start {
+        Start::Boot => {}
+        Start::Snapshot(r) => resume_vm(&mut vm, r)?,
+        Start::Migration(incoming) => {
+            let a = arrived.as_ref().expect("received before the VM");
+            let dir = "migration".to_string();
+            let ready = resume_state(&mut vm, &a.snapshot, &dir).and_then(|()| {
+                incoming.ready().map_err(LaunchError::Migration)
+            });
+            if let Err(e) = ready {
+                incoming.abort(&e.to_string());
+                return Err(e);
+            }
+            if let Some((held, name)) = handed_entry {
+                admission = Some(state.adopt(held, &name)?);
+            }
+        }
     }
+    let mut admission = admission.expect("admitted, or adopted at the commit");
+    let running_dir_fd = admission.running_dir_fd();
     if let Some(c) = &control {
-        vm.set_control(c.inbox(), launch_info(args, &file, params.cpl3));
+        let inbox = c.inbox();
+        vm.set_control(inbox.clone(), launch_info(args, &file, params.cpl3));
+        let (fd, name) = admission.entry();
+        inbox.set_source(crate::vmm::control::Source {
+            handles: vm.handles(),
+            launch: launch_info(args, &file, params.cpl3),
+            lock_fds: vm.lock_fds(),
+            admission: Some((fd, name.to_string())),
+            virtio: vm.has_mmio_devices(),
+        });
     }
     // Every device is open and every thread started: from here on, only
     // the system calls of the run loop and of shutdown (sandbox).
     crate::sandbox::confine(
         !args.no_seccomp,
-        Some(_admitted.running_dir_fd()),
+        Some(running_dir_fd),
         control.as_ref().map(|c| c.dir_fd()),
     )?;
     crate::runfile::stats::counters().guest_starts();
@@ -518,17 +613,30 @@ fn run_or_resume(
             );
         }
     }
+    if control.as_ref().is_some_and(|c| c.inbox().handed_over()) {
+        // The target adopted the admission entry: it is not ours to remove.
+        admission.hand_over();
+    }
     Ok(status?)
 }
 
 /// Put the snapshot `r` into the VM just built for its launch: memory,
 /// vCPU, monitor; and check that every disk is the one the snapshot saw.
 fn resume_vm(vm: &mut Vm, r: &Resume) -> Result<(), LaunchError> {
-    let err = |msg: String| LaunchError::Snapshot {
+    vm.read_memory(&r.memory).map_err(|e| LaunchError::Snapshot {
         dir: r.dir.clone(),
+        msg: e.to_string(),
+    })?;
+    resume_state(vm, &r.snapshot, &r.dir)
+}
+
+/// Put the vCPU and monitor state of `s` into the VM (its RAM is in
+/// place), after checking that every disk is the one `s` saw.
+fn resume_state(vm: &mut Vm, s: &crate::snapshot::Snapshot, dir: &str) -> Result<(), LaunchError> {
+    let err = |msg: String| LaunchError::Snapshot {
+        dir: dir.to_string(),
         msg,
     };
-    let s = &r.snapshot;
     let now = vm.disks().map_err(err)?;
     for then in &s.disks {
         let Some(id) = now.iter().find(|d| d.device == then.device) else {
@@ -545,8 +653,7 @@ fn resume_vm(vm: &mut Vm, r: &Resume) -> Result<(), LaunchError> {
             )));
         }
     }
-    vm.read_memory(&r.memory)
-        .and_then(|()| vm.restore_vcpu(&s.vcpu))
+    vm.restore_vcpu(&s.vcpu)
         .and_then(|()| vm.restore_monitor(s.monitor.as_ref()))
         .map_err(|e| err(e.to_string()))
 }

@@ -39,6 +39,7 @@ pub mod daemon;
 pub mod devices;
 pub mod launch;
 pub mod loader;
+pub mod migration;
 pub mod modules;
 pub mod pools;
 pub mod resources;

@@ -19,6 +19,8 @@ usage:
   tt-host pause|resume --control=SOCK               pause or resume a 'tt-host run --control=SOCK'
   tt-host snapshot --control=SOCK DIR [--stop]      save its guest to DIR (see docs/SNAPSHOT.md)
   tt-host restore [OPTIONS] DIR                     resume a snapshot (options as for run)
+  tt-host migrate-send --control=SOCK --to=ADDR     live-migrate its guest (see 'tt-host migrate-send --help')
+  tt-host migrate-receive --listen=ADDR [OPTIONS]   receive one (options as for run, without IMAGE)
   tt-host demo                                      build and boot the bundled hello unikernel
   tt-host --help | --version
 
@@ -96,6 +98,81 @@ fn restore(args: &[String]) -> ExitCode {
     }
 }
 
+/// `tt-host migrate-send --control=SOCK --to=ADDR ...`.
+fn migrate_send(args: &[String]) -> ExitCode {
+    let m = match cli::parse_migrate_send(args) {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            println!("{}", cli::MIGRATE_USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return fail(e),
+    };
+    let key = match &m.psk {
+        Some(p) => match tt_host::migration::auth::read_key(p) {
+            Ok(k) => Some(k),
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
+    match tt_host::control::migrate(&m.control, &m.to, key.as_deref(), m.downtime_ms, m.max_ms) {
+        Ok(msg) => {
+            println!("{msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `tt-host migrate-receive --listen=ADDR [--psk=FILE] [run options]`.
+fn migrate_receive(args: &[String]) -> ExitCode {
+    let (listen, psk, rest) = match cli::parse_migrate_receive(args) {
+        Ok(Some(x)) => x,
+        Ok(None) => {
+            println!("{}", cli::MIGRATE_USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return fail(e),
+    };
+    let run_args = match cli::parse_run(&rest) {
+        Ok(Parsed::Run(r)) => r,
+        Ok(_) => {
+            println!("{}", cli::MIGRATE_USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return fail(e),
+    };
+    let key = match &psk {
+        Some(p) => match tt_host::migration::auth::read_key(p) {
+            Ok(k) => Some(k),
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
+    let stats = match &run_args.stats_file {
+        Some(p) => match tt_host::runfile::stats::StatsFile::create(p) {
+            Ok(s) => {
+                s.install();
+                Some(s)
+            }
+            Err(e) => return fail(e),
+        },
+        None => None,
+    };
+    let incoming = match tt_host::migration::receive::accept(&listen, key.as_deref()) {
+        Ok(i) => i,
+        Err(e) => return fail(format!("migration: {e}")),
+    };
+    let result = tt_host::launch::receive(&run_args, incoming);
+    if let Some(s) = &stats {
+        s.finish(tt_host::launch::end_state(&result));
+    }
+    match result {
+        Ok(status) => ExitCode::from((status & 0xff) as u8),
+        Err(e) => fail(e),
+    }
+}
+
 /// `tt-host pause|resume|snapshot --control=SOCK ...`.
 fn control(cmd: &str, args: &[String]) -> ExitCode {
     match cli::parse_control(cmd, args) {
@@ -112,6 +189,8 @@ fn control(cmd: &str, args: &[String]) -> ExitCode {
                     &control::Request {
                         op: cmd.into(),
                         stop: false,
+                        downtime_ms: None,
+                        max_ms: None,
                     },
                     &[],
                 ),
@@ -319,6 +398,8 @@ fn main() -> ExitCode {
         Some("journal") => journal(&args[1..]),
         Some("demo") => demo(),
         Some("restore") => restore(&args[1..]),
+        Some("migrate-send") => migrate_send(&args[1..]),
+        Some("migrate-receive") => migrate_receive(&args[1..]),
         Some(cmd @ ("pause" | "resume" | "snapshot" | "status")) => control(cmd, &args[1..]),
         Some("daemon") => daemon(&args[1..]),
         Some("pool") => match tt_host::daemon::client::pool(&args[1..]) {

@@ -148,6 +148,11 @@ struct State {
     gathering: bool,
     accepting: bool,
     stopping: bool,
+    /// [`Journal::hold`]: the applier performs and frees nothing.
+    held: bool,
+    /// The applier is waiting with nothing in hand (what `hold` waits
+    /// for).
+    applier_idle: bool,
     /// A commit failed: the journal no longer accepts pushes.
     broken: Option<String>,
     /// Sizes of durable, unperformed ops, for metrics: (seq, bytes).
@@ -425,6 +430,8 @@ where
                 committing: false,
                 wake_at: usize::MAX,
                 flush_requested: false,
+                held: false,
+                applier_idle: false,
                 gathering: false,
                 accepting: true,
                 stopping: false,
@@ -588,6 +595,32 @@ where
         m.pending_ops = st.pending.len() as u64;
         m.pending_bytes = st.pending.iter().map(|(_, b)| b).sum();
         m
+    }
+
+    /// Hold the applier: once this returns, it performs nothing and frees
+    /// no ring space (it writes neither the ring nor the protected state)
+    /// until [`release`](Self::release). Pushes still commit. For handing
+    /// the ring to another process for a while, with nothing pushed.
+    pub fn hold(&self) {
+        let sh = &self.shared;
+        let mut st = lock(&sh.state);
+        st.held = true;
+        st.applier_idle = false;
+        sh.applier.notify_one();
+        while !st.applier_idle && !st.stopping && lock(&self.threads).is_some() {
+            st = sh
+                .progress
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Let the applier go on after [`hold`](Self::hold).
+    pub fn release(&self) {
+        let sh = &self.shared;
+        lock(&sh.state).held = false;
+        sh.applier.notify_one();
     }
 
     /// Stop accepting pushes (later pushes fail with [`Error::ShutDown`]),
@@ -1017,8 +1050,13 @@ where
                         return;
                     }
                     let want_free = self.unfreed() > 0 && (st.flush_requested || self.free_due());
-                    if st.performed < st.durable || want_free {
+                    if !st.held && (st.performed < st.durable || want_free) {
+                        st.applier_idle = false;
                         break;
+                    }
+                    if !st.applier_idle {
+                        st.applier_idle = true;
+                        sh.progress.notify_all();
                     }
                     st = sh
                         .applier
@@ -1034,11 +1072,14 @@ where
                     let (g, _) = sh
                         .applier
                         .wait_timeout_while(st, sh.config.flush_interval, |st| {
-                            !st.flush_requested && !st.stopping
+                            !st.flush_requested && !st.stopping && !st.held
                         })
                         .unwrap_or_else(|e| e.into_inner());
                     st = g;
                     st.gathering = false;
+                    if st.held {
+                        continue;
+                    }
                 }
                 force_free = st.flush_requested;
                 st.flush_requested = false;

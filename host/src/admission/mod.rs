@@ -246,6 +246,56 @@ impl StateDir {
             name,
             lock_name,
             _held: held,
+            keep_entry: false,
+        })
+    }
+
+    /// Take over the admission entry of another tt-host of this state
+    /// directory, as a local live migration hands it over: `held` is that
+    /// entry's file, open with its flock held (passed over a Unix socket),
+    /// named `lock_name` in `running/`. The entry is rewritten with this
+    /// process's pid; nothing is admitted twice. Refused if `held` is not
+    /// that file of this state directory.
+    pub fn adopt(&self, held: File, lock_name: &str) -> Result<Admission, AdmitError> {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let st = self.lock()?;
+        let dir = st
+            .dir
+            .subdir(RUNNING_DIR, false)
+            .map_err(|e| self.open_err(format!("cannot open {RUNNING_DIR}/"), e))?
+            .ok_or_else(|| self.bad(format!("{RUNNING_DIR}/ is missing")))?;
+        let bad_name = lock_name.contains('/') || !lock_name.ends_with(".lock");
+        let path = self.dir.join(RUNNING_DIR).join(lock_name);
+        let there = std::fs::symlink_metadata(&path).ok();
+        let mine = held.metadata().map_err(self.io("cannot stat the handed-over entry"))?;
+        if bad_name || !there.is_some_and(|m| m.dev() == mine.dev() && m.ino() == mine.ino()) {
+            return Err(self.bad(format!(
+                "the admission entry handed over ({lock_name}) is not one of this state \
+                 directory's"
+            )));
+        }
+        let mut bytes = vec![0u8; mine.len().min(1 << 20) as usize];
+        held.read_exact_at(&mut bytes, 0)
+            .map_err(self.io(format!("cannot read running/{lock_name}")))?;
+        let mut entry: Running = serde_json::from_slice(&bytes)
+            .map_err(|e| self.bad(format!("running/{lock_name}: {e}")))?;
+        (entry.pid, entry.start) = (std::process::id(), own_start_time());
+        let name: Name = entry
+            .name
+            .parse()
+            .map_err(|e| self.bad(format!("running/{lock_name}: its name: {e}")))?;
+        let bytes = serde_json::to_vec(&entry)
+            .map_err(|e| self.bad(format!("cannot encode the entry: {e}")))?;
+        held.set_len(0)
+            .and_then(|()| held.write_all_at(&bytes, 0))
+            .map_err(self.io(format!("cannot write running/{lock_name}")))?;
+        drop(st);
+        Ok(Admission {
+            running: dir,
+            name,
+            lock_name: lock_name.to_string(),
+            _held: held,
+            keep_entry: false,
         })
     }
 
@@ -453,9 +503,22 @@ pub struct Admission {
     /// Its file in `running/`, and that file open with its flock held.
     lock_name: String,
     _held: File,
+    /// Handed over to another process (a local live migration): dropping
+    /// this leaves the entry, which the other holds.
+    keep_entry: bool,
 }
 
 impl Admission {
+    /// The entry's file and name, to hand over ([`StateDir::adopt`]).
+    pub fn entry(&self) -> (std::os::fd::RawFd, &str) {
+        (std::os::fd::AsRawFd::as_raw_fd(&self._held), &self.lock_name)
+    }
+
+    /// The entry was handed over: leave it when this is dropped.
+    pub fn hand_over(&mut self) {
+        self.keep_entry = true;
+    }
+
     /// The name the unikernel was admitted under.
     pub fn name(&self) -> &Name {
         &self.name
@@ -474,6 +537,9 @@ impl Drop for Admission {
     /// find it, or takes the freed flock and reaps it: never a partial
     /// entry, and no state lock or `state.json` write is needed.
     fn drop(&mut self) {
+        if self.keep_entry {
+            return;
+        }
         if let Err(e) = self.running.unlink(&self.lock_name) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 // Reaped by the next reader once this process has gone.

@@ -159,6 +159,11 @@ impl<I: Image> Backend for FileBackend<I> {
         self.image.as_file()
     }
 
+    fn lock_fds(&self) -> Vec<std::os::fd::RawFd> {
+        let image = self.image_file().map(std::os::fd::AsRawFd::as_raw_fd);
+        image.into_iter().collect()
+    }
+
     fn shutdown(&mut self) -> Result<(), Error> {
         if self.shut {
             return Ok(());

@@ -977,6 +977,7 @@ fn open_locked(
         e => e,
     })?;
     b.set_drain_command(drain);
+    b.add_lock_fd(std::os::fd::AsRawFd::as_raw_fd(&ring_lock));
     b.keep(Box::new(ring_lock));
     Ok(b)
 }

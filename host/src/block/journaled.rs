@@ -340,6 +340,8 @@ pub struct JournaledBackend<D: BlockDevice + Send + Sync + 'static, I: Image> {
     drain_stall: Duration,
     shut: bool,
     keep: Vec<Box<dyn Send>>,
+    /// Descriptors holding the journal's locks besides the image's.
+    lock_fds: Vec<std::os::fd::RawFd>,
 }
 
 impl<D, I> JournaledBackend<D, I>
@@ -455,7 +457,13 @@ where
             drain_stall: opts.drain_stall,
             shut: false,
             keep: Vec::new(),
+            lock_fds: Vec::new(),
         })
+    }
+
+    /// `fd` holds one of the journal's locks (see [`Backend::lock_fds`]).
+    pub fn add_lock_fd(&mut self, fd: std::os::fd::RawFd) {
+        self.lock_fds.push(fd);
     }
 
     /// Keep `guard` (an image or journal lock) until the backend is dropped.
@@ -729,6 +737,24 @@ where
 
     fn image_file(&self) -> Option<&std::fs::File> {
         self.shared.image.as_file()
+    }
+
+    fn lock_fds(&self) -> Vec<std::os::fd::RawFd> {
+        let image = self.image_file().map(std::os::fd::AsRawFd::as_raw_fd);
+        image.into_iter().chain(self.lock_fds.iter().copied()).collect()
+    }
+
+    fn suspend(&mut self) -> Result<(), Error> {
+        self.quiesce()?;
+        // Drained: the applier writes nothing more to the ring or the
+        // image until `resume` (another tt-host may own them meanwhile).
+        self.journal.hold();
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), Error> {
+        self.journal.release();
+        Ok(())
     }
 }
 

@@ -251,6 +251,22 @@ pub trait Backend: Send {
     fn image_file(&self) -> Option<&std::fs::File> {
         None
     }
+    /// The descriptors whose `flock`s keep other tt-hosts off the image
+    /// and its journal: a migration lets go of them (`LOCK_UN`) while the
+    /// target takes the device over, and takes them again if it fails.
+    fn lock_fds(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
+    /// With nothing in flight: [`quiesce`](Self::quiesce), then write
+    /// nothing to the image or its journal until [`resume`](Self::resume)
+    /// (a migration's target may own them meanwhile).
+    fn suspend(&mut self) -> Result<(), Error> {
+        self.quiesce()
+    }
+    /// Serve again after [`suspend`](Self::suspend).
+    fn resume(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// A queue of completions and the eventfd that announces them. Shared by

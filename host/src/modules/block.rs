@@ -292,6 +292,27 @@ impl Module for Block {
         Ok(out)
     }
 
+    fn suspend(&mut self) -> Result<(), String> {
+        for d in &mut self.devices {
+            d.backend.suspend().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        for d in &mut self.devices {
+            d.backend.resume().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn lock_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.devices
+            .iter()
+            .flat_map(|d| d.backend.lock_fds())
+            .collect()
+    }
+
     fn shutdown(&mut self) -> Result<(), String> {
         // Drain and flush every device, even after one failed.
         let failed: Vec<String> = self

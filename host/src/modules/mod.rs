@@ -176,6 +176,20 @@ pub trait Module {
     fn disks(&self) -> Result<Vec<crate::snapshot::DiskIdentity>, String> {
         Ok(Vec::new())
     }
+    /// The descriptors holding the locks of the module's devices (see
+    /// [`crate::block::Backend::lock_fds`]).
+    fn lock_fds(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
+    /// With the vCPU paused: quiesce, then touch no device file until
+    /// [`resume`](Self::resume) (a migration hands them over meanwhile).
+    fn suspend(&mut self) -> Result<(), String> {
+        self.quiesce()
+    }
+    /// After [`suspend`](Self::suspend), when the migration failed.
+    fn resume(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Read the argument struct `T` of a hypercall from guest address `gpa`,

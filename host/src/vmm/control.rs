@@ -35,6 +35,28 @@ pub enum Op {
     },
     /// Is the guest running or paused?
     Status,
+    /// With the guest paused: its state file's bytes (a snapshot without
+    /// RAM), sent on the channel.
+    Save(mpsc::Sender<Result<Vec<u8>, String>>),
+    /// With the guest paused: suspend every device (their files handed
+    /// over), or resume them (`false`) after a failed migration.
+    Suspend(bool),
+    /// The guest went to another tt-host: end the run (exit 0) without
+    /// touching the devices, which are the target's now.
+    HandOver,
+}
+
+/// What a migration's sender needs besides the inbox, set up before the
+/// sandbox: the VM's memory and fd, how it was launched, the descriptors
+/// holding its disks' locks, and its admission entry.
+pub struct Source {
+    pub handles: super::Handles,
+    pub launch: snapshot::Launch,
+    pub lock_fds: Vec<std::os::fd::RawFd>,
+    /// The admission entry's file and name ([`crate::admission::Admission::entry`]).
+    pub admission: Option<(std::os::fd::RawFd, String)>,
+    /// Does the guest have virtio devices (which cannot migrate yet)?
+    pub virtio: bool,
 }
 
 /// The answer: a one-line report, or why the request failed.
@@ -51,6 +73,9 @@ pub struct Inbox {
     /// Readable while the queue may hold requests: a paused vCPU waits
     /// on it.
     event: EventFd,
+    source: Mutex<Option<Arc<Source>>>,
+    /// The guest was handed over to another tt-host.
+    handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl Inbox {
@@ -58,7 +83,23 @@ impl Inbox {
         Ok(Arc::new(Inbox {
             queue: Mutex::new(VecDeque::new()),
             event: EventFd::new(EFD_NONBLOCK)?,
+            source: Mutex::new(None),
+            handed_over: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// Make migrations possible ([`Source`]).
+    pub fn set_source(&self, s: Source) {
+        *self.source.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(s));
+    }
+
+    pub fn source(&self) -> Option<Arc<Source>> {
+        self.source.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Was the guest handed over (the run's admission entry too)?
+    pub fn handed_over(&self) -> bool {
+        self.handed_over.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Queue `op` for the vCPU thread, kick it, and wait for its answer.
@@ -137,6 +178,32 @@ impl Vm {
                 continue;
             };
             let (reply, flow) = match req.op {
+                Op::Save(_) | Op::Suspend(_) | Op::HandOver if !paused => {
+                    (Err("the guest is not paused".into()), None)
+                }
+                Op::Save(out) => {
+                    let r = self.state_bytes();
+                    let _ = out.send(r);
+                    (Ok(String::new()), None)
+                }
+                Op::Suspend(on) => {
+                    let mut r = Ok(String::new());
+                    for m in &mut self.modules {
+                        let x = if on { m.suspend() } else { m.resume() };
+                        if let Err(e) = x {
+                            r = Err(e);
+                            break;
+                        }
+                    }
+                    (r, None)
+                }
+                Op::HandOver => {
+                    self.handed_over = true;
+                    inbox
+                        .handed_over
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    (Ok("handed over".into()), Some(Flow::Exit(0)))
+                }
                 Op::Status => (Ok(if paused { "paused" } else { "running" }.into()), None),
                 Op::Pause if paused => (Ok("paused (already)".into()), None),
                 Op::Pause => match self.pause() {
@@ -202,6 +269,26 @@ impl Vm {
     /// Write the paused guest's state and memory; a summary.
     fn snapshot(&mut self, state: &File, memory: &File) -> Result<String, String> {
         use std::os::unix::fs::FileExt;
+        let s = self.state()?;
+        let io = |what: &str, e: std::io::Error| format!("cannot write the {what} file: {e}");
+        self.write_memory(memory).map_err(|e| io("memory", e))?;
+        let bytes = snapshot::encode(&s);
+        state.set_len(0).map_err(|e| io("state", e))?;
+        state.write_all_at(&bytes, 0).map_err(|e| io("state", e))?;
+        state.sync_data().map_err(|e| io("state", e))?;
+        Ok(format!(
+            "{} MiB of memory, {} bytes of state",
+            s.mem_size >> 20,
+            bytes.len()
+        ))
+    }
+
+    fn state_bytes(&mut self) -> Result<Vec<u8>, String> {
+        Ok(snapshot::encode(&self.state()?))
+    }
+
+    /// The paused guest's state but RAM.
+    fn state(&mut self) -> Result<snapshot::Snapshot, String> {
         let Some(launch) = self.launch.clone() else {
             return Err("this VM was not started by a launch that can be restored".into());
         };
@@ -221,23 +308,12 @@ impl Vm {
                 .map(|(_, _, v)| v.clone())
                 .unwrap_or_default();
         }
-        let s = snapshot::Snapshot {
+        Ok(snapshot::Snapshot {
             launch,
             mem_size: self.mem_size(),
             vcpu: self.save_vcpu().map_err(|e| e.to_string())?,
             monitor: self.save_monitor(),
             disks,
-        };
-        let io = |what: &str, e: std::io::Error| format!("cannot write the {what} file: {e}");
-        self.write_memory(memory).map_err(|e| io("memory", e))?;
-        let bytes = snapshot::encode(&s);
-        state.set_len(0).map_err(|e| io("state", e))?;
-        state.write_all_at(&bytes, 0).map_err(|e| io("state", e))?;
-        state.sync_data().map_err(|e| io("state", e))?;
-        Ok(format!(
-            "{} MiB of memory, {} bytes of state",
-            s.mem_size >> 20,
-            bytes.len()
-        ))
+        })
     }
 }

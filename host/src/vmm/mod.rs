@@ -14,6 +14,7 @@
 
 pub mod bus;
 pub mod control;
+pub mod dirty;
 #[cfg(test)]
 mod kvm_tests;
 pub mod layout;
@@ -78,6 +79,17 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |err| VmError::Kvm { what, err }
 }
 
+/// The VM's memory and fd, shared with a migration's sender (which reads
+/// memory and the dirty log while the vCPU runs).
+#[derive(Clone)]
+pub struct Handles {
+    pub vm: std::sync::Arc<VmFd>,
+    /// All of guest RAM.
+    pub mem: GuestMemoryMmap,
+    pub memfd: std::sync::Arc<std::fs::File>,
+    pub host_dirty: std::sync::Arc<dirty::HostDirty>,
+}
+
 /// Everything needed to boot one guest.
 pub struct BootParams<'a> {
     pub image: &'a Image,
@@ -95,10 +107,16 @@ pub struct BootParams<'a> {
 
 /// A created, ready-to-run VM.
 pub struct Vm {
-    // Field order matters: the vCPU and VM fds close before memory unmaps.
+    // Field order matters: the vCPU and VM fds close before memory unmaps
+    // (a migration's [`Handles`] hold the VM fd with a clone of memory).
     vcpu: VcpuFd,
-    _vm: VmFd,
+    vm: std::sync::Arc<VmFd>,
     mem: GuestMemoryMmap,
+    /// The memfd guest RAM lives in (shared with a local live upgrade).
+    memfd: std::sync::Arc<std::fs::File>,
+    /// Guest memory the host writes for the guest while a migration
+    /// tracks it (KVM's dirty log sees only the guest's own writes).
+    host_dirty: std::sync::Arc<dirty::HostDirty>,
     /// Guest memory from [`layout::BOOT_INFO_BASE`] up: what hypercall
     /// handlers and devices read and write on the guest's behalf. Below it
     /// lie the GDT, the page tables and the CPL 3 monitor, which no guest
@@ -134,6 +152,9 @@ pub struct Vm {
     launch: Option<crate::snapshot::Launch>,
     /// The guest's TSC when it paused, while it is paused.
     frozen_tsc: Option<u64>,
+    /// The guest went to another tt-host: its devices are not ours to
+    /// flush at the end.
+    handed_over: bool,
 }
 
 fn segment(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
@@ -229,23 +250,64 @@ fn decode(exit: VcpuExit<'_>) -> Exit<'_> {
     }
 }
 
-/// Guest RAM of `size` bytes, as two regions split at
-/// [`layout::BOOT_INFO_BASE`] (one KVM memory slot each; the guest sees
+/// Guest RAM: see [`guest_memory`].
+pub struct Memory {
+    /// All of it.
+    pub all: GuestMemoryMmap,
+    /// From [`layout::BOOT_INFO_BASE`] up: see `Vm::guest`.
+    pub guest: GuestMemoryMmap,
+    /// The memfd it is a shared mapping of.
+    pub file: std::sync::Arc<std::fs::File>,
+    /// Filled from elsewhere (a migration): [`Vm::with_memory`] writes
+    /// nothing into it.
+    pub incoming: bool,
+}
+
+/// Guest RAM of `size` bytes in a memfd (so that a local live upgrade can
+/// hand it to the next tt-host: [`crate::migration`]), as two regions split
+/// at [`layout::BOOT_INFO_BASE`] (one KVM memory slot each; the guest sees
 /// one block), and the view of it without the first: see `Vm::guest`.
-fn guest_memory(size: u64) -> Result<(GuestMemoryMmap, GuestMemoryMmap), VmError> {
+/// With `file`, the memfd is that one (received), else a new one.
+pub fn guest_memory(size: u64, file: Option<std::fs::File>) -> Result<Memory, VmError> {
     use std::sync::Arc;
-    use vm_memory::GuestRegionMmap;
+    use vm_memory::{FileOffset, GuestRegionMmap};
     let err = |_| VmError::Memory(size >> 20);
+    let incoming = file.is_some();
+    let file = match file {
+        Some(f) => f,
+        None => {
+            // SAFETY: a NUL-terminated name and plain flags.
+            let fd = unsafe { libc::memfd_create(c"tt-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(VmError::Memory(size >> 20));
+            }
+            // SAFETY: memfd_create returned a new descriptor we own.
+            let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            f.set_len(size).map_err(|_| VmError::Memory(size >> 20))?;
+            f
+        }
+    };
+    match file.metadata() {
+        Ok(m) if m.len() == size => {}
+        _ => return Err(VmError::Memory(size >> 20)),
+    }
+    let file = Arc::new(file);
     let split = layout::BOOT_INFO_BASE;
-    let low = GuestRegionMmap::<()>::from_range(GuestAddress(0), split as usize, None)
-        .map_err(|_| VmError::Memory(size >> 20))?;
-    let high =
-        GuestRegionMmap::<()>::from_range(GuestAddress(split), (size - split) as usize, None)
-            .map_err(|_| VmError::Memory(size >> 20))?;
-    let high = Arc::new(high);
+    let region = |at: u64, len: u64| {
+        let fo = FileOffset::from_arc(file.clone(), at);
+        GuestRegionMmap::<()>::from_range(GuestAddress(at), len as usize, Some(fo))
+            .map_err(|_| VmError::Memory(size >> 20))
+    };
+    let low = region(0, split)?;
+    let high = Arc::new(region(split, size - split)?);
     let all = GuestMemoryMmap::from_arc_regions(vec![Arc::new(low), high.clone()]).map_err(err)?;
     let guest = GuestMemoryMmap::from_arc_regions(vec![high]).map_err(err)?;
-    Ok((all, guest))
+    Ok(Memory {
+        all,
+        guest,
+        file,
+        incoming,
+    })
 }
 
 impl Vm {
@@ -259,6 +321,18 @@ impl Vm {
         p: &BootParams,
         modules: Vec<Box<dyn Module>>,
         regions: Vec<MmioRegion>,
+    ) -> Result<Vm, VmError> {
+        Vm::with_memory(p, modules, regions, guest_memory(p.mem_size, None)?)
+    }
+
+    /// [`Vm::new`] on this memory; memory that is `incoming` (a
+    /// migration's) is left as it is, for the vCPU state that goes with
+    /// it ([`Vm::restore_vcpu`]).
+    pub fn with_memory(
+        p: &BootParams,
+        modules: Vec<Box<dyn Module>>,
+        regions: Vec<MmioRegion>,
+        memory: Memory,
     ) -> Result<Vm, VmError> {
         let window_end = layout::MMIO_BASE + regions.len() as u64 * layout::MMIO_PAGE;
         let mut bus = Bus::new();
@@ -286,7 +360,15 @@ impl Vm {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
 
-        let (mem, guest) = guest_memory(p.mem_size)?;
+        let Memory {
+            all: mem,
+            guest,
+            file: memfd,
+            incoming,
+        } = memory;
+        if mem.iter().map(|r| r.len()).sum::<u64>() != p.mem_size {
+            return Err(VmError::Memory(p.mem_size >> 20));
+        }
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
@@ -304,31 +386,9 @@ impl Vm {
             unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("set memory region"))?;
         }
 
-        // Image segments (memory is fresh and zeroed, so BSS needs nothing).
-        for seg in &p.image.segments {
-            mem.write_slice(p.image.segment_bytes(p.file, seg), GuestAddress(seg.vaddr))
-                .expect("segment inside guest memory: checked by the loader");
+        if !incoming {
+            Self::write_boot_memory(p, &mem, regions.len() as u64)?;
         }
-        let low = if p.solo5_hvt_boot {
-            layout::build_solo5_hvt(p.mem_size)
-        } else {
-            layout::build(p.image, p.mem_size, regions.len() as u64, p.cpl3)?
-        };
-        mem.write_slice(&low.bytes, GuestAddress(layout::GDT_BASE))
-            .expect("low memory fits");
-
-        // Boot info, manifest, command line.
-        if p.cmdline.len() >= abi::CMDLINE_SIZE || p.cmdline.contains('\0') {
-            return Err(VmError::CmdlineTooLong(p.cmdline.len()));
-        }
-        let mut cmd = p.cmdline.as_bytes().to_vec();
-        cmd.push(0);
-        mem.write_slice(&cmd, GuestAddress(layout::CMDLINE_BASE))
-            .unwrap();
-        debug_assert!(layout::MFT_BASE + p.manifest.len() as u64 <= layout::CMDLINE_BASE);
-        mem.write_slice(p.manifest, GuestAddress(layout::MFT_BASE))
-            .unwrap();
-
         let vcpu = vm.create_vcpu(0).map_err(kvm_err("create vCPU"))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -343,8 +403,10 @@ impl Vm {
             cmdline: layout::CMDLINE_BASE,
             mft: layout::MFT_BASE,
         };
-        mem.write_obj(boot_info, GuestAddress(layout::BOOT_INFO_BASE))
-            .unwrap();
+        if !incoming {
+            mem.write_obj(boot_info, GuestAddress(layout::BOOT_INFO_BASE))
+                .unwrap();
+        }
 
         let mut sregs = vcpu.get_sregs().map_err(kvm_err("get sregs"))?;
         let (cr0, cr4, efer) = boot_control_registers(p.solo5_hvt_boot);
@@ -377,7 +439,9 @@ impl Vm {
         if p.cpl3 {
             // The image starts at CPL 3 on the monitor's user segments,
             // with the monitor's IDT and TSS (see monitor's module doc).
-            monitor::install(&mem);
+            if !incoming {
+                monitor::install(&mem);
+            }
             let mut code = segment(monitor::SEL_USER_CODE, 0xb, 1, 0);
             let mut data = segment(monitor::SEL_USER_DATA, 0x3, 0, 1);
             (code.dpl, data.dpl) = (3, 3);
@@ -449,10 +513,13 @@ impl Vm {
                 route[h as usize] = Some(i);
             }
         }
+        let host_dirty = std::sync::Arc::new(dirty::HostDirty::new(p.mem_size));
         Ok(Vm {
             vcpu,
-            _vm: vm,
+            vm: std::sync::Arc::new(vm),
             mem,
+            memfd,
+            host_dirty,
             guest,
             modules,
             bus,
@@ -473,6 +540,7 @@ impl Vm {
             control: None,
             launch: None,
             frozen_tsc: None,
+            handed_over: false,
         })
     }
 
@@ -485,6 +553,37 @@ impl Vm {
     ) {
         self.control = Some(inbox);
         self.launch = Some(launch);
+    }
+
+    /// Write the image, tt-host's low memory (GDT, page tables), the
+    /// manifest and the command line into fresh guest memory.
+    fn write_boot_memory(p: &BootParams, mem: &GuestMemoryMmap, devices: u64) -> Result<(), VmError> {
+        // Image segments (memory is fresh and zeroed, so BSS needs nothing).
+        for seg in &p.image.segments {
+            mem.write_slice(p.image.segment_bytes(p.file, seg), GuestAddress(seg.vaddr))
+                .expect("segment inside guest memory: checked by the loader");
+        }
+        let low = if p.solo5_hvt_boot {
+            layout::build_solo5_hvt(p.mem_size)
+        } else {
+            layout::build(p.image, p.mem_size, devices, p.cpl3)?
+        };
+        mem.write_slice(&low.bytes, GuestAddress(layout::GDT_BASE))
+            .expect("low memory fits");
+
+        // Boot info, manifest, command line.
+        if p.cmdline.len() >= abi::CMDLINE_SIZE || p.cmdline.contains('\0') {
+            return Err(VmError::CmdlineTooLong(p.cmdline.len()));
+        }
+        let mut cmd = p.cmdline.as_bytes().to_vec();
+        cmd.push(0);
+        mem.write_slice(&cmd, GuestAddress(layout::CMDLINE_BASE))
+            .unwrap();
+        debug_assert!(layout::MFT_BASE + p.manifest.len() as u64 <= layout::CMDLINE_BASE);
+        mem.write_slice(p.manifest, GuestAddress(layout::MFT_BASE))
+            .unwrap();
+
+        Ok(())
     }
 
     /// Whether KVM signals every queue-notification eventfd itself
@@ -504,7 +603,7 @@ impl Vm {
         let result = self.run_loop();
         drop(armed);
         let mut failed = Vec::new();
-        for m in &mut self.modules {
+        for m in self.modules.iter_mut().filter(|_| !self.handed_over) {
             if let Err(e) = m.shutdown() {
                 failed.push(e);
             }
@@ -590,7 +689,11 @@ impl Vm {
                 return Err(self.fault(&msg));
             };
             self.exits += 1;
-            match self.modules[module].handle(call, arg, &self.guest) {
+            let result = self.modules[module].handle(call, arg, &self.guest);
+            if self.host_dirty.active() {
+                self.mark_host_writes(call, arg);
+            }
+            match result {
                 Ok(Action::Continue) => {}
                 Ok(Action::Exit(status)) => return Ok(status),
                 Err(e) => {
@@ -598,6 +701,55 @@ impl Vm {
                     return Err(self.fault(&msg));
                 }
             }
+        }
+    }
+
+    /// The descriptors holding every device's locks.
+    pub fn lock_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.modules.iter().flat_map(|m| m.lock_fds()).collect()
+    }
+
+    /// Does the guest have devices in the MMIO window (virtio)?
+    pub fn has_mmio_devices(&self) -> bool {
+        !self.bus.is_empty()
+    }
+
+    /// How the guest was launched (with `--control`).
+    pub fn launch_info(&self) -> Option<&crate::snapshot::Launch> {
+        self.launch.as_ref()
+    }
+
+    /// While a migration tracks them: mark what hypercall `call` may have
+    /// written into guest memory (its argument struct's OUT fields, and
+    /// the buffer of a BLOCK_READ or NET_READ).
+    fn mark_host_writes(&self, call: Hypercall, arg: u64) {
+        self.host_dirty.mark(arg, 64);
+        let buffer = match call {
+            Hypercall::BlockRead => self
+                .mem
+                .read_obj::<abi::HcBlockRead>(GuestAddress(arg))
+                .ok()
+                .map(|a| (a.data, a.len)),
+            Hypercall::NetRead => self
+                .mem
+                .read_obj::<abi::HcNetRead>(GuestAddress(arg))
+                .ok()
+                .map(|a| (a.data, a.len)),
+            _ => None,
+        };
+        if let Some((data, len)) = buffer {
+            // `len` is OUT now: the bytes the host wrote there.
+            self.host_dirty.mark(data, len);
+        }
+    }
+
+    /// What a migration needs of the VM while the guest runs.
+    pub fn handles(&self) -> Handles {
+        Handles {
+            vm: self.vm.clone(),
+            mem: self.mem.clone(),
+            memfd: self.memfd.clone(),
+            host_dirty: self.host_dirty.clone(),
         }
     }
 
@@ -636,11 +788,16 @@ impl Vm {
             ],
             gprs_changed: false,
         };
+        let dirty = self.host_dirty.active().then_some(&*self.host_dirty);
+        if let Some(d) = dirty {
+            d.mark(at, 7 * 8);
+        }
         let mut machine = monitor::KvmMachine {
             vcpu: &self.vcpu,
             mem: &self.mem,
             readonly: &self.readonly,
             control: None,
+            dirty,
         };
         let monitor = self.monitor.as_mut().expect("served only with a monitor");
         if let Err(monitor::emulate::Stop(msg)) = monitor.trap(&mut t, &mut machine) {

@@ -181,6 +181,8 @@ pub struct KvmMachine<'a> {
     pub readonly: &'a [(u64, u64)],
     /// Control registers, read once per trap if needed.
     pub control: Option<emulate::Control>,
+    /// Where to mark what the monitor writes, while a migration tracks it.
+    pub dirty: Option<&'a super::dirty::HostDirty>,
 }
 
 impl emulate::Machine for KvmMachine<'_> {
@@ -192,6 +194,9 @@ impl emulate::Machine for KvmMachine<'_> {
         let Some(end) = gpa.checked_add(buf.len() as u64) else {
             return false;
         };
+        if let Some(d) = self.dirty {
+            d.mark(gpa, buf.len() as u64);
+        }
         gpa >= crate::abi::GUEST_MIN_BASE
             && !self.readonly.iter().any(|&(s, e)| gpa < e && end > s)
             && self.mem.write_slice(buf, GuestAddress(gpa)).is_ok()
