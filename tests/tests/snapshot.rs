@@ -446,7 +446,8 @@ fn snapshot_of_a_running_guest_lets_it_run_and_restores_from_that_point() {
     let mut last = h.counts(1, 3);
 
     // Taken while it runs: it runs on, with no gap.
-    let msg = set.snapshot(&set.s.path("running"), false);
+    let dir = set.s.path("snap");
+    let msg = set.snapshot(&dir, false);
     assert!(msg.ends_with("the guest runs on"), "{msg}");
     assert_eq!(set.ctl("status"), "running");
     last = h.counts(last + 1, 3);
@@ -454,12 +455,12 @@ fn snapshot_of_a_running_guest_lets_it_run_and_restores_from_that_point() {
     // Taken while paused: the guest prints nothing in between, so the
     // snapshot is of the state right after the last count printed. Its
     // disk is copied meanwhile (every acknowledged write is on it), since
-    // the run goes on writing to the original.
+    // the run goes on writing to the original. It replaces the first
+    // snapshot in the same directory.
     assert_eq!(set.ctl("pause"), "paused");
     let late = h.drain_until_quiet(Duration::from_millis(500));
     assert_consecutive(&late, last + 1);
     last += late.len() as u64;
-    let dir = set.s.path("paused");
     let msg = set.snapshot(&dir, false);
     assert!(
         !msg.contains("runs on"),
@@ -625,6 +626,103 @@ fn a_disk_named_on_the_restore_command_line_replaces_the_snapshots() {
         std::fs::read(&set.image).unwrap(),
         changed,
         "the snapshot's own disk was left alone"
+    );
+    set.done();
+}
+
+#[test]
+fn a_restored_guest_is_snapshotted_and_restored_again() {
+    if !kvm() {
+        return;
+    }
+    let set = Setup::new("snap-again");
+    let first = set.s.path("first");
+    let last = count_and_stop(&set, 3, &first);
+    let mut h = set.restore(&[set.control_arg()], &first);
+    let last = h.counts(last + 1, 3);
+    let second = set.s.path("second");
+    let msg = set.snapshot(&second, true);
+    assert!(msg.ends_with("the guest is stopped"), "{msg}");
+    let e = h.finish();
+    assert_eq!(e.status.code(), Some(0), "{:?}", e.stderr);
+    assert_consecutive(&e.stdout, last + 1);
+    let last = last + e.stdout.len() as u64;
+    let mut h = set.restore(&[], &second);
+    let next = h.counts(last + 1, 3) + 1;
+    let last = h.stop(libc::SIGTERM, "TERM", next);
+    set.check_disk(&set.image, last);
+    set.done();
+}
+
+/// The number `N` of the next `vblk ack` line, `ack N sector=S` (other
+/// lines, its banner, are passed over).
+fn next_ack(h: &mut Host) -> u64 {
+    loop {
+        let l = h.line();
+        if let Some(rest) = l.strip_prefix("ack ") {
+            let n = rest.split(' ').next().and_then(|n| n.parse().ok());
+            return n.unwrap_or_else(|| panic!("not an ack line: {l:?}"));
+        }
+        assert!(l.starts_with("vblk: ack mode"), "unexpected line {l:?}");
+    }
+}
+
+#[test]
+fn a_guest_with_virtio_devices_is_not_snapshotted_and_runs_on() {
+    if !kvm() {
+        return;
+    }
+    let set = Setup::new("snap-virtio");
+    std::fs::File::options()
+        .write(true)
+        .open(&set.image)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    // The virtio-blk writer, for ever, one write in flight.
+    let mut h = Host::spawn(
+        Command::new(tt_host())
+            .args(["run", "--mem=64"])
+            .arg(set.state_arg())
+            .arg(set.control_arg())
+            .arg(format!("--block:disk={}", set.image.display()))
+            .arg(guest("vblk"))
+            .args(["ack", "count=0", "depth=1"]),
+    );
+    let mut n = next_ack(&mut h);
+    let dir = set.s.path("snap");
+    for (paused, stop) in [(false, false), (false, true), (true, false), (true, true)] {
+        if paused {
+            assert_eq!(set.ctl("pause"), "paused");
+        }
+        let ctl = set.control_arg();
+        let mut a = vec!["snapshot", &ctl, dir.to_str().unwrap()];
+        if stop {
+            a.push("--stop");
+        }
+        let r = tt(&a);
+        assert_error(&r, "the guest has virtio devices");
+        assert!(
+            !dir.join("state").exists(),
+            "a refused snapshot leaves no state file"
+        );
+        let want = if paused { "paused" } else { "running" };
+        assert_eq!(set.ctl("status"), want, "after {a:?}");
+        if paused {
+            assert_eq!(set.ctl("resume"), "resumed");
+        }
+        // It runs on.
+        let next = next_ack(&mut h);
+        assert!(next > n, "ack {next} after ack {n}");
+        n = next;
+    }
+    assert!(kill(h.child.0.id(), libc::SIGTERM));
+    let e = h.finish();
+    assert_eq!(e.status.code(), Some(1), "{:?}", e.stderr);
+    assert!(
+        e.stderr.iter().any(|l| l.contains("exiting on signal 15")),
+        "{:?}",
+        e.stderr
     );
     set.done();
 }
