@@ -372,9 +372,17 @@ impl Setup {
     }
 
     /// The test is over: no process names its scratch directory any more
-    /// (every tt-host it started has exited, or its guard killed it), and
-    /// nothing is left admitted.
+    /// (every tt-host it started has exited, or its guard killed it),
+    /// nothing is left admitted, and no control socket is left behind.
     fn done(self) {
+        use std::os::unix::fs::FileTypeExt;
+        for e in std::fs::read_dir(&self.s.0).unwrap().map_while(Result::ok) {
+            assert!(
+                !e.file_type().unwrap().is_socket(),
+                "control socket {} left behind",
+                e.path().display()
+            );
+        }
         let dir = self.s.0.display().to_string();
         let mut left = Vec::new();
         for e in std::fs::read_dir("/proc").unwrap().map_while(Result::ok) {
@@ -506,8 +514,12 @@ fn pause_stops_the_output_and_resume_continues_without_a_gap() {
     assert_eq!(set.ctl("status"), "paused");
     assert_eq!(set.ctl("resume"), "resumed");
     assert_eq!(set.ctl("status"), "running");
-    let next = h.counts(last + 1, 5) + 1;
-    let last = h.stop(libc::SIGTERM, "TERM", next);
+    let last = h.counts(last + 1, 5);
+    // SIGINT stops a paused guest as a running one.
+    assert_eq!(set.ctl("pause"), "paused");
+    let late = h.drain_until_quiet(Duration::from_millis(300));
+    assert_consecutive(&late, last + 1);
+    let last = h.stop(libc::SIGINT, "INT", last + late.len() as u64 + 1);
     set.check_disk(&set.image, last);
     set.done();
 }
@@ -594,6 +606,22 @@ fn bad_state_files_are_refused_saying_why() {
     std::fs::remove_file(d.join("memory")).unwrap();
     let r = set.restore_refused(&d);
     assert_error(&r, "cannot open memory");
+
+    let r = set.restore_refused(&variant("truncated", Some(good[..1000].to_vec())));
+    assert_error(&r, "the state file is truncated");
+
+    let d = set.s.path("short-memory");
+    std::fs::create_dir(&d).unwrap();
+    std::fs::write(d.join("state"), &good).unwrap();
+    std::fs::copy(&memory, d.join("memory")).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(d.join("memory"))
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let r = set.restore_refused(&d);
+    assert_error(&r, "the memory file is 16777216 bytes");
 
     // Refused before the guest was built: nothing changed the disk, which
     // the untouched snapshot still restores from.
