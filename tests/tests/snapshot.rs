@@ -18,6 +18,13 @@
 //!   a one-line message saying which, and leave nothing admitted.
 //! - A disk named on restore's command line (a copy with the same bytes
 //!   and modification time) replaces the snapshot's.
+//! - A restored guest is snapshotted and restored again.
+//! - A guest with virtio devices is not snapshotted (yet): the request is
+//!   refused, no state file is left, and the guest runs on.
+//!
+//! Every tt-host a test starts is SIGKILLed when the test ends early, and
+//! each test checks at its end that none of its processes, admissions or
+//! control sockets is left.
 //!
 //! On kvm-pvm the guest's TSC is the host's, so after a pause or a restore
 //! the counter prints the ticks it missed back to back: nothing here
@@ -639,7 +646,19 @@ fn a_disk_named_on_the_restore_command_line_replaces_the_snapshots() {
     }
     let set = Setup::new("snap-other");
     let dir = set.s.path("snap");
-    let last = count_and_stop(&set, 4, &dir);
+    // Paused first, then saved and stopped: nothing is printed after the
+    // lines that arrive while paused.
+    let mut h = set.run();
+    let last = h.counts(1, 4);
+    assert_eq!(set.ctl("pause"), "paused");
+    let late = h.drain_until_quiet(Duration::from_millis(300));
+    assert_consecutive(&late, last + 1);
+    let last = last + late.len() as u64;
+    let msg = set.snapshot(&dir, true);
+    assert!(msg.ends_with("the guest is stopped"), "{msg}");
+    let e = h.finish();
+    assert_eq!(e.status.code(), Some(0), "{:?}", e.stderr);
+    assert!(e.stdout.is_empty(), "printed while paused: {:?}", e.stdout);
     let other = set.s.path("other.img");
     copy_as_is(&set.image, &other);
     // The snapshot's own disk changes: it would be refused.
