@@ -226,10 +226,30 @@ vmm_sys_util::ioctl_ior_nr!(
     kvm_bindings::kvm_vcpu_events
 );
 
-/// The ioctls a snapshot adds (`--control`): the vCPU's state beyond its
-/// registers.
-pub fn snapshot_ioctls() -> [std::os::raw::c_ulong; 3] {
-    [KVM_GET_XSAVE(), KVM_GET_XCRS(), KVM_GET_VCPU_EVENTS()]
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_SET_USER_MEMORY_REGION,
+    kvm_bindings::KVMIO,
+    0x46,
+    kvm_bindings::kvm_userspace_memory_region
+);
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_GET_DIRTY_LOG,
+    kvm_bindings::KVMIO,
+    0x42,
+    kvm_bindings::kvm_dirty_log
+);
+
+/// The ioctls a snapshot or a migration adds (`--control`): the vCPU's
+/// state beyond its registers, and dirty-page logging (turned on and off
+/// on the existing memory slots, and read).
+pub fn snapshot_ioctls() -> [std::os::raw::c_ulong; 5] {
+    [
+        KVM_GET_XSAVE(),
+        KVM_GET_XCRS(),
+        KVM_GET_VCPU_EVENTS(),
+        KVM_SET_USER_MEMORY_REGION(),
+        KVM_GET_DIRTY_LOG(),
+    ]
 }
 
 /// System calls a control socket adds (`--control`).
@@ -244,6 +264,9 @@ const CONTROL: &[libc::c_long] = &[
     libc::SYS_tgkill,
     // Sizing the snapshot's files.
     libc::SYS_ftruncate,
+    // A migration's socket: its kind, its timeouts.
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
 ];
 
 /// System calls allowed whatever their arguments.
