@@ -150,6 +150,8 @@ fn accept_loop(listener: UnixListener, inbox: Arc<Inbox>) {
 
 /// Serve one connection's requests until it closes or misbehaves.
 fn serve(conn: UnixStream, inbox: &Inbox) -> std::io::Result<()> {
+    // A client that connects and says nothing must not keep others out.
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
     let mut out = conn.try_clone()?;
     loop {
         let (line, fds) = match read_request(&conn)? {

@@ -374,10 +374,19 @@ fn launch_info(args: &RunArgs, file: &[u8], cpl3: bool) -> crate::snapshot::Laun
         image: file.to_vec(),
         image_path: args.image.display().to_string(),
         mem_mb: args.mem_mb,
+        // Paths made absolute: a restore may start elsewhere.
         devices: args
             .devices
             .iter()
-            .map(|o| (o.option.to_string(), o.device.clone(), o.value.clone()))
+            .map(|o| {
+                let v = match (o.option, std::env::current_dir()) {
+                    ("block", Ok(cwd)) if !o.value.starts_with('@') => {
+                        cwd.join(&o.value).display().to_string()
+                    }
+                    _ => o.value.clone(),
+                };
+                (o.option.to_string(), o.device.clone(), v)
+            })
             .collect(),
         guest_args: args.guest_args.clone(),
         cpl3,
