@@ -174,7 +174,11 @@ fn serve(conn: UnixStream, inbox: &Inbox) -> std::io::Result<()> {
         };
         let mut bytes = serde_json::to_vec(&answer).expect("an answer serializes");
         bytes.push(b'\n');
-        out.write_all(&bytes)?;
+        let written = out.write_all(&bytes);
+        if inbox.handed_over() {
+            inbox.set_answered();
+        }
+        written?;
     }
 }
 

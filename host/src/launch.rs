@@ -368,6 +368,26 @@ pub fn restore(args: &RunArgs) -> Result<i32, LaunchError> {
     run_or_resume(&merged, Some(image), Start::Snapshot(resume))
 }
 
+/// With `TT_HOST_STATS=1` (tt-bench), print how long since the last
+/// call: where a migration's downtime goes on the target.
+fn timing(what: &str) {
+    use std::sync::Mutex;
+    use std::time::Instant;
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    if std::env::var_os("TT_HOST_STATS").is_none_or(|v| v != "1") {
+        return;
+    }
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    if let Some(t) = *last {
+        eprintln!(
+            "tt-host: stats: {what}: +{:.2} ms",
+            (now - t).as_secs_f64() * 1e3
+        );
+    }
+    *last = Some(now);
+}
+
 /// The snapshot's description of this launch.
 fn launch_info(args: &RunArgs, file: &[u8], cpl3: bool) -> crate::snapshot::Launch {
     crate::snapshot::Launch {
@@ -459,31 +479,41 @@ fn run_or_resume(
     // A migration's RAM arrives (while the guest still runs at the source)
     // before anything here is admitted or attached: the source holds the
     // devices until it sends the state.
-    let mut memory = None;
+    // The VM is built (empty, without devices) as the pre-copy starts:
+    // the downtime then has only the devices and the state to wait for.
+    let mut early_vm = None;
     let mut arrived = None;
     if let Start::Migration(incoming) = &mut start {
-        let mem = if incoming.memfd {
-            None
-        } else {
-            Some(crate::vmm::guest_memory(incoming.config.mem_size, None)?)
+        let memory = crate::vmm::guest_memory(incoming.config.mem_size, incoming.memfd.take())?;
+        let memory = crate::vmm::Memory {
+            incoming: true,
+            ..memory
         };
-        let a = incoming
-            .receive(mem.as_ref().map(|m| &m.all))
-            .map_err(LaunchError::Migration)?;
-        memory = Some(match mem {
-            Some(m) => crate::vmm::Memory { incoming: true, ..m },
-            None => crate::vmm::guest_memory(
-                incoming.config.mem_size,
-                Some(a.memfd.as_ref().expect("memfd mode").try_clone().map_err(
-                    |e| LaunchError::Migration(format!("the memfd: {e}")),
-                )?),
-            )?,
-        });
+        let all = memory.all.clone();
+        let cmdline = args.guest_args.join(" ");
+        let params = BootParams {
+            image: &image,
+            file: &file,
+            mem_size,
+            cmdline: &cmdline,
+            manifest: &[],
+            solo5_hvt_boot: args.solo5_hvt_boot,
+            cpl3: run_at_cpl3(&image, args)?,
+        };
+        early_vm = Some(Vm::with_memory(&params, Vec::new(), Vec::new(), memory)?);
+        let copied = (!incoming.memfd_mode).then_some(&all);
+        let a = incoming.receive(copied).map_err(LaunchError::Migration)?;
         arrived = Some(a);
+        timing("state received");
     }
     // A local migration hands its admission entry over (adopted once the
     // source commits): the guest is not admitted twice. Otherwise, admit.
-    let handed_entry = arrived.as_mut().and_then(|a| a.entry.take());
+    // (Only an entry of this state directory: another's stays the source's,
+    // and the guest is admitted here.)
+    let handed_entry = arrived
+        .as_mut()
+        .and_then(|a| a.entry.take())
+        .filter(|(held, name)| state.check_adoptable(held, name).is_ok());
     let mut admission = match &handed_entry {
         Some(_) => None,
         None => Some(state.admit(args.name.as_ref(), &fallback, uk)?),
@@ -559,8 +589,12 @@ fn run_or_resume(
                 .into(),
         ));
     }
-    let mut vm = match memory {
-        Some(m) => Vm::with_memory(&params, modules, mmio, m)?,
+    timing("devices attached");
+    let mut vm = match early_vm {
+        Some(mut vm) => {
+            vm.set_modules(modules);
+            vm
+        }
         None => Vm::new(&params, modules, mmio)?,
     };
     match &mut start {
@@ -569,16 +603,20 @@ fn run_or_resume(
         Start::Migration(incoming) => {
             let a = arrived.as_ref().expect("received before the VM");
             let dir = "migration".to_string();
+            timing("VM built");
             let ready = resume_state(&mut vm, &a.snapshot, &dir).and_then(|()| {
+                timing("state loaded");
                 incoming.ready().map_err(LaunchError::Migration)
             });
             if let Err(e) = ready {
                 incoming.abort(&e.to_string());
                 return Err(e);
             }
+            timing("committed");
             if let Some((held, name)) = handed_entry {
                 admission = Some(state.adopt(held, &name)?);
             }
+            timing("admission adopted");
         }
     }
     let mut admission = admission.expect("admitted, or adopted at the commit");
@@ -602,6 +640,7 @@ fn run_or_resume(
         Some(running_dir_fd),
         control.as_ref().map(|c| c.dir_fd()),
     )?;
+    timing("sandboxed");
     crate::runfile::stats::counters().guest_starts();
     if let Some(fd) = ready {
         // A write on an open descriptor, then a close: both allowed. A
@@ -622,9 +661,14 @@ fn run_or_resume(
             );
         }
     }
-    if control.as_ref().is_some_and(|c| c.inbox().handed_over()) {
-        // The target adopted the admission entry: it is not ours to remove.
-        admission.hand_over();
+    if let Some(inbox) = control.as_ref().map(|c| c.inbox()) {
+        if inbox.entry_taken() {
+            // The target adopted the admission entry: not ours to remove.
+            admission.hand_over();
+        }
+        if inbox.handed_over() {
+            inbox.wait_answered(std::time::Duration::from_secs(2));
+        }
     }
     Ok(status?)
 }

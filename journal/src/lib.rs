@@ -600,7 +600,9 @@ where
     /// Hold the applier: once this returns, it performs nothing and frees
     /// no ring space (it writes neither the ring nor the protected state)
     /// until [`release`](Self::release). Pushes still commit. For handing
-    /// the ring to another process for a while, with nothing pushed.
+    /// the ring to another process for a while, with nothing pushed: if
+    /// everything durable is performed, the ring is freed up to it first,
+    /// so that a process opening it meanwhile replays nothing.
     pub fn hold(&self) {
         let sh = &self.shared;
         let mut st = lock(&sh.state);
@@ -1053,6 +1055,17 @@ where
                     if !st.held && (st.performed < st.durable || want_free) {
                         st.applier_idle = false;
                         break;
+                    }
+                    // Held: first free what is performed, so that whoever
+                    // opens the ring meanwhile has nothing to replay.
+                    if st.held && self.unfreed() > 0 && st.performed >= st.durable {
+                        drop(st);
+                        if let Err(e) = self.free() {
+                            return Self::fail(sh, "cannot free ring space", e);
+                        }
+                        sh.space.notify_all();
+                        st = lock(&sh.state);
+                        continue;
                     }
                     if !st.applier_idle {
                         st.applier_idle = true;

@@ -250,6 +250,25 @@ impl StateDir {
         })
     }
 
+    /// Is `held` the admission entry `lock_name` of this state directory
+    /// (what [`adopt`](Self::adopt) takes over)?
+    pub fn check_adoptable(&self, held: &File, lock_name: &str) -> Result<(), AdmitError> {
+        use std::os::unix::fs::MetadataExt;
+        let bad_name = lock_name.contains('/') || !lock_name.ends_with(".lock");
+        let path = self.dir.join(RUNNING_DIR).join(lock_name);
+        let there = std::fs::symlink_metadata(&path).ok();
+        let mine = held
+            .metadata()
+            .map_err(self.io("cannot stat the handed-over entry"))?;
+        if bad_name || !there.is_some_and(|m| m.dev() == mine.dev() && m.ino() == mine.ino()) {
+            return Err(self.bad(format!(
+                "the admission entry handed over ({lock_name}) is not one of this state \
+                 directory's"
+            )));
+        }
+        Ok(())
+    }
+
     /// Take over the admission entry of another tt-host of this state
     /// directory, as a local live migration hands it over: `held` is that
     /// entry's file, open with its flock held (passed over a Unix socket),
@@ -257,23 +276,15 @@ impl StateDir {
     /// process's pid; nothing is admitted twice. Refused if `held` is not
     /// that file of this state directory.
     pub fn adopt(&self, held: File, lock_name: &str) -> Result<Admission, AdmitError> {
-        use std::os::unix::fs::{FileExt, MetadataExt};
+        use std::os::unix::fs::FileExt;
         let st = self.lock()?;
+        self.check_adoptable(&held, lock_name)?;
         let dir = st
             .dir
             .subdir(RUNNING_DIR, false)
             .map_err(|e| self.open_err(format!("cannot open {RUNNING_DIR}/"), e))?
             .ok_or_else(|| self.bad(format!("{RUNNING_DIR}/ is missing")))?;
-        let bad_name = lock_name.contains('/') || !lock_name.ends_with(".lock");
-        let path = self.dir.join(RUNNING_DIR).join(lock_name);
-        let there = std::fs::symlink_metadata(&path).ok();
         let mine = held.metadata().map_err(self.io("cannot stat the handed-over entry"))?;
-        if bad_name || !there.is_some_and(|m| m.dev() == mine.dev() && m.ino() == mine.ino()) {
-            return Err(self.bad(format!(
-                "the admission entry handed over ({lock_name}) is not one of this state \
-                 directory's"
-            )));
-        }
         let mut bytes = vec![0u8; mine.len().min(1 << 20) as usize];
         held.read_exact_at(&mut bytes, 0)
             .map_err(self.io(format!("cannot read running/{lock_name}")))?;

@@ -12,8 +12,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 pub struct Incoming {
     conn: Conn,
     pub config: Config,
-    /// RAM comes as a memfd with STATE (a local upgrade).
-    pub memfd: bool,
+    /// RAM is the source's memfd (a local upgrade): nothing is copied.
+    pub memfd_mode: bool,
+    /// That memfd, which came with CONFIG (taken by the launch).
+    pub memfd: Option<File>,
 }
 
 /// What STATE brought.
@@ -21,8 +23,6 @@ pub struct Arrived {
     pub snapshot: crate::snapshot::Snapshot,
     /// The source's admission entry (file, name), over a Unix socket.
     pub entry: Option<(File, String)>,
-    /// Guest RAM, with [`Incoming::memfd`].
-    pub memfd: Option<File>,
     /// Pages received while the guest still ran at the source.
     pub pages: u64,
 }
@@ -88,10 +88,20 @@ pub fn start(mut conn: Conn) -> Result<Incoming, String> {
             config.mem_size
         ));
     }
+    let file = match memfd {
+        true => Some(
+            f.fds
+                .into_iter()
+                .next()
+                .ok_or("the source sent no memfd with its CONFIG")?,
+        ),
+        false => None,
+    };
     Ok(Incoming {
         conn,
         config,
-        memfd,
+        memfd_mode: memfd,
+        memfd: file,
     })
 }
 
@@ -107,7 +117,7 @@ fn unexpected(t: u8, want: &str, f: &Frame) -> String {
 }
 
 impl Incoming {
-    /// Receive RAM into `mem` (none with [`memfd`](Self::memfd)) until
+    /// Receive RAM into `mem` (none with [`memfd_mode`](Self::memfd_mode)) until
     /// STATE comes. Every page is checked: aligned and inside RAM.
     pub fn receive(&mut self, mem: Option<&GuestMemoryMmap>) -> Result<Arrived, String> {
         let net = |e: std::io::Error| format!("migration stream: {e}");
@@ -163,15 +173,9 @@ impl Incoming {
         } else {
             None
         };
-        let memfd = if self.memfd {
-            Some(fds.next().ok_or("the source sent no memfd with its state")?)
-        } else {
-            None
-        };
         Ok(Arrived {
             snapshot,
             entry,
-            memfd,
             pages,
         })
     }

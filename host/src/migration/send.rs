@@ -80,7 +80,9 @@ pub fn send(mut conn: Conn, inbox: &Inbox, opts: &Options) -> Result<String, Str
         mem_size,
     };
     let bytes = postcard::to_stdvec(&config).map_err(|e| e.to_string())?;
-    conn.send(tag::CONFIG, &bytes).map_err(net)?;
+    let memfd_fd = [std::os::fd::AsRawFd::as_raw_fd(&*h.memfd)];
+    conn.send_with_fds(tag::CONFIG, &bytes, if memfd { &memfd_fd } else { &[] })
+        .map_err(net)?;
 
     let mut stats = Stats::default();
     let started = Instant::now();
@@ -99,11 +101,14 @@ pub fn send(mut conn: Conn, inbox: &Inbox, opts: &Options) -> Result<String, Str
     // The guest stops here; from now on a failure resumes it.
     let paused = Instant::now();
     inbox.call(Op::Pause).inspect_err(|_| stop_tracking(&src))?;
-    match switch(&mut conn, inbox, &src, memfd, pending, &mut stats) {
+    phase("paused", paused);
+    let switched = switch(&mut conn, inbox, &src, memfd, pending, &mut stats);
+    match switched {
         Ok(()) => {
             stats.downtime = paused.elapsed();
             stop_tracking(&src);
-            let _ = inbox.call(Op::HandOver);
+            let entry_taken = conn.is_unix() && src.admission.is_some();
+            let _ = inbox.call(Op::HandOver { entry_taken });
             Ok(format!(
                 "migrated: {} rounds, {} pages copied while running, {:.1} ms paused, {:.0} ms \
                  in all",
@@ -197,18 +202,18 @@ fn switch(
         }
         send_pages(conn, &h.mem, &pending, false, stats)?;
     }
+    let t = Instant::now();
     let (tx, rx) = std::sync::mpsc::channel();
     inbox.call(Op::Save(tx))?;
     let state = rx.recv().map_err(|_| "the guest stopped".to_string())??;
+    phase("state saved", t);
     inbox.call(Op::Suspend(true))?;
     release_locks(&src.lock_fds);
+    phase("devices suspended", t);
     let mut fds = Vec::new();
     if conn.is_unix() {
         if let Some((fd, _)) = &src.admission {
             fds.push(*fd);
-        }
-        if memfd {
-            fds.push(std::os::fd::AsRawFd::as_raw_fd(&*h.memfd));
         }
     }
     // STATE's payload: the entry's name (for the target to adopt it), then
@@ -218,9 +223,11 @@ fn switch(
     payload.extend_from_slice(entry.as_bytes());
     payload.extend_from_slice(&state);
     conn.send_with_fds(tag::STATE, &payload, &fds).map_err(net)?;
+    phase("state sent", t);
     let answer = conn.recv(4096).map_err(|e| {
         format!("the target did not answer the state ({e}): it failed or was stopped")
     })?;
+    phase("target ready", t);
     match answer.tag {
         tag::READY => conn.send(tag::COMMIT, &[]).map_err(net),
         tag::ABORT => Err(format!(
@@ -278,6 +285,16 @@ fn send_pages(
     }
     stats.sending += t.elapsed();
     Ok(())
+}
+
+/// With `TT_HOST_STATS=1` (tt-bench): how long since `t`.
+fn phase(what: &str, t: Instant) {
+    if std::env::var_os("TT_HOST_STATS").is_some_and(|v| v == "1") {
+        eprintln!(
+            "tt-host: stats: migration {what}: +{:.2} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    }
 }
 
 fn or_into(a: &mut [u64], b: &[u64]) {

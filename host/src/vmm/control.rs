@@ -42,8 +42,9 @@ pub enum Op {
     /// over), or resume them (`false`) after a failed migration.
     Suspend(bool),
     /// The guest went to another tt-host: end the run (exit 0) without
-    /// touching the devices, which are the target's now.
-    HandOver,
+    /// touching the devices, which are the target's now; `entry_taken`:
+    /// the target adopted the admission entry too (a local migration).
+    HandOver { entry_taken: bool },
 }
 
 /// What a migration's sender needs besides the inbox, set up before the
@@ -76,6 +77,10 @@ pub struct Inbox {
     source: Mutex<Option<Arc<Source>>>,
     /// The guest was handed over to another tt-host.
     handed_over: std::sync::atomic::AtomicBool,
+    /// ... with its admission entry.
+    entry_taken: std::sync::atomic::AtomicBool,
+    /// The migration's client has its answer (the run may end).
+    answered: (Mutex<bool>, std::sync::Condvar),
 }
 
 impl Inbox {
@@ -85,6 +90,8 @@ impl Inbox {
             event: EventFd::new(EFD_NONBLOCK)?,
             source: Mutex::new(None),
             handed_over: std::sync::atomic::AtomicBool::new(false),
+            entry_taken: std::sync::atomic::AtomicBool::new(false),
+            answered: (Mutex::new(false), std::sync::Condvar::new()),
         }))
     }
 
@@ -97,7 +104,26 @@ impl Inbox {
         self.source.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Was the guest handed over (the run's admission entry too)?
+    /// The control thread has answered the request that handed the guest
+    /// over.
+    pub fn set_answered(&self) {
+        *self.answered.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.answered.1.notify_all();
+    }
+
+    /// Wait (at most `t`) until [`set_answered`](Self::set_answered): the
+    /// run ends only once `migrate-send` has heard that it went well.
+    pub fn wait_answered(&self, t: std::time::Duration) {
+        let g = self.answered.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self.answered.1.wait_timeout_while(g, t, |done| !*done);
+    }
+
+    /// Did the target adopt the run's admission entry?
+    pub fn entry_taken(&self) -> bool {
+        self.entry_taken.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Was the guest handed over?
     pub fn handed_over(&self) -> bool {
         self.handed_over.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -178,7 +204,7 @@ impl Vm {
                 continue;
             };
             let (reply, flow) = match req.op {
-                Op::Save(_) | Op::Suspend(_) | Op::HandOver if !paused => {
+                Op::Save(_) | Op::Suspend(_) | Op::HandOver { .. } if !paused => {
                     (Err("the guest is not paused".into()), None)
                 }
                 Op::Save(out) => {
@@ -197,8 +223,11 @@ impl Vm {
                     }
                     (r, None)
                 }
-                Op::HandOver => {
+                Op::HandOver { entry_taken } => {
                     self.handed_over = true;
+                    inbox
+                        .entry_taken
+                        .store(entry_taken, std::sync::atomic::Ordering::SeqCst);
                     inbox
                         .handed_over
                         .store(true, std::sync::atomic::Ordering::SeqCst);

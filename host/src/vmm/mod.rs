@@ -544,6 +544,23 @@ impl Vm {
         })
     }
 
+    /// Serve hypercalls with `modules` (a VM built before its devices were
+    /// attached: a migration's target).
+    pub fn set_modules(&mut self, modules: Vec<Box<dyn Module>>) {
+        let mut route = [None; 9];
+        for (i, m) in modules.iter().enumerate() {
+            for &h in m.hypercalls() {
+                assert!(
+                    route[h as usize].is_none(),
+                    "hypercall {h:?} registered twice"
+                );
+                route[h as usize] = Some(i);
+            }
+        }
+        self.modules = modules;
+        self.route = route;
+    }
+
     /// Serve control requests from `inbox`; `launch` describes the launch
     /// for snapshots.
     pub fn set_control(
