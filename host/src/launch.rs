@@ -606,7 +606,9 @@ fn run_or_resume(
             timing("VM built");
             let ready = resume_state(&mut vm, &a.snapshot, &dir).and_then(|()| {
                 timing("state loaded");
-                incoming.ready().map_err(LaunchError::Migration)
+                incoming
+                    .ready(handed_entry.is_some())
+                    .map_err(LaunchError::Migration)
             });
             if let Err(e) = ready {
                 incoming.abort(&e.to_string());

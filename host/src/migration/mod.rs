@@ -13,7 +13,8 @@
 //! 1. Both send HELLO (magic, version, flags); the source's flag
 //!    [`HELLO_MEMFD`] says its RAM will come as a memfd (over a Unix
 //!    socket: a local upgrade) instead of as pages.
-//! 2. The source sends CONFIG (how the guest was launched, postcard).
+//! 2. The source sends CONFIG (how the guest was launched, postcard; with
+//!    the memfd as a descriptor). The target builds its VM meanwhile.
 //! 3. Pre-copy, unless memfd: PAGES frames (each page: its guest address,
 //!    u64 LE, and 4096 bytes) while the guest runs: all of RAM, then what
 //!    the guest and the host dirtied since, round after round, until what
@@ -22,11 +23,12 @@
 //!    on).
 //! 4. The source pauses the guest (its disks drained), sends the last
 //!    dirty pages and STATE (a snapshot state file, [`crate::snapshot`]),
-//!    and lets go of its disk locks. Over a Unix socket STATE carries
-//!    descriptors: the admission entry (so the guest is never counted
-//!    twice) and, with memfd, guest RAM.
+//!    and lets go of its disk locks. Over a Unix socket STATE carries the
+//!    admission entry as a descriptor (so that the guest is never counted
+//!    twice).
 //! 5. The target attaches its devices, loads the state, and answers READY
-//!    (or ABORT with the reason). The source answers READY with COMMIT and
+//!    (one byte: 1 if it adopts the admission entry) or ABORT with the
+//!    reason. The source answers READY with COMMIT and
 //!    exits 0; only then does the target run the guest. If the target
 //!    fails or dies before READY, the source takes its locks back and
 //!    resumes; if the source dies before COMMIT, the target discards.

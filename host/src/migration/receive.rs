@@ -180,12 +180,13 @@ impl Incoming {
         })
     }
 
-    /// Say READY and wait for the source's COMMIT: `Ok` means the guest is
-    /// ours to run.
-    pub fn ready(&mut self) -> Result<(), String> {
+    /// Say READY (with whether the admission entry is adopted) and wait
+    /// for the source's COMMIT: `Ok` means the guest is ours to run.
+    /// `adopting`: this side takes over the source's admission entry.
+    pub fn ready(&mut self, adopting: bool) -> Result<(), String> {
         let net = |e: std::io::Error| format!("migration stream: {e}");
         self.conn.set_timeout(Some(PEER_TIMEOUT)).map_err(net)?;
-        self.conn.send(tag::READY, &[]).map_err(net)?;
+        self.conn.send(tag::READY, &[u8::from(adopting)]).map_err(net)?;
         let f = self.conn.recv(4096).map_err(|e| {
             format!("the source did not commit ({e}): it failed or was stopped; discarding")
         })?;

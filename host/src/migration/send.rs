@@ -104,10 +104,9 @@ pub fn send(mut conn: Conn, inbox: &Inbox, opts: &Options) -> Result<String, Str
     phase("paused", paused);
     let switched = switch(&mut conn, inbox, &src, memfd, pending, &mut stats);
     match switched {
-        Ok(()) => {
+        Ok(entry_taken) => {
             stats.downtime = paused.elapsed();
             stop_tracking(&src);
-            let entry_taken = conn.is_unix() && src.admission.is_some();
             let _ = inbox.call(Op::HandOver { entry_taken });
             Ok(format!(
                 "migrated: {} rounds, {} pages copied while running, {:.1} ms paused, {:.0} ms \
@@ -182,7 +181,7 @@ fn precopy(
 }
 
 /// Paused: send what is left and the state, hand the devices over, and
-/// wait for the target's READY.
+/// wait for the target's READY; whether it adopted the admission entry.
 fn switch(
     conn: &mut Conn,
     inbox: &Inbox,
@@ -190,7 +189,7 @@ fn switch(
     memfd: bool,
     mut pending: Vec<u64>,
     stats: &mut Stats,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let h = &src.handles;
     let net = |e: std::io::Error| format!("migration stream: {e}");
     if !memfd {
@@ -229,7 +228,12 @@ fn switch(
     })?;
     phase("target ready", t);
     match answer.tag {
-        tag::READY => conn.send(tag::COMMIT, &[]).map_err(net),
+        // READY says whether the target adopted the admission entry.
+        tag::READY => {
+            let adopted = answer.payload.first() == Some(&1) && !fds.is_empty();
+            conn.send(tag::COMMIT, &[]).map_err(net)?;
+            Ok(adopted)
+        }
         tag::ABORT => Err(format!(
             "the target refused the guest: {}",
             String::from_utf8_lossy(&answer.payload)
