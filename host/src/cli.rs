@@ -263,7 +263,8 @@ pub fn parse_migrate_send(args: &[String]) -> Result<Option<MigrateSend>, CliErr
         msg,
         command: "migrate-send",
     };
-    let (mut control, mut to, mut psk, mut downtime_ms, mut max_ms) = (None, None, None, None, None);
+    let (mut control, mut to, mut psk, mut downtime_ms, mut max_ms) =
+        (None, None, None, None, None);
     let mut i = 0;
     while i < args.len() {
         let a = args[i].as_str();
@@ -278,12 +279,20 @@ pub fn parse_migrate_send(args: &[String]) -> Result<Option<MigrateSend>, CliErr
             psk = Some(PathBuf::from(v));
         } else if let Some(v) = value_of(args, &mut i, "--downtime-ms") {
             downtime_ms = Some(number::<u64>(v).filter(|&n| n <= 60_000).ok_or_else(|| {
-                err(format!("--downtime-ms={}: expected milliseconds, at most 60000", quote(v)))
+                err(format!(
+                    "--downtime-ms={}: expected milliseconds, at most 60000",
+                    quote(v)
+                ))
             })?);
         } else if let Some(v) = value_of(args, &mut i, "--timeout") {
-            let s = number::<u64>(v).filter(|&n| (1..=3600).contains(&n)).ok_or_else(|| {
-                err(format!("--timeout={}: expected seconds from 1 to 3600", quote(v)))
-            })?;
+            let s = number::<u64>(v)
+                .filter(|&n| (1..=3600).contains(&n))
+                .ok_or_else(|| {
+                    err(format!(
+                        "--timeout={}: expected seconds from 1 to 3600",
+                        quote(v)
+                    ))
+                })?;
             max_ms = Some(s * 1000);
         } else {
             return Err(err(format!("unexpected argument '{}'", quote(a))));
@@ -390,8 +399,12 @@ pub fn parse_device_option(
         Some(d) => format!("{option}:{d}={value}"),
         None => format!("{option}={value}"),
     };
-    device_option(&arg)
-        .unwrap_or_else(|| Err(CliError::run(format!("unknown option '--{}'", quote(option)))))
+    device_option(&arg).unwrap_or_else(|| {
+        Err(CliError::run(format!(
+            "unknown option '--{}'",
+            quote(option)
+        )))
+    })
 }
 
 fn device_option(arg: &str) -> Option<Result<DeviceOption, CliError>> {

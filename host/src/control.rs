@@ -160,12 +160,10 @@ fn serve(conn: UnixStream, inbox: &Inbox) -> std::io::Result<()> {
         };
         let answer = match decode(&line, fds) {
             Ok(Decoded::Op(op)) => inbox.call(op),
-            Ok(Decoded::Migrate(conn, opts)) => {
-                match crate::migration::Conn::from_file(conn) {
-                    Ok(c) => crate::migration::send::send(c, inbox, &opts),
-                    Err(e) => Err(format!("the migration's socket: {e}")),
-                }
-            }
+            Ok(Decoded::Migrate(conn, opts)) => match crate::migration::Conn::from_file(conn) {
+                Ok(c) => crate::migration::send::send(c, inbox, &opts),
+                Err(e) => Err(format!("the migration's socket: {e}")),
+            },
             Err(e) => Err(e),
         };
         let answer = match answer {
@@ -228,8 +226,7 @@ enum Decoded {
 
 /// The operation a request line asks for.
 fn decode(line: &[u8], mut fds: Vec<File>) -> Result<Decoded, String> {
-    let r: Request =
-        serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))?;
+    let r: Request = serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))?;
     let want = match r.op.as_str() {
         "snapshot" => 2,
         "migrate" => 1,

@@ -280,7 +280,7 @@ enum Start {
     /// From the image's entry point.
     Boot,
     /// Where a snapshot left it.
-    Snapshot(Resume),
+    Snapshot(Box<Resume>),
     /// Where a migration's source left it.
     Migration(Box<crate::migration::receive::Incoming>),
 }
@@ -365,7 +365,7 @@ pub fn restore(args: &RunArgs) -> Result<i32, LaunchError> {
         memory,
         dir: dir.clone(),
     };
-    run_or_resume(&merged, Some(image), Start::Snapshot(resume))
+    run_or_resume(&merged, Some(image), Start::Snapshot(Box::new(resume)))
 }
 
 /// With `TT_HOST_STATS=1` (tt-bench), print how long since the last
@@ -678,10 +678,11 @@ fn run_or_resume(
 /// Put the snapshot `r` into the VM just built for its launch: memory,
 /// vCPU, monitor; and check that every disk is the one the snapshot saw.
 fn resume_vm(vm: &mut Vm, r: &Resume) -> Result<(), LaunchError> {
-    vm.read_memory(&r.memory).map_err(|e| LaunchError::Snapshot {
-        dir: r.dir.clone(),
-        msg: e.to_string(),
-    })?;
+    vm.read_memory(&r.memory)
+        .map_err(|e| LaunchError::Snapshot {
+            dir: r.dir.clone(),
+            msg: e.to_string(),
+        })?;
     resume_state(vm, &r.snapshot, &r.dir)
 }
 

@@ -284,7 +284,9 @@ impl StateDir {
             .subdir(RUNNING_DIR, false)
             .map_err(|e| self.open_err(format!("cannot open {RUNNING_DIR}/"), e))?
             .ok_or_else(|| self.bad(format!("{RUNNING_DIR}/ is missing")))?;
-        let mine = held.metadata().map_err(self.io("cannot stat the handed-over entry"))?;
+        let mine = held
+            .metadata()
+            .map_err(self.io("cannot stat the handed-over entry"))?;
         let mut bytes = vec![0u8; mine.len().min(1 << 20) as usize];
         held.read_exact_at(&mut bytes, 0)
             .map_err(self.io(format!("cannot read running/{lock_name}")))?;
@@ -522,7 +524,10 @@ pub struct Admission {
 impl Admission {
     /// The entry's file and name, to hand over ([`StateDir::adopt`]).
     pub fn entry(&self) -> (std::os::fd::RawFd, &str) {
-        (std::os::fd::AsRawFd::as_raw_fd(&self._held), &self.lock_name)
+        (
+            std::os::fd::AsRawFd::as_raw_fd(&self._held),
+            &self.lock_name,
+        )
     }
 
     /// The entry was handed over: leave it when this is dropped.

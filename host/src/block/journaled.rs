@@ -741,7 +741,10 @@ where
 
     fn lock_fds(&self) -> Vec<std::os::fd::RawFd> {
         let image = self.image_file().map(std::os::fd::AsRawFd::as_raw_fd);
-        image.into_iter().chain(self.lock_fds.iter().copied()).collect()
+        image
+            .into_iter()
+            .chain(self.lock_fds.iter().copied())
+            .collect()
     }
 
     fn suspend(&mut self) -> Result<(), Error> {

@@ -366,7 +366,9 @@ impl std::str::FromStr for Addr {
         if s.contains('/') {
             return Ok(Addr::Unix(s.into()));
         }
-        if s.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        if s.rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
             return Ok(Addr::Tcp(s.into()));
         }
         Err(format!(

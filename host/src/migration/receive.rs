@@ -72,9 +72,7 @@ pub fn start(mut conn: Conn) -> Result<Incoming, String> {
         return Err("the source offers its memory as a memfd over TCP".into());
     }
     conn.send(tag::HELLO, &hello(0)).map_err(net)?;
-    let f = conn
-        .recv(crate::snapshot::MAX_BODY as u32)
-        .map_err(net)?;
+    let f = conn.recv(crate::snapshot::MAX_BODY as u32).map_err(net)?;
     let config: Config = match f.tag {
         tag::CONFIG => postcard::from_bytes(&f.payload)
             .map_err(|e| format!("the source's CONFIG cannot be decoded: {e}"))?,
@@ -162,8 +160,8 @@ impl Incoming {
         let entry_name = std::str::from_utf8(&p[4..4 + n])
             .map_err(|_| "a malformed STATE frame")?
             .to_string();
-        let snapshot = crate::snapshot::decode(&p[4 + n..])
-            .map_err(|e| format!("the source's state: {e}"))?;
+        let snapshot =
+            crate::snapshot::decode(&p[4 + n..]).map_err(|e| format!("the source's state: {e}"))?;
         if snapshot.mem_size != self.config.mem_size {
             return Err("the state's memory size is not the CONFIG's".into());
         }
@@ -186,7 +184,9 @@ impl Incoming {
     pub fn ready(&mut self, adopting: bool) -> Result<(), String> {
         let net = |e: std::io::Error| format!("migration stream: {e}");
         self.conn.set_timeout(Some(PEER_TIMEOUT)).map_err(net)?;
-        self.conn.send(tag::READY, &[u8::from(adopting)]).map_err(net)?;
+        self.conn
+            .send(tag::READY, &[u8::from(adopting)])
+            .map_err(net)?;
         let f = self.conn.recv(4096).map_err(|e| {
             format!("the source did not commit ({e}): it failed or was stopped; discarding")
         })?;

@@ -170,7 +170,7 @@ fn precopy(
                 opts.max_time.as_secs_f64(),
                 stats.rounds,
                 n,
-                n * PAGE as u64 >> 20,
+                (n * PAGE as u64) >> 20,
                 eta * 1e3,
                 stats.rate() / (1 << 20) as f64,
                 opts.downtime.as_millis()
@@ -221,7 +221,8 @@ fn switch(
     let mut payload = (entry.len() as u32).to_le_bytes().to_vec();
     payload.extend_from_slice(entry.as_bytes());
     payload.extend_from_slice(&state);
-    conn.send_with_fds(tag::STATE, &payload, &fds).map_err(net)?;
+    conn.send_with_fds(tag::STATE, &payload, &fds)
+        .map_err(net)?;
     phase("state sent", t);
     let answer = conn.recv(4096).map_err(|e| {
         format!("the target did not answer the state ({e}): it failed or was stopped")

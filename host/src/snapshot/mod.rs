@@ -50,7 +50,9 @@ pub enum FormatError {
     TooLarge(u64),
     #[error("the state file has {0} bytes after its end")]
     Trailing(u64),
-    #[error("the state file is corrupt: its CRC is {found:#010x}, its contents give {computed:#010x}")]
+    #[error(
+        "the state file is corrupt: its CRC is {found:#010x}, its contents give {computed:#010x}"
+    )]
     Crc { found: u32, computed: u32 },
     #[error("the state file's body cannot be decoded: {0}")]
     Body(String),
@@ -167,7 +169,10 @@ pub fn disk_identity(device: &str, f: &std::fs::File) -> std::io::Result<DiskIde
 /// Is `now` the image `then` was? `None`, or what differs.
 pub fn disk_changed(then: &DiskIdentity, now: &DiskIdentity) -> Option<String> {
     if then.len != now.len {
-        return Some(format!("its size is {} bytes, it was {}", now.len, then.len));
+        return Some(format!(
+            "its size is {} bytes, it was {}",
+            now.len, then.len
+        ));
     }
     if then.sample_crc != now.sample_crc {
         return Some("its contents differ".into());
@@ -233,15 +238,17 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, FormatError> {
 /// What a well-formed body must also satisfy before a restore uses it.
 fn check(s: &Snapshot) -> Result<(), FormatError> {
     let bad = |m: String| Err(FormatError::Body(m));
-    if s.mem_size != (s.launch.mem_mb << 20) / crate::vmm::layout::HUGE * crate::vmm::layout::HUGE
-    {
+    if s.mem_size != (s.launch.mem_mb << 20) / crate::vmm::layout::HUGE * crate::vmm::layout::HUGE {
         return bad(format!(
             "memory size {} does not match --mem={}",
             s.mem_size, s.launch.mem_mb
         ));
     }
     if s.launch.mem_mb > crate::cli::MAX_MEM_MB || s.mem_size == 0 {
-        return bad(format!("memory size {} MiB is out of range", s.launch.mem_mb));
+        return bad(format!(
+            "memory size {} MiB is out of range",
+            s.launch.mem_mb
+        ));
     }
     if s.launch.image.len() as u64 > crate::loader::MAX_SPAN {
         return bad("the image is larger than any tt-host loads".into());

@@ -69,7 +69,10 @@ fn wrong_magic_truncation_trailing_bytes_and_huge_lengths_are_refused() {
         decode(&bytes[..bytes.len() - 1]),
         Err(FormatError::Truncated { .. })
     ));
-    assert!(matches!(decode(&bytes[..15]), Err(FormatError::Truncated { .. })));
+    assert!(matches!(
+        decode(&bytes[..15]),
+        Err(FormatError::Truncated { .. })
+    ));
     let mut longer = bytes.clone();
     longer.push(0);
     assert_eq!(decode(&longer), Err(FormatError::Trailing(1)));
@@ -98,7 +101,10 @@ fn a_changed_disk_is_told_from_the_one_the_snapshot_saw() {
     let f = std::fs::File::open(&p).unwrap();
     let then = disk_identity("disk", &f).unwrap();
     assert_eq!(then.len, 3 << 20);
-    assert_eq!(disk_changed(&then, &disk_identity("disk", &f).unwrap()), None);
+    assert_eq!(
+        disk_changed(&then, &disk_identity("disk", &f).unwrap()),
+        None
+    );
     // A byte in the last MiB: the sample differs.
     let w = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&w, &[2], (3 << 20) - 10).unwrap();

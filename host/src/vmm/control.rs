@@ -101,7 +101,10 @@ impl Inbox {
     }
 
     pub fn source(&self) -> Option<Arc<Source>> {
-        self.source.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The control thread has answered the request that handed the guest

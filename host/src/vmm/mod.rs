@@ -574,7 +574,11 @@ impl Vm {
 
     /// Write the image, tt-host's low memory (GDT, page tables), the
     /// manifest and the command line into fresh guest memory.
-    fn write_boot_memory(p: &BootParams, mem: &GuestMemoryMmap, devices: u64) -> Result<(), VmError> {
+    fn write_boot_memory(
+        p: &BootParams,
+        mem: &GuestMemoryMmap,
+        devices: u64,
+    ) -> Result<(), VmError> {
         // Image segments (memory is fresh and zeroed, so BSS needs nothing).
         for seg in &p.image.segments {
             mem.write_slice(p.image.segment_bytes(p.file, seg), GuestAddress(seg.vaddr))
@@ -864,7 +868,8 @@ mod tests {
     #[test]
     fn guest_requests_cannot_name_tt_hosts_low_memory() {
         use crate::modules::{check_range, read_args, GuestError};
-        let (all, guest) = guest_memory(8 << 20).unwrap();
+        let m = guest_memory(8 << 20, None).unwrap();
+        let (all, guest) = (m.all, m.guest);
         for at in [
             layout::GDT_BASE,
             layout::PML4_BASE,
