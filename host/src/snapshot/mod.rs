@@ -263,4 +263,4 @@ fn check(s: &Snapshot) -> Result<(), FormatError> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
