@@ -506,6 +506,32 @@ fn run_or_resume(
         arrived = Some(a);
         timing("state received");
     }
+    // A local migration hands over the TAPs the guest used: a TAP cannot
+    // be attached twice. One is taken only where this command line names
+    // the same interface for the device (never a device of the stream's
+    // choosing); it stays open, in `_taps`, for the run.
+    let mut handed_args;
+    let mut _taps = Vec::new();
+    let args = match arrived.as_mut().map(|a| std::mem::take(&mut a.devices)) {
+        Some(devices) if !devices.is_empty() => {
+            handed_args = args.clone();
+            for (name, fd) in devices {
+                use std::os::fd::AsRawFd;
+                let at = format!("@{}", fd.as_raw_fd());
+                let same = crate::modules::net::interface_of(&name, &at).ok();
+                if let Some(o) = handed_args.devices.iter_mut().find(|o| {
+                    o.option == "net"
+                        && o.device.as_deref() == Some(&name)
+                        && Some(&o.value) == same.as_ref()
+                }) {
+                    o.value = at;
+                    _taps.push(fd);
+                }
+            }
+            &handed_args
+        }
+        _ => args,
+    };
     // A local migration hands its admission entry over (adopted once the
     // source commits): the guest is not admitted twice. Otherwise, admit.
     // (Only an entry of this state directory: another's stays the source's,
@@ -633,6 +659,7 @@ fn run_or_resume(
             lock_fds: vm.lock_fds(),
             admission: Some((fd, name.to_string())),
             virtio: vm.has_mmio_devices(),
+            handover: vm.handover_fds(),
         });
     }
     // Every device is open and every thread started: from here on, only

@@ -23,6 +23,8 @@ pub struct Arrived {
     pub snapshot: crate::snapshot::Snapshot,
     /// The source's admission entry (file, name), over a Unix socket.
     pub entry: Option<(File, String)>,
+    /// Device descriptors handed over (TAPs), by device name.
+    pub devices: Vec<(String, File)>,
     /// Pages received while the guest still ran at the source.
     pub pages: u64,
 }
@@ -103,6 +105,31 @@ pub fn start(mut conn: Conn) -> Result<Incoming, String> {
     })
 }
 
+/// Reads STATE's leading fields.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn u32(&mut self) -> Result<u32, String> {
+        let (h, t) = self
+            .0
+            .split_at_checked(4)
+            .ok_or("a malformed STATE frame")?;
+        self.0 = t;
+        Ok(u32::from_le_bytes(h.try_into().unwrap()))
+    }
+
+    /// A length-prefixed name of at most 255 bytes of UTF-8.
+    fn name(&mut self) -> Result<String, String> {
+        let n = self.u32()? as usize;
+        if n > 255 || self.0.len() < n {
+            return Err("a malformed STATE frame".into());
+        }
+        let (h, t) = self.0.split_at(n);
+        self.0 = t;
+        String::from_utf8(h.to_vec()).map_err(|_| "a malformed STATE frame".into())
+    }
+}
+
 fn unexpected(t: u8, want: &str, f: &Frame) -> String {
     if t == tag::ABORT {
         format!(
@@ -151,29 +178,36 @@ impl Incoming {
     }
 
     fn arrived(&mut self, f: Frame, pages: u64) -> Result<Arrived, String> {
-        let p = &f.payload;
-        let n = p
-            .get(..4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize)
-            .filter(|&n| n <= 255 && p.len() >= 4 + n)
-            .ok_or("a malformed STATE frame")?;
-        let entry_name = std::str::from_utf8(&p[4..4 + n])
-            .map_err(|_| "a malformed STATE frame")?
-            .to_string();
+        let mut r = Reader(&f.payload);
+        let entry_name = r.name()?;
+        let n = r.u32()?;
+        if n > 64 {
+            return Err("a malformed STATE frame (too many devices)".into());
+        }
+        let names = (0..n).map(|_| r.name()).collect::<Result<Vec<_>, _>>()?;
         let snapshot =
-            crate::snapshot::decode(&p[4 + n..]).map_err(|e| format!("the source's state: {e}"))?;
+            crate::snapshot::decode(r.0).map_err(|e| format!("the source's state: {e}"))?;
         if snapshot.mem_size != self.config.mem_size {
             return Err("the state's memory size is not the CONFIG's".into());
         }
         let mut fds = f.fds.into_iter();
-        let entry = if !entry_name.is_empty() && self.conn.is_unix() {
-            fds.next().map(|f| (f, entry_name))
-        } else {
-            None
-        };
+        let mut entry = None;
+        let mut devices = Vec::new();
+        if self.conn.is_unix() {
+            if !entry_name.is_empty() {
+                entry = fds.next().map(|f| (f, entry_name));
+            }
+            for name in names {
+                let fd = fds
+                    .next()
+                    .ok_or("the source sent fewer descriptors than devices")?;
+                devices.push((name, fd));
+            }
+        }
         Ok(Arrived {
             snapshot,
             entry,
+            devices,
             pages,
         })
     }

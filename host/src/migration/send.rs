@@ -209,17 +209,25 @@ fn switch(
     inbox.call(Op::Suspend(true))?;
     release_locks(&src.lock_fds);
     phase("devices suspended", t);
+    // STATE's payload: the entry's name (for the target to adopt it), the
+    // names of the devices whose descriptors follow it (TAPs), then the
+    // state file. Descriptors cross only a Unix socket.
+    let unix = conn.is_unix();
     let mut fds = Vec::new();
-    if conn.is_unix() {
-        if let Some((fd, _)) = &src.admission {
-            fds.push(*fd);
-        }
+    let mut entry = "";
+    if let (true, Some((fd, name))) = (unix, &src.admission) {
+        fds.push(*fd);
+        entry = name;
     }
-    // STATE's payload: the entry's name (for the target to adopt it), then
-    // the state file.
-    let entry = src.admission.as_ref().map_or("", |(_, n)| n.as_str());
+    let handed: &[(String, std::os::fd::RawFd)] = if unix { &src.handover } else { &[] };
     let mut payload = (entry.len() as u32).to_le_bytes().to_vec();
     payload.extend_from_slice(entry.as_bytes());
+    payload.extend_from_slice(&(handed.len() as u32).to_le_bytes());
+    for (name, fd) in handed {
+        payload.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        payload.extend_from_slice(name.as_bytes());
+        fds.push(*fd);
+    }
     payload.extend_from_slice(&state);
     conn.send_with_fds(tag::STATE, &payload, &fds)
         .map_err(net)?;

@@ -28,7 +28,8 @@ pub(crate) fn stream(pages: &[(u64, u8)]) -> Vec<u8> {
         p.extend_from_slice(&[byte; PAGE]);
     }
     s.extend(frame(tag::PAGES, &p));
-    let mut st = 0u32.to_le_bytes().to_vec();
+    let mut st = 0u32.to_le_bytes().to_vec(); // no admission entry
+    st.extend(0u32.to_le_bytes()); // no devices handed over
     st.extend(crate::snapshot::encode(&snap));
     s.extend(frame(tag::STATE, &st));
     s

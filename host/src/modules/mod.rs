@@ -190,6 +190,11 @@ pub trait Module {
     fn resume(&mut self) -> Result<(), String> {
         Ok(())
     }
+    /// Descriptors a local migration hands to the target with the guest,
+    /// by device name: a TAP, which cannot be attached twice.
+    fn handover_fds(&self) -> Vec<(String, std::os::fd::RawFd)> {
+        Vec::new()
+    }
 }
 
 /// Read the argument struct `T` of a hypercall from guest address `gpa`,

@@ -691,6 +691,13 @@ impl Module for Net {
         "net"
     }
 
+    fn handover_fds(&self) -> Vec<(String, RawFd)> {
+        self.devices
+            .iter()
+            .map(|d| (d.name.clone(), d.tap.as_raw_fd()))
+            .collect()
+    }
+
     fn hypercalls(&self) -> &'static [Hypercall] {
         &[Hypercall::NetWrite, Hypercall::NetRead]
     }

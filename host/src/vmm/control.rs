@@ -58,6 +58,8 @@ pub struct Source {
     pub admission: Option<(std::os::fd::RawFd, String)>,
     /// Does the guest have virtio devices (which cannot migrate yet)?
     pub virtio: bool,
+    /// Device descriptors a local migration hands over (TAPs), by name.
+    pub handover: Vec<(String, std::os::fd::RawFd)>,
 }
 
 /// The answer: a one-line report, or why the request failed.

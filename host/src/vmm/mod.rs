@@ -730,6 +730,11 @@ impl Vm {
         self.modules.iter().flat_map(|m| m.lock_fds()).collect()
     }
 
+    /// The descriptors every module hands over in a local migration.
+    pub fn handover_fds(&self) -> Vec<(String, std::os::fd::RawFd)> {
+        self.modules.iter().flat_map(|m| m.handover_fds()).collect()
+    }
+
     /// Does the guest have devices in the MMIO window (virtio)?
     pub fn has_mmio_devices(&self) -> bool {
         !self.bus.is_empty()
