@@ -70,7 +70,7 @@ fn a_well_formed_stream_fills_memory_and_brings_the_state() {
 
 #[test]
 fn hostile_pages_are_refused_before_they_are_written() {
-    for gpa in [MEM, 0x10_0001, u64::MAX & !4095] {
+    for gpa in [MEM, 0x10_0001, !4095] {
         let e = receive(stream(&[(gpa, 1)])).err().unwrap();
         assert!(e.contains("outside the guest's memory"), "{gpa:#x}: {e}");
     }
