@@ -214,18 +214,23 @@ usage: tt-host pause --control=SOCK
        tt-host resume --control=SOCK
        tt-host status --control=SOCK
        tt-host snapshot --control=SOCK DIR [--stop]
+       tt-host pause|resume|status NAME [--socket=PATH]
+       tt-host snapshot NAME DIR [--stop] [--socket=PATH]
 
 Act on the guest of 'tt-host run --control=SOCK'. pause stops it between
 two instructions with its disks flushed (every acknowledged write on its
 image); resume lets it run on. snapshot saves it to the directory DIR
 (created if needed; its files 'state' and 'memory' are replaced), pausing
 it meanwhile: it runs on afterwards, or with --stop the run ends (exit 0).
-'tt-host restore DIR' resumes it.";
+'tt-host restore DIR' resumes it. With NAME instead of --control, the
+daemon does it for a unikernel it runs (one you may act on); the snapshot's
+files are created with your rights.";
 
 /// `tt-host migrate-send|migrate-receive --help`.
 pub const MIGRATE_USAGE: &str = "\
 usage: tt-host migrate-send --control=SOCK --to=ADDR [--psk=FILE]
                             [--downtime-ms=MS] [--timeout=SECONDS]
+       tt-host migrate-send NAME --to=ADDR ...     (a unikernel of the daemon)
        tt-host migrate-receive --listen=ADDR [--psk=FILE] [RUN OPTIONS]
 
 Move the guest of 'tt-host run --control=SOCK' to the tt-host that

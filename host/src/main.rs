@@ -18,6 +18,8 @@ usage:
   tt-host key add|gen ...                           reservation signing keys
   tt-host pause|resume --control=SOCK               pause or resume a 'tt-host run --control=SOCK'
   tt-host snapshot --control=SOCK DIR [--stop]      save its guest to DIR (see docs/SNAPSHOT.md)
+  tt-host pause|resume|status NAME                  the same for a unikernel of the daemon
+  tt-host snapshot NAME DIR [--stop]                (and migrate-send NAME --to=ADDR ...)
   tt-host restore [OPTIONS] DIR                     resume a snapshot (options as for run)
   tt-host migrate-send --control=SOCK --to=ADDR     live-migrate its guest (see 'tt-host migrate-send --help')
   tt-host migrate-receive --listen=ADDR [OPTIONS]   receive one (options as for run, without IMAGE)
@@ -100,6 +102,14 @@ fn restore(args: &[String]) -> ExitCode {
 
 /// `tt-host migrate-send --control=SOCK --to=ADDR ...`.
 fn migrate_send(args: &[String]) -> ExitCode {
+    if !args.iter().any(|a| a.starts_with("--control"))
+        && !args.iter().any(|a| a == "--help" || a == "-h")
+    {
+        return match tt_host::daemon::client::control("migrate-send", args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        };
+    }
     let m = match cli::parse_migrate_send(args) {
         Ok(Some(m)) => m,
         Ok(None) => {
@@ -175,6 +185,15 @@ fn migrate_receive(args: &[String]) -> ExitCode {
 
 /// `tt-host pause|resume|snapshot --control=SOCK ...`.
 fn control(cmd: &str, args: &[String]) -> ExitCode {
+    if !args.iter().any(|a| a.starts_with("--control"))
+        && !args.iter().any(|a| a == "--help" || a == "-h")
+    {
+        // Without --control: a unikernel of the daemon, by name.
+        return match tt_host::daemon::client::control(cmd, args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        };
+    }
     match cli::parse_control(cmd, args) {
         Ok(None) => {
             println!("{}", cli::CONTROL_USAGE);

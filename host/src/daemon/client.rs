@@ -416,6 +416,84 @@ fn console(args: &[String]) -> Result<(), Fail> {
     }
 }
 
+/// `tt-host pause|resume|status NAME`, `snapshot NAME DIR [--stop]` and
+/// `migrate-send NAME --to=ADDR [...]`: the daemon acts through the
+/// unikernel's control socket (with the caller's rights for files, sockets
+/// and keys). The error is the line to print.
+pub fn control(cmd: &str, args: &[String]) -> Result<(), Fail> {
+    let mut args = args.to_vec();
+    let socket = take_socket(&mut args)?;
+    let abs = |p: &str| -> Result<String, Fail> {
+        let cwd = std::env::current_dir().map_err(|e| format!("cannot resolve {p}: {e}"))?;
+        Ok(cwd.join(p).display().to_string())
+    };
+    let (mut name, mut dir, mut stop, mut to, mut psk) = (None, None, false, None, None);
+    let (mut downtime_ms, mut timeout_s) = (None, None);
+    let number = |o: &str, v: &str| -> Result<u64, Fail> {
+        v.parse()
+            .map_err(|_| format!("{o}={}: expected a number", crate::text::quote(v)))
+    };
+    for a in &args {
+        if a == "--stop" && cmd == "snapshot" {
+            stop = true;
+        } else if let Some(v) = a.strip_prefix("--to=").filter(|_| cmd == "migrate-send") {
+            to = Some(v.to_string());
+        } else if let Some(v) = a.strip_prefix("--psk=").filter(|_| cmd == "migrate-send") {
+            psk = Some(abs(v)?);
+        } else if let Some(v) = a
+            .strip_prefix("--downtime-ms=")
+            .filter(|_| cmd == "migrate-send")
+        {
+            downtime_ms = Some(number("--downtime-ms", v)?);
+        } else if let Some(v) = a
+            .strip_prefix("--timeout=")
+            .filter(|_| cmd == "migrate-send")
+        {
+            timeout_s = Some(number("--timeout", v)?);
+        } else if a.starts_with('-') {
+            return Err(format!(
+                "{cmd}: unknown option '{}' (see 'tt-host {cmd} --help')",
+                crate::text::quote(a)
+            ));
+        } else if name.is_none() {
+            name = Some(a.clone());
+        } else if cmd == "snapshot" && dir.is_none() {
+            dir = Some(abs(a)?);
+        } else {
+            return Err(format!(
+                "{cmd}: unexpected argument '{}'",
+                crate::text::quote(a)
+            ));
+        }
+    }
+    let name = name.ok_or_else(|| {
+        format!("{cmd}: expected NAME (a unikernel of the daemon), or --control=SOCK")
+    })?;
+    if cmd == "snapshot" && dir.is_none() {
+        return Err("snapshot: expected NAME DIR".into());
+    }
+    let op = Op::Control {
+        name,
+        action: if cmd == "migrate-send" {
+            "migrate"
+        } else {
+            cmd
+        }
+        .to_string(),
+        dir,
+        stop,
+        to,
+        psk,
+        downtime_ms,
+        timeout_s,
+    };
+    match Connection::open(socket)?.call(op)? {
+        Reply::Ok { message } => println!("{message}"),
+        r => return Err(unexpected(r)),
+    }
+    Ok(())
+}
+
 /// Run a daemon command (`cmd` is create, destroy, ...); the error is the
 /// line to print.
 pub fn run(cmd: &str, args: &[String]) -> Result<(), Fail> {

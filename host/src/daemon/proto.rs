@@ -58,6 +58,27 @@ pub enum Op {
     Info {
         name: String,
     },
+    /// Act on a running unikernel through its control socket
+    /// (docs/SNAPSHOT.md): `action` is pause, resume, status, snapshot
+    /// (into `dir`, an absolute path, then `stop`ped or not) or migrate
+    /// (to `to`, with the key file `psk`). Files are created, sockets
+    /// connected and keys read with the caller's rights.
+    Control {
+        name: String,
+        action: String,
+        #[serde(default)]
+        dir: Option<String>,
+        #[serde(default)]
+        stop: bool,
+        #[serde(default)]
+        to: Option<String>,
+        #[serde(default)]
+        psk: Option<String>,
+        #[serde(default)]
+        downtime_ms: Option<u64>,
+        #[serde(default)]
+        timeout_s: Option<u64>,
+    },
     /// Console output: the last `last` lines, or what came since
     /// `since_ns` (Unix time in ns), or all that is kept; then, with
     /// `follow`, what comes next until the client closes.

@@ -208,6 +208,94 @@ fn check_run_args(name: &str, args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// Carry out a [`Op::Control`] on the unit whose control socket is
+/// `socket`: pause, resume and status directly; snapshot and migrate by
+/// running `tt-host snapshot` / `migrate-send` as the caller, so that the
+/// files it creates, the socket it connects to and the key it reads are
+/// the caller's to use.
+fn control(
+    exe: &std::path::Path,
+    socket: &std::path::Path,
+    peer: &Peer,
+    op: Op,
+) -> Result<String, String> {
+    let Op::Control {
+        action,
+        dir,
+        stop,
+        to,
+        psk,
+        downtime_ms,
+        timeout_s,
+        ..
+    } = op
+    else {
+        unreachable!("only Control")
+    };
+    let mut cmd = std::process::Command::new(exe);
+    let ctl = format!("--control={}", socket.display());
+    match action.as_str() {
+        "snapshot" => {
+            cmd.arg("snapshot").arg(ctl).arg(dir.unwrap_or_default());
+            if stop {
+                cmd.arg("--stop");
+            }
+        }
+        "migrate" => {
+            cmd.arg("migrate-send")
+                .arg(ctl)
+                .arg(format!("--to={}", to.unwrap_or_default()));
+            if let Some(p) = psk {
+                cmd.arg(format!("--psk={p}"));
+            }
+            if let Some(d) = downtime_ms {
+                cmd.arg(format!("--downtime-ms={d}"));
+            }
+            if let Some(t) = timeout_s {
+                cmd.arg(format!("--timeout={t}"));
+            }
+        }
+        _ => {
+            let req = crate::control::Request {
+                op: action,
+                stop: false,
+                downtime_ms: None,
+                max_ms: None,
+            };
+            return crate::control::call(socket, &req, &[]).map_err(|e| e.to_string());
+        }
+    }
+    if !peer.is_root() {
+        let (uid, gid, groups) = (peer.uid, peer.gid, peer.groups.clone());
+        use std::os::unix::process::CommandExt;
+        // SAFETY: between fork and exec only setgroups, setgid and setuid,
+        // which are async-signal-safe; `groups` was allocated before.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
+    if out.status.success() {
+        Ok(text(&out.stdout))
+    } else {
+        Err(text(&out.stderr)
+            .trim_start_matches("tt-host: ")
+            .to_string())
+    }
+}
+
 /// Everything about a request that can be checked without the daemon's
 /// state: names and paths parse, a create's command line is one the
 /// daemon takes, a policy command parses. The fuzz target
@@ -220,6 +308,30 @@ pub fn vet(op: &Op) -> Result<(), String> {
         }
         Op::Destroy { name } | Op::Restart { name } | Op::Info { name } => {
             parse_name(name).map(drop)
+        }
+        Op::Control {
+            name,
+            action,
+            dir,
+            to,
+            ..
+        } => {
+            parse_name(name)?;
+            match action.as_str() {
+                "pause" | "resume" | "status" => Ok(()),
+                "snapshot" => match dir {
+                    Some(d) if d.starts_with('/') => Ok(()),
+                    _ => Err("snapshot needs an absolute directory".into()),
+                },
+                "migrate" => match to {
+                    Some(t) => t.parse::<crate::migration::Addr>().map(drop),
+                    None => Err("migrate needs a target (--to)".into()),
+                },
+                a => Err(format!(
+                    "unknown action '{}' (pause, resume, status, snapshot, migrate)",
+                    crate::text::quote(a)
+                )),
+            }
         }
         Op::Console { name, .. } | Op::Stats { name: Some(name) } => parse_name(name).map(drop),
         Op::List { path: Some(p) } => p
@@ -304,6 +416,29 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
                     units: names.iter().filter_map(|n| sup.info(n, false)).collect(),
                 },
                 Err(e) => error(e),
+            }
+        }
+        op @ Op::Control { .. } => {
+            if let Err(e) = vet(&op) {
+                return error(e);
+            }
+            let Op::Control { ref name, .. } = op else {
+                unreachable!()
+            };
+            let n = match may_act(sup, peer, name) {
+                Ok(n) => n.to_string(),
+                Err(e) => return error(e),
+            };
+            if sup.info(&n, false).is_none() {
+                return error(format!("no unikernel named {n}"));
+            }
+            let socket = sup.unit_dir(&n).join("control");
+            let exe = sup.exe().to_path_buf();
+            let peer = peer.clone();
+            match tokio::task::spawn_blocking(move || control(&exe, &socket, &peer, op)).await {
+                Ok(Ok(message)) => Reply::Ok { message },
+                Ok(Err(e)) => error(format!("{n}: {e}")),
+                Err(e) => error(format!("{n}: {e}")),
             }
         }
         Op::Info { name } => match may_act(sup, peer, &name) {

@@ -149,6 +149,11 @@ pub struct Started {
 }
 
 impl Supervisor {
+    /// The tt-host executable the units run.
+    pub fn exe(&self) -> &std::path::Path {
+        &self.cfg.exe
+    }
+
     /// A unit's runtime directory (console, stats, tt-host's log).
     pub fn unit_dir(&self, name: &str) -> PathBuf {
         // Labels may be '.' or '..': the prefix keeps every name a plain
@@ -273,6 +278,7 @@ impl Supervisor {
             .arg(format!("--console-log={}", dir.join("console").display()))
             .arg(format!("--console-log-size={}", self.cfg.console_size))
             .arg(format!("--stats-file={}", dir.join("stats").display()))
+            .arg(format!("--control={}", dir.join("control").display()))
             .arg("--x-ready-fd=3");
         let o = &unit.spec.owner;
         if o.uid != 0 {
