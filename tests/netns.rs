@@ -264,6 +264,33 @@ impl Netns {
         }
     }
 
+    /// The hardware address the neighbour (ARP) entry of `addr` on `name`
+    /// holds, as `ip neigh show dev NAME` shows it; None while there is no
+    /// complete entry (none yet, or its ARP request unanswered).
+    pub fn neighbour(&self, name: &str, addr: [u8; 4]) -> Option<[u8; 6]> {
+        // SAFETY: arpreq is plain data; all-zero is a valid value.
+        let mut req: libc::arpreq = unsafe { std::mem::zeroed() };
+        req.arp_pa = sockaddr_in(addr);
+        for (d, s) in req.arp_dev.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        let sock = self.inet();
+        // SAFETY: SIOCGARP reads and writes one struct arpreq, which we own.
+        let r = cvt(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGARP, &mut req) });
+        match r {
+            Ok(_) if req.arp_flags & libc::ATF_COM != 0 => {
+                let mut mac = [0u8; 6];
+                for (d, s) in mac.iter_mut().zip(req.arp_ha.sa_data) {
+                    *d = s as u8;
+                }
+                Some(mac)
+            }
+            Ok(_) => None,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => None, // none
+            Err(e) => panic!("read the neighbour {addr:?} on {name}: {e}"),
+        }
+    }
+
     /// Delete interface `name`, as `ip link del NAME` does, through
     /// rtnetlink (RTM_DELLINK): no ioctl deletes a TAP another process
     /// holds.

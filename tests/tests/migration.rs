@@ -1,6 +1,6 @@
 //! Live migration end to end on real KVM: a `tt-host run --control=SOCK`
 //! source, a `tt-host migrate-receive` target, and `tt-host migrate-send`
-//! between them, with the `counter` guest. The counter prints `count 1`,
+//! between them, mostly with the `counter` guest. The counter prints `count 1`,
 //! `count 2`, ... and writes record K to its disk before it prints
 //! `count K`; with a dirtying rate it also rewrites and checks a buffer,
 //! printing `counter: CORRUPT ...` if a page comes back wrong. So a lost
@@ -32,6 +32,10 @@
 //! - migrate-send without --to, with a bad --to, over TCP without --psk,
 //!   or to a target that is not listening: a one-line error, exit 1, and
 //!   the source counts on.
+//! - A net guest (the `net` example) in a network namespace the test
+//!   makes: over a Unix socket the source hands its TAP to the target,
+//!   which goes on answering ICMP echo and ARP with the same MAC,
+//!   numbering its replies on from the source's.
 //!
 //! Every tt-host a test starts is SIGKILLed when the test ends early, and
 //! each test checks at its end that none of its processes or admissions
@@ -48,6 +52,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tt_tests::netns::{Netns, Ping};
 use tt_tests::*;
 
 /// How long an expected line or exit may take: this only catches a hang
@@ -899,5 +904,171 @@ fn a_target_that_refuses_at_the_switch_gives_the_disk_back_to_the_source() {
     let next = tgt.counts(last + 1, 5) + 1;
     let last = tgt.stop(next);
     set.check_disk(&set.state2, last);
+    set.done();
+}
+
+/// The net guest's address and MAC, and the host's end of its TAP.
+const GUEST_IP: [u8; 4] = [10, 0, 0, 2];
+const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const GUEST_MAC_ARG: &str = "02:00:00:00:00:02";
+const HOST_IP: [u8; 4] = [10, 0, 0, 1];
+
+/// Read `h`'s lines until one contains `needle`; all of them, that one
+/// last.
+fn until(h: &mut Host, needle: &str) -> Vec<String> {
+    let mut got = Vec::new();
+    loop {
+        let l = h.line();
+        let done = l.contains(needle);
+        got.push(l);
+        if done {
+            return got;
+        }
+    }
+}
+
+impl Host {
+    /// The lines read so far and those that have arrived meanwhile, for a
+    /// failure message.
+    fn arrived(&mut self) -> &[String] {
+        self.seen.extend(self.lines.try_iter());
+        &self.seen
+    }
+}
+
+/// A local migration of a net guest (the `net` example, which answers ARP
+/// and ICMP echo and exits 0 after `limit=6` echo replies): it answers 3
+/// pings on the source, moves over a Unix socket to a target whose
+/// command line attaches the same TAP, and there answers 3 more, from the
+/// same MAC, numbering them 4 to 6, and exits 0. The source hands its TAP
+/// descriptor over (a TAP cannot be attached twice), exits 0, and the
+/// target's replies prove the guest's state moved with it: a guest booted
+/// afresh would number its replies from 1 and run on after the third.
+///
+/// Everything runs in a network namespace the test creates, holding TAP
+/// `tap0` at 10.0.0.1/24 (see tt_tests::netns); the kernel deletes it
+/// with the TAP when the test ends, passed or failed.
+#[test]
+fn a_net_guest_keeps_answering_ping_on_its_mac_across_a_local_migration() {
+    if !kvm() {
+        return;
+    }
+    let ns = Netns::new();
+    ns.add_tap("tap0");
+    ns.set_mtu("tap0", 1500);
+    ns.set_addr("tap0", HOST_IP, 24);
+    ns.set_up("tap0", true);
+    let set = Setup::new("mig-net");
+    let net_args = [
+        "--net:service0=tap0".to_string(),
+        format!("--net-mac:service0={GUEST_MAC_ARG}"),
+    ];
+
+    let mut cmd = ns.command(tt_host());
+    cmd.args(["run", "--mem=32", "--name=net"])
+        .arg(format!("--state-dir={}", set.state.display()))
+        .arg(set.control_arg())
+        .args(&net_args)
+        .arg(guest("net"))
+        .args(["--", "10.0.0.2", "limit=6"]);
+    let mut src = Host::spawn(&mut cmd);
+    let boot = until(&mut src, "net: ready");
+    assert!(
+        boot.iter()
+            .any(|l| l.contains(&format!("net: service0 mac={GUEST_MAC_ARG} "))),
+        "the guest's MAC: {boot:#?}"
+    );
+
+    // Exactly three requests (the guest counts every one it answers), each
+    // answered.
+    let mut pinger = ns.pinger();
+    let before = pinger.ping(GUEST_IP, Ping::exactly(3, 56, WAIT));
+    assert_eq!(before.received, 3, "{before:?}; source: {:#?}", src.seen);
+    until(&mut src, "net: echo reply 3 to 10.0.0.1");
+    assert_eq!(
+        ns.neighbour("tap0", GUEST_IP),
+        Some(GUEST_MAC),
+        "the MAC that answered ARP on the source"
+    );
+
+    let mig = set.s.path("mig");
+    let mut cmd = ns.command(tt_host());
+    cmd.arg("migrate-receive")
+        .arg(format!("--listen={}", mig.display()))
+        .arg(format!("--state-dir={}", set.state.display()))
+        .args(&net_args);
+    let mut tgt = Host::spawn(&mut cmd);
+    wait_socket(&mig);
+    let r = set.send(&[&format!("--to={}", mig.display())]);
+    assert_migrated(&r);
+    let e = src.finish();
+    assert_eq!(
+        e.status.code(),
+        Some(0),
+        "the source after the migration: {:?} {:?}",
+        e.stdout,
+        e.stderr
+    );
+    assert!(e.stderr.is_empty(), "the source said: {:?}", e.stderr);
+    assert!(
+        e.stdout.is_empty(),
+        "the source went on after the migration: {:?}",
+        e.stdout
+    );
+
+    // Forget the guest's MAC: the next ping asks again by ARP, which the
+    // target must answer with the same MAC.
+    ns.forget_neighbour("tap0", GUEST_IP);
+    let after = pinger.ping(GUEST_IP, Ping::exactly(3, 56, WAIT));
+    assert_eq!(
+        after.received,
+        3,
+        "{after:?}; the target so far: {:#?}",
+        tgt.arrived()
+    );
+    assert_eq!(
+        ns.neighbour("tap0", GUEST_IP),
+        Some(GUEST_MAC),
+        "the MAC that answered ARP on the target"
+    );
+    let e = tgt.finish();
+    assert_eq!(
+        e.status.code(),
+        Some(0),
+        "the target: {:?} {:?}",
+        e.stdout,
+        e.stderr
+    );
+    assert!(e.stderr.is_empty(), "the target said: {:?}", e.stderr);
+    // The target printed nothing of a boot: the guest went on where it
+    // was, answering ARP again and numbering its replies on.
+    let replies: Vec<&String> = e
+        .stdout
+        .iter()
+        .filter(|l| l.starts_with("net: echo reply"))
+        .collect();
+    assert_eq!(
+        replies,
+        [4, 5, 6]
+            .map(|k| format!("net: echo reply {k} to 10.0.0.1"))
+            .iter()
+            .collect::<Vec<_>>(),
+        "the target's output: {:#?}",
+        e.stdout
+    );
+    assert!(
+        e.stdout.contains(&"net: arp reply to 10.0.0.1".to_string()),
+        "the target's output: {:#?}",
+        e.stdout
+    );
+    assert_eq!(e.stdout.last().map(String::as_str), Some("net: OK"));
+    assert!(
+        !e.stdout
+            .iter()
+            .any(|l| l.contains("ready") || l.contains("FAIL")),
+        "the target's output: {:#?}",
+        e.stdout
+    );
+    assert!(live(&set.state).is_empty(), "after the target exited");
     set.done();
 }
