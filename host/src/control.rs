@@ -305,6 +305,14 @@ pub fn call(path: &Path, req: &Request, fds: &[RawFd]) -> Result<String, Control
 /// `tt-host snapshot`'s side: create `dir` (if needed) with empty state
 /// and memory files, and have the VM at `control` write them; its answer.
 pub fn snapshot(control: &Path, dir: &Path, stop: bool) -> Result<String, ControlError> {
+    let files = snapshot_files(dir)?;
+    snapshot_into(control, dir, files, stop)
+}
+
+/// The empty state and memory files of a snapshot in `dir` (created if
+/// needed; an old state file is removed first, so that the directory never
+/// holds a state that does not match its memory).
+pub fn snapshot_files(dir: &Path) -> Result<(File, File), ControlError> {
     use std::os::unix::fs::OpenOptionsExt;
     let d = dir.display().to_string();
     let io = |what, err| ControlError::Io {
@@ -313,8 +321,6 @@ pub fn snapshot(control: &Path, dir: &Path, stop: bool) -> Result<String, Contro
         err,
     };
     std::fs::create_dir_all(dir).map_err(|e| io("cannot create the snapshot directory", e))?;
-    // The state file goes last: without one, the directory holds no
-    // snapshot (a memory file alone is never read).
     let state_path = dir.join(crate::snapshot::STATE_FILE);
     match std::fs::remove_file(&state_path) {
         Ok(()) => sync_dir(dir).map_err(|e| io("cannot sync the snapshot directory", e))?,
@@ -331,6 +337,19 @@ pub fn snapshot(control: &Path, dir: &Path, stop: bool) -> Result<String, Contro
     };
     let memory = open(crate::snapshot::MEMORY_FILE).map_err(|e| io("cannot create memory", e))?;
     let state = open(crate::snapshot::STATE_FILE).map_err(|e| io("cannot create state", e))?;
+    Ok((state, memory))
+}
+
+/// Have the VM at `control` write its snapshot into `files` (from
+/// [`snapshot_files`] in `dir`); its answer. A failed snapshot leaves no
+/// state file.
+pub fn snapshot_into(
+    control: &Path,
+    dir: &Path,
+    (state, memory): (File, File),
+    stop: bool,
+) -> Result<String, ControlError> {
+    let state_path = dir.join(crate::snapshot::STATE_FILE);
     let req = Request {
         op: "snapshot".into(),
         stop,
@@ -339,11 +358,14 @@ pub fn snapshot(control: &Path, dir: &Path, stop: bool) -> Result<String, Contro
     };
     let r = call(control, &req, &[state.as_raw_fd(), memory.as_raw_fd()]);
     if r.is_err() {
-        // No half-written snapshot stays behind.
         let _ = std::fs::remove_file(&state_path);
     }
     let answer = r?;
-    sync_dir(dir).map_err(|e| io("cannot sync the snapshot directory", e))?;
+    sync_dir(dir).map_err(|e| ControlError::Io {
+        path: dir.display().to_string(),
+        what: "cannot sync the snapshot directory",
+        err: e,
+    })?;
     Ok(answer)
 }
 
@@ -357,28 +379,42 @@ pub fn migrate(
     downtime_ms: Option<u64>,
     max_ms: Option<u64>,
 ) -> Result<String, ControlError> {
-    use crate::migration::Addr;
-    let fail = |msg: String| ControlError::Reply {
+    let conn = connect_target(to, psk).map_err(|msg| ControlError::Reply {
         path: control.display().to_string(),
         msg,
-    };
-    let conn: OwnedFd = match to {
+    })?;
+    migrate_over(control, conn, downtime_ms, max_ms)
+}
+
+/// Connect to a migration's target (authenticated over TCP).
+pub fn connect_target(to: &crate::migration::Addr, psk: Option<&[u8]>) -> Result<OwnedFd, String> {
+    use crate::migration::Addr;
+    Ok(match to {
         Addr::Unix(p) => UnixStream::connect(p)
-            .map_err(|e| fail(format!("cannot connect to {}: {e}", p.display())))?
+            .map_err(|e| format!("cannot connect to {}: {e}", p.display()))?
             .into(),
         Addr::Tcp(a) => {
             let key = psk.ok_or_else(|| {
-                fail("migrating over TCP needs --psk=FILE (the target's pre-shared key)".into())
+                "migrating over TCP needs --psk=FILE (the target's pre-shared key)".to_string()
             })?;
             let mut s = std::net::TcpStream::connect(a)
-                .map_err(|e| fail(format!("cannot connect to {a}: {e}")))?;
+                .map_err(|e| format!("cannot connect to {a}: {e}"))?;
             s.set_read_timeout(Some(crate::migration::PEER_TIMEOUT))
-                .map_err(|e| fail(e.to_string()))?;
-            crate::migration::auth::client(&mut s, key).map_err(fail)?;
-            s.set_read_timeout(None).map_err(|e| fail(e.to_string()))?;
+                .map_err(|e| e.to_string())?;
+            crate::migration::auth::client(&mut s, key)?;
+            s.set_read_timeout(None).map_err(|e| e.to_string())?;
             s.into()
         }
-    };
+    })
+}
+
+/// Have the VM at `control` migrate over `conn` (connected to a target).
+pub fn migrate_over(
+    control: &Path,
+    conn: OwnedFd,
+    downtime_ms: Option<u64>,
+    max_ms: Option<u64>,
+) -> Result<String, ControlError> {
     let req = Request {
         op: "migrate".into(),
         stop: false,

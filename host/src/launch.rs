@@ -303,7 +303,15 @@ pub fn receive(
         merged.name = l.name.as_ref().and_then(|n| n.parse().ok());
     }
     let image = l.image.clone();
-    run_or_resume(&merged, Some(image), Start::Migration(Box::new(incoming)))
+    // Whatever stops this target before READY (a device its command line
+    // lacks, admission, ...) goes back to the source as the reason; after
+    // the commit the source is gone and the message goes nowhere.
+    let aborter = incoming.aborter();
+    let r = run_or_resume(&merged, Some(image), Start::Migration(Box::new(incoming)));
+    if let (Err(e), Some(mut c)) = (&r, aborter) {
+        let _ = c.send(crate::migration::tag::ABORT, e.to_string().as_bytes());
+    }
+    r
 }
 
 /// `tt-host restore`: resume the snapshot in directory `args.image`, with

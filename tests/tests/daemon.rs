@@ -577,3 +577,126 @@ fn counters_in_prometheus_format_on_the_cli_and_the_metrics_listener() {
         "{http}"
     );
 }
+
+/// Pause, resume and snapshot reach a unikernel through the daemon, by
+/// name: within the caller's subtree only, and a snapshot's files are
+/// written with the caller's rights (a directory it cannot write is
+/// refused, one it can is written and owned by it). The snapshot restores.
+#[test]
+fn pause_resume_and_snapshot_go_through_the_daemon_with_the_callers_rights() {
+    if !kvm() {
+        return;
+    }
+    let d = Daemon::started("d-control", &[]);
+    let image = d.dir.path("unit.hvt");
+    std::fs::copy(guest("unit"), &image).unwrap();
+    let image = image.display().to_string();
+    ok(&d.cli(&["policy", "set", "alice", "--users", "4242", "--daemon"]));
+    let client = d.dir.path("tt-host");
+    std::fs::copy(tt_host(), &client).unwrap();
+    let as_user = |args: &[&str]| {
+        let mut cmd = Command::new(&client);
+        cmd.args(args);
+        // SAFETY: setgroups/setgid/setuid between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(4242) != 0
+                    || libc::setuid(4242) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        d.cli_with(&mut cmd)
+    };
+    ok(&as_user(&[
+        "create",
+        "alice:web",
+        "--mem=8",
+        &image,
+        "tick",
+        "100",
+    ]));
+    ok(&d.cli(&["create", "bob", "--mem=8", &image, "tick", "100"]));
+    d.wait_for(20, "alice:web ticked", || {
+        ticks(&console(&d, "alice:web")) >= 2
+    });
+
+    assert_eq!(ok(&as_user(&["pause", "alice:web"])).trim(), "paused");
+    assert_eq!(ok(&as_user(&["status", "alice:web"])).trim(), "paused");
+    let held = ticks(&console(&d, "alice:web"));
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        ticks(&console(&d, "alice:web")),
+        held,
+        "no tick while paused"
+    );
+    let r = as_user(&["pause", "bob"]);
+    assert_eq!(r.status, 1, "outside alice's subtree: {r:?}");
+
+    // A directory uid 4242 cannot write: refused, nothing written.
+    let root_only = d.dir.path("root-only");
+    std::fs::create_dir(&root_only).unwrap();
+    let r = as_user(&[
+        "snapshot",
+        "alice:web",
+        &root_only.join("s").display().to_string(),
+    ]);
+    assert_eq!(r.status, 1, "{r:?}");
+    assert!(r.stderr.contains("alice:web"), "{r:?}");
+    assert!(!root_only.join("s").exists());
+    // One it can: written, owned by it.
+    let mine = d.dir.path("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::os::unix::fs::chown(&mine, Some(4242), Some(4242)).unwrap();
+    let snap = mine.join("snap");
+    let r = as_user(&["snapshot", "alice:web", &snap.display().to_string()]);
+    assert!(ok(&r).contains("snapshot written"), "{r:?}");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(snap.join("state")).unwrap().uid(), 4242);
+    assert_eq!(ok(&as_user(&["resume", "alice:web"])).trim(), "resumed");
+    d.wait_for(20, "alice:web ticks again", || {
+        ticks(&console(&d, "alice:web")) > held
+    });
+
+    // The snapshot restores (by root, outside the daemon) and ticks on
+    // from where it was.
+    ok(&d.cli(&["destroy", "alice:web"]));
+    let mut restore = Command::new(tt_host());
+    restore
+        .arg("restore")
+        .arg(format!("--state-dir={}", d.state_dir().display()))
+        .arg(&snap)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = restore.spawn().unwrap();
+    let pid = child.id();
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let mut buf = [0u8; 256];
+        while !s.contains(&format!("tick {}\n", held + 2)) {
+            match out.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => s.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !reader.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    kill(pid, libc::SIGKILL);
+    let _ = child.wait();
+    let s = reader.join().unwrap();
+    let first: u64 = s
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("tick "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert_eq!(first, held + 1, "the restore ticks on: {s:?}");
+}

@@ -209,16 +209,11 @@ fn check_run_args(name: &str, args: &[String]) -> Result<(), String> {
 }
 
 /// Carry out a [`Op::Control`] on the unit whose control socket is
-/// `socket`: pause, resume and status directly; snapshot and migrate by
-/// running `tt-host snapshot` / `migrate-send` as the caller, so that the
-/// files it creates, the socket it connects to and the key it reads are
-/// the caller's to use.
-fn control(
-    exe: &std::path::Path,
-    socket: &std::path::Path,
-    peer: &Peer,
-    op: Op,
-) -> Result<String, String> {
+/// `socket`. The daemon talks to the socket; what the caller names (the
+/// snapshot's directory, the migration's target and key file) it reaches
+/// with the caller's rights ([`as_caller`]), so a caller cannot write or
+/// connect anywhere through the daemon that it could not itself.
+fn control(socket: &std::path::Path, peer: &Peer, op: Op) -> Result<String, String> {
     let Op::Control {
         action,
         dir,
@@ -232,28 +227,23 @@ fn control(
     else {
         unreachable!("only Control")
     };
-    let mut cmd = std::process::Command::new(exe);
-    let ctl = format!("--control={}", socket.display());
+    let e = |e: crate::control::ControlError| e.to_string();
     match action.as_str() {
         "snapshot" => {
-            cmd.arg("snapshot").arg(ctl).arg(dir.unwrap_or_default());
-            if stop {
-                cmd.arg("--stop");
-            }
+            let dir = std::path::PathBuf::from(dir.unwrap_or_default());
+            let files = as_caller(peer, || crate::control::snapshot_files(&dir))?.map_err(e)?;
+            crate::control::snapshot_into(socket, &dir, files, stop).map_err(e)
         }
         "migrate" => {
-            cmd.arg("migrate-send")
-                .arg(ctl)
-                .arg(format!("--to={}", to.unwrap_or_default()));
-            if let Some(p) = psk {
-                cmd.arg(format!("--psk={p}"));
-            }
-            if let Some(d) = downtime_ms {
-                cmd.arg(format!("--downtime-ms={d}"));
-            }
-            if let Some(t) = timeout_s {
-                cmd.arg(format!("--timeout={t}"));
-            }
+            let to: crate::migration::Addr = to.unwrap_or_default().parse()?;
+            let conn = as_caller(peer, || {
+                let key = psk
+                    .map(|p| crate::migration::auth::read_key(std::path::Path::new(&p)))
+                    .transpose()?;
+                crate::control::connect_target(&to, key.as_deref())
+            })??;
+            crate::control::migrate_over(socket, conn, downtime_ms, timeout_s.map(|s| s * 1000))
+                .map_err(e)
         }
         _ => {
             let req = crate::control::Request {
@@ -262,38 +252,39 @@ fn control(
                 downtime_ms: None,
                 max_ms: None,
             };
-            return crate::control::call(socket, &req, &[]).map_err(|e| e.to_string());
+            crate::control::call(socket, &req, &[]).map_err(e)
         }
     }
-    if !peer.is_root() {
-        let (uid, gid, groups) = (peer.uid, peer.gid, peer.groups.clone());
-        use std::os::unix::process::CommandExt;
-        // SAFETY: between fork and exec only setgroups, setgid and setuid,
-        // which are async-signal-safe; `groups` was allocated before.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+}
+
+/// Run `f` on this thread with the caller's file-system identity (fsuid,
+/// fsgid, supplementary groups: per thread, raw system calls, not glibc's
+/// process-wide wrappers), then go back to root's. Files it opens or
+/// creates, and Unix sockets it connects to, are checked against the
+/// caller's rights.
+fn as_caller<T>(peer: &Peer, f: impl FnOnce() -> T) -> Result<T, String> {
+    if peer.is_root() {
+        return Ok(f());
     }
-    let out = cmd
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
-    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
-    if out.status.success() {
-        Ok(text(&out.stdout))
-    } else {
-        Err(text(&out.stderr)
-            .trim_start_matches("tt-host: ")
-            .to_string())
+    // SAFETY: per-thread credential system calls with valid arguments;
+    // `groups` outlives the call.
+    let switch = |uid: u32, gid: u32, groups: &[u32]| unsafe {
+        libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) == 0
+            && libc::syscall(libc::SYS_setfsgid, gid) >= 0
+            && libc::syscall(libc::SYS_setfsuid, uid) >= 0
+    };
+    let back = || switch(0, 0, &[]);
+    if !switch(peer.uid, peer.gid, &peer.groups) {
+        back();
+        return Err("cannot take the caller's identity".into());
     }
+    let r = f();
+    if !back() {
+        // A daemon thread that cannot become root again must not serve on.
+        eprintln!("tt-host daemon: cannot restore root's file-system identity; exiting");
+        std::process::exit(1);
+    }
+    Ok(r)
 }
 
 /// Everything about a request that can be checked without the daemon's
@@ -433,9 +424,8 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
                 return error(format!("no unikernel named {n}"));
             }
             let socket = sup.unit_dir(&n).join("control");
-            let exe = sup.exe().to_path_buf();
             let peer = peer.clone();
-            match tokio::task::spawn_blocking(move || control(&exe, &socket, &peer, op)).await {
+            match tokio::task::spawn_blocking(move || control(&socket, &peer, op)).await {
                 Ok(Ok(message)) => Reply::Ok { message },
                 Ok(Err(e)) => error(format!("{n}: {e}")),
                 Err(e) => error(format!("{n}: {e}")),

@@ -149,11 +149,6 @@ pub struct Started {
 }
 
 impl Supervisor {
-    /// The tt-host executable the units run.
-    pub fn exe(&self) -> &std::path::Path {
-        &self.cfg.exe
-    }
-
     /// A unit's runtime directory (console, stats, tt-host's log).
     pub fn unit_dir(&self, name: &str) -> PathBuf {
         // Labels may be '.' or '..': the prefix keeps every name a plain

@@ -127,6 +127,14 @@ impl Conn {
         })
     }
 
+    /// Another handle on the same connection.
+    pub fn try_clone(&self) -> std::io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+
     pub fn is_unix(&self) -> bool {
         matches!(self, Conn::Unix(_))
     }

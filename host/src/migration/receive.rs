@@ -230,6 +230,12 @@ impl Incoming {
         }
     }
 
+    /// A handle that can tell the source why this target gives up, after
+    /// the `Incoming` itself is gone.
+    pub fn aborter(&self) -> Option<Conn> {
+        self.conn.try_clone().ok()
+    }
+
     /// Tell the source why this target gives up (best effort).
     pub fn abort(&mut self, why: &str) {
         let _ = self.conn.send(tag::ABORT, why.as_bytes());

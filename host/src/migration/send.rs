@@ -91,6 +91,7 @@ pub fn send(mut conn: Conn, inbox: &Inbox, opts: &Options) -> Result<String, Str
         match precopy(&mut conn, &src, opts, &mut stats, started) {
             Ok(left) => pending = left,
             Err(e) => {
+                let e = target_reason(&mut conn, e);
                 stop_tracking(&src);
                 let _ = conn.send(tag::ABORT, e.as_bytes());
                 return Err(e);
@@ -118,6 +119,7 @@ pub fn send(mut conn: Conn, inbox: &Inbox, opts: &Options) -> Result<String, Str
             ))
         }
         Err(e) => {
+            let e = target_reason(&mut conn, e);
             stop_tracking(&src);
             let _ = conn.send(tag::ABORT, e.as_bytes());
             drop(conn);
@@ -308,6 +310,29 @@ fn phase(what: &str, t: Instant) {
             t.elapsed().as_secs_f64() * 1e3
         );
     }
+}
+
+/// After the stream failed: the target's own reason, if it sent one
+/// (an ABORT waiting to be read), instead of the bare stream error.
+fn target_reason(conn: &mut Conn, e: String) -> String {
+    if !e.starts_with("migration stream") {
+        return e;
+    }
+    let _ = conn.set_timeout(Some(Duration::from_millis(500)));
+    // Skip whatever else the target sent (its HELLO was read already).
+    for _ in 0..4 {
+        match conn.recv(4096) {
+            Ok(f) if f.tag == tag::ABORT => {
+                return format!(
+                    "the target refused the guest: {}",
+                    String::from_utf8_lossy(&f.payload)
+                )
+            }
+            Ok(_) => continue,
+            Err(_) => break,
+        }
+    }
+    e
 }
 
 fn or_into(a: &mut [u64], b: &[u64]) {
