@@ -308,8 +308,8 @@ pub fn receive(
     // the commit the source is gone and the message goes nowhere.
     let aborter = incoming.aborter();
     let r = run_or_resume(&merged, Some(image), Start::Migration(Box::new(incoming)));
-    if let (Err(e), Some(mut c)) = (&r, aborter) {
-        let _ = c.send(crate::migration::tag::ABORT, e.to_string().as_bytes());
+    if let (Err(e), Some(a)) = (&r, aborter) {
+        a.abort(&e.to_string());
     }
     r
 }

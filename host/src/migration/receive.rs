@@ -11,6 +11,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 /// A connection that has sent HELLO and CONFIG.
 pub struct Incoming {
     conn: Conn,
+    /// Set once the source committed: see [`Incoming::aborter`].
+    committed: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub config: Config,
     /// RAM is the source's memfd (a local upgrade): nothing is copied.
     pub memfd_mode: bool,
@@ -99,10 +101,26 @@ pub fn start(mut conn: Conn) -> Result<Incoming, String> {
     };
     Ok(Incoming {
         conn,
+        committed: Default::default(),
         config,
         memfd_mode: memfd,
         memfd: file,
     })
+}
+
+/// See [`Incoming::aborter`].
+pub struct Aborter {
+    conn: Conn,
+    committed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Aborter {
+    /// Send the source `why` this target gives up, unless it committed.
+    pub fn abort(mut self, why: &str) {
+        if !self.committed.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = self.conn.send(tag::ABORT, why.as_bytes());
+        }
+    }
 }
 
 /// Reads STATE's leading fields.
@@ -225,15 +243,23 @@ impl Incoming {
             format!("the source did not commit ({e}): it failed or was stopped; discarding")
         })?;
         match f.tag {
-            tag::COMMIT => Ok(()),
+            tag::COMMIT => {
+                self.committed
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            }
             t => Err(unexpected(t, "COMMIT", &f)),
         }
     }
 
     /// A handle that can tell the source why this target gives up, after
-    /// the `Incoming` itself is gone.
-    pub fn aborter(&self) -> Option<Conn> {
-        self.conn.try_clone().ok()
+    /// the `Incoming` itself is gone: until the source committed (after
+    /// that the source is gone, and the sandbox forbids the call).
+    pub fn aborter(&self) -> Option<Aborter> {
+        Some(Aborter {
+            conn: self.conn.try_clone().ok()?,
+            committed: self.committed.clone(),
+        })
     }
 
     /// Tell the source why this target gives up (best effort).
