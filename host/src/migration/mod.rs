@@ -123,7 +123,10 @@ impl Conn {
         Ok(if domain == libc::AF_UNIX {
             Conn::Unix(UnixStream::from(fd))
         } else {
-            Conn::Tcp(std::net::TcpStream::from(fd))
+            let s = std::net::TcpStream::from(fd);
+            // Every frame is written whole: none should wait for an ACK.
+            s.set_nodelay(true)?;
+            Conn::Tcp(s)
         })
     }
 
@@ -177,6 +180,15 @@ impl Conn {
             }
             Conn::Tcp(_) if !fds.is_empty() => {
                 return Err(std::io::Error::other("descriptors cannot cross TCP"))
+            }
+            // A small frame goes in one write: with the header and the
+            // payload in two, TCP holds the second back (Nagle) until the
+            // first is acknowledged, which a delayed ACK puts off by 40 ms.
+            _ if payload.len() <= 64 << 10 => {
+                let mut frame = Vec::with_capacity(5 + payload.len());
+                frame.extend_from_slice(&head);
+                frame.extend_from_slice(payload);
+                return self.stream().write_all(&frame);
             }
             _ => self.stream().write_all(&head)?,
         }

@@ -60,6 +60,7 @@ pub fn accept(addr: &Addr, psk: Option<&[u8]>) -> Result<Incoming, String> {
             s.set_read_timeout(Some(PEER_TIMEOUT))
                 .map_err(|e| e.to_string())?;
             auth::server(&mut s, key).map_err(|e| format!("{peer}: {e}"))?;
+            s.set_nodelay(true).map_err(|e| e.to_string())?;
             Conn::Tcp(s)
         }
     };

@@ -45,6 +45,39 @@ pub const MSRS: &[u32] = &[
     0xc000_0103, // TSC_AUX
 ];
 
+/// The (offset, length) ranges of `file`'s first `len` bytes that hold
+/// data (`SEEK_DATA`/`SEEK_HOLE`); all of it where the file system cannot
+/// say.
+fn data_extents(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    while at < len {
+        // SAFETY: lseek on an open descriptor; no pointers.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ENXIO) => break, // only a hole is left
+                Some(libc::EINVAL) if out.is_empty() && at == 0 => return Ok(vec![(0, len)]),
+                _ => return Err(e),
+            }
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (d, h) = (data as u64, (hole as u64).min(len));
+        if h > d {
+            out.push((d, h - d));
+        }
+        at = h.max(d + 1);
+    }
+    Ok(out)
+}
+
 /// Memory is written in pieces of this size; a piece of zeros is a hole.
 const PIECE: usize = 64 << 10;
 
@@ -277,16 +310,28 @@ impl Vm {
                 self.mem_size()
             )));
         }
-        for r in self.mem.iter() {
-            let host = self
-                .mem
-                .get_host_address(r.start_addr())
-                .expect("a region's start is in memory");
-            // SAFETY: as in `ram`, and the guest does not run: nothing
-            // else reads or writes this memory meanwhile.
-            let s = unsafe { std::slice::from_raw_parts_mut(host, r.len() as usize) };
-            file.read_exact_at(s, r.start_addr().0)
-                .map_err(|e| VmError::Restore(format!("memory file: {e}")))?;
+        // Only the file's data is read: its holes (pages of zeros, left
+        // out when it was written) stay as the fresh memory is, zero.
+        let err = |e: std::io::Error| VmError::Restore(format!("memory file: {e}"));
+        for (at, len) in data_extents(file, len).map_err(err)? {
+            for r in self.mem.iter() {
+                let (start, end) = (r.start_addr().0, r.start_addr().0 + r.len());
+                let (s, e) = (at.max(start), (at + len).min(end));
+                if s >= e {
+                    continue;
+                }
+                let host = self
+                    .mem
+                    .get_host_address(r.start_addr())
+                    .expect("a region's start is in memory");
+                // SAFETY: `[s, e)` lies inside the region, a live mapping
+                // owned by `self.mem`; the guest does not run, so nothing
+                // else reads or writes this memory meanwhile.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(host.add((s - start) as usize), (e - s) as usize)
+                };
+                file.read_exact_at(dst, s).map_err(err)?;
+            }
         }
         Ok(())
     }
