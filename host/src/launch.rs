@@ -627,6 +627,7 @@ fn run_or_resume(
     let mut vm = match early_vm {
         Some(mut vm) => {
             vm.set_modules(modules);
+            vm.attach_regions(mmio)?;
             vm
         }
         None => Vm::new(&params, modules, mmio)?,
@@ -666,7 +667,6 @@ fn run_or_resume(
             launch: launch_info(args, &file, params.cpl3),
             lock_fds: vm.lock_fds(),
             admission: Some((fd, name.to_string())),
-            virtio: vm.has_mmio_devices(),
             handover: vm.handover_fds(),
         });
     }
@@ -746,6 +746,7 @@ fn resume_state(vm: &mut Vm, s: &crate::snapshot::Snapshot, dir: &str) -> Result
     }
     vm.restore_vcpu(&s.vcpu)
         .and_then(|()| vm.restore_monitor(s.monitor.as_ref()))
+        .and_then(|()| vm.restore_mmio(&s.mmio))
         .map_err(|e| err(e.to_string()))
 }
 

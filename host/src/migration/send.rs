@@ -56,12 +56,6 @@ pub fn send(mut conn: Conn, inbox: &Inbox, opts: &Options) -> Result<String, Str
     let src = inbox
         .source()
         .ok_or("this tt-host cannot migrate its guest")?;
-    if src.virtio {
-        return Err(
-            "the guest has virtio devices, whose queues cannot migrate yet (hvt devices can)"
-                .into(),
-        );
-    }
     let net = |e: std::io::Error| format!("migration stream: {e}");
     conn.set_timeout(Some(PEER_TIMEOUT)).map_err(net)?;
     // Over a Unix socket the target is on this host: RAM goes as the

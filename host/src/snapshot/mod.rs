@@ -126,6 +126,16 @@ pub struct DiskIdentity {
     pub sample_crc: u32,
 }
 
+/// A device in the MMIO window (virtio): its address and its state, in
+/// the device's own encoding (virtio-blk: its transport's registers and
+/// queue position, postcard).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    pub base: u64,
+    #[serde(with = "serde_bytes")]
+    pub state: Vec<u8>,
+}
+
 /// The whole state of a paused guest but its RAM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -136,6 +146,8 @@ pub struct Snapshot {
     /// With `launch.cpl3`.
     pub monitor: Option<Shadow>,
     pub disks: Vec<DiskIdentity>,
+    /// Devices in the MMIO window.
+    pub mmio: Vec<MmioState>,
 }
 
 /// How much of each end of an image [`DiskIdentity::sample_crc`] covers.
@@ -258,6 +270,9 @@ fn check(s: &Snapshot) -> Result<(), FormatError> {
     }
     if s.vcpu.msrs.len() > 64 {
         return bad(format!("{} MSRs", s.vcpu.msrs.len()));
+    }
+    if s.mmio.len() > 64 || s.disks.len() > 256 {
+        return bad("more devices than a launch has".into());
     }
     Ok(())
 }

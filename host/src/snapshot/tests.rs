@@ -38,6 +38,10 @@ pub(crate) fn sample() -> Snapshot {
             mtime_ns: 1_700_000_000_123_456_789,
             sample_crc: 0xdead_beef,
         }],
+        mmio: vec![MmioState {
+            base: 0x1_0000_0000,
+            state: vec![1, 2, 3],
+        }],
     }
 }
 

@@ -22,6 +22,46 @@ pub trait MmioDevice: Send {
     fn attach_memory(&mut self, mem: vm_memory::GuestMemoryMmap) {
         let _ = mem;
     }
+    /// With the vCPU paused, for a snapshot or a migration: finish what
+    /// the guest asked (requests in flight completed into guest memory,
+    /// acknowledged writes durable), so that the device's state is what
+    /// [`save`](Self::save) returns. An error names the device.
+    fn quiesce(&mut self) -> Result<(), String> {
+        Err("this device cannot be paused for a snapshot".into())
+    }
+    /// The device's state after [`quiesce`](Self::quiesce), for a
+    /// snapshot (its bytes are the device's to define).
+    fn save(&self) -> Result<Vec<u8>, String> {
+        Err("this device's state cannot be saved".into())
+    }
+    /// Take the state [`save`](Self::save) gave, on a device attached as
+    /// the saved one was (and to the same guest memory).
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        let _ = state;
+        Err("this device's state cannot be restored".into())
+    }
+    /// Quiesce, then touch no file until [`resume`](Self::resume) (a
+    /// migration hands them over meanwhile); see `Module::suspend`.
+    fn suspend(&mut self) -> Result<(), String> {
+        self.quiesce()
+    }
+    /// After [`suspend`](Self::suspend), when the migration failed.
+    fn resume(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// The identity of the image backing the device, if any.
+    fn disks(&self) -> Result<Vec<crate::snapshot::DiskIdentity>, String> {
+        Ok(Vec::new())
+    }
+    /// The descriptors holding the device's locks (`Backend::lock_fds`).
+    fn lock_fds(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
+    /// While a migration copies memory: mark every write the device makes
+    /// into guest memory here (`None`: stop).
+    fn track_writes(&mut self, dirty: Option<Arc<crate::vmm::dirty::HostDirty>>) {
+        let _ = dirty;
+    }
 }
 
 /// One device in the MMIO window, as a device kind hands it to the VM.
@@ -82,6 +122,14 @@ impl Bus {
     /// Does no device serve any range?
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty()
+    }
+
+    /// Every device, by its base address.
+    pub fn devices(&self) -> Vec<(u64, SharedDevice)> {
+        self.ranges
+            .iter()
+            .map(|(&base, e)| (base, e.device.clone()))
+            .collect()
     }
 
     /// Serve `[base, base + len)` with `device`.

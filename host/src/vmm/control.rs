@@ -56,8 +56,6 @@ pub struct Source {
     pub lock_fds: Vec<std::os::fd::RawFd>,
     /// The admission entry's file and name ([`crate::admission::Admission::entry`]).
     pub admission: Option<(std::os::fd::RawFd, String)>,
-    /// Does the guest have virtio devices (which cannot migrate yet)?
-    pub virtio: bool,
     /// Device descriptors a local migration hands over (TAPs), by name.
     pub handover: Vec<(String, std::os::fd::RawFd)>,
 }
@@ -226,6 +224,11 @@ impl Vm {
                             break;
                         }
                     }
+                    if r.is_ok() {
+                        r = self
+                            .each_mmio(|_, d| if on { d.suspend() } else { d.resume() })
+                            .map(|()| String::new());
+                    }
                     (r, None)
                 }
                 Op::HandOver { entry_taken } => {
@@ -297,7 +300,7 @@ impl Vm {
         for m in &mut self.modules {
             m.quiesce()?;
         }
-        Ok(())
+        self.each_mmio(|_, d| d.quiesce())
     }
 
     /// Write the paused guest's state and memory; a summary.
@@ -326,13 +329,6 @@ impl Vm {
         let Some(launch) = self.launch.clone() else {
             return Err("this VM was not started by a launch that can be restored".into());
         };
-        if !self.bus.is_empty() {
-            return Err(
-                "the guest has virtio devices, whose queues cannot be snapshotted yet (hvt \
-                 devices can)"
-                    .into(),
-            );
-        }
         let mut disks = self.disks()?;
         for d in &mut disks {
             d.path = launch
@@ -348,6 +344,7 @@ impl Vm {
             vcpu: self.save_vcpu().map_err(|e| e.to_string())?,
             monitor: self.save_monitor(),
             disks,
+            mmio: self.save_mmio()?,
         })
     }
 }

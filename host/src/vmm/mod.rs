@@ -117,6 +117,8 @@ pub struct Vm {
     /// Guest memory the host writes for the guest while a migration
     /// tracks it (KVM's dirty log sees only the guest's own writes).
     host_dirty: std::sync::Arc<dirty::HostDirty>,
+    /// The same memory as `guest`, as devices get it.
+    guest_mmap: GuestMemoryMmap,
     /// Guest memory from [`layout::BOOT_INFO_BASE`] up: what hypercall
     /// handlers and devices read and write on the guest's behalf. Below it
     /// lie the GDT, the page tables and the CPL 3 monitor, which no guest
@@ -199,6 +201,32 @@ fn boot_control_registers(solo5_hvt_boot: bool) -> (u64, u64, u64) {
         EFER_LME | EFER_LMA | EFER_NXE
     };
     (cr0, cr4, efer)
+}
+
+/// Check that the regions lie in the MMIO window of a VM with that many
+/// devices, with their notification registers inside them.
+fn check_regions(regions: &[MmioRegion]) -> Result<(), VmError> {
+    let window_end = layout::MMIO_BASE + regions.len() as u64 * layout::MMIO_PAGE;
+    for r in regions {
+        if r.base < layout::MMIO_BASE || r.base.saturating_add(r.len) > window_end {
+            return Err(VmError::OutsideMmioWindow {
+                base: r.base,
+                len: r.len,
+                end: window_end,
+                n: regions.len(),
+            });
+        }
+        for &(addr, _, _) in &r.notify {
+            if addr < r.base || addr.saturating_add(4) > r.base + r.len {
+                return Err(VmError::NotifyOutsideRegion {
+                    addr,
+                    base: r.base,
+                    len: r.len,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What a vCPU exit asks of the host, decoded from KVM's exit (separate
@@ -334,29 +362,7 @@ impl Vm {
         regions: Vec<MmioRegion>,
         memory: Memory,
     ) -> Result<Vm, VmError> {
-        let window_end = layout::MMIO_BASE + regions.len() as u64 * layout::MMIO_PAGE;
-        let mut bus = Bus::new();
-        for r in &regions {
-            if r.base < layout::MMIO_BASE || r.base.saturating_add(r.len) > window_end {
-                return Err(VmError::OutsideMmioWindow {
-                    base: r.base,
-                    len: r.len,
-                    end: window_end,
-                    n: regions.len(),
-                });
-            }
-            for &(addr, _, _) in &r.notify {
-                if addr < r.base || addr.saturating_add(4) > r.base + r.len {
-                    return Err(VmError::NotifyOutsideRegion {
-                        addr,
-                        base: r.base,
-                        len: r.len,
-                    });
-                }
-            }
-            bus.insert(r.base, r.len, r.device.clone())?;
-        }
-
+        check_regions(&regions)?;
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
 
@@ -484,24 +490,8 @@ impl Vm {
         };
         vcpu.set_regs(&regs).map_err(kvm_err("set regs"))?;
 
-        for r in &regions {
-            r.device
-                .lock()
-                .map_err(|_| VmError::DevicePoisoned(r.base))?
-                .attach_memory(guest.clone());
-        }
+        let guest_mmap = guest.clone();
         let guest = GuestMem::new(guest, p.image.protected_ranges());
-        let mut notify = Vec::new();
-        let mut notify_by_eventfd = true;
-        for (addr, queue, fd) in regions.into_iter().flat_map(|r| r.notify) {
-            // A 4-byte write of `queue` signals `fd` instead of exiting. If
-            // KVM refuses (kvm-pvm might), the write exits as any other and
-            // the device treats it as the kick.
-            match vm.register_ioevent(&fd, &IoEventAddress::Mmio(addr), queue) {
-                Ok(()) => notify.push(fd),
-                Err(_) => notify_by_eventfd = false,
-            }
-        }
 
         let mut route = [None; 9];
         for (i, m) in modules.iter().enumerate() {
@@ -514,7 +504,7 @@ impl Vm {
             }
         }
         let host_dirty = std::sync::Arc::new(dirty::HostDirty::new(p.mem_size));
-        Ok(Vm {
+        let mut vm = Vm {
             vcpu,
             vm: std::sync::Arc::new(vm),
             mem,
@@ -522,9 +512,10 @@ impl Vm {
             host_dirty,
             guest,
             modules,
-            bus,
-            _notify: notify,
-            notify_by_eventfd,
+            bus: Bus::new(),
+            _notify: Vec::new(),
+            notify_by_eventfd: true,
+            guest_mmap,
             route,
             exits: 0,
             mmio_exits: 0,
@@ -541,7 +532,41 @@ impl Vm {
             launch: None,
             frozen_tsc: None,
             handed_over: false,
-        })
+        };
+        vm.attach_regions(regions)?;
+        Ok(vm)
+    }
+
+    /// Put devices in the MMIO window: on the bus, with guest memory and
+    /// their queue notifications on eventfds (KVM_IOEVENTFD). Where KVM
+    /// refuses one, such a write reaches the device as an MMIO write.
+    /// (A migration's target attaches its devices after its VM is built.)
+    pub fn attach_regions(&mut self, regions: Vec<MmioRegion>) -> Result<(), VmError> {
+        check_regions(&regions)?;
+        for r in &regions {
+            self.bus.insert(r.base, r.len, r.device.clone())?;
+        }
+        for r in &regions {
+            let mut d = r
+                .device
+                .lock()
+                .map_err(|_| VmError::DevicePoisoned(r.base))?;
+            d.attach_memory(self.guest_mmap.clone());
+            d.track_writes(Some(self.host_dirty.clone()));
+        }
+        for (addr, queue, fd) in regions.into_iter().flat_map(|r| r.notify) {
+            // A 4-byte write of `queue` signals `fd` instead of exiting. If
+            // KVM refuses (kvm-pvm might), the write exits as any other and
+            // the device treats it as the kick.
+            match self
+                .vm
+                .register_ioevent(&fd, &IoEventAddress::Mmio(addr), queue)
+            {
+                Ok(()) => self._notify.push(fd),
+                Err(_) => self.notify_by_eventfd = false,
+            }
+        }
+        Ok(())
     }
 
     /// Serve hypercalls with `modules` (a VM built before its devices were
@@ -727,7 +752,26 @@ impl Vm {
 
     /// The descriptors holding every device's locks.
     pub fn lock_fds(&self) -> Vec<std::os::fd::RawFd> {
-        self.modules.iter().flat_map(|m| m.lock_fds()).collect()
+        let mut fds: Vec<_> = self.modules.iter().flat_map(|m| m.lock_fds()).collect();
+        for (_, d) in self.bus.devices() {
+            fds.extend(d.lock().map(|d| d.lock_fds()).unwrap_or_default());
+        }
+        fds
+    }
+
+    /// Run `f` on every device in the MMIO window, in address order; the
+    /// first error, naming the device's address if it panicked.
+    pub(crate) fn each_mmio(
+        &self,
+        mut f: impl FnMut(u64, &mut dyn MmioDevice) -> Result<(), String>,
+    ) -> Result<(), String> {
+        for (base, d) in self.bus.devices() {
+            let mut d = d
+                .lock()
+                .map_err(|_| format!("the device at {base:#x} failed (it panicked)"))?;
+            f(base, &mut *d)?;
+        }
+        Ok(())
     }
 
     /// The descriptors every module hands over in a local migration.

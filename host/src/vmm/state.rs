@@ -224,7 +224,46 @@ impl Vm {
         for m in &self.modules {
             out.extend(m.disks()?);
         }
+        self.each_mmio(|_, d| {
+            out.extend(d.disks()?);
+            Ok(())
+        })?;
         Ok(out)
+    }
+
+    /// Every MMIO device's state (after they were quiesced).
+    pub fn save_mmio(&self) -> Result<Vec<snapshot::MmioState>, String> {
+        let mut out = Vec::new();
+        self.each_mmio(|base, d| {
+            out.push(snapshot::MmioState {
+                base,
+                state: d.save()?,
+            });
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Give each MMIO device its saved state: every device must have one,
+    /// at its address, and every saved state a device.
+    pub fn restore_mmio(&mut self, saved: &[snapshot::MmioState]) -> Result<(), VmError> {
+        let mut bases = Vec::new();
+        self.each_mmio(|base, d| {
+            bases.push(base);
+            let s = saved
+                .iter()
+                .find(|s| s.base == base)
+                .ok_or_else(|| format!("the snapshot has no state for the device at {base:#x}"))?;
+            d.restore(&s.state)
+        })
+        .map_err(VmError::Restore)?;
+        if let Some(s) = saved.iter().find(|s| !bases.contains(&s.base)) {
+            return Err(VmError::Restore(format!(
+                "the snapshot has a device at {:#x}, which this launch does not",
+                s.base
+            )));
+        }
+        Ok(())
     }
 
     /// The CPL 3 monitor's state, if the image runs under it.

@@ -98,6 +98,9 @@ pub struct VirtioBlk {
     unpublished: bool,
     last_error: Option<ParseError>,
     watch: Arc<Watch>,
+    /// Where to mark what it writes into guest memory while a migration
+    /// copies it.
+    dirty: Option<Arc<crate::vmm::dirty::HostDirty>>,
 }
 
 /// What POLL needs to know about a device, kept apart from it: the worker
@@ -196,7 +199,23 @@ impl VirtioBlk {
             unpublished: false,
             last_error: None,
             watch: Arc::default(),
+            dirty: None,
         })
+    }
+
+    /// While a migration tracks them: mark `[at, at + len)` as written.
+    fn mark(&self, at: u64, len: u64) {
+        if let Some(d) = self.dirty.as_ref().filter(|d| d.active()) {
+            d.mark(at, len);
+        }
+    }
+
+    /// While a migration tracks them: mark the used ring (entries, index
+    /// and avail_event), which serving the queue writes.
+    fn mark_used_ring(&self) {
+        if let Some((_, _, used, size)) = self.queue() {
+            self.mark(used, 6 + 8 * u64::from(size));
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -288,6 +307,8 @@ impl VirtioBlk {
         let Some(mem) = self.mem.clone() else {
             return 0;
         };
+        // Notification suppression writes the used ring's avail_event.
+        self.mark_used_ring();
         let mut taken = 0;
         while self.transport.live() {
             let _ = self.transport.queue.disable_notification(&mem);
@@ -450,6 +471,9 @@ impl VirtioBlk {
         };
         let mut written = 0u32;
         if let Some(bytes) = bytes {
+            for b in &f.data_in {
+                self.mark(b.addr, u64::from(b.len));
+            }
             match write_bufs(mem, &f.data_in, bytes) {
                 Some(n) => written = n,
                 None => {
@@ -464,6 +488,8 @@ impl VirtioBlk {
     /// Write the status byte and add the used entry (`len` data bytes
     /// plus the status byte).
     fn complete(&mut self, mem: &GuestMemoryMmap, head: u16, status: u64, code: u8, len: u32) {
+        self.mark(status, 1);
+        self.mark_used_ring();
         if mem.write_obj(code, GuestAddress(status)).is_err() {
             self.fail(None);
             return;
@@ -478,6 +504,25 @@ impl VirtioBlk {
             return;
         }
         self.unpublished = true;
+    }
+
+    /// Publish what was completed, now (a quiesce).
+    fn publish_now(&mut self) {
+        if let Some(mem) = self.mem.clone() {
+            self.publish(&mem);
+        }
+    }
+
+    /// Are the ready queue's rings in guest memory, clear of forbidden
+    /// ranges (as the driver's QueueReady is checked)?
+    fn rings_ok(&self) -> bool {
+        let (desc, driver, device, size) = self.transport.queue_layout();
+        let n = u64::from(size);
+        self.mem.as_ref().is_some_and(|mem| {
+            range_ok(mem, &self.forbidden, desc, 16 * n)
+                && range_ok(mem, &self.forbidden, driver, 6 + 2 * n)
+                && range_ok(mem, &self.forbidden, device, 6 + 8 * n)
+        })
     }
 
     fn publish(&mut self, mem: &GuestMemoryMmap) {
@@ -569,6 +614,94 @@ impl MmioDevice for VirtioBlk {
     fn attach_memory(&mut self, mem: GuestMemoryMmap) {
         lock_watch(&self.watch).mem = Some(mem.clone());
         self.mem = Some(mem);
+    }
+
+    fn quiesce(&mut self) -> Result<(), String> {
+        // Take what the guest made available (a notification the worker
+        // has not served yet would be lost with this process), then wait
+        // for every request in flight to complete into guest memory.
+        self.process_queue();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            self.reap();
+            if self.in_flight.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "virtio-blk '{}': {} requests still in flight after 60 s",
+                    self.name,
+                    self.in_flight.len()
+                ));
+            }
+            let mut fd = libc::pollfd {
+                fd: self.backend.event().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for the call.
+            unsafe { libc::poll(&mut fd, 1, 50) };
+        }
+        self.publish_now();
+        self.backend
+            .quiesce()
+            .map_err(|e| format!("virtio-blk: {e}"))
+    }
+
+    fn save(&self) -> Result<Vec<u8>, String> {
+        if !self.in_flight.is_empty() {
+            return Err(format!("virtio-blk '{}': requests in flight", self.name));
+        }
+        postcard::to_stdvec(&self.transport.save()).map_err(|e| e.to_string())
+    }
+
+    fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        let s: super::mmio::TransportState = postcard::from_bytes(state)
+            .map_err(|e| format!("virtio-blk '{}': its saved state: {e}", self.name))?;
+        let ok = self.transport.restore(&s) && (!s.ready || self.rings_ok());
+        if !ok {
+            self.transport.reset();
+            self.sync_watch();
+            return Err(format!(
+                "virtio-blk '{}': its saved state is not one this device can take (features or \
+                 queue)",
+                self.name
+            ));
+        }
+        self.sync_watch();
+        // Anything the driver made available meanwhile is served.
+        let _ = self.notify.write(1);
+        Ok(())
+    }
+
+    fn suspend(&mut self) -> Result<(), String> {
+        self.quiesce()?;
+        self.backend
+            .suspend()
+            .map_err(|e| format!("virtio-blk: {e}"))
+    }
+
+    fn resume(&mut self) -> Result<(), String> {
+        self.backend
+            .resume()
+            .map_err(|e| format!("virtio-blk: {e}"))
+    }
+
+    fn disks(&self) -> Result<Vec<crate::snapshot::DiskIdentity>, String> {
+        match self.backend.image_file() {
+            Some(f) => crate::snapshot::disk_identity(&self.name, f)
+                .map(|d| vec![d])
+                .map_err(|e| format!("block device '{}': cannot read its image: {e}", self.name)),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn lock_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.backend.lock_fds()
+    }
+
+    fn track_writes(&mut self, dirty: Option<Arc<crate::vmm::dirty::HostDirty>>) {
+        self.dirty = dirty;
     }
 }
 

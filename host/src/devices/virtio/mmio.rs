@@ -34,6 +34,24 @@ pub enum Action {
     DriverOk,
 }
 
+/// What a snapshot keeps of a [`Transport`]: its registers and its queue's
+/// position (the rings themselves are in guest memory).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    pub device_features_sel: u32,
+    pub driver_features: u64,
+    pub driver_features_sel: u32,
+    pub status: u32,
+    pub queue_sel: u32,
+    pub queue_num: u16,
+    pub desc: u64,
+    pub driver: u64,
+    pub device: u64,
+    pub ready: bool,
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
 /// The transport's registers and its one queue.
 #[derive(Debug)]
 pub struct Transport {
@@ -79,6 +97,51 @@ impl Transport {
             device: 0,
             queue,
         })
+    }
+
+    /// Its state, for a snapshot.
+    pub fn save(&self) -> TransportState {
+        TransportState {
+            device_features_sel: self.device_features_sel,
+            driver_features: self.driver_features,
+            driver_features_sel: self.driver_features_sel,
+            status: self.status,
+            queue_sel: self.queue_sel,
+            queue_num: self.queue_num,
+            desc: self.desc,
+            driver: self.driver,
+            device: self.device,
+            ready: self.queue.ready(),
+            next_avail: self.queue.next_avail(),
+            next_used: self.queue.next_used(),
+        }
+    }
+
+    /// Take the state `s` (of a transport offering the same features).
+    /// `false`, and the transport reset, if it is not one this transport
+    /// could have reached: features it does not offer, or a queue the
+    /// virtqueue refuses.
+    pub fn restore(&mut self, s: &TransportState) -> bool {
+        self.reset();
+        if s.driver_features & !self.device_features != 0 {
+            return false;
+        }
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features = s.driver_features;
+        self.driver_features_sel = s.driver_features_sel;
+        self.status = s.status;
+        self.queue_sel = s.queue_sel;
+        self.queue_num = s.queue_num;
+        (self.desc, self.driver, self.device) = (s.desc, s.driver, s.device);
+        if s.ready {
+            if !self.set_queue_ready() {
+                self.reset();
+                return false;
+            }
+            self.queue.set_next_avail(s.next_avail);
+            self.queue.set_next_used(s.next_used);
+        }
+        true
     }
 
     /// Back to the state after `new` (status 0, queue not ready).
