@@ -3,7 +3,7 @@
 //! doc of [`super`] for the protocol).
 
 use super::{check_hello, hello, tag, Config, Conn, HELLO_MEMFD, PAGE, PEER_TIMEOUT};
-use crate::vmm::control::{Inbox, Op, Source};
+use crate::vmm::control::{Inbox, Op, Source, NOT_PAUSED};
 use crate::vmm::dirty::{self, HostDirty};
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
@@ -93,10 +93,14 @@ pub fn send(mut conn: Conn, inbox: &Inbox, opts: &Options) -> Result<String, Str
         }
     }
 
-    // The guest stops here; from now on a failure resumes it.
+    // The guest stops here; from now on a failure resumes it. (With a
+    // memfd nothing happens between the pause and the switch: `switch`
+    // pauses it in the same step.)
     let paused = Instant::now();
-    inbox.call(Op::Pause).inspect_err(|_| stop_tracking(&src))?;
-    phase("paused", paused);
+    if !memfd {
+        inbox.call(Op::Pause).inspect_err(|_| stop_tracking(&src))?;
+        phase("paused", paused);
+    }
     let switched = switch(&mut conn, inbox, &src, memfd, pending, &mut stats);
     match switched {
         Ok(entry_taken) => {
@@ -117,8 +121,13 @@ pub fn send(mut conn: Conn, inbox: &Inbox, opts: &Options) -> Result<String, Str
             stop_tracking(&src);
             let _ = conn.send(tag::ABORT, e.as_bytes());
             drop(conn);
+            // (If the switch failed before the pause, the guest runs on
+            // already and its devices were never suspended.)
             let back = take_locks(&src.lock_fds)
-                .and_then(|()| inbox.call(Op::Suspend(false)))
+                .and_then(|()| match inbox.call(Op::Suspend(false)) {
+                    Err(e) if e == NOT_PAUSED => Ok(String::new()),
+                    r => r,
+                })
                 .and_then(|_| inbox.call(Op::Resume));
             match back {
                 Ok(_) => Err(format!("{e}; the guest runs on here")),
@@ -199,12 +208,10 @@ fn switch(
     }
     let t = Instant::now();
     let (tx, rx) = std::sync::mpsc::channel();
-    inbox.call(Op::Save(tx))?;
+    let _ = inbox.call(Op::Switch(tx));
     let state = rx.recv().map_err(|_| "the guest stopped".to_string())??;
-    phase("state saved", t);
-    inbox.call(Op::Suspend(true))?;
     release_locks(&src.lock_fds);
-    phase("devices suspended", t);
+    phase("paused, state saved, devices suspended", t);
     // STATE's payload: the entry's name (for the target to adopt it), the
     // names of the devices whose descriptors follow it (TAPs), then the
     // state file. Descriptors cross only a Unix socket.
