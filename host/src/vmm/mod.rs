@@ -779,16 +779,6 @@ impl Vm {
         self.modules.iter().flat_map(|m| m.handover_fds()).collect()
     }
 
-    /// Does the guest have devices in the MMIO window (virtio)?
-    pub fn has_mmio_devices(&self) -> bool {
-        !self.bus.is_empty()
-    }
-
-    /// How the guest was launched (with `--control`).
-    pub fn launch_info(&self) -> Option<&crate::snapshot::Launch> {
-        self.launch.as_ref()
-    }
-
     /// While a migration tracks them: mark what hypercall `call` may have
     /// written into guest memory (its argument struct's OUT fields, and
     /// the buffer of a BLOCK_READ or NET_READ).
