@@ -367,6 +367,7 @@ pub fn restore(args: &RunArgs) -> Result<i32, LaunchError> {
         merged.devices.push(spec);
     }
     merged.devices.extend(args.devices.iter().cloned());
+    pin_macs(&mut merged, &snapshot.nets).map_err(|e| err(e.to_string()))?;
     let image = snapshot.launch.image.clone();
     let resume = Resume {
         snapshot,
@@ -394,6 +395,37 @@ fn timing(what: &str) {
         );
     }
     *last = Some(now);
+}
+
+/// Give each net device the MAC the guest has (`nets`, from its state):
+/// a `--net-mac` that names another is refused, a missing one is added.
+fn pin_macs(args: &mut RunArgs, nets: &[(String, [u8; 6])]) -> Result<(), LaunchError> {
+    for (dev, mac) in nets {
+        let m = mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        let given = args
+            .devices
+            .iter()
+            .find(|o| o.option == "net-mac" && o.device.as_deref() == Some(dev.as_str()));
+        match given {
+            Some(o) if crate::modules::net::parse_mac(&o.value) == Ok(*mac) => {}
+            Some(o) => {
+                return Err(LaunchError::Devices(format!(
+                    "net device '{dev}': the guest's MAC is {m} (it read it at boot); \
+                     --net-mac:{dev}={} cannot change it",
+                    o.value
+                )))
+            }
+            None => args.devices.push(
+                crate::cli::parse_device_option("net-mac", Some(dev), &m)
+                    .map_err(|e| LaunchError::Devices(e.to_string()))?,
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// The snapshot's description of this launch.
@@ -521,8 +553,10 @@ fn run_or_resume(
     let mut handed_args;
     let mut _taps = Vec::new();
     let args = match arrived.as_mut().map(|a| std::mem::take(&mut a.devices)) {
-        Some(devices) if !devices.is_empty() => {
+        Some(devices) => {
             handed_args = args.clone();
+            let nets = &arrived.as_ref().expect("arrived").snapshot.nets;
+            pin_macs(&mut handed_args, nets)?;
             for (name, fd) in devices {
                 use std::os::fd::AsRawFd;
                 let at = format!("@{}", fd.as_raw_fd());
@@ -538,7 +572,7 @@ fn run_or_resume(
             }
             &handed_args
         }
-        _ => args,
+        None => args,
     };
     // A local migration hands its admission entry over (adopted once the
     // source commits): the guest is not admitted twice. Otherwise, admit.
@@ -762,6 +796,26 @@ mod tests {
             Ok(Parsed::Run(r)) => *r,
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A restored or migrated guest keeps the MAC it read at boot: its
+    /// net device gets it when no `--net-mac` is given, and a different
+    /// one is refused, naming both.
+    #[test]
+    fn net_devices_keep_the_guests_mac() {
+        let mac = [2, 0, 0, 0, 0, 0x2a];
+        let nets = vec![("service0".to_string(), mac)];
+        let mut a = args(&["--net:service0=tap0", "img"]);
+        pin_macs(&mut a, &nets).unwrap();
+        let o = a.devices.iter().find(|o| o.option == "net-mac").unwrap();
+        assert_eq!(o.device.as_deref(), Some("service0"));
+        assert_eq!(crate::modules::net::parse_mac(&o.value), Ok(mac));
+        let mut same = args(&["--net-mac:service0=02:00:00:00:00:2A", "img"]);
+        pin_macs(&mut same, &nets).unwrap();
+        let mut other = args(&["--net-mac:service0=02:00:00:00:00:01", "img"]);
+        let e = pin_macs(&mut other, &nets).unwrap_err().to_string();
+        assert!(e.contains("the guest's MAC is 02:00:00:00:00:2a"), "{e}");
+        assert!(e.contains("02:00:00:00:00:01 cannot change it"), "{e}");
     }
 
     /// The test-only dummy kind is one `DeviceKind` and one line in

@@ -190,6 +190,10 @@ pub trait Module {
     fn resume(&mut self) -> Result<(), String> {
         Ok(())
     }
+    /// Each net device's MAC, by device name (for a snapshot).
+    fn net_macs(&self) -> Vec<(String, [u8; 6])> {
+        Vec::new()
+    }
     /// Descriptors a local migration hands to the target with the guest,
     /// by device name: a TAP, which cannot be attached twice.
     fn handover_fds(&self) -> Vec<(String, std::os::fd::RawFd)> {

@@ -691,6 +691,13 @@ impl Module for Net {
         "net"
     }
 
+    fn net_macs(&self) -> Vec<(String, [u8; 6])> {
+        self.devices
+            .iter()
+            .map(|d| (d.name.clone(), d.mac))
+            .collect()
+    }
+
     fn handover_fds(&self) -> Vec<(String, RawFd)> {
         self.devices
             .iter()

@@ -148,6 +148,10 @@ pub struct Snapshot {
     pub disks: Vec<DiskIdentity>,
     /// Devices in the MMIO window.
     pub mmio: Vec<MmioState>,
+    /// Each hvt net device's MAC (device name, MAC): the guest read it at
+    /// boot and keeps it; a restore or a migration's target gives the
+    /// device the same.
+    pub nets: Vec<(String, [u8; 6])>,
 }
 
 /// How much of each end of an image [`DiskIdentity::sample_crc`] covers.
@@ -271,7 +275,7 @@ fn check(s: &Snapshot) -> Result<(), FormatError> {
     if s.vcpu.msrs.len() > 64 {
         return bad(format!("{} MSRs", s.vcpu.msrs.len()));
     }
-    if s.mmio.len() > 64 || s.disks.len() > 256 {
+    if s.mmio.len() > 64 || s.disks.len() > 256 || s.nets.len() > 256 {
         return bad("more devices than a launch has".into());
     }
     Ok(())

@@ -42,6 +42,7 @@ pub(crate) fn sample() -> Snapshot {
             base: 0x1_0000_0000,
             state: vec![1, 2, 3],
         }],
+        nets: vec![("service0".into(), [2, 0, 0, 0, 0, 2])],
     }
 }
 

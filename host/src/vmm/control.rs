@@ -368,6 +368,7 @@ impl Vm {
             monitor: self.save_monitor(),
             disks,
             mmio: self.save_mmio()?,
+            nets: self.modules.iter().flat_map(|m| m.net_macs()).collect(),
         })
     }
 }
