@@ -37,6 +37,7 @@ pub mod client_creds;
 pub mod control;
 pub mod daemon;
 pub mod devices;
+pub mod images;
 pub mod launch;
 pub mod loader;
 pub mod migration;
