@@ -40,6 +40,11 @@
 //!   < 1 s; dirtying 10 MiB/s: < 50 ms) and over a Unix socket (memfd:
 //!   < 5 ms), beside a pause + resume round trip and 64 MiB over loopback
 //!   TCP. See [`migrate`]. Not part of `all`.
+//! - `images`: a runtime image from a 1 GiB template (issue 21):
+//!   `clone_file` (reflink, else copy; it says which) beside
+//!   `std::fs::copy` and a read/write loop, on the repository's file
+//!   system and on /dev/shm. Reported, no target. See [`images`]. Not
+//!   part of `all` (it writes 1 GiB in each place).
 //!
 //! Each prints a table and its verdict. Only with `--check` does a missed
 //! target make the exit status non-zero (2); errors always exit 1.
@@ -51,6 +56,7 @@ mod compute;
 mod cpl3;
 mod daemon;
 mod hypercall;
+mod images;
 mod launch;
 mod migrate;
 mod minimal;
@@ -76,6 +82,7 @@ usage:
   tt-bench cpl3      [--runs ROUNDS] [--iters LOOP_ITERS] [--tt-host PATH] [--check]
   tt-bench daemon    [--runs N] [--iters IDLE_UNIKERNELS] [--tt-host PATH] [--image PATH] [--check]
   tt-bench migrate   [--runs N] [--tt-host PATH] [--image UNIT_IMAGE] [--check]
+  tt-bench images    [--runs N]
   tt-bench all       [--check]
 
 defaults (relative to the workspace root):
@@ -86,6 +93,7 @@ vblk in $TT_VBLK_BENCH_DIR, default target/tt-vblk-bench (also needs blkbench bu
 cpl3 in $TT_CPL3_BENCH_DIR, default target/tt-cpl3-bench; its Solo5 targets need
 $SOLO5_DIR, a Solo5 tree built with ./configure.sh && make (else they are skipped).
 migrate in $TT_MIGRATE_BENCH_DIR, default target/tt-migrate-bench (also needs counter built).
+images in $TT_IMAGES_BENCH_DIR, default target/tt-images-bench, and in /dev/shm.
   --expect-status 0 (the guest's exit status; a run that ends otherwise is an error)
 
 --check: exit with status 2 if a target is missed (default: only report).";
@@ -258,6 +266,7 @@ fn dispatch(args: &[String]) -> Result<Vec<Verdict>, String> {
                 | "cpl3"
                 | "daemon"
                 | "migrate"
+                | "images"
                 | "all"
         )
     ) {
@@ -299,6 +308,10 @@ fn dispatch(args: &[String]) -> Result<Vec<Verdict>, String> {
         Some("migrate") => {
             let o = parse(rest, &with(&["--runs", "--check"]))?;
             (migrate::run(&o)?, o.check)
+        }
+        Some("images") => {
+            let o = parse(rest, &["--runs"])?;
+            (images::run(&o)?, o.check)
         }
         Some("all") => {
             let o = parse(rest, &["--check"])?;
