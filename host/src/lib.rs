@@ -27,6 +27,8 @@
 //!
 //! The admission's reservation is released when the launch ends.
 //! [`runfile`] holds the console ring and stats files a supervisor reads.
+//! [`images`] makes runtime images from templates and keeps disk
+//! snapshots (issue 21; the daemon drives it).
 //! [`abi`] holds the shared layouts. docs/ABI.md says what a guest may rely on.
 
 pub mod abi;

@@ -81,6 +81,12 @@ pub enum ImageError {
         .0.display()
     )]
     BadImagePath(PathBuf),
+    /// Another image with the same file name has snapshots in the store.
+    #[error(
+        "cannot snapshot {}: {} has snapshots under the same file name; remove them or rename the image",
+        .image.display(), .other.display()
+    )]
+    SnapshotDirTaken { image: PathBuf, other: PathBuf },
     #[error("template '{name}' already exists in {}", .dir.display())]
     TemplateExists { name: String, dir: PathBuf },
     #[error("no template '{name}' in {}", .dir.display())]

@@ -1,7 +1,7 @@
 //! [`SnapshotStore`]: point-in-time copies of runtime images, with a life
 //! time after which they are removed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -38,6 +38,8 @@ impl Snapshot {
 
 /// Snapshots of runtime images under one root: `ROOT/IMAGE/SNAP.img`
 /// (mode 0400) and `SNAP.json`, where `IMAGE` is the image's file name.
+/// Images are told apart by their canonical path; two images with the
+/// same file name in different directories cannot both have snapshots.
 ///
 /// The expiry times are kept in memory, ordered, so
 /// [`SnapshotStore::next_expiry`] is the first of them and
@@ -50,8 +52,6 @@ pub struct SnapshotStore {
     root: PathBuf,
     /// (expiry in ms since the epoch, image directory, snapshot name).
     expiries: BTreeSet<(u64, String, String)>,
-    /// The image path each image directory was made for.
-    images: BTreeMap<String, PathBuf>,
 }
 
 impl SnapshotStore {
@@ -63,7 +63,6 @@ impl SnapshotStore {
         let mut store = SnapshotStore {
             root: root.to_path_buf(),
             expiries: BTreeSet::new(),
-            images: BTreeMap::new(),
         };
         for entry in std::fs::read_dir(root).map_err(io_err("read directory", root))? {
             let dir = entry.map_err(io_err("read directory", root))?.path();
@@ -86,7 +85,6 @@ impl SnapshotStore {
                     Some("tmp") => remove_if_exists(&path)?,
                     Some("json") => {
                         let s: Snapshot = read_json(&path)?;
-                        store.images.insert(key.clone(), s.image.clone());
                         if let Some(l) = s.life_time_ms {
                             let at = s.created_unix_ms.saturating_add(l);
                             store.expiries.insert((at, key.clone(), s.name));
@@ -108,6 +106,30 @@ impl SnapshotStore {
             .and_then(|n| Label::new(n).ok())
             .map(|l| l.as_str().to_string())
             .ok_or_else(|| ImageError::BadImagePath(image.to_path_buf()))
+    }
+
+    /// How `image` is recorded and compared: its canonical path where it
+    /// exists, so `./web.img` and `/state/web.img` are one image.
+    fn ident(image: &Path) -> PathBuf {
+        image.canonicalize().unwrap_or_else(|_| image.to_path_buf())
+    }
+
+    /// Every snapshot in the directory `key`, whichever image it was of.
+    fn all_in(&self, key: &str) -> Result<Vec<Snapshot>, ImageError> {
+        let dir = self.root.join(key);
+        let mut out = Vec::new();
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io_err("read directory", &dir)(e)),
+        };
+        for entry in rd {
+            let path = entry.map_err(io_err("read directory", &dir))?.path();
+            if path.extension().and_then(|e| e.to_str()) == Some("json") {
+                out.push(read_json::<Snapshot>(&path)?);
+            }
+        }
+        Ok(out)
     }
 
     fn snap_label(snap: &str) -> Result<Label, ImageError> {
@@ -138,6 +160,13 @@ impl SnapshotStore {
     ) -> Result<Snapshot, ImageError> {
         let key = Self::key(image)?;
         let label = Self::snap_label(snap)?;
+        let image = &Self::ident(image);
+        if let Some(other) = self.all_in(&key)?.into_iter().find(|s| &s.image != image) {
+            return Err(ImageError::SnapshotDirTaken {
+                image: image.clone(),
+                other: other.image,
+            });
+        }
         let (img, json) = self.paths(&key, &label);
         let exists = || ImageError::SnapshotExists {
             image: image.to_path_buf(),
@@ -172,7 +201,6 @@ impl SnapshotStore {
                 let _ = std::fs::remove_file(&img);
             }
             Ok(s) => {
-                self.images.insert(key.clone(), image.to_path_buf());
                 if let Some(l) = s.life_time_ms {
                     let at = s.created_unix_ms.saturating_add(l);
                     self.expiries.insert((at, key, s.name.clone()));
@@ -186,13 +214,18 @@ impl SnapshotStore {
     pub fn get(&self, image: &Path, snap: &str) -> Result<Snapshot, ImageError> {
         let key = Self::key(image)?;
         let (_, json) = self.paths(&key, &Self::snap_label(snap)?);
+        let none = || ImageError::NoSnapshot {
+            image: image.to_path_buf(),
+            snap: snap.to_string(),
+        };
         if !json.exists() {
-            return Err(ImageError::NoSnapshot {
-                image: image.to_path_buf(),
-                snap: snap.to_string(),
-            });
+            return Err(none());
         }
-        read_json(&json)
+        let s: Snapshot = read_json(&json)?;
+        if s.image != Self::ident(image) {
+            return Err(none());
+        }
+        Ok(s)
     }
 
     /// Put the exact bytes of snapshot `snap` back into `image`.
@@ -225,19 +258,12 @@ impl SnapshotStore {
 
     /// Every snapshot of `image`, oldest first.
     pub fn list(&self, image: &Path) -> Result<Vec<Snapshot>, ImageError> {
-        let dir = self.root.join(Self::key(image)?);
-        let mut out = Vec::new();
-        let rd = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(io_err("read directory", &dir)(e)),
-        };
-        for entry in rd {
-            let path = entry.map_err(io_err("read directory", &dir))?.path();
-            if path.extension().and_then(|e| e.to_str()) == Some("json") {
-                out.push(read_json::<Snapshot>(&path)?);
-            }
-        }
+        let image = Self::ident(image);
+        let mut out: Vec<Snapshot> = self
+            .all_in(&Self::key(&image)?)?
+            .into_iter()
+            .filter(|s| s.image == image)
+            .collect();
         out.sort_by(|a, b| (a.created_unix_ms, &a.name).cmp(&(b.created_unix_ms, &b.name)));
         Ok(out)
     }
@@ -276,11 +302,6 @@ impl SnapshotStore {
             if at > now {
                 break;
             }
-            let image = self
-                .images
-                .get(&key)
-                .cloned()
-                .unwrap_or_else(|| PathBuf::from(&key));
             let label = Self::snap_label(&name)?;
             let (_, json) = self.paths(&key, &label);
             match read_json::<Snapshot>(&json) {
@@ -292,7 +313,7 @@ impl SnapshotStore {
                 Err(ImageError::Io { source, .. })
                     if source.kind() == std::io::ErrorKind::NotFound =>
                 {
-                    log::debug!("snapshot {name} of {} already gone", image.display());
+                    log::debug!("snapshot {name} in {key} already gone");
                     self.expiries.remove(&(at, key, name));
                 }
                 Err(e) => return Err(e),
@@ -396,7 +417,7 @@ mod tests {
         assert_eq!(store.next_expiry(), Some(t0 + 30 * S));
         let gone = store.expire(t0 + 31 * S).unwrap();
         assert_eq!(gone.len(), 1);
-        assert_eq!(gone[0].image, b);
+        assert_eq!(gone[0].image, b.canonicalize().unwrap());
         assert_eq!(store.next_expiry(), None);
         assert_eq!(store.list(&a).unwrap().len(), 1);
     }
