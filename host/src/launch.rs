@@ -694,11 +694,12 @@ fn run_or_resume(
     let running_dir_fd = admission.running_dir_fd();
     if let Some(c) = &control {
         let inbox = c.inbox();
-        vm.set_control(inbox.clone(), launch_info(args, &file, params.cpl3));
+        let launch = launch_info(args, &file, params.cpl3);
+        vm.set_control(inbox.clone(), launch.clone());
         let (fd, name) = admission.entry();
         inbox.set_source(crate::vmm::control::Source {
             handles: vm.handles(),
-            launch: launch_info(args, &file, params.cpl3),
+            launch,
             lock_fds: vm.lock_fds(),
             admission: Some((fd, name.to_string())),
             handover: vm.handover_fds(),

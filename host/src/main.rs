@@ -48,9 +48,17 @@ fn run(args: &[String]) -> ExitCode {
         }
         Err(e) => return fail(e),
     };
-    // The stats file first, so that even a launch that fails early
-    // leaves its end record.
-    let stats = match &run_args.stats_file {
+    launched(&run_args, || tt_host::launch::run(&run_args))
+}
+
+/// Run a launch (a boot, a restore, a migration's target) with its stats
+/// file: created first, so that even a launch that fails early leaves its
+/// end record. The exit status is the guest's, or 1 with the error.
+fn launched(
+    args: &cli::RunArgs,
+    launch: impl FnOnce() -> Result<i32, tt_host::launch::LaunchError>,
+) -> ExitCode {
+    let stats = match &args.stats_file {
         Some(p) => match tt_host::runfile::stats::StatsFile::create(p) {
             Ok(s) => {
                 s.install();
@@ -60,7 +68,7 @@ fn run(args: &[String]) -> ExitCode {
         },
         None => None,
     };
-    let result = tt_host::launch::run(&run_args);
+    let result = launch();
     if let Some(s) = &stats {
         s.finish(tt_host::launch::end_state(&result));
     }
@@ -80,24 +88,7 @@ fn restore(args: &[String]) -> ExitCode {
         }
         Err(e) => return fail(e),
     };
-    let stats = match &run_args.stats_file {
-        Some(p) => match tt_host::runfile::stats::StatsFile::create(p) {
-            Ok(s) => {
-                s.install();
-                Some(s)
-            }
-            Err(e) => return fail(e),
-        },
-        None => None,
-    };
-    let result = tt_host::launch::restore(&run_args);
-    if let Some(s) = &stats {
-        s.finish(tt_host::launch::end_state(&result));
-    }
-    match result {
-        Ok(status) => ExitCode::from((status & 0xff) as u8),
-        Err(e) => fail(e),
-    }
+    launched(&run_args, || tt_host::launch::restore(&run_args))
 }
 
 /// `tt-host migrate-send --control=SOCK --to=ADDR ...`.
@@ -159,28 +150,11 @@ fn migrate_receive(args: &[String]) -> ExitCode {
         },
         None => None,
     };
-    let stats = match &run_args.stats_file {
-        Some(p) => match tt_host::runfile::stats::StatsFile::create(p) {
-            Ok(s) => {
-                s.install();
-                Some(s)
-            }
-            Err(e) => return fail(e),
-        },
-        None => None,
-    };
-    let incoming = match tt_host::migration::receive::accept(&listen, key.as_deref()) {
-        Ok(i) => i,
-        Err(e) => return fail(format!("migration: {e}")),
-    };
-    let result = tt_host::launch::receive(&run_args, incoming);
-    if let Some(s) = &stats {
-        s.finish(tt_host::launch::end_state(&result));
-    }
-    match result {
-        Ok(status) => ExitCode::from((status & 0xff) as u8),
-        Err(e) => fail(e),
-    }
+    launched(&run_args, || {
+        let incoming = tt_host::migration::receive::accept(&listen, key.as_deref())
+            .map_err(tt_host::launch::LaunchError::Migration)?;
+        tt_host::launch::receive(&run_args, incoming)
+    })
 }
 
 /// `tt-host pause|resume|snapshot --control=SOCK ...`.

@@ -748,9 +748,8 @@ where
     }
 
     fn suspend(&mut self) -> Result<(), Error> {
-        self.quiesce()?;
-        // Drained: the applier writes nothing more to the ring or the
-        // image until `resume` (another tt-host may own them meanwhile).
+        // Drained by `quiesce`: the applier writes nothing more to the ring
+        // or the image until `resume` (another tt-host may own them).
         self.journal.hold();
         Ok(())
     }

@@ -257,11 +257,12 @@ pub trait Backend: Send {
     fn lock_fds(&self) -> Vec<std::os::fd::RawFd> {
         Vec::new()
     }
-    /// With nothing in flight: [`quiesce`](Self::quiesce), then write
-    /// nothing to the image or its journal until [`resume`](Self::resume)
-    /// (a migration's target may own them meanwhile).
+    /// After [`quiesce`](Self::quiesce), with nothing submitted since:
+    /// write nothing to the image or its journal until
+    /// [`resume`](Self::resume) (a migration's target may own them
+    /// meanwhile).
     fn suspend(&mut self) -> Result<(), Error> {
-        self.quiesce()
+        Ok(())
     }
     /// Serve again after [`suspend`](Self::suspend).
     fn resume(&mut self) -> Result<(), Error> {

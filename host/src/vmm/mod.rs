@@ -117,8 +117,6 @@ pub struct Vm {
     /// Guest memory the host writes for the guest while a migration
     /// tracks it (KVM's dirty log sees only the guest's own writes).
     host_dirty: std::sync::Arc<dirty::HostDirty>,
-    /// The same memory as `guest`, as devices get it.
-    guest_mmap: GuestMemoryMmap,
     /// Guest memory from [`layout::BOOT_INFO_BASE`] up: what hypercall
     /// handlers and devices read and write on the guest's behalf. Below it
     /// lie the GDT, the page tables and the CPL 3 monitor, which no guest
@@ -490,7 +488,6 @@ impl Vm {
         };
         vcpu.set_regs(&regs).map_err(kvm_err("set regs"))?;
 
-        let guest_mmap = guest.clone();
         let guest = GuestMem::new(guest, p.image.protected_ranges());
 
         let mut route = [None; 9];
@@ -515,7 +512,6 @@ impl Vm {
             bus: Bus::new(),
             _notify: Vec::new(),
             notify_by_eventfd: true,
-            guest_mmap,
             route,
             exits: 0,
             mmio_exits: 0,
@@ -551,7 +547,7 @@ impl Vm {
                 .device
                 .lock()
                 .map_err(|_| VmError::DevicePoisoned(r.base))?;
-            d.attach_memory(self.guest_mmap.clone());
+            d.attach_memory(self.guest.memory().clone());
             d.track_writes(Some(self.host_dirty.clone()));
         }
         for (addr, queue, fd) in regions.into_iter().flat_map(|r| r.notify) {

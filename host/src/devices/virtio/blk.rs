@@ -675,7 +675,6 @@ impl MmioDevice for VirtioBlk {
     }
 
     fn suspend(&mut self) -> Result<(), String> {
-        self.quiesce()?;
         self.backend
             .suspend()
             .map_err(|e| format!("virtio-blk: {e}"))
