@@ -14,6 +14,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 pub mod daemon;
+pub mod guest_output;
 pub mod netns;
 
 /// Send signal `sig` to process `pid`; false if it is gone.

@@ -16,6 +16,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::Duration;
+use tt_tests::guest_output::counter_record as record;
 use tt_tests::*;
 
 /// A child that is SIGKILLed and reaped when dropped, so a failing test
@@ -110,29 +111,6 @@ impl Counter {
         // Both readers end at end of file, which the kill brought.
         self.lines.iter().collect()
     }
-}
-
-/// FNV-1a 64, as the guest computes it.
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
-/// The count recorded in `sector`, or why it is not a valid record.
-fn record(sector: &[u8]) -> Result<u64, String> {
-    if &sector[0..8] != b"TTCOUNT1" {
-        return Err(format!("no magic: {:02x?}", &sector[0..24]));
-    }
-    let k = u64::from_le_bytes(sector[8..16].try_into().unwrap());
-    let sum = u64::from_le_bytes(sector[16..24].try_into().unwrap());
-    if sum != fnv(&sector[0..16]) {
-        return Err(format!("bad checksum for count {k}"));
-    }
-    if sector[24..].iter().any(|&b| b != 0) {
-        return Err(format!("count {k}: bytes after the checksum are not zero"));
-    }
-    Ok(k)
 }
 
 /// A zeroed 1 MiB disk image and a state directory in `s`.

@@ -69,6 +69,26 @@ fn ticks(lines: &[String]) -> u64 {
     ticks.len() as u64
 }
 
+/// `client ARGS` (a copy of tt-host) run as uid and gid 4242, with no
+/// supplementary groups, against the daemon `d`.
+fn as_uid_4242(d: &Daemon, client: &std::path::Path, args: &[&str]) -> Run {
+    let mut cmd = Command::new(client);
+    cmd.args(args);
+    // SAFETY: setgroups/setgid/setuid between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(4242) != 0
+                || libc::setuid(4242) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    d.cli_with(&mut cmd)
+}
+
 fn alive(pid: u32) -> bool {
     kill(pid, 0)
 }
@@ -246,23 +266,7 @@ fn access_is_by_subtree() {
     // directory it cannot traverse, such as /root).
     let client = d.dir.path("tt-host");
     std::fs::copy(tt_host(), &client).unwrap();
-    let as_user = |args: &[&str]| {
-        let mut cmd = Command::new(&client);
-        cmd.args(args);
-        // SAFETY: setgroups/setgid/setuid between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(4242) != 0
-                    || libc::setuid(4242) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        d.cli_with(&mut cmd)
-    };
+    let as_user = |args: &[&str]| as_uid_4242(&d, &client, args);
     let r = as_user(&["create", "alice:bob:web", "--mem=8", &image, "tick", "200"]);
     assert_eq!(r.status, 0, "{r:?}\n{}", d.log());
     let r = as_user(&["create", "carol:web", "--mem=8", &image, "tick", "200"]);
@@ -594,23 +598,7 @@ fn pause_resume_and_snapshot_go_through_the_daemon_with_the_callers_rights() {
     ok(&d.cli(&["policy", "set", "alice", "--users", "4242", "--daemon"]));
     let client = d.dir.path("tt-host");
     std::fs::copy(tt_host(), &client).unwrap();
-    let as_user = |args: &[&str]| {
-        let mut cmd = Command::new(&client);
-        cmd.args(args);
-        // SAFETY: setgroups/setgid/setuid between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(4242) != 0
-                    || libc::setuid(4242) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        d.cli_with(&mut cmd)
-    };
+    let as_user = |args: &[&str]| as_uid_4242(&d, &client, args);
     ok(&as_user(&[
         "create",
         "alice:web",

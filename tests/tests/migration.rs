@@ -45,19 +45,14 @@
 //! timing, only the order and continuity of the counts (the few bounds
 //! below only catch hangs).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tt_tests::guest_output::{acks, counter_record as record, Host, WAIT};
 use tt_tests::netns::{Netns, Ping};
 use tt_tests::*;
-
-/// How long an expected line or exit may take: this only catches a hang
-/// (the counter ticks every 50 ms).
-const WAIT: Duration = Duration::from_secs(30);
 
 /// The counter's tick, in milliseconds.
 const TICK_MS: &str = "50";
@@ -68,93 +63,15 @@ const DIRTYING: [&str; 4] = ["count", TICK_MS, "10240", "32"];
 /// A pre-shared key (32 bytes).
 const KEY: &[u8] = b"migration-test-key-0123456789ab\n";
 
-/// A child that is SIGKILLed and reaped when dropped, so a failing test
-/// leaves no tt-host behind.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// What these tests ask of a [`Host`] beyond the shared harness.
+trait MigrationHost {
+    fn counts_for(&mut self, d: Duration, next: u64) -> u64;
+    fn stop(self, next: u64) -> u64;
+    fn migrated_away(self, next: u64) -> u64;
+    fn gave_up(self, needle: &str);
 }
 
-/// A running tt-host, its stdout lines and its stderr lines (prefixed
-/// `stderr: `) arriving on one channel.
-struct Host {
-    child: Guard,
-    lines: Receiver<String>,
-    /// Every line read so far, for failure messages.
-    seen: Vec<String>,
-}
-
-/// How a [`Host`] ended: its status and the lines it printed after those
-/// already read.
-struct Ended {
-    status: ExitStatus,
-    stdout: Vec<String>,
-    stderr: Vec<String>,
-}
-
-impl Host {
-    fn spawn(cmd: &mut Command) -> Host {
-        let mut child = Guard(
-            cmd.stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn tt-host"),
-        );
-        let (tx, lines) = mpsc::channel();
-        let out = child.0.stdout.take().unwrap();
-        let err = child.0.stderr.take().unwrap();
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx2.send(format!("stderr: {line}"));
-            }
-        });
-        Host {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.0.id()
-    }
-
-    /// The next line; panics after [`WAIT`] or at the end of the output.
-    fn line(&mut self) -> String {
-        match self.lines.recv_timeout(WAIT) {
-            Ok(l) => {
-                self.seen.push(l.clone());
-                l
-            }
-            Err(e) => panic!("no line from the counter ({e}); so far: {:#?}", self.seen),
-        }
-    }
-
-    /// Read `n` lines, which must be `count first` .. `count first+n-1`;
-    /// the last count read.
-    fn counts(&mut self, first: u64, n: u64) -> u64 {
-        for k in first..first + n {
-            let l = self.line();
-            assert_eq!(
-                l,
-                format!("count {k}"),
-                "unexpected line; all: {:#?}",
-                self.seen
-            );
-        }
-        first + n - 1
-    }
-
+impl MigrationHost for Host {
     /// The lines that arrive within `d`, which must all be counts going
     /// on from `next` (no CORRUPT, no error); the last count read.
     fn counts_for(&mut self, d: Duration, next: u64) -> u64 {
@@ -162,50 +79,16 @@ impl Host {
         let mut last = next - 1;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            let Some(l) = (!left.is_zero()).then(|| self.line_within(left)).flatten() else {
                 return last;
-            }
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    assert_eq!(
-                        l,
-                        format!("count {}", last + 1),
-                        "unexpected line; all: {:#?}",
-                        self.seen
-                    );
-                    last += 1;
-                }
-                Err(RecvTimeoutError::Timeout) => return last,
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!("tt-host closed its output; so far: {:#?}", self.seen)
-                }
-            }
-        }
-    }
-
-    /// Wait (at most [`WAIT`]) for tt-host to exit by itself; how it
-    /// ended.
-    fn finish(mut self) -> Ended {
-        let deadline = Instant::now() + WAIT;
-        let status = loop {
-            if let Some(st) = self.child.0.try_wait().expect("wait for tt-host") {
-                break st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tt-host did not exit; its lines: {:#?}",
+            };
+            assert_eq!(
+                l,
+                format!("count {}", last + 1),
+                "unexpected line; all: {:#?}",
                 self.seen
             );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        // Both readers end at the end of their pipe, which the exit brought.
-        let (stderr, stdout): (Vec<String>, Vec<String>) =
-            self.lines.iter().partition(|l| l.starts_with("stderr: "));
-        Ended {
-            status,
-            stdout,
-            stderr,
+            last += 1;
         }
     }
 
@@ -287,29 +170,6 @@ fn assert_consecutive(lines: &[String], first: u64) {
             "all lines: {lines:#?}"
         );
     }
-}
-
-/// FNV-1a 64, as the guest computes it.
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
-/// The count recorded in `sector`, or why it is not a valid record.
-fn record(sector: &[u8]) -> Result<u64, String> {
-    if &sector[0..8] != b"TTCOUNT1" {
-        return Err(format!("no magic: {:02x?}", &sector[0..24]));
-    }
-    let k = u64::from_le_bytes(sector[8..16].try_into().unwrap());
-    let sum = u64::from_le_bytes(sector[16..24].try_into().unwrap());
-    if sum != fnv(&sector[0..16]) {
-        return Err(format!("bad checksum for count {k}"));
-    }
-    if sector[24..].iter().any(|&b| b != 0) {
-        return Err(format!("count {k}: bytes after the checksum are not zero"));
-    }
-    Ok(k)
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0,
@@ -929,15 +789,6 @@ fn until(h: &mut Host, needle: &str) -> Vec<String> {
     }
 }
 
-impl Host {
-    /// The lines read so far and those that have arrived meanwhile, for a
-    /// failure message.
-    fn arrived(&mut self) -> &[String] {
-        self.seen.extend(self.lines.try_iter());
-        &self.seen
-    }
-}
-
 /// A local migration of a net guest (the `net` example, which answers ARP
 /// and ICMP echo and exits 0 after `limit=6` echo replies): it answers 3
 /// pings on the source, moves over a Unix socket to a target whose
@@ -1073,15 +924,6 @@ fn a_net_guest_keeps_answering_ping_on_its_mac_across_a_local_migration() {
     );
     assert!(live(&set.state).is_empty(), "after the target exited");
     set.done();
-}
-
-/// The `ack N` numbers among `lines`.
-fn acks(lines: &[String]) -> Vec<u64> {
-    lines
-        .iter()
-        .filter_map(|l| l.strip_prefix("ack "))
-        .filter_map(|r| r.split(' ').next()?.parse().ok())
-        .collect()
 }
 
 /// A virtio-blk guest with 8 writes in flight migrates over TCP (pre-copy:

@@ -19,8 +19,8 @@
 //! - A disk named on restore's command line (a copy with the same bytes
 //!   and modification time) replaces the snapshot's.
 //! - A restored guest is snapshotted and restored again.
-//! - A guest with virtio devices is not snapshotted (yet): the request is
-//!   refused, no state file is left, and the guest runs on.
+//! - A virtio-blk guest with writes in flight is snapshotted and restored:
+//!   every write is acknowledged once, none lost.
 //!
 //! Every tt-host a test starts is SIGKILLed when the test ends early, and
 //! each test checks at its end that none of its processes, admissions or
@@ -30,146 +30,28 @@
 //! the counter prints the ticks it missed back to back: nothing here
 //! asserts timing, only the order and continuity of the counts.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+use tt_tests::guest_output::{acks, counter_record as record, Host};
 use tt_tests::*;
-
-/// How long an expected line or exit may take: this only catches a hang
-/// (the counter ticks every 50 ms).
-const WAIT: Duration = Duration::from_secs(30);
 
 /// The counter's tick, in milliseconds.
 const TICK_MS: &str = "50";
 
-/// A child that is SIGKILLed and reaped when dropped, so a failing test
-/// leaves no tt-host behind.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// What these tests ask of a [`Host`] beyond the shared harness.
+trait SnapshotHost {
+    fn drain_until_quiet(&mut self, quiet: Duration) -> Vec<String>;
+    fn stop(self, sig: libc::c_int, name: &str, next: u64) -> u64;
 }
 
-/// A running `tt-host run` or `tt-host restore`, its stdout lines and its
-/// stderr lines (prefixed `stderr: `) arriving on one channel.
-struct Host {
-    child: Guard,
-    lines: Receiver<String>,
-    /// Every line read so far, for failure messages.
-    seen: Vec<String>,
-}
-
-/// How a [`Host`] ended: its status and the lines it printed after those
-/// already read.
-struct Ended {
-    status: ExitStatus,
-    stdout: Vec<String>,
-    stderr: Vec<String>,
-}
-
-impl Host {
-    fn spawn(cmd: &mut Command) -> Host {
-        let mut child = Guard(
-            cmd.stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn tt-host"),
-        );
-        let (tx, lines) = mpsc::channel();
-        let out = child.0.stdout.take().unwrap();
-        let err = child.0.stderr.take().unwrap();
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx2.send(format!("stderr: {line}"));
-            }
-        });
-        Host {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The next line; panics after [`WAIT`] or at the end of the output.
-    fn line(&mut self) -> String {
-        match self.lines.recv_timeout(WAIT) {
-            Ok(l) => {
-                self.seen.push(l.clone());
-                l
-            }
-            Err(e) => panic!("no line from the counter ({e}); so far: {:#?}", self.seen),
-        }
-    }
-
-    /// Read `n` lines, which must be `count first` .. `count first+n-1`;
-    /// the last count read.
-    fn counts(&mut self, first: u64, n: u64) -> u64 {
-        for k in first..first + n {
-            let l = self.line();
-            assert_eq!(
-                l,
-                format!("count {k}"),
-                "unexpected line; all: {:#?}",
-                self.seen
-            );
-        }
-        first + n - 1
-    }
-
+impl SnapshotHost for Host {
     /// The lines that arrive until none has for `quiet` (the console's
     /// writer thread may still hold lines the guest printed before it
     /// was paused).
     fn drain_until_quiet(&mut self, quiet: Duration) -> Vec<String> {
-        let mut out = Vec::new();
-        loop {
-            match self.lines.recv_timeout(quiet) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    out.push(l);
-                }
-                Err(RecvTimeoutError::Timeout) => return out,
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!("tt-host closed its output; so far: {:#?}", self.seen)
-                }
-            }
-        }
-    }
-
-    /// Wait (at most [`WAIT`]) for tt-host to exit by itself; how it
-    /// ended.
-    fn finish(mut self) -> Ended {
-        let deadline = Instant::now() + WAIT;
-        let status = loop {
-            if let Some(st) = self.child.0.try_wait().expect("wait for tt-host") {
-                break st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tt-host did not exit; its lines: {:#?}",
-                self.seen
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        // Both readers end at the end of their pipe, which the exit brought.
-        let (stderr, stdout): (Vec<String>, Vec<String>) =
-            self.lines.iter().partition(|l| l.starts_with("stderr: "));
-        Ended {
-            status,
-            stdout,
-            stderr,
-        }
+        std::iter::from_fn(|| self.line_within(quiet)).collect()
     }
 
     /// Send `sig` (SIGTERM or SIGINT, named `name`), which stops tt-host
@@ -177,7 +59,7 @@ impl Host {
     /// after those already read, which must go on from `next`; the last
     /// count printed.
     fn stop(self, sig: libc::c_int, name: &str, next: u64) -> u64 {
-        assert!(kill(self.child.0.id(), sig), "kill -{name} tt-host");
+        assert!(kill(self.pid(), sig), "kill -{name} tt-host");
         let e = self.finish();
         assert_eq!(
             e.status.code(),
@@ -203,29 +85,6 @@ fn assert_consecutive(lines: &[String], first: u64) {
             "all lines: {lines:#?}"
         );
     }
-}
-
-/// FNV-1a 64, as the guest computes it.
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
-/// The count recorded in `sector`, or why it is not a valid record.
-fn record(sector: &[u8]) -> Result<u64, String> {
-    if &sector[0..8] != b"TTCOUNT1" {
-        return Err(format!("no magic: {:02x?}", &sector[0..24]));
-    }
-    let k = u64::from_le_bytes(sector[8..16].try_into().unwrap());
-    let sum = u64::from_le_bytes(sector[16..24].try_into().unwrap());
-    if sum != fnv(&sector[0..16]) {
-        return Err(format!("bad checksum for count {k}"));
-    }
-    if sector[24..].iter().any(|&b| b != 0) {
-        return Err(format!("count {k}: bytes after the checksum are not zero"));
-    }
-    Ok(k)
 }
 
 /// Copy `from` to `to` with its modification time (as `cp -p` does):
@@ -712,15 +571,6 @@ fn next_ack(h: &mut Host) -> u64 {
         }
         assert!(l.starts_with("vblk: ack mode"), "unexpected line {l:?}");
     }
-}
-
-/// The `ack N` numbers among `lines`.
-fn acks(lines: &[String]) -> Vec<u64> {
-    lines
-        .iter()
-        .filter_map(|l| l.strip_prefix("ack "))
-        .filter_map(|r| r.split(' ').next()?.parse().ok())
-        .collect()
 }
 
 /// A virtio-blk guest with 8 writes in flight is snapshotted (its queue's
