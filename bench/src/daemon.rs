@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tt_host::daemon::client::Connection;
-use tt_host::daemon::proto::{Op, Reply};
+use tt_host::daemon::proto::{NewUnit, Op, Reply};
 
 const DEFAULT_RUNS: usize = 30;
 const IDLE: usize = 200;
@@ -130,12 +130,7 @@ fn create(d: &Daemon, name: &str, image: &Path, args: &[&str]) -> Result<(u64, u
         "--".into(),
     ];
     a.extend(args.iter().map(|s| s.to_string()));
-    match d.call(Op::Create {
-        name: name.into(),
-        args: a,
-        restart_on_fail: None,
-        pool: None,
-    })? {
+    match d.call(Op::Create(NewUnit::plain(name.into(), a)))? {
         Reply::Started {
             daemon_us,
             persist_us,

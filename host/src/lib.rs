@@ -39,6 +39,7 @@ pub mod client_creds;
 pub mod control;
 pub mod daemon;
 pub mod devices;
+pub mod envnet;
 pub mod images;
 pub mod launch;
 pub mod loader;

@@ -16,6 +16,9 @@ usage:
   tt-host list [PATH] | console NAME | stats [NAME]
   tt-host pool create|show|list|reserve|sign ...    capacity pools (see 'tt-host pool --help')
   tt-host key add|gen ...                           reservation signing keys
+  tt-host env create|extend|stop|start|destroy|list environments: unikernels with a lifetime (see 'tt-host env --help')
+  tt-host template add|list|remove ...              template disks ('create --disk-from:DEV=TEMPLATE')
+  tt-host disk snapshot|revert|snapshots NAME ...   snapshots of a unikernel's runtime images
   tt-host pause|resume --control=SOCK               pause or resume a 'tt-host run --control=SOCK'
   tt-host snapshot --control=SOCK DIR [--stop]      save its guest to DIR (see docs/SNAPSHOT.md)
   tt-host pause|resume|status NAME                  the same for a unikernel of the daemon
@@ -403,6 +406,18 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },
+        Some(cmd @ ("env" | "template" | "disk")) => {
+            use tt_host::daemon::envclient;
+            let f = match cmd {
+                "env" => envclient::env,
+                "template" => envclient::template,
+                _ => envclient::disk,
+            };
+            match f(&args[1..]) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
         Some(cmd @ ("create" | "destroy" | "restart" | "list" | "info" | "console" | "stats")) => {
             match tt_host::daemon::client::run(cmd, &args[1..]) {
                 Ok(()) => ExitCode::SUCCESS,

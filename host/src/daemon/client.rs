@@ -2,7 +2,7 @@
 //! `list`, `info`, `console`, `stats` and `policy --daemon`, each one
 //! request on the control socket (blocking; no runtime needed).
 
-use super::proto::{self, Op, Reply, Request, UnitInfo, UnitStats, VERSION};
+use super::proto::{self, NewUnit, Op, Reply, Request, UnitInfo, UnitStats, VERSION};
 use crate::cli::{self, Cpl, Parsed};
 use crate::text::{number, quote};
 use std::io::Write;
@@ -117,35 +117,97 @@ fn unexpected(r: Reply) -> Fail {
 pub fn create_request(args: &[String]) -> Result<(Option<PathBuf>, Op), Fail> {
     let mut args = args.to_vec();
     let socket = take_socket(&mut args)?;
+    Ok((socket, Op::Create(new_unit(args)?)))
+}
+
+/// One unikernel to create: `NAME [create options] IMAGE [--] [ARGS...]`.
+pub fn new_unit(mut args: Vec<String>) -> Result<NewUnit, Fail> {
     let name = match args.first() {
         Some(n) if !n.starts_with('-') => args.remove(0),
         _ => return Err("create: expected NAME first (see 'tt-host create --help')".into()),
     };
     name.parse::<crate::resources::Name>()
         .map_err(|e| format!("create: bad NAME: {e}"))?;
+    let mut unit = NewUnit::plain(name, vec![]);
     let mut restart_on_fail = None;
-    let mut pool = None;
     let mut i = 0;
+    let once = |given: bool, opt: &str| {
+        if given {
+            Err(format!("create: {opt} given twice"))
+        } else {
+            Ok(())
+        }
+    };
     while i < args.len() && args[i].starts_with('-') && args[i] != "--" {
-        let a = &args[i];
+        let a = args[i].clone();
+        let mut taken = true;
         if let Some(p) = a.strip_prefix("--pool=") {
-            if pool.is_some() {
-                return Err("create: --pool given twice".into());
+            once(unit.pool.is_some(), "--pool")?;
+            unit.pool = Some(p.to_string());
+        } else if let Some(e) = a.strip_prefix("--env=") {
+            once(unit.env.is_some(), "--env")?;
+            e.parse::<crate::resources::Name>()
+                .map_err(|e| format!("create: --env: bad environment name: {e}"))?;
+            unit.env = Some(e.to_string());
+        } else if let Some(d) = a.strip_prefix("--env-net=") {
+            once(unit.env_net.is_some(), "--env-net")?;
+            unit.env_net = Some(d.to_string());
+        } else if let Some(p) = a.strip_prefix("--port=") {
+            unit.ports.push(p.to_string());
+        } else if let Some(t) = a.strip_prefix("--ip-arg=") {
+            unit.ip_args.push(t.to_string());
+        } else if a == "--keep-image" {
+            once(unit.keep_image, "--keep-image")?;
+            unit.keep_image = true;
+        } else if let Some(rest) = a.strip_prefix("--disk-from:") {
+            let Some((dev, template)) = rest
+                .split_once('=')
+                .filter(|(d, t)| !d.is_empty() && !t.is_empty())
+            else {
+                return Err(format!(
+                    "create: {}: expected --disk-from:DEVICE=TEMPLATE",
+                    quote(&a)
+                ));
+            };
+            if unit.disk_from.iter().any(|(d, _)| d == dev) {
+                return Err(format!("create: --disk-from:{dev} given twice"));
             }
-            pool = Some(p.to_string());
-            args.remove(i);
+            unit.disk_from.push((dev.to_string(), template.to_string()));
         } else if a == "--restart-on-fail" || a.starts_with("--restart-on-fail=") {
-            if restart_on_fail.is_some() {
-                return Err("create: --restart-on-fail given twice".into());
-            }
+            once(restart_on_fail.is_some(), "--restart-on-fail")?;
             restart_on_fail = Some(match a.strip_prefix("--restart-on-fail=") {
                 None => vec![],
                 Some(v) => parse_codes(v)?,
             });
+        } else {
+            taken = false;
+        }
+        if taken {
             args.remove(i);
         } else {
             i += 1;
         }
+    }
+    unit.restart_on_fail = restart_on_fail;
+    let env_only = if !unit.ports.is_empty() {
+        Some("--port")
+    } else if unit.env_net.is_some() {
+        Some("--env-net")
+    } else if !unit.ip_args.is_empty() {
+        Some("--ip-arg")
+    } else {
+        None
+    };
+    if let (Some(opt), None) = (env_only, &unit.env) {
+        return Err(format!(
+            "create: {opt} needs --env=ENV (the environment's network)"
+        ));
+    }
+    if !unit.ports.is_empty() && unit.env_net.is_none() {
+        return Err("create: --port needs --env-net=DEVICE (the net device it reaches)".into());
+    }
+    if unit.keep_image && unit.disk_from.is_empty() {
+        return Err("create: --keep-image keeps images made with --disk-from; none given".into());
     }
     let run = match cli::parse_run(&args) {
         Ok(Parsed::Run(r)) => r,
@@ -208,15 +270,8 @@ pub fn create_request(args: &[String]) -> Result<(Option<PathBuf>, Op), Fail> {
     out.push(absolute(&run.image)?.display().to_string());
     out.push("--".into());
     out.extend(run.guest_args.iter().cloned());
-    Ok((
-        socket,
-        Op::Create {
-            name,
-            args: out,
-            restart_on_fail,
-            pool,
-        },
-    ))
+    unit.args = out;
+    Ok(unit)
 }
 
 /// `3,4,10-12`: exit statuses 0 to 255.
@@ -774,12 +829,12 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(socket, Some(PathBuf::from("/tmp/s")));
-        let Op::Create {
+        let Op::Create(NewUnit {
             name,
             args,
             restart_on_fail,
             ..
-        } = op
+        }) = op
         else {
             panic!()
         };

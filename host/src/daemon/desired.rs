@@ -42,12 +42,44 @@ pub struct Spec {
     /// The capacity pool it draws from (`create --pool`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// The environment it belongs to (`create --env`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    /// Runtime images the daemon made for it (`create --disk-from`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<RuntimeImage>,
+    /// Its place on its environment's network (`create --env-net`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<UnitNet>,
+}
+
+/// A block device made from a template: the unikernel's own copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeImage {
+    /// The hvt block device (`--block:DEVICE=PATH`).
+    pub device: String,
+    pub template: String,
+    pub path: PathBuf,
+    /// `--keep-image`: left in place when the unikernel goes.
+    pub keep: bool,
+}
+
+/// A unikernel's TAP on its environment's bridge, its address, and the
+/// host ports forwarded to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitNet {
+    /// The hvt net device (`--net:DEVICE=TAP`).
+    pub device: String,
+    pub tap: String,
+    pub ip: std::net::Ipv4Addr,
+    /// `HOST:GUEST[/udp]`, as given to create.
+    pub ports: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 enum Change {
-    Create(Spec),
+    Create(Box<Spec>),
     Destroy(String),
 }
 
@@ -102,7 +134,7 @@ pub fn parse(path: &str, bytes: &[u8]) -> Result<BTreeMap<String, Spec>, Desired
         match parse_line(body) {
             Ok(_) if !complete => {} // torn: never acknowledged
             Ok(Change::Create(s)) => {
-                specs.insert(s.name.clone(), s);
+                specs.insert(s.name.clone(), *s);
             }
             Ok(Change::Destroy(n)) => {
                 specs.remove(&n);
@@ -151,7 +183,7 @@ impl Desired {
         let mut all: Vec<&Spec> = specs.values().collect();
         all.sort_by_key(|s| s.created_ns);
         for s in all {
-            out.write_all(&line_of(&Change::Create(s.clone())))
+            out.write_all(&line_of(&Change::Create(Box::new(s.clone()))))
                 .map_err(io)?;
         }
         out.sync_data().map_err(io)?;
@@ -184,7 +216,7 @@ impl Desired {
 
     /// Record a unikernel created (durable when this returns).
     pub fn create(&mut self, spec: &Spec) -> Result<(), DesiredError> {
-        self.append(&Change::Create(spec.clone()))
+        self.append(&Change::Create(Box::new(spec.clone())))
     }
 
     /// Record a unikernel destroyed (durable when this returns).
@@ -209,6 +241,9 @@ mod tests {
             },
             created_ns: t,
             pool: None,
+            env: None,
+            images: vec![],
+            net: None,
         }
     }
 
@@ -231,21 +266,21 @@ mod tests {
 
     #[test]
     fn a_torn_last_line_is_dropped_and_a_bad_middle_line_is_named() {
-        let mut log = line_of(&Change::Create(spec("a", 1)));
-        let b = line_of(&Change::Create(spec("b", 2)));
+        let mut log = line_of(&Change::Create(Box::new(spec("a", 1))));
+        let b = line_of(&Change::Create(Box::new(spec("b", 2))));
         log.extend_from_slice(&b[..b.len() - 5]);
         let specs = parse("log", &log).unwrap();
         assert_eq!(specs.keys().collect::<Vec<_>>(), ["a"]);
 
-        let mut log = line_of(&Change::Create(spec("a", 1)));
+        let mut log = line_of(&Change::Create(Box::new(spec("a", 1))));
         log.extend_from_slice(b"0000 {\"destroy\":\"a\"}\n");
-        log.extend_from_slice(&line_of(&Change::Create(spec("c", 3))));
+        log.extend_from_slice(&line_of(&Change::Create(Box::new(spec("c", 3)))));
         let e = parse("log", &log).unwrap_err().to_string();
         assert!(e.contains("log, line 2: CRC does not match"), "{e}");
 
         // A complete line whose JSON lacks its newline is torn too.
         let a = line_of(&Change::Destroy("a".into()));
-        let mut log = line_of(&Change::Create(spec("a", 1)));
+        let mut log = line_of(&Change::Create(Box::new(spec("a", 1))));
         log.extend_from_slice(&a[..a.len() - 1]);
         assert_eq!(parse("log", &log).unwrap().len(), 1);
     }

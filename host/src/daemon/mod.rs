@@ -22,6 +22,8 @@
 pub mod access;
 pub mod client;
 pub mod desired;
+pub mod envclient;
+pub mod envs;
 pub mod metrics;
 pub mod pools;
 pub mod proto;
@@ -73,6 +75,7 @@ usage: tt-host daemon [--state-dir=DIR] [--runtime-dir=DIR] [--socket=PATH]
                       [--metrics=[ADDR:]PORT] [--console-size=BYTES]
                       [--restart-backoff=MIN_MS,MAX_MS] [--stop-timeout=SECONDS]
                       [--pool-min-run=SECONDS] [--pool-warning=SECONDS]
+                      [--env-mgmt-interval=MS]
 
 Keep unikernels running: serve the control socket on which 'tt-host create',
 'destroy', 'restart', 'list', 'info', 'console', 'stats' and 'policy
@@ -100,7 +103,10 @@ starts those created and not destroyed that have no process this boot
   --pool-min-run=SECONDS create --pool refuses a unikernel whose pool would be
                          empty within this long (default 120, as tfexplorer)
   --pool-warning=SECONDS log a pool's coming expiry this long before it
-                         (default 60)";
+                         (default 60)
+  --env-mgmt-interval=MS refuse an extend, stop, start or destroy of an
+                         environment within MS of the one before (default
+                         1000; 0: no limit)";
 
 /// `tt-host daemon`'s options.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,6 +120,7 @@ pub struct DaemonArgs {
     pub stop_timeout: Duration,
     pub pool_min_run: Duration,
     pub pool_warning: Duration,
+    pub env_mgmt_interval: Duration,
 }
 
 /// Parse `tt-host daemon`'s options; `Ok(None)`: --help.
@@ -128,6 +135,7 @@ pub fn parse_args(args: &[String]) -> Result<Option<DaemonArgs>, String> {
         stop_timeout: Duration::from_secs(10),
         pool_min_run: Duration::from_secs(120),
         pool_warning: Duration::from_secs(60),
+        env_mgmt_interval: Duration::from_secs(1),
     };
     let mut seen = Vec::new();
     for a in args {
@@ -180,6 +188,12 @@ pub fn parse_args(args: &[String]) -> Result<Option<DaemonArgs>, String> {
                 } else {
                     d.pool_warning = Duration::from_secs(s);
                 }
+            }
+            "--env-mgmt-interval" => {
+                let ms = number::<u64>(v)
+                    .filter(|ms| *ms <= 3_600_000)
+                    .ok_or_else(|| bad("milliseconds from 0 to 3600000"))?;
+                d.env_mgmt_interval = Duration::from_millis(ms);
             }
             "--stop-timeout" => {
                 let s = number::<u64>(v)
@@ -297,6 +311,7 @@ pub fn main(args: &DaemonArgs) -> Result<(), String> {
         stop_timeout: args.stop_timeout,
         pool_min_run: args.pool_min_run,
         pool_warning: args.pool_warning,
+        env_mgmt_interval: args.env_mgmt_interval,
     };
     let listener = bind(&socket)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -315,6 +330,8 @@ pub fn main(args: &DaemonArgs) -> Result<(), String> {
             tokio::spawn(metrics_http(sup.clone(), l));
         }
         tokio::spawn(sup.clone().expire_pools());
+        sup.recover_envs().await;
+        tokio::spawn(sup.clone().expire_envs());
         log::info!("serving {}", socket.display());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("cannot catch SIGTERM: {e}"))?;

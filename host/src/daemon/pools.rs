@@ -288,14 +288,16 @@ impl PoolState {
     }
 }
 
-/// The draw of a unikernel with `mem_mb` of memory and block images
-/// totalling `block_bytes`.
-pub fn draw_of(mem_mb: u64, block_bytes: u64) -> Draw {
+/// The draw of a unikernel with `mem_mb` of memory, block images
+/// totalling `block_bytes`, and `forwards` host ports forwarded to it
+/// (each counted as one IPv4U: it takes a port of the host's public
+/// address).
+pub fn draw_of(mem_mb: u64, block_bytes: u64, forwards: u64) -> Draw {
     Draw::of(&Workload {
         memory_mib: mem_mb,
         vcpus: 1,
         block_bytes,
-        ipv4: 0,
+        ipv4: forwards,
     })
 }
 
@@ -327,7 +329,7 @@ mod tests {
         let env = crate::pools::reservation::sign(payload, &alice, None);
         p.reserve(&env, 100 * S).unwrap();
         // 2 GiB: 0.5 CU/s, so 100 CU-s last 200 s.
-        let draw = draw_of(2048, 0);
+        let draw = draw_of(2048, 0, 0);
         p.admit("p1", draw, 100 * S, 120 * S).unwrap();
         let e = p.admit("p1", draw, 100 * S, 250 * S).unwrap_err();
         assert!(e.contains("pool p1 would be empty at"), "{e}");

@@ -30,20 +30,8 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Op {
-    /// Start a unikernel and keep it: `args` is a `tt-host run` command
-    /// line without `run` (options, IMAGE, guest arguments), with every
-    /// path absolute.
-    Create {
-        name: String,
-        args: Vec<String>,
-        /// `--restart-on-fail`: `None`: never restart; `Some([])`: on any
-        /// exit code but 0, 1 and 60-64; `Some(codes)`: on those codes.
-        #[serde(default)]
-        restart_on_fail: Option<Vec<u8>>,
-        /// `--pool`: the capacity pool it draws from.
-        #[serde(default)]
-        pool: Option<String>,
-    },
+    /// Start a unikernel and keep it ([`NewUnit`]).
+    Create(NewUnit),
     Destroy {
         name: String,
     },
@@ -123,6 +111,128 @@ pub enum Op {
         user: String,
         key: String,
     },
+    /// An environment (docs/ENVIRONMENTS.md): a group of unikernels with
+    /// an end time, its own bridge and firewall table; `units` are created
+    /// with it, all or none.
+    EnvCreate {
+        name: String,
+        lifetime_s: u64,
+        #[serde(default)]
+        deny_outgoing: bool,
+        #[serde(default)]
+        blacklist: Vec<String>,
+        #[serde(default)]
+        bridge: Option<String>,
+        #[serde(default)]
+        subnet: Option<String>,
+        #[serde(default)]
+        units: Vec<NewUnit>,
+    },
+    /// Move an environment's end `by_s` seconds later.
+    EnvExtend {
+        name: String,
+        by_s: u64,
+    },
+    /// Save the environment's unikernels and stop them.
+    EnvStop {
+        name: String,
+    },
+    /// Bring a stopped environment's unikernels back where they were.
+    EnvStart {
+        name: String,
+    },
+    EnvDestroy {
+        name: String,
+    },
+    /// The environments the caller may see.
+    EnvList,
+    /// A template disk from the file `disk` (absolute, read with the
+    /// caller's rights; root only).
+    TemplateAdd {
+        name: String,
+        disk: String,
+    },
+    TemplateList,
+    TemplateRemove {
+        name: String,
+    },
+    /// A snapshot `snap` of the runtime image of unikernel `name` (its
+    /// device `device` if it has several), removed after `life_time_s`.
+    DiskSnapshot {
+        name: String,
+        snap: String,
+        #[serde(default)]
+        device: Option<String>,
+        #[serde(default)]
+        life_time_s: Option<u64>,
+    },
+    /// Put the snapshot's bytes back into the runtime image (the
+    /// unikernel is stopped meanwhile and boots again on it).
+    DiskRevert {
+        name: String,
+        snap: String,
+        #[serde(default)]
+        device: Option<String>,
+    },
+    /// The snapshots of a unikernel's runtime images.
+    DiskSnapshots {
+        name: String,
+    },
+}
+
+/// A unikernel to create (`tt-host create`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewUnit {
+    pub name: String,
+    /// A `tt-host run` command line without `run` (options, IMAGE, `--`,
+    /// guest arguments), with every path absolute.
+    pub args: Vec<String>,
+    /// `--restart-on-fail`: `None`: never restart; `Some([])`: on any
+    /// exit code but 0, 1 and 60-64; `Some(codes)`: on those codes.
+    #[serde(default)]
+    pub restart_on_fail: Option<Vec<u8>>,
+    /// `--pool`: the capacity pool it draws from.
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// `--env`: the environment it joins.
+    #[serde(default)]
+    pub env: Option<String>,
+    /// `--disk-from:DEV=TEMPLATE`: block devices made from templates,
+    /// as (device, template).
+    #[serde(default)]
+    pub disk_from: Vec<(String, String)>,
+    /// `--keep-image`: its runtime images outlive it.
+    #[serde(default)]
+    pub keep_image: bool,
+    /// `--env-net=DEV`: the hvt net device attached to the env's bridge.
+    #[serde(default)]
+    pub env_net: Option<String>,
+    /// `--port=HOST:GUEST[/udp]`: forwards from the host to it.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    /// `--ip-arg=TEMPLATE`: guest arguments giving it its address
+    /// (`{ip}`, `{prefix}`, `{gateway}`, `{netmask}` filled in).
+    #[serde(default)]
+    pub ip_args: Vec<String>,
+}
+
+impl NewUnit {
+    /// A plain unikernel: no pool, no environment.
+    pub fn plain(name: String, args: Vec<String>) -> NewUnit {
+        NewUnit {
+            name,
+            args,
+            restart_on_fail: None,
+            pool: None,
+            env: None,
+            disk_from: vec![],
+            keep_image: false,
+            env_net: None,
+            ports: vec![],
+            ip_args: vec![],
+        }
+    }
 }
 
 /// The daemon's answer.
@@ -307,12 +417,10 @@ mod tests {
     fn requests_round_trip_and_name_their_version() {
         let req = Request {
             v: VERSION,
-            op: Op::Create {
-                name: "alice:web".into(),
-                args: vec!["--mem=8".into(), "/img".into()],
+            op: Op::Create(NewUnit {
                 restart_on_fail: Some(vec![3]),
-                pool: None,
-            },
+                ..NewUnit::plain("alice:web".into(), vec!["--mem=8".into(), "/img".into()])
+            }),
         };
         let framed = encode(&req);
         assert_eq!(

@@ -2,8 +2,7 @@
 //! checked against the peer's rights before it is done.
 
 use super::access::{Peer, Rights};
-use super::desired::Spec;
-use super::proto::{self, ConsoleRecord, Op, Reply, Request};
+use super::proto::{self, ConsoleRecord, NewUnit, Op, Reply, Request};
 use super::supervisor::Supervisor;
 use super::sys;
 use crate::admission::StateDir;
@@ -293,9 +292,31 @@ fn as_caller<T>(peer: &Peer, f: impl FnOnce() -> T) -> Result<T, String> {
 /// `control_protocol` runs every decoded request through it.
 pub fn vet(op: &Op) -> Result<(), String> {
     match op {
-        Op::Create { name, args, .. } => {
+        Op::Create(u) => vet_unit(u),
+        Op::EnvCreate {
+            name,
+            lifetime_s,
+            units,
+            ..
+        } => {
             parse_name(name)?;
-            check_run_args(name, args)
+            if *lifetime_s == 0 {
+                return Err("env create: a lifetime of at least 1 second".into());
+            }
+            units.iter().try_for_each(vet_unit)
+        }
+        Op::EnvExtend { name, .. }
+        | Op::EnvStop { name }
+        | Op::EnvStart { name }
+        | Op::EnvDestroy { name }
+        | Op::DiskSnapshot { name, .. }
+        | Op::DiskRevert { name, .. }
+        | Op::DiskSnapshots { name } => parse_name(name).map(drop),
+        Op::TemplateAdd { disk, .. } if !disk.starts_with('/') => {
+            Err("template add: the disk's path must be absolute".into())
+        }
+        Op::EnvList | Op::TemplateList | Op::TemplateAdd { .. } | Op::TemplateRemove { .. } => {
+            Ok(())
         }
         Op::Destroy { name } | Op::Restart { name } | Op::Info { name } => {
             parse_name(name).map(drop)
@@ -338,39 +359,73 @@ pub fn vet(op: &Op) -> Result<(), String> {
     }
 }
 
+/// A unikernel to create: its name, command line and options.
+fn vet_unit(u: &NewUnit) -> Result<(), String> {
+    parse_name(&u.name)?;
+    check_run_args(&u.name, &u.args)?;
+    if let Some(e) = &u.env {
+        parse_name(e)?;
+    }
+    for p in &u.ports {
+        crate::envnet::Forward::parse(p).map_err(|e| format!("--port={p}: {e}"))?;
+    }
+    let env_only = !u.ports.is_empty() || u.env_net.is_some() || !u.ip_args.is_empty();
+    if env_only && u.env.is_none() {
+        return Err(format!(
+            "create {}: --env-net, --port and --ip-arg need --env",
+            u.name
+        ));
+    }
+    Ok(())
+}
+
+/// May the caller create `u` (its name, its pool, its environment)?
+fn may_create(sup: &Supervisor, peer: &Peer, u: &NewUnit) -> Result<(), String> {
+    may_act(sup, peer, &u.name)?;
+    vet_unit(u)?;
+    if let Some(p) = &u.pool {
+        may_use_pool(sup, peer, p)?;
+    }
+    if let Some(e) = &u.env {
+        may_act(sup, peer, e)?;
+    }
+    Ok(())
+}
+
+/// Check that the caller may act on environment `name`: the rights on
+/// it as a name of the tree.
+fn may_act_env(sup: &Supervisor, peer: &Peer, name: &str) -> Result<String, String> {
+    let n = may_act(sup, peer, name)?.to_string();
+    if sup.env_owner(&n).is_none() {
+        return Err(format!("no environment named {n}"));
+    }
+    Ok(n)
+}
+
+fn text_or_error(r: Result<String, String>) -> Reply {
+    match r {
+        Ok(text) => Reply::Text { text },
+        Err(e) => error(e),
+    }
+}
+
+fn ok_or_error(r: Result<String, String>) -> Reply {
+    match r {
+        Ok(message) => Reply::Ok { message },
+        Err(e) => error(e),
+    }
+}
+
 async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -> Reply {
     match op {
-        Op::Create {
-            name,
-            args,
-            restart_on_fail,
-            pool,
-        } => {
-            let r = (|| {
-                let n = may_act(sup, peer, &name)?;
-                check_run_args(&name, &args)?;
-                Ok::<_, String>(n)
-            })();
-            let n = match r {
-                Ok(n) => n,
-                Err(e) => return error(e),
-            };
-            if let Some(p) = &pool {
-                if let Err(e) = may_use_pool(sup, peer, p) {
-                    return error(e);
-                }
+        Op::Create(u) => {
+            if let Err(e) = may_create(sup, peer, &u) {
+                return error(e);
             }
-            let spec = Spec {
-                name: n.to_string(),
-                args,
-                restart_on_fail,
-                owner: peer.owner(),
-                created_ns: sys::now_ns(),
-                pool,
-            };
-            match sup.create(spec, received).await {
+            let name = u.name.clone();
+            match sup.create_unit(u, peer.owner(), received).await {
                 Ok(s) => Reply::Started {
-                    name: n.to_string(),
+                    name,
                     pid: s.pid,
                     daemon_us: s.daemon_us,
                     persist_us: s.persist_us,
@@ -378,6 +433,135 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
                 Err(e) => error(e),
             }
         }
+        Op::EnvCreate {
+            name,
+            lifetime_s,
+            deny_outgoing,
+            blacklist,
+            bridge,
+            subnet,
+            units,
+        } => {
+            let checked = (|| {
+                may_act(sup, peer, &name)?;
+                if lifetime_s == 0 {
+                    return Err("env create: a lifetime of at least 1 second".to_string());
+                }
+                for u in &units {
+                    if u.env.as_deref().is_some_and(|e| e != name) {
+                        return Err(format!("{}: --env names another environment", u.name));
+                    }
+                    may_act(sup, peer, &u.name)?;
+                    vet_unit(u)?;
+                    if let Some(p) = &u.pool {
+                        may_use_pool(sup, peer, p)?;
+                    }
+                }
+                Ok(())
+            })();
+            if let Err(e) = checked {
+                return error(e);
+            }
+            let req = super::supervisor::EnvRequest {
+                name,
+                owner: peer.owner(),
+                lifetime: Duration::from_secs(lifetime_s),
+                deny_outgoing,
+                blacklist,
+                bridge,
+                subnet,
+                units,
+            };
+            ok_or_error(sup.env_create(req).await)
+        }
+        Op::EnvExtend { name, by_s } => match may_act_env(sup, peer, &name) {
+            Ok(n) => ok_or_error(sup.env_extend(&n, Duration::from_secs(by_s)).await),
+            Err(e) => error(e),
+        },
+        Op::EnvStop { name } => match may_act_env(sup, peer, &name) {
+            Ok(n) => ok_or_error(sup.env_stop(&n).await),
+            Err(e) => error(e),
+        },
+        Op::EnvStart { name } => match may_act_env(sup, peer, &name) {
+            Ok(n) => ok_or_error(sup.env_start(&n).await),
+            Err(e) => error(e),
+        },
+        Op::EnvDestroy { name } => match may_act_env(sup, peer, &name) {
+            Ok(n) => ok_or_error(sup.env_destroy(&n).await),
+            Err(e) => error(e),
+        },
+        Op::EnvList => {
+            let rights = if peer.is_root() {
+                None
+            } else {
+                match rights(sup, peer) {
+                    Ok(r) => Some(r),
+                    Err(e) => return error(e),
+                }
+            };
+            Reply::Text {
+                text: sup.env_list(|e| {
+                    rights
+                        .as_ref()
+                        .is_none_or(|r| e.name.parse::<Name>().is_ok_and(|n| r.sees(&n)))
+                }),
+            }
+        }
+        Op::TemplateAdd { name, disk } => {
+            if !peer.is_root() {
+                return error(format!(
+                    "uid {} may not add templates (root only)",
+                    peer.uid
+                ));
+            }
+            let opened = as_caller(peer, || std::fs::File::open(&disk));
+            match opened {
+                Ok(Ok(f)) => {
+                    let path = format!("/proc/self/fd/{}", f.as_raw_fd());
+                    ok_or_error(sup.template_add(&name, std::path::Path::new(&path)))
+                }
+                Ok(Err(e)) => error(format!("template add: {disk}: {e}")),
+                Err(e) => error(e),
+            }
+        }
+        Op::TemplateList => text_or_error(sup.template_list()),
+        Op::TemplateRemove { name } => {
+            if !peer.is_root() {
+                return error(format!(
+                    "uid {} may not remove templates (root only)",
+                    peer.uid
+                ));
+            }
+            ok_or_error(sup.template_remove(&name))
+        }
+        Op::DiskSnapshot {
+            name,
+            snap,
+            device,
+            life_time_s,
+        } => match may_act(sup, peer, &name) {
+            Ok(n) => ok_or_error(
+                sup.disk_snapshot(
+                    &n.to_string(),
+                    &snap,
+                    device.as_deref(),
+                    life_time_s.map(Duration::from_secs),
+                )
+                .await,
+            ),
+            Err(e) => error(e),
+        },
+        Op::DiskRevert { name, snap, device } => match may_act(sup, peer, &name) {
+            Ok(n) => ok_or_error(
+                sup.disk_revert(&n.to_string(), &snap, device.as_deref())
+                    .await,
+            ),
+            Err(e) => error(e),
+        },
+        Op::DiskSnapshots { name } => match may_act(sup, peer, &name) {
+            Ok(n) => text_or_error(sup.disk_snapshots(&n.to_string())),
+            Err(e) => error(e),
+        },
         Op::Destroy { name } => match may_act(sup, peer, &name) {
             Ok(n) => match sup.destroy(&n.to_string()).await {
                 Ok(message) => Reply::Ok { message },

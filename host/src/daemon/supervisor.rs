@@ -9,7 +9,12 @@
 //! from that file (tt-host run records its own end there), since only a
 //! parent can read an exit status from the kernel.
 
+mod envops;
+
+pub use envops::EnvRequest;
+
 use super::desired::{Desired, Spec};
+use super::envs::{EnvState, EnvStore};
 use super::pools::PoolState;
 use super::proto::{UnitInfo, UnitStats};
 use super::sys::{self, now_ns};
@@ -44,6 +49,9 @@ pub struct Config {
     pub pool_min_run: Duration,
     /// A pool's emptying is logged this long before.
     pub pool_warning: Duration,
+    /// The least time between two management operations (extend, stop,
+    /// start, destroy) on one environment.
+    pub env_mgmt_interval: Duration,
 }
 
 /// The largest tt-host log (its own messages) kept per unikernel; a
@@ -62,6 +70,9 @@ enum State {
     Exited,
     /// Ended, to be restarted at `restart_at`.
     Restarting,
+    /// Saved and stopped with its environment (or held while its
+    /// environment is being undone).
+    Stopped,
 }
 
 impl State {
@@ -72,6 +83,7 @@ impl State {
             State::Stopping => "stopping",
             State::Exited => "exited",
             State::Restarting => "restarting",
+            State::Stopped => "stopped",
         }
     }
 }
@@ -98,6 +110,27 @@ struct Unit {
     console: Option<Arc<Console>>,
     /// Stopped because its pool was empty.
     pool_emptied: Option<String>,
+    /// The next start resumes the guest saved in this directory
+    /// (`tt-host restore`) instead of booting the image.
+    restore_from: Option<PathBuf>,
+}
+
+impl Unit {
+    fn new(spec: Spec, state: State) -> Unit {
+        Unit {
+            spec,
+            state,
+            instance: None,
+            last_end: None,
+            restarts: 0,
+            consecutive: 0,
+            restart_at: None,
+            gen: 0,
+            console: None,
+            pool_emptied: None,
+            restore_from: None,
+        }
+    }
 }
 
 struct Inner {
@@ -114,6 +147,15 @@ pub struct Supervisor {
     pub pools: Mutex<PoolState>,
     /// Wakes the expiry timer when a pool's EmptyAt may have changed.
     pub pools_changed: tokio::sync::Notify,
+    /// The environments (lock order: `inner`, then `envs`).
+    envs: Mutex<EnvStore>,
+    /// Environment and disk operations, one at a time.
+    env_ops: tokio::sync::Mutex<()>,
+    /// Wakes the environments' timer when an end or a snapshot's expiry
+    /// may have changed.
+    envs_changed: tokio::sync::Notify,
+    templates: crate::images::TemplateStore,
+    snapshots: Mutex<crate::images::SnapshotStore>,
 }
 
 /// Does albatross's rule restart a unikernel that ended with `end`?
@@ -173,6 +215,15 @@ impl Supervisor {
         let (desired, specs) =
             Desired::open(&dir.join("desired.log")).map_err(|e| e.to_string())?;
         let pools = PoolState::open(&dir, now_ns())?;
+        let envs = EnvStore::open(&dir.join("envs.json"))?;
+        let images = cfg.state_dir.join("images");
+        crate::admission::create_private_dir(&images)
+            .map_err(|e| format!("cannot create {}: {e}", images.display()))?;
+        let templates = crate::images::TemplateStore::open(&images.join("templates"))
+            .map_err(|e| e.to_string())?;
+        let snapshots = crate::images::SnapshotStore::open(&images.join("snapshots"))
+            .map_err(|e| e.to_string())?;
+        envops::make_runtime_image_dir(&images.join("runtime"))?;
         let sup = Arc::new(Supervisor {
             cfg,
             inner: Mutex::new(Inner {
@@ -182,20 +233,24 @@ impl Supervisor {
             boot_id: sys::boot_id(),
             pools: Mutex::new(pools),
             pools_changed: tokio::sync::Notify::new(),
+            envs: Mutex::new(envs),
+            env_ops: tokio::sync::Mutex::new(()),
+            envs_changed: tokio::sync::Notify::new(),
+            templates,
+            snapshots: Mutex::new(snapshots),
         });
+        // The networks first: after a reboot their bridges and TAPs are
+        // gone, and the unikernels need them.
+        sup.restore_networks(&specs);
         for (name, spec) in specs {
-            let mut unit = Unit {
-                spec,
-                state: State::Exited,
-                instance: None,
-                last_end: None,
-                restarts: 0,
-                consecutive: 0,
-                restart_at: None,
-                gen: 0,
-                console: None,
-                pool_emptied: None,
-            };
+            // A unikernel of an environment being undone, stopped, or
+            // gone is not started here (envops::recover decides).
+            let held = spec.env.as_ref().is_some_and(|e| {
+                sup.envs()
+                    .get(e)
+                    .is_none_or(|e| e.state != EnvState::Running)
+            });
+            let mut unit = Unit::new(spec, State::Exited);
             let published = unitfiles::read_stats(&sup.unit_dir(&name).join("stats"));
             let mut start = false;
             match published {
@@ -219,7 +274,10 @@ impl Supervisor {
                     }
                 }
             }
-            if start {
+            if start && held {
+                unit.state = State::Stopped;
+                unit.restore_from = sup.saved_guest(&unit.spec);
+            } else if start {
                 match sup.spawn(&name, &mut unit) {
                     Ok(_) => log::info!("{name}: started (it had no process this boot)"),
                     Err(e) => {
@@ -266,8 +324,9 @@ impl Supervisor {
                 .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?
         };
         let (ready_r, ready_w) = sys::pipe().map_err(|e| format!("cannot make a pipe: {e}"))?;
+        let restore = unit.restore_from.take();
         let mut cmd = std::process::Command::new(&self.cfg.exe);
-        cmd.arg("run")
+        cmd.arg(if restore.is_some() { "restore" } else { "run" })
             .arg(format!("--name={name}"))
             .arg(format!("--state-dir={}", self.cfg.state_dir.display()))
             .arg(format!("--console-log={}", dir.join("console").display()))
@@ -285,8 +344,13 @@ impl Supervisor {
                 groups.join(",")
             ));
         }
-        cmd.args(&unit.spec.args)
-            .stdin(std::process::Stdio::null())
+        match restore {
+            // tt-host restore takes run's options; the devices, image and
+            // guest arguments are the saved guest's.
+            Some(dir) => cmd.arg(dir),
+            None => cmd.args(&unit.spec.args),
+        };
+        cmd.stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log);
         let w = ready_w.as_raw_fd();
@@ -478,7 +542,9 @@ impl Supervisor {
         for d in run.devices.iter().filter(|d| d.option == "block") {
             block += std::fs::metadata(&d.value).map(|m| m.len()).unwrap_or(0);
         }
-        Ok(super::pools::draw_of(run.mem_mb, block))
+        // A host port forwarded to it uses the host's public address.
+        let forwards = spec.net.as_ref().map_or(0, |n| n.ports.len() as u64);
+        Ok(super::pools::draw_of(run.mem_mb, block, forwards))
     }
 
     /// Admission to `spec`'s pool, and its draw from then on.
@@ -616,25 +682,14 @@ impl Supervisor {
                 return Err(e.to_string());
             }
             let persist_us = t.elapsed().as_micros() as u64;
-            let mut unit = Unit {
-                spec,
-                state: State::Starting,
-                instance: None,
-                last_end: None,
-                restarts: 0,
-                consecutive: 0,
-                restart_at: None,
-                gen: 0,
-                console: None,
-                pool_emptied: None,
-            };
+            let mut unit = Unit::new(spec, State::Starting);
             let started = self.spawn(&name, &mut unit);
             inner.units.insert(name.clone(), unit);
             match started {
                 Ok((pid, rx)) => (pid, rx, persist_us),
                 Err(e) => {
                     drop(inner);
-                    self.forget(&name);
+                    self.forget(&name, true);
                     return Err(e);
                 }
             }
@@ -647,21 +702,27 @@ impl Supervisor {
                 persist_us,
             }),
             Ok(Err(msg)) => {
-                self.forget(&name);
+                self.forget(&name, true);
                 Err(msg)
             }
             Err(_) => Err(format!("{name}: its start was abandoned")),
         }
     }
 
-    /// Drop a unit from the desired state and the runtime directory.
-    fn forget(&self, name: &str) {
-        {
+    /// Drop a unit from the desired state and the runtime directory, with
+    /// what the daemon made for it: its TAP and port forwards, its saved
+    /// guest, and its runtime images (those made with --keep-image too
+    /// if `drop_kept`).
+    fn forget(&self, name: &str, drop_kept: bool) {
+        let spec = {
             let mut inner = self.lock();
             if let Err(e) = inner.desired.destroy(name) {
                 log::warn!("{name}: {e}");
             }
-            inner.units.remove(name);
+            inner.units.remove(name).map(|u| u.spec)
+        };
+        if let Some(spec) = spec {
+            self.release(&spec, drop_kept);
         }
         self.stop_drawing(name);
         let _ = std::fs::remove_dir_all(self.unit_dir(name));
@@ -674,6 +735,18 @@ impl Supervisor {
     /// Stop the running instance, if any, and wait until it is reaped:
     /// SIGTERM, then SIGKILL after the stop timeout.
     async fn stop(&self, name: &str) -> Result<Option<End>, String> {
+        self.stop_or_save(name, None).await.map(|(end, _)| end)
+    }
+
+    /// Stop the running instance, if any, and wait until it is reaped:
+    /// with `save`, by saving the guest there (`tt-host snapshot --stop`),
+    /// else (or if that fails) with SIGTERM, then SIGKILL after the stop
+    /// timeout. Says whether the guest was saved.
+    async fn stop_or_save(
+        &self,
+        name: &str,
+        save: Option<&std::path::Path>,
+    ) -> Result<(Option<End>, bool), String> {
         let (pidfd, mut ended) = {
             let mut inner = self.lock();
             let unit = inner
@@ -687,9 +760,29 @@ impl Supervisor {
                     unit.state = State::Stopping;
                     (i.pidfd.clone(), i.ended.clone())
                 }
-                None => return Ok(None),
+                None => return Ok((None, false)),
             }
         };
+        if let Some(dir) = save {
+            let socket = self.unit_dir(name).join("control");
+            let dir = dir.to_path_buf();
+            let saved = tokio::task::spawn_blocking(move || {
+                let files = crate::control::snapshot_files(&dir)?;
+                crate::control::snapshot_into(&socket, &dir, files, true)
+            })
+            .await;
+            match saved {
+                Ok(Ok(_)) => {
+                    let wait = ended.wait_for(|e| e.is_some());
+                    if let Ok(Ok(e)) = tokio::time::timeout(self.cfg.stop_timeout, wait).await {
+                        return Ok((*e, true));
+                    }
+                    log::warn!("{name}: saved, but did not end: stopping it");
+                }
+                Ok(Err(e)) => log::warn!("{name}: cannot save the guest ({e}): stopping it"),
+                Err(e) => log::warn!("{name}: cannot save the guest ({e}): stopping it"),
+            }
+        }
         let _ = sys::pidfd_signal(&pidfd, libc::SIGTERM);
         let first = {
             let wait = ended.wait_for(|e| e.is_some());
@@ -706,13 +799,13 @@ impl Supervisor {
                 e.flatten()
             }
         };
-        Ok(end)
+        Ok((end, false))
     }
 
     /// `destroy`: stop the unit and forget it.
     pub async fn destroy(self: &Arc<Self>, name: &str) -> Result<String, String> {
         let end = self.stop(name).await?;
-        self.forget(name);
+        self.forget(name, false);
         Ok(match end {
             Some(e) => format!("{name} destroyed (it ended: {e})"),
             None => format!("{name} destroyed"),
@@ -896,6 +989,7 @@ mod tests {
             stop_timeout: Duration::from_secs(5),
             pool_min_run: Duration::from_secs(120),
             pool_warning: Duration::from_secs(60),
+            env_mgmt_interval: Duration::from_secs(1),
         }
     }
 
