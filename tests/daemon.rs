@@ -14,6 +14,9 @@ pub struct Daemon {
     pub child: Option<Child>,
     /// Extra `tt-host daemon` options, used again by [`Daemon::start`].
     pub options: Vec<String>,
+    /// The network namespace it runs in (its bridges, TAPs and rules
+    /// go with it), dropped after the daemon and its unikernels.
+    pub netns: Option<crate::netns::Netns>,
 }
 
 impl Daemon {
@@ -27,6 +30,24 @@ impl Daemon {
             dir,
             child: None,
             options: options.iter().map(|s| s.to_string()).collect(),
+            netns: None,
+        }
+    }
+
+    /// A daemon in a network namespace of its own, started.
+    pub fn started_in_netns(tag: &str, options: &[&str]) -> Daemon {
+        let mut d = Daemon::new(tag, options);
+        d.netns = Some(crate::netns::Netns::new());
+        d.start();
+        d
+    }
+
+    /// A command for `program` in the daemon's network namespace (if it
+    /// has one).
+    pub fn command(&self, program: impl AsRef<Path>) -> Command {
+        match &self.netns {
+            Some(ns) => ns.command(program),
+            None => Command::new(program.as_ref()),
         }
     }
 
@@ -57,7 +78,8 @@ impl Daemon {
             .append(true)
             .open(self.dir.path("daemon.log"))
             .unwrap();
-        let child = Command::new(tt_host())
+        let child = self
+            .command(tt_host())
             .arg("daemon")
             .arg(format!("--state-dir={}", self.state_dir().display()))
             .arg(format!("--runtime-dir={}", self.runtime_dir().display()))
@@ -108,7 +130,7 @@ impl Daemon {
 
     /// `tt-host ARGS` as a client of this daemon.
     pub fn cli(&self, args: &[&str]) -> Run {
-        self.cli_with(Command::new(tt_host()).args(args))
+        self.cli_with(self.command(tt_host()).args(args))
     }
 
     /// A prepared `tt-host` command as a client of this daemon.
@@ -162,7 +184,8 @@ impl Daemon {
 }
 
 /// The live processes whose command line has `--state-dir=DIR` and
-/// `run` (tt-host run children of a daemon on DIR), zombies excluded.
+/// `run` or `restore` (tt-host children of a daemon on DIR), zombies
+/// excluded.
 pub fn unit_pids(state_dir: &Path) -> Vec<u32> {
     let needle = format!("--state-dir={}", state_dir.display());
     let mut pids = Vec::new();
@@ -177,7 +200,7 @@ pub fn unit_pids(state_dir: &Path) -> Vec<u32> {
             continue;
         };
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        let is_run = args.get(1) == Some(&&b"run"[..]);
+        let is_run = matches!(args.get(1), Some(&b"run") | Some(&b"restore"));
         if is_run && args.contains(&needle.as_bytes()) {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let zombie = stat

@@ -878,9 +878,11 @@ impl Supervisor {
             })?,
             None => match imgs.as_slice() {
                 [one] => one,
-                [] => return Err(format!(
+                [] => {
+                    return Err(format!(
                     "{name} has no runtime image (only disks made with --disk-from have snapshots)"
-                )),
+                ))
+                }
                 _ => return Err(format!("{name} has several runtime images: give --device")),
             },
         };
