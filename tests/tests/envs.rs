@@ -7,10 +7,10 @@
 //! saved and resumed is told from one that booted again (a second
 //! `count 1`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tt_tests::daemon::Daemon;
-use tt_tests::{guest, kill, kvm, Run};
+use tt_tests::{guest, kvm, Run};
 
 #[track_caller]
 fn ok(r: &Run) -> &str {
@@ -46,7 +46,7 @@ fn template(d: &Daemon, name: &str) -> Vec<u8> {
 
 /// A counter unikernel's `tt-host create` arguments (without NAME).
 fn counter(extra: &[&str]) -> String {
-    let mut words: Vec<String> = vec!["--mem=32".into(), "--cpl=3".into()];
+    let mut words: Vec<String> = vec!["--mem=32".into()];
     words.extend(extra.iter().map(|s| s.to_string()));
     words.push(guest("counter").display().to_string());
     words.push("--".into());
@@ -186,7 +186,7 @@ fn extend_stop_and_start_bring_the_same_unikernels_back_and_a_stopped_env_frees_
     if !kvm() {
         return;
     }
-    let d = daemon("env-stop");
+    let mut d = daemon("env-stop");
     // Room for two 32 MiB unikernels below 'lab'.
     ok(&d.cli(&["policy", "set", "lab", "--mem", "64", "--daemon"]));
     let units = units_file(
@@ -219,7 +219,7 @@ fn extend_stop_and_start_bring_the_same_unikernels_back_and_a_stopped_env_frees_
         &format!("--units={}", units.display()),
     ]));
     let extra = d.dir.file("x.img", &disk_bytes(b"x"));
-    let create_x = || {
+    let create_x = |d: &Daemon| {
         d.cli(&[
             "create",
             "lab:x",
@@ -231,7 +231,7 @@ fn extend_stop_and_start_bring_the_same_unikernels_back_and_a_stopped_env_frees_
             "20",
         ])
     };
-    refused(&create_x(), "mem");
+    refused(&create_x(&d), "mem");
 
     // extend moves the end; a second operation at once is refused.
     let before = env_row(&d, "lab:env").unwrap();
@@ -254,12 +254,11 @@ fn extend_stop_and_start_bring_the_same_unikernels_back_and_a_stopped_env_frees_
     let stopped_at = *counts(&d, "lab:a").last().unwrap();
 
     // The room is free while it is stopped.
-    let r = create_x();
+    let r = create_x(&d);
     assert!(ok(&r).contains("created"), "{r:?}");
     ok(&d.cli(&["destroy", "lab:x"]));
 
     // A stopped env survives a daemon restart as it is.
-    let mut d = d;
     d.stop();
     d.start();
     assert_eq!(state(&d, "lab:a").as_deref(), Some("stopped"));
@@ -284,7 +283,7 @@ fn extend_stop_and_start_bring_the_same_unikernels_back_and_a_stopped_env_frees_
     for w in c.windows(2) {
         assert_eq!(w[1], w[0] + 1, "{c:?}");
     }
-    refused(&create_x(), "mem");
+    refused(&create_x(&d), "mem");
 }
 
 #[test]
@@ -302,7 +301,6 @@ fn a_templates_copy_is_its_own_and_snapshots_revert_the_exact_bytes_and_expire()
         "--env=lab",
         "--disk-from:disk=base",
         "--mem=32",
-        "--cpl=3",
         guest("counter").to_str().unwrap(),
         "--",
         "count",
@@ -360,7 +358,6 @@ fn a_templates_copy_is_its_own_and_snapshots_revert_the_exact_bytes_and_expire()
         !ok(&d.cli(&["disk", "snapshots", "lab:a"])).contains("short")
     });
     assert!(ok(&d.cli(&["disk", "snapshots", "lab:a"])).contains("s1"));
-    let _ = Path::new("");
 }
 
 #[test]
@@ -413,6 +410,5 @@ fn a_daemon_killed_in_the_middle_of_an_envs_creation_leaves_it_whole_or_not_at_a
                 assert!(d.log().contains("cut short"), "{}", d.log());
             }
         }
-        let _ = kill;
     }
 }

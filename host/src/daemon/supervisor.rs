@@ -265,6 +265,12 @@ impl Supervisor {
                     }
                     Err(_) => unit.last_end = Some(End::Killed(None)),
                 },
+                Ok(p) if held => {
+                    // Saved with its environment (or ended while it was
+                    // being undone): no restart rule applies.
+                    unit.last_end = p.end;
+                    start = true;
+                }
                 Ok(p) => {
                     let end = p.end.unwrap_or(End::Killed(None));
                     unit.last_end = Some(end);

@@ -87,7 +87,7 @@ pub fn delete_link(n: &str) -> Result<(), NetError> {
     Ok(())
 }
 pub fn link_exists(n: &str) -> bool {
-    true
+    std::path::Path::new("/sys/class/net").join(n).exists()
 }
 pub fn enable_ip_forward() -> Result<bool, NetError> {
     Ok(false)
