@@ -54,6 +54,23 @@ fn counter(extra: &[&str]) -> String {
     words.join(" ")
 }
 
+/// The net guest's `tt-host create` arguments (without NAME): on the
+/// env's network as `service0`, with its address as `ip=A.B.C.D/N` and
+/// `gw=`, and `args` for the guest.
+fn net_guest(extra: &[&str], args: &[&str]) -> String {
+    let mut words: Vec<String> = vec![
+        "--mem=32".into(),
+        "--env-net=service0".into(),
+        "--ip-arg=ip={ip}/{prefix}".into(),
+        "--ip-arg=gw={gateway}".into(),
+    ];
+    words.extend(extra.iter().map(|s| s.to_string()));
+    words.push(guest("net").display().to_string());
+    words.push("--".into());
+    words.extend(args.iter().map(|s| s.to_string()));
+    words.join(" ")
+}
+
 /// Write a units file: one `NAME ARGS` line per unit.
 fn units_file(d: &Daemon, lines: &[String]) -> String {
     let f = d.dir.file("units", lines.join("\n").as_bytes());
@@ -140,7 +157,7 @@ fn an_env_ends_on_time_with_its_unikernels_and_kept_images_stay() {
                 counter(&["--disk-from:disk=base", "--keep-image"])
             ),
             format!("lab:b {}", counter(&["--disk-from:disk=base"])),
-            format!("lab:c {}", counter(&["--disk-from:disk=base"])),
+            format!("lab:c {}", net_guest(&["--port=8080:7"], &["tcp-echo=7"])),
         ],
     );
     let t = Instant::now();
@@ -159,6 +176,7 @@ fn an_env_ends_on_time_with_its_unikernels_and_kept_images_stay() {
     let dropped = runtime_image(&d, "lab:b", "disk");
     assert!(kept.exists() && dropped.exists());
     assert!(links(&d).iter().any(|l| l == "tte0"), "{:?}", links(&d));
+    assert!(links(&d).iter().any(|l| l == "tte0u0"), "{:?}", links(&d));
     assert!(nft_tables(&d).contains("tt-env-0"));
 
     d.wait_for(15, "the env's end", || env_row(&d, "lab").is_none());
@@ -411,4 +429,175 @@ fn a_daemon_killed_in_the_middle_of_an_envs_creation_leaves_it_whole_or_not_at_a
             }
         }
     }
+}
+
+/// The console lines of unikernel `name` so far.
+fn console(d: &Daemon, name: &str) -> String {
+    d.cli(&["console", name]).stdout
+}
+
+/// An "uplink" in the daemon's namespace standing for the outside world:
+/// TAP `up0` (up, nothing behind it) with 192.0.2.1/24 and 192.0.2.2/24,
+/// addresses of the host itself, outside every env.
+fn uplink(d: &Daemon) -> &tt_tests::netns::Netns {
+    let ns = d.netns.as_ref().unwrap();
+    ns.add_tap("up0");
+    ns.set_addr("up0", [192, 0, 2, 1], 24);
+    ns.set_up("up0", true);
+    ns
+}
+
+/// A UDP echo server on `addr` in `ns`, counting what it got.
+fn udp_echo(
+    ns: &tt_tests::netns::Netns,
+    addr: &str,
+) -> std::sync::Arc<std::sync::atomic::AtomicU32> {
+    let sock = ns.run(|| std::net::UdpSocket::bind(addr)).unwrap();
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let g = got.clone();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        // Ends with the test process; answers whatever comes.
+        loop {
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                g.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = sock.send_to(&buf[..n], from);
+            }
+        }
+    });
+    got
+}
+
+/// A TCP connection from the daemon's namespace to `addr`, a line sent
+/// and its echo read back.
+fn tcp_echo(ns: &tt_tests::netns::Netns, addr: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let mut s =
+        ns.run(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(b"hello through the forward\n")?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[test]
+fn a_port_forward_reaches_a_guest_and_deny_outgoing_keeps_the_env_in() {
+    if !kvm() {
+        return;
+    }
+    let d = daemon("env-net");
+    let ns = uplink(&d);
+    let outside = udp_echo(ns, "192.0.2.1:9000");
+
+    // Outgoing allowed: the probe to the host's outside address is
+    // answered. (So the denial below is the rules' doing.)
+    let units = units_file(
+        &d,
+        &[format!(
+            "open:p {}",
+            net_guest(&[], &["probe=192.0.2.1:9000"])
+        )],
+    );
+    ok(&d.cli(&[
+        "env",
+        "create",
+        "open",
+        "--lifetime=1h",
+        &format!("--units={units}"),
+    ]));
+    d.wait_for(10, "an answer from outside", || {
+        console(&d, "open:p").contains("net: probe reply from 192.0.2.1:9000")
+    });
+    ok(&d.cli(&["env", "destroy", "open"]));
+    let before = outside.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(before > 0);
+
+    // Denied: web serves through a forward; p probes the outside and its
+    // neighbour web (UDP echo), and only the neighbour answers.
+    let units = units_file(
+        &d,
+        &[
+            format!(
+                "lab:web {}",
+                net_guest(
+                    &["--port=8080:7", "--port=8081:7/udp"],
+                    &["tcp-echo=7", "echo=7"]
+                )
+            ),
+            format!("lab:p {}", net_guest(&[], &["probe=192.0.2.1:9000"])),
+        ],
+    );
+    let r = d.cli(&[
+        "env",
+        "create",
+        "lab",
+        "--lifetime=1h",
+        "--deny-outgoing",
+        &format!("--units={units}"),
+    ]);
+    ok(&r);
+    // The forward: from the host's outside address to web's TCP echo.
+    let mut echoed = Err(std::io::Error::other("not tried"));
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        echoed = tcp_echo(ns, "192.0.2.1:8080");
+        if echoed.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        echoed.as_deref().ok(),
+        Some("hello through the forward\n"),
+        "{echoed:?}\n{}",
+        console(&d, "lab:web")
+    );
+    // p sends for a while: nothing reaches the outside, nothing answers.
+    d.wait_for(10, "probes sent", || {
+        console(&d, "lab:p").contains("net: probe sent 5")
+    });
+    assert_eq!(
+        outside.load(std::sync::atomic::Ordering::SeqCst),
+        before,
+        "a probe got out"
+    );
+    assert!(!console(&d, "lab:p").contains("probe reply"));
+    ok(&d.cli(&["destroy", "lab:p"]));
+
+    // Inside the env, traffic passes: q probes web's UDP echo.
+    ok(&d.cli(&[
+        "create",
+        "lab:q",
+        "--env=lab",
+        "--mem=32",
+        "--env-net=service0",
+        "--ip-arg=ip={ip}/{prefix}",
+        "--ip-arg=gw={gateway}",
+        guest("net").to_str().unwrap(),
+        "--",
+        "probe=10.213.0.2:7",
+    ]));
+    d.wait_for(10, "an answer from inside the env", || {
+        console(&d, "lab:q").contains("net: probe reply from 10.213.0.2:7")
+    });
+
+    // The forward goes with its unikernel.
+    ok(&d.cli(&["destroy", "lab:web"]));
+    assert!(
+        tcp_echo(ns, "192.0.2.1:8080").is_err(),
+        "the forward stayed"
+    );
+    let table = tt_tests::tt_with(d.command("nft").args(["list", "table", "inet", "tt-env-0"]));
+    assert!(!ok(&table).contains("8080"), "{table:?}");
+    ok(&d.cli(&["env", "destroy", "lab"]));
+    assert!(
+        !links(&d).iter().any(|l| l.starts_with("tte")),
+        "{:?}",
+        links(&d)
+    );
+    assert!(!nft_tables(&d).contains("tt-env"), "{}", nft_tables(&d));
 }

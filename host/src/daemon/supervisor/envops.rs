@@ -377,6 +377,14 @@ impl Supervisor {
         received: Instant,
         creating: bool,
     ) -> Result<Started, String> {
+        let spec = self.prepare_in_env(unit, owner, creating)?;
+        self.create_prepared(spec, received).await
+    }
+
+    /// Check `unit` against the unikernels and its environment, and make
+    /// what it needs ([`Supervisor::prepare`]), its environment's counters
+    /// advanced and recorded.
+    fn prepare_in_env(&self, unit: NewUnit, owner: Owner, creating: bool) -> Result<Spec, String> {
         let name = unit.name.clone();
         if self.exists(&name) {
             return Err(format!("{name} exists (destroy it first, or restart it)"));
@@ -384,33 +392,42 @@ impl Supervisor {
         if let Some(why) = self.port_taken(&unit.ports) {
             return Err(format!("create {name}: {why}"));
         }
-        let spec = match unit.env.clone() {
-            None => self.prepare(unit, owner, None)?,
-            Some(env_name) => {
-                let mut env = self
-                    .envs()
-                    .get(&env_name)
-                    .cloned()
-                    .ok_or_else(|| format!("create {name}: no environment named {env_name}"))?;
-                let ok = match env.state {
-                    EnvState::Running => true,
-                    EnvState::Creating => creating,
-                    EnvState::Stopped => false,
-                };
-                if !ok {
-                    return Err(format!(
-                        "create {name}: environment {env_name} is {} (start it first)",
-                        env.state.name()
-                    ));
-                }
-                let spec = self.prepare(unit, owner, Some(&mut env))?;
-                if let Err(e) = self.envs().put(env) {
-                    self.release(&spec, true);
-                    return Err(e);
-                }
-                spec
-            }
+        let Some(env_name) = unit.env.clone() else {
+            return self.prepare(unit, owner, None);
         };
+        let mut env = self
+            .envs()
+            .get(&env_name)
+            .cloned()
+            .ok_or_else(|| format!("create {name}: no environment named {env_name}"))?;
+        let ok = match env.state {
+            EnvState::Running => true,
+            EnvState::Creating => creating,
+            EnvState::Stopped => false,
+        };
+        if !ok {
+            return Err(format!(
+                "create {name}: environment {env_name} is {} (start it first)",
+                env.state.name()
+            ));
+        }
+        let spec = self.prepare(unit, owner, Some(&mut env))?;
+        let recorded = self.envs().put(env);
+        if let Err(e) = recorded {
+            self.release(&spec, true);
+            return Err(e);
+        }
+        Ok(spec)
+    }
+
+    /// Record and start the unikernel `spec` describes, then forward its
+    /// ports.
+    async fn create_prepared(
+        self: &Arc<Self>,
+        spec: Spec,
+        received: Instant,
+    ) -> Result<Started, String> {
+        let name = spec.name.clone();
         let forwards = spec.net.as_ref().is_some_and(|n| !n.ports.is_empty());
         let env = spec.env.clone();
         let started = match self.create(spec.clone(), received).await {
@@ -565,12 +582,17 @@ impl Supervisor {
             .map_err(|e| format!("environment {}: {e}", env.name))?;
         envnet::enable_ip_forward().map_err(|e| format!("environment {}: {e}", env.name))?;
         self.apply_net(&env.name)?;
-        let mut set = tokio::task::JoinSet::new();
+        // Addresses and TAPs in the order the units were given; then the
+        // unikernels all start at once.
+        let mut specs = Vec::new();
         for mut u in units {
             u.env = Some(env.name.clone());
+            specs.push(self.prepare_in_env(u, env.owner.clone(), true)?);
+        }
+        let mut set = tokio::task::JoinSet::new();
+        for spec in specs {
             let sup = self.clone();
-            let owner = env.owner.clone();
-            set.spawn(async move { sup.create_in_env(u, owner, Instant::now(), true).await });
+            set.spawn(async move { sup.create_prepared(spec, Instant::now()).await });
         }
         let mut first_err = None;
         while let Some(r) = set.join_next().await {
