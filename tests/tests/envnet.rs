@@ -16,7 +16,9 @@
 //! the library inside H (`Netns::run`). The guests are namespaces behind
 //! veth pairs instead of unikernels behind TAPs: the same bridge ports
 //! for the rules. O is the outside world. Every exchange is a plain TCP
-//! or UDP socket asking a service for its name.
+//! or UDP socket asking a service for its name. One test also puts a
+//! real unikernel (the net example, under tt-host on /dev/kvm) on a TAP
+//! of the bridge.
 //!
 //! The tests need root and the `nft` program (Debian's nftables package):
 //! without it they fail and say so.
@@ -28,7 +30,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tt_host::envnet::{self, EnvNet, Forward, NetError, Subnet};
-use tt_tests::netns::Netns;
+use tt_tests::guest_output::Host;
+use tt_tests::netns::{Netns, Ping};
+use tt_tests::{guest, kvm, tt_host};
 
 const TABLE: &str = "tt-env-0";
 const BRIDGE: &str = "ttbr0";
@@ -559,4 +563,53 @@ fn nft_errors_carry_what_nft_said() {
         h.run(|| Ok(envnet::tables_with_prefix(""))).unwrap(),
     );
     assert!(tables.is_empty(), "{tables:?}");
+}
+
+#[test]
+fn a_unikernel_on_an_env_tap_is_reached_across_the_bridge() {
+    if !kvm() {
+        return;
+    }
+    let t = Topology::new();
+    let mut env = Topology::env();
+    env.deny_outgoing = true;
+    t.apply(&env);
+    let tap = "tttap0";
+    ok(
+        "create a TAP",
+        t.h.run(|| Ok(envnet::create_tap(tap, BRIDGE, None)))
+            .unwrap(),
+    );
+    // The net example answers ARP and ICMP echo as 10.213.4.9.
+    let unikernel = Ipv4Addr::new(10, 213, 4, 9);
+    let mut host = Host::spawn(t.h.command(tt_host()).args([
+        "run",
+        "--mem=32",
+        &format!("--net:service0={tap}"),
+        "--net-mac:service0=02:00:00:00:00:09",
+        guest("net").to_str().unwrap(),
+        "--",
+        &unikernel.to_string(),
+    ]));
+    while !host.line().contains("net: ready") {}
+    let ping = Ping::until_answered(2, 56, Duration::from_millis(100));
+    // From the host (the gateway) and from a guest on the same bridge,
+    // deny-outgoing or not.
+    let from_h = t.h.pinger().ping(unikernel.octets(), ping);
+    assert_eq!(
+        from_h.received, 2,
+        "H -> unikernel: {from_h:?}; {:?}",
+        host.seen
+    );
+    let from_g1 = t.g1.pinger().ping(unikernel.octets(), ping);
+    assert_eq!(
+        from_g1.received, 2,
+        "G1 -> unikernel: {from_g1:?}; {:?}",
+        host.seen
+    );
+    drop(host);
+    ok(
+        "delete the TAP",
+        t.h.run(|| Ok(envnet::delete_link(tap))).unwrap(),
+    );
 }
