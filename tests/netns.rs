@@ -1,5 +1,5 @@
-//! Network namespaces, TAP interfaces and ICMP echo for the end-to-end
-//! tests, made with system calls alone: no `ip`, no `ping`.
+//! Network namespaces, TAP and veth interfaces, routes and ICMP echo for
+//! the end-to-end tests, made with system calls alone: no `ip`, no `ping`.
 //!
 //! A [`Netns`] is an anonymous network namespace that lives as long as its
 //! file descriptor and whatever runs in it: when the test drops it (or
@@ -300,26 +300,81 @@ impl Netns {
             // SAFETY: SIOCGIFINDEX filled in ifru_ifindex.
             .map(|r| unsafe { r.ifr_ifru.ifru_ifindex })
             .unwrap_or_else(|e| panic!("index of {name}: {e}"));
-        let r = self.run(|| {
+        // struct ifinfomsg (family, pad, type, index, flags, change).
+        let mut msg = vec![libc::AF_UNSPEC as u8, 0, 0, 0];
+        msg.extend_from_slice(&index.to_ne_bytes());
+        msg.extend_from_slice(&[0; 8]);
+        self.rtnetlink(libc::RTM_DELLINK, 0, msg)
+            .unwrap_or_else(|e| panic!("delete {name}: {e}"));
+    }
+
+    /// Create a veth pair, as `ip link add NAME type veth peer PEER netns
+    /// PEER_NS` does: `name` here, `peer` in `peer_ns`, both down.
+    pub fn add_veth(&self, name: &str, peer: &str, peer_ns: &Netns) {
+        // Attribute types (linux/if_link.h, linux/veth.h).
+        const IFLA_IFNAME: u16 = 3;
+        const IFLA_LINKINFO: u16 = 18;
+        const IFLA_NET_NS_FD: u16 = 28;
+        const IFLA_INFO_KIND: u16 = 1;
+        const IFLA_INFO_DATA: u16 = 2;
+        const VETH_INFO_PEER: u16 = 1;
+        const NESTED: u16 = 0x8000;
+        let cstr = |s: &str| [s.as_bytes(), &[0]].concat();
+        // An empty struct ifinfomsg, then IFLA_IFNAME.
+        let link = |name: &str| [&[0u8; 16][..], &nla(IFLA_IFNAME, &cstr(name))].concat();
+        let fd = (peer_ns.ns.as_raw_fd() as u32).to_ne_bytes();
+        let peer_info = [link(peer), nla(IFLA_NET_NS_FD, &fd)].concat();
+        let info = [
+            nla(IFLA_INFO_KIND, &cstr("veth")),
+            nla(
+                IFLA_INFO_DATA | NESTED,
+                &nla(VETH_INFO_PEER | NESTED, &peer_info),
+            ),
+        ]
+        .concat();
+        let msg = [link(name), nla(IFLA_LINKINFO | NESTED, &info)].concat();
+        let flags = libc::NLM_F_CREATE | libc::NLM_F_EXCL;
+        self.rtnetlink(libc::RTM_NEWLINK, flags as u16, msg)
+            .unwrap_or_else(|e| panic!("create veth {name} (peer {peer}): {e}"));
+    }
+
+    /// Add a default route via `gateway`, as `ip route add default via
+    /// GATEWAY` does (the gateway must be on a subnet of an interface
+    /// that is up).
+    pub fn add_default_route(&self, gateway: [u8; 4]) {
+        // SAFETY: rtentry is plain data (a null rt_dev means any device).
+        let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+        rt.rt_dst = sockaddr_in([0; 4]);
+        rt.rt_genmask = sockaddr_in([0; 4]);
+        rt.rt_gateway = sockaddr_in(gateway);
+        rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        let sock = self.inet();
+        // SAFETY: SIOCADDRT reads one struct rtentry, which we own.
+        cvt(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT, &mut rt) })
+            .unwrap_or_else(|e| panic!("add a default route via {gateway:?}: {e}"));
+    }
+
+    /// Send rtnetlink request `ty` (with `flags` beside NLM_F_REQUEST and
+    /// NLM_F_ACK) whose body is `body` from inside the namespace, and
+    /// return the kernel's answer.
+    fn rtnetlink(&self, ty: u16, flags: u16, body: Vec<u8>) -> io::Result<()> {
+        self.run(|| {
             let sock = socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE)?;
-            // struct nlmsghdr (len, type, flags, seq, pid), then struct
-            // ifinfomsg (family, pad, type, index, flags, change).
-            let mut msg = Vec::with_capacity(32);
-            msg.extend_from_slice(&32u32.to_ne_bytes());
-            msg.extend_from_slice(&libc::RTM_DELLINK.to_ne_bytes());
-            let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+            // struct nlmsghdr (len, type, flags, seq, pid), then the body.
+            let mut msg = Vec::with_capacity(16 + body.len());
+            msg.extend_from_slice(&(16 + body.len() as u32).to_ne_bytes());
+            msg.extend_from_slice(&ty.to_ne_bytes());
+            let flags = flags | (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
             msg.extend_from_slice(&flags.to_ne_bytes());
             msg.extend_from_slice(&1u32.to_ne_bytes());
             msg.extend_from_slice(&0u32.to_ne_bytes());
-            msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
-            msg.extend_from_slice(&index.to_ne_bytes());
-            msg.extend_from_slice(&[0; 8]);
+            msg.extend_from_slice(&body);
             // SAFETY: msg is a valid buffer of msg.len() bytes.
             let n = unsafe { libc::send(sock.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
-            let mut ack = [0u8; 256];
+            let mut ack = [0u8; 1024];
             // SAFETY: ack is a valid buffer of ack.len() bytes.
             let n = unsafe { libc::recv(sock.as_raw_fd(), ack.as_mut_ptr().cast(), ack.len(), 0) };
             if n < 20 {
@@ -336,8 +391,7 @@ impl Netns {
                 return Err(io::Error::from_raw_os_error(-err));
             }
             Ok(())
-        });
-        r.unwrap_or_else(|e| panic!("delete {name}: {e}"));
+        })
     }
 
     /// An ICMP echo client inside the namespace.
@@ -359,6 +413,17 @@ impl Default for Netns {
     fn default() -> Self {
         Netns::new()
     }
+}
+
+/// A netlink attribute: struct nlattr (length, type), `payload`, and
+/// padding to 4 bytes.
+fn nla(ty: u16, payload: &[u8]) -> Vec<u8> {
+    let mut a = Vec::with_capacity(4 + payload.len() + 3);
+    a.extend_from_slice(&(4 + payload.len() as u16).to_ne_bytes());
+    a.extend_from_slice(&ty.to_ne_bytes());
+    a.extend_from_slice(payload);
+    a.resize(a.len().next_multiple_of(4), 0);
+    a
 }
 
 /// The Internet checksum of `data`.

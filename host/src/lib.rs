@@ -28,7 +28,9 @@
 //! The admission's reservation is released when the launch ends.
 //! [`runfile`] holds the console ring and stats files a supervisor reads.
 //! [`images`] makes runtime images from templates and keeps disk
-//! snapshots (issue 21; the daemon drives it).
+//! snapshots (issue 21; the daemon drives it). [`envnet`] sets up and
+//! tears down an environment's network on the host: its bridge, its
+//! unikernels' TAPs and its nftables table.
 //! [`abi`] holds the shared layouts. docs/ABI.md says what a guest may rely on.
 
 pub mod abi;

@@ -87,18 +87,6 @@ fn chown_tree(dir: &Path, owner: &Owner) -> Result<(), String> {
     Ok(())
 }
 
-/// The network interfaces whose names start with `prefix`.
-fn links_with_prefix(prefix: &str) -> Vec<String> {
-    std::fs::read_dir("/sys/class/net")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 impl Supervisor {
     pub(super) fn envs(&self) -> MutexGuard<'_, EnvStore> {
         self.envs.lock().unwrap_or_else(|p| p.into_inner())
@@ -171,7 +159,7 @@ impl Supervisor {
         for env in envs {
             let r = (|| {
                 let subnet = subnet_of(&env)?;
-                if !envnet::link_exists(&env.bridge) {
+                if !envnet::link_exists(&env.bridge).map_err(|e| e.to_string())? {
                     envnet::create_bridge(&env.bridge, subnet.gateway(), subnet.prefix)
                         .map_err(|e| e.to_string())?;
                     let _ = envnet::enable_ip_forward();
@@ -181,8 +169,8 @@ impl Supervisor {
                         continue;
                     }
                     if let Some(net) = &spec.net {
-                        if !envnet::link_exists(&net.tap) {
-                            envnet::create_tap(&net.tap, &env.bridge, spec.owner.uid)
+                        if !envnet::link_exists(&net.tap).map_err(|e| e.to_string())? {
+                            envnet::create_tap(&net.tap, &env.bridge, Some(spec.owner.uid))
                                 .map_err(|e| e.to_string())?;
                         }
                     }
@@ -314,7 +302,7 @@ impl Supervisor {
                     ip,
                     ports: unit.ports.clone(),
                 });
-                envnet::create_tap(&tap, &env.bridge, spec.owner.uid)
+                envnet::create_tap(&tap, &env.bridge, Some(spec.owner.uid))
                     .map_err(|e| format!("create {name}: {e}"))?;
                 spec.args.insert(0, format!("--net:{dev}={tap}"));
             }
@@ -513,7 +501,7 @@ impl Supervisor {
                     return Err(format!("subnet {subnet} is environment {}'s", other.name));
                 }
             }
-            if envnet::link_exists(&bridge) {
+            if envnet::link_exists(&bridge).map_err(|e| e.to_string())? {
                 return Err(format!(
                     "a network interface named {bridge} exists already (choose --bridge)"
                 ));
@@ -622,7 +610,11 @@ impl Supervisor {
         if let Err(e) = envnet::remove_table(&env.table()) {
             log::warn!("environment {name}: {e}");
         }
-        for tap in links_with_prefix(&Env::tap_prefix(env.id)) {
+        let taps = envnet::links_with_prefix(&Env::tap_prefix(env.id)).unwrap_or_else(|e| {
+            log::warn!("environment {name}: {e}");
+            vec![]
+        });
+        for tap in taps {
             if let Err(e) = envnet::delete_link(&tap) {
                 log::warn!("environment {name}: {e}");
             }
