@@ -403,10 +403,13 @@ fn a_daemon_killed_in_the_middle_of_an_envs_creation_leaves_it_whole_or_not_at_a
         while d.unit_pids().len() <= attempt * 2 && t.elapsed() < Duration::from_secs(20) {
             std::thread::sleep(Duration::from_millis(2));
         }
+        let up = d.unit_pids().len();
         d.kill9();
         let _ = client.wait();
         d.start();
-        match env_row(&d, "lab") {
+        let outcome = env_row(&d, "lab");
+        eprintln!("attempt {attempt}: killed with {up} unikernel(s) up; then: {outcome:?}");
+        match outcome {
             Some(row) => {
                 assert!(row.contains("running"), "{row}");
                 d.wait_for(10, "all six", || d.unit_pids().len() == 6);
