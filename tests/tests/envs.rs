@@ -604,3 +604,45 @@ fn a_port_forward_reaches_a_guest_and_deny_outgoing_keeps_the_env_in() {
     );
     assert!(!nft_tables(&d).contains("tt-env"), "{}", nft_tables(&d));
 }
+
+#[test]
+fn an_envs_bridge_must_be_one_its_owners_policy_allows() {
+    if !kvm() {
+        return;
+    }
+    let d = daemon("env-bridges");
+    ok(&d.cli(&[
+        "policy",
+        "set",
+        ":",
+        "--bridges",
+        "labbr,otherbr",
+        "--daemon",
+    ]));
+    ok(&d.cli(&["policy", "set", "lab", "--bridges", "labbr", "--daemon"]));
+    let units = units_file(&d, &[format!("lab:web {}", net_guest(&[], &[]))]);
+    let units = format!("--units={units}");
+    let r = d.cli(&[
+        "env",
+        "create",
+        "lab:e",
+        "--lifetime=1h",
+        "--bridge=otherbr",
+        &units,
+    ]);
+    refused(&r, "otherbr");
+    assert!(env_row(&d, "lab:e").is_none(), "a refused env stayed");
+    assert!(!links(&d).iter().any(|l| l == "otherbr"), "{:?}", links(&d));
+    let r = d.cli(&[
+        "env",
+        "create",
+        "lab:e",
+        "--lifetime=1h",
+        "--bridge=labbr",
+        &units,
+    ]);
+    assert!(ok(&r).contains("bridge labbr"), "{r:?}");
+    d.wait_for(10, "the guest", || {
+        console(&d, "lab:web").contains("net: ready")
+    });
+}

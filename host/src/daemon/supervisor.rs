@@ -1029,6 +1029,36 @@ mod tests {
     }
 
     #[test]
+    fn each_port_forward_draws_one_ipv4u() {
+        let mut spec = Spec {
+            name: "lab:web".into(),
+            args: vec!["--mem=32".into(), "/img.hvt".into(), "--".into()],
+            restart_on_fail: None,
+            owner: super::super::desired::Owner {
+                uid: 0,
+                gid: 0,
+                groups: vec![],
+            },
+            created_ns: 0,
+            pool: Some("p".into()),
+            env: Some("lab".into()),
+            images: vec![],
+            net: None,
+        };
+        let plain = Supervisor::draw_of(&spec).unwrap();
+        assert_eq!(plain.ipv4u, 0);
+        spec.net = Some(super::super::desired::UnitNet {
+            device: "service0".into(),
+            tap: "tte0u0".into(),
+            ip: "10.213.0.2".parse().unwrap(),
+            ports: vec!["8080:80".into(), "5353:53/udp".into()],
+        });
+        let forwarded = Supervisor::draw_of(&spec).unwrap();
+        assert_eq!(forwarded.ipv4u, 2 * crate::pools::MICRO, "one IPv4U per forward");
+        assert_eq!((forwarded.cu, forwarded.su), (plain.cu, plain.su));
+    }
+
+    #[test]
     fn backoff_doubles_up_to_its_ceiling() {
         let c = cfg();
         let d: Vec<u64> = (0..8).map(|n| backoff(&c, n).as_millis() as u64).collect();
