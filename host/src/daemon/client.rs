@@ -11,6 +11,8 @@ use std::path::PathBuf;
 
 pub const USAGE: &str = "\
 usage: tt-host create NAME [--restart-on-fail[=CODES]] [--pool=POOL] [RUN OPTIONS] IMAGE [--] [ARGS...]
+                      [--disk-from:DEVICE=TEMPLATE]... [--keep-image]
+                      [--env=ENV [--env-net=DEVICE] [--port=HOST:GUEST[/udp]]... [--ip-arg=TEMPLATE]...]
        tt-host destroy NAME
        tt-host restart NAME
        tt-host list [PATH]
@@ -34,6 +36,10 @@ create   start IMAGE as NAME with 'tt-host run' options (--mem=, --block:,
          exit 1 (tt-host's own failure) or 60-64 (MirageOS's usage
          errors), a signal, or a destroy; each restart in a row waits
          twice as long as the one before
+         --disk-from:DEVICE=TEMPLATE gives it its own copy of a template
+         ('tt-host template --help') as block device DEVICE, removed with
+         it unless --keep-image; --env=ENV puts it in an environment
+         ('tt-host env --help': --env-net, --port, --ip-arg)
 destroy  stop NAME (SIGTERM, then SIGKILL) and forget it
 restart  stop NAME, wait until it is gone, and start it again
 list     the unikernels (below PATH), with state, pid, restarts, last end
