@@ -133,6 +133,27 @@ impl Daemon {
         self.cli_with(self.command(tt_host()).args(args))
     }
 
+    /// `client ARGS` (a copy of tt-host that `uid` can run) as a client of
+    /// this daemon, run as uid and gid `uid` with no supplementary groups.
+    pub fn cli_as(&self, uid: u32, client: &Path, args: &[&str]) -> Run {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = self.command(client);
+        cmd.args(args);
+        // SAFETY: setgroups/setgid/setuid between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(uid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        self.cli_with(&mut cmd)
+    }
+
     /// A prepared `tt-host` command as a client of this daemon.
     pub fn cli_with(&self, cmd: &mut Command) -> Run {
         cmd.env("TT_HOST_SOCKET", self.socket())

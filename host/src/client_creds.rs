@@ -145,8 +145,8 @@ pub enum ClientError {
 /// launch uses them (their descriptors are in the rewritten options).
 #[derive(Debug)]
 pub struct OpenedFiles {
-    /// The image, open read-only.
-    pub image: File,
+    /// The image, open read-only (unless the caller had it already).
+    pub image: Option<File>,
     /// `--block` images (read-write) and TAPs, by descriptor.
     pub devices: Vec<File>,
 }
@@ -371,12 +371,17 @@ fn open_block(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
-/// Open, with `client`'s rights, the image and every file and TAP the
-/// device options name, and rewrite those options to `@FD` (the image
-/// stays named by its path, for messages and the default name; read it
-/// from [`OpenedFiles::image`]). A descriptor given by the command line
-/// (`@FD`) is refused: the client's files are named by path.
-pub fn open_as_client(args: &mut RunArgs, client: &Client) -> Result<OpenedFiles, ClientError> {
+/// Open, with `client`'s rights, the image (with `image`: a restore has
+/// its image's bytes in the snapshot) and every file and TAP the device
+/// options name, and rewrite those options to `@FD` (the image stays named
+/// by its path, for messages and the default name; read it from
+/// [`OpenedFiles::image`]). A descriptor given by the command line (`@FD`)
+/// is refused: the client's files are named by path.
+pub fn open_as_client(
+    args: &mut RunArgs,
+    client: &Client,
+    image: bool,
+) -> Result<OpenedFiles, ClientError> {
     for o in &args.devices {
         if matches!(o.option, "block" | "net") && o.value.starts_with('@') {
             return Err(ClientError::FdGiven {
@@ -403,14 +408,17 @@ pub fn open_as_client(args: &mut RunArgs, client: &Client) -> Result<OpenedFiles
     }
     let mut tuns = tuns.into_iter();
     let opened = with_identity(client, || -> Result<OpenedFiles, ClientError> {
-        let image =
-            open_no_magic_links(&args.image, libc::O_RDONLY | libc::O_NONBLOCK).map_err(|err| {
-                ClientError::Image {
-                    path: args.image.display().to_string(),
-                    uid,
-                    err,
-                }
-            })?;
+        let image = image
+            .then(|| {
+                open_no_magic_links(&args.image, libc::O_RDONLY | libc::O_NONBLOCK).map_err(|err| {
+                    ClientError::Image {
+                        path: args.image.display().to_string(),
+                        uid,
+                        err,
+                    }
+                })
+            })
+            .transpose()?;
         let mut devices = Vec::new();
         for o in &args.devices {
             let device = o.device.clone().unwrap_or_default();

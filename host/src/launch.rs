@@ -325,12 +325,21 @@ pub fn restore(args: &RunArgs) -> Result<i32, LaunchError> {
         dir: dir.clone(),
         msg,
     };
+    // With --x-client the snapshot's files are opened with the client's
+    // rights, as every file it names.
     let open = |name: &str| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(args.image.join(name))
-            .map_err(|e| err(format!("cannot open {name}: {e}")))
+        let path = args.image.join(name);
+        let opened = match &args.client {
+            Some(c) => crate::client_creds::with_identity(c, || {
+                crate::client_creds::open_no_magic_links(&path, libc::O_RDONLY | libc::O_NONBLOCK)
+            })
+            .map_err(|e| err(format!("cannot open {name}: {e}")))?,
+            None => std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&path),
+        };
+        opened.map_err(|e| err(format!("cannot open {name}: {e}")))
     };
     let state = open(crate::snapshot::STATE_FILE)?;
     let limit = crate::snapshot::MAX_BODY + 64;
@@ -341,9 +350,6 @@ pub fn restore(args: &RunArgs) -> Result<i32, LaunchError> {
         .map_err(|e| err(format!("cannot read state: {e}")))?;
     let snapshot = crate::snapshot::decode(&bytes).map_err(|e| err(e.to_string()))?;
     let memory = open(crate::snapshot::MEMORY_FILE)?;
-    if args.client.is_some() {
-        return Err(err("--x-client is not supported by restore".into()));
-    }
     let l = &snapshot.launch;
     let mut merged = args.clone();
     merged.mem_mb = l.mem_mb;
@@ -468,18 +474,29 @@ fn run_or_resume(
         LaunchError::Devices(format!("cannot install the SIGINT/SIGTERM handler: {err}"))
     })?;
     let ready = ready_fd(args.ready_fd)?;
+    // The command line as given, with paths (not the descriptors --x-client
+    // opens them to): what a snapshot records.
+    let given = args;
     // --x-client: before anything else touches what the client named (and
     // while tt-host has one thread), open it with the client's rights; the
     // device options now name the open files (@FD), kept open by `_opened`.
     let mut client_args;
     let (args, file, _opened) = match (&args.client, file) {
-        (_, Some(file)) => (args, file, None),
+        (None, Some(file)) => (args, file, None),
         (None, None) => (args, read_image(&args.image)?, None),
+        // A restore (or a migration's target) has the image's bytes.
+        (Some(client), Some(file)) => {
+            client_args = args.clone();
+            let opened = crate::client_creds::open_as_client(&mut client_args, client, false)?;
+            (&client_args, file, Some(opened))
+        }
         (Some(client), None) => {
             client_args = args.clone();
-            let opened = crate::client_creds::open_as_client(&mut client_args, client)?;
+            let opened = crate::client_creds::open_as_client(&mut client_args, client, true)?;
             let image = opened
                 .image
+                .as_ref()
+                .expect("opened with the image")
                 .try_clone()
                 .map_err(|err| LaunchError::ReadImage {
                     path: args.image.display().to_string(),
@@ -694,7 +711,7 @@ fn run_or_resume(
     let running_dir_fd = admission.running_dir_fd();
     if let Some(c) = &control {
         let inbox = c.inbox();
-        let launch = launch_info(args, &file, params.cpl3);
+        let launch = launch_info(given, &file, params.cpl3);
         vm.set_control(inbox.clone(), launch.clone());
         let (fd, name) = admission.entry();
         inbox.set_source(crate::vmm::control::Source {

@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tt_tests::daemon::Daemon;
@@ -69,24 +68,9 @@ fn ticks(lines: &[String]) -> u64 {
     ticks.len() as u64
 }
 
-/// `client ARGS` (a copy of tt-host) run as uid and gid 4242, with no
-/// supplementary groups, against the daemon `d`.
+/// `client ARGS` (a copy of tt-host) run as uid and gid 4242.
 fn as_uid_4242(d: &Daemon, client: &std::path::Path, args: &[&str]) -> Run {
-    let mut cmd = Command::new(client);
-    cmd.args(args);
-    // SAFETY: setgroups/setgid/setuid between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(4242) != 0
-                || libc::setuid(4242) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    d.cli_with(&mut cmd)
+    d.cli_as(4242, client, args)
 }
 
 fn alive(pid: u32) -> bool {

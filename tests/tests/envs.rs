@@ -424,10 +424,7 @@ fn a_daemon_killed_in_the_middle_of_an_envs_creation_leaves_it_whole_or_not_at_a
                     links(&d)
                 );
                 assert!(!nft_tables(&d).contains("tt-env"));
-                assert!(
-                    !d.state_dir().join("daemon/envs/e0").exists(),
-                    "saved guests left"
-                );
+                assert!(!d.state_dir().join("envs/e0").exists(), "saved guests left");
                 assert!(d.log().contains("cut short"), "{}", d.log());
             }
         }
@@ -645,4 +642,66 @@ fn an_envs_bridge_must_be_one_its_owners_policy_allows() {
     d.wait_for(10, "the guest", || {
         console(&d, "lab:web").contains("net: ready")
     });
+}
+
+#[test]
+fn a_user_who_is_not_root_runs_an_env_of_runtime_images_and_stops_and_starts_it() {
+    if !kvm() {
+        return;
+    }
+    let d = daemon("env-user");
+    template(&d, "base");
+    ok(&d.cli(&["policy", "set", "alice", "--users", "4242", "--daemon"]));
+    // The guest and tt-host itself where uid 4242 can read them (the
+    // checkout may be below /root).
+    let image = d.dir.path("counter.hvt");
+    std::fs::copy(guest("counter"), &image).unwrap();
+    let client = d.dir.path("tt-host");
+    std::fs::copy(tt_tests::tt_host(), &client).unwrap();
+    let alice = |args: &[&str]| d.cli_as(4242, &client, args);
+    ok(&alice(&["env", "create", "alice:lab", "--lifetime=1h"]));
+    let r = alice(&[
+        "create",
+        "alice:lab:a",
+        "--env=alice:lab",
+        "--disk-from:disk=base",
+        "--mem=32",
+        image.to_str().unwrap(),
+        "--",
+        "count",
+        "20",
+    ]);
+    assert_eq!(r.status, 0, "{r:?}\n{}", d.log());
+    let img = runtime_image(&d, "alice:lab:a", "disk");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&img).unwrap().uid(), 4242, "not alice's");
+    d.wait_for(10, "counts", || counts(&d, "alice:lab:a").len() >= 3);
+    ok(&alice(&["disk", "snapshot", "alice:lab:a", "s1"]));
+    // Another user may not touch it.
+    let r = d.cli_as(4343, &client, &["env", "stop", "alice:lab"]);
+    assert_ne!(r.status, 0, "{r:?}");
+    std::thread::sleep(Duration::from_millis(350));
+    let r = alice(&["env", "stop", "alice:lab"]);
+    assert!(ok(&r).contains("1 of 1 unikernel(s) saved"), "{r:?}");
+    let stopped_at = *counts(&d, "alice:lab:a").last().unwrap();
+    std::thread::sleep(Duration::from_millis(350));
+    let r = alice(&["env", "start", "alice:lab"]);
+    assert!(
+        ok(&r).contains("1 unikernel(s) running"),
+        "{r:?}\n{}",
+        d.log()
+    );
+    d.wait_for(10, "counting on", || {
+        counts(&d, "alice:lab:a")
+            .last()
+            .is_some_and(|c| *c > stopped_at + 1)
+    });
+    let c = counts(&d, "alice:lab:a");
+    assert_eq!(
+        c.iter().filter(|k| **k == 1).count(),
+        1,
+        "booted again: {c:?}"
+    );
+    let r = alice(&["env", "list"]);
+    assert!(ok(&r).contains("alice:lab"), "{r:?}");
 }

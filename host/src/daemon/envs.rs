@@ -83,12 +83,11 @@ impl Env {
     pub fn tap_prefix(id: u32) -> String {
         format!("tte{id}u")
     }
-    /// Its directory for saved unikernels.
+    /// Its directory for saved unikernels (`STATE/envs/e<ID>`: outside
+    /// the daemon's private directory, since each unikernel's owner opens
+    /// its own saved guest).
     pub fn dir(&self, state_dir: &Path) -> PathBuf {
-        state_dir
-            .join("daemon")
-            .join("envs")
-            .join(format!("e{}", self.id))
+        state_dir.join("envs").join(format!("e{}", self.id))
     }
 }
 

@@ -223,7 +223,7 @@ impl Supervisor {
             .map_err(|e| e.to_string())?;
         let snapshots = crate::images::SnapshotStore::open(&images.join("snapshots"))
             .map_err(|e| e.to_string())?;
-        envops::make_runtime_image_dir(&images.join("runtime"))?;
+        envops::make_traversable(&cfg.state_dir, &images.join("runtime"))?;
         let sup = Arc::new(Supervisor {
             cfg,
             inner: Mutex::new(Inner {
@@ -1054,7 +1054,11 @@ mod tests {
             ports: vec!["8080:80".into(), "5353:53/udp".into()],
         });
         let forwarded = Supervisor::draw_of(&spec).unwrap();
-        assert_eq!(forwarded.ipv4u, 2 * crate::pools::MICRO, "one IPv4U per forward");
+        assert_eq!(
+            forwarded.ipv4u,
+            2 * crate::pools::MICRO,
+            "one IPv4U per forward"
+        );
         assert_eq!((forwarded.cu, forwarded.su), (plain.cu, plain.su));
     }
 

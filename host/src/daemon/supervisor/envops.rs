@@ -9,7 +9,7 @@
 //!   what the daemon made for it (runtime images, TAP, address, port
 //!   forwards), so that whoever forgets it releases exactly that.
 //! - Stopping an environment saves each guest (`tt-host snapshot --stop`)
-//!   into `STATE/daemon/envs/e<ID>/u-NAME/`; starting it resumes them
+//!   into `STATE/envs/e<ID>/u-NAME/`; starting it resumes them
 //!   from there (`tt-host restore`). A stopped unikernel has no process,
 //!   so it holds nothing in admission.
 //! - One timer destroys environments at their end and removes disk
@@ -26,14 +26,30 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-/// The runtime images' directory: root's, 0711, so that a unikernel's
-/// owner can open its own image by path (each image is the owner's, 0600)
-/// but not list the others.
-pub fn make_runtime_image_dir(dir: &Path) -> Result<(), String> {
+/// Make `dir` (and what is missing above it) and let anyone traverse it
+/// (mode 0711: no listing, no writing), so that a unikernel's owner, whose
+/// identity tt-host run opens its files with, reaches the file of its own
+/// made below it (a runtime image, a saved guest: each the owner's, 0600
+/// or 0700). Directories above `dir` up to `top` get the search bit too.
+pub fn make_traversable(top: &Path, dir: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
-        .map_err(|e| format!("{}: {e}", dir.display()))
+    let mut d = Some(dir);
+    while let Some(p) = d {
+        let mode = std::fs::metadata(p)
+            .map_err(|e| format!("{}: {e}", p.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o011 != 0o011 {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode((mode & 0o7777) | 0o011))
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+        if p == top {
+            break;
+        }
+        d = p.parent().filter(|q| q.starts_with(top));
+    }
+    Ok(())
 }
 
 /// What an environment's creation asks.
@@ -97,7 +113,7 @@ impl Supervisor {
     }
 
     /// Where a unikernel of environment `env` is saved while it is
-    /// stopped.
+    /// stopped (its owner's, 0700, below directories anyone may traverse).
     fn save_dir(&self, env: &Env, unit: &str) -> PathBuf {
         env.dir(&self.cfg.state_dir).join(format!("u-{unit}"))
     }
@@ -699,6 +715,8 @@ impl Supervisor {
         let members = self.members(name);
         for unit in &members {
             let dir = self.save_dir(&env, unit);
+            let parent = env.dir(&self.cfg.state_dir);
+            make_traversable(&self.cfg.state_dir, &parent)?;
             crate::admission::create_private_dir(&dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             let (_, ok) = self.stop_or_save(unit, Some(&dir)).await?;
