@@ -825,6 +825,16 @@ impl Supervisor {
         name: &str,
         received: Instant,
     ) -> Result<Started, String> {
+        let stopped = self
+            .lock()
+            .units
+            .get(name)
+            .is_some_and(|u| u.state == State::Stopped);
+        if stopped {
+            return Err(format!(
+                "{name}: its environment is stopped ('tt-host env start' brings it back)"
+            ));
+        }
         self.stop(name).await?;
         let (pid, rx) = {
             let mut inner = self.lock();
