@@ -25,6 +25,9 @@ pub enum LaunchError {
     },
     #[error("{0}")]
     Devices(String),
+    /// The cluster this host is a node of refused, or cannot be asked.
+    #[error("{0}")]
+    Cluster(String),
     /// A device kind refused or could not attach a device.
     #[error(transparent)]
     Device(DeviceError),
@@ -603,6 +606,16 @@ fn run_or_resume(
         Some(_) => None,
         None => Some(state.admit(args.name.as_ref(), &fallback, uk)?),
     };
+    // On a cluster node, the cluster admits it too (its admission entry
+    // here is dropped, so released, if the cluster refuses).
+    if let Some(a) = &admission {
+        let claim = crate::cluster::check::Claim {
+            memory_mb: admitted.memory_mb,
+            block_mb: admitted.block_mb,
+        };
+        crate::cluster::admit_through_node(state.path(), a.name(), claim)
+            .map_err(LaunchError::Cluster)?;
+    }
 
     let mut ctx = kind::Context {
         admitted: &admitted,

@@ -37,6 +37,7 @@ pub mod abi;
 pub mod admission;
 pub mod block;
 pub mod cli;
+pub mod cluster;
 pub mod client_creds;
 pub mod control;
 pub mod daemon;

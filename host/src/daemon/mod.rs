@@ -21,6 +21,8 @@
 
 pub mod access;
 pub mod client;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod desired;
 pub mod envclient;
 pub mod envs;
@@ -76,6 +78,8 @@ usage: tt-host daemon [--state-dir=DIR] [--runtime-dir=DIR] [--socket=PATH]
                       [--restart-backoff=MIN_MS,MAX_MS] [--stop-timeout=SECONDS]
                       [--pool-min-run=SECONDS] [--pool-warning=SECONDS]
                       [--env-mgmt-interval=MS]
+                      [--cluster=ENDPOINTS --node-id=ID [--cluster-prefix=KEY]
+                       [--lease-ttl=SECONDS] [--keep-on-partition]]
 
 Keep unikernels running: serve the control socket on which 'tt-host create',
 'destroy', 'restart', 'list', 'info', 'console', 'stats' and 'policy
@@ -106,7 +110,19 @@ starts those created and not destroyed that have no process this boot
                          (default 60)
   --env-mgmt-interval=MS refuse an extend, stop, start or destroy of an
                          environment within MS of the one before (default
-                         1000; 0: no limit)";
+                         1000; 0: no limit)
+  --cluster=ENDPOINTS    be node --node-id=ID of the cluster whose etcd
+                         answers at ENDPOINTS (http://HOST:PORT,...): the
+                         cluster's policies bind every launch here, and
+                         this node's reservations live on its lease there
+                         (docs/CLUSTER.md; needs tt-host built with the
+                         'cluster' feature)
+  --cluster-prefix=KEY   the cluster's keys in etcd (default /tt-host)
+  --lease-ttl=SECONDS    the node's lease (default 10): its reservations
+                         outlive it by this long; cut off from etcd for
+                         2/3 of it, it stops its unikernels
+  --keep-on-partition    ... unless this is given: they run on (the cluster
+                         may then exceed a policy by what they use)";
 
 /// `tt-host daemon`'s options.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,6 +137,18 @@ pub struct DaemonArgs {
     pub pool_min_run: Duration,
     pub pool_warning: Duration,
     pub env_mgmt_interval: Duration,
+    /// `--cluster=...`: etcd endpoints, with the node's id.
+    pub cluster: Option<ClusterArgs>,
+}
+
+/// A cluster node's options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterArgs {
+    pub endpoints: Vec<String>,
+    pub node: String,
+    pub prefix: String,
+    pub ttl: Duration,
+    pub keep_on_partition: bool,
 }
 
 /// Parse `tt-host daemon`'s options; `Ok(None)`: --help.
@@ -136,11 +164,17 @@ pub fn parse_args(args: &[String]) -> Result<Option<DaemonArgs>, String> {
         pool_min_run: Duration::from_secs(120),
         pool_warning: Duration::from_secs(60),
         env_mgmt_interval: Duration::from_secs(1),
+        cluster: None,
     };
     let mut seen = Vec::new();
+    let (mut endpoints, mut node, mut prefix, mut ttl, mut keep) = (None, None, None, None, false);
     for a in args {
         if a == "-h" || a == "--help" {
             return Ok(None);
+        }
+        if a == "--keep-on-partition" {
+            keep = true;
+            continue;
         }
         let Some((opt, v)) = a.split_once('=') else {
             return Err(format!(
@@ -189,6 +223,34 @@ pub fn parse_args(args: &[String]) -> Result<Option<DaemonArgs>, String> {
                     d.pool_warning = Duration::from_secs(s);
                 }
             }
+            "--cluster" => {
+                let list: Vec<String> = v
+                    .split(',')
+                    .map(|e| e.trim().to_string())
+                    .filter(|e| !e.is_empty())
+                    .collect();
+                if list.is_empty() || list.iter().any(|e| !e.contains("://")) {
+                    return Err(bad("etcd endpoints such as http://10.0.0.1:2379,http://10.0.0.2:2379"));
+                }
+                endpoints = Some(list);
+            }
+            "--node-id" => {
+                crate::resources::Label::new(v)
+                    .map_err(|e| format!("daemon: --node-id={}: {e}", quote(v)))?;
+                node = Some(v.to_string());
+            }
+            "--cluster-prefix" => {
+                if !v.starts_with('/') || v.ends_with('/') || v.len() < 2 {
+                    return Err(bad("a key prefix such as /tt-host"));
+                }
+                prefix = Some(v.to_string());
+            }
+            "--lease-ttl" => {
+                let s = number::<u64>(v)
+                    .filter(|s| (2..=300).contains(s))
+                    .ok_or_else(|| bad("seconds from 2 to 300"))?;
+                ttl = Some(Duration::from_secs(s));
+            }
             "--env-mgmt-interval" => {
                 let ms = number::<u64>(v)
                     .filter(|ms| *ms <= 3_600_000)
@@ -209,6 +271,24 @@ pub fn parse_args(args: &[String]) -> Result<Option<DaemonArgs>, String> {
             }
         }
     }
+    d.cluster = match (endpoints, node) {
+        (Some(endpoints), Some(node)) => Some(ClusterArgs {
+            endpoints,
+            node,
+            prefix: prefix.unwrap_or_else(|| "/tt-host".into()),
+            ttl: ttl.unwrap_or(Duration::from_secs(10)),
+            keep_on_partition: keep,
+        }),
+        (None, None) if prefix.is_none() && ttl.is_none() && !keep => None,
+        (Some(_), None) => return Err("daemon: --cluster needs --node-id=ID".into()),
+        _ => {
+            return Err(
+                "daemon: --node-id, --cluster-prefix, --lease-ttl and --keep-on-partition \
+                 need --cluster=ENDPOINTS"
+                    .into(),
+            )
+        }
+    };
     Ok(Some(d))
 }
 
@@ -330,6 +410,12 @@ pub fn main(args: &DaemonArgs) -> Result<(), String> {
             tokio::spawn(metrics_http(sup.clone(), l));
         }
         tokio::spawn(sup.clone().expire_pools());
+        if let Some(c) = &args.cluster {
+            join_cluster(&sup, c, &socket).await?;
+        } else {
+            // A node no more: launches here are a single host's again.
+            let _ = std::fs::remove_file(sup.cfg.state_dir.join(crate::cluster::NODE_FILE));
+        }
         sup.recover_envs().await;
         tokio::spawn(sup.clone().expire_envs());
         log::info!("serving {}", socket.display());
@@ -343,6 +429,55 @@ pub fn main(args: &DaemonArgs) -> Result<(), String> {
         let _ = std::fs::remove_file(&socket);
         Ok(())
     })
+}
+
+/// Join the cluster: connect, start the lease's keeper and the
+/// reconciliation, and write the node file that makes every launch here
+/// ask this daemon.
+#[cfg(feature = "cluster")]
+async fn join_cluster(
+    sup: &std::sync::Arc<supervisor::Supervisor>,
+    c: &ClusterArgs,
+    socket: &std::path::Path,
+) -> Result<(), String> {
+    let cfg = crate::cluster::store::Config {
+        endpoints: c.endpoints.clone(),
+        node: c.node.clone(),
+        prefix: c.prefix.clone(),
+        ttl: c.ttl,
+        keep_on_partition: c.keep_on_partition,
+    };
+    let node = cluster::Node::connect(cfg).await?;
+    let socket = std::path::absolute(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    crate::cluster::NodeFile {
+        node: c.node.clone(),
+        socket,
+    }
+    .write(&sup.cfg.state_dir)?;
+    let _ = sup.cluster.set(node.clone());
+    let fencing = sup.clone();
+    tokio::spawn(node.run(sup.cfg.state_dir.clone(), move || {
+        let sup = fencing.clone();
+        async move { sup.stop_all("stopped: the node was cut off from its cluster").await }
+    }));
+    log::info!(
+        "cluster node {} on {} (lease {:?})",
+        c.node,
+        c.endpoints.join(","),
+        c.ttl
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "cluster"))]
+async fn join_cluster(
+    _: &std::sync::Arc<supervisor::Supervisor>,
+    _: &ClusterArgs,
+    _: &std::path::Path,
+) -> Result<(), String> {
+    Err("--cluster: this tt-host was built without the 'cluster' feature \
+         (cargo build --features cluster; it needs protoc)"
+        .into())
 }
 
 /// The `--metrics` listener: `GET /metrics` in Prometheus' text format,

@@ -178,6 +178,14 @@ pub enum Op {
     DiskSnapshots {
         name: String,
     },
+    /// From `tt-host run` on a cluster node, once its state directory
+    /// admitted it: admit the unikernel `name` through the cluster
+    /// (docs/CLUSTER.md).
+    ClusterAdmit {
+        name: String,
+        memory_mb: u64,
+        block_mb: u64,
+    },
 }
 
 /// A unikernel to create (`tt-host create`).

@@ -315,6 +315,7 @@ pub fn vet(op: &Op) -> Result<(), String> {
         Op::TemplateAdd { disk, .. } if !disk.starts_with('/') => {
             Err("template add: the disk's path must be absolute".into())
         }
+        Op::ClusterAdmit { name, .. } => parse_name(name).map(drop),
         Op::EnvList | Op::TemplateList | Op::TemplateAdd { .. } | Op::TemplateRemove { .. } => {
             Ok(())
         }
@@ -644,7 +645,28 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
             }
             Err(e) => error(e),
         },
-        Op::Policy { args } => policy(sup, peer, &args),
+        Op::Policy { args } => {
+            #[cfg(feature = "cluster")]
+            if let Some(node) = sup.cluster.get() {
+                return cluster_policy(sup, node, peer, &args).await;
+            }
+            policy(sup, peer, &args)
+        }
+        Op::ClusterAdmit {
+            name,
+            memory_mb,
+            block_mb,
+        } => {
+            let n = match may_act(sup, peer, &name) {
+                Ok(n) => n,
+                Err(e) => return error(e),
+            };
+            let claim = crate::cluster::check::Claim {
+                memory_mb,
+                block_mb,
+            };
+            ok_or_error(cluster_admit(sup, &n, claim).await)
+        }
         Op::Console { .. } => error("console requests are served on their own"),
         Op::PoolCreate {
             name,
@@ -822,6 +844,111 @@ fn policy(sup: &Supervisor, peer: &Peer, args: &[String]) -> Reply {
                 return error(e);
             }
             match state.show(&path) {
+                Ok(text) => Reply::Text { text },
+                Err(e) => error(e.to_string()),
+            }
+        }
+    }
+}
+
+/// Admit `name` through this node's cluster.
+#[cfg(feature = "cluster")]
+async fn cluster_admit(
+    sup: &Supervisor,
+    name: &Name,
+    claim: crate::cluster::check::Claim,
+) -> Result<String, String> {
+    match sup.cluster.get() {
+        Some(node) => node.admit(name, claim).await.map(|()| String::new()),
+        None => Err("this daemon is not a cluster node (no --cluster)".into()),
+    }
+}
+
+#[cfg(not(feature = "cluster"))]
+async fn cluster_admit(
+    _: &Supervisor,
+    _: &Name,
+    _: crate::cluster::check::Claim,
+) -> Result<String, String> {
+    Err("this daemon is not a cluster node (no --cluster)".into())
+}
+
+/// `policy ... --daemon` on a cluster node: the cluster's policies, in
+/// etcd (each node's own state directory keeps its host's).
+#[cfg(feature = "cluster")]
+async fn cluster_policy(
+    sup: &Supervisor,
+    node: &super::cluster::Node,
+    peer: &Peer,
+    args: &[String],
+) -> Reply {
+    let cmd = match cli::parse_policy(args) {
+        Ok(c) => c,
+        Err(e) => return error(e.msg),
+    };
+    let check = |f: &dyn Fn(&Rights) -> Result<(), String>| {
+        if peer.is_root() {
+            return Ok(());
+        }
+        f(&rights(sup, peer)?)
+    };
+    let c = &node.cluster;
+    match cmd {
+        PolicyCmd::Help => Reply::Text {
+            text: cli::POLICY_USAGE.to_string(),
+        },
+        PolicyCmd::Set { state_dir: Some(_), .. }
+        | PolicyCmd::Remove { state_dir: Some(_), .. }
+        | PolicyCmd::Show { state_dir: Some(_), .. } => {
+            error("policy: --state-dir cannot be given through the daemon")
+        }
+        PolicyCmd::Set { path, change, .. } => {
+            if let Err(e) = check(&|r| r.may_change_policy(&path)) {
+                return error(e);
+            }
+            let r = async {
+                let mut p = c.policy(&path).await?.unwrap_or_default();
+                change.apply(&mut p);
+                c.put_policy(&path, Some(&p)).await
+            };
+            match r.await {
+                Ok(()) => Reply::Ok {
+                    message: format!("cluster policy at {path} set"),
+                },
+                Err(e) => error(e.to_string()),
+            }
+        }
+        PolicyCmd::Remove { path, .. } => {
+            if let Err(e) = check(&|r| r.may_change_policy(&path)) {
+                return error(e);
+            }
+            match c.put_policy(&path, None).await {
+                Ok(()) => Reply::Ok {
+                    message: format!("cluster policy at {path} removed"),
+                },
+                Err(e) => error(e.to_string()),
+            }
+        }
+        PolicyCmd::Show { path, .. } => {
+            if let Err(e) = check(&|r| r.may_show(&path)) {
+                return error(e);
+            }
+            let r = async {
+                let policy = c.policy(&path).await?;
+                let usage = c.usage(&path).await?;
+                Ok::<_, crate::cluster::store::ClusterError>(format!(
+                    "cluster policy at {path}: {}\ncluster usage below {path}: {} unikernel(s), \
+                     {} MB memory, {} MB block\n",
+                    match policy {
+                        Some(p) => serde_json::to_string(&p).expect("encodes"),
+                        None => "none set (inherited)".into(),
+                    },
+                    usage.unikernels,
+                    usage.memory_mb,
+                    usage.block_mb
+                ))
+            };
+            match r.await {
                 Ok(text) => Reply::Text { text },
                 Err(e) => error(e.to_string()),
             }

@@ -108,8 +108,9 @@ struct Unit {
     /// generation leaves the unit alone.
     gen: u64,
     console: Option<Arc<Console>>,
-    /// Stopped because its pool was empty.
-    pool_emptied: Option<String>,
+    /// Why the daemon stopped it, if it did on its own (its pool was
+    /// empty, the node was cut off from its cluster): shown as its end.
+    stopped_because: Option<String>,
     /// The next start resumes the guest saved in this directory
     /// (`tt-host restore`) instead of booting the image.
     restore_from: Option<PathBuf>,
@@ -127,7 +128,7 @@ impl Unit {
             restart_at: None,
             gen: 0,
             console: None,
-            pool_emptied: None,
+            stopped_because: None,
             restore_from: None,
         }
     }
@@ -149,6 +150,9 @@ pub struct Supervisor {
     pub pools_changed: tokio::sync::Notify,
     /// The environments (lock order: `inner`, then `envs`).
     envs: Mutex<EnvStore>,
+    /// This node's place in its cluster (`--cluster`).
+    #[cfg(feature = "cluster")]
+    pub cluster: std::sync::OnceLock<Arc<super::cluster::Node>>,
     /// Environment and disk operations, one at a time.
     env_ops: tokio::sync::Mutex<()>,
     /// Wakes the environments' timer when an end or a snapshot's expiry
@@ -234,6 +238,8 @@ impl Supervisor {
             pools: Mutex::new(pools),
             pools_changed: tokio::sync::Notify::new(),
             envs: Mutex::new(envs),
+            #[cfg(feature = "cluster")]
+            cluster: std::sync::OnceLock::new(),
             env_ops: tokio::sync::Mutex::new(()),
             envs_changed: tokio::sync::Notify::new(),
             templates,
@@ -623,7 +629,7 @@ impl Supervisor {
                 let mut inner = self.lock();
                 if let Some(u) = inner.units.get_mut(&name) {
                     u.state = State::Exited;
-                    u.pool_emptied = Some(pool.to_string());
+                    u.stopped_because = Some(format!("stopped: pool {pool} empty"));
                 }
             }
             self.stop_drawing(&name);
@@ -844,7 +850,7 @@ impl Supervisor {
                 .ok_or_else(|| format!("{name} was destroyed meanwhile"))?;
             unit.consecutive = 0;
             unit.restarts += 1;
-            unit.pool_emptied = None;
+            unit.stopped_because = None;
             if let Err(e) = self.start_drawing(&unit.spec) {
                 unit.state = State::Exited;
                 inner.units.insert(name.to_string(), unit);
@@ -870,6 +876,29 @@ impl Supervisor {
         }
     }
 
+    /// Stop every running unikernel, saying `why` as its end (a node cut
+    /// off from its cluster fences itself so).
+    pub async fn stop_all(self: &Arc<Self>, why: &str) {
+        let running: Vec<String> = self
+            .lock()
+            .units
+            .iter()
+            .filter(|(_, u)| u.instance.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in running {
+            let _ = self.stop(&name).await;
+            {
+                let mut inner = self.lock();
+                if let Some(u) = inner.units.get_mut(&name) {
+                    u.state = State::Exited;
+                    u.stopped_because = Some(why.to_string());
+                }
+            }
+            self.stop_drawing(&name);
+        }
+    }
+
     /// Every unit's name (for filtering by the caller's rights).
     pub fn names(&self) -> Vec<String> {
         self.lock().units.keys().cloned().collect()
@@ -884,8 +913,8 @@ impl Supervisor {
                 name: name.to_string(),
                 state: u.state.name().to_string(),
                 pid: u.instance.as_ref().map(|i| i.pid),
-                last_end: match &u.pool_emptied {
-                    Some(p) => Some(format!("stopped: pool {p} empty")),
+                last_end: match &u.stopped_because {
+                    Some(why) => Some(why.clone()),
                     None => u.last_end.map(|e| e.to_string()),
                 },
                 restarts: u.restarts,

@@ -1,0 +1,531 @@
+//! The cluster's state in etcd, and exact admission through it.
+//!
+//! # Keys (below the prefix, `/tt-host` by default)
+//!
+//! | key | value | lease |
+//! | --- | --- | --- |
+//! | `policy/PATH` | the policy set at PATH ([`PartialPolicy`], JSON) | none |
+//! | `usage/PATH/NODE` | what NODE runs below PATH ([`Usage`], JSON) | NODE's |
+//! | `names/NAME` | the node running unikernel NAME | NODE's |
+//! | `res/NODE/NAME` | its reservation ([`Reservation`], JSON) | NODE's |
+//! | `nodes/NODE` | the node's description ([`NodeInfo`], JSON) | NODE's |
+//!
+//! Usage is kept per path *and node*: a node writes only its own
+//! `usage/*/NODE` keys, and they go with its lease, so a node that dies
+//! takes its share of every path's usage with it, as its reservations.
+//! A path's usage is the sum over its `usage/PATH/` range: a handful of
+//! keys (one per node), never a scan of all reservations.
+//!
+//! # Admission
+//!
+//! [`Cluster::admit`] reads, in one transaction (so at one revision R),
+//! the policy and the usage range of every path from the root down to the
+//! unikernel's, and whether its name is taken. It checks the claim
+//! ([`super::check`]) and then writes, in a second transaction, the node's
+//! new usage of each path, the name and the reservation, *if* no policy
+//! key and no key of those usage ranges was modified after R and the name
+//! is still free (etcd compares a range's greatest `mod_revision`). A
+//! conflict (another node admitted or released something on one of these
+//! paths meanwhile) retries from the read. So two admissions that together
+//! would exceed a policy cannot both commit: the second one's compare
+//! fails, it reads the first one's usage and is refused. A key that
+//! disappears (a lease that expired) only lowers usage: that conflict is
+//! not needed for safety, and etcd's compare does not see it.
+
+use super::check::{self, Claim, Level, Refused};
+use crate::resources::{Name, PartialPolicy, Path, Usage};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn,
+    TxnOp, TxnOpResponse,
+};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How a node connects and what it is called.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub endpoints: Vec<String>,
+    pub node: String,
+    pub prefix: String,
+    /// The node's lease: its reservations last this long after its last
+    /// keep-alive.
+    pub ttl: Duration,
+    /// Keep the unikernels running when cut off from etcd (no fencing).
+    pub keep_on_partition: bool,
+}
+
+/// A running unikernel's entry in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub name: String,
+    pub node: String,
+    pub claim: Claim,
+    pub time_ns: u64,
+}
+
+/// A node as the cluster sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node: String,
+    pub started_ns: u64,
+}
+
+/// What went wrong; one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("refused by the cluster: {0}")]
+    Refused(#[from] Refused),
+    #[error("{name} runs already on node {node}")]
+    Taken { name: String, node: String },
+    #[error("cannot reach etcd ({endpoints}): {err}; admission is stopped until it answers")]
+    Unreachable { endpoints: String, err: String },
+    #[error("this node has been cut off from etcd for {0:?}: admission is stopped until it is back")]
+    CutOff(Duration),
+    #[error("bad data in etcd at {key}: {err}")]
+    Bad { key: String, err: String },
+    #[error("too many conflicting admissions on the same paths; try again")]
+    Contended,
+}
+
+/// A node's handle on the cluster.
+pub struct Cluster {
+    pub cfg: Config,
+    client: Client,
+    lease: AtomicU64,
+    /// When etcd last confirmed the lease.
+    last_ok: Mutex<Instant>,
+    /// One admission or release at a time on this node: only this node
+    /// writes its own keys, so its own writes never conflict.
+    local: tokio::sync::Mutex<()>,
+    /// Transactions that failed their compare and were retried.
+    pub conflicts: AtomicU64,
+    pub admitted: AtomicU64,
+}
+
+/// The time now, Unix ns.
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Cluster {
+    fn key(&self, rest: &str) -> String {
+        format!("{}/{rest}", self.cfg.prefix)
+    }
+    fn k_policy(&self, p: &Path) -> String {
+        self.key(&format!("policy/{p}"))
+    }
+    fn k_usage_range(&self, p: &Path) -> String {
+        self.key(&format!("usage/{p}/"))
+    }
+    fn k_usage(&self, p: &Path) -> String {
+        self.key(&format!("usage/{p}/{}", self.cfg.node))
+    }
+    fn k_name(&self, n: &str) -> String {
+        self.key(&format!("names/{n}"))
+    }
+    fn k_res(&self, n: &str) -> String {
+        self.key(&format!("res/{}/{n}", self.cfg.node))
+    }
+
+    fn unreachable(&self, e: etcd_client::Error) -> ClusterError {
+        ClusterError::Unreachable {
+            endpoints: self.cfg.endpoints.join(","),
+            err: e.to_string(),
+        }
+    }
+
+    /// Connect, take a lease, and register the node; what an earlier run
+    /// of this node left (its reservations and usage) is removed: the
+    /// caller registers again what still runs ([`Cluster::admit`]).
+    pub async fn connect(cfg: Config) -> Result<Cluster, ClusterError> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(3))
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
+        let client = Client::connect(&cfg.endpoints, Some(opts))
+            .await
+            .map_err(|e| ClusterError::Unreachable {
+                endpoints: cfg.endpoints.join(","),
+                err: e.to_string(),
+            })?;
+        let c = Cluster {
+            cfg,
+            client,
+            lease: AtomicU64::new(0),
+            last_ok: Mutex::new(Instant::now()),
+            local: tokio::sync::Mutex::new(()),
+            conflicts: AtomicU64::new(0),
+            admitted: AtomicU64::new(0),
+        };
+        c.forget_own().await?;
+        c.new_lease().await?;
+        Ok(c)
+    }
+
+    fn lease_id(&self) -> i64 {
+        self.lease.load(Ordering::SeqCst) as i64
+    }
+
+    /// Grant a new lease and register the node under it.
+    pub async fn new_lease(&self) -> Result<(), ClusterError> {
+        let mut client = self.client.clone();
+        let ttl = self.cfg.ttl.as_secs().max(1) as i64;
+        let l = client
+            .lease_grant(ttl, None)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        self.lease.store(l.id() as u64, Ordering::SeqCst);
+        let info = NodeInfo {
+            node: self.cfg.node.clone(),
+            started_ns: now_ns(),
+        };
+        client
+            .put(
+                self.key(&format!("nodes/{}", self.cfg.node)),
+                serde_json::to_vec(&info).expect("encodes"),
+                Some(PutOptions::new().with_lease(l.id())),
+            )
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        *self.last_ok.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        Ok(())
+    }
+
+    /// Remove what this node wrote before (a previous run's reservations,
+    /// names and usage, whose lease may not have expired yet).
+    async fn forget_own(&self) -> Result<(), ClusterError> {
+        let mut client = self.client.clone();
+        let res_prefix = self.key(&format!("res/{}/", self.cfg.node));
+        let res = client
+            .get(res_prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let usage = client
+            .get(
+                self.key("usage/"),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let suffix = format!("/{}", self.cfg.node);
+        let mut ops = vec![TxnOp::delete(
+            res_prefix,
+            Some(DeleteOptions::new().with_prefix()),
+        )];
+        for kv in res.kvs() {
+            let name = String::from_utf8_lossy(kv.key());
+            if let Some(n) = name.rsplit('/').next() {
+                ops.push(TxnOp::delete(self.k_name(n), None));
+            }
+        }
+        for kv in usage.kvs() {
+            if kv.key().ends_with(suffix.as_bytes()) {
+                ops.push(TxnOp::delete(kv.key().to_vec(), None));
+            }
+        }
+        client
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(())
+    }
+
+    /// Renew the lease once. `Ok(false)`: it had expired (the caller takes
+    /// a new one and registers again what runs).
+    pub async fn keep_alive(&self) -> Result<bool, ClusterError> {
+        let mut client = self.client.clone();
+        let (mut keeper, mut stream) = client
+            .lease_keep_alive(self.lease_id())
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        keeper.keep_alive().await.map_err(|e| self.unreachable(e))?;
+        let resp = stream.message().await.map_err(|e| self.unreachable(e))?;
+        match resp {
+            Some(r) if r.ttl() > 0 => {
+                *self.last_ok.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// How long since etcd last confirmed the lease.
+    pub fn since_ok(&self) -> Duration {
+        self.last_ok
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+
+    /// Admit the unikernel `name` with `claim` on this node (see the module
+    /// doc). Admitting a name this node holds already is a no-op.
+    pub async fn admit(&self, name: &Name, claim: Claim) -> Result<(), ClusterError> {
+        let _local = self.local.lock().await;
+        // Half the lease's time without a word from etcd: others may soon
+        // take this node's room; admit nothing more.
+        let since = self.since_ok();
+        if since > self.cfg.ttl / 2 {
+            return Err(ClusterError::CutOff(since));
+        }
+        let paths: Vec<Path> = name.path().ancestors().collect();
+        let name_s = name.to_string();
+        let mut client = self.client.clone();
+        for attempt in 0..64u32 {
+            let mut reads = Vec::new();
+            for p in &paths {
+                reads.push(TxnOp::get(self.k_policy(p), None));
+                reads.push(TxnOp::get(
+                    self.k_usage_range(p),
+                    Some(GetOptions::new().with_prefix()),
+                ));
+            }
+            reads.push(TxnOp::get(self.k_name(&name_s), None));
+            let read = client
+                .txn(Txn::new().and_then(reads))
+                .await
+                .map_err(|e| self.unreachable(e))?;
+            let rev = read.header().map_or(0, |h| h.revision());
+            let got: Vec<Vec<(Vec<u8>, Vec<u8>)>> = read
+                .op_responses()
+                .into_iter()
+                .map(|r| match r {
+                    TxnOpResponse::Get(g) => g
+                        .kvs()
+                        .iter()
+                        .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
+                        .collect(),
+                    _ => vec![],
+                })
+                .collect();
+            if let Some((_, node)) = got.last().and_then(|v| v.first()) {
+                let node = String::from_utf8_lossy(node).into_owned();
+                if node == self.cfg.node {
+                    return Ok(());
+                }
+                return Err(ClusterError::Taken {
+                    name: name_s,
+                    node,
+                });
+            }
+            let own_suffix = format!("/{}", self.cfg.node);
+            let mut levels = Vec::new();
+            let mut own = Vec::new();
+            for (i, p) in paths.iter().enumerate() {
+                let policy = match got[2 * i].first() {
+                    Some((k, v)) => Some(decode::<PartialPolicy>(k, v)?),
+                    None => None,
+                };
+                let mut usage = Usage::default();
+                let mut mine = Usage::default();
+                for (k, v) in &got[2 * i + 1] {
+                    let u = decode::<Usage>(k, v)?;
+                    usage.unikernels += u.unikernels;
+                    usage.memory_mb += u.memory_mb;
+                    usage.block_mb += u.block_mb;
+                    if k.ends_with(own_suffix.as_bytes()) {
+                        mine = u;
+                    }
+                }
+                levels.push(Level {
+                    path: p.clone(),
+                    policy,
+                    usage,
+                });
+                own.push(mine);
+            }
+            check::check(&levels, &claim)?;
+            let lease = self.lease_id();
+            let mut compares = vec![Compare::create_revision(
+                self.k_name(&name_s),
+                CompareOp::Equal,
+                0,
+            )];
+            let mut writes = Vec::new();
+            for (p, mine) in paths.iter().zip(&own) {
+                compares.push(Compare::mod_revision(
+                    self.k_policy(p),
+                    CompareOp::Less,
+                    rev + 1,
+                ));
+                compares.push(
+                    Compare::mod_revision(self.k_usage_range(p), CompareOp::Less, rev + 1)
+                        .with_prefix(),
+                );
+                writes.push(TxnOp::put(
+                    self.k_usage(p),
+                    serde_json::to_vec(&claim.added_to(*mine)).expect("encodes"),
+                    Some(PutOptions::new().with_lease(lease)),
+                ));
+            }
+            writes.push(TxnOp::put(
+                self.k_name(&name_s),
+                self.cfg.node.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            ));
+            let res = Reservation {
+                name: name_s.clone(),
+                node: self.cfg.node.clone(),
+                claim,
+                time_ns: now_ns(),
+            };
+            writes.push(TxnOp::put(
+                self.k_res(&name_s),
+                serde_json::to_vec(&res).expect("encodes"),
+                Some(PutOptions::new().with_lease(lease)),
+            ));
+            let wrote = client
+                .txn(Txn::new().when(compares).and_then(writes))
+                .await
+                .map_err(|e| self.unreachable(e))?;
+            if wrote.succeeded() {
+                self.admitted.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            self.conflicts.fetch_add(1, Ordering::Relaxed);
+            // Back off a little, more with each conflict in a row, so that
+            // contenders spread out.
+            let ms = (1u64 << attempt.min(6)).min(50);
+            tokio::time::sleep(Duration::from_millis(ms / 2 + (now_ns() % (ms + 1)))).await;
+        }
+        Err(ClusterError::Contended)
+    }
+
+    /// Release the unikernel `name` (admitted by this node): its
+    /// reservation, name and share of each path's usage.
+    pub async fn release(&self, name: &Name) -> Result<(), ClusterError> {
+        let _local = self.local.lock().await;
+        let name_s = name.to_string();
+        let mut client = self.client.clone();
+        let res = client
+            .get(self.k_res(&name_s), None)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let Some(kv) = res.kvs().first() else {
+            return Ok(());
+        };
+        let r: Reservation = decode(kv.key(), kv.value())?;
+        let paths: Vec<Path> = name.path().ancestors().collect();
+        let mut writes = vec![
+            TxnOp::delete(self.k_res(&name_s), None),
+            TxnOp::delete(self.k_name(&name_s), None),
+        ];
+        let lease = self.lease_id();
+        for p in &paths {
+            let got = client
+                .get(self.k_usage(p), None)
+                .await
+                .map_err(|e| self.unreachable(e))?;
+            let mine = match got.kvs().first() {
+                Some(kv) => decode::<Usage>(kv.key(), kv.value())?,
+                None => continue,
+            };
+            let after = r.claim.taken_from(mine);
+            writes.push(if after.unikernels == 0 {
+                TxnOp::delete(self.k_usage(p), None)
+            } else {
+                TxnOp::put(
+                    self.k_usage(p),
+                    serde_json::to_vec(&after).expect("encodes"),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+            });
+        }
+        // Only this node writes these keys, and it holds `local`: one
+        // transaction, no compare needed.
+        client
+            .txn(Txn::new().and_then(writes))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(())
+    }
+
+    /// The names this node holds reservations for.
+    pub async fn own_names(&self) -> Result<Vec<String>, ClusterError> {
+        let mut client = self.client.clone();
+        let prefix = self.key(&format!("res/{}/", self.cfg.node));
+        let got = client
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix().with_keys_only()))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(got
+            .kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned())
+            .collect())
+    }
+
+    /// Set (or with `None` remove) the cluster's policy at `path`.
+    pub async fn put_policy(
+        &self,
+        path: &Path,
+        policy: Option<&PartialPolicy>,
+    ) -> Result<(), ClusterError> {
+        let mut client = self.client.clone();
+        match policy {
+            Some(p) => client
+                .put(
+                    self.k_policy(path),
+                    serde_json::to_vec(p).expect("encodes"),
+                    None,
+                )
+                .await
+                .map(drop),
+            None => client.delete(self.k_policy(path), None).await.map(drop),
+        }
+        .map_err(|e| self.unreachable(e))
+    }
+
+    /// The cluster's policy at `path`, if one is set.
+    pub async fn policy(&self, path: &Path) -> Result<Option<PartialPolicy>, ClusterError> {
+        let mut client = self.client.clone();
+        let got = client
+            .get(self.k_policy(path), None)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        got.kvs()
+            .first()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .transpose()
+    }
+
+    /// Every reservation in the cluster, by node.
+    pub async fn reservations(&self) -> Result<Vec<Reservation>, ClusterError> {
+        let mut client = self.client.clone();
+        let got = client
+            .get(self.key("res/"), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        got.kvs()
+            .iter()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .collect()
+    }
+
+    /// The cluster's usage below `path` (every node's).
+    pub async fn usage(&self, path: &Path) -> Result<Usage, ClusterError> {
+        let mut client = self.client.clone();
+        let got = client
+            .get(self.k_usage_range(path), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let mut sum = Usage::default();
+        for kv in got.kvs() {
+            let u: Usage = decode(kv.key(), kv.value())?;
+            sum.unikernels += u.unikernels;
+            sum.memory_mb += u.memory_mb;
+            sum.block_mb += u.block_mb;
+        }
+        Ok(sum)
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, ClusterError> {
+    serde_json::from_slice(value).map_err(|e| ClusterError::Bad {
+        key: String::from_utf8_lossy(key).into_owned(),
+        err: e.to_string(),
+    })
+}

@@ -1,0 +1,178 @@
+//! The daemon as a cluster node (`tt-host daemon --cluster=ENDPOINTS
+//! --node-id=ID`, docs/CLUSTER.md).
+//!
+//! - Every launch on the node is admitted by its state directory first,
+//!   then through the cluster: `tt-host run` asks the daemon
+//!   ([`Node::admit`], the `cluster-admit` request).
+//! - The node's lease is renewed every third of its TTL. While etcd does
+//!   not answer, nothing is admitted (after half the TTL without an
+//!   answer); after two thirds of it the node stops its unikernels
+//!   (fencing), so that they are gone before the lease can expire and
+//!   another node reuse their room — unless `--keep-on-partition`, which
+//!   keeps them running and may let the cluster overshoot a policy by
+//!   what they use, until the node is back.
+//! - Once a second the node reconciles etcd with what its state directory
+//!   says runs: a reservation whose unikernel ended is released, a
+//!   unikernel that runs without one (after the daemon's restart, or a
+//!   new lease) is registered again.
+
+use crate::cluster::check::Claim;
+use crate::cluster::store::{Cluster, ClusterError, Config};
+use crate::resources::Name;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A reservation made this long ago whose unikernel the state directory
+/// does not show yet is left alone: `tt-host run` asks the cluster just
+/// after its state directory admitted it, and the reconciliation may look
+/// in between.
+const GRACE: Duration = Duration::from_secs(3);
+
+/// This daemon's place in the cluster.
+pub struct Node {
+    pub cluster: Cluster,
+    /// The names this node holds reservations for, and since when.
+    registered: Mutex<BTreeMap<String, Instant>>,
+    /// Fenced since the last loss of contact.
+    fenced: Mutex<bool>,
+}
+
+impl Node {
+    /// Connect to the cluster (and clear what an earlier run of this node
+    /// left there).
+    pub async fn connect(cfg: Config) -> Result<Arc<Node>, String> {
+        let cluster = Cluster::connect(cfg).await.map_err(|e| e.to_string())?;
+        Ok(Arc::new(Node {
+            cluster,
+            registered: Mutex::new(BTreeMap::new()),
+            fenced: Mutex::new(false),
+        }))
+    }
+
+    fn registered(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Instant>> {
+        self.registered.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admit `name` through the cluster.
+    pub async fn admit(&self, name: &Name, claim: Claim) -> Result<(), String> {
+        self.cluster
+            .admit(name, claim)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.registered().insert(name.to_string(), Instant::now());
+        Ok(())
+    }
+
+    /// Make etcd say what the state directory says runs here.
+    async fn reconcile(&self, state_dir: &std::path::Path) -> Result<(), ClusterError> {
+        let local: BTreeMap<String, Claim> =
+            match crate::admission::StateDir::resolve(Some(state_dir)).resources() {
+                Ok(r) => r
+                    .iter_unikernels()
+                    .map(|(n, uk)| {
+                        (
+                            n.to_string(),
+                            Claim {
+                                memory_mb: uk.memory_mb,
+                                block_mb: uk.block_mb,
+                            },
+                        )
+                    })
+                    .collect(),
+                Err(e) => {
+                    log::warn!("cluster: cannot read the state directory: {e}");
+                    return Ok(());
+                }
+            };
+        let gone: Vec<String> = self
+            .registered()
+            .iter()
+            .filter(|(n, t)| !local.contains_key(*n) && t.elapsed() > GRACE)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in gone {
+            if let Ok(name) = n.parse::<Name>() {
+                self.cluster.release(&name).await?;
+            }
+            self.registered().remove(&n);
+        }
+        let missing: Vec<(String, Claim)> = local
+            .into_iter()
+            .filter(|(n, _)| !self.registered().contains_key(n))
+            .collect();
+        for (n, claim) in missing {
+            let Ok(name) = n.parse::<Name>() else {
+                continue;
+            };
+            match self.cluster.admit(&name, claim).await {
+                Ok(()) => {
+                    log::info!("cluster: {n} registered");
+                    self.registered().insert(n, Instant::now());
+                }
+                Err(e @ ClusterError::Unreachable { .. }) => return Err(e),
+                Err(e) => log::warn!(
+                    "cluster: {n} runs here but the cluster does not admit it ({e}): \
+                     the cluster is over a policy by what it uses until it ends"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// Keep the lease, fence when cut off, reconcile: until the daemon
+    /// exits. `fence` stops the node's unikernels.
+    pub async fn run<F, Fut>(self: Arc<Self>, state_dir: std::path::PathBuf, fence: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let ttl = self.cluster.cfg.ttl;
+        let tick = (ttl / 3).max(Duration::from_millis(300));
+        let mut next_keepalive = Instant::now();
+        loop {
+            if Instant::now() >= next_keepalive {
+                next_keepalive = Instant::now() + tick;
+                match tokio::time::timeout(tick, self.cluster.keep_alive()).await {
+                    Ok(Ok(true)) => {
+                        let mut f = self.fenced.lock().unwrap_or_else(|p| p.into_inner());
+                        if *f {
+                            log::info!("cluster: etcd answers again");
+                            *f = false;
+                        }
+                    }
+                    Ok(Ok(false)) => {
+                        log::warn!("cluster: the node's lease expired: taking a new one");
+                        if self.cluster.new_lease().await.is_ok() {
+                            // Everything is registered again under it.
+                            self.registered().clear();
+                        }
+                    }
+                    Ok(Err(e)) => log::warn!("cluster: {e}"),
+                    Err(_) => log::warn!("cluster: etcd did not answer the keep-alive"),
+                }
+                let cut = self.cluster.since_ok();
+                let fence_after = ttl * 2 / 3;
+                if cut > fence_after && !self.cluster.cfg.keep_on_partition {
+                    let first = {
+                        let mut f = self.fenced.lock().unwrap_or_else(|p| p.into_inner());
+                        !std::mem::replace(&mut *f, true)
+                    };
+                    if first {
+                        log::warn!(
+                            "cluster: cut off from etcd for {cut:?}: stopping this node's \
+                             unikernels before its lease can expire (fencing)"
+                        );
+                        fence().await;
+                    }
+                }
+            }
+            if self.cluster.since_ok() < ttl / 2 {
+                if let Err(e) = self.reconcile(&state_dir).await {
+                    log::warn!("cluster: {e}");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(1000).min(tick)).await;
+        }
+    }
+}
