@@ -25,18 +25,33 @@ use tt_host::daemon::proto::{NewUnit, Op, Reply};
 const DEFAULT_RUNS: usize = 30;
 const IDLE: usize = 200;
 
-struct Daemon {
-    dir: PathBuf,
+/// A `tt-host daemon` on scratch directories. Dropped (also on an
+/// error), it kills the daemon and every unikernel it started, then
+/// removes the directories.
+pub struct Daemon {
+    pub dir: PathBuf,
     child: Option<Child>,
 }
 
 impl Daemon {
-    fn socket(&self) -> PathBuf {
+    pub fn socket(&self) -> PathBuf {
         self.dir.join("run/control.sock")
     }
 
-    fn call(&self, op: Op) -> Result<Reply, String> {
+    pub fn call(&self, op: Op) -> Result<Reply, String> {
         Connection::open(Some(self.socket()))?.call(op)
+    }
+
+    /// The daemon's log so far (for error messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// A `tt-host` client command (`args`) of this daemon.
+    pub fn cli(&self, tt_host: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(tt_host);
+        c.args(args).env("TT_HOST_SOCKET", self.socket());
+        c
     }
 }
 
@@ -94,27 +109,42 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn start(tt_host: &Path) -> Result<Daemon, String> {
-    let dir = std::env::var_os("TT_DAEMON_BENCH_DIR")
+/// Start a daemon on fresh directories in `$DIR_VAR`, default
+/// `DEFAULT_DIR` under the workspace root, with the `extra` daemon
+/// options; its log goes to `daemon.log` there.
+pub fn start(
+    tt_host: &Path,
+    dir_var: &str,
+    default_dir: &str,
+    extra: &[&str],
+) -> Result<Daemon, String> {
+    let dir = std::env::var_os(dir_var)
         .map(PathBuf::from)
-        .unwrap_or_else(|| crate::root().join("target/tt-daemon-bench"));
+        .unwrap_or_else(|| crate::root().join(default_dir));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let log = dir.join("daemon.log");
+    let log = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let log2 = log.try_clone().map_err(|e| e.to_string())?;
     let child = Command::new(tt_host)
         .arg("daemon")
         .arg(format!("--state-dir={}", dir.join("state").display()))
         .arg(format!("--runtime-dir={}", dir.join("run").display()))
+        .args(extra)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
         .spawn()
         .map_err(|e| format!("cannot start the daemon: {e}"))?;
-    let d = Daemon {
+    let mut d = Daemon {
         dir,
         child: Some(child),
     };
     let t = Instant::now();
     while std::os::unix::net::UnixStream::connect(d.socket()).is_err() {
+        if let Some(Ok(Some(st))) = d.child.as_mut().map(|c| c.try_wait()) {
+            return Err(format!("the daemon exited ({st}): {}", d.log().trim()));
+        }
         if t.elapsed() > Duration::from_secs(20) {
             return Err("the daemon did not answer within 20 s".into());
         }
@@ -168,7 +198,12 @@ pub fn run(o: &Opts) -> Result<Vec<Verdict>, String> {
     let image = crate::image(o, "unit")?;
     let runs = o.runs.unwrap_or(DEFAULT_RUNS).max(5);
     let idle = o.iters.map_or(IDLE, |n| n as usize);
-    let d = start(&tt_host)?;
+    let d = start(
+        &tt_host,
+        "TT_DAEMON_BENCH_DIR",
+        "target/tt-daemon-bench",
+        &[],
+    )?;
     let mut verdicts = Vec::new();
 
     // 1. The daemon's own work per create, beside an fdatasync here.

@@ -45,6 +45,11 @@
 //!   `std::fs::copy` and a read/write loop, on the repository's file
 //!   system and on /dev/shm. Reported, no target. See [`images`]. Not
 //!   part of `all` (it writes 1 GiB in each place).
+//! - `envs`: an environment of 10 unikernels with port forwards made in
+//!   one `tt-host env create` (issue 21), to all up, against 10
+//!   sequential `tt-host create` and against 10 creates joining an empty
+//!   environment. Reported, no target. Needs root and nft; runs in a
+//!   network namespace of its own. See [`envs`]. Not part of `all`.
 //!
 //! Each prints a table and its verdict. Only with `--check` does a missed
 //! target make the exit status non-zero (2); errors always exit 1.
@@ -55,6 +60,7 @@ mod child;
 mod compute;
 mod cpl3;
 mod daemon;
+mod envs;
 mod hypercall;
 mod images;
 mod launch;
@@ -83,17 +89,20 @@ usage:
   tt-bench daemon    [--runs N] [--iters IDLE_UNIKERNELS] [--tt-host PATH] [--image PATH] [--check]
   tt-bench migrate   [--runs N] [--tt-host PATH] [--image UNIT_IMAGE] [--check]
   tt-bench images    [--runs N]
+  tt-bench envs      [--runs N] [--tt-host PATH] [--image NET_IMAGE]
   tt-bench all       [--check]
 
 defaults (relative to the workspace root):
   --tt-host target/release/tt-host
-  --image   guest-sdk/target/release/{hello,compute,hcall,blkbench,vblk,unit}
+  --image   guest-sdk/target/release/{hello,compute,hcall,blkbench,vblk,unit,net}
 blk puts its files in $TT_BLK_BENCH_DIR, default target/tt-blk-bench (removed at the end);
 vblk in $TT_VBLK_BENCH_DIR, default target/tt-vblk-bench (also needs blkbench built).
 cpl3 in $TT_CPL3_BENCH_DIR, default target/tt-cpl3-bench; its Solo5 targets need
 $SOLO5_DIR, a Solo5 tree built with ./configure.sh && make (else they are skipped).
 migrate in $TT_MIGRATE_BENCH_DIR, default target/tt-migrate-bench (also needs counter built).
 images in $TT_IMAGES_BENCH_DIR, default target/tt-images-bench, and in /dev/shm.
+envs in $TT_ENVS_BENCH_DIR, default target/tt-envs-bench; it needs root and nft, and
+runs in a network namespace of its own (the machine's network is not touched).
   --expect-status 0 (the guest's exit status; a run that ends otherwise is an error)
 
 --check: exit with status 2 if a target is missed (default: only report).";
@@ -267,6 +276,7 @@ fn dispatch(args: &[String]) -> Result<Vec<Verdict>, String> {
                 | "daemon"
                 | "migrate"
                 | "images"
+                | "envs"
                 | "all"
         )
     ) {
@@ -312,6 +322,10 @@ fn dispatch(args: &[String]) -> Result<Vec<Verdict>, String> {
         Some("images") => {
             let o = parse(rest, &["--runs"])?;
             (images::run(&o)?, o.check)
+        }
+        Some("envs") => {
+            let o = parse(rest, &with(&["--runs"]))?;
+            (envs::run(&o)?, o.check)
         }
         Some("all") => {
             let o = parse(rest, &["--check"])?;
