@@ -1,10 +1,12 @@
 //! Helpers shared by the end-to-end tests: find (or build) the `tt-host`
 //! binary and the example guests, require /dev/kvm, make scratch dirs,
-//! signal processes, and ([`netns`]) network namespaces, TAPs and pings.
+//! signal processes, ([`netns`]) network namespaces, TAPs and pings, and
+//! ([`etcd`]) an etcd cluster to kill members of.
 //!
 //! The tests run no program a fresh Debian machine with Rust lacks: they
 //! build with `cargo` and use system calls for the rest (no `ip`, `ping`
-//! or `kill`).
+//! or `kill`), except the etcd tests, which need etcd and etcdctl
+//! (`.ci/run` installs them).
 //!
 //! KVM tests fail when /dev/kvm is missing unless `TT_SKIP_KVM=1` is set,
 //! in which case they say loudly that they skipped.
@@ -14,6 +16,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 pub mod daemon;
+pub mod etcd;
 pub mod guest_output;
 pub mod netns;
 

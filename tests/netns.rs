@@ -338,6 +338,43 @@ impl Netns {
             .unwrap_or_else(|e| panic!("create veth {name} (peer {peer}): {e}"));
     }
 
+    /// Create a bridge `name` (down, no ports, no address), as `ip link
+    /// add NAME type bridge` does.
+    pub fn add_bridge(&self, name: &str) {
+        const IFLA_IFNAME: u16 = 3;
+        const IFLA_LINKINFO: u16 = 18;
+        const IFLA_INFO_KIND: u16 = 1;
+        const NESTED: u16 = 0x8000;
+        let cstr = |s: &str| [s.as_bytes(), &[0]].concat();
+        let info = nla(IFLA_INFO_KIND, &cstr("bridge"));
+        let msg = [
+            &[0u8; 16][..],
+            &nla(IFLA_IFNAME, &cstr(name)),
+            &nla(IFLA_LINKINFO | NESTED, &info),
+        ]
+        .concat();
+        let flags = libc::NLM_F_CREATE | libc::NLM_F_EXCL;
+        self.rtnetlink(libc::RTM_NEWLINK, flags as u16, msg)
+            .unwrap_or_else(|e| panic!("create bridge {name}: {e}"));
+    }
+
+    /// Make interface `port` a port of bridge `bridge`, as `ip link set
+    /// PORT master BRIDGE` does.
+    pub fn attach_to_bridge(&self, bridge: &str, port: &str) {
+        // linux/sockios.h; the libc crate lacks it.
+        const SIOCBRADDIF: libc::Ioctl = 0x89a2;
+        let sock = self.inet();
+        if_ioctl(&sock, port, libc::SIOCGIFINDEX, |_| {})
+            // SAFETY: SIOCGIFINDEX filled in ifru_ifindex.
+            .map(|r| unsafe { r.ifr_ifru.ifru_ifindex })
+            .and_then(|index| {
+                if_ioctl(&sock, bridge, SIOCBRADDIF, |r| {
+                    r.ifr_ifru.ifru_ifindex = index
+                })
+            })
+            .unwrap_or_else(|e| panic!("attach {port} to bridge {bridge}: {e}"));
+    }
+
     /// Add a default route via `gateway`, as `ip route add default via
     /// GATEWAY` does (the gateway must be on a subnet of an interface
     /// that is up).
