@@ -167,7 +167,10 @@ mod tests {
             level("alice:bob", Some(uks(10)), 5, 320),
         ];
         let e = check(&lv, &claim).unwrap_err();
-        assert_eq!((e.path.as_str(), e.resource, e.would, e.limit), ("alice", "unikernels", 6, 5));
+        assert_eq!(
+            (e.path.as_str(), e.resource, e.would, e.limit),
+            ("alice", "unikernels", 6, 5)
+        );
         assert!(e.to_string().contains("across the cluster"), "{e}");
         // Memory set at the root, inherited below.
         let root = PartialPolicy {

@@ -57,7 +57,8 @@ impl NodeFile {
     pub fn write(&self, state_dir: &Path) -> Result<(), String> {
         let path = state_dir.join(NODE_FILE);
         let bytes = serde_json::to_vec_pretty(self).expect("encodes");
-        crate::daemon::envs::write_atomic(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
+        crate::daemon::envs::write_atomic(&path, &bytes)
+            .map_err(|e| format!("{}: {e}", path.display()))
     }
 }
 
@@ -72,14 +73,15 @@ pub fn admit_through_node(
     let Some(node) = NodeFile::read(state_dir)? else {
         return Ok(());
     };
-    let mut c = crate::daemon::client::Connection::open(Some(node.socket.clone())).map_err(|e| {
-        format!(
-            "this host is cluster node {} ({}), and its daemon does not answer: \
+    let mut c =
+        crate::daemon::client::Connection::open(Some(node.socket.clone())).map_err(|e| {
+            format!(
+                "this host is cluster node {} ({}), and its daemon does not answer: \
              nothing is admitted until it does ({e})",
-            node.node,
-            state_dir.join(NODE_FILE).display()
-        )
-    })?;
+                node.node,
+                state_dir.join(NODE_FILE).display()
+            )
+        })?;
     c.call(crate::daemon::proto::Op::ClusterAdmit {
         name: name.to_string(),
         memory_mb: claim.memory_mb,

@@ -35,8 +35,8 @@
 use super::check::{self, Claim, Level, Refused};
 use crate::resources::{Name, PartialPolicy, Path, Usage};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn,
-    TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse,
 };
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -81,7 +81,9 @@ pub enum ClusterError {
     Taken { name: String, node: String },
     #[error("cannot reach etcd ({endpoints}): {err}; admission is stopped until it answers")]
     Unreachable { endpoints: String, err: String },
-    #[error("this node has been cut off from etcd for {0:?}: admission is stopped until it is back")]
+    #[error(
+        "this node has been cut off from etcd for {0:?}: admission is stopped until it is back"
+    )]
     CutOff(Duration),
     #[error("bad data in etcd at {key}: {err}")]
     Bad { key: String, err: String },
@@ -306,10 +308,7 @@ impl Cluster {
                 if node == self.cfg.node {
                     return Ok(());
                 }
-                return Err(ClusterError::Taken {
-                    name: name_s,
-                    node,
-                });
+                return Err(ClusterError::Taken { name: name_s, node });
             }
             let own_suffix = format!("/{}", self.cfg.node);
             let mut levels = Vec::new();
@@ -448,7 +447,10 @@ impl Cluster {
         let mut client = self.client.clone();
         let prefix = self.key(&format!("res/{}/", self.cfg.node));
         let got = client
-            .get(prefix.clone(), Some(GetOptions::new().with_prefix().with_keys_only()))
+            .get(
+                prefix.clone(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
             .await
             .map_err(|e| self.unreachable(e))?;
         Ok(got
@@ -509,7 +511,10 @@ impl Cluster {
     pub async fn usage(&self, path: &Path) -> Result<Usage, ClusterError> {
         let mut client = self.client.clone();
         let got = client
-            .get(self.k_usage_range(path), Some(GetOptions::new().with_prefix()))
+            .get(
+                self.k_usage_range(path),
+                Some(GetOptions::new().with_prefix()),
+            )
             .await
             .map_err(|e| self.unreachable(e))?;
         let mut sum = Usage::default();

@@ -230,7 +230,9 @@ pub fn parse_args(args: &[String]) -> Result<Option<DaemonArgs>, String> {
                     .filter(|e| !e.is_empty())
                     .collect();
                 if list.is_empty() || list.iter().any(|e| !e.contains("://")) {
-                    return Err(bad("etcd endpoints such as http://10.0.0.1:2379,http://10.0.0.2:2379"));
+                    return Err(bad(
+                        "etcd endpoints such as http://10.0.0.1:2379,http://10.0.0.2:2379",
+                    ));
                 }
                 endpoints = Some(list);
             }
@@ -458,7 +460,10 @@ async fn join_cluster(
     let fencing = sup.clone();
     tokio::spawn(node.run(sup.cfg.state_dir.clone(), move || {
         let sup = fencing.clone();
-        async move { sup.stop_all("stopped: the node was cut off from its cluster").await }
+        async move {
+            sup.stop_all("stopped: the node was cut off from its cluster")
+                .await
+        }
     }));
     log::info!(
         "cluster node {} on {} (lease {:?})",
@@ -475,9 +480,11 @@ async fn join_cluster(
     _: &ClusterArgs,
     _: &std::path::Path,
 ) -> Result<(), String> {
-    Err("--cluster: this tt-host was built without the 'cluster' feature \
+    Err(
+        "--cluster: this tt-host was built without the 'cluster' feature \
          (cargo build --features cluster; it needs protoc)"
-        .into())
+            .into(),
+    )
 }
 
 /// The `--metrics` listener: `GET /metrics` in Prometheus' text format,

@@ -897,11 +897,15 @@ async fn cluster_policy(
         PolicyCmd::Help => Reply::Text {
             text: cli::POLICY_USAGE.to_string(),
         },
-        PolicyCmd::Set { state_dir: Some(_), .. }
-        | PolicyCmd::Remove { state_dir: Some(_), .. }
-        | PolicyCmd::Show { state_dir: Some(_), .. } => {
-            error("policy: --state-dir cannot be given through the daemon")
+        PolicyCmd::Set {
+            state_dir: Some(_), ..
         }
+        | PolicyCmd::Remove {
+            state_dir: Some(_), ..
+        }
+        | PolicyCmd::Show {
+            state_dir: Some(_), ..
+        } => error("policy: --state-dir cannot be given through the daemon"),
         PolicyCmd::Set { path, change, .. } => {
             if let Err(e) = check(&|r| r.may_change_policy(&path)) {
                 return error(e);

@@ -382,7 +382,7 @@ impl Supervisor {
         creating: bool,
     ) -> Result<Started, String> {
         let spec = self.prepare_in_env(unit, owner, creating)?;
-        self.create_prepared(spec, received).await
+        self.create_prepared(spec, received, true).await
     }
 
     /// Check `unit` against the unikernels and its environment, and make
@@ -424,12 +424,13 @@ impl Supervisor {
         Ok(spec)
     }
 
-    /// Record and start the unikernel `spec` describes, then forward its
-    /// ports.
+    /// Record and start the unikernel `spec` describes, then (with
+    /// `forward`) load its environment's rules with its ports.
     async fn create_prepared(
         self: &Arc<Self>,
         spec: Spec,
         received: Instant,
+        forward: bool,
     ) -> Result<Started, String> {
         let name = spec.name.clone();
         let forwards = spec.net.as_ref().is_some_and(|n| !n.ports.is_empty());
@@ -445,8 +446,14 @@ impl Supervisor {
                 return Err(e);
             }
         };
-        if let (true, Some(env)) = (forwards, env) {
-            if let Err(e) = self.apply_net(&env) {
+        if let (true, true, Some(env)) = (forward, forwards, env) {
+            // nft takes milliseconds: not on the daemon's one thread.
+            let sup = self.clone();
+            let applied = tokio::task::spawn_blocking(move || sup.apply_net(&env))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+            if let Err(e) = applied {
                 let _ = self.destroy(&name).await;
                 return Err(e);
             }
@@ -593,10 +600,13 @@ impl Supervisor {
             u.env = Some(env.name.clone());
             specs.push(self.prepare_in_env(u, env.owner.clone(), true)?);
         }
+        // The rules are loaded once, when all are up (below), not once per
+        // unikernel: each load takes milliseconds (docs/BENCHMARKS.md,
+        // "Environments").
         let mut set = tokio::task::JoinSet::new();
         for spec in specs {
             let sup = self.clone();
-            set.spawn(async move { sup.create_prepared(spec, Instant::now()).await });
+            set.spawn(async move { sup.create_prepared(spec, Instant::now(), false).await });
         }
         let mut first_err = None;
         while let Some(r) = set.join_next().await {
