@@ -60,6 +60,10 @@ pub fn tt_host() -> &'static Path {
                 "tt-host",
                 "--bin",
                 "tt-host",
+                // The cluster tests need it; its build needs protoc
+                // (README: the test command installs it).
+                "--features",
+                "cluster",
             ])
             .current_dir(root())
             .status()

@@ -133,6 +133,29 @@ impl Cluster {
         self.key(&format!("res/{}/{n}", self.cfg.node))
     }
 
+    /// Run `op` with the client; when it fails (a member down, a leader
+    /// changing), again, up to once per endpoint more: the client's
+    /// balancer may have sent it to the member that does not answer.
+    async fn retry<T, F, Fut>(&self, mut op: F) -> Result<T, etcd_client::Error>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let tries = self.cfg.endpoints.len() + 1;
+        let mut i = 0;
+        loop {
+            match op(self.client.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(e @ etcd_client::Error::InvalidArgs(_)) => return Err(e),
+                Err(e) if i + 1 >= tries => return Err(e),
+                Err(_) => {
+                    i += 1;
+                    tokio::time::sleep(Duration::from_millis(50 * i as u64)).await;
+                }
+            }
+        }
+    }
+
     fn unreachable(&self, e: etcd_client::Error) -> ClusterError {
         ClusterError::Unreachable {
             endpoints: self.cfg.endpoints.join(","),
@@ -174,10 +197,10 @@ impl Cluster {
 
     /// Grant a new lease and register the node under it.
     pub async fn new_lease(&self) -> Result<(), ClusterError> {
-        let mut client = self.client.clone();
+        let client = Retrying(self);
         let ttl = self.cfg.ttl.as_secs().max(1) as i64;
         let l = client
-            .lease_grant(ttl, None)
+            .lease_grant(ttl)
             .await
             .map_err(|e| self.unreachable(e))?;
         self.lease.store(l.id() as u64, Ordering::SeqCst);
@@ -200,7 +223,7 @@ impl Cluster {
     /// Remove what this node wrote before (a previous run's reservations,
     /// names and usage, whose lease may not have expired yet).
     async fn forget_own(&self) -> Result<(), ClusterError> {
-        let mut client = self.client.clone();
+        let client = Retrying(self);
         let res_prefix = self.key(&format!("res/{}/", self.cfg.node));
         let res = client
             .get(res_prefix.clone(), Some(GetOptions::new().with_prefix()))
@@ -239,7 +262,7 @@ impl Cluster {
     /// Renew the lease once. `Ok(false)`: it had expired (the caller takes
     /// a new one and registers again what runs).
     pub async fn keep_alive(&self) -> Result<bool, ClusterError> {
-        let mut client = self.client.clone();
+        let mut client = self.client.clone(); // a stream: tried again next tick
         let (mut keeper, mut stream) = client
             .lease_keep_alive(self.lease_id())
             .await
@@ -275,7 +298,7 @@ impl Cluster {
         }
         let paths: Vec<Path> = name.path().ancestors().collect();
         let name_s = name.to_string();
-        let mut client = self.client.clone();
+        let client = Retrying(self);
         for attempt in 0..64u32 {
             let mut reads = Vec::new();
             for p in &paths {
@@ -398,7 +421,7 @@ impl Cluster {
     pub async fn release(&self, name: &Name) -> Result<(), ClusterError> {
         let _local = self.local.lock().await;
         let name_s = name.to_string();
-        let mut client = self.client.clone();
+        let client = Retrying(self);
         let res = client
             .get(self.k_res(&name_s), None)
             .await
@@ -444,7 +467,7 @@ impl Cluster {
 
     /// The names this node holds reservations for.
     pub async fn own_names(&self) -> Result<Vec<String>, ClusterError> {
-        let mut client = self.client.clone();
+        let client = Retrying(self);
         let prefix = self.key(&format!("res/{}/", self.cfg.node));
         let got = client
             .get(
@@ -466,7 +489,7 @@ impl Cluster {
         path: &Path,
         policy: Option<&PartialPolicy>,
     ) -> Result<(), ClusterError> {
-        let mut client = self.client.clone();
+        let client = Retrying(self);
         match policy {
             Some(p) => client
                 .put(
@@ -483,7 +506,7 @@ impl Cluster {
 
     /// The cluster's policy at `path`, if one is set.
     pub async fn policy(&self, path: &Path) -> Result<Option<PartialPolicy>, ClusterError> {
-        let mut client = self.client.clone();
+        let client = Retrying(self);
         let got = client
             .get(self.k_policy(path), None)
             .await
@@ -496,7 +519,7 @@ impl Cluster {
 
     /// Every reservation in the cluster, by node.
     pub async fn reservations(&self) -> Result<Vec<Reservation>, ClusterError> {
-        let mut client = self.client.clone();
+        let client = Retrying(self);
         let got = client
             .get(self.key("res/"), Some(GetOptions::new().with_prefix()))
             .await
@@ -509,7 +532,7 @@ impl Cluster {
 
     /// The cluster's usage below `path` (every node's).
     pub async fn usage(&self, path: &Path) -> Result<Usage, ClusterError> {
-        let mut client = self.client.clone();
+        let client = Retrying(self);
         let got = client
             .get(
                 self.k_usage_range(path),
@@ -525,6 +548,77 @@ impl Cluster {
             sum.block_mb += u.block_mb;
         }
         Ok(sum)
+    }
+}
+
+/// The client's calls, each tried again on another endpoint when it
+/// fails ([`Cluster::retry`]).
+struct Retrying<'a>(&'a Cluster);
+
+impl Retrying<'_> {
+    async fn get(
+        &self,
+        key: impl Into<Vec<u8>>,
+        o: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, etcd_client::Error> {
+        let key = key.into();
+        self.0
+            .retry(|mut c| {
+                let (k, o) = (key.clone(), o.clone());
+                async move { c.get(k, o).await }
+            })
+            .await
+    }
+
+    async fn put(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        o: Option<PutOptions>,
+    ) -> Result<etcd_client::PutResponse, etcd_client::Error> {
+        let (key, value) = (key.into(), value.into());
+        self.0
+            .retry(|mut c| {
+                let (k, v, o) = (key.clone(), value.clone(), o.clone());
+                async move { c.put(k, v, o).await }
+            })
+            .await
+    }
+
+    async fn delete(
+        &self,
+        key: impl Into<Vec<u8>>,
+        o: Option<DeleteOptions>,
+    ) -> Result<etcd_client::DeleteResponse, etcd_client::Error> {
+        let key = key.into();
+        self.0
+            .retry(|mut c| {
+                let (k, o) = (key.clone(), o.clone());
+                async move { c.delete(k, o).await }
+            })
+            .await
+    }
+
+    /// A transaction, tried again when it fails. A write whose answer was
+    /// lost and that committed is seen by the retry: its compare fails
+    /// (the name is taken, by this node), and [`Cluster::admit`] reads
+    /// that as done.
+    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+        self.0
+            .retry(|mut c| {
+                let t = txn.clone();
+                async move { c.txn(t).await }
+            })
+            .await
+    }
+
+    async fn lease_grant(
+        &self,
+        ttl: i64,
+    ) -> Result<etcd_client::LeaseGrantResponse, etcd_client::Error> {
+        self.0
+            .retry(|mut c| async move { c.lease_grant(ttl, None).await })
+            .await
     }
 }
 

@@ -1,0 +1,179 @@
+//! A cluster of tt-host nodes on etcd (issue 22), end to end: a real
+//! 3-member etcd cluster in a network namespace of its own
+//! (tests/etcd.rs) and 3 `tt-host daemon --cluster` nodes, each with its
+//! own state directory and network namespace linked to the cluster's.
+//! Nodes use a 3 s lease so that the tests see expiries quickly.
+
+use std::time::{Duration, Instant};
+use tt_tests::daemon::Daemon;
+use tt_tests::etcd::EtcdCluster;
+use tt_tests::{guest, kvm, Run};
+
+const TTL: &str = "--lease-ttl=3";
+
+/// Node `i` of `etcd`, started, with `extra` options.
+fn node(etcd: &EtcdCluster, i: usize, extra: &[&str]) -> Daemon {
+    let mut opts = vec![
+        format!("--cluster={}", etcd.endpoints()),
+        format!("--node-id=n{i}"),
+        TTL.to_string(),
+    ];
+    opts.extend(extra.iter().map(|s| s.to_string()));
+    let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
+    let mut d = Daemon::new(&format!("cluster-n{i}"), &opts);
+    d.netns = Some(etcd.node_netns(i));
+    d.start();
+    d
+}
+
+/// `tt-host create NAME` of a unikernel that runs until stopped.
+fn create(d: &Daemon, name: &str) -> Run {
+    d.cli(&[
+        "create",
+        name,
+        "--mem=8",
+        guest("unit").to_str().unwrap(),
+        "--",
+        "tick",
+        "1000",
+    ])
+}
+
+/// The reservations etcd holds (their keys).
+fn reservations(etcd: &EtcdCluster) -> Vec<String> {
+    let r = etcd.etcdctl(&["get", "--prefix", "/tt-host/res/", "--keys-only"]);
+    assert_eq!(r.status, 0, "{r:?}");
+    r.stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(String::from)
+        .collect()
+}
+
+#[track_caller]
+fn ok(r: &Run) -> &str {
+    assert_eq!(r.status, 0, "{r:?}");
+    &r.stdout
+}
+
+/// 20 concurrent creates spread over the nodes; the names admitted.
+fn twenty_creates(nodes: &[Daemon], prefix: &str) -> Vec<String> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20)
+            .map(|k| {
+                let d = &nodes[k % nodes.len()];
+                let name = format!("alice:{prefix}{k}");
+                s.spawn(move || (name.clone(), create(d, &name)))
+            })
+            .collect();
+        let mut admitted = Vec::new();
+        for h in handles {
+            let (name, r) = h.join().unwrap();
+            if r.status == 0 {
+                admitted.push(name);
+            } else {
+                assert!(
+                    r.stderr.contains("refused by the cluster")
+                        || r.stderr.contains("conflicting admissions"),
+                    "{name}: not a cluster refusal: {r:?}"
+                );
+            }
+        }
+        admitted
+    })
+}
+
+#[test]
+fn twenty_concurrent_creates_on_three_nodes_under_a_limit_of_five_admit_five_and_a_dead_nodes_room_comes_back(
+) {
+    if !kvm() {
+        return;
+    }
+    let etcd = EtcdCluster::start(3);
+    let mut nodes: Vec<Daemon> = (0..3).map(|i| node(&etcd, i, &[])).collect();
+    let r = nodes[0].cli(&["policy", "set", "alice", "--unikernels", "5", "--daemon"]);
+    assert!(ok(&r).contains("cluster policy at alice set"), "{r:?}");
+    // Another node sees it: one tree for the cluster.
+    let r = nodes[2].cli(&["policy", "show", "alice", "--daemon"]);
+    assert!(ok(&r).contains("\"unikernels\":5"), "{r:?}");
+
+    let admitted = twenty_creates(&nodes, "u");
+    assert_eq!(admitted.len(), 5, "admitted: {admitted:?}");
+    assert_eq!(reservations(&etcd).len(), 5, "{:?}", reservations(&etcd));
+    let running: usize = nodes.iter().map(|d| d.unit_pids().len()).sum();
+    assert_eq!(running, 5);
+    let r = nodes[1].cli(&["policy", "show", "alice", "--daemon"]);
+    assert!(ok(&r).contains("5 unikernel(s)"), "{r:?}");
+
+    // A node dies (its daemon and its unikernels): after its lease's TTL
+    // its reservations are gone and the others may use the room.
+    let victim = (0..3).max_by_key(|i| nodes[*i].unit_pids().len()).unwrap();
+    let lost = nodes[victim].unit_pids().len();
+    assert!(lost > 0);
+    nodes[victim].kill9();
+    nodes[victim].kill_units();
+    let others: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+    let t = Instant::now();
+    let mut made = 0;
+    while made < lost && t.elapsed() < Duration::from_secs(20) {
+        let d = &nodes[others[made % 2]];
+        if create(d, &format!("alice:after{made}")).status == 0 {
+            made += 1;
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    assert_eq!(made, lost, "the dead node's room did not come back");
+    assert!(
+        t.elapsed() >= Duration::from_secs(1),
+        "room came back before the lease could expire"
+    );
+    assert_eq!(reservations(&etcd).len(), 5);
+    assert_ne!(create(&nodes[others[0]], "alice:one-too-many").status, 0);
+    drop(nodes.remove(victim));
+}
+
+#[test]
+fn admission_goes_on_with_one_etcd_member_down_and_stops_without_quorum() {
+    if !kvm() {
+        return;
+    }
+    let etcd = EtcdCluster::start(3);
+    // Kept on partition: with quorum gone, a node cannot tell a dead etcd
+    // from being cut off with a minority, and would otherwise fence.
+    let nodes: Vec<Daemon> = (0..2)
+        .map(|i| node(&etcd, i, &["--keep-on-partition"]))
+        .collect();
+    ok(&create(&nodes[0], "alice:a"));
+    etcd.kill(0);
+    etcd.wait_healthy();
+    ok(&create(&nodes[1], "alice:b"));
+    let pids: Vec<u32> = nodes.iter().flat_map(|d| d.unit_pids()).collect();
+    assert_eq!(pids.len(), 2);
+    etcd.kill(1);
+    let t = Instant::now();
+    let r = create(&nodes[0], "alice:c");
+    assert_ne!(r.status, 0, "admitted without quorum: {r:?}");
+    assert!(
+        r.stderr.contains("etcd") || r.stderr.contains("cut off"),
+        "not a clear error: {r:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(30));
+    // The running unikernels run on, past the lease's TTL.
+    std::thread::sleep(Duration::from_secs(4));
+    for p in &pids {
+        assert!(tt_tests::kill(*p, 0), "unikernel {p} was stopped");
+    }
+    etcd.restart(1);
+    etcd.wait_healthy();
+    // Back: admission works again.
+    let t = Instant::now();
+    loop {
+        let r = create(&nodes[1], "alice:d");
+        if r.status == 0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{r:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
