@@ -287,8 +287,9 @@ impl Cluster {
     }
 
     /// Admit the unikernel `name` with `claim` on this node (see the module
-    /// doc). Admitting a name this node holds already is a no-op.
-    pub async fn admit(&self, name: &Name, claim: Claim) -> Result<(), ClusterError> {
+    /// doc); the etcd revision of its commit. Admitting a name this node
+    /// holds already is a no-op (revision 0).
+    pub async fn admit(&self, name: &Name, claim: Claim) -> Result<i64, ClusterError> {
         let _local = self.local.lock().await;
         // Half the lease's time without a word from etcd: others may soon
         // take this node's room; admit nothing more.
@@ -329,7 +330,7 @@ impl Cluster {
             if let Some((_, node)) = got.last().and_then(|v| v.first()) {
                 let node = String::from_utf8_lossy(node).into_owned();
                 if node == self.cfg.node {
-                    return Ok(());
+                    return Ok(0);
                 }
                 return Err(ClusterError::Taken { name: name_s, node });
             }
@@ -405,7 +406,7 @@ impl Cluster {
                 .map_err(|e| self.unreachable(e))?;
             if wrote.succeeded() {
                 self.admitted.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
+                return Ok(wrote.header().map_or(0, |h| h.revision()));
             }
             self.conflicts.fetch_add(1, Ordering::Relaxed);
             // Back off a little, more with each conflict in a row, so that
@@ -417,8 +418,9 @@ impl Cluster {
     }
 
     /// Release the unikernel `name` (admitted by this node): its
-    /// reservation, name and share of each path's usage.
-    pub async fn release(&self, name: &Name) -> Result<(), ClusterError> {
+    /// reservation, name and share of each path's usage; the etcd revision
+    /// of that (0: it held none).
+    pub async fn release(&self, name: &Name) -> Result<i64, ClusterError> {
         let _local = self.local.lock().await;
         let name_s = name.to_string();
         let client = Retrying(self);
@@ -427,7 +429,7 @@ impl Cluster {
             .await
             .map_err(|e| self.unreachable(e))?;
         let Some(kv) = res.kvs().first() else {
-            return Ok(());
+            return Ok(0);
         };
         let r: Reservation = decode(kv.key(), kv.value())?;
         let paths: Vec<Path> = name.path().ancestors().collect();
@@ -458,11 +460,11 @@ impl Cluster {
         }
         // Only this node writes these keys, and it holds `local`: one
         // transaction, no compare needed.
-        client
+        let done = client
             .txn(Txn::new().and_then(writes))
             .await
             .map_err(|e| self.unreachable(e))?;
-        Ok(())
+        Ok(done.header().map_or(0, |h| h.revision()))
     }
 
     /// The names this node holds reservations for.

@@ -106,7 +106,7 @@ impl Node {
                 continue;
             };
             match self.cluster.admit(&name, claim).await {
-                Ok(()) => {
+                Ok(_) => {
                     log::info!("cluster: {n} registered");
                     self.registered().insert(n, Instant::now());
                 }
