@@ -177,3 +177,60 @@ fn admission_goes_on_with_one_etcd_member_down_and_stops_without_quorum() {
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+#[test]
+fn a_node_cut_off_from_etcd_stops_its_unikernels_before_others_can_take_their_room() {
+    if !kvm() {
+        return;
+    }
+    let etcd = EtcdCluster::start(3);
+    let nodes: Vec<Daemon> = (0..2).map(|i| node(&etcd, i, &[])).collect();
+    ok(&nodes[0].cli(&["policy", "set", "alice", "--unikernels", "2", "--daemon"]));
+    ok(&create(&nodes[0], "alice:a"));
+    ok(&create(&nodes[0], "alice:b"));
+    assert_ne!(create(&nodes[1], "alice:c").status, 0, "over the limit");
+    assert_eq!(nodes[0].unit_pids().len(), 2);
+
+    // Cut node 0 off: its link to the cluster's network goes down.
+    let t = Instant::now();
+    nodes[0].netns.as_ref().unwrap().set_up("eth0", false);
+    let mut fenced_at = None;
+    let mut room_at = None;
+    while (fenced_at.is_none() || room_at.is_none()) && t.elapsed() < Duration::from_secs(30) {
+        if fenced_at.is_none() && nodes[0].unit_pids().is_empty() {
+            fenced_at = Some(t.elapsed());
+        }
+        if room_at.is_none() && create(&nodes[1], "alice:c").status == 0 {
+            room_at = Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (fenced_at, room_at) = (
+        fenced_at.expect("node 0 never stopped its unikernels"),
+        room_at.expect("the room never came back"),
+    );
+    assert!(
+        fenced_at < room_at,
+        "the room was reused ({room_at:?}) while node 0's unikernels still ran (until {fenced_at:?})"
+    );
+    assert!(nodes[0].log().contains("fencing"), "{}", nodes[0].log());
+    // A create on the cut-off node is refused, saying why.
+    let r = create(&nodes[0], "alice:d");
+    assert_ne!(r.status, 0);
+    assert!(r.stderr.contains("etcd"), "{r:?}");
+    // Back on the network, it admits again (within the room there is).
+    nodes[0].netns.as_ref().unwrap().set_up("eth0", true);
+    let t = Instant::now();
+    loop {
+        let r = create(&nodes[0], "alice:e");
+        if r.status == 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{r:?}\n{}",
+            nodes[0].log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}

@@ -386,6 +386,19 @@ impl StateDir {
 }
 
 impl StateDir {
+    /// The processes of the unikernels running now (after reaping): name
+    /// and pid, for a node that must stop them all (cluster fencing).
+    pub fn running_pids(&self) -> Result<Vec<(String, u32)>, AdmitError> {
+        let mut st = self.lock()?;
+        st.reap();
+        Ok(st
+            .stored
+            .running
+            .iter()
+            .map(|r| (r.name.clone(), r.pid))
+            .collect())
+    }
+
     /// The policy tree and the unikernels running in it, as stored now
     /// (after reaping), as a copy: for access checks
     /// ([`Resources::may_act_on_unikernel`] and the others) and listings.

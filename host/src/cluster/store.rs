@@ -263,12 +263,20 @@ impl Cluster {
     /// a new one and registers again what runs).
     pub async fn keep_alive(&self) -> Result<bool, ClusterError> {
         let mut client = self.client.clone(); // a stream: tried again next tick
-        let (mut keeper, mut stream) = client
-            .lease_keep_alive(self.lease_id())
-            .await
-            .map_err(|e| self.unreachable(e))?;
+                                              // etcd answers a lease it no longer has with "lease not found":
+                                              // that is an answer (the lease expired), not a failure to reach it.
+        let expired = |e: &etcd_client::Error| e.to_string().contains("lease not found");
+        let (mut keeper, mut stream) = match client.lease_keep_alive(self.lease_id()).await {
+            Ok(k) => k,
+            Err(e) if expired(&e) => return Ok(false),
+            Err(e) => return Err(self.unreachable(e)),
+        };
         keeper.keep_alive().await.map_err(|e| self.unreachable(e))?;
-        let resp = stream.message().await.map_err(|e| self.unreachable(e))?;
+        let resp = match stream.message().await {
+            Ok(r) => r,
+            Err(e) if expired(&e) => return Ok(false),
+            Err(e) => return Err(self.unreachable(e)),
+        };
         match resp {
             Some(r) if r.ttl() > 0 => {
                 *self.last_ok.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();

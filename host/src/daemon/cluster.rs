@@ -148,7 +148,15 @@ impl Node {
                             self.registered().clear();
                         }
                     }
-                    Ok(Err(e)) => log::warn!("cluster: {e}"),
+                    Ok(Err(e)) => {
+                        log::warn!("cluster: {e}");
+                        // Past its TTL the lease is gone anyway: a new
+                        // one, as soon as etcd takes it.
+                        if self.cluster.since_ok() > ttl && self.cluster.new_lease().await.is_ok() {
+                            log::info!("cluster: a new lease: registering again what runs here");
+                            self.registered().clear();
+                        }
+                    }
                     Err(_) => log::warn!("cluster: etcd did not answer the keep-alive"),
                 }
                 let cut = self.cluster.since_ok();

@@ -897,6 +897,19 @@ impl Supervisor {
             }
             self.stop_drawing(&name);
         }
+        // Plain `tt-host run`s of this state directory too (the daemon's
+        // own are gone by now): SIGTERM, as a stop does.
+        let state = crate::admission::StateDir::resolve(Some(&self.cfg.state_dir));
+        match state.running_pids() {
+            Ok(pids) => {
+                for (name, pid) in pids {
+                    log::warn!("{name}: stopping pid {pid} ({why})");
+                    // SAFETY: kill takes no pointers.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                }
+            }
+            Err(e) => log::warn!("cannot list what runs here: {e}"),
+        }
     }
 
     /// Every unit's name (for filtering by the caller's rights).
