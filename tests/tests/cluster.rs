@@ -104,6 +104,13 @@ fn twenty_concurrent_creates_on_three_nodes_under_a_limit_of_five_admit_five_and
     assert_eq!(running, 5);
     let r = nodes[1].cli(&["policy", "show", "alice", "--daemon"]);
     assert!(ok(&r).contains("5 unikernel(s)"), "{r:?}");
+    // Every node's unikernels, seen from any node.
+    let r = nodes[2].cli(&["list", "--cluster"]);
+    let rows: Vec<&str> = ok(&r).lines().filter(|l| l.contains("alice:u")).collect();
+    assert_eq!(rows.len(), 5, "{r:?}");
+    for name in &admitted {
+        assert!(r.stdout.contains(name.as_str()), "{name} not listed: {r:?}");
+    }
 
     // A node dies (its daemon and its unikernels): after its lease's TTL
     // its reservations are gone and the others may use the room.

@@ -15,7 +15,7 @@ usage: tt-host create NAME [--restart-on-fail[=CODES]] [--pool=POOL] [RUN OPTION
                       [--env=ENV [--env-net=DEVICE] [--port=HOST:GUEST[/udp]]... [--ip-arg=TEMPLATE]...]
        tt-host destroy NAME
        tt-host restart NAME
-       tt-host list [PATH]
+       tt-host list [PATH] | list --cluster
        tt-host info NAME
        tt-host console NAME [--since=TIME | --last=N] [--follow] [--timestamps]
        tt-host stats [NAME] [--prometheus]
@@ -42,7 +42,8 @@ create   start IMAGE as NAME with 'tt-host run' options (--mem=, --block:,
          ('tt-host env --help': --env-net, --port, --ip-arg)
 destroy  stop NAME (SIGTERM, then SIGKILL) and forget it
 restart  stop NAME, wait until it is gone, and start it again
-list     the unikernels (below PATH), with state, pid, restarts, last end
+list     the unikernels (below PATH), with state, pid, restarts, last end;
+         --cluster: every node's, on a cluster node (docs/CLUSTER.md)
 info     one unikernel: how it was created, its state, tt-host's last lines
 console  what NAME printed (the last 1 MiB by default): all that is kept,
          the last N lines, or since TIME (RFC 3339, or a duration ago such
@@ -587,6 +588,16 @@ pub fn run(cmd: &str, args: &[String]) -> Result<(), Fail> {
         "list" => {
             let mut args = args.to_vec();
             let socket = take_socket(&mut args)?;
+            if args.iter().any(|a| a == "--cluster") {
+                if args.len() != 1 {
+                    return Err("list --cluster takes no PATH".into());
+                }
+                match Connection::open(socket)?.call(Op::ClusterList)? {
+                    Reply::Text { text } => print!("{text}"),
+                    r => return Err(unexpected(r)),
+                }
+                return Ok(());
+            }
             let path = match args.as_slice() {
                 [] => None,
                 [p] if !p.starts_with('-') => Some(p.clone()),

@@ -186,6 +186,9 @@ pub enum Op {
         memory_mb: u64,
         block_mb: u64,
     },
+    /// Every node's unikernels (those the caller may see), from the
+    /// cluster's reservations.
+    ClusterList,
 }
 
 /// A unikernel to create (`tt-host create`).

@@ -316,6 +316,7 @@ pub fn vet(op: &Op) -> Result<(), String> {
             Err("template add: the disk's path must be absolute".into())
         }
         Op::ClusterAdmit { name, .. } => parse_name(name).map(drop),
+        Op::ClusterList => Ok(()),
         Op::EnvList | Op::TemplateList | Op::TemplateAdd { .. } | Op::TemplateRemove { .. } => {
             Ok(())
         }
@@ -667,6 +668,22 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
             };
             ok_or_error(cluster_admit(sup, &n, claim).await)
         }
+        Op::ClusterList => {
+            let rights = if peer.is_root() {
+                None
+            } else {
+                match rights(sup, peer) {
+                    Ok(r) => Some(r),
+                    Err(e) => return error(e),
+                }
+            };
+            let sees = |n: &str| {
+                rights
+                    .as_ref()
+                    .is_none_or(|r| n.parse::<Name>().is_ok_and(|n| r.sees(&n)))
+            };
+            text_or_error(cluster_list(sup, &sees).await)
+        }
         Op::Console { .. } => error("console requests are served on their own"),
         Op::PoolCreate {
             name,
@@ -870,6 +887,44 @@ async fn cluster_admit(
     _: &Name,
     _: crate::cluster::check::Claim,
 ) -> Result<String, String> {
+    Err("this daemon is not a cluster node (no --cluster)".into())
+}
+
+/// `list --cluster`: every reservation in the cluster that `sees` allows.
+#[cfg(feature = "cluster")]
+async fn cluster_list(
+    sup: &Supervisor,
+    sees: &(dyn Fn(&str) -> bool + Sync),
+) -> Result<String, String> {
+    let Some(node) = sup.cluster.get() else {
+        return Err("this daemon is not a cluster node (no --cluster)".into());
+    };
+    let mut all = node
+        .cluster
+        .reservations()
+        .await
+        .map_err(|e| e.to_string())?;
+    all.sort_by(|a, b| (&a.node, &a.name).cmp(&(&b.node, &b.name)));
+    let mut out = format!(
+        "{:<12} {:<32} {:>8} {:>8}  SINCE\n",
+        "NODE", "NAME", "MEM MB", "BLOCK MB"
+    );
+    for r in all.iter().filter(|r| sees(&r.name)) {
+        let since = std::time::UNIX_EPOCH + Duration::from_nanos(r.time_ns);
+        out += &format!(
+            "{:<12} {:<32} {:>8} {:>8}  {}\n",
+            r.node,
+            r.name,
+            r.claim.memory_mb,
+            r.claim.block_mb,
+            humantime::format_rfc3339_seconds(since)
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(not(feature = "cluster"))]
+async fn cluster_list(_: &Supervisor, _: &(dyn Fn(&str) -> bool + Sync)) -> Result<String, String> {
     Err("this daemon is not a cluster node (no --cluster)".into())
 }
 
