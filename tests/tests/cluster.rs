@@ -241,3 +241,52 @@ fn a_node_cut_off_from_etcd_stops_its_unikernels_before_others_can_take_their_ro
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+#[test]
+fn create_anywhere_places_each_unikernel_on_the_node_with_the_most_free_memory() {
+    if !kvm() {
+        return;
+    }
+    let etcd = EtcdCluster::start(3);
+    let nodes: Vec<Daemon> = (0..3).map(|i| node(&etcd, i, &[])).collect();
+    let mut on = Vec::new();
+    for k in 0..3 {
+        let r = nodes[0].cli(&[
+            "create",
+            &format!("alice:any{k}"),
+            "--anywhere",
+            "--mem=8",
+            guest("unit").to_str().unwrap(),
+            "--",
+            "tick",
+            "1000",
+        ]);
+        let out = ok(&r);
+        let node = out
+            .split("created on node ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .unwrap_or_else(|| panic!("{r:?}"))
+            .to_string();
+        on.push(node);
+    }
+    // All nodes offer the same memory: each next one goes where the most
+    // is free, so the three spread over the three nodes.
+    on.sort();
+    assert_eq!(on, ["n0", "n1", "n2"]);
+    for d in &nodes {
+        assert_eq!(d.unit_pids().len(), 1, "{}", d.log());
+    }
+    let r = nodes[1].cli(&["list", "--cluster"]);
+    for n in ["n0", "n1", "n2"] {
+        assert!(
+            ok(&r)
+                .lines()
+                .any(|l| l.starts_with(n) && l.contains("alice:any")),
+            "{r:?}"
+        );
+    }
+    // A node's unikernel is that node's: listed and destroyed there.
+    let r = nodes[2].cli(&["list"]);
+    assert!(ok(&r).contains("alice:any"), "{r:?}");
+}

@@ -70,6 +70,56 @@ pub struct Reservation {
 pub struct NodeInfo {
     pub node: String,
     pub started_ns: u64,
+    /// Guest memory it offers, in MB (its host's memory).
+    #[serde(default)]
+    pub memory_mb: u64,
+    /// Its host's CPUs.
+    #[serde(default)]
+    pub cpus: u32,
+}
+
+/// A node and what it runs now (for placement).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeLoad {
+    pub info: NodeInfo,
+    pub usage: Usage,
+}
+
+/// The host's memory in MB and its CPUs.
+fn host_capacity() -> (u64, u32) {
+    // SAFETY: sysconf takes no pointers.
+    let (pages, page, cpus) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+            libc::sysconf(libc::_SC_NPROCESSORS_ONLN),
+        )
+    };
+    let mb = (pages.max(0) as u64).saturating_mul(page.max(0) as u64) >> 20;
+    (mb, cpus.max(1) as u32)
+}
+
+/// The node among `nodes` a unikernel of `memory_mb` goes to: among those
+/// whose free memory (offered minus what their unikernels take) holds it,
+/// the one with the most free memory; on a tie, the one running fewer
+/// unikernels, then the first by id. `allowed` (a pool's node list, if
+/// any) narrows the choice. `None`: no node has room.
+pub fn place<'a>(
+    nodes: &'a [NodeLoad],
+    memory_mb: u64,
+    allowed: Option<&[String]>,
+) -> Option<&'a NodeLoad> {
+    nodes
+        .iter()
+        .filter(|n| allowed.is_none_or(|a| a.contains(&n.info.node)))
+        .filter(|n| n.info.memory_mb.saturating_sub(n.usage.memory_mb) >= memory_mb)
+        .min_by(|a, b| {
+            let free = |n: &NodeLoad| n.info.memory_mb.saturating_sub(n.usage.memory_mb);
+            free(b)
+                .cmp(&free(a))
+                .then(a.usage.unikernels.cmp(&b.usage.unikernels))
+                .then(a.info.node.cmp(&b.info.node))
+        })
 }
 
 /// What went wrong; one line for the user.
@@ -204,9 +254,12 @@ impl Cluster {
             .await
             .map_err(|e| self.unreachable(e))?;
         self.lease.store(l.id() as u64, Ordering::SeqCst);
+        let (memory_mb, cpus) = host_capacity();
         let info = NodeInfo {
             node: self.cfg.node.clone(),
             started_ns: now_ns(),
+            memory_mb,
+            cpus,
         };
         client
             .put(
@@ -538,6 +591,145 @@ impl Cluster {
             .iter()
             .map(|kv| decode(kv.key(), kv.value()))
             .collect()
+    }
+
+    /// Every live node (its key is on its lease) and what it runs.
+    pub async fn nodes(&self) -> Result<Vec<NodeLoad>, ClusterError> {
+        let client = Retrying(self);
+        let nodes = client
+            .get(self.key("nodes/"), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let root = self.k_usage_range(&Path::root());
+        let usage = client
+            .get(root.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let mut out = Vec::new();
+        for kv in nodes.kvs() {
+            let info: NodeInfo = decode(kv.key(), kv.value())?;
+            let key = format!("{root}{}", info.node);
+            let usage = match usage.kvs().iter().find(|u| u.key() == key.as_bytes()) {
+                Some(u) => decode(u.key(), u.value())?,
+                None => Usage::default(),
+            };
+            out.push(NodeLoad { info, usage });
+        }
+        Ok(out)
+    }
+
+    /// Ask node `node` to start a unikernel: `assign/NODE/NAME` holds the
+    /// request (on this node's lease, so it goes if this node does).
+    pub async fn assign(
+        &self,
+        node: &str,
+        name: &str,
+        request: Vec<u8>,
+    ) -> Result<(), ClusterError> {
+        let client = Retrying(self);
+        client
+            .put(
+                self.key(&format!("assign/{node}/{name}")),
+                request,
+                Some(PutOptions::new().with_lease(self.lease_id())),
+            )
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(())
+    }
+
+    /// The requests assigned to this node: (name, request), each taken
+    /// (deleted) so that it is carried out once; and the revision they
+    /// were read at (for [`Cluster::wait_assignment`]).
+    pub async fn take_assignments(&self) -> Result<(Vec<(String, Vec<u8>)>, i64), ClusterError> {
+        let client = Retrying(self);
+        let prefix = self.key(&format!("assign/{}/", self.cfg.node));
+        let got = client
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let rev = got.header().map_or(0, |h| h.revision());
+        let mut out = Vec::new();
+        for kv in got.kvs() {
+            // Taken if this delete is the one that removed it.
+            let taken = client
+                .txn(
+                    Txn::new()
+                        .when(vec![Compare::mod_revision(
+                            kv.key().to_vec(),
+                            CompareOp::Equal,
+                            kv.mod_revision(),
+                        )])
+                        .and_then(vec![TxnOp::delete(kv.key().to_vec(), None)]),
+                )
+                .await
+                .map_err(|e| self.unreachable(e))?;
+            if taken.succeeded() {
+                let name = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
+                out.push((name, kv.value().to_vec()));
+            }
+        }
+        Ok((out, rev))
+    }
+
+    /// Wait (watching `assign/NODE/` from revision `after` + 1: nothing
+    /// put since the last look is missed) until a request may be there,
+    /// or `max` passed.
+    pub async fn wait_assignment(&self, after: i64, max: Duration) {
+        let mut client = self.client.clone();
+        let prefix = self.key(&format!("assign/{}/", self.cfg.node));
+        let opts = etcd_client::WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(after + 1);
+        let watch = tokio::time::timeout(max, client.watch(prefix, Some(opts))).await;
+        let Ok(watch) = watch else { return };
+        match watch {
+            Ok((_watcher, mut stream)) => {
+                let _ = tokio::time::timeout(max, stream.message()).await;
+            }
+            Err(_) => tokio::time::sleep(max).await,
+        }
+    }
+
+    /// Say how an assigned request went (`placed/NAME`, on this node's
+    /// lease), for the node that asked.
+    pub async fn placed(&self, name: &str, outcome: Vec<u8>) -> Result<(), ClusterError> {
+        Retrying(self)
+            .put(
+                self.key(&format!("placed/{name}")),
+                outcome,
+                Some(PutOptions::new().with_lease(self.lease_id())),
+            )
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(())
+    }
+
+    /// Wait for the outcome of a request assigned to another node, and
+    /// remove it; `None` after `max`.
+    pub async fn outcome(
+        &self,
+        name: &str,
+        max: Duration,
+    ) -> Result<Option<Vec<u8>>, ClusterError> {
+        let key = self.key(&format!("placed/{name}"));
+        let t = Instant::now();
+        let client = Retrying(self);
+        loop {
+            let got = client
+                .get(key.clone(), None)
+                .await
+                .map_err(|e| self.unreachable(e))?;
+            if let Some(kv) = got.kvs().first() {
+                let v = kv.value().to_vec();
+                let _ = client.delete(key.clone(), None).await;
+                return Ok(Some(v));
+            }
+            if t.elapsed() > max {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The cluster's usage below `path` (every node's).

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 pub const USAGE: &str = "\
 usage: tt-host create NAME [--restart-on-fail[=CODES]] [--pool=POOL] [RUN OPTIONS] IMAGE [--] [ARGS...]
-                      [--disk-from:DEVICE=TEMPLATE]... [--keep-image]
+                      [--disk-from:DEVICE=TEMPLATE]... [--keep-image] [--anywhere]
                       [--env=ENV [--env-net=DEVICE] [--port=HOST:GUEST[/udp]]... [--ip-arg=TEMPLATE]...]
        tt-host destroy NAME
        tt-host restart NAME
@@ -39,7 +39,9 @@ create   start IMAGE as NAME with 'tt-host run' options (--mem=, --block:,
          --disk-from:DEVICE=TEMPLATE gives it its own copy of a template
          ('tt-host template --help') as block device DEVICE, removed with
          it unless --keep-image; --env=ENV puts it in an environment
-         ('tt-host env --help': --env-net, --port, --ip-arg)
+         ('tt-host env --help': --env-net, --port, --ip-arg); on a cluster
+         node, --anywhere starts it on the node with the most free memory
+         (docs/CLUSTER.md; its files must be at the same paths there)
 destroy  stop NAME (SIGTERM, then SIGKILL) and forget it
 restart  stop NAME, wait until it is gone, and start it again
 list     the unikernels (below PATH), with state, pid, restarts, last end;
@@ -163,6 +165,9 @@ pub fn new_unit(mut args: Vec<String>) -> Result<NewUnit, Fail> {
             unit.ports.push(p.to_string());
         } else if let Some(t) = a.strip_prefix("--ip-arg=") {
             unit.ip_args.push(t.to_string());
+        } else if a == "--anywhere" {
+            once(unit.anywhere, "--anywhere")?;
+            unit.anywhere = true;
         } else if a == "--keep-image" {
             once(unit.keep_image, "--keep-image")?;
             unit.keep_image = true;
@@ -568,6 +573,7 @@ pub fn run(cmd: &str, args: &[String]) -> Result<(), Fail> {
             let (socket, op) = create_request(args)?;
             match Connection::open(socket)?.call(op)? {
                 Reply::Started { name, pid, .. } => println!("{name}: created, pid {pid}"),
+                Reply::Ok { message } => println!("{message}"),
                 r => return Err(unexpected(r)),
             }
         }

@@ -184,3 +184,117 @@ impl Node {
         }
     }
 }
+
+/// A unikernel another node asked this one to start (`assign/NODE/NAME`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Assignment {
+    pub unit: super::proto::NewUnit,
+    pub owner: super::desired::Owner,
+}
+
+/// How an assignment went (`placed/NAME`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Outcome {
+    pub node: String,
+    /// The error, if it was not started.
+    pub error: Option<String>,
+    pub pid: u32,
+}
+
+impl Node {
+    /// Start what other nodes assign to this one (`create --anywhere`),
+    /// watching `assign/NODE/`, until the daemon exits. `create` creates
+    /// a unikernel here and gives its pid.
+    pub async fn serve_assignments<F, Fut>(self: Arc<Self>, create: F)
+    where
+        F: Fn(super::proto::NewUnit, super::desired::Owner) -> Fut,
+        Fut: std::future::Future<Output = Result<u32, String>> + Send + 'static,
+    {
+        loop {
+            let (list, rev) = match self.cluster.take_assignments().await {
+                Ok(l) => l,
+                Err(e) => {
+                    log::warn!("cluster: assignments: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            for (name, request) in list {
+                let started = match serde_json::from_slice::<Assignment>(&request) {
+                    Ok(a) if a.unit.name == name => {
+                        log::info!("cluster: {name} assigned here");
+                        Some(create(a.unit, a.owner))
+                    }
+                    Ok(_) => None,
+                    Err(e) => {
+                        log::warn!("cluster: a bad assignment for {name}: {e}");
+                        None
+                    }
+                };
+                let node = self.clone();
+                tokio::spawn(async move {
+                    let result = match started {
+                        Some(f) => f.await,
+                        None => Err("a malformed assignment".to_string()),
+                    };
+                    let outcome = Outcome {
+                        node: node.cluster.cfg.node.clone(),
+                        pid: *result.as_ref().unwrap_or(&0),
+                        error: result.err(),
+                    };
+                    let bytes = serde_json::to_vec(&outcome).expect("encodes");
+                    if let Err(e) = node.cluster.placed(&name, bytes).await {
+                        log::warn!("cluster: {name}: cannot say how it went: {e}");
+                    }
+                });
+            }
+            self.cluster
+                .wait_assignment(rev, Duration::from_secs(5))
+                .await;
+        }
+    }
+
+    /// `create --anywhere`: the node with room for it ([`place`]), and the
+    /// unikernel started there; "NAME: created on node N, pid P".
+    pub async fn create_anywhere(
+        &self,
+        mut unit: super::proto::NewUnit,
+        owner: super::desired::Owner,
+        here: impl std::future::Future<Output = Result<u32, String>>,
+    ) -> Result<(String, u32), String> {
+        let mem = match crate::cli::parse_run(&unit.args) {
+            Ok(crate::cli::Parsed::Run(r)) => r.mem_mb,
+            _ => return Err(format!("{}: its command line does not parse", unit.name)),
+        };
+        let nodes = self.cluster.nodes().await.map_err(|e| e.to_string())?;
+        let chosen = crate::cluster::store::place(&nodes, mem, None)
+            .ok_or_else(|| format!("no node has {mem} MB of memory free for {}", unit.name))?
+            .info
+            .node
+            .clone();
+        if chosen == self.cluster.cfg.node {
+            return here.await.map(|pid| (chosen, pid));
+        }
+        unit.anywhere = false;
+        let name = unit.name.clone();
+        let request = serde_json::to_vec(&Assignment { unit, owner }).expect("encodes");
+        self.cluster
+            .assign(&chosen, &name, request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let outcome = self
+            .cluster
+            .outcome(&name, Duration::from_secs(60))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!("node {chosen} did not say within 60 s whether {name} started")
+            })?;
+        let o: Outcome = serde_json::from_slice(&outcome)
+            .map_err(|e| format!("node {chosen}'s answer for {name}: {e}"))?;
+        match o.error {
+            None => Ok((o.node, o.pid)),
+            Some(e) => Err(format!("on node {}: {e}", o.node)),
+        }
+    }
+}

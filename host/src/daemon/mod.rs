@@ -457,6 +457,15 @@ async fn join_cluster(
     }
     .write(&sup.cfg.state_dir)?;
     let _ = sup.cluster.set(node.clone());
+    let creating = sup.clone();
+    tokio::spawn(node.clone().serve_assignments(move |unit, owner| {
+        let sup = creating.clone();
+        async move {
+            sup.create_unit(unit, owner, std::time::Instant::now())
+                .await
+                .map(|s| s.pid)
+        }
+    }));
     let fencing = sup.clone();
     tokio::spawn(node.run(sup.cfg.state_dir.clone(), move || {
         let sup = fencing.clone();

@@ -226,6 +226,9 @@ pub struct NewUnit {
     /// (`{ip}`, `{prefix}`, `{gateway}`, `{netmask}` filled in).
     #[serde(default)]
     pub ip_args: Vec<String>,
+    /// `--anywhere`: on the cluster node with room (docs/CLUSTER.md).
+    #[serde(default)]
+    pub anywhere: bool,
 }
 
 impl NewUnit {
@@ -242,6 +245,7 @@ impl NewUnit {
             env_net: None,
             ports: vec![],
             ip_args: vec![],
+            anywhere: false,
         }
     }
 }

@@ -420,6 +420,15 @@ fn ok_or_error(r: Result<String, String>) -> Reply {
 
 async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -> Reply {
     match op {
+        Op::Create(u) if u.anywhere => {
+            if let Err(e) = may_create(sup, peer, &u) {
+                return error(e);
+            }
+            if u.env.is_some() {
+                return error("create: --anywhere and --env cannot go together (an environment is one node's)");
+            }
+            ok_or_error(create_anywhere(sup, peer, u, received).await)
+        }
         Op::Create(u) => {
             if let Err(e) = may_create(sup, peer, &u) {
                 return error(e);
@@ -888,6 +897,39 @@ async fn cluster_admit(
     _: crate::cluster::check::Claim,
 ) -> Result<String, String> {
     Err("this daemon is not a cluster node (no --cluster)".into())
+}
+
+/// `create --anywhere`: on the node with room.
+#[cfg(feature = "cluster")]
+async fn create_anywhere(
+    sup: &Arc<Supervisor>,
+    peer: &Peer,
+    u: NewUnit,
+    received: Instant,
+) -> Result<String, String> {
+    let Some(node) = sup.cluster.get() else {
+        return Err("create --anywhere: this daemon is not a cluster node (no --cluster)".into());
+    };
+    let name = u.name.clone();
+    let mut local = u.clone();
+    local.anywhere = false;
+    let here = {
+        let sup = sup.clone();
+        let owner = peer.owner();
+        async move { sup.create_unit(local, owner, received).await.map(|s| s.pid) }
+    };
+    let (on, pid) = node.create_anywhere(u, peer.owner(), here).await?;
+    Ok(format!("{name}: created on node {on}, pid {pid}"))
+}
+
+#[cfg(not(feature = "cluster"))]
+async fn create_anywhere(
+    _: &Arc<Supervisor>,
+    _: &Peer,
+    _: NewUnit,
+    _: Instant,
+) -> Result<String, String> {
+    Err("create --anywhere: this daemon is not a cluster node (no --cluster)".into())
 }
 
 /// `list --cluster`: every reservation in the cluster that `sees` allows.
