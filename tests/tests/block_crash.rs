@@ -287,7 +287,15 @@ struct PowerCut {
     fs: tt_lazyfs::LazyFs,
     /// Removed after `fs` is unmounted (fields drop in order).
     _dir: Scratch,
+    /// One power-cut test at a time: a power cut remounts the file system,
+    /// which takes the lowest free anonymous device number, and the
+    /// journal knows the image by its device (FUSE has no fsid). Two
+    /// tests remounting at once could swap numbers, which a real disk
+    /// never does.
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
+
+static POWER_CUTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl PowerCut {
     /// Mount tt-lazyfs; `None` if FUSE tests are to be skipped (said loudly).
@@ -296,6 +304,7 @@ impl PowerCut {
             eprintln!("SKIPPED: TT_SKIP_FUSE=1 is set: no power-cut test");
             return None;
         }
+        let one = POWER_CUTS.lock().unwrap_or_else(|p| p.into_inner());
         let dir = Scratch::new("powercut");
         let mnt = dir.path("mnt");
         std::fs::create_dir(&mnt).unwrap();
@@ -304,7 +313,11 @@ impl PowerCut {
         // The state directory exists, durably, before the first launch.
         std::fs::create_dir(mnt.join("state")).unwrap();
         std::fs::File::open(&mnt).unwrap().sync_all().unwrap();
-        Some(PowerCut { fs, _dir: dir })
+        Some(PowerCut {
+            fs,
+            _dir: dir,
+            _one_at_a_time: one,
+        })
     }
 }
 
