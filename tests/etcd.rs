@@ -61,11 +61,14 @@ struct Member {
     client_port: u16,
     peer_port: u16,
     child: Option<Child>,
+    /// Clients speak TLS to it (`https://`).
+    tls: bool,
 }
 
 impl Member {
     fn client_url(&self) -> String {
-        format!("http://{}:{}", ip(CLUSTER_ADDR), self.client_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}:{}", ip(CLUSTER_ADDR), self.client_port)
     }
     fn peer_url(&self) -> String {
         format!("http://{}:{}", ip(CLUSTER_ADDR), self.peer_port)
@@ -96,12 +99,125 @@ pub struct EtcdCluster {
     token: String,
     /// Data directories (`<name>.etcd`) and logs (`<name>.log`).
     dir: Scratch,
+    /// With TLS: the certificates ([`EtcdCluster::start_tls`]).
+    pub certs: Option<Certs>,
+}
+
+/// TLS material in PEM files, made with `openssl` for one test: a CA, the
+/// members' server certificate (for 10.77.0.1), and a client certificate
+/// the CA signed.
+pub struct Certs {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Certs {
+    fn make(dir: &Scratch) -> Certs {
+        let p = |n: &str| dir.path(n);
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("openssl is needed for the TLS tests (apt-get install openssl)");
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        };
+        let s = |p: &PathBuf| p.display().to_string();
+        let certs = Certs {
+            ca: p("ca.pem"),
+            server_cert: p("server.pem"),
+            server_key: p("server.key"),
+            client_cert: p("client.pem"),
+            client_key: p("client.key"),
+        };
+        let ca_key = p("ca.key");
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tt-tests etcd CA",
+            "-keyout",
+            &s(&ca_key),
+            "-out",
+            &s(&certs.ca),
+        ]);
+        for (cert, key, cn, ext) in [
+            (
+                &certs.server_cert,
+                &certs.server_key,
+                "etcd",
+                "subjectAltName=IP:10.77.0.1",
+            ),
+            (
+                &certs.client_cert,
+                &certs.client_key,
+                "tt-host",
+                "extendedKeyUsage=clientAuth",
+            ),
+        ] {
+            let csr = p(&format!("{cn}.csr"));
+            let extfile = p(&format!("{cn}.ext"));
+            std::fs::write(&extfile, format!("{ext}\n")).unwrap();
+            openssl(&[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-keyout",
+                &s(key),
+                "-out",
+                &s(&csr),
+            ]);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &s(&csr),
+                "-CA",
+                &s(&certs.ca),
+                "-CAkey",
+                &s(&ca_key),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &s(&extfile),
+                "-out",
+                &s(cert),
+            ]);
+        }
+        certs
+    }
 }
 
 impl EtcdCluster {
     /// Start `members` members forming one new cluster, and wait until it
     /// is healthy (every member answers and a write succeeds).
     pub fn start(members: usize) -> EtcdCluster {
+        Self::start_with(members, false)
+    }
+
+    /// [`EtcdCluster::start`], with clients speaking TLS and proving
+    /// themselves with a certificate (`--client-cert-auth`): see
+    /// [`EtcdCluster::certs`].
+    pub fn start_tls(members: usize) -> EtcdCluster {
+        Self::start_with(members, true)
+    }
+
+    fn start_with(members: usize, tls: bool) -> EtcdCluster {
         require_etcd();
         assert!(
             (1..=9).contains(&members),
@@ -122,6 +238,7 @@ impl EtcdCluster {
                 client_port: 2379 + 10 * i as u16,
                 peer_port: 2380 + 10 * i as u16,
                 child: None,
+                tls,
             })
             .collect();
         let initial_cluster = members
@@ -135,7 +252,12 @@ impl EtcdCluster {
             initial_cluster,
             token,
             dir: Scratch::new("etcd"),
+            certs: None,
         };
+        let mut cluster = cluster;
+        if tls {
+            cluster.certs = Some(Certs::make(&cluster.dir));
+        }
         for i in 0..cluster.len() {
             cluster.spawn(i, "new");
         }
@@ -208,8 +330,13 @@ impl EtcdCluster {
         let mut cmd = ns.command(ETCDCTL);
         clear_etcd_env(&mut cmd);
         cmd.env("ETCDCTL_API", "3")
-            .args([&endpoints, "--dial-timeout=2s", "--command-timeout=5s"])
-            .args(args);
+            .args([&endpoints, "--dial-timeout=2s", "--command-timeout=5s"]);
+        if let Some(c) = &self.certs {
+            cmd.arg(format!("--cacert={}", c.ca.display()))
+                .arg(format!("--cert={}", c.client_cert.display()))
+                .arg(format!("--key={}", c.client_key.display()));
+        }
+        cmd.args(args);
         run_for(&mut cmd, Duration::from_secs(60))
     }
 
@@ -341,8 +468,14 @@ impl EtcdCluster {
             .arg(format!("--advertise-client-urls={}", m.client_url()))
             // Elections within a second, for tests that kill members.
             .args(["--heartbeat-interval=50", "--election-timeout=500"])
-            .args(["--logger=zap", "--log-outputs=stderr"])
-            .stdin(Stdio::null())
+            .args(["--logger=zap", "--log-outputs=stderr"]);
+        if let Some(c) = &self.certs {
+            cmd.arg(format!("--cert-file={}", c.server_cert.display()))
+                .arg(format!("--key-file={}", c.server_key.display()))
+                .arg(format!("--trusted-ca-file={}", c.ca.display()))
+                .arg("--client-cert-auth");
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         let child = cmd

@@ -290,3 +290,49 @@ fn create_anywhere_places_each_unikernel_on_the_node_with_the_most_free_memory()
     let r = nodes[2].cli(&["list"]);
     assert!(ok(&r).contains("alice:any"), "{r:?}");
 }
+
+#[test]
+fn nodes_speak_tls_to_etcd_and_one_without_a_client_certificate_is_refused() {
+    if !kvm() {
+        return;
+    }
+    let etcd = EtcdCluster::start_tls(3);
+    assert!(
+        etcd.endpoints().starts_with("https://"),
+        "{}",
+        etcd.endpoints()
+    );
+    let c = etcd.certs.as_ref().unwrap();
+    let tls = [
+        format!("--cluster-ca={}", c.ca.display()),
+        format!("--cluster-cert={}", c.client_cert.display()),
+        format!("--cluster-key={}", c.client_key.display()),
+    ];
+    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+    let n0 = node(&etcd, 0, &tls);
+    ok(&n0.cli(&["policy", "set", "alice", "--unikernels", "1", "--daemon"]));
+    ok(&create(&n0, "alice:a"));
+    assert_ne!(create(&n0, "alice:b").status, 0, "over the limit");
+    assert_eq!(reservations(&etcd).len(), 1);
+
+    // Without its client certificate, a node cannot join.
+    let mut d = Daemon::new(
+        "cluster-nocert",
+        &[
+            &format!("--cluster={}", etcd.endpoints()),
+            "--node-id=n1",
+            TTL,
+            tls[0],
+        ],
+    );
+    d.netns = Some(etcd.node_netns(1));
+    let r = tt_tests::tt_with(
+        d.command(tt_tests::tt_host())
+            .arg("daemon")
+            .arg(format!("--state-dir={}", d.state_dir().display()))
+            .arg(format!("--runtime-dir={}", d.runtime_dir().display()))
+            .args(&d.options),
+    );
+    assert_ne!(r.status, 0, "joined without a client certificate: {r:?}");
+    assert!(r.stderr.contains("cannot reach etcd"), "{r:?}");
+}

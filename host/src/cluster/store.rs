@@ -54,6 +54,26 @@ pub struct Config {
     pub ttl: Duration,
     /// Keep the unikernels running when cut off from etcd (no fencing).
     pub keep_on_partition: bool,
+    /// TLS: the CA that signed etcd's certificate, and this node's client
+    /// certificate and key (PEM), for `https://` endpoints.
+    pub tls: Option<Tls>,
+}
+
+/// A node's TLS material (PEM).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Tls {
+    pub ca: Vec<u8>,
+    /// The client certificate and its key: etcd's `--client-cert-auth`.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Tls")
+            .field("identity", &self.identity.is_some())
+            .finish()
+    }
 }
 
 /// A running unikernel's entry in the cluster.
@@ -221,6 +241,17 @@ impl Cluster {
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(3))
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
+        let opts = match &cfg.tls {
+            Some(t) => {
+                let mut tls = etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(&t.ca));
+                if let Some((cert, key)) = &t.identity {
+                    tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+                }
+                opts.with_tls(tls)
+            }
+            None => opts,
+        };
         let client = Client::connect(&cfg.endpoints, Some(opts))
             .await
             .map_err(|e| ClusterError::Unreachable {

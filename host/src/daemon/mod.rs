@@ -79,7 +79,8 @@ usage: tt-host daemon [--state-dir=DIR] [--runtime-dir=DIR] [--socket=PATH]
                       [--pool-min-run=SECONDS] [--pool-warning=SECONDS]
                       [--env-mgmt-interval=MS]
                       [--cluster=ENDPOINTS --node-id=ID [--cluster-prefix=KEY]
-                       [--lease-ttl=SECONDS] [--keep-on-partition]]
+                       [--lease-ttl=SECONDS] [--keep-on-partition]
+                       [--cluster-ca=PEM [--cluster-cert=PEM --cluster-key=PEM]]]
 
 Keep unikernels running: serve the control socket on which 'tt-host create',
 'destroy', 'restart', 'list', 'info', 'console', 'stats' and 'policy
@@ -122,7 +123,10 @@ starts those created and not destroyed that have no process this boot
                          outlive it by this long; cut off from etcd for
                          2/3 of it, it stops its unikernels
   --keep-on-partition    ... unless this is given: they run on (the cluster
-                         may then exceed a policy by what they use)";
+                         may then exceed a policy by what they use)
+  --cluster-ca=PEM       TLS to etcd (https:// endpoints): the CA of etcd's
+                         certificate; --cluster-cert and --cluster-key: this
+                         node's client certificate (etcd --client-cert-auth)";
 
 /// `tt-host daemon`'s options.
 #[derive(Debug, Clone, PartialEq)]
@@ -149,6 +153,10 @@ pub struct ClusterArgs {
     pub prefix: String,
     pub ttl: Duration,
     pub keep_on_partition: bool,
+    /// `--cluster-ca`, `--cluster-cert`, `--cluster-key`.
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 /// Parse `tt-host daemon`'s options; `Ok(None)`: --help.
@@ -168,6 +176,7 @@ pub fn parse_args(args: &[String]) -> Result<Option<DaemonArgs>, String> {
     };
     let mut seen = Vec::new();
     let (mut endpoints, mut node, mut prefix, mut ttl, mut keep) = (None, None, None, None, false);
+    let (mut ca, mut cert, mut key) = (None, None, None);
     for a in args {
         if a == "-h" || a == "--help" {
             return Ok(None);
@@ -247,6 +256,9 @@ pub fn parse_args(args: &[String]) -> Result<Option<DaemonArgs>, String> {
                 }
                 prefix = Some(v.to_string());
             }
+            "--cluster-ca" => ca = Some(PathBuf::from(v)),
+            "--cluster-cert" => cert = Some(PathBuf::from(v)),
+            "--cluster-key" => key = Some(PathBuf::from(v)),
             "--lease-ttl" => {
                 let s = number::<u64>(v)
                     .filter(|s| (2..=300).contains(s))
@@ -280,17 +292,39 @@ pub fn parse_args(args: &[String]) -> Result<Option<DaemonArgs>, String> {
             prefix: prefix.unwrap_or_else(|| "/tt-host".into()),
             ttl: ttl.unwrap_or(Duration::from_secs(10)),
             keep_on_partition: keep,
+            ca,
+            cert,
+            key,
         }),
-        (None, None) if prefix.is_none() && ttl.is_none() && !keep => None,
+        (None, None)
+            if prefix.is_none()
+                && ttl.is_none()
+                && !keep
+                && ca.is_none()
+                && cert.is_none()
+                && key.is_none() =>
+        {
+            None
+        }
         (Some(_), None) => return Err("daemon: --cluster needs --node-id=ID".into()),
         _ => {
             return Err(
-                "daemon: --node-id, --cluster-prefix, --lease-ttl and --keep-on-partition \
-                 need --cluster=ENDPOINTS"
+                "daemon: --node-id, --cluster-prefix, --lease-ttl, --keep-on-partition and \
+                 --cluster-ca/-cert/-key need --cluster=ENDPOINTS"
                     .into(),
             )
         }
     };
+    if let Some(c) = &d.cluster {
+        if c.cert.is_some() != c.key.is_some() {
+            return Err("daemon: --cluster-cert and --cluster-key go together".into());
+        }
+        if c.cert.is_some() && c.ca.is_none() {
+            return Err(
+                "daemon: --cluster-cert needs --cluster-ca (the CA of etcd's certificate)".into(),
+            );
+        }
+    }
     Ok(Some(d))
 }
 
@@ -442,12 +476,24 @@ async fn join_cluster(
     c: &ClusterArgs,
     socket: &std::path::Path,
 ) -> Result<(), String> {
+    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let tls = match &c.ca {
+        Some(ca) => Some(crate::cluster::store::Tls {
+            ca: read(ca)?,
+            identity: match (&c.cert, &c.key) {
+                (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+                _ => None,
+            },
+        }),
+        None => None,
+    };
     let cfg = crate::cluster::store::Config {
         endpoints: c.endpoints.clone(),
         node: c.node.clone(),
         prefix: c.prefix.clone(),
         ttl: c.ttl,
         keep_on_partition: c.keep_on_partition,
+        tls,
     };
     let node = cluster::Node::connect(cfg).await?;
     let socket = std::path::absolute(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
