@@ -137,6 +137,16 @@ fn twenty_concurrent_creates_on_three_nodes_under_a_limit_of_five_admit_five_and
     );
     assert_eq!(reservations(&etcd).len(), 5);
     assert_ne!(create(&nodes[others[0]], "alice:one-too-many").status, 0);
+    // The survivors report the dead node's unikernels lost (each looks
+    // once a second).
+    let lost_rows = || {
+        let r = nodes[others[0]].cli(&["list", "--cluster"]);
+        ok(&r).lines().filter(|l| l.contains("LOST")).count()
+    };
+    nodes[others[0]].wait_for(10, "the lost unikernels", || lost_rows() == lost);
+    nodes[others[1]].wait_for(10, "the report of the lost ones", || {
+        nodes[others[1]].log().contains("its unikernels are lost")
+    });
     drop(nodes.remove(victim));
 }
 

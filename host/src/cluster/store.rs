@@ -624,6 +624,46 @@ impl Cluster {
             .collect()
     }
 
+    /// Every live node's id, and the names it holds reservations for
+    /// (keys only: for noticing nodes that are gone).
+    pub async fn membership(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, Vec<String>>, ClusterError> {
+        let client = Retrying(self);
+        let keys = |p: &'static str| {
+            let prefix = self.key(p);
+            let client = &client;
+            async move {
+                client
+                    .get(
+                        prefix.clone(),
+                        Some(GetOptions::new().with_prefix().with_keys_only()),
+                    )
+                    .await
+                    .map(|r| {
+                        r.kvs()
+                            .iter()
+                            .map(|kv| {
+                                String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned()
+                            })
+                            .collect::<Vec<_>>()
+                    })
+            }
+        };
+        let nodes = keys("nodes/").await.map_err(|e| self.unreachable(e))?;
+        let res = keys("res/").await.map_err(|e| self.unreachable(e))?;
+        let mut out: std::collections::BTreeMap<String, Vec<String>> =
+            nodes.into_iter().map(|n| (n, vec![])).collect();
+        for r in res {
+            if let Some((node, name)) = r.split_once('/') {
+                out.entry(node.to_string())
+                    .or_default()
+                    .push(name.to_string());
+            }
+        }
+        Ok(out)
+    }
+
     /// Every live node (its key is on its lease) and what it runs.
     pub async fn nodes(&self) -> Result<Vec<NodeLoad>, ClusterError> {
         let client = Retrying(self);

@@ -36,6 +36,10 @@ pub struct Node {
     registered: Mutex<BTreeMap<String, Instant>>,
     /// Fenced since the last loss of contact.
     fenced: Mutex<bool>,
+    /// The nodes seen last time, with their unikernels.
+    seen: Mutex<BTreeMap<String, Vec<String>>>,
+    /// Unikernels of nodes that went away: (node, name, when in Unix ns).
+    pub lost: Mutex<Vec<(String, String, u64)>>,
 }
 
 impl Node {
@@ -47,6 +51,8 @@ impl Node {
             cluster,
             registered: Mutex::new(BTreeMap::new()),
             fenced: Mutex::new(false),
+            seen: Mutex::new(BTreeMap::new()),
+            lost: Mutex::new(Vec::new()),
         }))
     }
 
@@ -120,6 +126,43 @@ impl Node {
         Ok(())
     }
 
+    /// Notice nodes that went away (their lease expired): their
+    /// unikernels are reported lost (logged, and in `list --cluster`).
+    async fn notice_lost(&self) -> Result<(), ClusterError> {
+        let now = self.cluster.membership().await?;
+        let gone: Vec<(String, Vec<String>)> = {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            let gone = seen
+                .iter()
+                .filter(|(n, _)| !now.contains_key(*n))
+                .map(|(n, names)| (n.clone(), names.clone()))
+                .collect();
+            *seen = now;
+            gone
+        };
+        let when = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        for (node, names) in gone {
+            log::warn!(
+                "cluster: node {node} is gone (its lease expired); its unikernels are lost: {}",
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            );
+            let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+            for n in names {
+                lost.push((node.clone(), n, when));
+            }
+            // The last hundred are kept.
+            let excess = lost.len().saturating_sub(100);
+            lost.drain(..excess);
+        }
+        Ok(())
+    }
+
     /// Keep the lease, fence when cut off, reconcile: until the daemon
     /// exits. `fence` stops the node's unikernels.
     pub async fn run<F, Fut>(self: Arc<Self>, state_dir: std::path::PathBuf, fence: F)
@@ -177,6 +220,9 @@ impl Node {
             }
             if self.cluster.since_ok() < ttl / 2 {
                 if let Err(e) = self.reconcile(&state_dir).await {
+                    log::warn!("cluster: {e}");
+                }
+                if let Err(e) = self.notice_lost().await {
                     log::warn!("cluster: {e}");
                 }
             }

@@ -951,6 +951,7 @@ async fn cluster_list(
         "{:<12} {:<32} {:>8} {:>8}  SINCE\n",
         "NODE", "NAME", "MEM MB", "BLOCK MB"
     );
+    let lost = node.lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
     for r in all.iter().filter(|r| sees(&r.name)) {
         let since = std::time::UNIX_EPOCH + Duration::from_nanos(r.time_ns);
         out += &format!(
@@ -960,6 +961,17 @@ async fn cluster_list(
             r.claim.memory_mb,
             r.claim.block_mb,
             humantime::format_rfc3339_seconds(since)
+        );
+    }
+    for (n, name, when) in lost.iter().filter(|(_, name, _)| sees(name)) {
+        let when = std::time::UNIX_EPOCH + Duration::from_nanos(*when);
+        out += &format!(
+            "{:<12} {:<32} {:>8} {:>8}  LOST (node gone {})\n",
+            n,
+            name,
+            "-",
+            "-",
+            humantime::format_rfc3339_seconds(when)
         );
     }
     Ok(out)
