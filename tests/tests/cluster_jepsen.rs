@@ -1,0 +1,1061 @@
+//! Exact admission through etcd (issue 22) under failures, tested in the
+//! manner of Jepsen: simulated nodes admit and release unikernels at
+//! random against a policy while a nemesis kills etcd members (sometimes
+//! two, so that the cluster loses its quorum for a while) and crashes
+//! nodes (their reservations stay until their lease expires or the node
+//! comes back). Every operation is recorded with when it was invoked,
+//! when it completed and what it returned, and the run is then checked:
+//!
+//! 1. **From etcd's own history.** Every revision of the reservation
+//!    keys (`PREFIX/res/`) is read back with a watch from revision 1
+//!    (nothing is compacted) and replayed: at no revision may more
+//!    unikernels run below `alice` than its policy allows, nor more memory
+//!    below `alice:team` than that policy allows.
+//! 2. **From the operations.** An admission acknowledged at revision R is
+//!    a put of its reservation at exactly R; a refused one is never put; a
+//!    release acknowledged at R is a delete at R; revisions follow real
+//!    time (an operation that completed before another was invoked has the
+//!    smaller one). And, without etcd's word for it, the reservations the
+//!    history proves alive at a moment (acknowledged, not yet being
+//!    released, their node not crashed, its lease confirmed within its TTL)
+//!    never exceed the policy either.
+//!
+//! The client side runs on threads inside node network namespaces
+//! ([`EtcdCluster::node_netns`]), one current-thread tokio runtime each,
+//! so its connections start there. The run is seeded: the seed is
+//! printed, and `TT_JEPSEN_SEED=N` runs with seed N again (the threads'
+//! interleaving still varies from run to run).
+//!
+//! The library is driven directly: no KVM, no daemon.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tt_host::cluster::check::Claim;
+use tt_host::cluster::store::{Cluster, ClusterError, Config, Reservation};
+use tt_host::resources::{Name, PartialPolicy, Path};
+use tt_tests::etcd::EtcdCluster;
+use tt_tests::netns::Netns;
+
+/// Where the test's keys live in etcd.
+const PREFIX: &str = "/jepsen";
+/// Simulated tt-host nodes.
+const NODES: usize = 3;
+/// `alice` may run this many unikernels across the cluster.
+const ALICE_MAX: u64 = 4;
+/// `alice:team` may use this much memory across the cluster: room for
+/// [`TEAM_CLAIM_MB`] three times.
+const TEAM_MB: u64 = 96;
+/// What a unikernel below `alice:team` takes.
+const TEAM_CLAIM_MB: u64 = 32;
+/// What a unikernel right below `alice` takes.
+const ALICE_CLAIM_MB: u64 = 16;
+/// The nodes' lease: a crashed node's reservations last this long.
+const TTL: Duration = Duration::from_secs(3);
+/// How long the nodes and the nemesis run.
+const RUN_FOR: Duration = Duration::from_secs(16);
+/// Setting it runs the test with that seed.
+const SEED_VAR: &str = "TT_JEPSEN_SEED";
+/// How much earlier than etcd the real-time check takes a lease to end:
+/// a margin for the two clocks' readings (both monotonic, one machine).
+const LEASE_MARGIN: Duration = Duration::from_millis(100);
+
+// ---------------------------------------------------------------------
+// Randomness
+
+/// SplitMix64: small, seedable, good enough to pick operations.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    fn ms(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi - lo + 1))
+    }
+    /// An independent generator for another thread.
+    fn fork(&mut self) -> Rng {
+        Rng(self.next())
+    }
+}
+
+/// The seed: [`SEED_VAR`]'s, or one from the clock.
+fn seed() -> u64 {
+    match std::env::var(SEED_VAR) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{SEED_VAR}={s:?}: not a number: {e}")),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+    }
+}
+
+// ---------------------------------------------------------------------
+// The history
+
+/// What an operation asked.
+#[derive(Debug, Clone)]
+enum Act {
+    /// `Cluster::connect`: a node (re)starting, which clears what its
+    /// previous run left.
+    Connect,
+    /// `admit(name)` taking `mb`, under the node's lease number `epoch`
+    /// (`u32::MAX`: interrupted before it knew it).
+    Admit {
+        name: String,
+        mb: u64,
+        epoch: u32,
+    },
+    Release {
+        name: String,
+    },
+    /// `new_lease` after the node found its lease expired.
+    NewLease,
+}
+
+/// What it returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Pending,
+    /// The etcd revision of its commit (0: none to report).
+    Ok(i64),
+    Refused,
+    Taken,
+    CutOff,
+    Contended,
+    Unreachable,
+    Bad,
+    /// Cut short by a crash of its node or the end of the run: it may or
+    /// may not have happened.
+    Interrupted,
+}
+
+#[derive(Debug, Clone)]
+struct Op {
+    node: usize,
+    /// Which run of the node (1 and up; each crash starts a new one).
+    inst: u32,
+    act: Act,
+    invoked: Duration,
+    completed: Duration,
+    outcome: Outcome,
+    detail: String,
+}
+
+/// What proves a node's lease alive, and when a node's run ended.
+#[derive(Debug, Clone, Copy)]
+enum Life {
+    /// Lease number `epoch` of run `inst` was granted or renewed by etcd
+    /// after `sent`: it lives at least until `sent + TTL`.
+    Confirmed {
+        node: usize,
+        inst: u32,
+        epoch: u32,
+        sent: Duration,
+    },
+    /// The run ended (crashed, or the test ended) at `at`: a later run of
+    /// the node clears its reservations.
+    Stopped {
+        node: usize,
+        inst: u32,
+        at: Duration,
+    },
+}
+
+struct History {
+    t0: Instant,
+    ops: Mutex<Vec<Op>>,
+    life: Mutex<Vec<Life>>,
+    nemesis: Mutex<Vec<(Duration, String)>>,
+}
+
+impl History {
+    fn new() -> History {
+        History {
+            t0: Instant::now(),
+            ops: Mutex::new(Vec::new()),
+            life: Mutex::new(Vec::new()),
+            nemesis: Mutex::new(Vec::new()),
+        }
+    }
+    fn now(&self) -> Duration {
+        self.t0.elapsed()
+    }
+    fn invoke(&self, node: usize, inst: u32, act: Act) -> usize {
+        let mut ops = self.ops.lock().unwrap();
+        ops.push(Op {
+            node,
+            inst,
+            act,
+            invoked: self.now(),
+            completed: Duration::MAX,
+            outcome: Outcome::Pending,
+            detail: String::new(),
+        });
+        ops.len() - 1
+    }
+    fn complete(&self, id: usize, (outcome, detail): (Outcome, String)) {
+        let now = self.now();
+        let mut ops = self.ops.lock().unwrap();
+        let op = &mut ops[id];
+        op.completed = now;
+        op.outcome = outcome;
+        op.detail = detail;
+    }
+    fn set_epoch(&self, id: usize, e: u32) {
+        if let Act::Admit { epoch, .. } = &mut self.ops.lock().unwrap()[id].act {
+            *epoch = e;
+        }
+    }
+    fn life(&self, e: Life) {
+        self.life.lock().unwrap().push(e);
+    }
+    fn nemesis(&self, what: String) {
+        let now = self.now();
+        self.nemesis.lock().unwrap().push((now, what));
+    }
+}
+
+/// An operation's result as recorded; `None`: interrupted.
+fn outcome(r: Option<Result<i64, ClusterError>>) -> (Outcome, String) {
+    match r {
+        None => (Outcome::Interrupted, String::new()),
+        Some(Ok(rev)) => (Outcome::Ok(rev), String::new()),
+        Some(Err(e)) => {
+            let o = match &e {
+                ClusterError::Refused(_) => Outcome::Refused,
+                ClusterError::Taken { .. } => Outcome::Taken,
+                ClusterError::Unreachable { .. } => Outcome::Unreachable,
+                ClusterError::CutOff(_) => Outcome::CutOff,
+                ClusterError::Bad { .. } => Outcome::Bad,
+                ClusterError::Contended => Outcome::Contended,
+            };
+            (o, e.to_string())
+        }
+    }
+}
+
+// ---------------------------------------------------------------------
+// Control: the end of the run, and which nodes are crashed
+
+struct Control {
+    stop: AtomicBool,
+    down: [AtomicBool; NODES],
+}
+
+impl Control {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+    fn should_end(&self, node: usize) -> bool {
+        self.stopped() || self.down[node].load(Ordering::SeqCst)
+    }
+    /// Resolves when node `node` crashes or the run ends.
+    async fn ended(&self, node: usize) {
+        while !self.should_end(node) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    /// Sleep `d`, less if the run ends meanwhile.
+    fn sleep(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stopped() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Ends the run if its thread panics, so that the others stop too.
+struct StopOnPanic<'a>(&'a Control);
+
+impl Drop for StopOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.stop.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// `f` unless node `node` crashes or the run ends first (then `None`: the
+/// future is dropped wherever it was, as a crash would leave it).
+async fn until_end<F: Future>(ctl: &Control, node: usize, f: F) -> Option<F::Output> {
+    tokio::select! {
+        r = f => Some(r),
+        _ = ctl.ended(node) => None,
+    }
+}
+
+/// Run `f` to completion on a current-thread runtime on a thread inside
+/// `ns`: the sockets it makes are the namespace's.
+fn in_ns<T: Send, Fut: Future<Output = T>>(ns: &Netns, f: impl FnOnce() -> Fut + Send) -> T {
+    ns.run(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(rt.block_on(f()))
+    })
+    .expect("a tokio runtime in a node's namespace")
+}
+
+// ---------------------------------------------------------------------
+// The nodes
+
+fn config(endpoints: &[String], node: &str) -> Config {
+    Config {
+        endpoints: endpoints.to_vec(),
+        node: node.to_string(),
+        prefix: PREFIX.to_string(),
+        ttl: TTL,
+        keep_on_partition: false,
+    }
+}
+
+/// One run of a node: from its connect to its crash.
+struct NodeRun<'a> {
+    node: usize,
+    inst: u32,
+    cluster: &'a Cluster,
+    hist: &'a History,
+    ctl: &'a Control,
+    /// The lease number; an operation holds it shared for its whole
+    /// length, so that it ran under one lease, and a new lease is taken
+    /// holding it exclusively.
+    epoch: tokio::sync::RwLock<u32>,
+}
+
+impl NodeRun<'_> {
+    /// Random admissions of fresh names and releases of names held, until
+    /// the node crashes or the run ends.
+    async fn ops(&self, rng: &mut Rng, seq: &mut u64, held: &mut Vec<String>) {
+        let (i, inst) = (self.node, self.inst);
+        while !self.ctl.should_end(i) {
+            if !held.is_empty() && rng.chance(45) {
+                let name = held.swap_remove(rng.below(held.len() as u64) as usize);
+                let id = self
+                    .hist
+                    .invoke(i, inst, Act::Release { name: name.clone() });
+                let n: Name = name.parse().expect("a valid name");
+                let r = until_end(self.ctl, i, async {
+                    let _epoch = self.epoch.read().await;
+                    self.cluster.release(&n).await
+                })
+                .await;
+                let (o, detail) = outcome(r);
+                self.hist.complete(id, (o, detail));
+                if !matches!(o, Outcome::Ok(_)) {
+                    // Maybe not released: try again later.
+                    held.push(name);
+                }
+            } else {
+                *seq += 1;
+                let (name, mb) = if rng.chance(40) {
+                    (format!("alice:team:n{i}-{seq}"), TEAM_CLAIM_MB)
+                } else {
+                    (format!("alice:n{i}-{seq}"), ALICE_CLAIM_MB)
+                };
+                let n: Name = name.parse().expect("a valid name");
+                let claim = Claim {
+                    memory_mb: mb,
+                    block_mb: 0,
+                };
+                // Its lease number is known once it holds it.
+                let act = Act::Admit {
+                    name: name.clone(),
+                    mb,
+                    epoch: u32::MAX,
+                };
+                let id = self.hist.invoke(i, inst, act);
+                let r = until_end(self.ctl, i, async {
+                    let epoch = self.epoch.read().await;
+                    self.hist.set_epoch(id, *epoch);
+                    self.cluster.admit(&n, claim).await
+                })
+                .await;
+                let (o, detail) = outcome(r);
+                self.hist.complete(id, (o, detail));
+                if matches!(
+                    o,
+                    Outcome::Ok(_) | Outcome::Unreachable | Outcome::Interrupted
+                ) {
+                    // Held, or maybe held: releasing a name not held is a
+                    // no-op.
+                    held.push(name);
+                }
+            }
+            tokio::time::sleep(rng.ms(2, 40)).await;
+        }
+    }
+
+    /// Renew the lease as the daemon does; take a new one when it expired.
+    /// Returns when the node crashes or the run ends.
+    async fn keep_lease(&self) {
+        let (i, inst) = (self.node, self.inst);
+        let tick = Duration::from_millis(500);
+        while !self.ctl.should_end(i) {
+            let epoch = *self.epoch.read().await;
+            let sent = self.hist.now();
+            match tokio::time::timeout(Duration::from_secs(1), self.cluster.keep_alive()).await {
+                Ok(Ok(true)) => self.hist.life(Life::Confirmed {
+                    node: i,
+                    inst,
+                    epoch,
+                    sent,
+                }),
+                Ok(Ok(false)) => {
+                    let mut epoch = self.epoch.write().await;
+                    *epoch += 1;
+                    let id = self.hist.invoke(i, inst, Act::NewLease);
+                    let sent = self.hist.now();
+                    let r = self.cluster.new_lease().await;
+                    let granted = r.is_ok();
+                    self.hist.complete(id, outcome(Some(r.map(|()| 0))));
+                    if granted {
+                        self.hist.life(Life::Confirmed {
+                            node: i,
+                            inst,
+                            epoch: *epoch,
+                            sent,
+                        });
+                    }
+                }
+                Ok(Err(_)) | Err(_) => {}
+            }
+            tokio::time::sleep(tick).await;
+        }
+    }
+}
+
+/// Node `i`: runs until the end, crashing when the nemesis says so and
+/// starting again (a new [`Cluster::connect`]) when it lets it. Returns
+/// the conflicts its runs counted.
+async fn node_main(
+    i: usize,
+    endpoints: &[String],
+    hist: &History,
+    ctl: &Control,
+    mut rng: Rng,
+) -> u64 {
+    let cfg = config(endpoints, &format!("n{i}"));
+    let (mut seq, mut inst, mut conflicts) = (0u64, 0u32, 0u64);
+    while !ctl.stopped() {
+        if ctl.should_end(i) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        inst += 1;
+        let id = hist.invoke(i, inst, Act::Connect);
+        let sent = hist.now();
+        let cluster = match until_end(ctl, i, Cluster::connect(cfg.clone())).await {
+            Some(Ok(c)) => c,
+            r => {
+                hist.complete(id, outcome(r.map(|r| r.map(|_| 0))));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        hist.complete(id, (Outcome::Ok(0), String::new()));
+        hist.life(Life::Confirmed {
+            node: i,
+            inst,
+            epoch: 0,
+            sent,
+        });
+        let run = NodeRun {
+            node: i,
+            inst,
+            cluster: &cluster,
+            hist,
+            ctl,
+            epoch: tokio::sync::RwLock::new(0),
+        };
+        // What this run holds: a crash forgets it (the next run's connect
+        // clears it from etcd).
+        let mut held = Vec::new();
+        tokio::select! {
+            _ = run.ops(&mut rng, &mut seq, &mut held) => {}
+            _ = run.keep_lease() => {}
+        }
+        conflicts += cluster.conflicts.load(Ordering::Relaxed);
+        hist.life(Life::Stopped {
+            node: i,
+            inst,
+            at: hist.now(),
+        });
+        // The crash: the handle goes without releasing anything.
+        drop(cluster);
+    }
+    conflicts
+}
+
+// ---------------------------------------------------------------------
+// The nemesis
+
+#[derive(Default)]
+struct NemesisCount {
+    member_kills: AtomicU64,
+    quorum_losses: AtomicU64,
+    node_crashes: AtomicU64,
+}
+
+/// Kill etcd members, one at a time mostly, two now and then (no quorum
+/// until one is back), and restart them; until the run ends, leaving
+/// every member running and the cluster healthy.
+fn etcd_nemesis(etcd: &EtcdCluster, hist: &History, ctl: &Control, n: &NemesisCount, mut rng: Rng) {
+    let members = etcd.len() as u64;
+    for round in 0.. {
+        ctl.sleep(rng.ms(300, 1200));
+        if ctl.stopped() {
+            return;
+        }
+        let a = rng.below(members) as usize;
+        // The second round always loses the quorum, so that every run does.
+        let victims = if round == 1 || rng.chance(20) {
+            let b = (a + 1 + rng.below(members - 1) as usize) % members as usize;
+            n.quorum_losses.fetch_add(1, Ordering::Relaxed);
+            vec![a, b]
+        } else {
+            vec![a]
+        };
+        for &v in &victims {
+            etcd.kill(v);
+            n.member_kills.fetch_add(1, Ordering::Relaxed);
+        }
+        hist.nemesis(format!("etcd: kill member(s) {victims:?}"));
+        // Not cut short by the end: the members come back in any case.
+        std::thread::sleep(rng.ms(400, 2000));
+        for &v in &victims {
+            etcd.restart(v);
+        }
+        hist.nemesis(format!("etcd: restart member(s) {victims:?}"));
+        etcd.wait_healthy();
+        hist.nemesis("etcd: healthy".to_string());
+    }
+}
+
+/// Crash a node now and then (it drops its handle without releasing
+/// anything) and let it start again after a while, sometimes before its
+/// lease expires, sometimes after.
+fn node_nemesis(hist: &History, ctl: &Control, n: &NemesisCount, mut rng: Rng) {
+    while !ctl.stopped() {
+        ctl.sleep(rng.ms(1000, 3000));
+        if ctl.stopped() {
+            break;
+        }
+        let i = rng.below(NODES as u64) as usize;
+        ctl.down[i].store(true, Ordering::SeqCst);
+        n.node_crashes.fetch_add(1, Ordering::Relaxed);
+        hist.nemesis(format!("node n{i}: crash"));
+        ctl.sleep(rng.ms(300, 4500));
+        ctl.down[i].store(false, Ordering::SeqCst);
+        hist.nemesis(format!("node n{i}: start again"));
+    }
+}
+
+// ---------------------------------------------------------------------
+// Reading etcd's history back
+
+/// One event on a reservation key.
+#[derive(Debug, Clone)]
+struct Change {
+    rev: i64,
+    key: String,
+    /// `Some`: a put of this reservation; `None`: a delete (a release, a
+    /// node clearing its earlier run's, or a lease's expiry).
+    put: Option<Reservation>,
+}
+
+/// Every change of the reservation keys from revision 1 on, read with a
+/// watch until it reaches a marker written after the run.
+async fn res_history(endpoints: &[String]) -> Vec<Change> {
+    let mut client = etcd_client::Client::connect(endpoints, None)
+        .await
+        .expect("connect to etcd to read its history");
+    let marker = format!("{PREFIX}/res/~end");
+    let end = client
+        .put(marker.clone(), "", None)
+        .await
+        .expect("put the end marker")
+        .header()
+        .expect("a header")
+        .revision();
+    let opts = etcd_client::WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(1);
+    let (_watcher, mut stream) = client
+        .watch(format!("{PREFIX}/res/"), Some(opts))
+        .await
+        .expect("watch the reservations from revision 1");
+    let mut out = Vec::new();
+    loop {
+        let resp = stream
+            .message()
+            .await
+            .expect("read the watch")
+            .unwrap_or_else(|| panic!("the watch ended before revision {end}"));
+        assert!(
+            !resp.canceled(),
+            "the watch was cancelled ({}; compacted at {}): the history is incomplete",
+            resp.cancel_reason(),
+            resp.compact_revision()
+        );
+        for ev in resp.events() {
+            let kv = ev.kv().expect("an event has its key");
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            if key == marker {
+                return out;
+            }
+            let put = match ev.event_type() {
+                etcd_client::EventType::Put => Some(
+                    serde_json::from_slice(kv.value())
+                        .unwrap_or_else(|e| panic!("{key}: not a reservation: {e}")),
+                ),
+                etcd_client::EventType::Delete => None,
+            };
+            out.push(Change {
+                rev: kv.mod_revision(),
+                key,
+                put,
+            });
+        }
+    }
+}
+
+// ---------------------------------------------------------------------
+// The checkers
+
+fn below_alice(name: &str) -> bool {
+    name.starts_with("alice:")
+}
+fn below_team(name: &str) -> bool {
+    name.starts_with("alice:team:")
+}
+
+/// What the replay of etcd's history found.
+#[derive(Default)]
+struct Replay {
+    puts: HashMap<String, Vec<i64>>,
+    deletes: HashMap<String, Vec<i64>>,
+    /// The most unikernels below `alice` at a revision, and the first
+    /// revision with that many.
+    max_alice: (u64, i64),
+    max_team_mb: (u64, i64),
+    revisions: usize,
+}
+
+/// Check 1: replay the changes revision by revision; at each, count what
+/// runs below `alice` and what `alice:team` uses.
+fn replay(changes: &[Change], failures: &mut Vec<String>) -> Replay {
+    let mut r = Replay::default();
+    let mut live: BTreeMap<String, (i64, Reservation)> = BTreeMap::new();
+    let mut i = 0;
+    while i < changes.len() {
+        let rev = changes[i].rev;
+        while i < changes.len() && changes[i].rev == rev {
+            let c = &changes[i];
+            match &c.put {
+                Some(res) => {
+                    r.puts.entry(c.key.clone()).or_default().push(rev);
+                    live.insert(c.key.clone(), (rev, res.clone()));
+                }
+                None => {
+                    r.deletes.entry(c.key.clone()).or_default().push(rev);
+                    live.remove(&c.key);
+                }
+            }
+            i += 1;
+        }
+        r.revisions += 1;
+        let alice = live.values().filter(|(_, v)| below_alice(&v.name)).count() as u64;
+        let team_mb: u64 = live
+            .values()
+            .filter(|(_, v)| below_team(&v.name))
+            .map(|(_, v)| v.claim.memory_mb)
+            .sum();
+        if alice > r.max_alice.0 {
+            r.max_alice = (alice, rev);
+        }
+        if team_mb > r.max_team_mb.0 {
+            r.max_team_mb = (team_mb, rev);
+        }
+        if alice > ALICE_MAX || team_mb > TEAM_MB {
+            let list: Vec<String> = live
+                .iter()
+                .map(|(k, (at, _))| format!("{k} (put at {at})"))
+                .collect();
+            failures.push(format!(
+                "etcd revision {rev}: {alice} unikernels below alice (policy: {ALICE_MAX}), \
+                 {team_mb} MB below alice:team (policy: {TEAM_MB} MB); live: {}",
+                list.join(", ")
+            ));
+        }
+    }
+    r
+}
+
+fn res_key(node: usize, name: &str) -> String {
+    format!("{PREFIX}/res/n{node}/{name}")
+}
+
+/// Check 2a: what each operation returned agrees with etcd's history.
+fn check_ops_against_replay(ops: &[Op], r: &Replay, failures: &mut Vec<String>) {
+    let none = Vec::new();
+    for op in ops {
+        match &op.act {
+            Act::Admit { name, .. } => {
+                let key = res_key(op.node, name);
+                let puts = r.puts.get(&key).unwrap_or(&none);
+                match op.outcome {
+                    Outcome::Ok(rev) if rev > 0 && !puts.contains(&rev) => failures.push(format!(
+                        "{op:?}: acknowledged at revision {rev}, but etcd put {key} at {puts:?}"
+                    )),
+                    Outcome::Ok(0) if puts.is_empty() => {
+                        failures.push(format!("{op:?}: acknowledged, but etcd never put {key}"))
+                    }
+                    Outcome::Refused | Outcome::CutOff | Outcome::Contended if !puts.is_empty() => {
+                        failures.push(format!(
+                            "{op:?}: not admitted, but etcd put {key} at {puts:?}"
+                        ))
+                    }
+                    Outcome::Taken | Outcome::Bad => failures.push(format!(
+                        "{op:?}: a fresh name cannot be taken nor its data bad"
+                    )),
+                    _ => {}
+                }
+                if puts.len() > 1 {
+                    failures.push(format!("{key}: put more than once, at {puts:?}"));
+                }
+            }
+            Act::Release { name } => {
+                let key = res_key(op.node, name);
+                // A release's transaction may be tried again after its
+                // answer was lost (or find the lease expired): its key's
+                // delete is then earlier than the revision it returns.
+                if let Outcome::Ok(rev) = op.outcome {
+                    let dels = r.deletes.get(&key).unwrap_or(&none);
+                    let put = r.puts.get(&key).and_then(|p| p.first()).copied();
+                    let deleted = put.is_some_and(|p| dels.iter().any(|d| p < *d && *d <= rev));
+                    if rev > 0 && !deleted {
+                        failures.push(format!(
+                            "{op:?}: acknowledged at revision {rev}, but etcd put {key} at \
+                             {put:?} and deleted it at {dels:?}"
+                        ));
+                    }
+                }
+            }
+            Act::Connect | Act::NewLease => {}
+        }
+    }
+}
+
+/// Check 2b: revisions follow real time. An operation that completed
+/// before another was invoked committed at a smaller revision (a release
+/// that changed nothing, its key gone already, reports the revision it
+/// saw: not a smaller one).
+fn check_real_time_order(ops: &[Op], failures: &mut Vec<String>) {
+    let mut revs: Vec<(&Op, i64)> = ops
+        .iter()
+        .filter(|op| matches!(op.act, Act::Admit { .. } | Act::Release { .. }))
+        .filter_map(|op| match op.outcome {
+            Outcome::Ok(rev) if rev > 0 => Some((op, rev)),
+            _ => None,
+        })
+        .collect();
+    revs.sort_by_key(|(op, _)| op.completed);
+    for (b, rb) in &revs {
+        // The last to complete before b was invoked, with the greatest
+        // revision among those.
+        let before = revs
+            .iter()
+            .take_while(|(a, _)| a.completed < b.invoked)
+            .max_by_key(|(_, ra)| *ra);
+        if let Some((a, ra)) = before {
+            let release = matches!(b.act, Act::Release { .. });
+            if ra > rb || (ra == rb && !release) {
+                failures.push(format!(
+                    "real-time order: {a:?} (revision {ra}) completed before {b:?} \
+                     (revision {rb}) was invoked"
+                ));
+            }
+        }
+    }
+}
+
+/// Check 2c, from the history alone: at no moment do the reservations it
+/// proves alive exceed the policy. One is proved alive from its
+/// acknowledgement until its release is invoked or its node's run ends,
+/// while a confirmation of the lease it was made under, sent at most a
+/// TTL earlier, shows the lease alive. Returns the most proved alive at
+/// once below `alice`.
+fn check_proved_alive(ops: &[Op], life: &[Life], failures: &mut Vec<String>) -> u64 {
+    struct Alive<'a> {
+        op: &'a Op,
+        mb: u64,
+        from: Duration,
+        until: Duration,
+        confirms: &'a [Duration],
+    }
+    let mut release_at: HashMap<&str, Duration> = HashMap::new();
+    for op in ops {
+        if let Act::Release { name } = &op.act {
+            let t = release_at.entry(name).or_insert(op.invoked);
+            *t = (*t).min(op.invoked);
+        }
+    }
+    let mut stopped: HashMap<(usize, u32), Duration> = HashMap::new();
+    let mut confirms: HashMap<(usize, u32, u32), Vec<Duration>> = HashMap::new();
+    for e in life {
+        match *e {
+            Life::Stopped { node, inst, at } => {
+                stopped.insert((node, inst), at);
+            }
+            Life::Confirmed {
+                node,
+                inst,
+                epoch,
+                sent,
+            } => confirms.entry((node, inst, epoch)).or_default().push(sent),
+        }
+    }
+    for v in confirms.values_mut() {
+        v.sort();
+    }
+    let empty = Vec::new();
+    let alive: Vec<Alive> = ops
+        .iter()
+        .filter_map(|op| match (&op.act, op.outcome) {
+            (Act::Admit { name, mb, epoch }, Outcome::Ok(_)) => {
+                let release = release_at.get(name.as_str()).copied();
+                let stop = stopped.get(&(op.node, op.inst)).copied();
+                Some(Alive {
+                    op,
+                    mb: *mb,
+                    from: op.completed,
+                    until: release
+                        .unwrap_or(Duration::MAX)
+                        .min(stop.unwrap_or(Duration::MAX)),
+                    confirms: confirms.get(&(op.node, op.inst, *epoch)).unwrap_or(&empty),
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    let lease_alive = |a: &Alive, t: Duration| {
+        // The latest confirmation sent at or before t.
+        let i = a.confirms.partition_point(|s| *s <= t);
+        i > 0 && t + LEASE_MARGIN < a.confirms[i - 1] + TTL
+    };
+    let mut points: Vec<Duration> = alive.iter().map(|a| a.from).collect();
+    points.extend(confirms.values().flatten().copied());
+    points.sort();
+    points.dedup();
+    let mut max = 0;
+    for t in points {
+        let now: Vec<&Alive> = alive
+            .iter()
+            .filter(|a| a.from <= t && t < a.until && lease_alive(a, t))
+            .collect();
+        let names = |a: &&Alive| match &a.op.act {
+            Act::Admit { name, .. } => name.clone(),
+            _ => unreachable!(),
+        };
+        let alice = now.iter().filter(|a| below_alice(&names(a))).count() as u64;
+        let team_mb: u64 = now
+            .iter()
+            .filter(|a| below_team(&names(a)))
+            .map(|a| a.mb)
+            .sum();
+        max = max.max(alice);
+        if alice > ALICE_MAX || team_mb > TEAM_MB {
+            let list: Vec<String> = now.iter().map(|a| format!("{:?}", a.op)).collect();
+            failures.push(format!(
+                "at {t:?}: {alice} unikernels below alice and {team_mb} MB below alice:team \
+                 are proved alive by the history:\n  {}",
+                list.join("\n  ")
+            ));
+        }
+    }
+    max
+}
+
+// ---------------------------------------------------------------------
+// The test
+
+#[test]
+fn admission_stays_within_policy_under_member_and_node_failures() {
+    let seed = seed();
+    println!("cluster_jepsen: seed {seed} ({SEED_VAR}={seed} runs it again)");
+    let mut rng = Rng(seed);
+
+    let etcd = EtcdCluster::start(3);
+    let endpoints: Vec<String> = etcd.endpoints().split(',').map(String::from).collect();
+    // One namespace per node, and one for setting up and checking.
+    let nss: Vec<Netns> = (0..=NODES).map(|i| etcd.node_netns(i)).collect();
+    let admin = &nss[NODES];
+
+    in_ns(admin, || async {
+        let c = Cluster::connect(config(&endpoints, "admin"))
+            .await
+            .expect("connect to set the policies");
+        let alice = PartialPolicy {
+            unikernels: Some(ALICE_MAX as u32),
+            ..Default::default()
+        };
+        let team = PartialPolicy {
+            memory_mb: Some(TEAM_MB),
+            ..Default::default()
+        };
+        let path = |s: &str| s.parse::<Path>().expect("a valid path");
+        c.put_policy(&path("alice"), Some(&alice))
+            .await
+            .expect("set alice's policy");
+        c.put_policy(&path("alice:team"), Some(&team))
+            .await
+            .expect("set alice:team's policy");
+    });
+
+    let hist = History::new();
+    let ctl = Control {
+        stop: AtomicBool::new(false),
+        down: Default::default(),
+    };
+    let nemesis = NemesisCount::default();
+    let conflicts: u64 = std::thread::scope(|s| {
+        let (hist, ctl, nemesis, endpoints, etcd) = (&hist, &ctl, &nemesis, &endpoints, &etcd);
+        let nodes: Vec<_> = (0..NODES)
+            .map(|i| {
+                let (ns, rng) = (&nss[i], rng.fork());
+                s.spawn(move || {
+                    let _stop = StopOnPanic(ctl);
+                    in_ns(ns, || node_main(i, endpoints, hist, ctl, rng))
+                })
+            })
+            .collect();
+        let rng_e = rng.fork();
+        let members = s.spawn(move || {
+            let _stop = StopOnPanic(ctl);
+            etcd_nemesis(etcd, hist, ctl, nemesis, rng_e)
+        });
+        let rng_n = rng.fork();
+        let crasher = s.spawn(move || {
+            let _stop = StopOnPanic(ctl);
+            node_nemesis(hist, ctl, nemesis, rng_n)
+        });
+        ctl.sleep(RUN_FOR);
+        ctl.stop.store(true, Ordering::SeqCst);
+        members.join().expect("the etcd nemesis");
+        crasher.join().expect("the node nemesis");
+        nodes.into_iter().map(|h| h.join().expect("a node")).sum()
+    });
+
+    etcd.wait_healthy();
+    let changes = in_ns(admin, || async {
+        tokio::time::timeout(Duration::from_secs(30), res_history(&endpoints))
+            .await
+            .expect("etcd's history read within 30 s")
+    });
+
+    let ops = hist.ops.lock().unwrap().clone();
+    let life = hist.life.lock().unwrap().clone();
+    let mut failures = Vec::new();
+    let r = replay(&changes, &mut failures);
+    check_ops_against_replay(&ops, &r, &mut failures);
+    check_real_time_order(&ops, &mut failures);
+    let proved_max = check_proved_alive(&ops, &life, &mut failures);
+
+    let admits = ops.iter().filter(|op| matches!(op.act, Act::Admit { .. }));
+    let count = |o: fn(Outcome) -> bool| admits.clone().filter(|op| o(op.outcome)).count();
+    let admitted = count(|o| matches!(o, Outcome::Ok(_)));
+    let refused = count(|o| o == Outcome::Refused);
+    let cut_off = count(|o| o == Outcome::CutOff);
+    let unknown = count(|o| matches!(o, Outcome::Unreachable | Outcome::Interrupted));
+    let releases = ops
+        .iter()
+        .filter(|op| matches!(op.act, Act::Release { .. }) && matches!(op.outcome, Outcome::Ok(_)))
+        .count();
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    println!(
+        "cluster_jepsen: {} operations: {} admits ({admitted} admitted, {refused} refused by \
+         the policy, {cut_off} cut off, {unknown} indeterminate), {releases} releases; \
+         {conflicts} conflicts retried",
+        ops.len(),
+        admits.clone().count(),
+    );
+    println!(
+        "cluster_jepsen: nemesis: {} etcd member kills ({} losing the quorum), {} node crashes",
+        n(&nemesis.member_kills),
+        n(&nemesis.quorum_losses),
+        n(&nemesis.node_crashes)
+    );
+    println!(
+        "cluster_jepsen: etcd history: {} changes over {} revisions; at most {} below alice \
+         (revision {}), {} MB below alice:team (revision {}); at most {proved_max} proved alive \
+         at once by the operations",
+        changes.len(),
+        r.revisions,
+        r.max_alice.0,
+        r.max_alice.1,
+        r.max_team_mb.0,
+        r.max_team_mb.1,
+    );
+    for (t, what) in hist.nemesis.lock().unwrap().iter() {
+        println!("  {:>7.3}s {what}", t.as_secs_f64());
+    }
+
+    if !failures.is_empty() {
+        let shown: Vec<&String> = failures.iter().take(10).collect();
+        let mut msg = format!("seed {seed}: {} violation(s); the first:\n", failures.len());
+        for f in shown {
+            msg += &format!("- {f}\n");
+        }
+        // The operations on the names the violations mention (all of
+        // them if they mention none).
+        let named = |op: &&Op| match &op.act {
+            Act::Admit { name, .. } | Act::Release { name } => {
+                failures.iter().take(10).any(|f| f.contains(name.as_str()))
+            }
+            Act::Connect | Act::NewLease => true,
+        };
+        let mut excerpt: Vec<&Op> = ops.iter().filter(named).collect();
+        if excerpt
+            .iter()
+            .all(|op| matches!(op.act, Act::Connect | Act::NewLease))
+        {
+            excerpt = ops.iter().collect();
+        }
+        msg += "operations (node, run, what, invoked..completed, outcome):\n";
+        for op in excerpt {
+            msg += &format!(
+                "  n{} #{} {:?} {:?}..{:?} {:?} {}\n",
+                op.node, op.inst, op.act, op.invoked, op.completed, op.outcome, op.detail
+            );
+        }
+        panic!("{msg}");
+    }
+    assert!(
+        admitted >= 5,
+        "seed {seed}: only {admitted} admissions succeeded"
+    );
+    assert!(refused >= 1, "seed {seed}: the policy refused nothing");
+    assert!(
+        n(&nemesis.member_kills) >= 1 && n(&nemesis.node_crashes) >= 1,
+        "seed {seed}: the nemesis did too little"
+    );
+    assert!(
+        r.max_alice.0 >= 1,
+        "seed {seed}: etcd's history shows no reservation"
+    );
+}
