@@ -986,11 +986,30 @@ fn admission_stays_within_policy_under_member_and_node_failures() {
         .iter()
         .filter(|op| matches!(op.act, Act::Release { .. }) && matches!(op.outcome, Outcome::Ok(_)))
         .count();
+    let late = count(|o| o == Outcome::Ok(0));
+    let new_leases = ops
+        .iter()
+        .filter(|op| matches!(op.act, Act::NewLease))
+        .count();
+    // Deletes that no acknowledged release made: a crashed node's lease
+    // expiring, or its next run clearing what it left.
+    let released: std::collections::HashSet<(String, i64)> = ops
+        .iter()
+        .filter_map(|op| match (&op.act, op.outcome) {
+            (Act::Release { name }, Outcome::Ok(rev)) => Some((res_key(op.node, name), rev)),
+            _ => None,
+        })
+        .collect();
+    let crash_deletes = changes
+        .iter()
+        .filter(|c| c.put.is_none() && !released.contains(&(c.key.clone(), c.rev)))
+        .count();
     let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
     println!(
-        "cluster_jepsen: {} operations: {} admits ({admitted} admitted, {refused} refused by \
-         the policy, {cut_off} cut off, {unknown} indeterminate), {releases} releases; \
-         {conflicts} conflicts retried",
+        "cluster_jepsen: {} operations: {} admits ({admitted} admitted, {late} of them \
+         acknowledged late by a retry, {refused} refused by the policy, {cut_off} cut off, \
+         {unknown} indeterminate), {releases} releases; {conflicts} conflicts retried, \
+         {new_leases} leases renewed too late",
         ops.len(),
         admits.clone().count(),
     );
@@ -1001,7 +1020,9 @@ fn admission_stays_within_policy_under_member_and_node_failures() {
         n(&nemesis.node_crashes)
     );
     println!(
-        "cluster_jepsen: etcd history: {} changes over {} revisions; at most {} below alice \
+        "cluster_jepsen: etcd history: {} changes over {} revisions, {crash_deletes} \
+         reservations removed by a crash (a lease expiring, or the node clearing them on \
+         its return); at most {} below alice \
          (revision {}), {} MB below alice:team (revision {}); at most {proved_max} proved alive \
          at once by the operations",
         changes.len(),
