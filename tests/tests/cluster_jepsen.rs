@@ -1,16 +1,17 @@
 //! Exact admission through etcd (issue 22) under failures, tested in the
 //! manner of Jepsen: simulated nodes admit and release unikernels at
 //! random against a policy while a nemesis kills etcd members (sometimes
-//! two, so that the cluster loses its quorum for a while) and crashes
-//! nodes (their reservations stay until their lease expires or the node
-//! comes back). Every operation is recorded with when it was invoked,
+//! two, so that the cluster loses its quorum for a while), crashes nodes
+//! (their reservations stay until their lease expires or the node comes
+//! back) and tightens and loosens the policies. Every operation is recorded with when it was invoked,
 //! when it completed and what it returned, and the run is then checked:
 //!
 //! 1. **From etcd's own history.** Every revision of the reservation
 //!    keys (`PREFIX/res/`) is read back with a watch from revision 1
-//!    (nothing is compacted) and replayed: at no revision may more
-//!    unikernels run below `alice` than its policy allows, nor more memory
-//!    below `alice:team` than that policy allows.
+//!    (nothing is compacted) and replayed with the policies' history: at
+//!    no revision that admitted one may more unikernels run below `alice`
+//!    than its policy then allows, nor more memory below `alice:team` than
+//!    that policy allows (and never more than they ever allow).
 //! 2. **From the operations.** An admission acknowledged at revision R is
 //!    a put of its reservation at exactly R; a refused one is never put; a
 //!    release acknowledged at R is a delete at R; revisions follow real
@@ -43,10 +44,11 @@ use tt_tests::netns::Netns;
 const PREFIX: &str = "/jepsen";
 /// Simulated tt-host nodes.
 const NODES: usize = 3;
-/// `alice` may run this many unikernels across the cluster.
+/// `alice` may run at most this many unikernels across the cluster: its
+/// policy starts there, and the nemesis sets it between 2 and this.
 const ALICE_MAX: u64 = 4;
-/// `alice:team` may use this much memory across the cluster: room for
-/// [`TEAM_CLAIM_MB`] three times.
+/// `alice:team` may use at most this much memory across the cluster: room
+/// for [`TEAM_CLAIM_MB`] three times. The nemesis sets it to this or 64.
 const TEAM_MB: u64 = 96;
 /// What a unikernel below `alice:team` takes.
 const TEAM_CLAIM_MB: u64 = 32;
@@ -509,6 +511,7 @@ struct NemesisCount {
     member_kills: AtomicU64,
     quorum_losses: AtomicU64,
     node_crashes: AtomicU64,
+    policy_changes: AtomicU64,
 }
 
 /// Kill etcd members, one at a time mostly, two now and then (no quorum
@@ -565,6 +568,74 @@ fn node_nemesis(hist: &History, ctl: &Control, n: &NemesisCount, mut rng: Rng) {
     }
 }
 
+/// Resolves when the run ends.
+async fn run_ended(ctl: &Control) {
+    while !ctl.stopped() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn path(s: &str) -> Path {
+    s.parse().expect("a valid path")
+}
+
+/// Tighten and loosen the policies now and then: `alice` between 2 and
+/// [`ALICE_MAX`] unikernels, `alice:team` 64 or [`TEAM_MB`] MB. Admissions
+/// in flight must see the change (their compare of the policy's revision
+/// fails) and count against the new limit.
+async fn policy_nemesis(
+    endpoints: &[String],
+    hist: &History,
+    ctl: &Control,
+    n: &NemesisCount,
+    mut rng: Rng,
+) {
+    let cluster = loop {
+        if ctl.stopped() {
+            return;
+        }
+        let connect = Cluster::connect(config(endpoints, "policy"));
+        match tokio::select! { r = connect => Some(r), _ = run_ended(ctl) => None } {
+            Some(Ok(c)) => break c,
+            Some(Err(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
+            None => return,
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(rng.ms(500, 2000)) => {}
+            _ = run_ended(ctl) => return,
+        }
+        let (at, policy, what) = if rng.chance(60) {
+            let k = 2 + rng.below(ALICE_MAX - 1);
+            let p = PartialPolicy {
+                unikernels: Some(k as u32),
+                ..Default::default()
+            };
+            ("alice", p, format!("{k} unikernels"))
+        } else {
+            let mb = if rng.chance(50) { 64 } else { TEAM_MB };
+            let p = PartialPolicy {
+                memory_mb: Some(mb),
+                ..Default::default()
+            };
+            ("alice:team", p, format!("{mb} MB"))
+        };
+        let at_path = path(at);
+        let put = cluster.put_policy(&at_path, Some(&policy));
+        let r = tokio::select! { r = put => r, _ = run_ended(ctl) => return };
+        n.policy_changes.fetch_add(1, Ordering::Relaxed);
+        let done = match r {
+            Ok(()) => "set".to_string(),
+            Err(e) => {
+                let e = e.to_string();
+                format!("maybe not set: {}", e.get(..60).unwrap_or(&e))
+            }
+        };
+        hist.nemesis(format!("policy: {at} {what} ({done})"));
+    }
+}
+
 // ---------------------------------------------------------------------
 // Reading etcd's history back
 
@@ -578,9 +649,17 @@ struct Change {
     put: Option<Reservation>,
 }
 
-/// Every change of the reservation keys from revision 1 on, read with a
-/// watch until it reaches a marker written after the run.
-async fn res_history(endpoints: &[String]) -> Vec<Change> {
+/// A policy set at `path` at revision `rev`.
+#[derive(Debug, Clone)]
+struct PolicyChange {
+    rev: i64,
+    path: String,
+    policy: PartialPolicy,
+}
+
+/// Every change of the reservation and policy keys from revision 1 on,
+/// read with a watch until it reaches a marker written after the run.
+async fn history(endpoints: &[String]) -> (Vec<Change>, Vec<PolicyChange>) {
     let mut client = etcd_client::Client::connect(endpoints, None)
         .await
         .expect("connect to etcd to read its history");
@@ -596,10 +675,12 @@ async fn res_history(endpoints: &[String]) -> Vec<Change> {
         .with_prefix()
         .with_start_revision(1);
     let (_watcher, mut stream) = client
-        .watch(format!("{PREFIX}/res/"), Some(opts))
+        .watch(format!("{PREFIX}/"), Some(opts))
         .await
-        .expect("watch the reservations from revision 1");
-    let mut out = Vec::new();
+        .expect("watch the cluster's keys from revision 1");
+    let res_prefix = format!("{PREFIX}/res/");
+    let policy_prefix = format!("{PREFIX}/policy/");
+    let (mut out, mut policies) = (Vec::new(), Vec::new());
     loop {
         let resp = stream
             .message()
@@ -616,7 +697,21 @@ async fn res_history(endpoints: &[String]) -> Vec<Change> {
             let kv = ev.kv().expect("an event has its key");
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             if key == marker {
-                return out;
+                return (out, policies);
+            }
+            if let Some(at) = key.strip_prefix(&policy_prefix) {
+                if let etcd_client::EventType::Put = ev.event_type() {
+                    policies.push(PolicyChange {
+                        rev: kv.mod_revision(),
+                        path: at.to_string(),
+                        policy: serde_json::from_slice(kv.value())
+                            .unwrap_or_else(|e| panic!("{key}: not a policy: {e}")),
+                    });
+                }
+                continue;
+            }
+            if !key.starts_with(&res_prefix) {
+                continue;
             }
             let put = match ev.event_type() {
                 etcd_client::EventType::Put => Some(
@@ -657,17 +752,31 @@ struct Replay {
 }
 
 /// Check 1: replay the changes revision by revision; at each, count what
-/// runs below `alice` and what `alice:team` uses.
-fn replay(changes: &[Change], failures: &mut Vec<String>) -> Replay {
+/// runs below `alice` and what `alice:team` uses. Never more than the
+/// most the policies ever allow; and at a revision that admitted one,
+/// not more than the policies in force then allow (a tightened policy
+/// leaves what runs running).
+fn replay(changes: &[Change], policies: &[PolicyChange], failures: &mut Vec<String>) -> Replay {
     let mut r = Replay::default();
     let mut live: BTreeMap<String, (i64, Reservation)> = BTreeMap::new();
+    let (mut alice_limit, mut team_limit) = (u64::MAX, u64::MAX);
+    let mut policies = policies.iter().peekable();
     let mut i = 0;
     while i < changes.len() {
         let rev = changes[i].rev;
+        while let Some(p) = policies.next_if(|p| p.rev <= rev) {
+            match p.path.as_str() {
+                "alice" => alice_limit = p.policy.unikernels.map_or(u64::MAX, u64::from),
+                "alice:team" => team_limit = p.policy.memory_mb.unwrap_or(u64::MAX),
+                other => panic!("a policy at {other}: the test sets none there"),
+            }
+        }
+        let mut admitted = false;
         while i < changes.len() && changes[i].rev == rev {
             let c = &changes[i];
             match &c.put {
                 Some(res) => {
+                    admitted = true;
                     r.puts.entry(c.key.clone()).or_default().push(rev);
                     live.insert(c.key.clone(), (rev, res.clone()));
                 }
@@ -691,14 +800,19 @@ fn replay(changes: &[Change], failures: &mut Vec<String>) -> Replay {
         if team_mb > r.max_team_mb.0 {
             r.max_team_mb = (team_mb, rev);
         }
-        if alice > ALICE_MAX || team_mb > TEAM_MB {
+        let (alice_max, team_max) = if admitted {
+            (alice_limit.min(ALICE_MAX), team_limit.min(TEAM_MB))
+        } else {
+            (ALICE_MAX, TEAM_MB)
+        };
+        if alice > alice_max || team_mb > team_max {
             let list: Vec<String> = live
                 .iter()
                 .map(|(k, (at, _))| format!("{k} (put at {at})"))
                 .collect();
             failures.push(format!(
-                "etcd revision {rev}: {alice} unikernels below alice (policy: {ALICE_MAX}), \
-                 {team_mb} MB below alice:team (policy: {TEAM_MB} MB); live: {}",
+                "etcd revision {rev}: {alice} unikernels below alice (allowed: {alice_max}), \
+                 {team_mb} MB below alice:team (allowed: {team_max} MB); live: {}",
                 list.join(", ")
             ));
         }
@@ -918,7 +1032,6 @@ fn admission_stays_within_policy_under_member_and_node_failures() {
             memory_mb: Some(TEAM_MB),
             ..Default::default()
         };
-        let path = |s: &str| s.parse::<Path>().expect("a valid path");
         c.put_policy(&path("alice"), Some(&alice))
             .await
             .expect("set alice's policy");
@@ -954,16 +1067,24 @@ fn admission_stays_within_policy_under_member_and_node_failures() {
             let _stop = StopOnPanic(ctl);
             node_nemesis(hist, ctl, nemesis, rng_n)
         });
+        let (admin, rng_p) = (&nss[NODES], rng.fork());
+        let policies = s.spawn(move || {
+            let _stop = StopOnPanic(ctl);
+            in_ns(admin, || {
+                policy_nemesis(endpoints, hist, ctl, nemesis, rng_p)
+            })
+        });
         ctl.sleep(RUN_FOR);
         ctl.stop.store(true, Ordering::SeqCst);
         members.join().expect("the etcd nemesis");
         crasher.join().expect("the node nemesis");
+        policies.join().expect("the policy nemesis");
         nodes.into_iter().map(|h| h.join().expect("a node")).sum()
     });
 
     etcd.wait_healthy();
-    let changes = in_ns(admin, || async {
-        tokio::time::timeout(Duration::from_secs(30), res_history(&endpoints))
+    let (changes, policies) = in_ns(admin, || async {
+        tokio::time::timeout(Duration::from_secs(30), history(&endpoints))
             .await
             .expect("etcd's history read within 30 s")
     });
@@ -971,7 +1092,7 @@ fn admission_stays_within_policy_under_member_and_node_failures() {
     let ops = hist.ops.lock().unwrap().clone();
     let life = hist.life.lock().unwrap().clone();
     let mut failures = Vec::new();
-    let r = replay(&changes, &mut failures);
+    let r = replay(&changes, &policies, &mut failures);
     check_ops_against_replay(&ops, &r, &mut failures);
     check_real_time_order(&ops, &mut failures);
     let proved_max = check_proved_alive(&ops, &life, &mut failures);
@@ -1014,10 +1135,12 @@ fn admission_stays_within_policy_under_member_and_node_failures() {
         admits.clone().count(),
     );
     println!(
-        "cluster_jepsen: nemesis: {} etcd member kills ({} losing the quorum), {} node crashes",
+        "cluster_jepsen: nemesis: {} etcd member kills ({} losing the quorum), {} node \
+         crashes, {} policy changes",
         n(&nemesis.member_kills),
         n(&nemesis.quorum_losses),
-        n(&nemesis.node_crashes)
+        n(&nemesis.node_crashes),
+        n(&nemesis.policy_changes)
     );
     println!(
         "cluster_jepsen: etcd history: {} changes over {} revisions, {crash_deletes} \
