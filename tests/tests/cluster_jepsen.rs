@@ -1005,6 +1005,32 @@ fn check_proved_alive(ops: &[Op], life: &[Life], failures: &mut Vec<String>) -> 
     max
 }
 
+/// The longest a node's run went without a confirmation of its lease
+/// (between two, or from the last to the run's end), and from when: how
+/// long the nodes were cut off (their admissions stop after half the TTL,
+/// a daemon fences after two thirds).
+fn longest_unconfirmed(life: &[Life]) -> (Duration, Duration) {
+    let mut times: BTreeMap<(usize, u32), Vec<Duration>> = BTreeMap::new();
+    for e in life {
+        match *e {
+            Life::Confirmed {
+                node, inst, sent, ..
+            } => times.entry((node, inst)).or_default().push(sent),
+            Life::Stopped { node, inst, at } => times.entry((node, inst)).or_default().push(at),
+        }
+    }
+    let mut longest = (Duration::ZERO, Duration::ZERO);
+    for t in times.values_mut() {
+        t.sort();
+        for w in t.windows(2) {
+            if w[1] - w[0] > longest.0 {
+                longest = (w[1] - w[0], w[0]);
+            }
+        }
+    }
+    longest
+}
+
 // ---------------------------------------------------------------------
 // The test
 
@@ -1125,6 +1151,7 @@ fn admission_stays_within_policy_under_member_and_node_failures() {
         .iter()
         .filter(|c| c.put.is_none() && !released.contains(&(c.key.clone(), c.rev)))
         .count();
+    let (gap, gap_at) = longest_unconfirmed(&life);
     let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
     println!(
         "cluster_jepsen: {} operations: {} admits ({admitted} admitted, {late} of them \
@@ -1154,6 +1181,11 @@ fn admission_stays_within_policy_under_member_and_node_failures() {
         r.max_alice.1,
         r.max_team_mb.0,
         r.max_team_mb.1,
+    );
+    println!(
+        "cluster_jepsen: longest a node went without its lease confirmed: {:.3} s (from {:.3} s)",
+        gap.as_secs_f64(),
+        gap_at.as_secs_f64()
     );
     for (t, what) in hist.nemesis.lock().unwrap().iter() {
         println!("  {:>7.3}s {what}", t.as_secs_f64());
