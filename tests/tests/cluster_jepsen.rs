@@ -322,6 +322,7 @@ fn config(endpoints: &[String], node: &str) -> Config {
         prefix: PREFIX.to_string(),
         ttl: TTL,
         keep_on_partition: false,
+        tls: None,
     }
 }
 

@@ -366,7 +366,13 @@ impl Cluster {
                 *self.last_ok.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
                 Ok(true)
             }
-            _ => Ok(false),
+            Some(_) => Ok(false),
+            // No answer is not an answer that the lease expired (taking a
+            // new one then would leave the names on the old one).
+            None => Err(ClusterError::Unreachable {
+                endpoints: self.cfg.endpoints.join(","),
+                err: "the keep-alive stream ended without an answer".into(),
+            }),
         }
     }
 

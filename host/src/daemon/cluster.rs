@@ -173,52 +173,20 @@ impl Node {
         let ttl = self.cluster.cfg.ttl;
         let tick = (ttl / 3).max(Duration::from_millis(300));
         let mut next_keepalive = Instant::now();
+        let mut next_reconcile = Instant::now();
         loop {
             if Instant::now() >= next_keepalive {
                 next_keepalive = Instant::now() + tick;
-                match tokio::time::timeout(tick, self.cluster.keep_alive()).await {
-                    Ok(Ok(true)) => {
-                        let mut f = self.fenced.lock().unwrap_or_else(|p| p.into_inner());
-                        if *f {
-                            log::info!("cluster: etcd answers again");
-                            *f = false;
-                        }
-                    }
-                    Ok(Ok(false)) => {
-                        log::warn!("cluster: the node's lease expired: taking a new one");
-                        if self.cluster.new_lease().await.is_ok() {
-                            // Everything is registered again under it.
-                            self.registered().clear();
-                        }
-                    }
-                    Ok(Err(e)) => {
-                        log::warn!("cluster: {e}");
-                        // Past its TTL the lease is gone anyway: a new
-                        // one, as soon as etcd takes it.
-                        if self.cluster.since_ok() > ttl && self.cluster.new_lease().await.is_ok() {
-                            log::info!("cluster: a new lease: registering again what runs here");
-                            self.registered().clear();
-                        }
-                    }
-                    Err(_) => log::warn!("cluster: etcd did not answer the keep-alive"),
-                }
-                let cut = self.cluster.since_ok();
-                let fence_after = ttl * 2 / 3;
-                if cut > fence_after && !self.cluster.cfg.keep_on_partition {
-                    let first = {
-                        let mut f = self.fenced.lock().unwrap_or_else(|p| p.into_inner());
-                        !std::mem::replace(&mut *f, true)
-                    };
-                    if first {
-                        log::warn!(
-                            "cluster: cut off from etcd for {cut:?}: stopping this node's \
-                             unikernels before its lease can expire (fencing)"
-                        );
-                        fence().await;
-                    }
-                }
+                // Half a tick at most, so that the fence check below comes
+                // often enough.
+                self.renew(tick / 2).await;
             }
-            if self.cluster.since_ok() < ttl / 2 {
+            // Checked every quarter second, not only after a renewal (which
+            // may take its whole timeout): the fence must come before the
+            // lease can expire.
+            self.fence_if_cut_off(&fence).await;
+            if self.cluster.since_ok() < ttl / 2 && Instant::now() >= next_reconcile {
+                next_reconcile = Instant::now() + Duration::from_secs(1);
                 if let Err(e) = self.reconcile(&state_dir).await {
                     log::warn!("cluster: {e}");
                 }
@@ -226,7 +194,72 @@ impl Node {
                     log::warn!("cluster: {e}");
                 }
             }
-            tokio::time::sleep(Duration::from_millis(1000).min(tick)).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Renew the lease: tried up to three times within `within` (the
+    /// client may first pick a member that is down); a lease that expired
+    /// is replaced.
+    async fn renew(&self, within: Duration) {
+        let ttl = self.cluster.cfg.ttl;
+        let deadline = Instant::now() + within;
+        for attempt in 0..3 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(left / (3 - attempt), self.cluster.keep_alive()).await {
+                Ok(Ok(true)) => {
+                    let mut f = self.fenced.lock().unwrap_or_else(|p| p.into_inner());
+                    if *f {
+                        log::info!("cluster: etcd answers again");
+                        *f = false;
+                    }
+                    return;
+                }
+                Ok(Ok(false)) => {
+                    log::warn!("cluster: the node's lease expired: taking a new one");
+                    if self.cluster.new_lease().await.is_ok() {
+                        // Everything is registered again under it.
+                        self.registered().clear();
+                    }
+                    return;
+                }
+                Ok(Err(e)) => log::warn!("cluster: {e}"),
+                Err(_) => log::warn!("cluster: etcd did not answer the keep-alive"),
+            }
+        }
+        // Past its TTL the lease is gone anyway: a new one, as soon as
+        // etcd takes it.
+        if self.cluster.since_ok() > ttl && self.cluster.new_lease().await.is_ok() {
+            log::info!("cluster: a new lease: registering again what runs here");
+            self.registered().clear();
+        }
+    }
+
+    /// Stop the node's unikernels (once per loss of contact) when etcd has
+    /// not confirmed the lease for 2/3 of its TTL, unless
+    /// `--keep-on-partition`.
+    async fn fence_if_cut_off<F, Fut>(&self, fence: &F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let cut = self.cluster.since_ok();
+        if cut <= self.cluster.cfg.ttl * 2 / 3 || self.cluster.cfg.keep_on_partition {
+            return;
+        }
+        let first = {
+            let mut f = self.fenced.lock().unwrap_or_else(|p| p.into_inner());
+            !std::mem::replace(&mut *f, true)
+        };
+        if first {
+            log::warn!(
+                "cluster: cut off from etcd for {cut:?}: stopping this node's unikernels \
+                 before its lease can expire (fencing)"
+            );
+            fence().await;
         }
     }
 }
