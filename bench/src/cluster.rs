@@ -150,6 +150,56 @@ fn fdatasyncs(dir: &FsPath, ops: usize) -> Result<Vec<Duration>, String> {
     Ok(out)
 }
 
+/// CPU time (user + system) used so far by etcd's members and by the
+/// bench itself (its client side: gRPC, JSON, the admission logic).
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    etcd: Duration,
+    bench: Duration,
+}
+
+impl Cpu {
+    fn now(pids: &[u32]) -> Cpu {
+        // SAFETY: sysconf takes no pointers.
+        let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let mut ticks = 0;
+        for pid in pids {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // After the command's ")": state is field 3, utime 14, stime 15.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            ticks += f.iter().sum::<u64>();
+        }
+        // SAFETY: rusage is plain data; getrusage writes one into `ru`.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+        };
+        Cpu {
+            etcd: Duration::from_nanos(ticks * 1_000_000_000 / tck),
+            bench: tv(ru.ru_utime) + tv(ru.ru_stime),
+        }
+    }
+
+    /// What was used since `self`, per op ("etcd+bench ms").
+    fn per_op(self, pids: &[u32], ops: u64) -> String {
+        let now = Cpu::now(pids);
+        let ms = |d: Duration| d.as_secs_f64() * 1e3 / ops.max(1) as f64;
+        format!(
+            "{:.2}+{:.2} ms",
+            ms(now.etcd.saturating_sub(self.etcd)),
+            ms(now.bench.saturating_sub(self.bench))
+        )
+    }
+}
+
 /// A running 3-member etcd cluster on loopback. Dropped, it SIGKILLs its
 /// members, waits for them and removes their data.
 struct Etcd {
@@ -589,6 +639,11 @@ async fn load(
 struct EtcdRun {
     fs: String,
     fdatasyncs: Vec<Duration>,
+    /// CPU per admit + release ("etcd+bench ms") of `seq`, `throughput`
+    /// and each `contention` row.
+    seq_cpu: String,
+    throughput_cpu: String,
+    contention_cpu: Vec<String>,
     puts: Vec<Duration>,
     gets: Vec<Duration>,
     seq: Seq,
@@ -616,8 +671,14 @@ async fn on_etcd(dir: &FsPath, base: u16, ops: usize, contend: bool) -> Result<E
             .map_err(|e| e.to_string())?;
     }
     let (puts, gets) = floor(&eps, ops).await?;
+    let pids: Vec<u32> = etcd.children.iter().map(Child::id).collect();
+    let cpu = Cpu::now(&pids);
     let seq = sequential(&nodes[0].c, ops).await?;
+    let seq_cpu = cpu.per_op(&pids, seq.both.len() as u64);
+    let cpu = Cpu::now(&pids);
     let throughput = load(&nodes, 3, |j| format!("t{j}"), Until::Time(THROUGHPUT_FOR)).await?;
+    let throughput_cpu = cpu.per_op(&pids, throughput.ops);
+    let mut contention_cpu = Vec::new();
     let mut contention = Vec::new();
     if contend {
         for k in CREATORS {
@@ -625,10 +686,14 @@ async fn on_etcd(dir: &FsPath, base: u16, ops: usize, contend: bool) -> Result<E
             for i in 0..k {
                 own.push(node(&eps, &format!("k{k}c{i}")).await?);
             }
+            let cpu = Cpu::now(&pids);
             let l = load(&own, k, |_| "alice".into(), Until::Ops(OPS_EACH)).await?;
+            contention_cpu.push(cpu.per_op(&pids, l.ops));
             contention.push((k, k, l));
         }
+        let cpu = Cpu::now(&pids);
         let l = load(&nodes, 16, |_| "alice".into(), Until::Ops(OPS_EACH)).await?;
+        contention_cpu.push(cpu.per_op(&pids, l.ops));
         contention.push((16, 3, l));
     }
     drop(nodes);
@@ -636,6 +701,9 @@ async fn on_etcd(dir: &FsPath, base: u16, ops: usize, contend: bool) -> Result<E
     Ok(EtcdRun {
         fs,
         fdatasyncs,
+        seq_cpu,
+        throughput_cpu,
+        contention_cpu,
         puts,
         gets,
         seq,
@@ -720,23 +788,29 @@ pub fn run(o: &Opts) -> Result<Vec<Verdict>, String> {
         med(&disk.seq.both) / med(&sd_lat),
         med(&tmpfs.seq.both) / med(&sd_lat)
     );
+    println!(
+        "  CPU per cluster admit + release (etcd's 3 members + the bench): {} on disk, {} on tmpfs",
+        disk.seq_cpu, tmpfs.seq_cpu
+    );
     println!();
     println!(
-        "throughput, 3 nodes (threads) on subtrees t0, t1, t2, {} s:  {:>10} {:>12}",
+        "throughput, 3 nodes (threads) on subtrees t0, t1, t2, {} s:  {:>10} {:>12} {:>16}",
         THROUGHPUT_FOR.as_secs(),
         "ops/s",
-        "conflicts/op"
+        "conflicts/op",
+        "CPU/op etcd+tt"
     );
     println!(
-        "  {:<44} {:>10.0} {:>12}",
-        "state dir (3 threads)", sd_per_s, "-"
+        "  {:<44} {:>10.0} {:>12} {:>16}",
+        "state dir (3 threads)", sd_per_s, "-", "-"
     );
     for (what, r) in [("disk", &disk), ("tmpfs", &tmpfs)] {
         println!(
-            "  {:<44} {:>10.0} {:>12.2}",
+            "  {:<44} {:>10.0} {:>12.2} {:>16}",
             format!("etcd on {what} (3 nodes)"),
             r.throughput.per_s(),
-            r.throughput.conflicts_per_op()
+            r.throughput.conflicts_per_op(),
+            r.throughput_cpu
         );
     }
     println!();
@@ -744,7 +818,7 @@ pub fn run(o: &Opts) -> Result<Vec<Verdict>, String> {
         "contention: k creators admitting + releasing alice:uJ, {OPS_EACH} each, etcd on disk"
     );
     println!(
-        "  {:>8} {:>6} {:>6} {:>10} {:>13} {:>8} {:>8} {:>10} {:>10}",
+        "  {:>8} {:>6} {:>6} {:>10} {:>13} {:>8} {:>8} {:>10} {:>10} {:>16}",
         "creators",
         "nodes",
         "ops",
@@ -753,12 +827,13 @@ pub fn run(o: &Opts) -> Result<Vec<Verdict>, String> {
         "gave up",
         "ops/s",
         "median",
-        "p99"
+        "p99",
+        "CPU/op etcd+tt"
     );
-    for (k, n, l) in &disk.contention {
+    for ((k, n, l), cpu) in disk.contention.iter().zip(&disk.contention_cpu) {
         let t = lat(&l.lat);
         println!(
-            "  {k:>8} {n:>6} {:>6} {:>10} {:>13.2} {:>8} {:>8.0} {:>10} {:>10}",
+            "  {k:>8} {n:>6} {:>6} {:>10} {:>13.2} {:>8} {:>8.0} {:>10} {:>10} {cpu:>16}",
             l.ops,
             l.conflicts,
             l.conflicts_per_op(),
