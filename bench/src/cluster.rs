@@ -16,11 +16,12 @@
 //! Every admission claims 8 MB and no disk, named below a path whose
 //! policy allows a million unikernels (never refused). Measured, in order:
 //!
-//! 1. **state dir**: [`StateDir::admit`] and dropping the [`Admission`]
-//!    (its release) on a scratch state directory, sequentially (latency),
+//! 1. **state dir**: [`StateDir::admit`] and dropping the
+//!    [`tt_host::admission::Admission`] (its release) on a scratch state directory, sequentially (latency),
 //!    and from 3 threads on 3 subtrees at once for a fixed time
 //!    (throughput): what a single host pays.
-//! 2. **floor**: one etcd put (one raft commit) and one get (a
+//! 2. **floor**: a 4 KiB overwrite + fdatasync of a file in etcd's data
+//!    directory; one etcd put (one raft commit) and one get (a
 //!    linearizable read: a quorum round, no disk write), sequentially from
 //!    one client: what an admission is made of.
 //! 3. **cluster, sequential**: [`Cluster::admit`] then
@@ -41,7 +42,10 @@
 //!    where an fsync costs nothing: the difference is the disk's share.
 //!
 //! Each [`Cluster`] balances its requests over the 3 members (the
-//! etcd-client crate's balancer); its lease is kept alive every 10 s.
+//! etcd-client crate's balancer); its lease is kept alive every 10 s. For
+//! 3 to 5, the CPU time of etcd's members and of the bench per admit +
+//! release is reported too: on a small machine it bounds the throughput.
+//! No target: the issue asks for the comparison (docs/BENCHMARKS.md).
 
 use crate::stats::{fmt, summarize};
 use crate::{Opts, Verdict};
