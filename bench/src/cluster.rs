@@ -743,7 +743,8 @@ pub fn run(o: &Opts) -> Result<Vec<Verdict>, String> {
     let dir = std::env::var_os("TT_CLUSTER_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| crate::root().join("target/tt-cluster-bench"));
-    let shm = PathBuf::from(format!("/dev/shm/tt-cluster-bench-{}", std::process::id()));
+    // A fixed name: what a killed run left is removed by the next one.
+    let shm = PathBuf::from("/dev/shm/tt-cluster-bench");
 
     let (sd_lat, sd_per_s) = state_dir(&dir.join("state"), ops)?;
     let rt = tokio::runtime::Builder::new_current_thread()
