@@ -50,6 +50,13 @@
 //!   sequential `tt-host create` and against 10 creates joining an empty
 //!   environment. Reported, no target. Needs root and nft; runs in a
 //!   network namespace of its own. See [`envs`]. Not part of `all`.
+//! - `cluster`: admission through a 3-member etcd cluster (issue 22):
+//!   admit + release latency from one node and throughput of 3 nodes,
+//!   against the single-host state directory; conflicts per admission
+//!   with 1 to 16 concurrent creators on one subtree; the same etcd on
+//!   tmpfs, to show the disk's share. Reported, no target. Needs root and
+//!   etcd; runs in a network namespace of its own. See [`cluster`]. Not
+//!   part of `all`.
 //!
 //! Each prints a table and its verdict. Only with `--check` does a missed
 //! target make the exit status non-zero (2); errors always exit 1.
@@ -57,6 +64,7 @@
 
 mod blk;
 mod child;
+mod cluster;
 mod compute;
 mod cpl3;
 mod daemon;
@@ -90,6 +98,7 @@ usage:
   tt-bench migrate   [--runs N] [--tt-host PATH] [--image UNIT_IMAGE] [--check]
   tt-bench images    [--runs N]
   tt-bench envs      [--runs N] [--tt-host PATH] [--image NET_IMAGE]
+  tt-bench cluster   [--iters SEQUENTIAL_OPS]
   tt-bench all       [--check]
 
 defaults (relative to the workspace root):
@@ -103,6 +112,8 @@ migrate in $TT_MIGRATE_BENCH_DIR, default target/tt-migrate-bench (also needs co
 images in $TT_IMAGES_BENCH_DIR, default target/tt-images-bench, and in /dev/shm.
 envs in $TT_ENVS_BENCH_DIR, default target/tt-envs-bench; it needs root and nft, and
 runs in a network namespace of its own (the machine's network is not touched).
+cluster runs 3 etcd members (/usr/bin/etcd) in a network namespace of its own (root),
+their data in $TT_CLUSTER_BENCH_DIR, default target/tt-cluster-bench, then in /dev/shm.
   --expect-status 0 (the guest's exit status; a run that ends otherwise is an error)
 
 --check: exit with status 2 if a target is missed (default: only report).";
@@ -277,6 +288,7 @@ fn dispatch(args: &[String]) -> Result<Vec<Verdict>, String> {
                 | "migrate"
                 | "images"
                 | "envs"
+                | "cluster"
                 | "all"
         )
     ) {
@@ -326,6 +338,10 @@ fn dispatch(args: &[String]) -> Result<Vec<Verdict>, String> {
         Some("envs") => {
             let o = parse(rest, &with(&["--runs"]))?;
             (envs::run(&o)?, o.check)
+        }
+        Some("cluster") => {
+            let o = parse(rest, &["--iters"])?;
+            (cluster::run(&o)?, o.check)
         }
         Some("all") => {
             let o = parse(rest, &["--check"])?;
