@@ -474,6 +474,7 @@ async fn node(endpoints: &[String], id: &str) -> Result<Node, String> {
         prefix: "/tt-host".into(),
         ttl: TTL,
         keep_on_partition: false,
+        tls: None,
     };
     let c = Arc::new(
         Cluster::connect(cfg)
