@@ -171,11 +171,21 @@ pub fn tt_with(cmd: &mut Command) -> Run {
     if !cmd.get_envs().any(|(k, _)| k == "TT_HOST_STATE_DIR") {
         cmd.env("TT_HOST_STATE_DIR", state_dir());
     }
-    let child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn tt-host");
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // A copy of tt-host (made for another user to run) can be "busy" for
+    // a moment: another test's fork may still hold the copy's write
+    // descriptor until its exec closes it.
+    let mut tries = 0;
+    let child = loop {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => break r.expect("spawn tt-host"),
+        }
+    };
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || tx.send(child.wait_with_output()));
