@@ -57,7 +57,7 @@ impl NodeFile {
     pub fn write(&self, state_dir: &Path) -> Result<(), String> {
         let path = state_dir.join(NODE_FILE);
         let bytes = serde_json::to_vec_pretty(self).expect("encodes");
-        crate::daemon::envs::write_atomic(&path, &bytes)
+        crate::daemon::sys::write_atomic(&path, &bytes)
             .map_err(|e| format!("{}: {e}", path.display()))
     }
 }

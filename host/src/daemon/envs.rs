@@ -17,7 +17,6 @@
 use super::desired::Owner;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -125,7 +124,8 @@ impl EnvStore {
             envs: self.envs.values().cloned().collect(),
         };
         let bytes = serde_json::to_vec_pretty(&f).expect("environments always encode");
-        write_atomic(&self.path, &bytes).map_err(|e| format!("{}: {e}", self.path.display()))
+        super::sys::write_atomic(&self.path, &bytes)
+            .map_err(|e| format!("{}: {e}", self.path.display()))
     }
 
     pub fn get(&self, name: &str) -> Option<&Env> {
@@ -177,26 +177,6 @@ impl EnvStore {
             .map(|e| (e.end_ns, e.name.clone()))
             .min()
     }
-}
-
-/// Replace `path` with `bytes` crash-safely.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("new");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_data()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -17,7 +17,6 @@ use crate::pools::reservation::{self, PoolInfo};
 use crate::pools::{Draw, Pool, Pools, Unit, Workload, PER_UNIT_SECOND};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Who a pool belongs to.
@@ -84,25 +83,6 @@ pub fn show(pool: &Pool, meta: Option<&Meta>, warned: bool) -> String {
     out
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("json.new");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_data()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(d) = path.parent() {
-        std::fs::File::open(d)?.sync_all()?;
-    }
-    Ok(())
-}
-
 impl PoolState {
     /// Load (or start empty) from the daemon's directory, and charge every
     /// pool up to `now_ns`.
@@ -126,7 +106,8 @@ impl PoolState {
 
     fn save(&self) -> Result<(), String> {
         let bytes = serde_json::to_vec(&self.stored).map_err(|e| e.to_string())?;
-        write_atomic(&self.path, &bytes).map_err(|e| format!("{}: {e}", self.path.display()))
+        super::sys::write_atomic(&self.path, &bytes)
+            .map_err(|e| format!("{}: {e}", self.path.display()))
     }
 
     pub fn create(&mut self, name: &str, meta: Meta, now_ns: u64) -> Result<(), String> {

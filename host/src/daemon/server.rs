@@ -126,6 +126,35 @@ fn rights(sup: &Supervisor, peer: &Peer) -> Result<Rights, String> {
     Rights::load(&StateDir::resolve(Some(&sup.cfg.state_dir)), peer)
 }
 
+/// The caller's rights, or `None` for root (who may do and see all).
+fn rights_unless_root(sup: &Supervisor, peer: &Peer) -> Result<Option<Rights>, String> {
+    if peer.is_root() {
+        Ok(None)
+    } else {
+        rights(sup, peer).map(Some)
+    }
+}
+
+/// Whether the caller with `rights` may see the unikernel or environment
+/// `name`.
+fn sees(rights: &Option<Rights>, name: &str) -> bool {
+    rights
+        .as_ref()
+        .is_none_or(|r| name.parse::<Name>().is_ok_and(|n| r.sees(&n)))
+}
+
+/// Check the caller's rights with `f` (root passes).
+fn check_rights(
+    sup: &Supervisor,
+    peer: &Peer,
+    f: impl Fn(&Rights) -> Result<(), String>,
+) -> Result<(), String> {
+    match rights_unless_root(sup, peer)? {
+        None => Ok(()),
+        Some(r) => f(&r),
+    }
+}
+
 /// Check that the caller may act on the unikernel `name`.
 fn may_act(sup: &Supervisor, peer: &Peer, name: &str) -> Result<Name, String> {
     let n = parse_name(name)?;
@@ -137,11 +166,7 @@ fn may_act(sup: &Supervisor, peer: &Peer, name: &str) -> Result<Name, String> {
 
 /// The names the caller may see, below `path` if given.
 fn visible(sup: &Supervisor, peer: &Peer, path: Option<&Path>) -> Result<Vec<String>, String> {
-    let rights = if peer.is_root() {
-        None
-    } else {
-        Some(rights(sup, peer)?)
-    };
+    let rights = rights_unless_root(sup, peer)?;
     Ok(sup
         .names()
         .into_iter()
@@ -501,23 +526,12 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
             Ok(n) => ok_or_error(sup.env_destroy(&n).await),
             Err(e) => error(e),
         },
-        Op::EnvList => {
-            let rights = if peer.is_root() {
-                None
-            } else {
-                match rights(sup, peer) {
-                    Ok(r) => Some(r),
-                    Err(e) => return error(e),
-                }
-            };
-            Reply::Text {
-                text: sup.env_list(|e| {
-                    rights
-                        .as_ref()
-                        .is_none_or(|r| e.name.parse::<Name>().is_ok_and(|n| r.sees(&n)))
-                }),
-            }
-        }
+        Op::EnvList => match rights_unless_root(sup, peer) {
+            Ok(rights) => Reply::Text {
+                text: sup.env_list(|e| sees(&rights, &e.name)),
+            },
+            Err(e) => error(e),
+        },
         Op::TemplateAdd { name, disk } => {
             if !peer.is_root() {
                 return error(format!(
@@ -677,22 +691,10 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
             };
             ok_or_error(cluster_admit(sup, &n, claim).await)
         }
-        Op::ClusterList => {
-            let rights = if peer.is_root() {
-                None
-            } else {
-                match rights(sup, peer) {
-                    Ok(r) => Some(r),
-                    Err(e) => return error(e),
-                }
-            };
-            let sees = |n: &str| {
-                rights
-                    .as_ref()
-                    .is_none_or(|r| n.parse::<Name>().is_ok_and(|n| r.sees(&n)))
-            };
-            text_or_error(cluster_list(sup, &sees).await)
-        }
+        Op::ClusterList => match rights_unless_root(sup, peer) {
+            Ok(rights) => text_or_error(cluster_list(sup, &|n| sees(&rights, n)).await),
+            Err(e) => error(e),
+        },
         Op::Console { .. } => error("console requests are served on their own"),
         Op::PoolCreate {
             name,
@@ -819,12 +821,7 @@ fn policy(sup: &Supervisor, peer: &Peer, args: &[String]) -> Reply {
         Ok(c) => c,
         Err(e) => return error(e.msg),
     };
-    let check = |f: &dyn Fn(&Rights) -> Result<(), String>| {
-        if peer.is_root() {
-            return Ok(());
-        }
-        f(&rights(sup, peer)?)
-    };
+    let check = |f: &dyn Fn(&Rights) -> Result<(), String>| check_rights(sup, peer, f);
     let dir_given = || error("policy: --state-dir cannot be given through the daemon");
     match cmd {
         PolicyCmd::Help => Reply::Text {
@@ -995,12 +992,7 @@ async fn cluster_policy(
         Ok(c) => c,
         Err(e) => return error(e.msg),
     };
-    let check = |f: &dyn Fn(&Rights) -> Result<(), String>| {
-        if peer.is_root() {
-            return Ok(());
-        }
-        f(&rights(sup, peer)?)
-    };
+    let check = |f: &dyn Fn(&Rights) -> Result<(), String>| check_rights(sup, peer, f);
     let c = &node.cluster;
     match cmd {
         PolicyCmd::Help => Reply::Text {
