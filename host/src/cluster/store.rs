@@ -180,14 +180,15 @@ pub struct Cluster {
 }
 
 /// The time now, Unix ns.
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
 impl Cluster {
-    fn key(&self, rest: &str) -> String {
+    /// `rest` below the cluster's prefix.
+    pub(crate) fn key(&self, rest: &str) -> String {
         format!("{}/{rest}", self.cfg.prefix)
     }
     fn k_policy(&self, p: &Path) -> String {
@@ -229,7 +230,7 @@ impl Cluster {
         }
     }
 
-    fn unreachable(&self, e: etcd_client::Error) -> ClusterError {
+    pub(crate) fn unreachable(&self, e: etcd_client::Error) -> ClusterError {
         ClusterError::Unreachable {
             endpoints: self.cfg.endpoints.join(","),
             err: e.to_string(),
@@ -275,7 +276,7 @@ impl Cluster {
         Ok(c)
     }
 
-    fn lease_id(&self) -> i64 {
+    pub(crate) fn lease_id(&self) -> i64 {
         self.lease.load(Ordering::SeqCst) as i64
     }
 
@@ -852,10 +853,12 @@ impl Cluster {
 
 /// The client's calls, each tried again on another endpoint when it
 /// fails ([`Cluster::retry`]).
-struct Retrying<'a>(&'a Cluster);
+/// Every etcd call of a node goes through this: tried again on another
+/// endpoint when a member does not answer ([`Cluster::retry`]).
+pub(crate) struct Retrying<'a>(pub(crate) &'a Cluster);
 
 impl Retrying<'_> {
-    async fn get(
+    pub(crate) async fn get(
         &self,
         key: impl Into<Vec<u8>>,
         o: Option<GetOptions>,
@@ -869,7 +872,7 @@ impl Retrying<'_> {
             .await
     }
 
-    async fn put(
+    pub(crate) async fn put(
         &self,
         key: impl Into<Vec<u8>>,
         value: impl Into<Vec<u8>>,
@@ -884,7 +887,7 @@ impl Retrying<'_> {
             .await
     }
 
-    async fn delete(
+    pub(crate) async fn delete(
         &self,
         key: impl Into<Vec<u8>>,
         o: Option<DeleteOptions>,
@@ -902,7 +905,7 @@ impl Retrying<'_> {
     /// lost and that committed is seen by the retry: its compare fails
     /// (the name is taken, by this node), and [`Cluster::admit`] reads
     /// that as done.
-    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+    pub(crate) async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
         self.0
             .retry(|mut c| {
                 let t = txn.clone();
@@ -911,7 +914,7 @@ impl Retrying<'_> {
             .await
     }
 
-    async fn lease_grant(
+    pub(crate) async fn lease_grant(
         &self,
         ttl: i64,
     ) -> Result<etcd_client::LeaseGrantResponse, etcd_client::Error> {
@@ -926,7 +929,7 @@ fn limits_sums(p: &PartialPolicy) -> bool {
     p.unikernels.is_some() || p.memory_mb.is_some() || p.block_mb.is_some()
 }
 
-fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, ClusterError> {
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, ClusterError> {
     serde_json::from_slice(value).map_err(|e| ClusterError::Bad {
         key: String::from_utf8_lossy(key).into_owned(),
         err: e.to_string(),
