@@ -346,3 +346,142 @@ fn nodes_speak_tls_to_etcd_and_one_without_a_client_certificate_is_refused() {
     assert_ne!(r.status, 0, "joined without a client certificate: {r:?}");
     assert!(r.stderr.contains("cannot reach etcd"), "{r:?}");
 }
+
+/// A key for `user` registered through `d` (the seed file in its
+/// scratch directory).
+fn key(d: &Daemon, user: &str) -> String {
+    let seed = d.dir.path(&format!("{user}.seed"));
+    let r = d.cli(&["key", "gen", &seed.display().to_string()]);
+    let public = ok(&r).trim().to_string();
+    ok(&d.cli(&["key", "add", user, &public]));
+    seed.display().to_string()
+}
+
+/// A reservation of `cu` CU-seconds for `pool`, signed with `seed`.
+fn reservation(d: &Daemon, id: &str, pool: &str, cu: u64, seed: &str) -> String {
+    let payload = d.dir.path(&format!("{id}.payload"));
+    std::fs::write(
+        &payload,
+        format!(r#"{{"id":"{id}","pool":"{pool}","customer":"alice","cu":{cu},"su":0,"ipv4u":0}}"#),
+    )
+    .unwrap();
+    let r = d.cli(&[
+        "pool",
+        "sign",
+        &format!("--key={seed}"),
+        &payload.display().to_string(),
+    ]);
+    let env = d.dir.path(&format!("{id}.json"));
+    std::fs::write(&env, ok(&r)).unwrap();
+    env.display().to_string()
+}
+
+/// `tt-host create NAME --pool=POOL` (0.5 CU per second) on `d`.
+fn create_in_pool(d: &Daemon, name: &str, pool: &str, extra: &[&str]) -> Run {
+    let mut args = vec!["create", name];
+    args.extend_from_slice(extra);
+    let pool = format!("--pool={pool}");
+    let image = guest("unit").display().to_string();
+    args.extend_from_slice(&[&pool, "--mem=2048", &image, "--", "tick", "100000"]);
+    d.cli(&args)
+}
+
+/// The state column of `name` in `d`'s `tt-host list`.
+fn state(d: &Daemon, name: &str) -> String {
+    let r = d.cli(&["list"]);
+    ok(&r)
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+#[test]
+fn pools_are_the_clusters_reservations_count_once_and_a_pool_empties_on_every_node_at_once() {
+    if !kvm() {
+        return;
+    }
+    let etcd = EtcdCluster::start(3);
+    let pool_opts = ["--pool-min-run=1", "--pool-warning=1"];
+    let mut nodes: Vec<Daemon> = (0..3).map(|i| node(&etcd, i, &pool_opts)).collect();
+    let seed = key(&nodes[0], "alice");
+    let r = nodes[0].cli(&["pool", "create", "p1", "--owner=alice", "--nodes=n0,n1"]);
+    ok(&r);
+    // One set of pools: n2 sees it, with its node list.
+    let r = nodes[2].cli(&["pool", "show", "p1"]);
+    assert!(ok(&r).contains("nodes n0,n1"), "{r:?}");
+    let again = nodes[1].cli(&["pool", "create", "p1", "--owner=alice"]);
+    assert!(
+        again.stderr.contains("exists in the cluster"),
+        "{again:?}\n{}",
+        nodes[1].log()
+    );
+
+    // A reservation made on n1 with the key added on n0 tops up the one
+    // pool; the same reservation on n0 is a replay.
+    let r1 = reservation(&nodes[1], "r1", "p1", 15, &seed);
+    let r = nodes[1].cli(&["pool", "reserve", &r1]);
+    assert!(ok(&r).contains("reservation r1 accepted"), "{r:?}");
+    let replay = nodes[0].cli(&["pool", "reserve", &r1]);
+    assert_ne!(replay.status, 0, "{replay:?}");
+    assert!(replay.stderr.contains("replayed"), "{replay:?}");
+    let r = nodes[2].cli(&["pool", "show", "p1"]);
+    assert!(ok(&r).contains("CU left 15.000"), "{r:?}");
+
+    // n0 and n1 draw from it; n2 is not on its list.
+    ok(&create_in_pool(&nodes[0], "web0", "p1", &[]));
+    ok(&create_in_pool(&nodes[1], "web1", "p1", &[]));
+    let r = create_in_pool(&nodes[2], "web2", "p1", &[]);
+    assert_ne!(r.status, 0, "{r:?}");
+    assert!(r.stderr.contains("pool p1 is for nodes n0, n1"), "{r:?}");
+    let r = nodes[2].cli(&["pool", "show", "p1"]);
+    assert!(ok(&r).contains("CU left"), "{r:?}");
+    assert!(r.stdout.contains("draw 1.000000 per second"), "{r:?}");
+    assert!(r.stdout.contains("drawn by 1 unikernel(s) on n0"), "{r:?}");
+    assert!(r.stdout.contains("drawn by 1 unikernel(s) on n1"), "{r:?}");
+    // Placement keeps to the pool's nodes.
+    let r = create_in_pool(&nodes[2], "web3", "p1", &["--anywhere"]);
+    assert!(ok(&r).contains("created on node n"), "{r:?}");
+    assert!(!r.stdout.contains("node n2"), "{r:?}");
+
+    // 15 CU-s at 1.5 CU/s: the pool empties within 10 s, and every node
+    // stops its unikernels then (all see the same counters).
+    let t = Instant::now();
+    let mut stopped: Vec<(String, Duration)> = Vec::new();
+    while stopped.len() < 3 && t.elapsed() < Duration::from_secs(30) {
+        for (i, name) in [(0, "web0"), (1, "web1"), (0, "web3"), (1, "web3")] {
+            let s = state(&nodes[i], name);
+            if s.contains("stopped: pool p1 empty") && !stopped.iter().any(|(n, _)| n == name) {
+                stopped.push((name.to_string(), t.elapsed()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(stopped.len(), 3, "stopped: {stopped:?}");
+    let first = stopped.iter().map(|s| s.1).min().unwrap();
+    let last = stopped.iter().map(|s| s.1).max().unwrap();
+    assert!(
+        last - first < Duration::from_secs(3),
+        "not stopped together: {stopped:?}"
+    );
+    assert!(
+        first > Duration::from_secs(5),
+        "stopped before 15 CU-s at 1.5 CU/s were spent: {stopped:?}"
+    );
+
+    // Topped up again; a node dies: after its lease what its unikernels
+    // drew is no longer charged.
+    let r2 = reservation(&nodes[0], "r2", "p1", 1000, &seed);
+    ok(&nodes[0].cli(&["pool", "reserve", &r2]));
+    ok(&nodes[0].cli(&["restart", "web0"]));
+    ok(&nodes[1].cli(&["restart", "web1"]));
+    let r = nodes[0].cli(&["pool", "show", "p1"]);
+    assert!(ok(&r).contains("draw 1.000000 per second"), "{r:?}");
+    nodes[1].kill9();
+    nodes[1].kill_units();
+    nodes[0].wait_for(15, "n1's draw to be taken away", || {
+        let r = nodes[0].cli(&["pool", "show", "p1"]);
+        r.stdout.contains("draw 0.500000 per second") && !r.stdout.contains("on n1")
+    });
+    drop(nodes.remove(1));
+}

@@ -21,6 +21,8 @@
 
 pub mod check;
 #[cfg(feature = "cluster")]
+pub mod pools;
+#[cfg(feature = "cluster")]
 pub mod store;
 
 use crate::resources::Name;

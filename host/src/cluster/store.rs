@@ -125,8 +125,9 @@ fn host_capacity() -> (u64, u32) {
 /// The node among `nodes` a unikernel of `memory_mb` goes to: among those
 /// whose free memory (offered minus what their unikernels take) holds it,
 /// the one with the most free memory; on a tie, the one running fewer
-/// unikernels, then the first by id. `allowed` (a pool's node list, if
-/// any) narrows the choice. `None`: no node has room.
+/// unikernels per CPU (each unikernel's vCPU is one thread), then the
+/// first by id. `allowed` (a pool's node list, if any) narrows the
+/// choice. `None`: no node has room.
 pub fn place<'a>(
     nodes: &'a [NodeLoad],
     memory_mb: u64,
@@ -140,7 +141,10 @@ pub fn place<'a>(
             let free = |n: &NodeLoad| n.info.memory_mb.saturating_sub(n.usage.memory_mb);
             free(b)
                 .cmp(&free(a))
-                .then(a.usage.unikernels.cmp(&b.usage.unikernels))
+                .then(
+                    (a.usage.unikernels * b.info.cpus.max(1) as u64)
+                        .cmp(&(b.usage.unikernels * a.info.cpus.max(1) as u64)),
+                )
                 .then(a.info.node.cmp(&b.info.node))
         })
 }
@@ -853,8 +857,6 @@ impl Cluster {
 
 /// The client's calls, each tried again on another endpoint when it
 /// fails ([`Cluster::retry`]).
-/// Every etcd call of a node goes through this: tried again on another
-/// endpoint when a member does not answer ([`Cluster::retry`]).
 pub(crate) struct Retrying<'a>(pub(crate) &'a Cluster);
 
 impl Retrying<'_> {
@@ -905,7 +907,10 @@ impl Retrying<'_> {
     /// lost and that committed is seen by the retry: its compare fails
     /// (the name is taken, by this node), and [`Cluster::admit`] reads
     /// that as done.
-    pub(crate) async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+    pub(crate) async fn txn(
+        &self,
+        txn: Txn,
+    ) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
         self.0
             .retry(|mut c| {
                 let t = txn.clone();
@@ -929,9 +934,49 @@ fn limits_sums(p: &PartialPolicy) -> bool {
     p.unikernels.is_some() || p.memory_mb.is_some() || p.block_mb.is_some()
 }
 
-pub(crate) fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, ClusterError> {
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    key: &[u8],
+    value: &[u8],
+) -> Result<T, ClusterError> {
     serde_json::from_slice(value).map_err(|e| ClusterError::Bad {
         key: String::from_utf8_lossy(key).into_owned(),
         err: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod place_tests {
+    use super::*;
+
+    fn node(id: &str, memory_mb: u64, cpus: u32, used_mb: u64, unikernels: u32) -> NodeLoad {
+        NodeLoad {
+            info: NodeInfo {
+                node: id.into(),
+                started_ns: 0,
+                memory_mb,
+                cpus,
+            },
+            usage: Usage {
+                unikernels: unikernels.into(),
+                memory_mb: used_mb,
+                block_mb: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn the_most_free_memory_then_the_fewest_unikernels_per_cpu_within_the_pools_nodes() {
+        let nodes = [
+            node("a", 4096, 2, 1024, 1),
+            node("b", 8192, 8, 6144, 6),
+            node("c", 4096, 4, 1024, 1),
+        ];
+        // a and c have 3072 MB free; c has more CPUs per unikernel.
+        assert_eq!(place(&nodes, 512, None).unwrap().info.node, "c");
+        let only_a_b = ["a".to_string(), "b".to_string()];
+        assert_eq!(place(&nodes, 512, Some(&only_a_b)).unwrap().info.node, "a");
+        // b alone: 2048 MB free, not enough.
+        assert!(place(&nodes, 3000, Some(&["b".to_string()])).is_none());
+        assert!(place(&nodes, 4000, None).is_none());
+    }
 }

@@ -679,7 +679,7 @@ pub fn policy(args: &[String]) -> Option<Result<(), Fail>> {
 }
 
 pub const POOL_USAGE: &str = "\
-usage: tt-host pool create NAME --owner=USER [--sponsor=USER]
+usage: tt-host pool create NAME --owner=USER [--sponsor=USER] [--nodes=ID,...]
        tt-host pool show [NAME] | pool list
        tt-host pool reserve RESERVATION.json
        tt-host pool sign --key=SEED_FILE [--sponsor-key=SEED_FILE] PAYLOAD.json
@@ -696,7 +696,10 @@ stopped. A create is refused if the pool would be empty within the
 daemon's --pool-min-run (default 120 s).
 
 create   an empty pool owned by USER (root only); with --sponsor, every
-         reservation must be signed by the sponsor too
+         reservation must be signed by the sponsor too. On a cluster node
+         the pool is the cluster's (docs/CLUSTER.md); --nodes: only those
+         nodes' unikernels may draw from it, and 'create --anywhere
+         --pool=NAME' places among them
 show     per counter: what is left, the draw, the last sync, and EmptyAt
 reserve  top a pool up with a signed reservation: the JSON envelope
          {\"payload\": BASE64, \"customer_signature\": BASE64,
@@ -733,13 +736,19 @@ pub fn pool(args: &[String]) -> Result<(), Fail> {
         "create" => {
             let owner = opt(&mut args, "owner").ok_or("pool create: --owner=USER is required")?;
             let sponsor = opt(&mut args, "sponsor");
+            let nodes = opt(&mut args, "nodes")
+                .map(|l| l.split(',').map(str::to_string).collect::<Vec<_>>());
             let [name] = args.as_slice() else {
-                return Err("pool create: expected NAME --owner=USER [--sponsor=USER]".into());
+                return Err(
+                    "pool create: expected NAME --owner=USER [--sponsor=USER] [--nodes=ID,...]"
+                        .into(),
+                );
             };
             Op::PoolCreate {
                 name: name.clone(),
                 owner,
                 sponsor,
+                nodes,
             }
         }
         "show" | "list" => match args.as_slice() {

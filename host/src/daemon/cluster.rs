@@ -339,6 +339,7 @@ impl Node {
         &self,
         mut unit: super::proto::NewUnit,
         owner: super::desired::Owner,
+        allowed: Option<Vec<String>>,
         here: impl std::future::Future<Output = Result<u32, String>>,
     ) -> Result<(String, u32), String> {
         let mem = match crate::cli::parse_run(&unit.args) {
@@ -346,8 +347,15 @@ impl Node {
             _ => return Err(format!("{}: its command line does not parse", unit.name)),
         };
         let nodes = self.cluster.nodes().await.map_err(|e| e.to_string())?;
-        let chosen = crate::cluster::store::place(&nodes, mem, None)
-            .ok_or_else(|| format!("no node has {mem} MB of memory free for {}", unit.name))?
+        let chosen = crate::cluster::store::place(&nodes, mem, allowed.as_deref())
+            .ok_or_else(|| match (&allowed, &unit.pool) {
+                (Some(l), Some(p)) => format!(
+                    "no node of pool {p}'s ({}) has {mem} MB of memory free for {}",
+                    l.join(", "),
+                    unit.name
+                ),
+                _ => format!("no node has {mem} MB of memory free for {}", unit.name),
+            })?
             .info
             .node
             .clone();

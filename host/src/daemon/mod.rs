@@ -503,6 +503,15 @@ async fn join_cluster(
     }
     .write(&sup.cfg.state_dir)?;
     let _ = sup.cluster.set(node.clone());
+    // The pools and keys are the cluster's from now on.
+    sup.pools
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .set_clustered()?;
+    if let Err(e) = sup.refresh_pools().await {
+        log::warn!("cluster: pools: {e}");
+    }
+    tokio::spawn(sup.clone().sync_pools());
     let creating = sup.clone();
     tokio::spawn(node.clone().serve_assignments(move |unit, owner| {
         let sup = creating.clone();

@@ -41,6 +41,21 @@ pub struct PoolState {
     stored: Stored,
     path: PathBuf,
     audit: AuditLog,
+    /// A cluster node's (`--cluster`): the pools, their owners and the keys
+    /// are the cluster's, in etcd, and `stored` mirrors them
+    /// ([`PoolState::mirror`]); only `drawing` (this node's unikernels) is
+    /// this node's, and only it is saved.
+    clustered: bool,
+    /// In a cluster: each pool's node list (`None`: any node), and how
+    /// many unikernels of each node draw from it.
+    cluster_info: BTreeMap<String, ClusterInfo>,
+}
+
+/// What a cluster's pool says beyond [`Pool`] and [`Meta`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterInfo {
+    pub nodes: Option<Vec<String>>,
+    pub drawing: BTreeMap<String, usize>,
 }
 
 /// One line of `pool show`.
@@ -99,15 +114,130 @@ impl PoolState {
             stored,
             path,
             audit,
+            clustered: false,
+            cluster_info: BTreeMap::new(),
         };
         s.save()?;
         Ok(s)
     }
 
     fn save(&self) -> Result<(), String> {
-        let bytes = serde_json::to_vec(&self.stored).map_err(|e| e.to_string())?;
+        let bytes = if self.clustered {
+            let own = Stored {
+                drawing: self.stored.drawing.clone(),
+                ..Stored::default()
+            };
+            serde_json::to_vec(&own)
+        } else {
+            serde_json::to_vec(&self.stored)
+        }
+        .map_err(|e| e.to_string())?;
         super::sys::write_atomic(&self.path, &bytes)
             .map_err(|e| format!("{}: {e}", self.path.display()))
+    }
+
+    /// From now on the pools are the cluster's: what this node kept of its
+    /// own is dropped (the mirror fills in from etcd), its unikernels'
+    /// draws are kept (the cluster is told of them).
+    pub fn set_clustered(&mut self) -> Result<(), String> {
+        self.clustered = true;
+        self.stored.pools = Pools::new();
+        self.stored.meta.clear();
+        self.stored.keys = KeyRing::new();
+        self.save()
+    }
+
+    pub fn is_clustered(&self) -> bool {
+        self.clustered
+    }
+
+    /// Replace the mirror of the cluster's pools and keys with what etcd
+    /// holds: each pool with its owner and [`ClusterInfo`]. True if a
+    /// pool changed (its EmptyAt may have).
+    pub fn mirror(&mut self, pools: Vec<(Pool, Meta, ClusterInfo)>, keys: KeyRing) -> bool {
+        let mut fresh = Pools::new();
+        let mut meta = BTreeMap::new();
+        let mut info = BTreeMap::new();
+        for (p, m, i) in pools {
+            let name = p.name().to_string();
+            meta.insert(name.clone(), m);
+            info.insert(name, i);
+            // Names in etcd are unique keys: insert cannot find one twice.
+            let _ = fresh.insert(p);
+        }
+        let changed = fresh != self.stored.pools;
+        self.stored.pools = fresh;
+        self.stored.meta = meta;
+        self.stored.keys = keys;
+        self.cluster_info = info;
+        changed
+    }
+
+    /// Replace one pool of the mirror (as a change to it just wrote it).
+    pub fn mirror_one(&mut self, pool: Pool, meta: Meta, info: ClusterInfo) {
+        let name = pool.name().to_string();
+        let _ = self.stored.pools.remove(&name);
+        let _ = self.stored.pools.insert(pool);
+        self.stored.meta.insert(name.clone(), meta);
+        self.cluster_info.insert(name, info);
+    }
+
+    /// In a cluster: pool's node list (`None`: any node, or no such pool).
+    pub fn nodes_of(&self, pool: &str) -> Option<Vec<String>> {
+        self.cluster_info.get(pool).and_then(|i| i.nodes.clone())
+    }
+
+    /// In a cluster: the unikernel `unit` was admitted into `pool` by the
+    /// cluster and draws `draw` from it.
+    pub fn note_drawing(&mut self, unit: &str, pool: &str, draw: Draw) -> Result<(), String> {
+        self.stored
+            .drawing
+            .insert(unit.to_string(), (pool.to_string(), draw));
+        self.save()
+    }
+
+    /// This node's unikernels' draws, by pool.
+    pub fn own_draws(&self) -> BTreeMap<String, BTreeMap<String, Draw>> {
+        let mut out: BTreeMap<String, BTreeMap<String, Draw>> = BTreeMap::new();
+        for (unit, (pool, draw)) in &self.stored.drawing {
+            out.entry(pool.clone())
+                .or_default()
+                .insert(unit.clone(), *draw);
+        }
+        out
+    }
+
+    /// Is `unit` drawing from a pool?
+    pub fn is_drawing(&self, unit: &str) -> bool {
+        self.stored.drawing.contains_key(unit)
+    }
+
+    /// Check a reservation's envelope: its signatures against the keys, its
+    /// pool's owner (and sponsor), and that this node never accepted it
+    /// (the cluster checks that no node did).
+    pub fn verify(&self, envelope: &[u8]) -> Result<reservation::Accepted, String> {
+        let meta = &self.stored.meta;
+        let audit = &self.audit;
+        reservation::verify(
+            envelope,
+            |p| {
+                meta.get(p).map(|m| PoolInfo {
+                    owner: m.owner.clone(),
+                    sponsor: m.sponsor.clone(),
+                })
+            },
+            &self.stored.keys,
+            |id| audit.contains(id),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// Record an accepted reservation in this node's audit log.
+    pub fn record(&mut self, accepted: &reservation::Accepted, now_ns: u64) -> Result<(), String> {
+        self.audit
+            .record(accepted, now_ns)
+            .map(drop)
+            .map_err(|e| e.to_string())
     }
 
     pub fn create(&mut self, name: &str, meta: Meta, now_ns: u64) -> Result<(), String> {
@@ -133,33 +263,15 @@ impl PoolState {
 
     /// Verify, record in the audit log, and top up.
     pub fn reserve(&mut self, envelope: &[u8], now_ns: u64) -> Result<String, String> {
-        let meta = &self.stored.meta;
-        let audit = &self.audit;
-        let accepted = reservation::verify(
-            envelope,
-            |p| {
-                meta.get(p).map(|m| PoolInfo {
-                    owner: m.owner.clone(),
-                    sponsor: m.sponsor.clone(),
-                })
-            },
-            &self.stored.keys,
-            |id| audit.contains(id),
-        )
-        .map_err(|e| e.to_string())?;
+        let accepted = self.verify(envelope)?;
         let r = accepted.reservation().clone();
-        self.audit
-            .record(&accepted, now_ns)
-            .map_err(|e| e.to_string())?;
+        self.record(&accepted, now_ns)?;
         self.stored
             .pools
             .top_up(&r.pool, r.cu, r.su, r.ipv4u, now_ns)
             .map_err(|e| e.to_string())?;
         self.save()?;
-        Ok(format!(
-            "reservation {} accepted: pool {} + {} CU-s, {} SU-s, {} IPv4U-s",
-            r.id, r.pool, r.cu, r.su, r.ipv4u
-        ))
+        Ok(accepted_message(&r))
     }
 
     pub fn meta(&self, pool: &str) -> Option<&Meta> {
@@ -181,7 +293,17 @@ impl PoolState {
             .sync(pool, now_ns)
             .map_err(|e| e.to_string())?;
         let p = self.stored.pools.get(pool).expect("synced just above");
-        Ok(show(p, self.stored.meta.get(pool), warned))
+        let mut out = show(p, self.stored.meta.get(pool), warned);
+        if let Some(i) = self.cluster_info.get(pool) {
+            out += &format!(
+                "  nodes {}\n",
+                i.nodes.as_ref().map_or("any".to_string(), |l| l.join(","))
+            );
+            for (node, n) in &i.drawing {
+                out += &format!("  drawn by {n} unikernel(s) on {node}\n");
+            }
+        }
+        Ok(out)
     }
 
     /// Admission: refuse a unikernel whose draw would empty `pool` within
@@ -222,6 +344,11 @@ impl PoolState {
         if self.stored.drawing.contains_key(unit) {
             return Ok(());
         }
+        if self.clustered {
+            return Err(format!(
+                "{unit}: not admitted into pool {pool} by the cluster (a bug)"
+            ));
+        }
         self.stored
             .pools
             .add_workload(pool, draw, now_ns)
@@ -240,6 +367,11 @@ impl PoolState {
         };
         let r = self.stored.pools.remove_workload(&pool, draw, now_ns);
         self.save()?;
+        if self.clustered {
+            // The mirror only: the cluster is told by the node's next pool
+            // sync, and the mirror replaced then.
+            return Ok(());
+        }
         r.map(drop).map_err(|e| e.to_string())
     }
 
@@ -253,20 +385,44 @@ impl PoolState {
 
     /// The next instant a pool empties.
     pub fn next_expiry(&self) -> Option<(u64, String)> {
+        if self.clustered {
+            return self.own_expiries().min();
+        }
         self.stored
             .pools
             .next_expiry()
             .map(|(t, n)| (t, n.to_string()))
     }
 
+    /// In a cluster: the EmptyAt of each pool this node's unikernels draw
+    /// from (the others' are their nodes' business).
+    fn own_expiries(&self) -> impl Iterator<Item = (u64, String)> + '_ {
+        let own: std::collections::BTreeSet<&String> =
+            self.stored.drawing.values().map(|(p, _)| p).collect();
+        (self.stored.pools.iter())
+            .filter(move |p| own.contains(&p.name().to_string()))
+            .filter_map(|p| p.empty_at().map(|t| (t, p.name().to_string())))
+    }
+
     /// The pools empty at or before `now_ns`.
     pub fn due(&self, now_ns: u64) -> Vec<(u64, String)> {
+        if self.clustered {
+            return self.own_expiries().filter(|(t, _)| *t <= now_ns).collect();
+        }
         self.stored
             .pools
             .due(now_ns)
             .map(|(t, n)| (t, n.to_string()))
             .collect()
     }
+}
+
+/// What `pool reserve` says of an accepted reservation.
+pub fn accepted_message(r: &reservation::Reservation) -> String {
+    format!(
+        "reservation {} accepted: pool {} + {} CU-s, {} SU-s, {} IPv4U-s",
+        r.id, r.pool, r.cu, r.su, r.ipv4u
+    )
 }
 
 /// The draw of a unikernel with `mem_mb` of memory, block images
@@ -328,5 +484,39 @@ mod tests {
         p.stop_drawing("web", 160 * S).unwrap();
         assert_eq!(p.next_expiry(), None);
         assert!(p.due(1000 * S).is_empty());
+    }
+
+    #[test]
+    fn a_cluster_nodes_mirror_is_not_saved_and_only_its_own_pools_expire_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = PoolState::open(dir.path(), 0).unwrap();
+        p.set_clustered().unwrap();
+        let pool = |name: &str, cu: u64, draw: Draw| {
+            let mut x = Pool::new(name, 0);
+            x.top_up(cu, 0, 0, 0).unwrap();
+            x.add_workload(draw, 0).unwrap();
+            let meta = Meta {
+                owner: "alice".into(),
+                sponsor: None,
+            };
+            (x, meta, ClusterInfo::default())
+        };
+        let half = draw_of(2048, 0, 0);
+        // p1 empties at 200 s, p2 (another node's only) at 20 s.
+        assert!(p.mirror(
+            vec![pool("p1", 100, half), pool("p2", 10, half)],
+            KeyRing::new()
+        ));
+        // Not admitted by the cluster: refused here.
+        assert!(p.start_drawing("web", "p1", half, 0).is_err());
+        p.note_drawing("web", "p1", half).unwrap();
+        assert_eq!(p.next_expiry(), Some((200 * S, "p1".to_string())));
+        assert!(p.due(100 * S).is_empty());
+        assert_eq!(p.due(200 * S), [(200 * S, "p1".to_string())]);
+        drop(p);
+        // Reopened: the node's draw is there, the cluster's pools are not.
+        let p = PoolState::open(dir.path(), 0).unwrap();
+        assert!(p.names().is_empty());
+        assert_eq!(p.own_draws()["p1"]["web"], half);
     }
 }

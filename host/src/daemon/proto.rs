@@ -96,6 +96,10 @@ pub enum Op {
         owner: String,
         #[serde(default)]
         sponsor: Option<String>,
+        /// On a cluster node: the nodes whose unikernels may draw from it
+        /// (`None`: any).
+        #[serde(default)]
+        nodes: Option<Vec<String>>,
     },
     /// One pool, or all the caller may see.
     PoolShow {

@@ -444,6 +444,23 @@ fn ok_or_error(r: Result<String, String>) -> Reply {
 }
 
 async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -> Reply {
+    // On a cluster node, a pool another node created reaches this node's
+    // mirror within a second; one named before that is looked up now.
+    let pool_named = match &op {
+        Op::Create(u) => u.pool.clone(),
+        Op::EnvCreate { units, .. } => units.iter().find_map(|u| u.pool.clone()),
+        _ => None,
+    };
+    let unknown = |p: &String| {
+        (sup.pools.lock().unwrap_or_else(|e| e.into_inner()))
+            .meta(p)
+            .is_none()
+    };
+    if pool_named.as_ref().is_some_and(unknown) {
+        if let Err(e) = sup.refresh_pools().await {
+            log::warn!("cluster: pools: {e}");
+        }
+    }
     match op {
         Op::Create(u) if u.anywhere => {
             if let Err(e) = may_create(sup, peer, &u) {
@@ -700,15 +717,28 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
             name,
             owner,
             sponsor,
+            nodes,
         } => {
             if !peer.is_root() {
                 return error(format!("uid {} may not create pools (root only)", peer.uid));
             }
-            let r = sup.pools.lock().unwrap_or_else(|p| p.into_inner()).create(
-                &name,
-                super::pools::Meta { owner, sponsor },
-                sys::now_ns(),
-            );
+            let meta = super::pools::Meta { owner, sponsor };
+            let clustered = sup
+                .pools
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_clustered();
+            let r = if clustered {
+                cluster_pool_create(sup, &name, meta, nodes).await
+            } else if nodes.is_some() {
+                Err("pool create --nodes: this daemon is not a cluster node (no --cluster)".into())
+            } else {
+                sup.pools.lock().unwrap_or_else(|p| p.into_inner()).create(
+                    &name,
+                    meta,
+                    sys::now_ns(),
+                )
+            };
             match r {
                 Ok(()) => Reply::Ok {
                     message: format!(
@@ -719,6 +749,9 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
             }
         }
         Op::PoolShow { name } => {
+            if let Err(e) = sup.refresh_pools().await {
+                return error(format!("cannot read the cluster's pools: {e}"));
+            }
             let mut pools = sup.pools.lock().unwrap_or_else(|p| p.into_inner());
             let names = match name {
                 Some(n) => vec![n],
@@ -742,11 +775,19 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
             Reply::Text { text }
         }
         Op::PoolReserve { envelope } => {
-            let r = sup
+            let clustered = sup
                 .pools
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .reserve(envelope.as_bytes(), sys::now_ns());
+                .is_clustered();
+            let r = if clustered {
+                cluster_reserve(sup, envelope.as_bytes()).await
+            } else {
+                sup.pools
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .reserve(envelope.as_bytes(), sys::now_ns())
+            };
             sup.pools_changed.notify_one();
             match r {
                 Ok(message) => Reply::Ok { message },
@@ -757,12 +798,20 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
             if !peer.is_root() {
                 return error(format!("uid {} may not add keys (root only)", peer.uid));
             }
-            match sup
+            let clustered = sup
                 .pools
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .add_key(&user, &key)
-            {
+                .is_clustered();
+            let added = if clustered {
+                cluster_key_add(sup, &user, &key).await
+            } else {
+                sup.pools
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .add_key(&user, &key)
+            };
+            match added {
                 Ok(true) => Reply::Ok {
                     message: format!("key added for {user}"),
                 },
@@ -896,6 +945,47 @@ async fn cluster_admit(
     Err("this daemon is not a cluster node (no --cluster)".into())
 }
 
+/// A cluster node's pool operations (docs/CLUSTER.md, "Pools").
+#[cfg(feature = "cluster")]
+async fn cluster_pool_create(
+    sup: &Supervisor,
+    name: &str,
+    meta: super::pools::Meta,
+    nodes: Option<Vec<String>>,
+) -> Result<(), String> {
+    sup.cluster_pool_create(name, meta, nodes).await
+}
+
+#[cfg(feature = "cluster")]
+async fn cluster_reserve(sup: &Supervisor, envelope: &[u8]) -> Result<String, String> {
+    sup.cluster_reserve(envelope).await
+}
+
+#[cfg(feature = "cluster")]
+async fn cluster_key_add(sup: &Supervisor, user: &str, key: &str) -> Result<bool, String> {
+    sup.cluster_key_add(user, key).await
+}
+
+#[cfg(not(feature = "cluster"))]
+async fn cluster_pool_create(
+    _: &Supervisor,
+    _: &str,
+    _: super::pools::Meta,
+    _: Option<Vec<String>>,
+) -> Result<(), String> {
+    Err("this daemon is not a cluster node".into())
+}
+
+#[cfg(not(feature = "cluster"))]
+async fn cluster_reserve(_: &Supervisor, _: &[u8]) -> Result<String, String> {
+    Err("this daemon is not a cluster node".into())
+}
+
+#[cfg(not(feature = "cluster"))]
+async fn cluster_key_add(_: &Supervisor, _: &str, _: &str) -> Result<bool, String> {
+    Err("this daemon is not a cluster node".into())
+}
+
 /// `create --anywhere`: on the node with room.
 #[cfg(feature = "cluster")]
 async fn create_anywhere(
@@ -915,7 +1005,14 @@ async fn create_anywhere(
         let owner = peer.owner();
         async move { sup.create_unit(local, owner, received).await.map(|s| s.pid) }
     };
-    let (on, pid) = node.create_anywhere(u, peer.owner(), here).await?;
+    // A pool's node list narrows the choice.
+    let allowed = (u.pool.as_ref()).and_then(|p| {
+        sup.pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .nodes_of(p)
+    });
+    let (on, pid) = node.create_anywhere(u, peer.owner(), allowed, here).await?;
     Ok(format!("{name}: created on node {on}, pid {pid}"))
 }
 

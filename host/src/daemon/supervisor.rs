@@ -9,6 +9,8 @@
 //! from that file (tt-host run records its own end there), since only a
 //! parent can read an exit status from the kernel.
 
+#[cfg(feature = "cluster")]
+mod clpools;
 mod envops;
 
 pub use envops::EnvRequest;
@@ -148,6 +150,12 @@ pub struct Supervisor {
     pub pools: Mutex<PoolState>,
     /// Wakes the expiry timer when a pool's EmptyAt may have changed.
     pub pools_changed: tokio::sync::Notify,
+    /// On a cluster node: pool admissions and the pool sync take turns
+    /// (the sync compares this node's draws with the cluster's).
+    #[cfg(feature = "cluster")]
+    pool_sync: tokio::sync::Mutex<()>,
+    /// Wakes the pool sync when a unikernel stopped drawing.
+    pool_sync_wake: tokio::sync::Notify,
     /// The environments (lock order: `inner`, then `envs`).
     envs: Mutex<EnvStore>,
     /// This node's place in its cluster (`--cluster`).
@@ -237,6 +245,9 @@ impl Supervisor {
             boot_id: sys::boot_id(),
             pools: Mutex::new(pools),
             pools_changed: tokio::sync::Notify::new(),
+            #[cfg(feature = "cluster")]
+            pool_sync: tokio::sync::Mutex::new(()),
+            pool_sync_wake: tokio::sync::Notify::new(),
             envs: Mutex::new(envs),
             #[cfg(feature = "cluster")]
             cluster: std::sync::OnceLock::new(),
@@ -542,6 +553,26 @@ impl Supervisor {
             log::warn!("{name}: {e}");
         }
         self.pools_changed.notify_one();
+        self.pool_sync_wake.notify_one();
+    }
+
+    /// On a cluster node, admission into `spec`'s pool through the cluster
+    /// (before the unit is recorded: it waits for etcd); true if its draw
+    /// was recorded now.
+    #[cfg(feature = "cluster")]
+    async fn pool_admit_cluster(&self, spec: &Spec) -> Result<bool, String> {
+        self.cluster_pool_admit(spec).await
+    }
+
+    #[cfg(not(feature = "cluster"))]
+    async fn pool_admit_cluster(&self, _: &Spec) -> Result<bool, String> {
+        Ok(false)
+    }
+
+    /// The cluster's pools into the mirror: a no-op without a cluster.
+    #[cfg(not(feature = "cluster"))]
+    pub async fn refresh_pools(&self) -> Result<(), String> {
+        Ok(())
     }
 
     /// The draw of the unikernel `spec` describes.
@@ -681,10 +712,19 @@ impl Supervisor {
         received: Instant,
     ) -> Result<Started, String> {
         let name = spec.name.clone();
+        let exists = || format!("{name} exists (destroy it first, or restart it)");
+        if self.lock().units.contains_key(&name) {
+            return Err(exists());
+        }
+        let drawn = self.pool_admit_cluster(&spec).await?;
         let (pid, rx, persist_us) = {
             let mut inner = self.lock();
             if inner.units.contains_key(&name) {
-                return Err(format!("{name} exists (destroy it first, or restart it)"));
+                drop(inner);
+                if drawn {
+                    self.stop_drawing(&name);
+                }
+                return Err(exists());
             }
             self.start_drawing(&spec)?;
             let t = Instant::now();
@@ -842,12 +882,20 @@ impl Supervisor {
             ));
         }
         self.stop(name).await?;
+        let spec = self.lock().units.get(name).map(|u| u.spec.clone());
+        let drawn = match &spec {
+            Some(spec) => self.pool_admit_cluster(spec).await?,
+            None => false,
+        };
         let (pid, rx) = {
             let mut inner = self.lock();
-            let mut unit = inner
-                .units
-                .remove(name)
-                .ok_or_else(|| format!("{name} was destroyed meanwhile"))?;
+            let Some(mut unit) = inner.units.remove(name) else {
+                drop(inner);
+                if drawn {
+                    self.stop_drawing(name);
+                }
+                return Err(format!("{name} was destroyed meanwhile"));
+            };
             unit.consecutive = 0;
             unit.restarts += 1;
             unit.stopped_because = None;
