@@ -95,7 +95,12 @@ impl Daemon {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("the daemon exited ({st}): {}", self.log());
             }
-            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
+            // The socket is bound before the daemon is ready (a cluster
+            // node joins first): a request then waits, and meets a reset
+            // if the daemon gives up. Ready is when one is answered.
+            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok()
+                && self.cli(&["list"]).status == 0
+            {
                 return;
             }
             assert!(
