@@ -118,6 +118,12 @@ fn an_env_name_is_the_clusters_its_record_follows_it_and_a_restart_registers_it_
     assert_eq!(ok(&nodes[1].cli(&["env", "list"])).lines().count(), 1);
     assert_eq!(record(&etcd, "lab").unwrap().0["node"], "n0");
 
+    // Managed where it is: another node says which one that is.
+    wait(5, "n1 naming the node of lab", || {
+        let r = nodes[1].cli(&["env", "extend", "lab", "1h"]);
+        r.status != 0 && r.stderr.contains("it is on node n0")
+    });
+
     // Every node lists every node's environments.
     ok(&env_create(&nodes[1], "other", None));
     let rows = cluster_rows(&nodes[1], "lab");

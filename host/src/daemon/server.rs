@@ -424,7 +424,7 @@ fn may_create(sup: &Supervisor, peer: &Peer, u: &NewUnit) -> Result<(), String> 
 fn may_act_env(sup: &Supervisor, peer: &Peer, name: &str) -> Result<String, String> {
     let n = may_act(sup, peer, name)?.to_string();
     if sup.env_owner(&n).is_none() {
-        return Err(format!("no environment named {n}"));
+        return Err(sup.no_env(&n));
     }
     Ok(n)
 }

@@ -63,6 +63,8 @@ pub struct EnvSync {
     warned: Mutex<BTreeSet<String>>,
     /// Set with `source`: creates what other nodes place here.
     creator: OnceLock<Creator>,
+    /// Every node's records as last read (for saying where one is).
+    last: Mutex<Vec<EnvRecord>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -194,6 +196,15 @@ impl Node {
         Ok(one)
     }
 
+    /// The other node that has environment `name`, as last read (at most
+    /// a second ago).
+    pub fn env_node(&self, name: &str) -> Option<String> {
+        locked(&self.envs.last)
+            .iter()
+            .find(|r| r.name == name && r.node != self.cluster.cfg.node)
+            .map(|r| r.node.clone())
+    }
+
     /// Is etcd answering (so that a sync is worth waiting for)?
     pub fn in_touch(&self) -> bool {
         self.cluster.since_ok() < self.cluster.cfg.ttl / 2
@@ -205,6 +216,7 @@ impl Node {
     pub async fn sync_envs(&self) -> Result<Vec<EnvEntry>, ClusterError> {
         let _one = self.envs.one.lock().await;
         let have = self.cluster.envs().await?;
+        *locked(&self.envs.last) = have.iter().map(|e| e.record.clone()).collect();
         let Some(want) = self.envs.source.get().and_then(|f| f()) else {
             return Ok(have);
         };

@@ -414,7 +414,7 @@ impl Supervisor {
             .envs()
             .get(&env_name)
             .cloned()
-            .ok_or_else(|| format!("create {name}: no environment named {env_name}"))?;
+            .ok_or_else(|| format!("create {name}: {}", self.no_env(&env_name)))?;
         let ok = match env.state {
             EnvState::Running => true,
             EnvState::Creating => creating,
@@ -496,7 +496,7 @@ impl Supervisor {
         self.envs()
             .get(name)
             .cloned()
-            .ok_or_else(|| format!("no environment named {name}"))
+            .ok_or_else(|| self.no_env(name))
     }
 
     /// The unikernels of environment `env`.

@@ -101,6 +101,19 @@ impl Supervisor {
         Err("env create --anywhere: this daemon is not a cluster node (no --cluster)".into())
     }
 
+    /// "no environment named NAME", saying which node has it if another
+    /// node of the cluster does.
+    pub fn no_env(&self, name: &str) -> String {
+        #[cfg(feature = "cluster")]
+        if let Some(n) = self.cluster.get().and_then(|c| c.env_node(name)) {
+            return format!(
+                "no environment named {name} here: it is on node {n} of the cluster \
+                 (ask that node's daemon)"
+            );
+        }
+        format!("no environment named {name}")
+    }
+
     /// `env list --cluster`: every node's environments that `sees` allows.
     pub async fn cluster_env_list(
         &self,
