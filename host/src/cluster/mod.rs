@@ -15,11 +15,16 @@
 //! directory admitted it. A node whose daemon does not answer admits
 //! nothing.
 //!
+//! Environments stay one node's, but their names are the cluster's:
+//! each has its record in etcd ([`envs`]).
+//!
 //! The etcd client (the `etcd-client` crate, which needs `protoc` to
 //! build) is behind the cargo feature `cluster`; without it, `tt-host
 //! daemon --cluster` says so, and a single host works as before.
 
 pub mod check;
+#[cfg(feature = "cluster")]
+pub mod envs;
 #[cfg(feature = "cluster")]
 pub mod pools;
 #[cfg(feature = "cluster")]

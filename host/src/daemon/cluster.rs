@@ -23,6 +23,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod envs;
+
 /// A reservation made this long ago whose unikernel the state directory
 /// does not show yet is left alone: `tt-host run` asks the cluster just
 /// after its state directory admitted it, and the reconciliation may look
@@ -40,6 +42,8 @@ pub struct Node {
     seen: Mutex<BTreeMap<String, Vec<String>>>,
     /// Unikernels of nodes that went away: (node, name, when in Unix ns).
     pub lost: Mutex<Vec<(String, String, u64)>>,
+    /// Its environments in the cluster ([`envs`]).
+    envs: envs::EnvSync,
 }
 
 impl Node {
@@ -53,6 +57,7 @@ impl Node {
             fenced: Mutex::new(false),
             seen: Mutex::new(BTreeMap::new()),
             lost: Mutex::new(Vec::new()),
+            envs: envs::EnvSync::default(),
         }))
     }
 
@@ -193,6 +198,7 @@ impl Node {
                 if let Err(e) = self.notice_lost().await {
                     log::warn!("cluster: {e}");
                 }
+                self.envs_tick().await;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -299,6 +305,9 @@ impl Node {
                 }
             };
             for (name, request) in list {
+                if self.serve_env_assignment(&name, &request) {
+                    continue;
+                }
                 let started = match serde_json::from_slice::<Assignment>(&request) {
                     Ok(a) if a.unit.name == name => {
                         log::info!("cluster: {name} assigned here");

@@ -10,12 +10,12 @@ use std::path::PathBuf;
 pub const ENV_USAGE: &str = "\
 usage: tt-host env create NAME --lifetime=DURATION [--deny-outgoing]
                        [--blacklist=ADDR,...] [--bridge=BRIDGE] [--subnet=A.B.C.D/N]
-                       [--units=FILE]
+                       [--units=FILE] [--anywhere]
        tt-host env extend NAME DURATION
        tt-host env stop NAME
        tt-host env start NAME
        tt-host env destroy NAME
-       tt-host env list
+       tt-host env list [--cluster]
 each also takes --socket=PATH; DURATION is e.g. 90s, 30m, 2h, 1d
 
 An environment is a named group of unikernels with an end time, as
@@ -37,9 +37,16 @@ stop     save each unikernel (memory, vCPU, devices) and stop it: a
          stopped environment holds no CPU or memory
 start    bring the unikernels back from their saved state, where they were
 destroy  stop and remove it, its unikernels, bridge, TAPs and rules now
-list     each environment: state, end, unikernels, bridge, subnet
+list     each environment: state, end, unikernels, bridge, subnet; with
+         --cluster (on a cluster node), every node's, and those lost with
+         a node that died
 extend, stop, start and destroy of one environment are refused within the
 daemon's --env-mgmt-interval (default 1 s) of the one before.
+On a cluster node (daemon --cluster) an environment's name is the
+cluster's: create refuses a name another node's environment has; with
+--anywhere, the environment is made on the node with the most free
+memory that holds all its unikernels (their images at the same paths
+there).
 
 A unikernel joins with 'tt-host create NAME --env=ENV ...', and with
 --env-net=DEVICE its hvt net device DEVICE gets a TAP on the bridge and an
@@ -224,7 +231,7 @@ pub fn env(args: &[String]) -> Result<(), Fail> {
                     "--subnet",
                     "--units",
                 ],
-                &["--deny-outgoing"],
+                &["--deny-outgoing", "--anywhere"],
             )?;
             let name = w.one_name(&cmd, "NAME")?;
             name.parse::<crate::resources::Name>()
@@ -251,6 +258,7 @@ pub fn env(args: &[String]) -> Result<(), Fail> {
                 bridge: w.value("--bridge").map(String::from),
                 subnet: w.value("--subnet").map(String::from),
                 units,
+                anywhere: w.flag("--anywhere"),
             };
             (w.socket, op)
         }
@@ -276,11 +284,16 @@ pub fn env(args: &[String]) -> Result<(), Fail> {
             (w.socket, op)
         }
         "list" => {
-            let w = words(&cmd, rest, &[], &[])?;
+            let w = words(&cmd, rest, &[], &["--cluster"])?;
             if !w.pos.is_empty() {
                 return Err(format!("{cmd}: takes no arguments"));
             }
-            (w.socket, Op::EnvList)
+            let op = if w.flag("--cluster") {
+                Op::ClusterEnvList
+            } else {
+                Op::EnvList
+            };
+            (w.socket, op)
         }
         v => {
             return Err(format!(

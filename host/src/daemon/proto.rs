@@ -131,6 +131,9 @@ pub enum Op {
         subnet: Option<String>,
         #[serde(default)]
         units: Vec<NewUnit>,
+        /// On the cluster's node with room for all its unikernels.
+        #[serde(default)]
+        anywhere: bool,
     },
     /// Move an environment's end `by_s` seconds later.
     EnvExtend {
@@ -193,6 +196,9 @@ pub enum Op {
     /// Every node's unikernels (those the caller may see), from the
     /// cluster's reservations.
     ClusterList,
+    /// Every node's environments (those the caller may see), from the
+    /// cluster's records (`env list --cluster`).
+    ClusterEnvList,
 }
 
 /// A unikernel to create (`tt-host create`).

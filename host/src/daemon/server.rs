@@ -341,7 +341,7 @@ pub fn vet(op: &Op) -> Result<(), String> {
             Err("template add: the disk's path must be absolute".into())
         }
         Op::ClusterAdmit { name, .. } => parse_name(name).map(drop),
-        Op::ClusterList => Ok(()),
+        Op::ClusterList | Op::ClusterEnvList => Ok(()),
         Op::EnvList | Op::TemplateList | Op::TemplateAdd { .. } | Op::TemplateRemove { .. } => {
             Ok(())
         }
@@ -424,7 +424,7 @@ fn may_create(sup: &Supervisor, peer: &Peer, u: &NewUnit) -> Result<(), String> 
 fn may_act_env(sup: &Supervisor, peer: &Peer, name: &str) -> Result<String, String> {
     let n = may_act(sup, peer, name)?.to_string();
     if sup.env_owner(&n).is_none() {
-        return Err(format!("no environment named {n}"));
+        return Err(sup.no_env(&n));
     }
     Ok(n)
 }
@@ -494,6 +494,7 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
             bridge,
             subnet,
             units,
+            anywhere,
         } => {
             let checked = (|| {
                 may_act(sup, peer, &name)?;
@@ -525,6 +526,9 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
                 subnet,
                 units,
             };
+            if anywhere {
+                return ok_or_error(sup.env_create_anywhere(req).await);
+            }
             ok_or_error(sup.env_create(req).await)
         }
         Op::EnvExtend { name, by_s } => match may_act_env(sup, peer, &name) {
@@ -710,6 +714,10 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
         }
         Op::ClusterList => match rights_unless_root(sup, peer) {
             Ok(rights) => text_or_error(cluster_list(sup, &|n| sees(&rights, n)).await),
+            Err(e) => error(e),
+        },
+        Op::ClusterEnvList => match rights_unless_root(sup, peer) {
+            Ok(rights) => text_or_error(sup.cluster_env_list(&|n| sees(&rights, n)).await),
             Err(e) => error(e),
         },
         Op::Console { .. } => error("console requests are served on their own"),

@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+mod cluster;
+
 /// Make `dir` (and what is missing above it) and let anyone traverse it
 /// (mode 0711: no listing, no writing), so that a unikernel's owner, whose
 /// identity tt-host run opens its files with, reaches the file of its own
@@ -52,7 +54,10 @@ pub fn make_traversable(top: &Path, dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// What an environment's creation asks.
+/// What an environment's creation asks (also as another cluster node
+/// asks it of this one: `env create --anywhere`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EnvRequest {
     pub name: String,
     pub owner: Owner,
@@ -368,7 +373,13 @@ impl Supervisor {
             Some(_) => Some(self.env_ops.lock().await),
             None => None,
         };
-        self.create_in_env(unit, owner, received, false).await
+        let joins = unit.env.is_some();
+        let r = self.create_in_env(unit, owner, received, false).await;
+        if joins {
+            // Its environment's record counts it.
+            self.cluster_sync().await;
+        }
+        r
     }
 
     /// Create `unit`; in its environment, which must be running (or being
@@ -403,7 +414,7 @@ impl Supervisor {
             .envs()
             .get(&env_name)
             .cloned()
-            .ok_or_else(|| format!("create {name}: no environment named {env_name}"))?;
+            .ok_or_else(|| format!("create {name}: {}", self.no_env(&env_name)))?;
         let ok = match env.state {
             EnvState::Running => true,
             EnvState::Creating => creating,
@@ -485,7 +496,7 @@ impl Supervisor {
         self.envs()
             .get(name)
             .cloned()
-            .ok_or_else(|| format!("no environment named {name}"))
+            .ok_or_else(|| self.no_env(name))
     }
 
     /// The unikernels of environment `env`.
@@ -558,9 +569,26 @@ impl Supervisor {
                 return Err(format!("{} exists", u.name));
             }
         }
+        // On a cluster node, the name is claimed in the cluster before
+        // anything is made; the claim stands until the record is here.
+        #[cfg(feature = "cluster")]
+        let claim = match self.cluster.get() {
+            Some(node) => {
+                let rec = cluster::record(&env, &node.cluster.cfg.node, std::iter::empty());
+                Some(node.claim_env(&rec).await?)
+            }
+            None => None,
+        };
         // The record first: whatever follows, a daemon that dies now
         // finds it 'creating' and undoes it.
-        self.envs().put(env.clone())?;
+        let recorded = self.envs().put(env.clone());
+        #[cfg(feature = "cluster")]
+        drop(claim);
+        if let Err(e) = recorded {
+            // The claim goes with it.
+            self.cluster_sync().await;
+            return Err(e);
+        }
         let made = self.make_env(&env, req.units).await;
         if let Err(e) = made {
             self.undo_env(&name, true).await;
@@ -574,6 +602,7 @@ impl Supervisor {
             return Err(e);
         }
         self.envs_changed.notify_one();
+        self.cluster_sync().await;
         let n = self.members(&name).len();
         Ok(format!(
             "environment {name} created: {n} unikernel(s), bridge {}, subnet {}, ends {}",
@@ -665,6 +694,7 @@ impl Supervisor {
             log::warn!("environment {name}: {e}");
         }
         self.envs_changed.notify_one();
+        self.cluster_sync().await;
     }
 
     /// At the daemon's start: undo every environment its predecessor left
@@ -696,6 +726,7 @@ impl Supervisor {
             let _ = self.stop(&unit).await;
             self.forget(&unit, true);
         }
+        self.cluster_follow().await;
     }
 
     /// `env extend`.
@@ -707,6 +738,7 @@ impl Supervisor {
         let end = env.end_ns;
         self.envs().put(env)?;
         self.envs_changed.notify_one();
+        self.cluster_sync().await;
         Ok(format!(
             "environment {name} now ends {}",
             humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_nanos(end))
@@ -749,6 +781,7 @@ impl Supervisor {
         }
         env.state = EnvState::Stopped;
         self.envs().put(env)?;
+        self.cluster_sync().await;
         Ok(format!(
             "environment {name} stopped: {saved} of {} unikernel(s) saved",
             members.len()
@@ -802,6 +835,7 @@ impl Supervisor {
                 Err(_) => notes.push(format!("{unit}: its start was abandoned")),
             }
         }
+        self.cluster_sync().await;
         let mut msg = format!("environment {name} started: {resumed} unikernel(s) running");
         for n in notes {
             msg += &format!("\n  {n}");
