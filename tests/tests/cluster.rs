@@ -24,6 +24,11 @@ fn node(etcd: &EtcdCluster, i: usize, extra: &[&str]) -> Daemon {
     let mut d = Daemon::new(&format!("cluster-n{i}"), &opts);
     d.netns = Some(etcd.node_netns(i));
     d.start();
+    // The socket answers before the daemon has joined the cluster: a
+    // create --anywhere would not see the node yet.
+    d.wait_for(30, "the node to join the cluster", || {
+        d.log().contains("serving ")
+    });
     d
 }
 
