@@ -471,4 +471,24 @@ fn with_etcd_roles_each_node_writes_its_own_keys_and_not_another_nodes() {
     for d in &nodes {
         assert!(!d.log().contains("refuses this node"), "{}", d.log());
     }
+
+    // Policies kept to the operator (docs/CLUSTER.md): without write on
+    // policy/, a node's policy set is refused, saying so at once.
+    ok(&etcd.etcdctl(&[
+        "role",
+        "revoke-permission",
+        "tt-host",
+        "--prefix",
+        "/tt-host/policy/",
+    ]));
+    let t = Instant::now();
+    let r = nodes[1].cli(&["policy", "set", "alice", "--unikernels", "9", "--daemon"]);
+    assert_ne!(r.status, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("etcd refuses this node's request"),
+        "{r:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let r = nodes[1].cli(&["policy", "show", "alice", "--daemon"]);
+    assert!(ok(&r).contains("\"unikernels\":3"), "{r:?}");
 }
