@@ -104,18 +104,23 @@ pub struct EtcdCluster {
 }
 
 /// TLS material in PEM files, made with `openssl` for one test: a CA, the
-/// members' server certificate (for 10.77.0.1), and a client certificate
-/// the CA signed.
+/// members' server certificate (for 10.77.0.1), a client certificate the
+/// CA signed (the harness's own etcdctl uses it), and one per node.
 pub struct Certs {
     pub ca: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// Node `i`'s client certificate and key, common name `n<i>`: with
+    /// etcd's auth on, it is user `n<i>` ([`EtcdCluster::start_tls_auth`]).
+    pub nodes: Vec<(PathBuf, PathBuf)>,
 }
 
 impl Certs {
-    fn make(dir: &Scratch) -> Certs {
+    /// With the client certificate's common name `client_cn` and `nodes`
+    /// node certificates.
+    fn make(dir: &Scratch, client_cn: &str, nodes: usize) -> Certs {
         let p = |n: &str| dir.path(n);
         let openssl = |args: &[&str]| {
             let out = Command::new("openssl")
@@ -131,6 +136,9 @@ impl Certs {
             server_key: p("server.key"),
             client_cert: p("client.pem"),
             client_key: p("client.key"),
+            nodes: (0..nodes)
+                .map(|i| (p(&format!("n{i}.pem")), p(&format!("n{i}.key"))))
+                .collect(),
         };
         let ca_key = p("ca.key");
         openssl(&[
@@ -150,20 +158,25 @@ impl Certs {
             "-out",
             &s(&certs.ca),
         ]);
-        for (cert, key, cn, ext) in [
+        let client = "extendedKeyUsage=clientAuth";
+        let mut issue = vec![
             (
                 &certs.server_cert,
                 &certs.server_key,
-                "etcd",
+                "etcd".to_string(),
                 "subjectAltName=IP:10.77.0.1",
             ),
             (
                 &certs.client_cert,
                 &certs.client_key,
-                "tt-host",
-                "extendedKeyUsage=clientAuth",
+                client_cn.to_string(),
+                client,
             ),
-        ] {
+        ];
+        for (i, (cert, key)) in certs.nodes.iter().enumerate() {
+            issue.push((cert, key, format!("n{i}"), client));
+        }
+        for (cert, key, cn, ext) in issue {
             let csr = p(&format!("{cn}.csr"));
             let extfile = p(&format!("{cn}.ext"));
             std::fs::write(&extfile, format!("{ext}\n")).unwrap();
@@ -207,17 +220,40 @@ impl EtcdCluster {
     /// Start `members` members forming one new cluster, and wait until it
     /// is healthy (every member answers and a write succeeds).
     pub fn start(members: usize) -> EtcdCluster {
-        Self::start_with(members, false)
+        Self::start_with(members, None)
     }
 
     /// [`EtcdCluster::start`], with clients speaking TLS and proving
     /// themselves with a certificate (`--client-cert-auth`): see
     /// [`EtcdCluster::certs`].
     pub fn start_tls(members: usize) -> EtcdCluster {
-        Self::start_with(members, true)
+        Self::start_with(members, Some(("tt-host", 0)))
     }
 
-    fn start_with(members: usize, tls: bool) -> EtcdCluster {
+    /// [`EtcdCluster::start_tls`] with etcd's authentication on and the
+    /// roles of docs/CLUSTER.md ("Roles", [`roles_commands`]) for `nodes`
+    /// nodes `n0`, `n1`, ... below `prefix`: each node's certificate
+    /// ([`Certs::nodes`]) makes it user `n<i>`, who may write its own keys
+    /// and the shared ones only. The harness's own certificate is user
+    /// `root`'s.
+    pub fn start_tls_auth(members: usize, prefix: &str, nodes: usize) -> EtcdCluster {
+        let cluster = Self::start_with(members, Some(("root", nodes)));
+        let names: Vec<String> = (0..nodes).map(|i| format!("n{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        for cmd in roles_commands(prefix, &names) {
+            let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+            let r = cluster.etcdctl(&args);
+            assert_eq!(r.status, 0, "etcdctl {cmd:?}: {r:?}");
+        }
+        let r = cluster.etcdctl(&["auth", "enable"]);
+        assert_eq!(r.status, 0, "etcdctl auth enable: {r:?}");
+        cluster.wait_healthy();
+        cluster
+    }
+
+    /// `tls`: the harness's client certificate's common name and the
+    /// number of node certificates.
+    fn start_with(members: usize, tls: Option<(&str, usize)>) -> EtcdCluster {
         require_etcd();
         assert!(
             (1..=9).contains(&members),
@@ -238,7 +274,7 @@ impl EtcdCluster {
                 client_port: 2379 + 10 * i as u16,
                 peer_port: 2380 + 10 * i as u16,
                 child: None,
-                tls,
+                tls: tls.is_some(),
             })
             .collect();
         let initial_cluster = members
@@ -255,8 +291,8 @@ impl EtcdCluster {
             certs: None,
         };
         let mut cluster = cluster;
-        if tls {
-            cluster.certs = Some(Certs::make(&cluster.dir));
+        if let Some((client_cn, nodes)) = tls {
+            cluster.certs = Some(Certs::make(&cluster.dir, client_cn, nodes));
         }
         for i in 0..cluster.len() {
             cluster.spawn(i, "new");
@@ -323,18 +359,42 @@ impl EtcdCluster {
         self.etcdctl_at(ns, &self.endpoints(), args)
     }
 
+    /// Run `etcdctl ARGS` against every member from the cluster network,
+    /// with node `node`'s certificate ([`Certs::nodes`]): as user
+    /// `n<node>` when etcd's auth is on.
+    pub fn etcdctl_as_node(&self, node: usize, args: &[&str]) -> Run {
+        let c = self.certs.as_ref().expect("a cluster with TLS");
+        let (cert, key) = c
+            .nodes
+            .get(node)
+            .unwrap_or_else(|| panic!("no certificate for node {node}"));
+        self.etcdctl_with(&self.ns, &self.endpoints(), Some((cert, key)), args)
+    }
+
     /// Run `etcdctl ARGS` against `endpoints` from namespace `ns` (etcdctl
     /// adds a second `--endpoints` to the first rather than replacing it).
     fn etcdctl_at(&self, ns: &Netns, endpoints: &str, args: &[&str]) -> Run {
+        let own = self.certs.as_ref().map(|c| (&c.client_cert, &c.client_key));
+        self.etcdctl_with(ns, endpoints, own, args)
+    }
+
+    /// [`EtcdCluster::etcdctl_at`] with the client certificate `cert`.
+    fn etcdctl_with(
+        &self,
+        ns: &Netns,
+        endpoints: &str,
+        cert: Option<(&PathBuf, &PathBuf)>,
+        args: &[&str],
+    ) -> Run {
         let endpoints = format!("--endpoints={endpoints}");
         let mut cmd = ns.command(ETCDCTL);
         clear_etcd_env(&mut cmd);
         cmd.env("ETCDCTL_API", "3")
             .args([&endpoints, "--dial-timeout=2s", "--command-timeout=5s"]);
-        if let Some(c) = &self.certs {
+        if let (Some(c), Some((cert, key))) = (&self.certs, cert) {
             cmd.arg(format!("--cacert={}", c.ca.display()))
-                .arg(format!("--cert={}", c.client_cert.display()))
-                .arg(format!("--key={}", c.client_key.display()));
+                .arg(format!("--cert={}", cert.display()))
+                .arg(format!("--key={}", key.display()));
         }
         cmd.args(args);
         run_for(&mut cmd, Duration::from_secs(60))
@@ -498,6 +558,69 @@ impl Drop for EtcdCluster {
         // Then the fields go: the namespace, and the scratch dir with the
         // members' data.
     }
+}
+
+/// The prefixes below a cluster's prefix that every node writes:
+/// policies, `create --anywhere`'s requests and answers, pools, signing
+/// keys, pool reservations and environments (docs/CLUSTER.md, "Roles").
+pub const SHARED_PREFIXES: [&str; 8] = [
+    "policy", "assign", "placed", "pools", "keys", "resv", "envs", "envid",
+];
+
+/// The `etcdctl` commands (their arguments) of docs/CLUSTER.md's "Roles"
+/// for nodes `nodes` below `prefix`, before `auth enable`: user `root`
+/// (etcd requires it), a role `tt-host` reading everything below the
+/// prefix and writing the shared prefixes, and per node a role
+/// `tt-host-NODE` writing its own keys (`n/NODE/` and `nodes/NODE`),
+/// and a user NODE (no password: its certificate's common name) with both.
+pub fn roles_commands(prefix: &str, nodes: &[&str]) -> Vec<Vec<String>> {
+    let c = |args: &[&str]| args.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut out = vec![
+        c(&["user", "add", "root", "--no-password"]),
+        c(&["user", "grant-role", "root", "root"]),
+        c(&["role", "add", "tt-host"]),
+        c(&[
+            "role",
+            "grant-permission",
+            "tt-host",
+            "--prefix",
+            "read",
+            &format!("{prefix}/"),
+        ]),
+    ];
+    for p in SHARED_PREFIXES {
+        out.push(c(&[
+            "role",
+            "grant-permission",
+            "tt-host",
+            "--prefix",
+            "readwrite",
+            &format!("{prefix}/{p}/"),
+        ]));
+    }
+    for n in nodes {
+        let role = format!("tt-host-{n}");
+        out.push(c(&["role", "add", &role]));
+        out.push(c(&[
+            "role",
+            "grant-permission",
+            &role,
+            "--prefix",
+            "readwrite",
+            &format!("{prefix}/n/{n}/"),
+        ]));
+        out.push(c(&[
+            "role",
+            "grant-permission",
+            &role,
+            "readwrite",
+            &format!("{prefix}/nodes/{n}"),
+        ]));
+        out.push(c(&["user", "add", n, "--no-password"]));
+        out.push(c(&["user", "grant-role", n, "tt-host"]));
+        out.push(c(&["user", "grant-role", n, &role]));
+    }
+    out
 }
 
 /// Keep the test's environment (ETCD_* and ETCDCTL_* settings) from

@@ -5,6 +5,7 @@
 //! Nodes use a 3 s lease so that the tests see expiries quickly.
 
 use std::time::{Duration, Instant};
+use tt_host::cluster::store::keys;
 use tt_tests::daemon::Daemon;
 use tt_tests::etcd::EtcdCluster;
 use tt_tests::{guest, kvm, Run};
@@ -23,6 +24,11 @@ fn node(etcd: &EtcdCluster, i: usize, extra: &[&str]) -> Daemon {
     let mut d = Daemon::new(&format!("cluster-n{i}"), &opts);
     d.netns = Some(etcd.node_netns(i));
     d.start();
+    // The socket answers before the daemon has joined the cluster: a
+    // create --anywhere would not see the node yet.
+    d.wait_for(30, "the node to join the cluster", || {
+        d.log().contains("serving ")
+    });
     d
 }
 
@@ -39,13 +45,13 @@ fn create(d: &Daemon, name: &str) -> Run {
     ])
 }
 
-/// The reservations etcd holds (their keys).
+/// The reservations etcd holds (their keys, `/tt-host/n/NODE/res/NAME`).
 fn reservations(etcd: &EtcdCluster) -> Vec<String> {
-    let r = etcd.etcdctl(&["get", "--prefix", "/tt-host/res/", "--keys-only"]);
+    let r = etcd.etcdctl(&["get", "--prefix", "/tt-host/n/", "--keys-only"]);
     assert_eq!(r.status, 0, "{r:?}");
     r.stdout
         .lines()
-        .filter(|l| !l.trim().is_empty())
+        .filter(|l| keys::parse_res("/tt-host", l.trim()).is_some())
         .map(String::from)
         .collect()
 }
@@ -484,4 +490,144 @@ fn pools_are_the_clusters_reservations_count_once_and_a_pool_empties_on_every_no
         r.stdout.contains("draw 0.500000 per second") && !r.stdout.contains("on n1")
     });
     drop(nodes.remove(1));
+}
+
+#[test]
+fn with_etcd_roles_each_node_writes_its_own_keys_and_not_another_nodes() {
+    if !kvm() {
+        return;
+    }
+    // TLS, client certificates and etcd's auth on, with docs/CLUSTER.md's
+    // roles: node i's certificate (common name n<i>) is user n<i>.
+    let etcd = EtcdCluster::start_tls_auth(3, "/tt-host", 3);
+    let c = etcd.certs.as_ref().unwrap();
+    let nodes: Vec<Daemon> = (0..3)
+        .map(|i| {
+            let tls = [
+                format!("--cluster-ca={}", c.ca.display()),
+                format!("--cluster-cert={}", c.nodes[i].0.display()),
+                format!("--cluster-key={}", c.nodes[i].1.display()),
+            ];
+            let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+            node(&etcd, i, &tls)
+        })
+        .collect();
+
+    // The nodes admit and release as without auth: a policy (a shared
+    // key), creates on every node up to its limit, and the room of a
+    // destroyed one comes back.
+    ok(&nodes[0].cli(&["policy", "set", "alice", "--unikernels", "3", "--daemon"]));
+    for (i, d) in nodes.iter().enumerate() {
+        ok(&create(d, &format!("alice:r{i}")));
+    }
+    let r = create(&nodes[1], "alice:r3");
+    assert_ne!(r.status, 0, "over the limit: {r:?}");
+    assert!(r.stderr.contains("refused by the cluster"), "{r:?}");
+    assert_eq!(reservations(&etcd).len(), 3, "{:?}", reservations(&etcd));
+    ok(&nodes[2].cli(&["destroy", "alice:r2"]));
+    nodes[0].wait_for(10, "the room of alice:r2", || {
+        create(&nodes[0], "alice:r4").status == 0
+    });
+    let r = nodes[1].cli(&["list", "--cluster"]);
+    assert!(
+        ok(&r).contains("alice:r4") && !r.stdout.contains("alice:r2"),
+        "{r:?}"
+    );
+
+    // The leases work under auth (a grant and keep-alives need no key
+    // permission): past twice the nodes' 3 s TTL their keys are there.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(reservations(&etcd).len(), 3, "{:?}", reservations(&etcd));
+    let r = etcd.etcdctl_as_node(0, &["lease", "grant", "30"]);
+    let lease = ok(&r)
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("{r:?}"))
+        .to_string();
+    ok(&etcd.etcdctl_as_node(0, &["lease", "keep-alive", "--once", &lease]));
+
+    // With n0's certificate: n1's usage, reservations and node key are
+    // refused, n0's own keys are not.
+    let denied = |r: &Run, what: &str| {
+        assert_ne!(r.status, 0, "n0 could {what}: {r:?}");
+        assert!(r.stderr.contains("permission denied"), "{what}: {r:?}");
+    };
+    let usage = keys::usage("/tt-host", "n1", &"alice".parse().unwrap());
+    let res = keys::res("/tt-host", "n1", "alice:r1");
+    let fake = r#"{"unikernels":0,"memory_mb":0,"block_mb":0}"#;
+    denied(
+        &etcd.etcdctl_as_node(0, &["put", &usage, fake]),
+        "write n1's usage",
+    );
+    denied(
+        &etcd.etcdctl_as_node(0, &["del", &res]),
+        "delete n1's reservation",
+    );
+    denied(
+        &etcd.etcdctl_as_node(0, &["put", &keys::res("/tt-host", "n1", "alice:x"), "{}"]),
+        "add a reservation for n1",
+    );
+    denied(
+        &etcd.etcdctl_as_node(0, &["del", "--prefix", &keys::own("/tt-host", "n1")]),
+        "clear n1's keys",
+    );
+    denied(
+        &etcd.etcdctl_as_node(0, &["put", &keys::node("/tt-host", "n1"), "{}"]),
+        "replace n1's node key",
+    );
+    let r = etcd.etcdctl(&["get", "--print-value-only", &usage]);
+    assert!(ok(&r).contains("\"unikernels\":1"), "{r:?}");
+    assert_eq!(reservations(&etcd).len(), 3);
+    // n0 may write below its own prefix, and read everything.
+    let mine = format!("{}probe", keys::own("/tt-host", "n0"));
+    ok(&etcd.etcdctl_as_node(0, &["put", &mine, "1"]));
+    ok(&etcd.etcdctl_as_node(0, &["del", &mine]));
+    let r = etcd.etcdctl_as_node(0, &["get", "--print-value-only", &res]);
+    assert!(ok(&r).contains("alice:r1"), "{r:?}");
+    // And a shared key: a policy.
+    ok(&etcd.etcdctl_as_node(
+        0,
+        &[
+            "put",
+            &keys::policy("/tt-host", &"bob".parse().unwrap()),
+            "{}",
+        ],
+    ));
+    // Nor may it revoke n1's lease (which would take n1's keys with it).
+    let r = etcd.etcdctl(&["get", "-w", "json", &keys::node("/tt-host", "n1")]);
+    let v: serde_json::Value = serde_json::from_str(ok(&r)).unwrap();
+    let n1_lease = v["kvs"][0]["lease"]
+        .as_i64()
+        .expect("n1's key is on a lease");
+    denied(
+        &etcd.etcdctl_as_node(0, &["lease", "revoke", &format!("{n1_lease:x}")]),
+        "revoke n1's lease",
+    );
+    // The cluster's usage, read by a node through its role.
+    let r = nodes[0].cli(&["policy", "show", "alice", "--daemon"]);
+    assert!(ok(&r).contains("3 unikernel(s)"), "{r:?}");
+    // Nothing a node does on its own was refused.
+    for d in &nodes {
+        assert!(!d.log().contains("refuses this node"), "{}", d.log());
+    }
+
+    // Policies kept to the operator (docs/CLUSTER.md): without write on
+    // policy/, a node's policy set is refused, saying so at once.
+    ok(&etcd.etcdctl(&[
+        "role",
+        "revoke-permission",
+        "tt-host",
+        "--prefix",
+        "/tt-host/policy/",
+    ]));
+    let t = Instant::now();
+    let r = nodes[1].cli(&["policy", "set", "alice", "--unikernels", "9", "--daemon"]);
+    assert_ne!(r.status, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("etcd refuses this node's request"),
+        "{r:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let r = nodes[1].cli(&["policy", "show", "alice", "--daemon"]);
+    assert!(ok(&r).contains("\"unikernels\":3"), "{r:?}");
 }

@@ -7,7 +7,7 @@
 //! when it completed and what it returned, and the run is then checked:
 //!
 //! 1. **From etcd's own history.** Every revision of the reservation
-//!    keys (`PREFIX/res/`) is read back with a watch from revision 1
+//!    keys (`PREFIX/n/NODE/res/NAME`) is read back with a watch from revision 1
 //!    (nothing is compacted) and replayed with the policies' history: at
 //!    no revision that admitted one may more unikernels run below `alice`
 //!    than its policy then allows, nor more memory below `alice:team` than
@@ -241,8 +241,10 @@ fn outcome(r: Option<Result<i64, ClusterError>>) -> (Outcome, String) {
                 ClusterError::Refused(_) => Outcome::Refused,
                 ClusterError::Taken { .. } => Outcome::Taken,
                 ClusterError::Unreachable { .. } => Outcome::Unreachable,
-                ClusterError::CutOff(_) => Outcome::CutOff,
-                ClusterError::Bad { .. } => Outcome::Bad,
+                // Not admitted: the node was cut off, or its lease gone.
+                ClusterError::CutOff(_) | ClusterError::NoLease => Outcome::CutOff,
+                // No auth here: a refusal is as wrong as bad data.
+                ClusterError::Bad { .. } | ClusterError::Denied(_) => Outcome::Bad,
                 ClusterError::Contended => Outcome::Contended,
             };
             (o, e.to_string())

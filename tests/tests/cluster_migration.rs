@@ -56,7 +56,11 @@ fn target(d: &Daemon, sock: &Path) -> Host {
     );
     let t = Instant::now();
     while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "no {}", sock.display());
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no {}",
+            sock.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     h
@@ -87,7 +91,11 @@ fn a_unikernel_migrates_between_nodes_counted_on_both_until_the_source_lets_go()
     // No room for a second copy of alice:m under alice's 2: the target is
     // refused, says why, and the guest runs on at the source.
     let t = target(&nodes[1], &sock);
-    let r = nodes[0].cli(&["migrate-send", "alice:m", &format!("--to={}", sock.display())]);
+    let r = nodes[0].cli(&[
+        "migrate-send",
+        "alice:m",
+        &format!("--to={}", sock.display()),
+    ]);
     assert_ne!(r.status, 0, "{r:?}");
     assert!(
         r.stderr.contains("refused by the cluster"),
@@ -96,7 +104,10 @@ fn a_unikernel_migrates_between_nodes_counted_on_both_until_the_source_lets_go()
     let ended = t.finish();
     assert!(!ended.status.success(), "{:?}", ended.stderr);
     assert!(
-        ended.stderr.iter().any(|l| l.contains("refused by the cluster")),
+        ended
+            .stderr
+            .iter()
+            .any(|l| l.contains("refused by the cluster")),
         "{:?}",
         ended.stderr
     );
@@ -106,7 +117,11 @@ fn a_unikernel_migrates_between_nodes_counted_on_both_until_the_source_lets_go()
     // source's run ended (its node releases it within a second).
     ok(&nodes[0].cli(&["destroy", "alice:x"]));
     let _t = target(&nodes[1], &sock);
-    let r = nodes[0].cli(&["migrate-send", "alice:m", &format!("--to={}", sock.display())]);
+    let r = nodes[0].cli(&[
+        "migrate-send",
+        "alice:m",
+        &format!("--to={}", sock.display()),
+    ]);
     assert!(ok(&r).contains("migrated"), "{r:?}");
     nodes[1].wait_for(10, "alice:m on n1 alone", || {
         nodes_of(&nodes[1], "alice:m") == ["n1"]

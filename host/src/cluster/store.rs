@@ -1,50 +1,156 @@
 //! The cluster's state in etcd, and exact admission through it.
 //!
-//! # Keys (below the prefix, `/tt-host` by default)
+//! # Keys (below the prefix, `/tt-host` by default; [`keys`])
 //!
 //! | key | value | lease |
 //! | --- | --- | --- |
 //! | `policy/PATH` | the policy set at PATH ([`PartialPolicy`], JSON) | none |
-//! | `usage/PATH/NODE` | what NODE runs below PATH ([`Usage`], JSON) | NODE's |
-//! | `names/NAME` | the node running unikernel NAME | NODE's |
-//! | `res/NODE/NAME` | its reservation ([`Reservation`], JSON) | NODE's |
 //! | `nodes/NODE` | the node's description ([`NodeInfo`], JSON) | NODE's |
+//! | `n/NODE/usage/PATH` | what NODE runs below PATH ([`Usage`], JSON) | NODE's |
+//! | `n/NODE/res/NAME` | NODE's reservation for unikernel NAME ([`Reservation`], JSON) | NODE's |
+//! | `assign/NODE/NAME` | a request that NODE start NAME (`create --anywhere`) | the asker's |
+//! | `placed/NAME` | how that went | NODE's |
 //!
-//! Usage is kept per path *and node*: a node writes only its own
-//! `usage/*/NODE` keys, and they go with its lease, so a node that dies
-//! takes its share of every path's usage with it, as its reservations.
-//! A path's usage is the sum over its `usage/PATH/` range: a handful of
-//! keys (one per node), never a scan of all reservations.
+//! Everything a node writes for itself sits below its own prefix
+//! `n/NODE/`, plus its one key `nodes/NODE`: an etcd role can then let
+//! each node write its own keys and no other node's (docs/CLUSTER.md,
+//! "Roles"). The node keys have a prefix of their own, apart from the
+//! rest, so that an admission can compare the whole set of nodes at once
+//! without conflicting with every other node's writes. Usage is kept per
+//! node *and* path, and goes with the node's lease, as its reservations:
+//! a path's usage is the sum of one key per live node, never a scan of
+//! the reservations.
+//!
+//! # One invariant
+//!
+//! **A node's `n/NODE/` keys all hang on the lease its `nodes/NODE` key
+//! hangs on.** So a usage key or a reservation exists only while its
+//! node's key does, and they vanish together, in one revision, when the
+//! lease expires. It holds because every write below `n/NODE/` keeps it:
+//!
+//! - an admission puts them on lease L only if `nodes/NODE` is on L (a
+//!   compare of the node key's lease in the same transaction);
+//! - a release only lowers or removes keys that are there, keeping their
+//!   lease (`ignore_lease`), and only if they are as it read them;
+//! - a new lease ([`Cluster::new_lease`]) removes the whole `n/NODE/`
+//!   prefix in the transaction that moves `nodes/NODE` onto it (the node
+//!   registers again what runs), and a node's first lease does the same
+//!   with what its previous run left.
 //!
 //! # Admission
 //!
 //! [`Cluster::admit`] reads, in one transaction (so at one revision R),
-//! the policy and the usage range of every path from the root down to the
-//! unikernel's, and whether its name is taken. It checks the claim
-//! ([`super::check`]) and then writes, in a second transaction, the node's
-//! new usage of each path, the name and the reservation, *if* no policy
-//! key on the way was modified after R, no key of the usage range of a
-//! path whose policy limits a sum was either (etcd compares a range's
-//! greatest `mod_revision`; a path without such a policy needs none: an
-//! inherited limit is implied by the ancestor's check), and the name is
-//! still free. A
-//! conflict (another node admitted or released something on one of these
-//! paths meanwhile) retries from the read. So two admissions that together
-//! would exceed a policy cannot both commit: the second one's compare
-//! fails, it reads the first one's usage and is refused. A key that
-//! disappears (a lease that expired) only lowers usage: that conflict is
-//! not needed for safety, and etcd's compare does not see it.
+//! the node keys (`nodes/`), the policy of every path from the root down
+//! to the unikernel's, and for every node N it knows: `n/N/usage/PATH` of
+//! each of these paths and `n/N/res/NAME`. If the nodes at R are not the
+//! ones it asked about (one joined or left), it reads again with those.
+//! It checks the claim ([`super::check`]) against the sums, and then
+//! writes, in a second transaction, the node's new usage of each path
+//! and its reservation, *if*
+//!
+//! 1. no key of the `nodes/` range was created or modified after R (the
+//!    range's greatest `mod_revision` is at most R),
+//! 2. this node's own `nodes/NODE` is on the lease it writes with,
+//! 3. no `policy/PATH` on the way was modified after R,
+//! 4. `n/N/res/NAME` is absent for every node N of R, and
+//! 5. for every path whose policy limits a sum (unikernels, memory,
+//!    block) and every node N of R, `n/N/usage/PATH` was not modified
+//!    after R (a missing key has `mod_revision` 0, and one created
+//!    after R has a greater one).
+//!
+//! A failed compare retries from the read. **Why this is exact**: let
+//! the write commit at W, and look at the revision just before it. By
+//! (1), every node key there is one of R, unchanged; by the invariant, so
+//! is every node that holds a usage key or a reservation there: no node
+//! unseen at R (one that joined after R, or whose new lease came after
+//! R) can have slipped a key in. By (5), each such node's usage key of a
+//! limiting path is the very one read at R, or gone (a release, a lease
+//! expiry): the path's usage is at most what was checked. By (4), no node
+//! holds the name. By (2) and (1), this node is one of R, its own usage
+//! read at R is its usage now (only it writes there, one admission or
+//! release at a time, and a lease expiry would have removed its node
+//! key), and the invariant holds after the write. So two admissions that
+//! together would exceed a policy cannot both commit: the second one's
+//! compare fails, it reads the first one's usage and is refused.
+//!
+//! A path without a limiting policy needs no compare (5): a limit
+//! inherited from above is implied by the ancestor's check, and without
+//! one nothing can be exceeded. So admissions in subtrees that share no
+//! limiting policy never conflict; (1) conflicts only with a node
+//! joining or taking a new lease, which is rare.
+//!
+//! The price of the layout: an admission reads 1 + P + N (P + 1) keys
+//! and compares 2 + P + N (1 + L) of them, for P paths on the way, L of
+//! them limiting, and N nodes. etcd takes at most 128 of each in a
+//! transaction by default (`--max-txn-ops`): about 30 nodes for a
+//! unikernel three levels down; a larger cluster raises it.
 
 use super::check::{self, Claim, Level, Refused};
 use crate::resources::{Name, PartialPolicy, Path, Usage};
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
-    TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, PutOptions,
+    Txn, TxnOp, TxnOpResponse,
 };
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// The key layout below a cluster's prefix (the module doc's table), in
+/// one place: the store, the tests' checkers and docs/CLUSTER.md's roles
+/// follow it.
+pub mod keys {
+    use crate::resources::Path;
+
+    /// `policy/PATH`: the cluster's policy at PATH.
+    pub fn policy(prefix: &str, path: &Path) -> String {
+        format!("{prefix}/policy/{path}")
+    }
+    /// `nodes/`: every node's key (a range).
+    pub fn nodes(prefix: &str) -> String {
+        format!("{prefix}/nodes/")
+    }
+    /// `nodes/NODE`: the node, on its lease.
+    pub fn node(prefix: &str, node: &str) -> String {
+        format!("{prefix}/nodes/{node}")
+    }
+    /// `n/`: every node's own keys (a range).
+    pub fn all_own(prefix: &str) -> String {
+        format!("{prefix}/n/")
+    }
+    /// `n/NODE/`: what NODE alone writes (a range; an etcd role grants it
+    /// by prefix). Node ids are labels (no `/`): no node's prefix holds
+    /// another's. Every new lease of the node clears it
+    /// ([`super::Cluster::new_lease`]): only what hangs on the node's
+    /// lease belongs here.
+    pub fn own(prefix: &str, node: &str) -> String {
+        format!("{prefix}/n/{node}/")
+    }
+    /// `n/NODE/usage/PATH`: what NODE runs below PATH.
+    pub fn usage(prefix: &str, node: &str, path: &Path) -> String {
+        format!("{prefix}/n/{node}/usage/{path}")
+    }
+    /// `n/NODE/res/`: NODE's reservations (a range).
+    pub fn reservations(prefix: &str, node: &str) -> String {
+        format!("{prefix}/n/{node}/res/")
+    }
+    /// `n/NODE/res/NAME`: NODE's reservation for unikernel NAME.
+    pub fn res(prefix: &str, node: &str, name: &str) -> String {
+        format!("{prefix}/n/{node}/res/{name}")
+    }
+    /// The node and name of a reservation's key; `None`: not one.
+    pub fn parse_res<'a>(prefix: &str, key: &'a str) -> Option<(&'a str, &'a str)> {
+        let rest = key.strip_prefix(prefix)?.strip_prefix("/n/")?;
+        let (node, rest) = rest.split_once('/')?;
+        let name = rest.strip_prefix("res/")?;
+        (!node.is_empty() && !name.is_empty()).then_some((node, name))
+    }
+    /// The node of a key `nodes/NODE`; `None`: not one.
+    pub fn parse_node<'a>(prefix: &str, key: &'a str) -> Option<&'a str> {
+        let node = key.strip_prefix(prefix)?.strip_prefix("/nodes/")?;
+        (!node.is_empty() && !node.contains('/')).then_some(node)
+    }
+}
 
 /// How a node connects and what it is called.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,6 +272,17 @@ pub enum ClusterError {
     Bad { key: String, err: String },
     #[error("too many conflicting admissions on the same paths; try again")]
     Contended,
+    #[error(
+        "this node's lease in etcd is gone (its node key expired or was replaced): \
+         admission is stopped until it has a new one"
+    )]
+    NoLease,
+    #[error(
+        "etcd refuses this node's request ({0}): with etcd's auth on, the node's user (its \
+         certificate's common name, which must be its node id) needs the roles of \
+         docs/CLUSTER.md, \"Roles\""
+    )]
+    Denied(String),
 }
 
 /// A node's handle on the cluster.
@@ -178,6 +295,13 @@ pub struct Cluster {
     /// One admission or release at a time on this node: only this node
     /// writes its own keys, so its own writes never conflict.
     local: tokio::sync::Mutex<()>,
+    /// The nodes the last admission saw (sorted): the next one reads
+    /// their keys, and again if the nodes changed.
+    known: Mutex<Vec<String>>,
+    /// An admission found this node's key not on its lease: the next
+    /// renewal reports the lease lost, so that the node takes a new one
+    /// (and registers again what runs).
+    stale: std::sync::atomic::AtomicBool,
     /// Transactions that failed their compare and were retried.
     pub conflicts: AtomicU64,
     pub admitted: AtomicU64,
@@ -196,19 +320,15 @@ impl Cluster {
         format!("{}/{rest}", self.cfg.prefix)
     }
     fn k_policy(&self, p: &Path) -> String {
-        self.key(&format!("policy/{p}"))
+        keys::policy(&self.cfg.prefix, p)
     }
-    fn k_usage_range(&self, p: &Path) -> String {
-        self.key(&format!("usage/{p}/"))
-    }
+    /// This node's usage of `p`.
     fn k_usage(&self, p: &Path) -> String {
-        self.key(&format!("usage/{p}/{}", self.cfg.node))
+        keys::usage(&self.cfg.prefix, &self.cfg.node, p)
     }
-    fn k_name(&self, n: &str) -> String {
-        self.key(&format!("names/{n}"))
-    }
+    /// This node's reservation for `n`.
     fn k_res(&self, n: &str) -> String {
-        self.key(&format!("res/{}/{n}", self.cfg.node))
+        keys::res(&self.cfg.prefix, &self.cfg.node, n)
     }
 
     /// Run `op` with the client; when it fails (a member down, a leader
@@ -225,6 +345,7 @@ impl Cluster {
             match op(self.client.clone()).await {
                 Ok(v) => return Ok(v),
                 Err(e @ etcd_client::Error::InvalidArgs(_)) => return Err(e),
+                Err(e) if denied(&e) => return Err(e),
                 Err(e) if i + 1 >= tries => return Err(e),
                 Err(_) => {
                     i += 1;
@@ -234,7 +355,12 @@ impl Cluster {
         }
     }
 
+    /// The error of a call that failed: etcd did not answer, or (with its
+    /// auth on) refused this node's user.
     pub(crate) fn unreachable(&self, e: etcd_client::Error) -> ClusterError {
+        if denied(&e) {
+            return ClusterError::Denied(e.to_string());
+        }
         ClusterError::Unreachable {
             endpoints: self.cfg.endpoints.join(","),
             err: e.to_string(),
@@ -272,10 +398,11 @@ impl Cluster {
             lease: AtomicU64::new(0),
             last_ok: Mutex::new(Instant::now()),
             local: tokio::sync::Mutex::new(()),
+            known: Mutex::new(Vec::new()),
+            stale: std::sync::atomic::AtomicBool::new(false),
             conflicts: AtomicU64::new(0),
             admitted: AtomicU64::new(0),
         };
-        c.forget_own().await?;
         c.new_lease().await?;
         Ok(c)
     }
@@ -284,7 +411,13 @@ impl Cluster {
         self.lease.load(Ordering::SeqCst) as i64
     }
 
-    /// Grant a new lease and register the node under it.
+    /// Grant a new lease and register the node under it: in one
+    /// transaction, `nodes/NODE` moves onto it and everything below
+    /// `n/NODE/` goes (what an earlier lease or run of this node left:
+    /// the caller registers again what runs), which keeps the module
+    /// doc's invariant. The node takes the new lease as its own only once
+    /// that committed; if it did not, the old one stays (and, expired,
+    /// makes the next renewal try again).
     pub async fn new_lease(&self) -> Result<(), ClusterError> {
         let client = Retrying(self);
         let ttl = self.cfg.ttl.as_secs().max(1) as i64;
@@ -292,7 +425,6 @@ impl Cluster {
             .lease_grant(ttl)
             .await
             .map_err(|e| self.unreachable(e))?;
-        self.lease.store(l.id() as u64, Ordering::SeqCst);
         let (memory_mb, cpus) = host_capacity();
         let info = NodeInfo {
             node: self.cfg.node.clone(),
@@ -300,60 +432,34 @@ impl Cluster {
             memory_mb,
             cpus,
         };
+        let prefix = &self.cfg.prefix;
         client
-            .put(
-                self.key(&format!("nodes/{}", self.cfg.node)),
-                serde_json::to_vec(&info).expect("encodes"),
-                Some(PutOptions::new().with_lease(l.id())),
-            )
+            .txn(Txn::new().and_then(vec![
+                TxnOp::delete(
+                    keys::own(prefix, &self.cfg.node),
+                    Some(DeleteOptions::new().with_prefix()),
+                ),
+                TxnOp::put(
+                    keys::node(prefix, &self.cfg.node),
+                    serde_json::to_vec(&info).expect("encodes"),
+                    Some(PutOptions::new().with_lease(l.id())),
+                ),
+            ]))
             .await
             .map_err(|e| self.unreachable(e))?;
+        self.lease.store(l.id() as u64, Ordering::SeqCst);
+        self.stale.store(false, Ordering::SeqCst);
         *self.last_ok.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         Ok(())
     }
 
-    /// Remove what this node wrote before (a previous run's reservations,
-    /// names and usage, whose lease may not have expired yet).
-    async fn forget_own(&self) -> Result<(), ClusterError> {
-        let client = Retrying(self);
-        let res_prefix = self.key(&format!("res/{}/", self.cfg.node));
-        let res = client
-            .get(res_prefix.clone(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let usage = client
-            .get(
-                self.key("usage/"),
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            )
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let suffix = format!("/{}", self.cfg.node);
-        let mut ops = vec![TxnOp::delete(
-            res_prefix,
-            Some(DeleteOptions::new().with_prefix()),
-        )];
-        for kv in res.kvs() {
-            let name = String::from_utf8_lossy(kv.key());
-            if let Some(n) = name.rsplit('/').next() {
-                ops.push(TxnOp::delete(self.k_name(n), None));
-            }
-        }
-        for kv in usage.kvs() {
-            if kv.key().ends_with(suffix.as_bytes()) {
-                ops.push(TxnOp::delete(kv.key().to_vec(), None));
-            }
-        }
-        client
-            .txn(Txn::new().and_then(ops))
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        Ok(())
-    }
-
-    /// Renew the lease once. `Ok(false)`: it had expired (the caller takes
-    /// a new one and registers again what runs).
+    /// Renew the lease once. `Ok(false)`: it had expired, or the node's
+    /// key is no longer on it (the caller takes a new one and registers
+    /// again what runs).
     pub async fn keep_alive(&self) -> Result<bool, ClusterError> {
+        if self.stale.swap(false, Ordering::SeqCst) {
+            return Ok(false);
+        }
         let mut client = self.client.clone(); // a stream: tried again next tick
                                               // etcd answers a lease it no longer has with "lease not found":
                                               // that is an answer (the lease expired), not a failure to reach it.
@@ -405,81 +511,122 @@ impl Cluster {
         }
         let paths: Vec<Path> = name.path().ancestors().collect();
         let name_s = name.to_string();
+        let (prefix, me) = (self.cfg.prefix.as_str(), self.cfg.node.as_str());
+        let own_key = keys::node(prefix, me);
         let client = Retrying(self);
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for attempt in 0..64u32 {
-            let mut reads = Vec::new();
-            for p in &paths {
-                reads.push(TxnOp::get(self.k_policy(p), None));
-                reads.push(TxnOp::get(
-                    self.k_usage_range(p),
-                    Some(GetOptions::new().with_prefix()),
-                ));
+            let lease = self.lease_id();
+            // Read, in this order: the node keys, the policy of each path,
+            // then for each node known its reservation for the name and its
+            // usage of each path.
+            let mut reads = vec![TxnOp::get(
+                keys::nodes(prefix),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )];
+            reads.extend(paths.iter().map(|p| TxnOp::get(self.k_policy(p), None)));
+            for n in &known {
+                reads.push(TxnOp::get(keys::res(prefix, n, &name_s), None));
+                reads.extend(
+                    paths
+                        .iter()
+                        .map(|p| TxnOp::get(keys::usage(prefix, n, p), None)),
+                );
             }
-            reads.push(TxnOp::get(self.k_name(&name_s), None));
             let read = client
                 .txn(Txn::new().and_then(reads))
                 .await
                 .map_err(|e| self.unreachable(e))?;
             let rev = read.header().map_or(0, |h| h.revision());
-            let got: Vec<Vec<(Vec<u8>, Vec<u8>)>> = read
+            let got: Vec<Vec<KeyValue>> = read
                 .op_responses()
                 .into_iter()
                 .map(|r| match r {
-                    TxnOpResponse::Get(g) => g
-                        .kvs()
-                        .iter()
-                        .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
-                        .collect(),
+                    TxnOpResponse::Get(g) => g.kvs().to_vec(),
                     _ => vec![],
                 })
                 .collect();
-            if let Some((_, node)) = got.last().and_then(|v| v.first()) {
-                let node = String::from_utf8_lossy(node).into_owned();
-                if node == self.cfg.node {
-                    return Ok(0);
+            // The nodes at R: if they are not those asked about, again.
+            let mut nodes = Vec::new();
+            let mut own_lease = None;
+            for kv in &got[0] {
+                let key = String::from_utf8_lossy(kv.key());
+                let node = keys::parse_node(prefix, &key).ok_or_else(|| ClusterError::Bad {
+                    key: key.to_string(),
+                    err: "not a node's key (nodes/NODE)".into(),
+                })?;
+                if kv.key() == own_key.as_bytes() {
+                    own_lease = Some(kv.lease());
                 }
-                return Err(ClusterError::Taken { name: name_s, node });
+                nodes.push(node.to_string());
             }
-            let own_suffix = format!("/{}", self.cfg.node);
-            let mut levels = Vec::new();
-            let mut own = Vec::new();
-            for (i, p) in paths.iter().enumerate() {
-                let policy = match got[2 * i].first() {
-                    Some((k, v)) => Some(decode::<PartialPolicy>(k, v)?),
+            // This node's key must be there and on its lease, or what it
+            // writes on that lease could outlive its key (the module
+            // doc's invariant): it waits for a new lease.
+            if own_lease != Some(lease) {
+                // Not a new lease taken meanwhile: this one is lost.
+                if self.lease_id() == lease {
+                    self.stale.store(true, Ordering::SeqCst);
+                }
+                return Err(ClusterError::NoLease);
+            }
+            if nodes != known {
+                known = nodes;
+                *self.known.lock().unwrap_or_else(|p| p.into_inner()) = known.clone();
+                continue;
+            }
+            let mut levels = Vec::with_capacity(paths.len());
+            for (p, kvs) in paths.iter().zip(&got[1..]) {
+                let policy = match kvs.first() {
+                    Some(kv) => Some(decode::<PartialPolicy>(kv.key(), kv.value())?),
                     None => None,
                 };
-                let mut usage = Usage::default();
-                let mut mine = Usage::default();
-                for (k, v) in &got[2 * i + 1] {
-                    let u = decode::<Usage>(k, v)?;
-                    usage.unikernels += u.unikernels;
-                    usage.memory_mb += u.memory_mb;
-                    usage.block_mb += u.block_mb;
-                    if k.ends_with(own_suffix.as_bytes()) {
-                        mine = u;
-                    }
-                }
                 levels.push(Level {
                     path: p.clone(),
                     policy,
-                    usage,
+                    usage: Usage::default(),
                 });
-                own.push(mine);
+            }
+            let mut own = vec![Usage::default(); paths.len()];
+            let per_node = got[1 + paths.len()..].chunks(paths.len() + 1);
+            for (n, read) in known.iter().zip(per_node) {
+                if !read[0].is_empty() {
+                    if n == me {
+                        return Ok(0);
+                    }
+                    return Err(ClusterError::Taken {
+                        name: name_s,
+                        node: n.clone(),
+                    });
+                }
+                for (j, kvs) in read[1..].iter().enumerate() {
+                    let Some(kv) = kvs.first() else { continue };
+                    let u = decode::<Usage>(kv.key(), kv.value())?;
+                    let sum = &mut levels[j].usage;
+                    sum.unikernels += u.unikernels;
+                    sum.memory_mb += u.memory_mb;
+                    sum.block_mb += u.block_mb;
+                    if n == me {
+                        own[j] = u;
+                    }
+                }
             }
             check::check(&levels, &claim)?;
-            let lease = self.lease_id();
-            let mut compares = vec![Compare::create_revision(
-                self.k_name(&name_s),
-                CompareOp::Equal,
-                0,
-            )];
+            // The compares (1) to (5) of the module doc.
+            let mut compares = vec![
+                Compare::mod_revision(keys::nodes(prefix), CompareOp::Less, rev + 1).with_prefix(),
+                Compare::lease(own_key.clone(), CompareOp::Equal, lease),
+            ];
+            compares.extend(
+                paths
+                    .iter()
+                    .map(|p| Compare::mod_revision(self.k_policy(p), CompareOp::Less, rev + 1)),
+            );
+            compares.extend(known.iter().map(|n| {
+                Compare::create_revision(keys::res(prefix, n, &name_s), CompareOp::Equal, 0)
+            }));
             let mut writes = Vec::new();
             for ((p, mine), level) in paths.iter().zip(&own).zip(&levels) {
-                compares.push(Compare::mod_revision(
-                    self.k_policy(p),
-                    CompareOp::Less,
-                    rev + 1,
-                ));
                 // A path's usage needs comparing only where a policy sets a
                 // limit that adds up: a limit inherited from above is
                 // implied by the ancestor's check (a subtree uses no more
@@ -489,10 +636,9 @@ impl Cluster {
                 // cluster on etcd"). A policy set meanwhile fails the
                 // policy compare above.
                 if level.policy.as_ref().is_some_and(limits_sums) {
-                    compares.push(
-                        Compare::mod_revision(self.k_usage_range(p), CompareOp::Less, rev + 1)
-                            .with_prefix(),
-                    );
+                    compares.extend(known.iter().map(|n| {
+                        Compare::mod_revision(keys::usage(prefix, n, p), CompareOp::Less, rev + 1)
+                    }));
                 }
                 writes.push(TxnOp::put(
                     self.k_usage(p),
@@ -500,11 +646,6 @@ impl Cluster {
                     Some(PutOptions::new().with_lease(lease)),
                 ));
             }
-            writes.push(TxnOp::put(
-                self.k_name(&name_s),
-                self.cfg.node.clone(),
-                Some(PutOptions::new().with_lease(lease)),
-            ));
             let res = Reservation {
                 name: name_s.clone(),
                 node: self.cfg.node.clone(),
@@ -534,66 +675,77 @@ impl Cluster {
     }
 
     /// Release the unikernel `name` (admitted by this node): its
-    /// reservation, name and share of each path's usage; the etcd revision
-    /// of that (0: it held none).
+    /// reservation and its share of each path's usage; the etcd revision
+    /// of that (0: it held none). Only keys that are still as read are
+    /// changed, each kept on its lease (the module doc's invariant): if
+    /// a lease expired or a new one cleared them meanwhile, it reads
+    /// again, and finds nothing to release.
     pub async fn release(&self, name: &Name) -> Result<i64, ClusterError> {
         let _local = self.local.lock().await;
         let name_s = name.to_string();
         let client = Retrying(self);
         let paths: Vec<Path> = name.path().ancestors().collect();
-        // One read: the reservation and this node's usage of each path.
-        let mut reads = vec![TxnOp::get(self.k_res(&name_s), None)];
-        reads.extend(paths.iter().map(|p| TxnOp::get(self.k_usage(p), None)));
-        let read = client
-            .txn(Txn::new().and_then(reads))
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let got: Vec<Option<(Vec<u8>, Vec<u8>)>> = read
-            .op_responses()
-            .into_iter()
-            .map(|r| match r {
-                TxnOpResponse::Get(g) => g
-                    .kvs()
-                    .first()
-                    .map(|kv| (kv.key().to_vec(), kv.value().to_vec())),
-                _ => None,
-            })
-            .collect();
-        let Some(Some((k, v))) = got.first() else {
-            return Ok(0);
-        };
-        let r: Reservation = decode(k, v)?;
-        let mut writes = vec![
-            TxnOp::delete(self.k_res(&name_s), None),
-            TxnOp::delete(self.k_name(&name_s), None),
-        ];
-        let lease = self.lease_id();
-        for (p, mine) in paths.iter().zip(got.iter().skip(1)) {
-            let Some((k, v)) = mine else { continue };
-            let after = r.claim.taken_from(decode::<Usage>(k, v)?);
-            writes.push(if after.unikernels == 0 {
-                TxnOp::delete(self.k_usage(p), None)
-            } else {
-                TxnOp::put(
+        for _ in 0..8 {
+            // One read: the reservation and this node's usage of each path.
+            let mut reads = vec![TxnOp::get(self.k_res(&name_s), None)];
+            reads.extend(paths.iter().map(|p| TxnOp::get(self.k_usage(p), None)));
+            let read = client
+                .txn(Txn::new().and_then(reads))
+                .await
+                .map_err(|e| self.unreachable(e))?;
+            let got: Vec<Option<KeyValue>> = read
+                .op_responses()
+                .into_iter()
+                .map(|r| match r {
+                    TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+                    _ => None,
+                })
+                .collect();
+            let Some(Some(res)) = got.first() else {
+                return Ok(0);
+            };
+            let r: Reservation = decode(res.key(), res.value())?;
+            let mut compares = vec![Compare::mod_revision(
+                self.k_res(&name_s),
+                CompareOp::Equal,
+                res.mod_revision(),
+            )];
+            let mut writes = vec![TxnOp::delete(self.k_res(&name_s), None)];
+            for (p, mine) in paths.iter().zip(got.iter().skip(1)) {
+                let Some(kv) = mine else { continue };
+                compares.push(Compare::mod_revision(
                     self.k_usage(p),
-                    serde_json::to_vec(&after).expect("encodes"),
-                    Some(PutOptions::new().with_lease(lease)),
-                )
-            });
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                ));
+                let after = r.claim.taken_from(decode::<Usage>(kv.key(), kv.value())?);
+                writes.push(if after.unikernels == 0 {
+                    TxnOp::delete(self.k_usage(p), None)
+                } else {
+                    TxnOp::put(
+                        self.k_usage(p),
+                        serde_json::to_vec(&after).expect("encodes"),
+                        Some(PutOptions::new().with_ignore_lease()),
+                    )
+                });
+            }
+            // Only this node writes these keys, and it holds `local`: the
+            // compare fails only when a lease took them.
+            let done = client
+                .txn(Txn::new().when(compares).and_then(writes))
+                .await
+                .map_err(|e| self.unreachable(e))?;
+            if done.succeeded() {
+                return Ok(done.header().map_or(0, |h| h.revision()));
+            }
         }
-        // Only this node writes these keys, and it holds `local`: one
-        // transaction, no compare needed.
-        let done = client
-            .txn(Txn::new().and_then(writes))
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        Ok(done.header().map_or(0, |h| h.revision()))
+        Err(ClusterError::Contended)
     }
 
     /// The names this node holds reservations for.
     pub async fn own_names(&self) -> Result<Vec<String>, ClusterError> {
         let client = Retrying(self);
-        let prefix = self.key(&format!("res/{}/", self.cfg.node));
+        let prefix = keys::reservations(&self.cfg.prefix, &self.cfg.node);
         let got = client
             .get(
                 prefix.clone(),
@@ -645,12 +797,14 @@ impl Cluster {
     /// Every reservation in the cluster, by node.
     pub async fn reservations(&self) -> Result<Vec<Reservation>, ClusterError> {
         let client = Retrying(self);
+        let prefix = &self.cfg.prefix;
         let got = client
-            .get(self.key("res/"), Some(GetOptions::new().with_prefix()))
+            .get(keys::all_own(prefix), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(|e| self.unreachable(e))?;
         got.kvs()
             .iter()
+            .filter(|kv| keys::parse_res(prefix, &String::from_utf8_lossy(kv.key())).is_some())
             .map(|kv| decode(kv.key(), kv.value()))
             .collect()
     }
@@ -661,32 +815,37 @@ impl Cluster {
         &self,
     ) -> Result<std::collections::BTreeMap<String, Vec<String>>, ClusterError> {
         let client = Retrying(self);
-        let keys = |p: &'static str| {
-            let prefix = self.key(p);
+        let prefix = &self.cfg.prefix;
+        let keys_of = |range: String| {
             let client = &client;
             async move {
                 client
                     .get(
-                        prefix.clone(),
+                        range,
                         Some(GetOptions::new().with_prefix().with_keys_only()),
                     )
                     .await
                     .map(|r| {
                         r.kvs()
                             .iter()
-                            .map(|kv| {
-                                String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned()
-                            })
+                            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
                             .collect::<Vec<_>>()
                     })
             }
         };
-        let nodes = keys("nodes/").await.map_err(|e| self.unreachable(e))?;
-        let res = keys("res/").await.map_err(|e| self.unreachable(e))?;
-        let mut out: std::collections::BTreeMap<String, Vec<String>> =
-            nodes.into_iter().map(|n| (n, vec![])).collect();
-        for r in res {
-            if let Some((node, name)) = r.split_once('/') {
+        let nodes = keys_of(keys::nodes(prefix))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let own = keys_of(keys::all_own(prefix))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let mut out: std::collections::BTreeMap<String, Vec<String>> = nodes
+            .iter()
+            .filter_map(|k| keys::parse_node(prefix, k))
+            .map(|n| (n.to_string(), vec![]))
+            .collect();
+        for k in &own {
+            if let Some((node, name)) = keys::parse_res(prefix, k) {
                 out.entry(node.to_string())
                     .or_default()
                     .push(name.to_string());
@@ -695,29 +854,54 @@ impl Cluster {
         Ok(out)
     }
 
+    /// Each of `nodes`' usage of `path` (one read).
+    async fn usage_by_node(
+        &self,
+        nodes: &[String],
+        path: &Path,
+    ) -> Result<Vec<Usage>, ClusterError> {
+        let reads: Vec<TxnOp> = nodes
+            .iter()
+            .map(|n| TxnOp::get(keys::usage(&self.cfg.prefix, n, path), None))
+            .collect();
+        let got = Retrying(self)
+            .txn(Txn::new().and_then(reads))
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        got.op_responses()
+            .into_iter()
+            .map(|r| match r {
+                TxnOpResponse::Get(g) => match g.kvs().first() {
+                    Some(kv) => decode(kv.key(), kv.value()),
+                    None => Ok(Usage::default()),
+                },
+                _ => Ok(Usage::default()),
+            })
+            .collect()
+    }
+
     /// Every live node (its key is on its lease) and what it runs.
     pub async fn nodes(&self) -> Result<Vec<NodeLoad>, ClusterError> {
         let client = Retrying(self);
-        let nodes = client
-            .get(self.key("nodes/"), Some(GetOptions::new().with_prefix()))
+        let got = client
+            .get(
+                keys::nodes(&self.cfg.prefix),
+                Some(GetOptions::new().with_prefix()),
+            )
             .await
             .map_err(|e| self.unreachable(e))?;
-        let root = self.k_usage_range(&Path::root());
-        let usage = client
-            .get(root.clone(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let mut out = Vec::new();
-        for kv in nodes.kvs() {
-            let info: NodeInfo = decode(kv.key(), kv.value())?;
-            let key = format!("{root}{}", info.node);
-            let usage = match usage.kvs().iter().find(|u| u.key() == key.as_bytes()) {
-                Some(u) => decode(u.key(), u.value())?,
-                None => Usage::default(),
-            };
-            out.push(NodeLoad { info, usage });
-        }
-        Ok(out)
+        let infos = got
+            .kvs()
+            .iter()
+            .map(|kv| decode::<NodeInfo>(kv.key(), kv.value()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ids: Vec<String> = infos.iter().map(|i| i.node.clone()).collect();
+        let usage = self.usage_by_node(&ids, &Path::root()).await?;
+        Ok(infos
+            .into_iter()
+            .zip(usage)
+            .map(|(info, usage)| NodeLoad { info, usage })
+            .collect())
     }
 
     /// Ask node `node` to start a unikernel: `assign/NODE/NAME` holds the
@@ -834,19 +1018,25 @@ impl Cluster {
         }
     }
 
-    /// The cluster's usage below `path` (every node's).
+    /// The cluster's usage below `path`: every live node's.
     pub async fn usage(&self, path: &Path) -> Result<Usage, ClusterError> {
-        let client = Retrying(self);
-        let got = client
+        let got = Retrying(self)
             .get(
-                self.k_usage_range(path),
-                Some(GetOptions::new().with_prefix()),
+                keys::nodes(&self.cfg.prefix),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
             )
             .await
             .map_err(|e| self.unreachable(e))?;
+        let nodes: Vec<String> = got
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                keys::parse_node(&self.cfg.prefix, &String::from_utf8_lossy(kv.key()))
+                    .map(String::from)
+            })
+            .collect();
         let mut sum = Usage::default();
-        for kv in got.kvs() {
-            let u: Usage = decode(kv.key(), kv.value())?;
+        for u in self.usage_by_node(&nodes, path).await? {
             sum.unikernels += u.unikernels;
             sum.memory_mb += u.memory_mb;
             sum.block_mb += u.block_mb;
@@ -927,6 +1117,13 @@ impl Retrying<'_> {
             .retry(|mut c| async move { c.lease_grant(ttl, None).await })
             .await
     }
+}
+
+/// etcd refused for want of a permission (its auth is on, and the node's
+/// user has no role for the key): an answer, not a member down, so not
+/// tried again.
+fn denied(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("permission denied"))
 }
 
 /// Does `p` set a limit on a sum (unikernels, memory, block)?

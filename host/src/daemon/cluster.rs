@@ -121,7 +121,11 @@ impl Node {
                     log::info!("cluster: {n} registered");
                     self.registered().insert(n, Instant::now());
                 }
-                Err(e @ ClusterError::Unreachable { .. }) => return Err(e),
+                Err(
+                    e @ (ClusterError::Unreachable { .. }
+                    | ClusterError::NoLease
+                    | ClusterError::Denied(_)),
+                ) => return Err(e),
                 Err(e) => log::warn!(
                     "cluster: {n} runs here but the cluster does not admit it ({e}): \
                      the cluster is over a policy by what it uses until it ends"

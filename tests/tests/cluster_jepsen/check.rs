@@ -4,7 +4,7 @@
 use super::{Act, Life, Op, Outcome, ALICE_MAX, LEASE_MARGIN, PREFIX, TEAM_MB, TTL};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
-use tt_host::cluster::store::Reservation;
+use tt_host::cluster::store::{keys, Reservation};
 use tt_host::resources::PartialPolicy;
 
 /// One event on a reservation key.
@@ -31,7 +31,7 @@ pub(super) async fn history(endpoints: &[String]) -> (Vec<Change>, Vec<PolicyCha
     let mut client = etcd_client::Client::connect(endpoints, None)
         .await
         .expect("connect to etcd to read its history");
-    let marker = format!("{PREFIX}/res/~end");
+    let marker = format!("{PREFIX}/~end");
     let end = client
         .put(marker.clone(), "", None)
         .await
@@ -46,7 +46,6 @@ pub(super) async fn history(endpoints: &[String]) -> (Vec<Change>, Vec<PolicyCha
         .watch(format!("{PREFIX}/"), Some(opts))
         .await
         .expect("watch the cluster's keys from revision 1");
-    let res_prefix = format!("{PREFIX}/res/");
     let policy_prefix = format!("{PREFIX}/policy/");
     let (mut out, mut policies) = (Vec::new(), Vec::new());
     loop {
@@ -78,7 +77,8 @@ pub(super) async fn history(endpoints: &[String]) -> (Vec<Change>, Vec<PolicyCha
                 }
                 continue;
             }
-            if !key.starts_with(&res_prefix) {
+            // The reservations: `n/NODE/res/NAME` (tt-host's key layout).
+            if keys::parse_res(PREFIX, &key).is_none() {
                 continue;
             }
             let put = match ev.event_type() {
@@ -193,7 +193,7 @@ pub(super) fn replay(
 }
 
 pub(super) fn res_key(node: usize, name: &str) -> String {
-    format!("{PREFIX}/res/n{node}/{name}")
+    keys::res(PREFIX, &format!("n{node}"), name)
 }
 
 /// Check 2a: what each operation returned agrees with etcd's history.
