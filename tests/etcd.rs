@@ -564,7 +564,7 @@ impl Drop for EtcdCluster {
 /// policies, `create --anywhere`'s requests and answers, pools, signing
 /// keys, pool reservations and environments (docs/CLUSTER.md, "Roles").
 pub const SHARED_PREFIXES: [&str; 8] = [
-    "policy", "assign", "placed", "pools", "keys", "resv", "envs", "envid",
+    "policy", "assign", "placed", "pools", "keys", "resv", "envs",
 ];
 
 /// The `etcdctl` commands (their arguments) of docs/CLUSTER.md's "Roles"
