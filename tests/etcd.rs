@@ -563,7 +563,7 @@ impl Drop for EtcdCluster {
 /// The prefixes below a cluster's prefix that every node writes:
 /// policies, `create --anywhere`'s requests and answers, pools, signing
 /// keys, pool reservations and environments (docs/CLUSTER.md, "Roles").
-pub const SHARED_PREFIXES: [&str; 8] = [
+pub const SHARED_PREFIXES: [&str; 7] = [
     "policy", "assign", "placed", "pools", "keys", "resv", "envs",
 ];
 
