@@ -613,7 +613,7 @@ fn run_or_resume(
             memory_mb: admitted.memory_mb,
             block_mb: admitted.block_mb,
         };
-        crate::cluster::admit_through_node(state.path(), a.name(), claim)
+        crate::cluster::admit_through_node(state.path(), a.name(), claim, arrived.is_some())
             .map_err(LaunchError::Cluster)?;
     }
 

@@ -71,11 +71,13 @@ impl NodeFile {
 
 /// Admit the unikernel `name` through the cluster, if `state_dir` is a
 /// cluster node's: ask its daemon. Called by a launch after its own state
-/// directory admitted it.
+/// directory admitted it. `incoming`: it arrives by live migration, and
+/// the node it comes from may hold its name until its run ends.
 pub fn admit_through_node(
     state_dir: &Path,
     name: &Name,
     claim: check::Claim,
+    incoming: bool,
 ) -> Result<(), String> {
     let Some(node) = NodeFile::read(state_dir)? else {
         return Ok(());
@@ -93,6 +95,7 @@ pub fn admit_through_node(
         name: name.to_string(),
         memory_mb: claim.memory_mb,
         block_mb: claim.block_mb,
+        incoming,
     })
     .map(drop)
 }

@@ -502,6 +502,27 @@ impl Cluster {
     /// doc); the etcd revision of its commit. Admitting a name this node
     /// holds already is a no-op (revision 0).
     pub async fn admit(&self, name: &Name, claim: Claim) -> Result<i64, ClusterError> {
+        self.admit_as(name, claim, false).await
+    }
+
+    /// Admit the unikernel `name` arriving by live migration from another
+    /// node, which holds its reservation until its run ends: as
+    /// [`Cluster::admit`], but a name held by one other node is no
+    /// conflict. The guest counts on both nodes until the source releases
+    /// it, so the policies on the way must have room for a second copy
+    /// meanwhile (exactness before convenience: a handover in one
+    /// transaction would write the source node's keys, which its role
+    /// forbids).
+    pub async fn admit_incoming(&self, name: &Name, claim: Claim) -> Result<i64, ClusterError> {
+        self.admit_as(name, claim, true).await
+    }
+
+    async fn admit_as(
+        &self,
+        name: &Name,
+        claim: Claim,
+        incoming: bool,
+    ) -> Result<i64, ClusterError> {
         let _local = self.local.lock().await;
         // Half the lease's time without a word from etcd: others may soon
         // take this node's room; admit nothing more.
@@ -589,15 +610,20 @@ impl Cluster {
             }
             let mut own = vec![Usage::default(); paths.len()];
             let per_node = got[1 + paths.len()..].chunks(paths.len() + 1);
+            // The node a migration comes from (it holds the name).
+            let mut source = None;
             for (n, read) in known.iter().zip(per_node) {
                 if !read[0].is_empty() {
                     if n == me {
                         return Ok(0);
                     }
-                    return Err(ClusterError::Taken {
-                        name: name_s,
-                        node: n.clone(),
-                    });
+                    if !incoming || source.is_some() {
+                        return Err(ClusterError::Taken {
+                            name: name_s,
+                            node: n.clone(),
+                        });
+                    }
+                    source = Some(n.clone());
                 }
                 for (j, kvs) in read[1..].iter().enumerate() {
                     let Some(kv) = kvs.first() else { continue };
@@ -622,9 +648,14 @@ impl Cluster {
                     .iter()
                     .map(|p| Compare::mod_revision(self.k_policy(p), CompareOp::Less, rev + 1)),
             );
-            compares.extend(known.iter().map(|n| {
-                Compare::create_revision(keys::res(prefix, n, &name_s), CompareOp::Equal, 0)
-            }));
+            compares.extend(
+                known
+                    .iter()
+                    .filter(|n| source.as_ref() != Some(*n))
+                    .map(|n| {
+                        Compare::create_revision(keys::res(prefix, n, &name_s), CompareOp::Equal, 0)
+                    }),
+            );
             let mut writes = Vec::new();
             for ((p, mine), level) in paths.iter().zip(&own).zip(&levels) {
                 // A path's usage needs comparing only where a policy sets a

@@ -66,11 +66,15 @@ impl Node {
     }
 
     /// Admit `name` through the cluster.
-    pub async fn admit(&self, name: &Name, claim: Claim) -> Result<(), String> {
-        self.cluster
-            .admit(name, claim)
-            .await
-            .map_err(|e| e.to_string())?;
+    /// `incoming`: it arrives by live migration from another node, which
+    /// may still hold its name ([`Cluster::admit_incoming`]).
+    pub async fn admit(&self, name: &Name, claim: Claim, incoming: bool) -> Result<(), String> {
+        let admitted = if incoming {
+            self.cluster.admit_incoming(name, claim).await
+        } else {
+            self.cluster.admit(name, claim).await
+        };
+        admitted.map_err(|e| e.to_string())?;
         self.registered().insert(name.to_string(), Instant::now());
         Ok(())
     }

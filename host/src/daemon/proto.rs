@@ -192,6 +192,10 @@ pub enum Op {
         name: String,
         memory_mb: u64,
         block_mb: u64,
+        /// It arrives by live migration (another node may still hold its
+        /// name until the source's run ends).
+        #[serde(default)]
+        incoming: bool,
     },
     /// Every node's unikernels (those the caller may see), from the
     /// cluster's reservations.

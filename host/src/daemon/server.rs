@@ -701,6 +701,7 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
             name,
             memory_mb,
             block_mb,
+            incoming,
         } => {
             let n = match may_act(sup, peer, &name) {
                 Ok(n) => n,
@@ -710,7 +711,7 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
                 memory_mb,
                 block_mb,
             };
-            ok_or_error(cluster_admit(sup, &n, claim).await)
+            ok_or_error(cluster_admit(sup, &n, claim, incoming).await)
         }
         Op::ClusterList => match rights_unless_root(sup, peer) {
             Ok(rights) => text_or_error(cluster_list(sup, &|n| sees(&rights, n)).await),
@@ -937,9 +938,10 @@ async fn cluster_admit(
     sup: &Supervisor,
     name: &Name,
     claim: crate::cluster::check::Claim,
+    incoming: bool,
 ) -> Result<String, String> {
     match sup.cluster.get() {
-        Some(node) => node.admit(name, claim).await.map(|()| String::new()),
+        Some(node) => (node.admit(name, claim, incoming).await).map(|()| String::new()),
         None => Err("this daemon is not a cluster node (no --cluster)".into()),
     }
 }
@@ -949,6 +951,7 @@ async fn cluster_admit(
     _: &Supervisor,
     _: &Name,
     _: crate::cluster::check::Claim,
+    _: bool,
 ) -> Result<String, String> {
     Err("this daemon is not a cluster node (no --cluster)".into())
 }
