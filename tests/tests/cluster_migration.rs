@@ -116,7 +116,8 @@ fn a_unikernel_migrates_between_nodes_counted_on_both_until_the_source_lets_go()
     // With room, it moves; the cluster holds it on n1 alone once the
     // source's run ended (its node releases it within a second).
     ok(&nodes[0].cli(&["destroy", "alice:x"]));
-    // Its node releases it within a second (once it is 3 s old).
+    // Its node releases it at once (it looks a quarter second after a
+    // unikernel of its ends).
     nodes[0].wait_for(10, "alice:x released", || {
         let r = nodes[0].cli(&["policy", "show", "alice", "--daemon"]);
         r.stdout.contains("1 unikernel(s)")

@@ -25,12 +25,6 @@ use std::time::{Duration, Instant};
 
 mod envs;
 
-/// A reservation made this long ago whose unikernel the state directory
-/// does not show yet is left alone: `tt-host run` asks the cluster just
-/// after its state directory admitted it, and the reconciliation may look
-/// in between.
-const GRACE: Duration = Duration::from_secs(3);
-
 /// This daemon's place in the cluster.
 pub struct Node {
     pub cluster: Cluster,
@@ -44,6 +38,10 @@ pub struct Node {
     pub lost: Mutex<Vec<(String, String, u64)>>,
     /// Its environments in the cluster ([`envs`]).
     envs: envs::EnvSync,
+    /// A unikernel ended here: reconcile at the next look (a quarter
+    /// second), not at the next second's, so that its room comes back
+    /// at once.
+    soon: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -58,6 +56,7 @@ impl Node {
             seen: Mutex::new(BTreeMap::new()),
             lost: Mutex::new(Vec::new()),
             envs: envs::EnvSync::default(),
+            soon: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -79,8 +78,17 @@ impl Node {
         Ok(())
     }
 
+    /// A unikernel of this node ended: release it at the next look.
+    pub fn reconcile_soon(&self) {
+        self.soon.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Make etcd say what the state directory says runs here.
     async fn reconcile(&self, state_dir: &std::path::Path) -> Result<(), ClusterError> {
+        // `tt-host run` asks the cluster just after its state directory
+        // admitted it: a name registered after this read may be missing
+        // from it, and is left for the next look.
+        let read_at = Instant::now();
         let local: BTreeMap<String, Claim> =
             match crate::admission::StateDir::resolve(Some(state_dir)).resources() {
                 Ok(r) => r
@@ -103,7 +111,7 @@ impl Node {
         let gone: Vec<String> = self
             .registered()
             .iter()
-            .filter(|(n, t)| !local.contains_key(*n) && t.elapsed() > GRACE)
+            .filter(|(n, t)| !local.contains_key(*n) && **t < read_at)
             .map(|(n, _)| n.clone())
             .collect();
         for n in gone {
@@ -130,6 +138,12 @@ impl Node {
                     | ClusterError::NoLease
                     | ClusterError::Denied(_)),
                 ) => return Err(e),
+                // A migration arriving: the source holds the name until
+                // its run ends, and the arrival registers it itself.
+                Err(ClusterError::Taken { node, .. }) => log::info!(
+                    "cluster: {n} runs here and node {node} holds its name (a live \
+                     migration from there not finished yet?): looked at again in a second"
+                ),
                 Err(e) => log::warn!(
                     "cluster: {n} runs here but the cluster does not admit it ({e}): \
                      the cluster is over a policy by what it uses until it ends"
@@ -198,7 +212,8 @@ impl Node {
             // may take its whole timeout): the fence must come before the
             // lease can expire.
             self.fence_if_cut_off(&fence).await;
-            if self.cluster.since_ok() < ttl / 2 && Instant::now() >= next_reconcile {
+            let soon = self.soon.swap(false, std::sync::atomic::Ordering::SeqCst);
+            if self.cluster.since_ok() < ttl / 2 && (soon || Instant::now() >= next_reconcile) {
                 next_reconcile = Instant::now() + Duration::from_secs(1);
                 if let Err(e) = self.reconcile(&state_dir).await {
                     log::warn!("cluster: {e}");

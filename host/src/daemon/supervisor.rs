@@ -463,6 +463,7 @@ impl Supervisor {
                 let _ = tx.send(Err(sup.failure_message(&name, end)));
             }
             sup.on_end(&name, gen, end, started_ns);
+            sup.cluster_reconcile_soon();
         });
     }
 
@@ -540,6 +541,15 @@ impl Supervisor {
             unit.state = State::Exited;
             drop(inner);
             self.stop_drawing(name);
+        }
+    }
+
+    /// On a cluster node: a unikernel ended, its reservation goes at the
+    /// node's next look (a quarter second), not its next second's.
+    fn cluster_reconcile_soon(&self) {
+        #[cfg(feature = "cluster")]
+        if let Some(node) = self.cluster.get() {
+            node.reconcile_soon();
         }
     }
 
