@@ -52,7 +52,9 @@
 //!    range's greatest `mod_revision` is at most R),
 //! 2. this node's own `nodes/NODE` is on the lease it writes with,
 //! 3. no `policy/PATH` on the way was modified after R,
-//! 4. `n/N/res/NAME` is absent for every node N of R, and
+//! 4. `n/N/res/NAME` is absent for every node N of R (but the one node
+//!    an incoming live migration comes from: [`Cluster::admit_incoming`]),
+//!    and
 //! 5. for every path whose policy limits a sum (unikernels, memory,
 //!    block) and every node N of R, `n/N/usage/PATH` was not modified
 //!    after R (a missing key has `mod_revision` 0, and one created
@@ -66,7 +68,8 @@
 //! R) can have slipped a key in. By (5), each such node's usage key of a
 //! limiting path is the very one read at R, or gone (a release, a lease
 //! expiry): the path's usage is at most what was checked. By (4), no node
-//! holds the name. By (2) and (1), this node is one of R, its own usage
+//! holds the name (but a migration's source, whose usage the check
+//! counted as any other's). By (2) and (1), this node is one of R, its own usage
 //! read at R is its usage now (only it writes there, one admission or
 //! release at a time, and a lease expiry would have removed its node
 //! key), and the invariant holds after the write. So two admissions that
