@@ -43,10 +43,17 @@ fn quorum_survives_one_member_down_not_two() {
     let r = put(&c, &node, "/tt-host/d", "4", "5s");
     assert_eq!(r.status, 0, "put after the restarts: {r:?}\n{}", c.logs());
 
-    // Every write that succeeded is there; the refused one is not.
+    // Every write that succeeded is there. The one without quorum timed
+    // out, which is no refusal: the member left may have put it in its
+    // log, and then the quorum back commits it (seen in a CI run). Either
+    // way, nothing else is there.
     let r = c.etcdctl(&["get", "--prefix", "/tt-host/", "--keys-only"]);
     let keys: Vec<&str> = r.stdout.split_whitespace().collect();
-    assert_eq!(keys, ["/tt-host/a", "/tt-host/b", "/tt-host/d"], "{r:?}");
+    assert!(
+        keys == ["/tt-host/a", "/tt-host/b", "/tt-host/d"]
+            || keys == ["/tt-host/a", "/tt-host/b", "/tt-host/c", "/tt-host/d"],
+        "{r:?}"
+    );
 }
 
 #[test]

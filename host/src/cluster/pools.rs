@@ -103,10 +103,11 @@ pub enum PoolChange {
     Refused(String),
 }
 
-/// Every pool and every user's keys, read at one revision.
+/// Every pool (with the revision it was last written at) and every
+/// user's keys, read at one revision.
 #[derive(Debug, Default)]
 pub struct PoolView {
-    pub pools: Vec<ClusterPool>,
+    pub pools: Vec<(ClusterPool, i64)>,
     pub keys: KeyRing,
 }
 
@@ -129,8 +130,20 @@ impl Cluster {
             _ => None,
         });
         if let Some(pools) = ranges.next() {
+            let prefix = self.key("pools/");
             for kv in pools.kvs() {
-                view.pools.push(decode(kv.key(), kv.value())?);
+                // A record that does not decode, or names another pool
+                // than its key, is skipped (and said): one bad record must
+                // not stop every node's pools.
+                let name = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
+                match decode::<ClusterPool>(kv.key(), kv.value()) {
+                    Ok(p) if p.pool.name() == name => view.pools.push((p, kv.mod_revision())),
+                    Ok(p) => log::warn!(
+                        "cluster: {prefix}{name} holds pool {:?}: skipped",
+                        p.pool.name()
+                    ),
+                    Err(e) => log::warn!("cluster: {e}: skipped"),
+                }
             }
         }
         if let Some(keys) = ranges.next() {
@@ -181,13 +194,15 @@ impl Cluster {
     /// transaction conditioned on the pool not having changed since the
     /// read, together with `also` (compares, and puts made with it);
     /// retried from the read on a conflict. `change` returning `Ok(None)`
-    /// writes nothing. The pool as written.
+    /// writes nothing. The pool as written (or read, if unchanged), and
+    /// the revision it was written at.
     async fn pool_update<T>(
         &self,
         name: &str,
         mut change: impl FnMut(&mut ClusterPool) -> Result<Option<T>, PoolChange>,
         also: (Vec<Compare>, Vec<TxnOp>),
-    ) -> Result<(ClusterPool, Option<T>), PoolChange> {
+        tries: u32,
+    ) -> Result<(ClusterPool, Option<T>, i64), PoolChange> {
         let client = Retrying(self);
         let key = self.k_pool(name);
         for attempt in 0u32.. {
@@ -202,7 +217,7 @@ impl Cluster {
             };
             let mut pool: ClusterPool = decode(kv.key(), kv.value())?;
             let Some(out) = change(&mut pool)? else {
-                return Ok((pool, None));
+                return Ok((pool, None, kv.mod_revision()));
             };
             let mut when = vec![Compare::mod_revision(
                 key.clone(),
@@ -221,9 +236,10 @@ impl Cluster {
                 .await
                 .map_err(|e| self.unreachable(e))?;
             if done.succeeded() {
-                return Ok((pool, Some(out)));
+                let rev = done.header().map_or(kv.mod_revision(), |h| h.revision());
+                return Ok((pool, Some(out), rev));
             }
-            if attempt >= 50 {
+            if attempt + 1 >= tries {
                 break;
             }
             self.conflicts
@@ -245,9 +261,9 @@ impl Cluster {
         draw: Draw,
         now_ns: u64,
         min_run_ns: u64,
-    ) -> Result<ClusterPool, PoolChange> {
+    ) -> Result<(ClusterPool, i64), PoolChange> {
         let node = self.cfg.node.clone();
-        let (pool, _) = self
+        let (pool, _, rev) = self
             .pool_update(
                 name,
                 |p| {
@@ -276,9 +292,10 @@ impl Cluster {
                     Ok(Some(()))
                 },
                 (vec![], vec![]),
+                TRIES,
             )
             .await?;
-        Ok(pool)
+        Ok((pool, rev))
     }
 
     /// Make this node's draws from pool `name` exactly `units` (what its
@@ -289,16 +306,17 @@ impl Cluster {
         name: &str,
         units: BTreeMap<String, Draw>,
         now_ns: u64,
-    ) -> Result<ClusterPool, PoolChange> {
+    ) -> Result<(ClusterPool, i64), PoolChange> {
         let node = self.cfg.node.clone();
-        let (pool, _) = self
+        let (pool, _, rev) = self
             .pool_update(
                 name,
                 |p| Ok(p.set_draws(&node, units.clone(), now_ns).then_some(())),
                 (vec![], vec![]),
+                TRIES,
             )
             .await?;
-        Ok(pool)
+        Ok((pool, rev))
     }
 
     /// Take away what nodes no longer live (not in `live`) drew from pool
@@ -308,8 +326,8 @@ impl Cluster {
         name: &str,
         live: &BTreeSet<String>,
         now_ns: u64,
-    ) -> Result<ClusterPool, PoolChange> {
-        let (pool, _) = self
+    ) -> Result<(ClusterPool, i64), PoolChange> {
+        let (pool, _, rev) = self
             .pool_update(
                 name,
                 |p| {
@@ -323,26 +341,35 @@ impl Cluster {
                     Ok((!gone.is_empty()).then_some(()))
                 },
                 (vec![], vec![]),
+                TRIES,
             )
             .await?;
-        Ok(pool)
+        Ok((pool, rev))
     }
 
     /// Top pool `r.pool` up with an accepted reservation, once in the
     /// cluster's life: `resv/ID` is written in the same transaction, on
     /// the condition that it is not there yet.
-    pub async fn pool_top_up(&self, id: &str, r: Accepted) -> Result<ClusterPool, PoolChange> {
+    pub async fn pool_top_up(
+        &self,
+        id: &str,
+        r: Accepted,
+    ) -> Result<(ClusterPool, i64), PoolChange> {
         let key = self.key(&format!("resv/{id}"));
-        let seen = || async {
-            Retrying(self)
-                .get(key.clone(), Some(GetOptions::new().with_count_only()))
+        // Whoever accepted `id`, if anyone did.
+        let accepted = || async {
+            let got = Retrying(self)
+                .get(key.clone(), None)
                 .await
-                .map(|g| g.count() > 0)
-                .map_err(|e| PoolChange::Cluster(self.unreachable(e)))
+                .map_err(|e| PoolChange::Cluster(self.unreachable(e)))?;
+            match got.kvs().first() {
+                Some(kv) => Ok(Some(decode::<Accepted>(kv.key(), kv.value())?)),
+                None => Ok::<_, PoolChange>(None),
+            }
         };
         let replayed =
             || PoolChange::Refused(format!("reservation {id} was accepted before (replayed)"));
-        if seen().await? {
+        if accepted().await?.is_some() {
             return Err(replayed());
         }
         let also = (
@@ -353,30 +380,44 @@ impl Cluster {
                 None,
             )],
         );
-        // A failed compare is the pool changing (retried) or the id
-        // appearing meanwhile: looked at after each try.
-        let result = self
-            .pool_update(
-                &r.pool,
-                |p| {
-                    p.pool
-                        .top_up(r.cu, r.su, r.ipv4u, r.at_ns)
-                        .map_err(|e| PoolChange::Refused(e.to_string()))?;
-                    Ok(Some(()))
-                },
-                also,
-            )
-            .await;
-        match result {
-            Ok((pool, _)) => Ok(pool),
-            Err(e) => {
-                if seen().await? {
-                    Err(replayed())
-                } else {
-                    Err(e)
+        // A failed compare is the pool changing or the id appearing: the
+        // id is looked at after each, so that a replay (or this very
+        // top-up, committed but its answer lost) ends the loop at once.
+        for _ in 0..TRIES {
+            let result = self
+                .pool_update(
+                    &r.pool,
+                    |p| {
+                        p.pool
+                            .top_up(r.cu, r.su, r.ipv4u, r.at_ns)
+                            .map_err(|e| PoolChange::Refused(e.to_string()))?;
+                        Ok(Some(()))
+                    },
+                    also.clone(),
+                    1,
+                )
+                .await;
+            match result {
+                Ok((pool, _, rev)) => return Ok((pool, rev)),
+                Err(PoolChange::Cluster(ClusterError::Contended)) => {}
+                Err(e) => return Err(e),
+            }
+            match accepted().await? {
+                Some(a) if a.node == self.cfg.node && a.at_ns == r.at_ns => {
+                    // Committed, and the answer lost on the way.
+                    let (pool, _, rev) = self
+                        .pool_update(&r.pool, |_| Ok(None::<()>), (vec![], vec![]), 1)
+                        .await?;
+                    return Ok((pool, rev));
+                }
+                Some(_) => return Err(replayed()),
+                None => {
+                    let backoff = 2 + rand_u64() % 20;
+                    tokio::time::sleep(std::time::Duration::from_millis(backoff)).await;
                 }
             }
         }
+        Err(PoolChange::Cluster(ClusterError::Contended))
     }
 
     /// Register `key` for `user`, in the cluster's key ring; false if it
@@ -422,6 +463,9 @@ impl Cluster {
         }
     }
 }
+
+/// Conflicting writes of one pool in a row before a change gives up.
+const TRIES: u32 = 50;
 
 /// A little randomness for backoffs (no cryptographic use).
 fn rand_u64() -> u64 {

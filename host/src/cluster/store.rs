@@ -8,8 +8,8 @@
 //! | `nodes/NODE` | the node's description ([`NodeInfo`], JSON) | NODE's |
 //! | `n/NODE/usage/PATH` | what NODE runs below PATH ([`Usage`], JSON) | NODE's |
 //! | `n/NODE/res/NAME` | NODE's reservation for unikernel NAME ([`Reservation`], JSON) | NODE's |
-//! | `assign/NODE/NAME` | a request that NODE start NAME (`create --anywhere`) | the asker's |
-//! | `placed/NAME` | how that went | NODE's |
+//! | `assign/NODE/NAME#ID` | a request (its own ID) that NODE start NAME (`create --anywhere`) | the asker's |
+//! | `placed/NAME#ID` | how that request went | NODE's |
 //!
 //! Everything a node writes for itself sits below its own prefix
 //! `n/NODE/`, plus its one key `nodes/NODE`: an etcd role can then let
@@ -251,8 +251,8 @@ pub fn place<'a>(
             free(b)
                 .cmp(&free(a))
                 .then(
-                    (a.usage.unikernels * b.info.cpus.max(1) as u64)
-                        .cmp(&(b.usage.unikernels * a.info.cpus.max(1) as u64)),
+                    (a.usage.unikernels.saturating_mul(b.info.cpus.max(1) as u64))
+                        .cmp(&(b.usage.unikernels.saturating_mul(a.info.cpus.max(1) as u64))),
                 )
                 .then(a.info.node.cmp(&b.info.node))
         })
@@ -632,9 +632,9 @@ impl Cluster {
                     let Some(kv) = kvs.first() else { continue };
                     let u = decode::<Usage>(kv.key(), kv.value())?;
                     let sum = &mut levels[j].usage;
-                    sum.unikernels += u.unikernels;
-                    sum.memory_mb += u.memory_mb;
-                    sum.block_mb += u.block_mb;
+                    sum.unikernels = sum.unikernels.saturating_add(u.unikernels);
+                    sum.memory_mb = sum.memory_mb.saturating_add(u.memory_mb);
+                    sum.block_mb = sum.block_mb.saturating_add(u.block_mb);
                     if n == me {
                         own[j] = u;
                     }
@@ -938,24 +938,32 @@ impl Cluster {
             .collect())
     }
 
-    /// Ask node `node` to start a unikernel: `assign/NODE/NAME` holds the
-    /// request (on this node's lease, so it goes if this node does).
+    /// Ask node `node` to start a unikernel (or an environment): its
+    /// request at `assign/NODE/TICKET` (on this node's lease, so it goes if
+    /// this node does), where the ticket is `NAME#ID` with an id of this
+    /// request's own (no name has a `#`): the answer comes at
+    /// `placed/TICKET`, so that an answer to an earlier request for the
+    /// same name is never taken for this one's. The ticket.
     pub async fn assign(
         &self,
         node: &str,
         name: &str,
         request: Vec<u8>,
-    ) -> Result<(), ClusterError> {
+    ) -> Result<String, ClusterError> {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(now_ns());
+        let ticket = format!("{name}#{:016x}", h.finish());
         let client = Retrying(self);
         client
             .put(
-                self.key(&format!("assign/{node}/{name}")),
+                self.key(&format!("assign/{node}/{ticket}")),
                 request,
                 Some(PutOptions::new().with_lease(self.lease_id())),
             )
             .await
             .map_err(|e| self.unreachable(e))?;
-        Ok(())
+        Ok(ticket)
     }
 
     /// The requests assigned to this node: (name, request), each taken
@@ -971,8 +979,9 @@ impl Cluster {
         let rev = got.header().map_or(0, |h| h.revision());
         let mut out = Vec::new();
         for kv in got.kvs() {
-            // Taken if this delete is the one that removed it.
-            let taken = client
+            // Taken if this delete is the one that removed it. If etcd
+            // stops answering, those taken already are carried out.
+            let taken = match client
                 .txn(
                     Txn::new()
                         .when(vec![Compare::mod_revision(
@@ -983,7 +992,11 @@ impl Cluster {
                         .and_then(vec![TxnOp::delete(kv.key().to_vec(), None)]),
                 )
                 .await
-                .map_err(|e| self.unreachable(e))?;
+            {
+                Ok(t) => t,
+                Err(e) if out.is_empty() => return Err(self.unreachable(e)),
+                Err(_) => break,
+            };
             if taken.succeeded() {
                 let name = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
                 out.push((name, kv.value().to_vec()));
@@ -1011,7 +1024,7 @@ impl Cluster {
         }
     }
 
-    /// Say how an assigned request went (`placed/NAME`, on this node's
+    /// Say how an assigned request went (`placed/TICKET`, on this node's
     /// lease), for the node that asked.
     pub async fn placed(&self, name: &str, outcome: Vec<u8>) -> Result<(), ClusterError> {
         Retrying(self)
@@ -1025,14 +1038,16 @@ impl Cluster {
         Ok(())
     }
 
-    /// Wait for the outcome of a request assigned to another node, and
-    /// remove it; `None` after `max`.
+    /// Wait for the outcome of the request `ticket` assigned to `node`
+    /// ([`Cluster::assign`]), and remove it; `None` after `max`, the
+    /// request withdrawn if `node` has not taken it yet.
     pub async fn outcome(
         &self,
-        name: &str,
+        node: &str,
+        ticket: &str,
         max: Duration,
     ) -> Result<Option<Vec<u8>>, ClusterError> {
-        let key = self.key(&format!("placed/{name}"));
+        let key = self.key(&format!("placed/{ticket}"));
         let t = Instant::now();
         let client = Retrying(self);
         loop {
@@ -1046,6 +1061,9 @@ impl Cluster {
                 return Ok(Some(v));
             }
             if t.elapsed() > max {
+                let _ = client
+                    .delete(self.key(&format!("assign/{node}/{ticket}")), None)
+                    .await;
                 return Ok(None);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1071,9 +1089,9 @@ impl Cluster {
             .collect();
         let mut sum = Usage::default();
         for u in self.usage_by_node(&nodes, path).await? {
-            sum.unikernels += u.unikernels;
-            sum.memory_mb += u.memory_mb;
-            sum.block_mb += u.block_mb;
+            sum.unikernels = sum.unikernels.saturating_add(u.unikernels);
+            sum.memory_mb = sum.memory_mb.saturating_add(u.memory_mb);
+            sum.block_mb = sum.block_mb.saturating_add(u.block_mb);
         }
         Ok(sum)
     }
@@ -1158,6 +1176,11 @@ impl Retrying<'_> {
 /// tried again.
 fn denied(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("permission denied"))
+}
+
+/// The name an assignment's ticket (`NAME#ID`, [`Cluster::assign`]) is for.
+pub fn ticket_name(ticket: &str) -> &str {
+    ticket.split_once('#').map_or(ticket, |(name, _)| name)
 }
 
 /// Does `p` set a limit on a sum (unikernels, memory, block)?

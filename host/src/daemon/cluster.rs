@@ -42,6 +42,13 @@ pub struct Node {
     /// second), not at the next second's, so that its room comes back
     /// at once.
     soon: std::sync::atomic::AtomicBool,
+    /// Registering (an admission and its entry in `registered`) and
+    /// releasing a name take turns: a release decided on an older look
+    /// must not undo a registration made since.
+    turn: tokio::sync::Mutex<()>,
+    /// Bumped when the node takes a new lease (and forgets what it had
+    /// registered): an admission made on the old one is not recorded.
+    lease_gen: std::sync::atomic::AtomicU64,
 }
 
 impl Node {
@@ -57,6 +64,8 @@ impl Node {
             lost: Mutex::new(Vec::new()),
             envs: envs::EnvSync::default(),
             soon: std::sync::atomic::AtomicBool::new(false),
+            turn: tokio::sync::Mutex::new(()),
+            lease_gen: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -68,14 +77,33 @@ impl Node {
     /// `incoming`: it arrives by live migration from another node, which
     /// may still hold its name ([`Cluster::admit_incoming`]).
     pub async fn admit(&self, name: &Name, claim: Claim, incoming: bool) -> Result<(), String> {
+        let _turn = self.turn.lock().await;
+        let gen = self.lease_gen.load(std::sync::atomic::Ordering::SeqCst);
         let admitted = if incoming {
             self.cluster.admit_incoming(name, claim).await
         } else {
             self.cluster.admit(name, claim).await
         };
         admitted.map_err(|e| e.to_string())?;
-        self.registered().insert(name.to_string(), Instant::now());
+        self.register(name.to_string(), gen);
         Ok(())
+    }
+
+    /// Record `name` as registered, unless the node took a new lease since
+    /// generation `gen` (then the reconciliation registers it again).
+    fn register(&self, name: String, gen: u64) {
+        let mut r = self.registered();
+        if self.lease_gen.load(std::sync::atomic::Ordering::SeqCst) == gen {
+            r.insert(name, Instant::now());
+        }
+    }
+
+    /// A new lease: nothing is registered under it yet.
+    fn forget_registered(&self) {
+        let mut r = self.registered();
+        self.lease_gen
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        r.clear();
     }
 
     /// A unikernel of this node ended: release it at the next look.
@@ -115,6 +143,11 @@ impl Node {
             .map(|(n, _)| n.clone())
             .collect();
         for n in gone {
+            let _turn = self.turn.lock().await;
+            // Registered again since the look (a new run of the name)?
+            if self.registered().get(&n).is_none_or(|t| *t >= read_at) {
+                continue;
+            }
             if let Ok(name) = n.parse::<Name>() {
                 self.cluster.release(&name).await?;
             }
@@ -128,10 +161,12 @@ impl Node {
             let Ok(name) = n.parse::<Name>() else {
                 continue;
             };
+            let _turn = self.turn.lock().await;
+            let gen = self.lease_gen.load(std::sync::atomic::Ordering::SeqCst);
             match self.cluster.admit(&name, claim).await {
                 Ok(_) => {
                     log::info!("cluster: {n} registered");
-                    self.registered().insert(n, Instant::now());
+                    self.register(n, gen);
                 }
                 Err(
                     e @ (ClusterError::Unreachable { .. }
@@ -251,7 +286,7 @@ impl Node {
                     log::warn!("cluster: the node's lease expired: taking a new one");
                     if self.cluster.new_lease().await.is_ok() {
                         // Everything is registered again under it.
-                        self.registered().clear();
+                        self.forget_registered();
                     }
                     return;
                 }
@@ -263,7 +298,7 @@ impl Node {
         // etcd takes it.
         if self.cluster.since_ok() > ttl && self.cluster.new_lease().await.is_ok() {
             log::info!("cluster: a new lease: registering again what runs here");
-            self.registered().clear();
+            self.forget_registered();
         }
     }
 
@@ -327,10 +362,11 @@ impl Node {
                     continue;
                 }
             };
-            for (name, request) in list {
-                if self.serve_env_assignment(&name, &request) {
+            for (ticket, request) in list {
+                if self.serve_env_assignment(&ticket, &request) {
                     continue;
                 }
+                let name = crate::cluster::store::ticket_name(&ticket).to_string();
                 let started = match serde_json::from_slice::<Assignment>(&request) {
                     Ok(a) if a.unit.name == name => {
                         log::info!("cluster: {name} assigned here");
@@ -354,7 +390,7 @@ impl Node {
                         error: result.err(),
                     };
                     let bytes = serde_json::to_vec(&outcome).expect("encodes");
-                    if let Err(e) = node.cluster.placed(&name, bytes).await {
+                    if let Err(e) = node.cluster.placed(&ticket, bytes).await {
                         log::warn!("cluster: {name}: cannot say how it went: {e}");
                     }
                 });
@@ -397,13 +433,14 @@ impl Node {
         unit.anywhere = false;
         let name = unit.name.clone();
         let request = serde_json::to_vec(&Assignment { unit, owner }).expect("encodes");
-        self.cluster
+        let ticket = self
+            .cluster
             .assign(&chosen, &name, request)
             .await
             .map_err(|e| e.to_string())?;
         let outcome = self
             .cluster
-            .outcome(&name, Duration::from_secs(60))
+            .outcome(&chosen, &ticket, Duration::from_secs(60))
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| {

@@ -451,6 +451,10 @@ pub fn main(args: &DaemonArgs) -> Result<(), String> {
         } else {
             // A node no more: launches here are a single host's again.
             let _ = std::fs::remove_file(sup.cfg.state_dir.join(crate::cluster::NODE_FILE));
+            sup.pools
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_single_host()?;
         }
         sup.recover_envs().await;
         tokio::spawn(sup.clone().expire_envs());

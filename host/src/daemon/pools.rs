@@ -34,6 +34,9 @@ struct Stored {
     keys: KeyRing,
     /// Unikernel name -> (pool, its draw), for those drawing now.
     drawing: BTreeMap<String, (String, Draw)>,
+    /// Written by a cluster node: `drawing` names the cluster's pools.
+    #[serde(default)]
+    clustered: bool,
 }
 
 /// The daemon's pools.
@@ -49,6 +52,9 @@ pub struct PoolState {
     /// In a cluster: each pool's node list (`None`: any node), and how
     /// many unikernels of each node draw from it.
     cluster_info: BTreeMap<String, ClusterInfo>,
+    /// In a cluster: the etcd revision each mirrored pool was written at,
+    /// so that a view read before a change does not undo it here.
+    cluster_rev: BTreeMap<String, i64>,
 }
 
 /// What a cluster's pool says beyond [`Pool`] and [`Meta`].
@@ -116,6 +122,7 @@ impl PoolState {
             audit,
             clustered: false,
             cluster_info: BTreeMap::new(),
+            cluster_rev: BTreeMap::new(),
         };
         s.save()?;
         Ok(s)
@@ -125,6 +132,7 @@ impl PoolState {
         let bytes = if self.clustered {
             let own = Stored {
                 drawing: self.stored.drawing.clone(),
+                clustered: true,
                 ..Stored::default()
             };
             serde_json::to_vec(&own)
@@ -140,6 +148,22 @@ impl PoolState {
     /// own is dropped (the mirror fills in from etcd), its unikernels'
     /// draws are kept (the cluster is told of them).
     pub fn set_clustered(&mut self) -> Result<(), String> {
+        // Draws recorded by this host alone are from its own pools, which
+        // the cluster's are not: they are dropped, not carried over.
+        if !self.stored.clustered && !self.stored.drawing.is_empty() {
+            log::warn!(
+                "joining a cluster: this host's pools are not the cluster's; {} no \
+                 longer draw(s) from them",
+                self.stored
+                    .drawing
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            self.stored.drawing.clear();
+        }
+        self.stored.clustered = true;
         self.clustered = true;
         self.stored.pools = Pools::new();
         self.stored.meta.clear();
@@ -151,35 +175,80 @@ impl PoolState {
         self.clustered
     }
 
+    /// A single host (no `--cluster`): draws recorded as a cluster node's
+    /// are from the cluster's pools, which are not here: dropped.
+    pub fn set_single_host(&mut self) -> Result<(), String> {
+        if !self.stored.clustered {
+            return Ok(());
+        }
+        if !self.stored.drawing.is_empty() {
+            log::warn!(
+                "no longer a cluster node: {} no longer draw(s) from the cluster's pools",
+                self.stored
+                    .drawing
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        self.stored.drawing.clear();
+        self.stored.clustered = false;
+        self.save()
+    }
+
+    /// The unikernels recorded as drawing.
+    pub fn drawing_units(&self) -> Vec<String> {
+        self.stored.drawing.keys().cloned().collect()
+    }
+
     /// Replace the mirror of the cluster's pools and keys with what etcd
-    /// holds: each pool with its owner and [`ClusterInfo`]. True if a
-    /// pool changed (its EmptyAt may have).
-    pub fn mirror(&mut self, pools: Vec<(Pool, Meta, ClusterInfo)>, keys: KeyRing) -> bool {
+    /// holds: each pool with its owner, [`ClusterInfo`] and the revision
+    /// it was written at (a pool mirrored at a later one is kept: the
+    /// view was read before that change). True if a pool changed (its
+    /// EmptyAt may have).
+    pub fn mirror(&mut self, pools: Vec<(Pool, Meta, ClusterInfo, i64)>, keys: KeyRing) -> bool {
+        let before = self.stored.pools.clone();
         let mut fresh = Pools::new();
         let mut meta = BTreeMap::new();
         let mut info = BTreeMap::new();
-        for (p, m, i) in pools {
+        let mut revs = BTreeMap::new();
+        for (p, m, i, rev) in pools {
             let name = p.name().to_string();
+            let newer = self.cluster_rev.get(&name).filter(|r| **r > rev);
+            let kept = newer.and_then(|r| {
+                let p = self.stored.pools.get(&name)?.clone();
+                let m = self.stored.meta.get(&name)?.clone();
+                let i = self.cluster_info.get(&name)?.clone();
+                Some((p, m, i, *r))
+            });
+            let (p, m, i, rev) = kept.unwrap_or((p, m, i, rev));
             meta.insert(name.clone(), m);
-            info.insert(name, i);
+            info.insert(name.clone(), i);
+            revs.insert(name, rev);
             // Names in etcd are unique keys: insert cannot find one twice.
             let _ = fresh.insert(p);
         }
-        let changed = fresh != self.stored.pools;
         self.stored.pools = fresh;
         self.stored.meta = meta;
         self.stored.keys = keys;
         self.cluster_info = info;
-        changed
+        self.cluster_rev = revs;
+        self.stored.pools != before
     }
 
-    /// Replace one pool of the mirror (as a change to it just wrote it).
-    pub fn mirror_one(&mut self, pool: Pool, meta: Meta, info: ClusterInfo) {
+    /// Replace one pool of the mirror with what a change to it just wrote
+    /// at revision `rev` (unless the mirror has a later one).
+    pub fn mirror_one(&mut self, pool: Pool, meta: Meta, info: ClusterInfo, rev: i64) {
         let name = pool.name().to_string();
+        if self.cluster_rev.get(&name).is_some_and(|r| *r > rev) {
+            return;
+        }
         let _ = self.stored.pools.remove(&name);
         let _ = self.stored.pools.insert(pool);
         self.stored.meta.insert(name.clone(), meta);
-        self.cluster_info.insert(name, info);
+        self.cluster_info.insert(name.clone(), info);
+        self.cluster_rev.insert(name, rev);
     }
 
     /// In a cluster: pool's node list (`None`: any node, or no such pool).
@@ -499,7 +568,7 @@ mod tests {
                 owner: "alice".into(),
                 sponsor: None,
             };
-            (x, meta, ClusterInfo::default())
+            (x, meta, ClusterInfo::default(), 1)
         };
         let half = draw_of(2048, 0, 0);
         // p1 empties at 200 s, p2 (another node's only) at 20 s.
@@ -518,5 +587,40 @@ mod tests {
         let p = PoolState::open(dir.path(), 0).unwrap();
         assert!(p.names().is_empty());
         assert_eq!(p.own_draws()["p1"]["web"], half);
+    }
+
+    #[test]
+    fn a_view_read_before_a_change_does_not_undo_it_in_the_mirror() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = PoolState::open(dir.path(), 0).unwrap();
+        p.set_clustered().unwrap();
+        let meta = Meta {
+            owner: "alice".into(),
+            sponsor: None,
+        };
+        let pool = |cu: u64| {
+            let mut x = Pool::new("p1", 0);
+            x.top_up(cu, 0, 0, 0).unwrap();
+            x
+        };
+        p.mirror(
+            vec![(pool(10), meta.clone(), ClusterInfo::default(), 3)],
+            KeyRing::new(),
+        );
+        // A top-up written at revision 5 ...
+        p.mirror_one(pool(1000), meta.clone(), ClusterInfo::default(), 5);
+        // ... and a view read at revision 4 arriving after it.
+        assert!(!p.mirror(
+            vec![(pool(10), meta.clone(), ClusterInfo::default(), 4)],
+            KeyRing::new()
+        ));
+        let shown = p.show("p1", 0, false).unwrap();
+        assert!(shown.contains("CU left 1000.000"), "{shown}");
+        // A later view wins.
+        assert!(p.mirror(
+            vec![(pool(7), meta, ClusterInfo::default(), 6)],
+            KeyRing::new()
+        ));
+        assert!(p.show("p1", 0, false).unwrap().contains("CU left 7.000"));
     }
 }

@@ -314,6 +314,16 @@ impl Supervisor {
             }
             sup.lock().units.insert(name, unit);
         }
+        // A draw recorded for a unikernel the desired state does not have
+        // (the daemon stopped between the two records) draws for nothing.
+        let drawing = sup.pools().drawing_units();
+        let phantoms: Vec<String> = (drawing.into_iter())
+            .filter(|n| !sup.lock().units.contains_key(n))
+            .collect();
+        for n in phantoms {
+            log::warn!("{n}: recorded as drawing from a pool, but not a unikernel here: dropped");
+            sup.stop_drawing(&n);
+        }
         Ok(sup)
     }
 
@@ -608,6 +618,11 @@ impl Supervisor {
         let draw = Self::draw_of(spec)?;
         let now = now_ns();
         let mut pools = self.pools();
+        // Still drawing (a restart stops it without a stop of its draw),
+        // or admitted by the cluster already: not admitted twice.
+        if pools.is_drawing(&spec.name) {
+            return Ok(());
+        }
         pools.admit(pool, draw, now, self.cfg.pool_min_run.as_nanos() as u64)?;
         pools.start_drawing(&spec.name, pool, draw, now)?;
         drop(pools);
@@ -622,7 +637,15 @@ impl Supervisor {
         let mut warned: std::collections::BTreeSet<(String, u64)> = Default::default();
         loop {
             let now = now_ns();
-            let due = self.pools().due(now);
+            let mut due = self.pools().due(now);
+            // On a cluster node, the mirror may be a second behind another
+            // node's top-up: looked at again before anything is stopped.
+            if !due.is_empty() && self.pools().is_clustered() {
+                if let Err(e) = self.refresh_pools().await {
+                    log::warn!("cluster: pools: {e}");
+                }
+                due = self.pools().due(now_ns());
+            }
             for (_, pool) in due {
                 self.empty_pool(pool.as_str()).await;
             }
@@ -909,18 +932,24 @@ impl Supervisor {
             unit.consecutive = 0;
             unit.restarts += 1;
             unit.stopped_because = None;
-            if let Err(e) = self.start_drawing(&unit.spec) {
-                unit.state = State::Exited;
-                inner.units.insert(name.to_string(), unit);
-                return Err(e);
-            }
-            let r = self.spawn(name, &mut unit);
+            let r = self.start_drawing(&unit.spec).and_then(|()| {
+                self.spawn(name, &mut unit).inspect_err(|_| {
+                    unit.last_end = Some(End::Failed);
+                })
+            });
             if r.is_err() {
                 unit.state = State::Exited;
-                unit.last_end = Some(End::Failed);
             }
             inner.units.insert(name.to_string(), unit);
-            r?
+            drop(inner);
+            match r {
+                Ok(started) => started,
+                Err(e) => {
+                    // Not running: it draws nothing.
+                    self.stop_drawing(name);
+                    return Err(e);
+                }
+            }
         };
         let daemon_us = received.elapsed().as_micros() as u64;
         match rx.await {

@@ -87,7 +87,7 @@ impl Node {
     /// (in a task of its own) and answer at `placed/KEY`: true. False for
     /// a unikernel's, which the caller serves.
     pub(super) fn serve_env_assignment(self: &Arc<Self>, key: &str, request: &[u8]) -> bool {
-        let Some(name) = key.strip_prefix(ASSIGNED) else {
+        let Some(name) = crate::cluster::store::ticket_name(key).strip_prefix(ASSIGNED) else {
             return false;
         };
         let started = match serde_json::from_slice::<EnvRequest>(request) {
@@ -153,13 +153,14 @@ impl Node {
         }
         let key = format!("{ASSIGNED}{name}");
         let request = serde_json::to_vec(&req).expect("encodes");
-        self.cluster
+        let ticket = self
+            .cluster
             .assign(&chosen, &key, request)
             .await
             .map_err(|e| e.to_string())?;
         let outcome = self
             .cluster
-            .outcome(&key, PLACED_WITHIN)
+            .outcome(&chosen, &ticket, PLACED_WITHIN)
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| {

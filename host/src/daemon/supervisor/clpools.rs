@@ -26,8 +26,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A cluster's pool as the mirror takes it.
-fn parts(cp: ClusterPool) -> (Pool, Meta, ClusterInfo) {
+/// A cluster's pool, written at revision `rev`, as the mirror takes it.
+fn parts((cp, rev): (ClusterPool, i64)) -> (Pool, Meta, ClusterInfo, i64) {
     let info = ClusterInfo {
         nodes: cp.nodes,
         drawing: (cp.draws.iter())
@@ -38,7 +38,7 @@ fn parts(cp: ClusterPool) -> (Pool, Meta, ClusterInfo) {
         owner: cp.owner,
         sponsor: cp.sponsor,
     };
-    (cp.pool, meta, info)
+    (cp.pool, meta, info, rev)
 }
 
 impl Supervisor {
@@ -71,7 +71,12 @@ impl Supervisor {
         let draw = Self::draw_of(spec)?;
         let min_run = self.cfg.pool_min_run.as_nanos() as u64;
         let _turn = self.pool_sync.lock().await;
-        let cp = node
+        // Another create of the same name may have been admitted while
+        // this one waited: it is that one's draw, not this one's to undo.
+        if self.pools().is_drawing(&spec.name) {
+            return Ok(false);
+        }
+        let (cp, rev) = node
             .cluster
             .pool_start_drawing(pool, &spec.name, draw, now_ns(), min_run)
             .await
@@ -79,8 +84,8 @@ impl Supervisor {
         {
             let mut pools = self.pools();
             pools.note_drawing(&spec.name, pool, draw)?;
-            let (p, m, i) = parts(cp);
-            pools.mirror_one(p, m, i);
+            let (p, m, i, rev) = parts((cp, rev));
+            pools.mirror_one(p, m, i, rev);
         }
         self.pools_changed.notify_one();
         Ok(true)
@@ -118,15 +123,16 @@ impl Supervisor {
             .collect();
         live.insert(me.clone());
         let mut wrote = false;
-        for cp in &view.pools {
+        // Each pool on its own: one that fails is said, the others synced.
+        for (cp, _) in &view.pools {
             let name = cp.pool.name();
             let mine = own.get(name).cloned().unwrap_or_default();
             let now = now_ns();
             if cp.draws.get(&me).cloned().unwrap_or_default() != mine {
-                c.pool_set_own_draws(name, mine, now)
-                    .await
-                    .map_err(|e| format!("pool {name}: {e}"))?;
-                wrote = true;
+                match c.pool_set_own_draws(name, mine, now).await {
+                    Ok(_) => wrote = true,
+                    Err(e) => log::warn!("cluster: pool {name}: {e}"),
+                }
             }
             let gone: Vec<&String> = cp.draws.keys().filter(|n| !live.contains(*n)).collect();
             if !gone.is_empty() {
@@ -137,10 +143,10 @@ impl Supervisor {
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
-                c.pool_forget_nodes(name, &live, now)
-                    .await
-                    .map_err(|e| format!("pool {name}: {e}"))?;
-                wrote = true;
+                match c.pool_forget_nodes(name, &live, now).await {
+                    Ok(_) => wrote = true,
+                    Err(e) => log::warn!("cluster: pool {name}: {e}"),
+                }
             }
         }
         let view = if wrote {
@@ -231,7 +237,7 @@ impl Supervisor {
             su: r.su,
             ipv4u: r.ipv4u,
         };
-        let cp = node
+        let written = node
             .cluster
             .pool_top_up(&r.id, record)
             .await
@@ -239,8 +245,8 @@ impl Supervisor {
         {
             let mut pools = self.pools();
             pools.record(&accepted, now)?;
-            let (p, m, i) = parts(cp);
-            pools.mirror_one(p, m, i);
+            let (p, m, i, rev) = parts(written);
+            pools.mirror_one(p, m, i, rev);
         }
         self.pools_changed.notify_one();
         Ok(super::super::pools::accepted_message(&r))

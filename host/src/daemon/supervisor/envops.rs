@@ -804,9 +804,20 @@ impl Supervisor {
         let mut waits = Vec::new();
         let mut notes = Vec::new();
         for unit in self.members(name) {
+            // On a cluster node, its pool admits it through the cluster
+            // first (it waits for etcd; nothing is locked meanwhile).
+            let spec = self.lock().units.get(&unit).map(|u| u.spec.clone());
+            if let Some(spec) = &spec {
+                if let Err(e) = self.pool_admit_cluster(spec).await {
+                    notes.push(format!("{unit}: {e}"));
+                    continue;
+                }
+            }
             let started = {
                 let mut inner = self.lock();
                 let Some(mut u) = inner.units.remove(&unit) else {
+                    drop(inner);
+                    self.stop_drawing(&unit);
                     continue;
                 };
                 let r = self
@@ -821,7 +832,11 @@ impl Supervisor {
             };
             match started {
                 Ok((_, rx)) => waits.push((unit, rx)),
-                Err(e) => notes.push(format!("{unit}: {e}")),
+                Err(e) => {
+                    // Not running: it draws nothing.
+                    self.stop_drawing(&unit);
+                    notes.push(format!("{unit}: {e}"));
+                }
             }
         }
         let mut resumed = 0;
