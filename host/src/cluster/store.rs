@@ -348,7 +348,7 @@ impl Cluster {
             match op(self.client.clone()).await {
                 Ok(v) => return Ok(v),
                 Err(e @ etcd_client::Error::InvalidArgs(_)) => return Err(e),
-                Err(e) if denied(&e) => return Err(e),
+                Err(e) if denied(&e) || lease_gone(&e) => return Err(e),
                 Err(e) if i + 1 >= tries => return Err(e),
                 Err(_) => {
                     i += 1;
@@ -363,6 +363,11 @@ impl Cluster {
     pub(crate) fn unreachable(&self, e: etcd_client::Error) -> ClusterError {
         if denied(&e) {
             return ClusterError::Denied(e.to_string());
+        }
+        if lease_gone(&e) {
+            // The next renewal takes a new lease.
+            self.stale.store(true, Ordering::SeqCst);
+            return ClusterError::NoLease;
         }
         ClusterError::Unreachable {
             endpoints: self.cfg.endpoints.join(","),
@@ -924,11 +929,18 @@ impl Cluster {
             )
             .await
             .map_err(|e| self.unreachable(e))?;
-        let infos = got
-            .kvs()
-            .iter()
-            .map(|kv| decode::<NodeInfo>(kv.key(), kv.value()))
-            .collect::<Result<Vec<_>, _>>()?;
+        // The id is the key's: a value naming another node (bad data) must
+        // not send placement to a node that is not there.
+        let mut infos = Vec::new();
+        for kv in got.kvs() {
+            let key = String::from_utf8_lossy(kv.key());
+            let Some(id) = keys::parse_node(&self.cfg.prefix, &key) else {
+                continue;
+            };
+            let mut info = decode::<NodeInfo>(kv.key(), kv.value())?;
+            info.node = id.to_string();
+            infos.push(info);
+        }
         let ids: Vec<String> = infos.iter().map(|i| i.node.clone()).collect();
         let usage = self.usage_by_node(&ids, &Path::root()).await?;
         Ok(infos
@@ -1176,6 +1188,12 @@ impl Retrying<'_> {
 /// tried again.
 fn denied(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("permission denied"))
+}
+
+/// Is `e` etcd saying that the lease a write named has expired? An
+/// answer, not a failure to reach etcd: not retried.
+fn lease_gone(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("lease not found"))
 }
 
 /// The name an assignment's ticket (`NAME#ID`, [`Cluster::assign`]) is for.
