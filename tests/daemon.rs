@@ -112,6 +112,18 @@ impl Daemon {
         }
     }
 
+    /// A new ed25519 key for `user`, registered through this daemon
+    /// (`key gen`, `key add`); the path of its seed file, in the scratch
+    /// directory.
+    pub fn add_key(&self, user: &str) -> String {
+        let seed = self.dir.path(&format!("{user}.seed"));
+        let r = self.cli(&["key", "gen", &seed.display().to_string()]);
+        assert_eq!(r.status, 0, "{r:?}");
+        let r = self.cli(&["key", "add", user, r.stdout.trim()]);
+        assert_eq!(r.status, 0, "{r:?}");
+        seed.display().to_string()
+    }
+
     /// The daemon's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path("daemon.log")).unwrap_or_default()

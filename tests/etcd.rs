@@ -347,6 +347,24 @@ impl EtcdCluster {
         node
     }
 
+    /// A `tt-host daemon` as node `n<i>` of this cluster (a 3 s lease, so
+    /// that tests see expiries quickly), in [`EtcdCluster::node_netns`]`(i)`,
+    /// its scratch directory tagged `tag`, with `extra` options; started
+    /// (it answers once it has joined).
+    pub fn node_daemon(&self, i: usize, tag: &str, extra: &[&str]) -> crate::daemon::Daemon {
+        let mut opts = vec![
+            format!("--cluster={}", self.endpoints()),
+            format!("--node-id=n{i}"),
+            "--lease-ttl=3".to_string(),
+        ];
+        opts.extend(extra.iter().map(|s| s.to_string()));
+        let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
+        let mut d = crate::daemon::Daemon::new(&format!("{tag}-n{i}"), &opts);
+        d.netns = Some(self.node_netns(i));
+        d.start();
+        d
+    }
+
     /// Run `etcdctl ARGS` against every member from the cluster network.
     pub fn etcdctl(&self, args: &[&str]) -> Run {
         self.etcdctl_in(&self.ns, args)

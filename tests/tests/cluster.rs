@@ -14,22 +14,7 @@ const TTL: &str = "--lease-ttl=3";
 
 /// Node `i` of `etcd`, started, with `extra` options.
 fn node(etcd: &EtcdCluster, i: usize, extra: &[&str]) -> Daemon {
-    let mut opts = vec![
-        format!("--cluster={}", etcd.endpoints()),
-        format!("--node-id=n{i}"),
-        TTL.to_string(),
-    ];
-    opts.extend(extra.iter().map(|s| s.to_string()));
-    let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
-    let mut d = Daemon::new(&format!("cluster-n{i}"), &opts);
-    d.netns = Some(etcd.node_netns(i));
-    d.start();
-    // The socket answers before the daemon has joined the cluster: a
-    // create --anywhere would not see the node yet.
-    d.wait_for(30, "the node to join the cluster", || {
-        d.log().contains("serving ")
-    });
-    d
+    etcd.node_daemon(i, "cluster", extra)
 }
 
 /// `tt-host create NAME` of a unikernel that runs until stopped.
@@ -353,16 +338,6 @@ fn nodes_speak_tls_to_etcd_and_one_without_a_client_certificate_is_refused() {
     assert!(r.stderr.contains("cannot reach etcd"), "{r:?}");
 }
 
-/// A key for `user` registered through `d` (the seed file in its
-/// scratch directory).
-fn key(d: &Daemon, user: &str) -> String {
-    let seed = d.dir.path(&format!("{user}.seed"));
-    let r = d.cli(&["key", "gen", &seed.display().to_string()]);
-    let public = ok(&r).trim().to_string();
-    ok(&d.cli(&["key", "add", user, &public]));
-    seed.display().to_string()
-}
-
 /// A reservation of `cu` CU-seconds for `pool`, signed with `seed`.
 fn reservation(d: &Daemon, id: &str, pool: &str, cu: u64, seed: &str) -> String {
     let payload = d.dir.path(&format!("{id}.payload"));
@@ -410,7 +385,7 @@ fn pools_are_the_clusters_reservations_count_once_and_a_pool_empties_on_every_no
     let etcd = EtcdCluster::start(3);
     let pool_opts = ["--pool-min-run=1", "--pool-warning=1"];
     let mut nodes: Vec<Daemon> = (0..3).map(|i| node(&etcd, i, &pool_opts)).collect();
-    let seed = key(&nodes[0], "alice");
+    let seed = nodes[0].add_key("alice");
     let r = nodes[0].cli(&["pool", "create", "p1", "--owner=alice", "--nodes=n0,n1"]);
     ok(&r);
     // One set of pools: n2 sees it, with its node list.

@@ -10,20 +10,9 @@ use tt_tests::daemon::Daemon;
 use tt_tests::etcd::EtcdCluster;
 use tt_tests::{guest, kvm, Run};
 
-const TTL: &str = "--lease-ttl=3";
-
 /// Node `i` of `etcd`, started.
 fn node(etcd: &EtcdCluster, i: usize) -> Daemon {
-    let opts = [
-        format!("--cluster={}", etcd.endpoints()),
-        format!("--node-id=n{i}"),
-        TTL.to_string(),
-    ];
-    let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
-    let mut d = Daemon::new(&format!("cenvs-n{i}"), &opts);
-    d.netns = Some(etcd.node_netns(i));
-    d.start();
-    d
+    etcd.node_daemon(i, "cenvs", &[])
 }
 
 #[track_caller]

@@ -12,18 +12,9 @@ use tt_tests::etcd::EtcdCluster;
 use tt_tests::guest_output::Host;
 use tt_tests::{guest, kvm, tt_host, Run};
 
-/// Node `i` of `etcd`, started (a 3 s lease).
+/// Node `i` of `etcd`, started.
 fn node(etcd: &EtcdCluster, i: usize) -> Daemon {
-    let opts = [
-        format!("--cluster={}", etcd.endpoints()),
-        format!("--node-id=n{i}"),
-        "--lease-ttl=3".to_string(),
-    ];
-    let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
-    let mut d = Daemon::new(&format!("clmig-n{i}"), &opts);
-    d.netns = Some(etcd.node_netns(i));
-    d.start();
-    d
+    etcd.node_daemon(i, "clmig", &[])
 }
 
 #[track_caller]

@@ -21,15 +21,6 @@ fn daemon(tag: &str) -> Daemon {
     Daemon::started(tag, &["--pool-min-run=1", "--pool-warning=1"])
 }
 
-/// A key for `user` (its seed file in the daemon's scratch dir).
-fn key(d: &Daemon, user: &str) -> String {
-    let seed = d.dir.path(&format!("{user}.seed"));
-    let r = d.cli(&["key", "gen", &seed.display().to_string()]);
-    let public = ok(&r).trim().to_string();
-    ok(&d.cli(&["key", "add", user, &public]));
-    seed.display().to_string()
-}
-
 /// A reservation envelope signed with `seeds` (customer, then sponsor).
 fn reservation(
     d: &Daemon,
@@ -121,7 +112,7 @@ fn a_pool_empties_on_schedule_and_a_top_up_extends_it() {
         return;
     }
     let d = daemon("p-schedule");
-    let alice = key(&d, "alice");
+    let alice = d.add_key("alice");
     ok(&d.cli(&["pool", "create", "p1", "--owner=alice"]));
     // Empty: a create is refused, naming the pool.
     let r = d.cli(&[
@@ -198,7 +189,7 @@ fn a_daemon_killed_and_back_charges_the_downtime_and_stops_on_time() {
         return;
     }
     let mut d = daemon("p-downtime");
-    let alice = key(&d, "alice");
+    let alice = d.add_key("alice");
     ok(&d.cli(&["pool", "create", "p1", "--owner=alice"]));
     ok(&d.cli(&[
         "pool",
@@ -239,9 +230,9 @@ fn reservations_are_refused_with_their_reason() {
         return;
     }
     let d = daemon("p-signatures");
-    let alice = key(&d, "alice");
-    let bank = key(&d, "bank");
-    let mallory = key(&d, "mallory");
+    let alice = d.add_key("alice");
+    let bank = d.add_key("bank");
+    let mallory = d.add_key("mallory");
     ok(&d.cli(&["pool", "create", "p1", "--owner=alice"]));
     ok(&d.cli(&["pool", "create", "p2", "--owner=alice", "--sponsor=bank"]));
     let refused = |file: &str, why: &str| {

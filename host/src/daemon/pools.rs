@@ -150,18 +150,8 @@ impl PoolState {
     pub fn set_clustered(&mut self) -> Result<(), String> {
         // Draws recorded by this host alone are from its own pools, which
         // the cluster's are not: they are dropped, not carried over.
-        if !self.stored.clustered && !self.stored.drawing.is_empty() {
-            log::warn!(
-                "joining a cluster: this host's pools are not the cluster's; {} no \
-                 longer draw(s) from them",
-                self.stored
-                    .drawing
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            self.stored.drawing.clear();
+        if !self.stored.clustered {
+            self.drop_draws("joining a cluster: this host's pools are not the cluster's");
         }
         self.stored.clustered = true;
         self.clustered = true;
@@ -181,20 +171,20 @@ impl PoolState {
         if !self.stored.clustered {
             return Ok(());
         }
-        if !self.stored.drawing.is_empty() {
-            log::warn!(
-                "no longer a cluster node: {} no longer draw(s) from the cluster's pools",
-                self.stored
-                    .drawing
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-        self.stored.drawing.clear();
+        self.drop_draws("no longer a cluster node: the cluster's pools are not here");
         self.stored.clustered = false;
         self.save()
+    }
+
+    /// Forget every draw recorded (their pools are not this daemon's any
+    /// more), saying so with `why`.
+    fn drop_draws(&mut self, why: &str) {
+        if self.stored.drawing.is_empty() {
+            return;
+        }
+        let units: Vec<String> = self.stored.drawing.keys().cloned().collect();
+        log::warn!("{why}: {} no longer draw(s) from a pool", units.join(", "));
+        self.stored.drawing.clear();
     }
 
     /// The unikernels recorded as drawing.

@@ -738,7 +738,7 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
                 .unwrap_or_else(|p| p.into_inner())
                 .is_clustered();
             let r = if clustered {
-                cluster_pool_create(sup, &name, meta, nodes).await
+                sup.cluster_pool_create(&name, meta, nodes).await
             } else if nodes.is_some() {
                 Err("pool create --nodes: this daemon is not a cluster node (no --cluster)".into())
             } else {
@@ -790,7 +790,7 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
                 .unwrap_or_else(|p| p.into_inner())
                 .is_clustered();
             let r = if clustered {
-                cluster_reserve(sup, envelope.as_bytes()).await
+                sup.cluster_reserve(envelope.as_bytes()).await
             } else {
                 sup.pools
                     .lock()
@@ -813,7 +813,7 @@ async fn handle(sup: &Arc<Supervisor>, peer: &Peer, op: Op, received: Instant) -
                 .unwrap_or_else(|p| p.into_inner())
                 .is_clustered();
             let added = if clustered {
-                cluster_key_add(sup, &user, &key).await
+                sup.cluster_key_add(&user, &key).await
             } else {
                 sup.pools
                     .lock()
@@ -954,47 +954,6 @@ async fn cluster_admit(
     _: bool,
 ) -> Result<String, String> {
     Err("this daemon is not a cluster node (no --cluster)".into())
-}
-
-/// A cluster node's pool operations (docs/CLUSTER.md, "Pools").
-#[cfg(feature = "cluster")]
-async fn cluster_pool_create(
-    sup: &Supervisor,
-    name: &str,
-    meta: super::pools::Meta,
-    nodes: Option<Vec<String>>,
-) -> Result<(), String> {
-    sup.cluster_pool_create(name, meta, nodes).await
-}
-
-#[cfg(feature = "cluster")]
-async fn cluster_reserve(sup: &Supervisor, envelope: &[u8]) -> Result<String, String> {
-    sup.cluster_reserve(envelope).await
-}
-
-#[cfg(feature = "cluster")]
-async fn cluster_key_add(sup: &Supervisor, user: &str, key: &str) -> Result<bool, String> {
-    sup.cluster_key_add(user, key).await
-}
-
-#[cfg(not(feature = "cluster"))]
-async fn cluster_pool_create(
-    _: &Supervisor,
-    _: &str,
-    _: super::pools::Meta,
-    _: Option<Vec<String>>,
-) -> Result<(), String> {
-    Err("this daemon is not a cluster node".into())
-}
-
-#[cfg(not(feature = "cluster"))]
-async fn cluster_reserve(_: &Supervisor, _: &[u8]) -> Result<String, String> {
-    Err("this daemon is not a cluster node".into())
-}
-
-#[cfg(not(feature = "cluster"))]
-async fn cluster_key_add(_: &Supervisor, _: &str, _: &str) -> Result<bool, String> {
-    Err("this daemon is not a cluster node".into())
 }
 
 /// `create --anywhere`: on the node with room.

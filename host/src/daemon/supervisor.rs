@@ -595,6 +595,28 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Without the `cluster` feature, no daemon is a cluster node: its
+    /// pools are never clustered, and these are never called.
+    #[cfg(not(feature = "cluster"))]
+    pub async fn cluster_pool_create(
+        &self,
+        _: &str,
+        _: super::pools::Meta,
+        _: Option<Vec<String>>,
+    ) -> Result<(), String> {
+        Err("this daemon is not a cluster node".into())
+    }
+
+    #[cfg(not(feature = "cluster"))]
+    pub async fn cluster_reserve(&self, _: &[u8]) -> Result<String, String> {
+        Err("this daemon is not a cluster node".into())
+    }
+
+    #[cfg(not(feature = "cluster"))]
+    pub async fn cluster_key_add(&self, _: &str, _: &str) -> Result<bool, String> {
+        Err("this daemon is not a cluster node".into())
+    }
+
     /// The draw of the unikernel `spec` describes.
     pub fn draw_of(spec: &Spec) -> Result<crate::pools::Draw, String> {
         let run = match crate::cli::parse_run(&spec.args) {

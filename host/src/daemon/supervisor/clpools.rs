@@ -20,7 +20,7 @@ use super::super::desired::Spec;
 use super::super::pools::{ClusterInfo, Meta};
 use super::super::sys::now_ns;
 use super::Supervisor;
-use crate::cluster::pools::{Accepted, ClusterPool};
+use crate::cluster::pools::{Accepted, ClusterPool, PoolView};
 use crate::pools::Pool;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -49,13 +49,18 @@ impl Supervisor {
             return Ok(());
         };
         let view = node.cluster.pool_view().await.map_err(|e| e.to_string())?;
+        self.mirror(view);
+        Ok(())
+    }
+
+    /// Take `view` into the mirror; wake the expiry timer if a pool changed.
+    fn mirror(&self, view: PoolView) {
         let changed = self
             .pools()
             .mirror(view.pools.into_iter().map(parts).collect(), view.keys);
         if changed {
             self.pools_changed.notify_one();
         }
-        Ok(())
     }
 
     /// On a cluster node, admit `spec` into its pool through the cluster
@@ -149,17 +154,10 @@ impl Supervisor {
                 }
             }
         }
-        let view = if wrote {
-            c.pool_view().await.map_err(|e| e.to_string())?
-        } else {
-            view
-        };
-        let changed = self
-            .pools()
-            .mirror(view.pools.into_iter().map(parts).collect(), view.keys);
-        if changed {
-            self.pools_changed.notify_one();
+        if wrote {
+            return self.refresh_pools().await;
         }
+        self.mirror(view);
         Ok(())
     }
 
