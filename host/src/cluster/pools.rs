@@ -319,28 +319,36 @@ impl Cluster {
         Ok((pool, rev))
     }
 
-    /// Take away what nodes no longer live (not in `live`) drew from pool
-    /// `name`, charged up to `now_ns`.
+    /// Take away what the nodes `gone` drew from pool `name`, charged up
+    /// to `now_ns`, on the condition, in the same transaction, that none
+    /// of them is a member (`nodes/NODE`) any more: a node that came back
+    /// (or joined) after the caller looked at the membership keeps its
+    /// draws. The pool as written (or read, if none of them drew).
     pub async fn pool_forget_nodes(
         &self,
         name: &str,
-        live: &BTreeSet<String>,
+        gone: &BTreeSet<String>,
         now_ns: u64,
     ) -> Result<(ClusterPool, i64), PoolChange> {
+        let prefix = &self.cfg.prefix;
+        let absent: Vec<Compare> = gone
+            .iter()
+            .map(|n| Compare::version(super::store::keys::node(prefix, n), CompareOp::Equal, 0))
+            .collect();
         let (pool, _, rev) = self
             .pool_update(
                 name,
                 |p| {
-                    let gone: Vec<String> = (p.draws.keys())
-                        .filter(|n| !live.contains(*n))
+                    let drew: Vec<String> = (p.draws.keys())
+                        .filter(|n| gone.contains(*n))
                         .cloned()
                         .collect();
-                    for n in &gone {
+                    for n in &drew {
                         p.set_draws(n, BTreeMap::new(), now_ns);
                     }
-                    Ok((!gone.is_empty()).then_some(()))
+                    Ok((!drew.is_empty()).then_some(()))
                 },
-                (vec![], vec![]),
+                (absent, vec![]),
                 TRIES,
             )
             .await?;

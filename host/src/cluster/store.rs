@@ -53,8 +53,11 @@
 //! 2. this node's own `nodes/NODE` is on the lease it writes with,
 //! 3. no `policy/PATH` on the way was modified after R,
 //! 4. `n/N/res/NAME` is absent for every node N of R (but the one node
-//!    an incoming live migration comes from: [`Cluster::admit_incoming`]),
-//!    and
+//!    an incoming live migration comes from: [`Cluster::admit_incoming`];
+//!    and this node's own, if it holds the name with another claim: an
+//!    earlier run that ended and is not released yet, replaced by the
+//!    write, whose claim the check took away from the sums first; that
+//!    key must be unchanged since R), and
 //! 5. for every path whose policy limits a sum (unikernels, memory,
 //!    block) and every node N of R, `n/N/usage/PATH` was not modified
 //!    after R (a missing key has `mod_revision` 0, and one created
@@ -620,18 +623,27 @@ impl Cluster {
             let per_node = got[1 + paths.len()..].chunks(paths.len() + 1);
             // The node a migration comes from (it holds the name).
             let mut source = None;
+            // This node's own reservation for the name, if its claim
+            // differs: an earlier run of the name that ended a moment ago
+            // and is not released yet. Replaced in the same transaction.
+            let mut earlier: Option<(Claim, i64)> = None;
             for (n, read) in known.iter().zip(per_node) {
-                if !read[0].is_empty() {
+                if let Some(kv) = read[0].first() {
                     if n == me {
-                        return Ok(0);
-                    }
-                    if !incoming || source.is_some() {
+                        let held: Reservation = decode(kv.key(), kv.value())?;
+                        // Already admitted as it is (a registration again).
+                        if held.claim == claim {
+                            return Ok(0);
+                        }
+                        earlier = Some((held.claim, kv.mod_revision()));
+                    } else if !incoming || source.is_some() {
                         return Err(ClusterError::Taken {
                             name: name_s,
                             node: n.clone(),
                         });
+                    } else {
+                        source = Some(n.clone());
                     }
-                    source = Some(n.clone());
                 }
                 for (j, kvs) in read[1..].iter().enumerate() {
                     let Some(kv) = kvs.first() else { continue };
@@ -643,6 +655,12 @@ impl Cluster {
                     if n == me {
                         own[j] = u;
                     }
+                }
+            }
+            if let Some((held, _)) = earlier {
+                for (level, mine) in levels.iter_mut().zip(own.iter_mut()) {
+                    level.usage = held.taken_from(level.usage);
+                    *mine = held.taken_from(*mine);
                 }
             }
             check::check(&levels, &claim)?;
@@ -660,8 +678,17 @@ impl Cluster {
                 known
                     .iter()
                     .filter(|n| source.as_ref() != Some(*n))
-                    .map(|n| {
-                        Compare::create_revision(keys::res(prefix, n, &name_s), CompareOp::Equal, 0)
+                    .map(|n| match earlier {
+                        Some((_, at)) if n == me => Compare::mod_revision(
+                            keys::res(prefix, n, &name_s),
+                            CompareOp::Equal,
+                            at,
+                        ),
+                        _ => Compare::create_revision(
+                            keys::res(prefix, n, &name_s),
+                            CompareOp::Equal,
+                            0,
+                        ),
                     }),
             );
             let mut writes = Vec::new();

@@ -139,7 +139,12 @@ impl Supervisor {
                     Err(e) => log::warn!("cluster: pool {name}: {e}"),
                 }
             }
-            let gone: Vec<&String> = cp.draws.keys().filter(|n| !live.contains(*n)).collect();
+            // Members read after the pools: a node that drew and is not
+            // one is gone (the forget checks that it has not come back).
+            let gone: BTreeSet<String> = (cp.draws.keys())
+                .filter(|n| !live.contains(*n))
+                .cloned()
+                .collect();
             if !gone.is_empty() {
                 log::info!(
                     "pool {name}: node(s) {} gone: their unikernels no longer draw from it",
@@ -148,7 +153,7 @@ impl Supervisor {
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
-                match c.pool_forget_nodes(name, &live, now).await {
+                match c.pool_forget_nodes(name, &gone, now).await {
                     Ok(_) => wrote = true,
                     Err(e) => log::warn!("cluster: pool {name}: {e}"),
                 }
