@@ -131,6 +131,22 @@ impl Netns {
         })
     }
 
+    /// Run the future `f` makes to completion on a current-thread tokio
+    /// runtime on a thread inside the namespace ([`Netns::run`]): the
+    /// connections it opens start there.
+    pub fn block_on<T: Send, Fut: std::future::Future<Output = T>>(
+        &self,
+        f: impl FnOnce() -> Fut + Send,
+    ) -> T {
+        self.run(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            Ok(rt.block_on(f()))
+        })
+        .expect("a tokio runtime in the namespace")
+    }
+
     /// A command for `program` that runs inside the namespace, as
     /// `ip netns exec` runs it: in the namespace, with its own mount
     /// namespace where /sys shows the namespace's interfaces. Spawn it

@@ -302,18 +302,6 @@ async fn until_end<F: Future>(ctl: &Control, node: usize, f: F) -> Option<F::Out
     }
 }
 
-/// Run `f` to completion on a current-thread runtime on a thread inside
-/// `ns`: the sockets it makes are the namespace's.
-fn in_ns<T: Send, Fut: Future<Output = T>>(ns: &Netns, f: impl FnOnce() -> Fut + Send) -> T {
-    ns.run(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        Ok(rt.block_on(f()))
-    })
-    .expect("a tokio runtime in a node's namespace")
-}
-
 // ---------------------------------------------------------------------
 // The nodes
 
@@ -661,7 +649,7 @@ fn admission_stays_within_policy_under_member_and_node_failures() {
     let nss: Vec<Netns> = (0..=NODES).map(|i| etcd.node_netns(i)).collect();
     let admin = &nss[NODES];
 
-    in_ns(admin, || async {
+    admin.block_on(|| async {
         let c = Cluster::connect(config(&endpoints, "admin"))
             .await
             .expect("connect to set the policies");
@@ -694,7 +682,7 @@ fn admission_stays_within_policy_under_member_and_node_failures() {
                 let (ns, rng) = (&nss[i], rng.fork());
                 s.spawn(move || {
                     let _stop = StopOnPanic(ctl);
-                    in_ns(ns, || node_main(i, endpoints, hist, ctl, rng))
+                    ns.block_on(|| node_main(i, endpoints, hist, ctl, rng))
                 })
             })
             .collect();
@@ -711,9 +699,7 @@ fn admission_stays_within_policy_under_member_and_node_failures() {
         let (admin, rng_p) = (&nss[NODES], rng.fork());
         let policies = s.spawn(move || {
             let _stop = StopOnPanic(ctl);
-            in_ns(admin, || {
-                policy_nemesis(endpoints, hist, ctl, nemesis, rng_p)
-            })
+            admin.block_on(|| policy_nemesis(endpoints, hist, ctl, nemesis, rng_p))
         });
         ctl.sleep(RUN_FOR);
         ctl.stop.store(true, Ordering::SeqCst);
@@ -724,7 +710,7 @@ fn admission_stays_within_policy_under_member_and_node_failures() {
     });
 
     etcd.wait_healthy();
-    let (changes, policies) = in_ns(admin, || async {
+    let (changes, policies) = admin.block_on(|| async {
         tokio::time::timeout(Duration::from_secs(30), history(&endpoints))
             .await
             .expect("etcd's history read within 30 s")

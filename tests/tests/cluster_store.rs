@@ -12,7 +12,6 @@
 //!   membership keeps its draws.
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::time::{Duration, Instant};
 use tt_host::cluster::check::Claim;
 use tt_host::cluster::pools::ClusterPool;
@@ -20,7 +19,6 @@ use tt_host::cluster::store::{Cluster, Config};
 use tt_host::pools::{Draw, Pool};
 use tt_host::resources::{Name, PartialPolicy, Path};
 use tt_tests::etcd::EtcdCluster;
-use tt_tests::netns::Netns;
 
 const PREFIX: &str = "/store";
 
@@ -33,17 +31,6 @@ fn config(endpoints: &str, node: &str, ttl: Duration) -> Config {
         keep_on_partition: false,
         tls: None,
     }
-}
-
-/// Run `f` on a current-thread runtime on a thread inside `ns`.
-fn in_ns<T: Send, Fut: Future<Output = T>>(ns: &Netns, f: impl FnOnce() -> Fut + Send) -> T {
-    ns.run(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        Ok(rt.block_on(f()))
-    })
-    .expect("a tokio runtime in a node's namespace")
 }
 
 fn name(s: &str) -> Name {
@@ -64,12 +51,18 @@ fn now_ns() -> u64 {
         .as_nanos() as u64
 }
 
+/// The unikernels and MB of memory the cluster counts below `path`.
+async fn running(n: &Cluster, path: &Path) -> (u64, u64) {
+    let used = n.usage(path).await.expect("the cluster's usage");
+    (used.unikernels, used.memory_mb)
+}
+
 #[test]
 fn a_name_admitted_again_with_another_claim_counts_with_the_new_one() {
     let etcd = EtcdCluster::start(1);
     let endpoints = etcd.endpoints();
     let ns = etcd.node_netns(0);
-    in_ns(&ns, || async {
+    ns.block_on(|| async {
         let ttl = Duration::from_secs(10);
         let n0 = Cluster::connect(config(&endpoints, "n0", ttl))
             .await
@@ -94,9 +87,8 @@ fn a_name_admitted_again_with_another_claim_counts_with_the_new_one() {
         n0.admit(&name("alice:web"), mb(64))
             .await
             .expect("web's second run: 64 of 96 MB");
-        let used = n1.usage(&alice).await.expect("alice's usage");
         assert_eq!(
-            (used.unikernels, used.memory_mb),
+            running(&n1, &alice).await,
             (1, 64),
             "alice runs one unikernel of 64 MB"
         );
@@ -116,8 +108,7 @@ fn a_name_admitted_again_with_another_claim_counts_with_the_new_one() {
         n0.admit(&name("alice:web"), mb(64))
             .await
             .expect("web registered again");
-        let used = n1.usage(&alice).await.expect("alice's usage");
-        assert_eq!((used.unikernels, used.memory_mb), (2, 96));
+        assert_eq!(running(&n1, &alice).await, (2, 96));
         let res = n1.reservations().await.expect("the reservations");
         let web: Vec<_> = res.iter().filter(|r| r.name == "alice:web").collect();
         assert_eq!(web.len(), 1, "one reservation for web: {res:?}");
@@ -125,8 +116,7 @@ fn a_name_admitted_again_with_another_claim_counts_with_the_new_one() {
 
         // Its release gives back all 64 MB.
         n0.release(&name("alice:web")).await.expect("release web");
-        let used = n1.usage(&alice).await.expect("alice's usage");
-        assert_eq!((used.unikernels, used.memory_mb), (1, 32));
+        assert_eq!(running(&n1, &alice).await, (1, 32));
         n1.admit(&name("alice:cache"), mb(64))
             .await
             .expect("web's 64 MB are free again");
@@ -138,7 +128,7 @@ fn a_pools_draws_are_taken_only_from_nodes_that_are_not_members() {
     let etcd = EtcdCluster::start(1);
     let endpoints = etcd.endpoints();
     let ns = etcd.node_netns(0);
-    in_ns(&ns, || async {
+    ns.block_on(|| async {
         let n0 = Cluster::connect(config(&endpoints, "n0", Duration::from_secs(10)))
             .await
             .expect("n0 joins");
